@@ -1,0 +1,163 @@
+"""The one error tree of sand-boxer.
+
+Every error raised by the library derives from :class:`SandboxerError`.
+Backends translate their own exceptions into these at their boundary (one
+context manager per backend); callers never need to match message text.
+
+::
+
+    SandboxerError
+    ├── ConfigError                      bad configuration, found at load time
+    │   ├── ManifestError                an ext.<name>.yaml is malformed or invalid
+    │   ├── ProfileError                 a profile.<slug>.yaml is malformed or invalid
+    │   ├── ExtensionLoadError           a handler is not allowed or cannot be loaded
+    │   └── CapabilityError              a capability/feature is unknown or unsupported
+    ├── RequestError                     the request itself is wrong; retrying elsewhere won't help
+    │   ├── InputError                   a missing, unknown or hostile input value
+    │   ├── TTLError                     a negative or over-maximum TTL
+    │   ├── ProfileNotFound
+    │   ├── SandboxNotFound
+    │   ├── SnapshotNotFound
+    │   └── BudgetExceeded               the consumer's budget would be exceeded
+    ├── BackendError                     the backend failed; may be worth trying another
+    │   ├── ProvisionError               (.transient says whether a retry elsewhere may help)
+    │   ├── ReadinessTimeout
+    │   ├── TeardownError
+    │   ├── ExecError
+    │   ├── SnapshotError
+    │   ├── CapacityUnavailable          no room on the backend/host right now
+    │   ├── QuotaExceeded                an account quota is used up
+    │   ├── RateLimited                  (.retry_after seconds, or None)
+    │   ├── AuthError                    credentials refused; never carries the secret
+    │   └── HostKeyError                 an SSH host key did not verify
+    ├── MissingExtra                     an optional dependency (pip extra) is not installed
+    └── RoutingError                     every backend failed; .attempts lists each one
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SandboxerError(Exception):
+    """Root of every sand-boxer error."""
+
+
+class ConfigError(SandboxerError):
+    """Configuration is wrong; found when loading, before any sandbox is touched."""
+
+
+class ManifestError(ConfigError):
+    """An extension manifest is malformed or invalid."""
+
+
+class ProfileError(ConfigError):
+    """A profile is malformed or invalid."""
+
+
+class ExtensionLoadError(ConfigError):
+    """A handler is outside the allowed set or could not be loaded."""
+
+
+class CapabilityError(ConfigError):
+    """A capability or feature is unknown, or the backend does not support it."""
+
+
+class RequestError(SandboxerError):
+    """The request itself is wrong; routing it elsewhere would not help."""
+
+
+class InputError(RequestError):
+    """An input is missing, unknown or refused as hostile."""
+
+
+class TTLError(RequestError):
+    """A TTL is negative, zero or over the profile's maximum."""
+
+
+class ProfileNotFound(RequestError):
+    """No profile has that slug."""
+
+
+class SandboxNotFound(RequestError):
+    """No sandbox has that id."""
+
+
+class SnapshotNotFound(RequestError):
+    """No snapshot has that id."""
+
+
+class BudgetExceeded(RequestError):
+    """A create would take the consumer over its budget."""
+
+
+class BackendError(SandboxerError):
+    """A backend failed. ``backend`` and ``host`` say where, when known."""
+
+    def __init__(self, message: str, *, backend: str | None = None, host: str | None = None):
+        super().__init__(message)
+        self.backend = backend
+        self.host = host
+
+
+class ProvisionError(BackendError):
+    """Provisioning failed. ``transient`` says whether another backend may succeed."""
+
+    def __init__(self, message: str, *, transient: bool = False, **kw: Any):
+        super().__init__(message, **kw)
+        self.transient = transient
+
+
+class ReadinessTimeout(BackendError):
+    """The sandbox did not become ready within its deadline."""
+
+
+class TeardownError(BackendError):
+    """The backend could not confirm a teardown."""
+
+
+class ExecError(BackendError):
+    """A command could not be run (not: the command exited non-zero)."""
+
+
+class SnapshotError(BackendError):
+    """A snapshot or restore failed."""
+
+
+class CapacityUnavailable(BackendError):
+    """The backend (or every host of it) has no free capacity right now."""
+
+
+class QuotaExceeded(BackendError):
+    """An account or plan quota is used up."""
+
+
+class RateLimited(BackendError):
+    """The backend asked us to slow down; ``retry_after`` is in seconds, if given."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: Any):
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class AuthError(BackendError):
+    """Credentials were refused. The message never contains the secret."""
+
+
+class HostKeyError(BackendError):
+    """An SSH host key was unknown or did not match; nothing was run."""
+
+
+class MissingExtra(SandboxerError):
+    """An optional dependency is missing; the message names the pip extra."""
+
+
+class RoutingError(SandboxerError):
+    """Every candidate backend failed. ``attempts`` holds one dict per attempt."""
+
+    def __init__(self, message: str, attempts: list[dict[str, Any]]):
+        lines = [message] + [
+            f"  - {a['backend']} (host {a.get('host') or '-'}): {a['error']}" for a in attempts
+        ]
+        super().__init__("\n".join(lines))
+        self.attempts = attempts

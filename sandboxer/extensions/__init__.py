@@ -1,0 +1,1 @@
+"""Backends. ``base`` holds the contract, ``registry`` decides what may load."""

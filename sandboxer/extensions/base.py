@@ -1,0 +1,202 @@
+"""The SandboxExtension contract every backend implements.
+
+Three methods are required: :meth:`provision`, :meth:`wait_ready` and
+:meth:`teardown`. Everything else is an optional capability that a backend
+declares in :attr:`SandboxExtension.features` *and* in its manifest's
+``capabilities.features``; the manager checks :meth:`supports` before it
+calls, so an unsupported call is refused before any work is done.
+
+Inputs convention: the manager adds two reserved inputs to every provision,
+``sandbox_id`` (the manager's id for the sandbox) and ``owner_labels`` (a
+``dict[str, str]`` that the backend must attach to whatever it creates, so
+that :meth:`list_owned` can find it after the state store lost track).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from datetime import timedelta
+from typing import Any, Callable, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from sandboxer.models import ExecResult, ExtensionManifest, MeterQuote, Profile, SnapshotMeta
+
+#: Inputs the manager sets; a consumer may not.
+RESERVED_INPUTS = frozenset({"sandbox_id", "owner_labels"})
+
+#: Optional features a handler may implement (names also listed in registry/).
+OPTIONAL_FEATURES = frozenset({"exec", "snapshots", "metering", "list_owned"})
+
+#: ``on_output(stream, text)`` where stream is ``"stdout"`` or ``"stderr"``.
+OutputCallback = Callable[[str, str], None]
+
+
+class NoConfig(BaseModel):
+    """The config model of a backend that takes no config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SandboxExtension(abc.ABC):
+    """Base class of every backend.
+
+    Subclasses set :attr:`Config` (validates the manifest's ``config``),
+    :attr:`ProfileOptions` (validates a profile's ``options``) and
+    :attr:`features`. Instances are shared by every thread of a manager, so
+    methods must be thread-safe.
+
+    Handles and reachability are JSON-serialisable dicts: the handle is what
+    the backend needs to find the sandbox again (stored in the state store,
+    so never a secret); reachability is what a consumer needs to reach it.
+    """
+
+    Config: ClassVar[type[BaseModel]] = NoConfig
+    ProfileOptions: ClassVar[type[BaseModel]] = NoConfig
+    features: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, manifest: ExtensionManifest, config: BaseModel):
+        self.manifest = manifest
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.manifest.id}>"
+
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+    def supports(self, feature: str) -> bool:
+        """Whether the manifest declares ``feature`` (the loader checked the class has it)."""
+        return feature in self.manifest.capabilities.features
+
+    def options(self, profile: Profile) -> Any:
+        """The profile's ``options`` validated by :attr:`ProfileOptions`."""
+        return self.ProfileOptions.model_validate(profile.options)
+
+    def hosts(self) -> dict[str, int | None]:
+        """Hosts this backend spreads sandboxes over, with each one's capacity.
+
+        Returns an empty dict when the backend has no host pool of its own.
+        """
+        return {}
+
+    # ------------------------------------------------------------ required
+
+    @abc.abstractmethod
+    def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
+        """Start creating a sandbox.
+
+        Args:
+            profile: the effective profile (its ``options`` are this backend's).
+            inputs: the profile's defaults merged with the request's inputs,
+                plus the reserved ``sandbox_id`` and ``owner_labels``.
+            host: the host the router chose, or None to let the backend pick.
+
+        Returns:
+            The handle: a JSON-serialisable dict, with ``host`` when known.
+
+        Raises:
+            InputError: an input is missing or refused.
+            CapacityUnavailable, QuotaExceeded, RateLimited, AuthError,
+            ProvisionError: the backend could not create it. Partial work is
+            cleaned up before raising.
+        """
+
+    @abc.abstractmethod
+    def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        """Block until the sandbox is reachable.
+
+        Returns:
+            The reachability dict (how a consumer reaches the sandbox).
+
+        Raises:
+            ReadinessTimeout: not ready within ``timeout`` seconds.
+        """
+
+    @abc.abstractmethod
+    def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
+        """Destroy the sandbox. Idempotent: a sandbox already gone is a success.
+
+        Returns:
+            A cleanup report dict (what was removed).
+
+        Raises:
+            TeardownError: the backend could not confirm the sandbox is gone.
+        """
+
+    # ------------------------------------------------------------ optional
+
+    def exec(
+        self,
+        handle: dict[str, Any],
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` inside the sandbox (feature ``exec``).
+
+        ``on_output`` receives output as it arrives; the result holds all of it.
+        """
+        raise NotImplementedError  # pragma: no cover - guarded by supports()
+
+    def snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
+        """Capture the sandbox (feature ``snapshots``).
+
+        Returns:
+            ``{"data": {...backend reference...}, "size_bytes": int|None, "checksum": str|None}``.
+        """
+        raise NotImplementedError  # pragma: no cover
+
+    def restore_from_snapshot(
+        self, profile: Profile, snapshot_meta: SnapshotMeta, inputs: dict[str, Any], host: str | None
+    ) -> dict[str, Any]:
+        """Provision a new sandbox from a snapshot; returns a handle like :meth:`provision`."""
+        raise NotImplementedError  # pragma: no cover
+
+    def delete_snapshot(self, snapshot_meta: SnapshotMeta) -> None:
+        """Forget a snapshot's stored data. Idempotent."""
+
+    def supports_snapshots(self) -> bool:
+        return self.supports("snapshots")
+
+    def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
+        """Every live sandbox carrying ``owner_labels`` (feature ``list_owned``).
+
+        Returns:
+            ``[{"sandbox_id": str, "handle": dict}, ...]``.
+        """
+        raise NotImplementedError  # pragma: no cover
+
+    def estimate_cost(self, profile: Profile, duration: float | timedelta) -> MeterQuote:
+        """Price ``duration`` seconds of ``profile`` from the manifest's pricing."""
+        seconds = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
+        p = self.manifest.pricing
+        res = profile.resources
+        breakdown: dict[str, float] = {}
+        if p is not None:
+            breakdown = {
+                "base": p.per_second * seconds,
+                "cpu": p.per_vcpu_second * res.cpu * seconds,
+                "memory": p.per_gib_second * (res.memory_mb / 1024) * seconds,
+            }
+        amount = math.fsum(breakdown.values())
+        return MeterQuote(
+            extension=self.id,
+            profile=profile.slug,
+            duration_s=seconds,
+            amount=round(amount, 6),
+            currency=p.currency if p else "USD",
+            pricing_model=self.manifest.capabilities.pricing_model,
+            breakdown={k: round(v, 6) for k, v in breakdown.items() if v},
+            source=p.source if p else None,
+        )
+
+    def meter_actual(self, handle: dict[str, Any]) -> dict[str, Any] | None:
+        """What the backend itself reports of a sandbox's usage, if anything (feature ``metering``)."""
+        return None

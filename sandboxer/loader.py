@@ -1,0 +1,269 @@
+"""YAML -> validated models, and nothing else.
+
+Rules kept here: YAML is read with ``yaml.safe_load`` only; every error names
+the file, the field path and the bad value; everything is checked at load
+time (registry capabilities, duplicate ids, handler allow-list, each
+handler's own config and profile-options models), never on first use.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from sandboxer.errors import (
+    CapabilityError,
+    ConfigError,
+    ManifestError,
+    MissingExtra,
+    ProfileError,
+)
+from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension
+from sandboxer.extensions.registry import resolve_handler
+from sandboxer.models import ExtensionManifest, Profile
+
+_PKG_DIR = Path(__file__).resolve().parent
+
+
+def builtin_dir(kind: str) -> Path:
+    """Where the shipped ``extensions``, ``profiles`` or ``registry`` live.
+
+    In an installed wheel they are package data under ``sandboxer/_data``; in a
+    source checkout (or editable install) they are the repository's top-level folders.
+    """
+    packaged = _PKG_DIR / "_data" / kind
+    return packaged if packaged.is_dir() else _PKG_DIR.parent / kind
+
+
+def config_dirs_from_env() -> list[Path]:
+    raw = os.environ.get("SANDBOXER_CONFIG", "")
+    return [Path(p) for p in raw.split(os.pathsep) if p]
+
+
+def read_yaml(path: Path, error: type[ConfigError]) -> Any:
+    """Parse one YAML file safely; errors name the file (and line)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" (line {mark.line + 1}, column {mark.column + 1})"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise error(f"{path}: invalid YAML{where}: {problem}") from exc
+
+
+def describe_validation(source: str, exc: ValidationError, prefix: str = "") -> str:
+    """One line per problem: ``file: field 'a.b': value 'x': why``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (value {value!r})"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{source}: field {loc or '<root>'!r}{shown}: {msg}")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Registry:
+    """Capability metadata from ``registry/capabilities.yaml``."""
+
+    isolation_levels: dict[str, str]
+    pricing_models: dict[str, str]
+    features: dict[str, str]
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> "Registry":
+        path = path or builtin_dir("registry") / "capabilities.yaml"
+        data = read_yaml(path, ConfigError)
+        try:
+            return cls(
+                isolation_levels=dict(data["isolation_levels"]),
+                pricing_models=dict(data["pricing_models"]),
+                features=dict(data["features"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}: capability registry is malformed: {exc}") from exc
+
+
+@dataclass
+class LoadedExtension:
+    manifest: ExtensionManifest
+    source: Path
+    handler: type[SandboxExtension]
+    config: BaseModel
+    missing_extra: str | None = None
+    _instance: SandboxExtension | None = field(default=None, repr=False)
+
+    def instance(self) -> SandboxExtension:
+        """The shared handler instance (created on first use)."""
+        if self.missing_extra:
+            raise MissingExtra(self.missing_extra)
+        if self._instance is None:
+            self._instance = self.handler(self.manifest, self.config)
+        return self._instance
+
+
+@dataclass
+class Catalog:
+    """Everything loaded from the config directories, fully validated."""
+
+    registry: Registry
+    extensions: dict[str, LoadedExtension]
+    profiles: dict[str, Profile]
+    profile_sources: dict[str, Path]
+    dirs: list[Path]
+
+
+def _files(dirs: list[Path], sub: str, pattern: str) -> list[Path]:
+    out: list[Path] = []
+    for d in dirs:
+        if not d.is_dir():
+            raise ConfigError(f"config directory {str(d)!r} does not exist")
+        for base in (d, d / sub):
+            if base.is_dir():
+                out.extend(sorted(base.glob(pattern)))
+    # the same file reached twice (a dir given twice) is not a duplicate
+    seen: dict[Path, Path] = {}
+    for p in out:
+        seen.setdefault(p.resolve(), p)
+    return list(seen.values())
+
+
+def load_manifest(path: Path, registry: Registry) -> LoadedExtension:
+    data = read_yaml(path, ManifestError)
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        manifest = ExtensionManifest.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError(describe_validation(str(path), exc)) from None
+    expected = path.name.removesuffix(".yaml").removesuffix(".yml")
+    if manifest.id != expected:
+        raise ManifestError(f"{path}: field 'id' (value {manifest.id!r}): must match the file name {expected!r}")
+    caps = manifest.capabilities
+    for level in caps.isolation_levels:
+        if level not in registry.isolation_levels:
+            raise CapabilityError(
+                f"{path}: field 'capabilities.isolation_levels' (value {level!r}): unknown isolation level; "
+                f"allowed: {', '.join(registry.isolation_levels)}"
+            )
+    if caps.pricing_model not in registry.pricing_models:
+        raise CapabilityError(
+            f"{path}: field 'capabilities.pricing_model' (value {caps.pricing_model!r}): unknown pricing model; "
+            f"allowed: {', '.join(registry.pricing_models)}"
+        )
+    for feat in caps.features:
+        if feat not in registry.features:
+            raise CapabilityError(
+                f"{path}: field 'capabilities.features' (value {feat!r}): unknown capability; "
+                f"allowed: {', '.join(registry.features)}"
+            )
+    handler = resolve_handler(manifest.handler, where=f"{path}: field 'handler'")
+    for feat in caps.features:
+        if feat not in handler.features:
+            raise CapabilityError(
+                f"{path}: field 'capabilities.features' (value {feat!r}): handler "
+                f"{handler.__name__} does not implement it"
+            )
+    try:
+        config = handler.Config.model_validate(manifest.config)
+    except ValidationError as exc:
+        raise ManifestError(describe_validation(str(path), exc, prefix="config")) from None
+    missing = None
+    req = getattr(handler, "requires", None)
+    if req is not None:
+        module, extra = req
+        if importlib.util.find_spec(module) is None:
+            missing = (
+                f"{manifest.id} needs the Python package {module!r}; "
+                f"install it with: pip install 'sand-boxer[{extra}]'"
+            )
+    return LoadedExtension(manifest=manifest, source=path, handler=handler, config=config, missing_extra=missing)
+
+
+def load_profile(path: Path, extensions: dict[str, LoadedExtension]) -> Profile:
+    data = read_yaml(path, ProfileError)
+    if not isinstance(data, dict):
+        raise ProfileError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        profile = Profile.model_validate(data)
+    except ValidationError as exc:
+        raise ProfileError(describe_validation(str(path), exc)) from None
+    expected = path.name.removesuffix(".yaml").removesuffix(".yml").removeprefix("profile.")
+    if profile.slug != expected:
+        raise ProfileError(f"{path}: field 'slug' (value {profile.slug!r}): must match the file name {expected!r}")
+    bad = RESERVED_INPUTS & (set(profile.inputs.defaults) | set(profile.inputs.required))
+    if bad:
+        raise ProfileError(f"{path}: field 'inputs': {sorted(bad)} are reserved for the manager")
+    for i, choice in enumerate(profile.candidates):
+        field_name = "extension" if profile.backends is None else f"backends.{i}.extension"
+        loaded = extensions.get(choice.extension)
+        if loaded is None:
+            known = ", ".join(sorted(extensions)) or "none"
+            raise ProfileError(
+                f"{path}: field {field_name!r} (value {choice.extension!r}): no such extension; known: {known}"
+            )
+        levels = loaded.manifest.capabilities.isolation_levels
+        if profile.isolation is not None and profile.isolation not in levels:
+            raise ProfileError(
+                f"{path}: field 'isolation' (value {profile.isolation!r}): {choice.extension} offers only "
+                f"{', '.join(levels)}"
+            )
+        opts_field = "options" if profile.backends is None else f"backends.{i}.options"
+        try:
+            loaded.handler.ProfileOptions.model_validate(choice.options)
+        except ValidationError as exc:
+            raise ProfileError(describe_validation(str(path), exc, prefix=opts_field)) from None
+    return profile
+
+
+def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True) -> Catalog:
+    """Load and validate the built-in config plus ``config_dirs`` (default: ``SANDBOXER_CONFIG``).
+
+    Raises:
+        ConfigError: (a subclass naming file, field and value) on the first problem.
+    """
+    registry = Registry.load()
+    user_dirs = list(config_dirs) if config_dirs is not None else config_dirs_from_env()
+    ext_files = (sorted(builtin_dir("extensions").glob("ext.*.yaml")) if builtins else [])
+    ext_files += _files(user_dirs, "extensions", "ext.*.yaml")
+    prof_files = (sorted(builtin_dir("profiles").glob("profile.*.yaml")) if builtins else [])
+    prof_files += _files(user_dirs, "profiles", "profile.*.yaml")
+
+    extensions: dict[str, LoadedExtension] = {}
+    for path in ext_files:
+        loaded = load_manifest(path, registry)
+        prior = extensions.get(loaded.manifest.id)
+        if prior is not None:
+            raise ManifestError(
+                f"{path}: field 'id' (value {loaded.manifest.id!r}): duplicate id, already defined in {prior.source}"
+            )
+        extensions[loaded.manifest.id] = loaded
+
+    profiles: dict[str, Profile] = {}
+    sources: dict[str, Path] = {}
+    for path in prof_files:
+        profile = load_profile(path, extensions)
+        if profile.slug in profiles:
+            raise ProfileError(
+                f"{path}: field 'slug' (value {profile.slug!r}): duplicate slug, already defined in {sources[profile.slug]}"
+            )
+        profiles[profile.slug] = profile
+        sources[profile.slug] = path
+    return Catalog(registry, extensions, profiles, sources, user_dirs)
+
+

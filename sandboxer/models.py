@@ -1,0 +1,265 @@
+"""Typed data: manifests, profiles, requests, status, quotes, snapshots.
+
+Every model forbids unknown fields, so a typo in YAML or in a request is an
+error that names the field instead of a setting that silently does nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Parse ``90``, ``"90s"``, ``"30m"``, ``"2h"`` or ``"1d"`` into seconds.
+
+    Raises:
+        ValueError: the value is not a duration (negative values included).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"duration must not be negative: {value!r}")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+        if value.strip().startswith("-"):
+            raise ValueError(f"duration must not be negative: {value!r}")
+    raise ValueError(f"not a duration (use e.g. 90, '90s', '30m', '2h', '1d'): {value!r}")
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds the way a person writes them: ``90s``, ``30m``, ``2h``."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class Strict(BaseModel):
+    """Base for every model: unknown fields are an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- manifests
+
+class Capabilities(Strict):
+    isolation_levels: list[str] = Field(min_length=1)
+    pricing_model: str
+    features: list[str] = Field(default_factory=list)
+
+
+class Pricing(Strict):
+    """Prices in the manifest's currency. Metered backends charge per resource-second."""
+
+    currency: str = "USD"
+    per_second: float = Field(default=0.0, ge=0)
+    per_vcpu_second: float = Field(default=0.0, ge=0)
+    per_gib_second: float = Field(default=0.0, ge=0)
+    source: str | None = None
+    as_of: str | None = None
+
+
+class ExtensionManifest(Strict):
+    """One ``extensions/ext.<name>.yaml``."""
+
+    id: str = Field(pattern=r"^ext\.[a-z0-9][a-z0-9-]*$")
+    title: str = Field(min_length=1)
+    version: str = Field(pattern=r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
+    handler: str = Field(min_length=1)
+    description: str = ""
+    capabilities: Capabilities
+    pricing: Pricing | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.id.split(".", 1)[1]
+
+
+# ----------------------------------------------------------------- profiles
+
+class Resources(Strict):
+    cpu: float = Field(default=1.0, gt=0)
+    memory_mb: int = Field(default=512, gt=0)
+    disk_mb: int = Field(default=1024, gt=0)
+    pids: int = Field(default=256, gt=0, description="most processes at once")
+
+
+class ProfileInputs(Strict):
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    required: list[str] = Field(default_factory=list)
+
+
+class TTLPolicy(Strict):
+    default: Duration = 3600.0
+    max: Duration = 86400.0
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> "TTLPolicy":
+        if self.default <= 0:
+            raise ValueError(f"default TTL must be positive, got {self.default:g}s")
+        if self.default > self.max:
+            raise ValueError(
+                f"default TTL {format_duration(self.default)} is over max {format_duration(self.max)}"
+            )
+        return self
+
+
+class BackendChoice(Strict):
+    """One entry of a profile's ordered ``backends`` list."""
+
+    extension: str
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)
+    capacity: int | None = Field(default=None, ge=0, description="most live sandboxes here")
+    capacity_per_host: int | None = Field(default=None, ge=0)
+    cost_ceiling: float | None = Field(default=None, ge=0, description="per-sandbox quote cap")
+    hosts: list[str] = Field(default_factory=list)
+
+
+class Profile(Strict):
+    """One ``profiles/profile.<slug>.yaml``.
+
+    A profile names one ``extension`` or an ordered list of ``backends``;
+    :attr:`candidates` always gives the list.
+    """
+
+    slug: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    description: str = ""
+    extension: str | None = None
+    backends: list[BackendChoice] | None = None
+    routing: Literal["priority", "cheapest"] = "priority"
+    isolation: str | None = None
+    inputs: ProfileInputs = Field(default_factory=ProfileInputs)
+    ttl: TTLPolicy = Field(default_factory=TTLPolicy)
+    ready_timeout: Duration = 60.0
+    resources: Resources = Field(default_factory=Resources)
+    labels: dict[str, str] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_way_to_name_backends(self) -> "Profile":
+        if (self.extension is None) == (self.backends is None):
+            raise ValueError("give exactly one of 'extension' or 'backends'")
+        if self.backends is not None and not self.backends:
+            raise ValueError("'backends' must list at least one extension")
+        return self
+
+    @property
+    def candidates(self) -> list[BackendChoice]:
+        if self.backends is not None:
+            return self.backends
+        return [BackendChoice(extension=self.extension or "", options=self.options)]
+
+
+# ----------------------------------------------------------------- requests
+
+class SandboxCreateRequest(Strict):
+    """What a consumer asks for. ``consumer`` is attribution, never an input."""
+
+    profile: str
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    ttl: Duration | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    consumer: str = "anonymous"
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+    @field_validator("ttl", mode="before")
+    @classmethod
+    def _ttl_positive(cls, v: Any) -> Any:
+        if v is not None and parse_duration(v) <= 0:
+            raise ValueError(f"TTL must be positive, got {v!r}")
+        return v
+
+
+class SandboxState(str, Enum):
+    PROVISIONING = "provisioning"
+    READY = "ready"
+    TEARING_DOWN = "tearing_down"
+    TERMINATED = "terminated"
+    TEARDOWN_FAILED = "teardown_failed"
+    FAILED = "failed"
+
+    @property
+    def live(self) -> bool:
+        return self not in (SandboxState.TERMINATED, SandboxState.FAILED)
+
+
+class SandboxStatus(Strict):
+    id: str
+    name: str | None = None
+    profile: str
+    extension: str
+    host: str | None = None
+    state: SandboxState
+    reachability: dict[str, Any] = Field(default_factory=dict)
+    consumer: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    created_at: datetime
+    ready_at: datetime | None = None
+    expires_at: datetime
+    terminated_at: datetime | None = None
+    last_error: str | None = None
+
+
+class ExecResult(Strict):
+    exit_code: int
+    stdout: str = ""
+    stderr: str = ""
+    timed_out: bool = False
+
+
+class MeterQuote(Strict):
+    """A price, before (estimate) or after (actual) a sandbox's life."""
+
+    extension: str
+    profile: str
+    duration_s: float
+    amount: float
+    currency: str = "USD"
+    pricing_model: str
+    kind: Literal["estimate", "actual"] = "estimate"
+    breakdown: dict[str, float] = Field(default_factory=dict)
+    source: str | None = None
+
+
+class SnapshotMeta(Strict):
+    id: str
+    sandbox_id: str
+    extension: str
+    profile: str
+    consumer: str = "anonymous"
+    created_at: datetime
+    size_bytes: int | None = None
+    checksum: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict, description="the backend's own reference")
+
+
+class CleanupReport(Strict):
+    expired: list[str] = Field(default_factory=list)
+    retried: list[str] = Field(default_factory=list)
+    orphans: list[str] = Field(default_factory=list)
+    stale_provisioning: list[str] = Field(default_factory=list)
+    errors: dict[str, str] = Field(default_factory=dict)
