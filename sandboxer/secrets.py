@@ -1,0 +1,67 @@
+"""Credentials by reference: the one place a secret value is read.
+
+A config never holds a secret, only where to find it: ``{env: NAME}`` or
+``{file: /path}``. The value is resolved at call time and handed straight to
+the SDK; it never enters state, events, logs, exception text or ``repr``.
+:func:`redact` scrubs provider messages that echo a key back.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from sandboxer.errors import AuthError
+
+
+class SecretRef(BaseModel):
+    """Where a secret lives: an environment variable or a file (first line used)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    env: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SecretRef":
+        if (self.env is None) == (self.file is None):
+            raise ValueError("a secret reference needs exactly one of 'env' or 'file'")
+        return self
+
+    def describe(self) -> str:
+        return f"environment variable {self.env}" if self.env else f"file {self.file}"
+
+    def __repr__(self) -> str:
+        return f"SecretRef({self.describe()})"
+
+    __str__ = __repr__
+
+    def resolve(self, *, backend: str | None = None) -> str:
+        """Read the secret now.
+
+        Raises:
+            AuthError: the variable is unset/empty or the file is unreadable.
+                The message names the reference, never a value.
+        """
+        if self.env:
+            value = os.environ.get(self.env, "")
+        else:
+            try:
+                assert self.file is not None
+                value = self.file.read_text(encoding="utf-8").strip().splitlines()[0] if self.file.stat().st_size else ""
+            except OSError as exc:
+                raise AuthError(f"cannot read credential from {self.describe()}: {exc.strerror}", backend=backend) from None
+        if not value:
+            raise AuthError(f"no credential found in {self.describe()}; set it and try again", backend=backend)
+        return value
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """Replace every occurrence of each secret (and of its long prefixes) with ``***``."""
+    for s in secrets:
+        if s and len(s) >= 4:
+            text = text.replace(s, "***")
+    return text
