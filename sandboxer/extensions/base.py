@@ -6,10 +6,17 @@ declares in :attr:`SandboxExtension.features` *and* in its manifest's
 ``capabilities.features``; the manager checks :meth:`supports` before it
 calls, so an unsupported call is refused before any work is done.
 
-Inputs convention: the manager adds two reserved inputs to every provision,
-``sandbox_id`` (the manager's id for the sandbox) and ``owner_labels`` (a
-``dict[str, str]`` that the backend must attach to whatever it creates, so
-that :meth:`list_owned` can find it after the state store lost track).
+Inputs convention: the manager adds three reserved inputs to every provision
+(a consumer may not set them):
+
+* ``sandbox_id``: the manager's id for the sandbox;
+* ``owner_labels``: ``dict[str, str]`` naming this manager's state store
+  (``{"sandboxer.owner": ...}``); :meth:`list_owned` is asked for these;
+* ``tags``: ``dict[str, str]`` to attach to whatever the backend creates
+  (labels, metadata, tags): the owner labels plus ``sandboxer.sandbox_id``,
+  ``sandboxer.consumer``, ``sandboxer.profile`` and the request's labels.
+  A backend that cannot attach tags must still record ``sandbox_id`` and
+  ``owner_labels`` where :meth:`list_owned` can read them.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from sandboxer.models import ExecResult, ExtensionManifest, MeterQuote, Profile, SnapshotMeta
 
 #: Inputs the manager sets; a consumer may not.
-RESERVED_INPUTS = frozenset({"sandbox_id", "owner_labels"})
+RESERVED_INPUTS = frozenset({"sandbox_id", "owner_labels", "tags"})
 
 #: Optional features a handler may implement (names also listed in registry/).
 OPTIONAL_FEATURES = frozenset({"exec", "snapshots", "metering", "list_owned"})
@@ -55,6 +62,11 @@ class SandboxExtension(abc.ABC):
     Config: ClassVar[type[BaseModel]] = NoConfig
     ProfileOptions: ClassVar[type[BaseModel]] = NoConfig
     features: ClassVar[frozenset[str]] = frozenset()
+    #: ``(module, pip extra)`` of an optional SDK this backend needs. The
+    #: handler module must import that SDK lazily, so a core-only install
+    #: still loads every built-in manifest; using the backend then raises
+    #: MissingExtra naming the extra.
+    requires: ClassVar[tuple[str, str] | None] = None
 
     def __init__(self, manifest: ExtensionManifest, config: BaseModel):
         self.manifest = manifest
