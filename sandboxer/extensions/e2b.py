@@ -1,0 +1,529 @@
+"""The E2B backend: cloud microVM sandboxes through the official ``e2b`` SDK.
+
+What it owns: mapping the sand-boxer verbs onto E2B (create / info / kill /
+commands.run / snapshots / list), bring-your-own-key resolution, and the
+translation of the SDK's exceptions into the sand-boxer error tree.
+
+Rules kept here:
+
+* the SDK is imported lazily (``importlib.import_module("e2b")``): this module
+  is named ``e2b`` too and must load on a core-only install;
+* the API key is given only by reference (:class:`~sandboxer.secrets.SecretRef`),
+  resolved at each call, and never stored in a handle, a log line, an
+  exception message or a ``repr``; provider messages are redacted;
+* every SDK call runs inside :meth:`E2BExtension._translate`, the one place
+  that decides which sand-boxer error an SDK exception becomes, by exception
+  type and HTTP status, never by message text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import shlex
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any, ClassVar, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sandboxer.errors import (
+    AuthError,
+    BackendError,
+    CapacityUnavailable,
+    ExecError,
+    MissingExtra,
+    ProvisionError,
+    QuotaExceeded,
+    RateLimited,
+    ReadinessTimeout,
+    SnapshotError,
+    TeardownError,
+    TTLError,
+)
+from sandboxer.extensions.base import OutputCallback, SandboxExtension
+from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration, parse_duration
+from sandboxer.poll import poll
+from sandboxer.secrets import SecretRef, redact
+
+log = logging.getLogger("sandboxer.e2b")
+
+#: The exit code reported for a command stopped by its timeout (as coreutils' ``timeout``).
+TIMEOUT_EXIT_CODE = 124
+#: Most pages ``list_owned`` reads, so a misbehaving API cannot keep it looping.
+MAX_LIST_PAGES = 1000
+
+
+def _sdk() -> Any:
+    """The ``e2b`` SDK module, imported on first use."""
+    try:
+        return importlib.import_module("e2b")
+    except ImportError as exc:
+        raise MissingExtra(
+            "ext.e2b needs the Python package 'e2b'; install it with: pip install 'sand-boxer[e2b]'"
+        ) from exc
+
+
+class E2BConfig(BaseModel):
+    """The manifest's ``config:`` for an E2B backend."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: SecretRef = Field(
+        default_factory=lambda: SecretRef(env="E2B_API_KEY"),
+        description="where the operator's E2B API key lives: {env: NAME} or {file: PATH}",
+    )
+    consumer_keys: dict[str, SecretRef] = Field(
+        default_factory=dict, description="a consumer's own key, used instead of api_key for that consumer"
+    )
+    api_url: str | None = Field(default=None, description="E2B API base URL (default: the SDK's, https://api.e2b.app)")
+    sandbox_url: str | None = Field(default=None, description="envd base URL for every sandbox (tests, proxies)")
+    domain: str | None = Field(default=None, description="E2B domain (self-hosted / BYOC)")
+    template: str = Field(default="base", min_length=1, description="template a sandbox starts from")
+    plan_max_ttl: Duration = Field(default=3600.0, gt=0, description="the plan's longest sandbox timeout")
+    ttl_over_max: Literal["refuse", "clamp"] = Field(
+        default="refuse", description="a TTL over plan_max_ttl is refused, or clamped with a logged warning"
+    )
+    request_timeout: Duration = Field(default=30.0, gt=0, description="seconds for one API request")
+    exec_timeout: Duration = Field(default=600.0, gt=0, description="command timeout when exec gives none")
+    retries: int = Field(
+        default=0, ge=0, le=10,
+        description="the SDK's own retries of 429/5xx; 0 reports them at once so the router can fall back",
+    )
+    rate_limit_retry_after: float = Field(
+        default=5.0, ge=0,
+        description="retry_after reported on a 429: the pinned SDK does not surface the Retry-After header",
+    )
+
+
+class E2BOptions(BaseModel):
+    """A profile's ``options:`` for an E2B backend."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    template: str | None = Field(default=None, min_length=1, description="overrides the manifest's template")
+    envs: dict[str, str] = Field(default_factory=dict, description="environment of every command in the sandbox")
+    allow_internet_access: bool | None = None
+    user: str | None = Field(default=None, description="user commands run as (the template's default if unset)")
+    cwd: str | None = Field(default=None, description="working directory of commands when exec gives none")
+
+
+def _iso(value: Any) -> str | None:
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).isoformat()
+    return None
+
+
+def _idempotency_key(sandbox_id: str) -> str:
+    # E2B accepts only [a-z0-9-]{1,255}; a digest of our id keeps retries of one create a single sandbox.
+    return "sbx-" + hashlib.sha256(sandbox_id.encode()).hexdigest()[:40]
+
+
+class E2BExtension(SandboxExtension):
+    """Sandboxes on E2B, with the operator's (or a consumer's) own API key.
+
+    Handles carry the E2B sandbox id, the template, the consumer the key was
+    chosen for and the start time; never the key or envd's access token.
+    """
+
+    Config: ClassVar[type[BaseModel]] = E2BConfig
+    ProfileOptions: ClassVar[type[BaseModel]] = E2BOptions
+    features: ClassVar[frozenset[str]] = frozenset({"exec", "snapshots", "metering", "list_owned"})
+    requires: ClassVar[tuple[str, str] | None] = ("e2b", "e2b")
+
+    config: E2BConfig
+
+    def __init__(self, manifest: Any, config: BaseModel):
+        super().__init__(manifest, config)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ credentials
+
+    def _key_ref(self, consumer: str | None) -> SecretRef:
+        if consumer is not None and consumer in self.config.consumer_keys:
+            return self.config.consumer_keys[consumer]
+        return self.config.api_key
+
+    def _opts(self, consumer: str | None) -> tuple[dict[str, Any], str]:
+        """SDK connection options for ``consumer``'s key, resolved now, and the key (for redaction)."""
+        key = self._key_ref(consumer).resolve(backend=self.id)
+        opts: dict[str, Any] = {
+            "api_key": key,
+            "request_timeout": self.config.request_timeout,
+            "retries": self.config.retries,
+        }
+        for name in ("api_url", "sandbox_url", "domain"):
+            value = getattr(self.config, name)
+            if value:
+                opts[name] = value
+        return opts, key
+
+    # ------------------------------------------------------------ errors
+
+    @contextmanager
+    def _translate(
+        self,
+        op: str,
+        *,
+        consumer: str | None,
+        key: str | None,
+        fallback: type[BackendError],
+        sandbox: str | None = None,
+        gone: type[BackendError] | None = None,
+    ) -> Iterator[None]:
+        """Turn SDK exceptions raised inside the block into sand-boxer errors.
+
+        Decides by exception type and HTTP status only. The provider's text is
+        kept (redacted of the key) for the operator; the original exception is
+        not chained, because its message may echo the key.
+
+        Args:
+            op: what was being done, for messages ("create", "kill", ...).
+            consumer: whose key was used (names the key reference in AuthError).
+            key: the resolved key, scrubbed from every message.
+            fallback: the class for anything not more specific.
+            sandbox: the E2B sandbox id, named in messages when known.
+            gone: the class a "sandbox not found" becomes (default: ``fallback``).
+        """
+        sdk = _sdk()
+        where = f"E2B {op}" + (f" of sandbox {sandbox}" if sandbox else "")
+        try:
+            yield
+        except BackendError:
+            raise
+        except sdk.AuthenticationException:
+            raise AuthError(
+                f"{where}: E2B refused the API key from {self._key_ref(consumer).describe()} (HTTP 401); "
+                "check the key or rotate it (see docs/byok.md)",
+                backend=self.id,
+            ) from None
+        except sdk.RateLimitException as exc:
+            raise RateLimited(
+                f"{where}: rate limited by E2B (HTTP 429): {self._detail(exc, key)}",
+                retry_after=self.config.rate_limit_retry_after, backend=self.id,
+            ) from None
+        except sdk.ServiceBusyException as exc:
+            raise CapacityUnavailable(
+                f"{where}: E2B has no capacity right now (HTTP 503): {self._detail(exc, key)}", backend=self.id
+            ) from None
+        except (sdk.SandboxNotFoundException, sdk.SandboxNotRunningException) as exc:
+            cls = gone or fallback
+            raise self._make(cls, f"{where}: the sandbox is gone at E2B: {self._detail(exc, key)}") from None
+        except sdk.TimeoutException as exc:
+            cls = ReadinessTimeout if fallback is ReadinessTimeout else fallback
+            raise self._make(cls, f"{where}: timed out: {self._detail(exc, key)}", transient=True) from None
+        except sdk.SandboxException as exc:
+            status = getattr(exc, "status_code", None)
+            msg = f"{where} failed (HTTP {status or '-'}): {self._detail(exc, key)}"
+            if status == 429:
+                raise RateLimited(msg, retry_after=self.config.rate_limit_retry_after, backend=self.id) from None
+            if status == 403:
+                raise QuotaExceeded(msg, backend=self.id) from None
+            if status == 503:
+                raise CapacityUnavailable(msg, backend=self.id) from None
+            raise self._make(fallback, msg, transient=status is None or status >= 500) from None
+        except OSError as exc:  # connection refused/reset: pyqwest raises builtin ConnectionError/TimeoutError
+            raise self._make(
+                fallback, f"{where}: cannot reach E2B: {type(exc).__name__}: {self._detail(exc, key)}", transient=True
+            ) from None
+
+    def _make(self, cls: type[BackendError], message: str, *, transient: bool = False) -> BackendError:
+        if cls is ProvisionError:
+            return ProvisionError(message, transient=transient, backend=self.id)
+        return cls(message, backend=self.id)
+
+    @staticmethod
+    def _detail(exc: BaseException, key: str | None) -> str:
+        return redact(str(exc), [key]) or type(exc).__name__
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _ttl(self, profile: Profile, inputs: dict[str, Any], sandbox_id: str) -> tuple[int, bool]:
+        """The E2B timeout for a new sandbox, and whether it was clamped."""
+        raw = inputs.get("ttl", profile.ttl.default)
+        try:
+            ttl = parse_duration(raw)
+        except ValueError as exc:
+            raise TTLError(f"sandbox {sandbox_id}: input 'ttl' (value {raw!r}): {exc}") from None
+        limit = self.config.plan_max_ttl
+        if ttl > limit:
+            if self.config.ttl_over_max == "refuse":
+                raise TTLError(
+                    f"sandbox {sandbox_id}: TTL {format_duration(ttl)} is over the E2B plan maximum of "
+                    f"{format_duration(limit)} ({self.id} config 'plan_max_ttl'); ask for less, or set "
+                    "'ttl_over_max: clamp'"
+                )
+            log.warning(
+                "sandbox %s: TTL %s is over the E2B plan maximum %s; clamped to %s",
+                sandbox_id, format_duration(ttl), format_duration(limit), format_duration(limit),
+            )
+            return max(1, int(limit)), True
+        return max(1, int(round(ttl))), False
+
+    def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
+        """Create an E2B sandbox from the profile's template (see the base class)."""
+        opts = self.options(profile)
+        return self._create(profile, inputs, template=opts.template or self.config.template, restored_from=None)
+
+    def _create(
+        self, profile: Profile, inputs: dict[str, Any], *, template: str, restored_from: str | None
+    ) -> dict[str, Any]:
+        opts: E2BOptions = self.options(profile)
+        sandbox_id = str(inputs["sandbox_id"])
+        tags = {str(k): str(v) for k, v in (inputs.get("tags") or {}).items()}
+        for k, v in (inputs.get("owner_labels") or {}).items():
+            tags.setdefault(str(k), str(v))
+        tags["sandboxer.sandbox_id"] = sandbox_id
+        consumer = tags.get("sandboxer.consumer")
+        timeout, clamped = self._ttl(profile, inputs, sandbox_id)
+        sdk_opts, key = self._opts(consumer)
+        sdk = _sdk()
+        started = time.time()
+        with self._translate("create", consumer=consumer, key=key, fallback=ProvisionError):
+            sbx = sdk.Sandbox.create(
+                template=template,
+                timeout=timeout,
+                metadata=tags,
+                envs=dict(opts.envs) or None,
+                allow_internet_access=opts.allow_internet_access,
+                idempotency_key=_idempotency_key(sandbox_id),
+                **sdk_opts,
+            )
+        handle: dict[str, Any] = {
+            "e2b_sandbox_id": sbx.sandbox_id,
+            "template": template,
+            "consumer": consumer,
+            "timeout_s": timeout,
+            "started_at": started,
+            "host": None,
+        }
+        exec_defaults = {k: v for k, v in (("user", opts.user), ("cwd", opts.cwd)) if v}
+        if exec_defaults:
+            handle["exec"] = exec_defaults
+        if clamped:
+            handle["ttl_clamped"] = True
+        if restored_from:
+            handle["restored_from"] = restored_from
+        return handle
+
+    def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        """Wait until E2B reports the sandbox running and its envd answers its health check."""
+        sid = handle["e2b_sandbox_id"]
+        consumer = handle.get("consumer")
+        sdk_opts, key = self._opts(consumer)
+        sdk = _sdk()
+        deadline = time.monotonic() + timeout
+        with self._translate("readiness check", consumer=consumer, key=key, fallback=ReadinessTimeout, sandbox=sid):
+            sbx = sdk.Sandbox.connect(sid, request_timeout=min(self.config.request_timeout, timeout), **{
+                k: v for k, v in sdk_opts.items() if k != "request_timeout"
+            })
+            poll(
+                lambda: sbx.is_running(request_timeout=max(0.1, min(5.0, deadline - time.monotonic()))),
+                timeout=max(0.0, deadline - time.monotonic()),
+                interval=0.05,
+                on_timeout=lambda: ReadinessTimeout(
+                    f"E2B sandbox {sid}: envd did not answer its health check within {timeout:g}s", backend=self.id
+                ),
+            )
+        return {
+            "provider": "e2b",
+            "e2b_sandbox_id": sid,
+            "template": handle.get("template"),
+            "envd_url": sbx.envd_api_url,
+        }
+
+    def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
+        """Kill the sandbox; one already gone (404) counts as torn down."""
+        sid = handle["e2b_sandbox_id"]
+        consumer = handle.get("consumer")
+        try:
+            sdk_opts, key = self._opts(consumer)
+            with self._translate("kill", consumer=consumer, key=key, fallback=TeardownError, sandbox=sid):
+                killed = bool(_sdk().Sandbox.kill(sid, **sdk_opts))
+        except TeardownError:
+            raise
+        except BackendError as exc:
+            raise TeardownError(f"E2B sandbox {sid}: not confirmed gone: {exc}", backend=self.id) from None
+        return {"e2b_sandbox_id": sid, "killed": killed, "already_gone": not killed}
+
+    # ------------------------------------------------------------ exec
+
+    def exec(
+        self,
+        handle: dict[str, Any],
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` with ``commands.run`` (quoted with :func:`shlex.join`; envd runs it under bash)."""
+        if not argv:
+            raise ExecError("exec needs a non-empty argv", backend=self.id)
+        sid = handle["e2b_sandbox_id"]
+        consumer = handle.get("consumer")
+        opts = dict(handle.get("exec") or {})
+        sdk_opts, key = self._opts(consumer)
+        sdk = _sdk()
+        out: list[str] = []
+        err: list[str] = []
+
+        def on_stdout(text: str) -> None:
+            out.append(text)
+            if on_output:
+                on_output("stdout", text)
+
+        def on_stderr(text: str) -> None:
+            err.append(text)
+            if on_output:
+                on_output("stderr", text)
+
+        limit = float(timeout) if timeout is not None else self.config.exec_timeout
+        run_kw = {"envs": dict(env) if env else None, "cwd": cwd or opts.get("cwd"), "user": opts.get("user"), "timeout": limit}
+        with self._translate("exec", consumer=consumer, key=key, fallback=ExecError, sandbox=sid):
+            sbx = sdk.Sandbox.connect(sid, **sdk_opts)
+            try:
+                if stdin is None:
+                    res = sbx.commands.run(shlex.join(argv), on_stdout=on_stdout, on_stderr=on_stderr, **run_kw)
+                else:
+                    proc = sbx.commands.run(shlex.join(argv), background=True, stdin=True, **run_kw)
+                    if stdin:
+                        proc.send_stdin(stdin)
+                    proc.close_stdin()
+                    res = proc.wait(on_stdout=on_stdout, on_stderr=on_stderr)
+            except sdk.CommandExitException as exc:
+                return ExecResult(exit_code=exc.exit_code, stdout="".join(out) or exc.stdout or "",
+                                  stderr="".join(err) or exc.stderr or "")
+            except sdk.TimeoutException as exc:
+                if isinstance(exc, (sdk.SandboxNotRunningException, sdk.SandboxUnreachableException)):
+                    raise
+                return ExecResult(exit_code=TIMEOUT_EXIT_CODE, stdout="".join(out), stderr="".join(err), timed_out=True)
+        return ExecResult(exit_code=res.exit_code, stdout="".join(out) or res.stdout or "",
+                          stderr="".join(err) or res.stderr or "")
+
+    # ------------------------------------------------------------ snapshots
+
+    def snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
+        """Take an E2B snapshot (the SDK's snapshot API: the sandbox pauses while it is taken, then runs on)."""
+        sid = handle["e2b_sandbox_id"]
+        consumer = handle.get("consumer")
+        sdk_opts, key = self._opts(consumer)
+        with self._translate("snapshot", consumer=consumer, key=key, fallback=SnapshotError, sandbox=sid):
+            info = _sdk().Sandbox.create_snapshot(sid, **sdk_opts)
+        return {
+            "data": {"snapshot_id": info.snapshot_id, "names": list(info.names), "source": sid, "consumer": consumer},
+            "size_bytes": None,
+            "checksum": None,
+        }
+
+    def restore_from_snapshot(
+        self, profile: Profile, snapshot_meta: SnapshotMeta, inputs: dict[str, Any], host: str | None
+    ) -> dict[str, Any]:
+        """Create a new sandbox from the snapshot (E2B starts it from the snapshot's template id)."""
+        snap = snapshot_meta.data.get("snapshot_id")
+        if not snap:
+            raise SnapshotError(f"snapshot {snapshot_meta.id} has no E2B snapshot id", backend=self.id)
+        try:
+            return self._create(profile, inputs, template=str(snap), restored_from=snapshot_meta.id)
+        except ProvisionError as exc:
+            raise SnapshotError(f"restore of snapshot {snapshot_meta.id}: {exc}", backend=self.id) from None
+
+    def delete_snapshot(self, snapshot_meta: SnapshotMeta) -> None:
+        """Delete the E2B snapshot; one already gone is fine."""
+        snap = snapshot_meta.data.get("snapshot_id")
+        if not snap:
+            return
+        consumer = snapshot_meta.data.get("consumer")
+        sdk_opts, key = self._opts(consumer)
+        with self._translate("snapshot delete", consumer=consumer, key=key, fallback=SnapshotError):
+            _sdk().Sandbox.delete_snapshot(str(snap), **sdk_opts)
+
+    # ------------------------------------------------------------ gc
+
+    def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
+        """Every E2B sandbox (running or paused) whose metadata carries ``owner_labels``.
+
+        Asks with each configured key (the operator's and each consumer's), so
+        sandboxes made with a consumer's key are found too; pages through
+        ``x-next-token``, at most :data:`MAX_LIST_PAGES` pages per key.
+        """
+        sdk = _sdk()
+        found: dict[str, dict[str, Any]] = {}
+        consumers: list[str | None] = [None, *sorted(self.config.consumer_keys)]
+        seen_refs: set[SecretRef] = set()
+        for consumer in consumers:
+            ref = self._key_ref(consumer)
+            if ref in seen_refs:
+                continue
+            seen_refs.add(ref)
+            try:
+                sdk_opts, key = self._opts(consumer)
+            except AuthError:
+                if consumer is None:
+                    raise
+                log.warning("list_owned: skipping consumer %s: no key in %s", consumer, ref.describe())
+                continue
+            with self._translate("list", consumer=consumer, key=key, fallback=BackendError):
+                pager = sdk.Sandbox.list(query=sdk.SandboxQuery(metadata=dict(owner_labels)), limit=100, **sdk_opts)
+                for _ in range(MAX_LIST_PAGES):
+                    if not pager.has_next:
+                        break
+                    for info in pager.next_items():
+                        meta = dict(info.metadata or {})
+                        if any(meta.get(k) != v for k, v in owner_labels.items()):
+                            continue  # the API filtered already; this guards an API that ignores the filter
+                        ours = meta.get("sandboxer.sandbox_id")
+                        if not ours:
+                            continue
+                        found[info.sandbox_id] = {
+                            "sandbox_id": ours,
+                            "handle": {
+                                "e2b_sandbox_id": info.sandbox_id,
+                                "template": info.template_id,
+                                "consumer": meta.get("sandboxer.consumer"),
+                                "started_at": info.started_at.timestamp() if info.started_at else None,
+                                "host": None,
+                            },
+                            "state": str(getattr(info.state, "value", info.state)),
+                        }
+        return list(found.values())
+
+    # ------------------------------------------------------------ metering
+
+    def meter_actual(self, handle: dict[str, Any]) -> dict[str, Any] | None:
+        """What E2B reports of the sandbox: its size and times (None once it is gone).
+
+        The manager prices the recorded start and stop; this refines them with
+        the vCPU count and memory E2B actually gave the sandbox.
+        """
+        sid = handle["e2b_sandbox_id"]
+        consumer = handle.get("consumer")
+        sdk_opts, key = self._opts(consumer)
+        sdk = _sdk()
+        try:
+            with self._translate("info", consumer=consumer, key=key, fallback=ProvisionError, sandbox=sid):
+                try:
+                    info = sdk.Sandbox.get_info(sid, **sdk_opts)
+                except sdk.NotFoundException:
+                    return None
+        except BackendError as exc:
+            log.warning("meter_actual: %s", exc)
+            return None
+        cpu = float(info.cpu_count)
+        gib = float(info.memory_mb) / 1024
+        started = info.started_at.timestamp() if info.started_at else handle.get("started_at")
+        return {
+            "source": "e2b",
+            "e2b_sandbox_id": sid,
+            "vcpus": cpu,
+            "memory_gib": gib,
+            "started_at": _iso(info.started_at),
+            "end_at": _iso(info.end_at),
+            "state": str(getattr(info.state, "value", info.state)),
+            "started_ts": started,
+        }
