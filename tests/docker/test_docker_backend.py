@@ -1,0 +1,264 @@
+"""ext.docker against a real dockerd: the full cycle, isolation, limits, faults and hostile input."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from sandboxer.errors import ExecError, InputError, ProfileError, ProvisionError, ReadinessTimeout, SnapshotError
+from sandboxer.extensions.docker import DockerConfig, DockerExtension
+from sandboxer.loader import load_catalog
+from sandboxer.models import SnapshotMeta
+from tests.docker.conftest import containers_of, variant
+
+pytestmark = pytest.mark.root
+
+HOSTILE = {
+    "SUBST": "$(touch /tmp/pwned)",
+    "TICKS": "`touch /tmp/pwned`",
+    "QUOTES": "it's \"quoted\" ; touch /tmp/pwned",
+    "NEWLINE": "line1\nline2; touch /tmp/pwned",
+}
+
+
+def _meta(ext, handle, out) -> SnapshotMeta:
+    return SnapshotMeta(
+        id="snap-test", sandbox_id=handle["sandbox_id"], extension=ext.id, profile="docker",
+        created_at="2026-11-21T00:00:00Z", size_bytes=out["size_bytes"], checksum=out["checksum"], data=out["data"],
+    )
+
+
+def test_full_cycle_leaves_nothing_behind(ext, profile, make, owner, dclient):
+    handle = make()
+    reach = ext.wait_ready(handle, timeout=30)
+    assert reach["container"] == handle["container"] and reach["network"] == "none"
+
+    res = ext.exec(handle, ["sh", "-c", "echo state > /work/kept; pwd; echo oops >&2; exit 7"])
+    assert (res.exit_code, res.stdout, res.stderr) == (7, "/work\n", "oops\n")
+
+    out = ext.snapshot(handle)
+    image = dclient.images.get(out["data"]["image"])
+    assert out["checksum"] == image.id and out["size_bytes"] > 0
+    meta = _meta(ext, handle, out)
+
+    restored = ext.restore_from_snapshot(
+        profile, meta, {"sandbox_id": f"r-{uuid.uuid4().hex[:8]}", "owner_labels": owner, "tags": owner}, None
+    )
+    ext.wait_ready(restored, timeout=30)
+    assert ext.exec(restored, ["cat", "/work/kept"]).stdout == "state\n"
+    assert restored["container_id"] != handle["container_id"]
+
+    for h in (handle, restored):
+        assert ext.teardown(h)["removed"] is True
+        assert containers_of(dclient, h["sandbox_id"]) == []
+    ext.delete_snapshot(meta)
+    ext.delete_snapshot(meta)  # idempotent
+    assert not dclient.images.list(name=out["data"]["image"])
+    with pytest.raises(SnapshotError, match="no longer on the Docker engine"):
+        ext.restore_from_snapshot(profile, meta, {"sandbox_id": "gone-snap", "owner_labels": owner}, None)
+
+
+def test_no_network_by_default(ext, make, dclient):
+    handle = make()
+    ext.wait_ready(handle, timeout=30)
+    assert ext.exec(handle, ["ls", "/sys/class/net"]).stdout.split() == ["lo"]
+    assert dclient.api.inspect_container(handle["container_id"])["HostConfig"]["NetworkMode"] == "none"
+
+
+def test_named_network_when_the_profile_allows_it(ext, profile, make, dclient):
+    net = dclient.networks.create(f"sbtest-{uuid.uuid4().hex[:8]}", driver="bridge")
+    try:
+        handle = make(variant(profile, network=net.name))
+        reach = ext.wait_ready(handle, timeout=30)
+        assert "eth0" in ext.exec(handle, ["ls", "/sys/class/net"]).stdout.split()
+        assert reach["ip_address"] is None or reach["network"] == net.name
+        ext.teardown(handle)
+    finally:
+        net.remove()
+
+
+def test_host_network_is_refused_at_load_time(tmp_path):
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "profile.test-docker-hostnet.yaml").write_text(
+        "slug: test-docker-hostnet\nextension: ext.docker\noptions:\n  network: host\n"
+    )
+    with pytest.raises(ProfileError, match=r"profile.test-docker-hostnet.yaml: field 'options.network'.*'host'"):
+        load_catalog([tmp_path])
+
+
+def test_resource_limits_and_labels_visible_in_inspect(ext, profile, make, owner, dclient):
+    prof = variant(profile, resources={"cpu": 0.5, "memory_mb": 64, "pids": 32})
+    handle = make(prof, tags={"team": "blue"})
+    info = dclient.api.inspect_container(handle["container_id"])
+    host = info["HostConfig"]
+    assert (host["NanoCpus"], host["Memory"], host["MemorySwap"], host["PidsLimit"]) == (
+        500_000_000, 64 * 2**20, 64 * 2**20, 32)
+    assert host["CapDrop"] == ["ALL"] and "no-new-privileges" in host["SecurityOpt"]
+    labels = info["Config"]["Labels"]
+    assert labels["sandboxer.sandbox_id"] == handle["sandbox_id"]
+    assert labels["sandboxer.owner"] == owner["sandboxer.owner"]
+    assert labels["team"] == "blue" and labels["sandboxer.extension"] == "ext.docker"
+
+
+def test_pids_limit_is_enforced(ext, profile, make):
+    handle = make(variant(profile, resources={"pids": 16}))
+    ext.wait_ready(handle, timeout=30)
+    res = ext.exec(handle, ["sh", "-c", "for i in $(seq 40); do sleep 5 & done; wait"], timeout=20)
+    assert "can't fork" in res.stderr or "Resource temporarily unavailable" in res.stderr
+
+
+def test_teardown_of_an_already_removed_container_succeeds(ext, make, dclient):
+    handle = make()
+    dclient.containers.get(handle["container_id"]).remove(force=True)
+    assert ext.teardown(handle) == {"container": handle["container"], "removed": False, "already_gone": True}
+    assert ext.teardown({}) ["already_gone"] is True
+
+
+def test_teardown_removes_anonymous_volumes(ext, profile, make, dclient, busybox_image):
+    tag = "sandboxer-busybox-volume:test"
+    dclient.images.build(fileobj=io.BytesIO(f"FROM {busybox_image}\nVOLUME /data\n".encode()), tag=tag, rm=True)
+    handle = make(variant(profile, image=tag))
+    mounts = dclient.api.inspect_container(handle["container_id"])["Mounts"]
+    volume = next(m["Name"] for m in mounts if m["Destination"] == "/data")
+    ext.teardown(handle)
+    assert not [v for v in dclient.volumes.list() if v.name == volume]
+
+
+def test_list_owned_finds_an_orphan_and_only_ours(ext, make, owner):
+    handle = make()
+    other = {"sandboxer.owner": "someone-else"}
+    found = ext.list_owned(owner)
+    assert [o["sandbox_id"] for o in found] == [handle["sandbox_id"]]
+    assert ext.list_owned(other) == []
+    ext.teardown(found[0]["handle"])  # the handle list_owned gives is enough to reap it
+    assert ext.list_owned(owner) == []
+
+
+def test_hostile_env_and_argv_are_delivered_literally(ext, make):
+    handle = make(env=HOSTILE)
+    ext.wait_ready(handle, timeout=30)
+    container_env = ext.exec(handle, ["env"]).stdout
+    exec_env = ext.exec(handle, ["env"], env={"E_" + k: v for k, v in HOSTILE.items()}).stdout
+    for k, v in HOSTILE.items():
+        assert f"{k}={v}\n" in container_env
+        assert f"E_{k}={v}\n" in exec_env
+    argv = ["echo", "$(touch /tmp/pwned)", "a'b\"c", "x\ny", "; touch /tmp/pwned"]
+    assert ext.exec(handle, argv).stdout == " ".join(argv[1:]) + "\n"
+    assert ext.exec(handle, ["ls", "/tmp"]).stdout == ""  # the marker file never appeared
+
+
+def test_bad_env_names_and_unknown_inputs_are_refused(ext, make, owner, dclient):
+    with pytest.raises(InputError, match="'BAD NAME'"):
+        make(env={"BAD NAME": "x"})
+    with pytest.raises(InputError, match="field 'inputs.repo'.*unknown field"):
+        make(repo="https://example.org/x.git")
+    with pytest.raises(InputError, match="sandbox_id"):
+        make(sandbox_id="a;rm -rf ~")
+    assert ext.list_owned(owner) == []
+
+
+def test_exec_stdin_timeout_and_output_cap(ext, profile, make, catalog):
+    handle = make()
+    ext.wait_ready(handle, timeout=30)
+    assert ext.exec(handle, ["cat"], stdin=b"from stdin\n").stdout == "from stdin\n"
+
+    seen = []
+    res = ext.exec(handle, ["sh", "-c", "echo a; echo b >&2"], on_output=lambda s, t: seen.append((s, t)))
+    assert sorted(seen) == [("stderr", "b\n"), ("stdout", "a\n")] and res.exit_code == 0
+
+    start = time.monotonic()
+    res = ext.exec(handle, ["sh", "-c", "echo started; sleep 60 & sleep 61"], timeout=1.5)
+    assert res.timed_out and res.exit_code == 124 and res.stdout == "started\n"
+    assert time.monotonic() - start < 6
+    assert "sleep 6" not in ext.exec(handle, ["ps"]).stdout  # the whole tree was killed
+
+    small = DockerExtension(catalog.extensions["ext.docker"].manifest, DockerConfig(max_output_bytes=1000))
+    res = small.exec(handle, ["sh", "-c", "yes | head -c 100000"])
+    assert res.stdout.startswith("y\n" * 500) and "99000 more bytes not kept" in res.stdout
+
+    with pytest.raises(InputError):
+        ext.exec(handle, [])
+    ext.teardown(handle)
+    with pytest.raises(ExecError, match=handle["sandbox_id"]):
+        ext.exec(handle, ["true"])
+
+
+def test_missing_image_is_an_input_error_and_leaves_nothing(ext, profile, make, owner):
+    with pytest.raises(InputError, match="'sandboxer-no-such-image:1'.*not on the Docker engine"):
+        make(variant(profile, image="sandboxer-no-such-image:1", pull="never"))
+    assert ext.list_owned(owner) == []
+
+
+def test_failed_start_removes_the_container(ext, profile, make, owner):
+    with pytest.raises(ProvisionError) as err:
+        make(variant(profile, command=["/no/such/binary"], init=False))
+    assert not err.value.transient
+    assert ext.list_owned(owner) == []
+
+
+def test_container_that_exits_is_not_ready_and_says_why(ext, profile, make):
+    handle = make(variant(profile, command=["sh", "-c", "echo bye; exit 3"]))
+    start = time.monotonic()
+    with pytest.raises(ReadinessTimeout, match=r"exited with code 3.*bye"):
+        ext.wait_ready(handle, timeout=30)
+    assert time.monotonic() - start < 10
+
+
+def test_ready_command_must_pass(ext, profile, make):
+    handle = make(variant(profile, ready_command=["test", "-e", "/tmp/go"]))
+    with pytest.raises(ReadinessTimeout):
+        ext.wait_ready(handle, timeout=1.5)
+    ext.exec(handle, ["touch", "/tmp/go"])
+    assert ext.wait_ready(handle, timeout=10)["container"] == handle["container"]
+
+
+def test_same_sandbox_id_twice_is_a_non_transient_conflict(ext, make):
+    make(sandbox_id="twice-1")
+    with pytest.raises(ProvisionError, match="409") as err:
+        make(sandbox_id="twice-1")
+    assert not err.value.transient
+
+
+def test_unreachable_engine_is_transient_and_fast(catalog, profile, tmp_path):
+    manifest = catalog.extensions["ext.docker"].manifest
+    ext = DockerExtension(manifest, DockerConfig(docker_host=f"unix://{tmp_path}/no.sock", api_timeout=5))
+    start = time.monotonic()
+    with pytest.raises(ProvisionError, match="cannot reach the Docker engine") as err:
+        ext.provision(profile, {"sandbox_id": "x1"}, None)
+    assert err.value.transient and time.monotonic() - start < 5
+
+
+def test_engine_5xx_is_transient_and_409_is_not(catalog):
+    """Fault injection at the SDK seam: the translation, not the engine, is under test."""
+    import docker.errors
+    import requests
+
+    from sandboxer.extensions.docker import _translate
+
+    def api_error(status: int) -> docker.errors.APIError:
+        resp = requests.Response()
+        resp.status_code = status
+        return docker.errors.APIError("boom", response=resp, explanation="engine trouble")
+
+    for status, transient in ((500, True), (503, True), (409, False), (400, False)):
+        with pytest.raises(ProvisionError) as err, _translate("ext.docker", "unix:///x", "creating", ProvisionError):
+            raise api_error(status)
+        assert err.value.transient is transient and "engine trouble" in str(err.value)
+
+
+def test_manifest_loads_without_the_docker_sdk():
+    code = (
+        "import sys; sys.modules['docker'] = None\n"
+        "from sandboxer.loader import load_catalog\n"
+        "c = load_catalog([])\n"
+        "assert 'docker' in c.profiles and c.extensions['ext.docker'].handler.requires == ('docker', 'docker')\n"
+        "assert sys.modules['docker'] is None\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
