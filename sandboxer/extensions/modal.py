@@ -1,0 +1,569 @@
+"""The Modal backend (``ext.modal``): sandboxes on Modal with the operator's own token.
+
+It owns the mapping of sand-boxer's verbs onto the official ``modal`` SDK
+(pinned in the ``modal`` extra) and keeps three rules:
+
+* the SDK is imported lazily (``importlib.import_module("modal")``): this module
+  is named ``modal`` too and is loaded on core-only installs;
+* credentials are references (:class:`~sandboxer.secrets.SecretRef`) resolved
+  at call time; a handle holds only ids, never a token, and every provider
+  message is passed through :func:`~sandboxer.secrets.redact`;
+* the SDK's exceptions become sand-boxer errors in one place,
+  :meth:`ModalExtension._boundary`, by exception type and gRPC status detail,
+  never by message text.
+
+Verbs: provision = ``App.lookup`` + ``Sandbox.create`` (image, timeout = TTL,
+idle_timeout, cpu, memory, tags, readiness probe); wait_ready =
+``wait_until_ready``; exec = ``Sandbox.exec``; teardown = ``terminate``
+(already gone is success); snapshot = ``snapshot_filesystem``; restore =
+``Sandbox.create`` from the snapshot image; reattach = ``Sandbox.from_id``;
+list_owned = ``Sandbox.list`` by tags; meter_actual = the SDK's sandbox stats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import logging
+import math
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sandboxer.errors import (
+    AuthError,
+    BackendError,
+    CapacityUnavailable,
+    ExecError,
+    InputError,
+    ProvisionError,
+    RateLimited,
+    ReadinessTimeout,
+    SnapshotError,
+    TeardownError,
+    TTLError,
+)
+from sandboxer.extensions.base import RESERVED_INPUTS, OutputCallback, SandboxExtension
+from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration
+from sandboxer.secrets import SecretRef, redact
+
+log = logging.getLogger(__name__)
+
+#: Modal bills and schedules CPU in physical cores; one physical core is two vCPUs.
+VCPUS_PER_MODAL_CORE = 2.0
+#: The smallest CPU request Modal accepts, in physical cores.
+MIN_MODAL_CORES = 0.125
+#: Loggers below the SDK that write request headers (the token pair among them) at DEBUG.
+HEADER_LOGGERS = ("hpack", "h2")
+#: Inputs this backend reads besides the reserved ones.
+KNOWN_INPUTS = frozenset({"image", "env", "ttl"})
+
+
+# ------------------------------------------------------------------ config
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModalCredentials(_Strict):
+    """A Modal token pair, by reference."""
+
+    token_id: SecretRef
+    token_secret: SecretRef
+
+
+class ModalConfig(_Strict):
+    """The ``config:`` of ``ext.modal.yaml``."""
+
+    token_id: SecretRef = SecretRef(env="MODAL_TOKEN_ID")
+    token_secret: SecretRef = SecretRef(env="MODAL_TOKEN_SECRET")
+    consumer_tokens: dict[str, ModalCredentials] = Field(
+        default_factory=dict, description="per-consumer token pairs; others use the default pair"
+    )
+    server_url: str | None = Field(default=None, description="control-plane URL; default: Modal's own")
+    app_name: str = Field(default="sandboxer", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    environment: str | None = None
+    image: str = Field(default="python:3.12-slim", min_length=1, description="registry image tag")
+    max_ttl: Duration = Field(default=86400.0, description="the plan's longest sandbox timeout")
+    ttl_over_max: Literal["refuse", "clamp"] = "refuse"
+    max_cpu: float | None = Field(default=None, gt=0, description="most vCPUs per sandbox on the plan")
+    max_memory_mb: int | None = Field(default=None, gt=0)
+    idle_timeout: Duration | None = None
+    snapshot_ttl: Duration | None = Field(default=30 * 86400.0, description="how long Modal keeps a snapshot")
+    max_throttle_wait: float = Field(
+        default=10.0, ge=0, description="seconds the SDK may wait out a throttle before we report RateLimited"
+    )
+    op_timeout: Duration = Field(default=120.0, gt=0, description="deadline of a snapshot call")
+
+    @field_validator("server_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {v!r}")
+        return v
+
+
+class ModalProbe(_Strict):
+    """How Modal decides a sandbox is ready: a command that exits 0, or a TCP port that accepts."""
+
+    exec: list[str] | None = Field(default=None, min_length=1)
+    tcp_port: int | None = Field(default=None, ge=1, le=65535)
+    interval_ms: int = Field(default=100, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> "ModalProbe":
+        if (self.exec is None) == (self.tcp_port is None):
+            raise ValueError("give exactly one of 'exec' or 'tcp_port'")
+        return self
+
+
+class ModalOptions(_Strict):
+    """A profile's ``options:`` for ``ext.modal``."""
+
+    image: str | None = Field(default=None, min_length=1)
+    idle_timeout: Duration | None = None
+    region: str | list[str] | None = None
+    block_network: bool = False
+    workdir: str | None = Field(default=None, pattern=r"^/")
+    readiness_probe: ModalProbe = ModalProbe(exec=["true"])
+
+
+# ------------------------------------------------------------------ backend
+
+class ModalExtension(SandboxExtension):
+    """Sandboxes on Modal through the official SDK, with the operator's own token."""
+
+    Config: ClassVar[type[BaseModel]] = ModalConfig
+    ProfileOptions: ClassVar[type[BaseModel]] = ModalOptions
+    features: ClassVar[frozenset[str]] = frozenset({"exec", "snapshots", "metering", "list_owned"})
+    requires: ClassVar[tuple[str, str] | None] = ("modal", "modal")
+
+    config: ModalConfig
+
+    def __init__(self, manifest: Any, config: BaseModel):
+        super().__init__(manifest, config)
+        self._lock = threading.Lock()
+        # Clients are keyed by a digest of (server, token pair): a rotated token gets a
+        # new client, and no plain secret is kept as a dictionary key.
+        self._clients: dict[str, Any] = {}
+        self._sandboxes: dict[tuple[int, str], Any] = {}
+
+    # -------------------------------------------------------------- plumbing
+
+    @staticmethod
+    def _sdk() -> Any:
+        return importlib.import_module("modal")
+
+    def _credentials(self, consumer: str | None) -> ModalCredentials:
+        override = self.config.consumer_tokens.get(consumer or "")
+        return override or ModalCredentials(token_id=self.config.token_id, token_secret=self.config.token_secret)
+
+    def _server_url(self) -> str:
+        if self.config.server_url:
+            return self.config.server_url
+        return importlib.import_module("modal.config").config.get("server_url")
+
+    def _client(self, consumer: str | None) -> tuple[Any, tuple[str, str]]:
+        """The SDK client for ``consumer``'s token (resolved now), and the secrets to redact."""
+        creds = self._credentials(consumer)
+        token_id = creds.token_id.resolve(backend=self.id)
+        token_secret = creds.token_secret.resolve(backend=self.id)
+        url = self._server_url()
+        key = hashlib.sha256(f"{url}\0{token_id}\0{token_secret}".encode()).hexdigest()
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                # The SDK reads its throttle budget from the environment only; without a
+                # bound it waits out RESOURCE_EXHAUSTED forever instead of letting the
+                # router fall back. An operator's own setting wins.
+                os.environ.setdefault("MODAL_MAX_THROTTLE_WAIT", str(int(self.config.max_throttle_wait)))
+                _quiet_header_loggers()
+                modal = self._sdk()
+                api_pb2 = importlib.import_module("modal_proto.api_pb2")
+                # Constructed directly (not Client.from_credentials) so that server_url is
+                # ours, not the process-wide MODAL_SERVER_URL; opened like `with client:`.
+                client = modal.Client(url, api_pb2.CLIENT_TYPE_CLIENT, (token_id, token_secret))
+                with self._boundary("connect", None, (token_id, token_secret), ProvisionError):
+                    client.__enter__()
+                self._clients[key] = client
+        return client, (token_id, token_secret)
+
+    @contextlib.contextmanager
+    def _boundary(
+        self,
+        op: str,
+        sandbox: str | None,
+        secrets: tuple[str, ...],
+        error: type[BackendError],
+        *,
+        timeout_error: type[BackendError] | None = None,
+    ) -> Iterator[None]:
+        """Translate the SDK's exceptions into sand-boxer's, by type and gRPC status detail.
+
+        Args:
+            op: what was being done, for the message.
+            sandbox: the Modal sandbox id, when there is one.
+            secrets: values to scrub from provider text.
+            error: the error for failures with no more specific meaning.
+            timeout_error: the error for deadlines (default: ``error``).
+        """
+        modal_exc = importlib.import_module("modal.exception")
+        grpc_utils = importlib.import_module("modal._utils.grpc_utils")
+        api_pb2 = importlib.import_module("modal_proto.api_pb2")
+        try:
+            yield
+        except modal_exc.Error as exc:
+            cause = exc
+            if isinstance(exc, grpc_utils.RetryTimeoutError):
+                cause = exc.final_exception
+            where = f"{self.id}: {op}" + (f" {sandbox}" if sandbox else "")
+            text = redact(f"{type(cause).__name__}: {cause}", secrets)
+            details = getattr(cause, "_grpc_details", None) or []
+            mapped: BackendError
+            if isinstance(cause, (modal_exc.AuthError, modal_exc.PermissionDeniedError)):
+                mapped = AuthError(
+                    f"{where}: Modal refused the token ({type(cause).__name__}); check the token id and "
+                    "secret the manifest's config references, or the consumer's override",
+                    backend=self.id,
+                )
+            elif isinstance(cause, modal_exc.ResourceExhaustedError):
+                mapped = self._exhausted(where, text, details, api_pb2)
+            elif isinstance(cause, (modal_exc.TimeoutError, grpc_utils.RetryTimeoutError)) or (
+                isinstance(cause, modal_exc.ServiceError) and _is_deadline(cause)
+            ):
+                mapped = _make(timeout_error or error, f"{where}: timed out: {text}", self.id, transient=True)
+            elif isinstance(cause, modal_exc.NotFoundError):
+                mapped = _make(error, f"{where}: not found (gone from Modal): {text}", self.id, transient=False)
+            elif isinstance(cause, modal_exc.InvalidError) and not isinstance(cause, modal_exc.ConflictError):
+                raise InputError(f"{where}: Modal refused the request: {text}") from None
+            else:
+                transient = isinstance(cause, (modal_exc.ServiceError, modal_exc.InternalError,
+                                               modal_exc.ConnectionError))
+                mapped = _make(error, f"{where}: {text}", self.id, transient=transient)
+            # The SDK's exception may carry the provider's unredacted text: keep it out of the chain.
+            raise mapped from None
+        except (ConnectionError, OSError) as exc:
+            text = redact(f"{type(exc).__name__}: {exc}", secrets)
+            raise _make(error, f"{self.id}: {op}: cannot reach Modal: {text}", self.id, transient=True) from None
+
+    def _exhausted(self, where: str, text: str, details: list[Any], api_pb2: Any) -> BackendError:
+        """RESOURCE_EXHAUSTED: a throttle (retry policy / rate limit detail) or a full account."""
+        for d in details:
+            if isinstance(d, api_pb2.RPCRetryPolicy):
+                return RateLimited(f"{where}: rate limited by Modal: {text}",
+                                   retry_after=max(d.retry_after_secs, 0.1), backend=self.id)
+            if isinstance(d, api_pb2.RateLimit):
+                return RateLimited(f"{where}: rate limited by Modal ({d.limit} per interval): {text}",
+                                   retry_after=_interval_seconds(d.interval, api_pb2), backend=self.id)
+        # No throttle instruction: the workspace is at its concurrent-sandbox or plan limit,
+        # which another backend may well not be.
+        return CapacityUnavailable(f"{where}: Modal has no room for this sandbox (quota/concurrency limit): {text}",
+                                   backend=self.id)
+
+    def _sandbox(self, handle: dict[str, Any], op: str, error: type[BackendError]) -> tuple[Any, tuple[str, str]]:
+        """The SDK Sandbox of ``handle``, reattached with ``from_id`` when not cached."""
+        object_id = _object_id(handle)
+        client, secrets = self._client(handle.get("credentials"))
+        key = (id(client), object_id)
+        with self._lock:
+            sb = self._sandboxes.get(key)
+        if sb is None:
+            with self._boundary(op, object_id, secrets, error):
+                sb = self._sdk().Sandbox.from_id(object_id, client=client)
+            with self._lock:
+                self._sandboxes[key] = sb
+        return sb, secrets
+
+    def _forget(self, object_id: str) -> None:
+        with self._lock:
+            for key in [k for k in self._sandboxes if k[1] == object_id]:
+                del self._sandboxes[key]
+
+    # -------------------------------------------------------------- required
+
+    def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
+        """Create a Modal sandbox: ``App.lookup``, then ``Sandbox.create`` (see module docstring)."""
+        return self._create(profile, inputs, image_id=None)
+
+    def restore_from_snapshot(
+        self, profile: Profile, snapshot_meta: SnapshotMeta, inputs: dict[str, Any], host: str | None
+    ) -> dict[str, Any]:
+        """Create a new sandbox whose image is the snapshot's filesystem image."""
+        image_id = snapshot_meta.data.get("image_id")
+        if not isinstance(image_id, str) or not image_id:
+            raise SnapshotError(
+                f"{self.id}: snapshot {snapshot_meta.id} has no Modal image id in its data", backend=self.id
+            )
+        return self._create(profile, inputs, image_id=image_id)
+
+    def _create(self, profile: Profile, inputs: dict[str, Any], *, image_id: str | None) -> dict[str, Any]:
+        opts: ModalOptions = self.options(profile)
+        unknown = sorted(set(inputs) - KNOWN_INPUTS - RESERVED_INPUTS)
+        if unknown:
+            raise InputError(
+                f"{self.id}: profile {profile.slug!r}: unknown input(s) {unknown}; "
+                f"this backend reads {sorted(KNOWN_INPUTS)}"
+            )
+        tags = {str(k): str(v) for k, v in (inputs.get("tags") or {}).items()}
+        consumer = tags.get("sandboxer.consumer")
+        ttl = self._ttl(profile, inputs)
+        cpu, memory = self._resources(profile)
+        env = inputs.get("env") or {}
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise InputError(f"{self.id}: input 'env' must map names to strings, got {type(env).__name__}")
+        image_ref = inputs.get("image") or opts.image or self.config.image
+        if not isinstance(image_ref, str):
+            raise InputError(f"{self.id}: input 'image' must be a string, got {image_ref!r}")
+        idle = opts.idle_timeout if opts.idle_timeout is not None else self.config.idle_timeout
+
+        modal = self._sdk()
+        client, secrets = self._client(consumer)
+        probe = opts.readiness_probe
+        readiness = (
+            modal.Probe.with_exec(*probe.exec, interval_ms=probe.interval_ms)
+            if probe.exec else modal.Probe.with_tcp(probe.tcp_port, interval_ms=probe.interval_ms)
+        )
+        with self._boundary("create", None, secrets, ProvisionError):
+            app = modal.App.lookup(self.config.app_name, create_if_missing=True, client=client,
+                                   environment_name=self.config.environment)
+            image = (modal.Image.from_id(image_id, client=client) if image_id
+                     else modal.Image.from_registry(image_ref))
+            started = time.time()
+            sb = modal.Sandbox.create(
+                app=app, image=image, timeout=int(math.ceil(ttl)),
+                idle_timeout=int(math.ceil(idle)) if idle else None,
+                cpu=cpu, memory=memory, tags=tags or None, env=env or None,
+                region=opts.region, block_network=opts.block_network, workdir=opts.workdir,
+                readiness_probe=readiness, client=client,
+            )
+        with self._lock:
+            self._sandboxes[(id(client), sb.object_id)] = sb
+        log.info("%s: created Modal sandbox %s for %s (ttl %s)", self.id, sb.object_id,
+                 inputs.get("sandbox_id"), format_duration(ttl))
+        return {
+            "object_id": sb.object_id,
+            "app_id": app.app_id,
+            "credentials": consumer if consumer in self.config.consumer_tokens else None,
+            "started_at": started,
+            "ttl_s": ttl,
+            "cpu": profile.resources.cpu,
+            "memory_mb": profile.resources.memory_mb,
+            "image": image_id or image_ref,
+            "host": None,
+        }
+
+    def _ttl(self, profile: Profile, inputs: dict[str, Any]) -> float:
+        raw = inputs.get("ttl", profile.ttl.default)
+        try:
+            ttl = float(raw)
+        except (TypeError, ValueError):
+            raise InputError(f"{self.id}: input 'ttl' must be seconds, got {raw!r}") from None
+        if ttl <= 0:
+            raise TTLError(f"{self.id}: TTL must be positive, got {raw!r}")
+        plan_max = self.config.max_ttl
+        if ttl > plan_max:
+            if self.config.ttl_over_max == "refuse":
+                raise TTLError(
+                    f"{self.id}: TTL {format_duration(ttl)} is over the Modal plan's maximum sandbox timeout "
+                    f"{format_duration(plan_max)} (config 'max_ttl'); ask for less, or set "
+                    "'ttl_over_max: clamp' in the manifest"
+                )
+            log.warning("%s: TTL %s is over the plan maximum %s; clamped", self.id,
+                        format_duration(ttl), format_duration(plan_max))
+            ttl = plan_max
+        return ttl
+
+    def _resources(self, profile: Profile) -> tuple[float, int]:
+        res = profile.resources
+        if self.config.max_cpu is not None and res.cpu > self.config.max_cpu:
+            raise InputError(f"{self.id}: profile {profile.slug!r}: resources.cpu {res.cpu:g} vCPU is over the "
+                             f"plan maximum {self.config.max_cpu:g} (config 'max_cpu')")
+        if self.config.max_memory_mb is not None and res.memory_mb > self.config.max_memory_mb:
+            raise InputError(f"{self.id}: profile {profile.slug!r}: resources.memory_mb {res.memory_mb} is over "
+                             f"the plan maximum {self.config.max_memory_mb} (config 'max_memory_mb')")
+        return max(res.cpu / VCPUS_PER_MODAL_CORE, MIN_MODAL_CORES), res.memory_mb
+
+    def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        """Block on Modal's readiness probe (the sandbox is scheduled and the probe passed)."""
+        sb, secrets = self._sandbox(handle, "wait_ready", ProvisionError)
+        object_id = _object_id(handle)
+        try:
+            with self._boundary("wait_ready", object_id, secrets, ProvisionError, timeout_error=ReadinessTimeout):
+                sb.wait_until_ready(timeout=max(1, int(math.ceil(timeout))))
+        except ProvisionError as exc:
+            exc.add_note(f"sandbox {object_id} exited or vanished before it was ready")
+            raise
+        return {"provider": "modal", "sandbox_id": object_id, "app_id": handle.get("app_id")}
+
+    def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
+        """Terminate the sandbox; one that Modal no longer knows counts as gone."""
+        object_id = _object_id(handle)
+        modal_exc = importlib.import_module("modal.exception")
+        client, secrets = self._client(handle.get("credentials"))
+        gone = False
+        with self._boundary("teardown", object_id, secrets, TeardownError):
+            try:
+                self._sdk().Sandbox.from_id(object_id, client=client).terminate()
+            except modal_exc.NotFoundError:
+                gone = True
+        self._forget(object_id)
+        return {"terminated": object_id, "already_gone": gone}
+
+    # -------------------------------------------------------------- optional
+
+    def exec(
+        self,
+        handle: dict[str, Any],
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` with ``Sandbox.exec``; output streams to ``on_output`` as it arrives."""
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise InputError(f"{self.id}: exec needs a non-empty list of strings, got {argv!r}")
+        if cwd is not None and not cwd.startswith("/"):
+            raise InputError(f"{self.id}: exec cwd must be an absolute path, got {cwd!r}")
+        object_id = _object_id(handle)
+        sb, secrets = self._sandbox(handle, "exec", ExecError)
+        modal_exc = importlib.import_module("modal.exception")
+        started = time.monotonic()
+        with self._boundary("exec", object_id, secrets, ExecError):
+            proc = sb.exec(*argv, workdir=cwd, env=env or None, text=False,
+                           timeout=int(math.ceil(timeout)) if timeout else None)
+            if stdin is not None:
+                proc.stdin.write(stdin)
+                proc.stdin.write_eof()
+                proc.stdin.drain()
+
+            def drain(stream: Any, name: str) -> tuple[str, bool]:
+                parts: list[str] = []
+                try:
+                    for chunk in stream:
+                        text = chunk.decode("utf-8", "replace") if isinstance(chunk, bytes) else chunk
+                        parts.append(text)
+                        if on_output is not None:
+                            on_output(name, text)
+                except modal_exc.ExecTimeoutError:
+                    return "".join(parts), True
+                return "".join(parts), False
+
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="modal-exec") as pool:
+                out_f = pool.submit(drain, proc.stdout, "stdout")
+                err_f = pool.submit(drain, proc.stderr, "stderr")
+                (out, out_to), (err, err_to) = out_f.result(), err_f.result()
+            code = proc.wait()
+        elapsed = time.monotonic() - started
+        # The SDK reports a passed deadline as returncode -1; the worker kills at the
+        # same deadline, so a late kill signal counts as a timeout too.
+        timed_out = out_to or err_to or code == -1 or bool(timeout and elapsed >= timeout)
+        return ExecResult(exit_code=code, stdout=out, stderr=err, timed_out=timed_out)
+
+    def snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
+        """Capture the filesystem with ``snapshot_filesystem``; the data is the image id."""
+        object_id = _object_id(handle)
+        sb, secrets = self._sandbox(handle, "snapshot", SnapshotError)
+        ttl = self.config.snapshot_ttl
+        with self._boundary("snapshot", object_id, secrets, SnapshotError):
+            image = sb.snapshot_filesystem(timeout=int(math.ceil(self.config.op_timeout)),
+                                           ttl=int(ttl) if ttl else None)
+        return {"data": {"image_id": image.object_id, "source": object_id,
+                         "credentials": handle.get("credentials")},
+                "size_bytes": None, "checksum": None}
+
+    def delete_snapshot(self, snapshot_meta: SnapshotMeta) -> None:
+        """Nothing to call: the pinned SDK has no image delete; Modal drops it after ``snapshot_ttl``."""
+        log.info("%s: snapshot %s (image %s) expires on Modal after its TTL", self.id, snapshot_meta.id,
+                 snapshot_meta.data.get("image_id"))
+
+    def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
+        """Live sandboxes in this backend's app carrying ``owner_labels`` as tags, under every configured token."""
+        modal = self._sdk()
+        modal_exc = importlib.import_module("modal.exception")
+        found: dict[str, dict[str, Any]] = {}
+        for credentials in [None, *sorted(self.config.consumer_tokens)]:
+            client, secrets = self._client(credentials)
+            with self._boundary("list_owned", None, secrets, ProvisionError):
+                try:
+                    app = modal.App.lookup(self.config.app_name, client=client,
+                                           environment_name=self.config.environment)
+                except modal_exc.NotFoundError:
+                    continue
+                for sb in modal.Sandbox.list(app_id=app.app_id, tags=dict(owner_labels), client=client):
+                    if sb.object_id in found:
+                        continue
+                    tags = sb.get_tags()
+                    found[sb.object_id] = {
+                        "sandbox_id": tags.get("sandboxer.sandbox_id", ""),
+                        "handle": {"object_id": sb.object_id, "app_id": app.app_id,
+                                   "credentials": credentials, "host": None},
+                    }
+        return list(found.values())
+
+    def meter_actual(self, handle: dict[str, Any]) -> dict[str, Any] | None:
+        """Modal's own usage figures for the sandbox (billed core- and GiB-seconds, cost), if it has any."""
+        object_id = _object_id(handle)
+        modal_exc = importlib.import_module("modal.exception")
+        client, secrets = self._client(handle.get("credentials"))
+        try:
+            with self._boundary("meter_actual", object_id, secrets, ProvisionError):
+                try:
+                    stats = self._sdk().Sandbox.from_id(object_id, client=client)._experimental_stats()
+                except (modal_exc.NotFoundError, modal_exc.UnimplementedError):
+                    return None
+        except (ProvisionError, CapacityUnavailable, RateLimited) as exc:
+            # Metering refines the recorded start/stop; its failure must not fail a teardown.
+            log.warning("%s: no usage figures for %s: %s", self.id, object_id, exc)
+            return None
+        return {
+            "source": "modal sandbox stats",
+            "duration_s": stats.duration.total_seconds(),
+            "vcpu_seconds": stats.billed_cpu_core_seconds * VCPUS_PER_MODAL_CORE,
+            "gib_seconds": stats.billed_memory_gib_seconds,
+            "cost": float(stats.cost) if stats.cost is not None else None,
+            "currency": "USD",
+        }
+
+
+# ------------------------------------------------------------------ helpers
+
+def _quiet_header_loggers() -> None:
+    """Keep HTTP/2 header dumps (which carry the token secret) out of DEBUG logs.
+
+    An operator who set one of these loggers' level on purpose keeps it.
+    """
+    for name in HEADER_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+
+
+def _object_id(handle: dict[str, Any]) -> str:
+    object_id = handle.get("object_id")
+    if not isinstance(object_id, str) or not object_id:
+        raise InputError(f"ext.modal: handle has no Modal sandbox id (object_id): keys {sorted(handle)}")
+    return object_id
+
+
+def _is_deadline(exc: Exception) -> bool:
+    grpclib = importlib.import_module("grpclib")
+    return getattr(exc, "_grpc_status", None) == grpclib.Status.DEADLINE_EXCEEDED
+
+
+def _interval_seconds(interval: int, api_pb2: Any) -> float | None:
+    names = {v: k for k, v in api_pb2.RateLimitInterval.items()}
+    return {"RATE_LIMIT_INTERVAL_SECOND": 1.0, "RATE_LIMIT_INTERVAL_MINUTE": 60.0}.get(names.get(interval, ""))
+
+
+def _make(error: type[BackendError], message: str, backend: str, *, transient: bool) -> BackendError:
+    if error is ProvisionError:
+        return ProvisionError(message, transient=transient, backend=backend)
+    return error(message, backend=backend)

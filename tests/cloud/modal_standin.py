@@ -1,0 +1,489 @@
+"""A stand-in for Modal's control plane and task command router, on 127.0.0.1.
+
+Two real grpclib servers built on the ``modal_proto`` server base classes,
+which the unmodified ``modal`` SDK talks to over plaintext HTTP/2:
+
+* the control plane (``ModalClientBase``): apps, environments, images, auth
+  tokens and the ``Sandbox*V2`` RPCs;
+* the per-task command router (``TaskCommandRouterBase``) whose URL the
+  create response hands out: exec, stdio, readiness and filesystem snapshots.
+
+A "sandbox" here is a scratch directory; exec runs the argv as a real local
+process in it, and a filesystem snapshot is a copy of it, so a file written
+before a snapshot is really there after a restore.
+
+Every call is recorded in :attr:`ModalStandIn.calls`. Any RPC the stand-in
+does not implement is recorded in :attr:`ModalStandIn.unimplemented` and
+answered UNIMPLEMENTED; the test fixture fails on it, so an SDK upgrade that
+changes the wire shows up at once. Faults are scripted per RPC with
+:meth:`ModalStandIn.fail_next` (a status, a message and status details).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import inspect
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from grpclib import GRPCError, Status
+from grpclib.server import Server
+
+from modal._utils.grpc_utils import custom_detail_codec
+from modal_proto import api_pb2
+from modal_proto import task_command_router_pb2 as sr_pb2
+from modal_proto.api_grpc import ModalClientBase
+from modal_proto.task_command_router_grpc import TaskCommandRouterBase
+
+_GENERIC = api_pb2.GenericResult
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_jwt(ttl: float = 3600.0) -> str:
+    """An unsigned JWT whose payload carries the ``exp`` claim the SDK parses."""
+
+    def b64(obj: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    return f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64({'exp': int(time.time() + ttl), 'jti': secrets.token_hex(4)})}.sig"
+
+
+@dataclass
+class Exec:
+    proc: asyncio.subprocess.Process
+    out: bytearray = field(default_factory=bytearray)
+    err: bytearray = field(default_factory=bytearray)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    code: int | None = None
+    signal: int | None = None
+
+
+@dataclass
+class Sbx:
+    id: str
+    app_id: str
+    task_id: str
+    root: Path
+    definition: api_pb2.Sandbox
+    tags: dict[str, str]
+    created_at: float
+    status: int = 0  # GenericResult status; 0 = running
+    finished_at: float | None = None
+    execs: dict[str, Exec] = field(default_factory=dict)
+
+
+class ModalStandIn:
+    """Both servers, their state, the call record and the fault script.
+
+    Runs its own event loop in a daemon thread; :meth:`start` / :meth:`stop`.
+    """
+
+    def __init__(self, token_id: str, token_secret: str, *, list_page_size: int = 2):
+        self.tokens = {token_id: token_secret}
+        self.list_page_size = list_page_size
+        self.calls: list[tuple[str, Any]] = []
+        #: (method, token id) of every control-plane call: whose token was used.
+        self.callers: list[tuple[str, str]] = []
+        self.unimplemented: list[str] = []
+        self.sandboxes: dict[str, Sbx] = {}
+        self.images: dict[str, Path | None] = {}
+        self.apps: dict[str, str] = {}
+        self.jwts: set[str] = set()
+        self._faults: dict[str, list[GRPCError]] = {}
+        self._lock = threading.Lock()
+        self._tmp = Path(tempfile.mkdtemp(prefix="modal-standin-"))
+        self.port = _free_port()
+        self.router_port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.router_url = f"http://127.0.0.1:{self.router_port}"
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="modal-standin", daemon=True)
+        self._servers: list[Server] = []
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> "ModalStandIn":
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
+        return self
+
+    async def _start(self) -> None:
+        control = Server([_ControlPlane(self)], status_details_codec=custom_detail_codec)
+        router = Server([_Router(self)], status_details_codec=custom_detail_codec)
+        await control.start("127.0.0.1", self.port)
+        await router.start("127.0.0.1", self.router_port)
+        self._servers = [control, router]
+
+    def stop(self) -> None:
+        async def _stop() -> None:
+            for sb in self.sandboxes.values():
+                await self._kill_execs(sb)
+            for server in self._servers:
+                server.close()
+                await server.wait_closed()
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(timeout=10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    # ------------------------------------------------------------ scripting
+
+    def fail_next(self, method: str, status: Status, message: str = "", details: list[Any] | None = None,
+                  times: int = 1) -> None:
+        """Answer the next ``times`` calls of ``method`` with this gRPC error."""
+        with self._lock:
+            self._faults.setdefault(method, []).extend(
+                GRPCError(status, message, details) for _ in range(times)
+            )
+
+    def forget(self, sandbox_id: str) -> None:
+        """Drop a sandbox as if Modal had purged it: later lookups get NOT_FOUND."""
+        sb = self.sandboxes.pop(sandbox_id)
+        asyncio.run_coroutine_threadsafe(self._kill_execs(sb), self._loop).result(timeout=10)
+
+    def finish(self, sandbox_id: str) -> None:
+        """Mark a sandbox terminated behind the client's back (its TTL ran out, say)."""
+        sb = self.sandboxes[sandbox_id]
+        sb.status, sb.finished_at = _GENERIC.GENERIC_STATUS_TIMEOUT, time.time()
+
+    def called(self, method: str) -> list[Any]:
+        return [req for name, req in self.calls if name == method]
+
+    # ------------------------------------------------------------ internals
+
+    def record(self, method: str, request: Any, metadata: Any, *, control: bool) -> None:
+        self.calls.append((method, request))
+        with self._lock:
+            queue = self._faults.get(method)
+            fault = queue.pop(0) if queue else None
+        if fault is not None:
+            raise fault
+        if control:
+            token_id = metadata.get("x-modal-token-id")
+            token_secret = metadata.get("x-modal-token-secret")
+            self.callers.append((method, token_id))
+            if self.tokens.get(token_id) != token_secret:
+                # Real providers have been known to echo what they were sent; the
+                # backend must redact it, so the stand-in echoes it on purpose.
+                raise GRPCError(Status.UNAUTHENTICATED, f"Invalid token: {token_id}:{token_secret}")
+        else:
+            auth = metadata.get("authorization", "")
+            if auth.removeprefix("Bearer ") not in self.jwts:
+                raise GRPCError(Status.UNAUTHENTICATED, "bad router jwt")
+
+    def new_jwt(self) -> str:
+        jwt = make_jwt()
+        self.jwts.add(jwt)
+        return jwt
+
+    def sandbox(self, sandbox_id: str) -> Sbx:
+        sb = self.sandboxes.get(sandbox_id)
+        if sb is None:
+            raise GRPCError(Status.NOT_FOUND, f"Sandbox {sandbox_id} not found")
+        return sb
+
+    def by_task(self, task_id: str) -> Sbx:
+        for sb in self.sandboxes.values():
+            if sb.task_id == task_id:
+                if sb.status:
+                    raise GRPCError(Status.NOT_FOUND, f"Task {task_id} has finished")
+                return sb
+        raise GRPCError(Status.NOT_FOUND, f"Task {task_id} not found")
+
+    async def _kill_execs(self, sb: Sbx) -> None:
+        for ex in sb.execs.values():
+            if ex.proc.returncode is None:
+                try:
+                    os.killpg(ex.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                await ex.proc.wait()
+
+    def result(self, sb: Sbx) -> api_pb2.GenericResult:
+        return api_pb2.GenericResult(status=sb.status) if sb.status else api_pb2.GenericResult()
+
+
+def _recording(cls: type, base: type, *, control: bool) -> type:
+    """Wrap each implemented RPC to record and fault it; make every other one record and fail."""
+
+    def wrap(name: str, impl: Any):
+        async def handler(self, stream) -> None:
+            request = await stream.recv_message()
+            self.standin.record(name, request, stream.metadata, control=control)
+            await impl(self, stream, request)
+
+        return handler
+
+    def missing(name: str):
+        async def handler(self, stream) -> None:
+            self.standin.unimplemented.append(name)
+            self.standin.calls.append((name, None))
+            raise GRPCError(Status.UNIMPLEMENTED, f"{name} is not implemented by the Modal stand-in")
+
+        return handler
+
+    for name, member in inspect.getmembers(base, predicate=inspect.isfunction):
+        if not getattr(member, "__isabstractmethod__", False):
+            continue
+        own = cls.__dict__.get(name)
+        setattr(cls, name, wrap(name, own) if own else missing(name))
+    cls.__abstractmethods__ = frozenset()
+    return cls
+
+
+class _ControlPlane(ModalClientBase):
+    def __init__(self, standin: ModalStandIn):
+        self.standin = standin
+
+    async def ClientHello(self, stream, request) -> None:
+        await stream.send_message(api_pb2.ClientHelloResponse())
+
+    async def AppGetOrCreate(self, stream, request) -> None:
+        app_id = self.standin.apps.setdefault(request.app_name, f"ap-{secrets.token_hex(11)}")
+        await stream.send_message(api_pb2.AppGetOrCreateResponse(app_id=app_id))
+
+    async def EnvironmentGetOrCreate(self, stream, request) -> None:
+        meta = api_pb2.EnvironmentMetadata(
+            name=request.deployment_name or "main",
+            settings=api_pb2.EnvironmentSettings(image_builder_version="2025.06"),
+        )
+        await stream.send_message(api_pb2.EnvironmentGetOrCreateResponse(environment_id="en-standin", metadata=meta))
+
+    async def ImageGetOrCreate(self, stream, request) -> None:
+        image_id = f"im-{secrets.token_hex(11)}"
+        self.standin.images[image_id] = None
+        await stream.send_message(api_pb2.ImageGetOrCreateResponse(
+            image_id=image_id, result=api_pb2.GenericResult(status=_GENERIC.GENERIC_STATUS_SUCCESS)
+        ))
+
+    async def ImageFromId(self, stream, request) -> None:
+        if request.image_id not in self.standin.images:
+            raise GRPCError(Status.NOT_FOUND, f"Image {request.image_id} not found")
+        await stream.send_message(api_pb2.ImageFromIdResponse(image_id=request.image_id))
+
+    async def AuthTokenGet(self, stream, request) -> None:
+        await stream.send_message(api_pb2.AuthTokenGetResponse(token=make_jwt()))
+
+    async def SandboxCreateV2(self, stream, request) -> None:
+        st = self.standin
+        definition = request.definition
+        if definition.image_id not in st.images:
+            raise GRPCError(Status.NOT_FOUND, f"Image {definition.image_id} not found")
+        sandbox_id = f"sb-{secrets.token_hex(12)}"
+        root = st._tmp / sandbox_id
+        source = st.images[definition.image_id]
+        if source is not None:
+            shutil.copytree(source, root)
+        else:
+            root.mkdir()
+        sb = Sbx(
+            id=sandbox_id, app_id=request.app_id, task_id=f"ta-{secrets.token_hex(11)}V", root=root,
+            definition=definition, tags={t.tag_name: t.tag_value for t in request.tags}, created_at=time.time(),
+        )
+        st.sandboxes[sandbox_id] = sb
+        await stream.send_message(api_pb2.SandboxCreateV2Response(
+            sandbox_id=sandbox_id, task_id=sb.task_id,
+            metadata=api_pb2.SandboxHandleMetadata(app_id=request.app_id),
+            command_router_access=api_pb2.CommandRouterAccess(url=st.router_url, jwt=st.new_jwt()),
+        ))
+
+    async def SandboxGetTaskIdV2(self, stream, request) -> None:
+        sb = self.standin.sandbox(request.sandbox_id)
+        if sb.status:
+            await stream.send_message(api_pb2.SandboxGetTaskIdResponse(task_result=self.standin.result(sb)))
+        else:
+            await stream.send_message(api_pb2.SandboxGetTaskIdResponse(task_id=sb.task_id))
+
+    async def SandboxGetCommandRouterAccess(self, stream, request) -> None:
+        st = self.standin
+        sb = st.sandbox(request.sandbox_id) if request.sandbox_id else st.by_task(request.task_id)
+        if sb.status:
+            raise GRPCError(Status.FAILED_PRECONDITION, f"Sandbox {sb.id} has finished")
+        await stream.send_message(api_pb2.SandboxGetCommandRouterAccessResponse(url=st.router_url, jwt=st.new_jwt()))
+
+    async def SandboxWaitV2(self, stream, request) -> None:
+        sb = self.standin.sandbox(request.sandbox_id)
+        deadline = time.monotonic() + min(request.timeout, 5.0)
+        while not sb.status and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await stream.send_message(api_pb2.SandboxWaitResponse(
+            result=self.standin.result(sb), metadata=api_pb2.SandboxHandleMetadata(app_id=sb.app_id)
+        ))
+
+    async def SandboxTerminateV2(self, stream, request) -> None:
+        sb = self.standin.sandbox(request.sandbox_id)
+        existing = self.standin.result(sb)
+        if not sb.status:
+            sb.status, sb.finished_at = _GENERIC.GENERIC_STATUS_TERMINATED, time.time()
+            await self.standin._kill_execs(sb)
+        await stream.send_message(api_pb2.SandboxTerminateResponse(existing_result=existing))
+
+    async def SandboxListV2(self, stream, request) -> None:
+        wanted = {t.tag_name: t.tag_value for t in request.tags}
+        found = sorted(
+            (sb for sb in self.standin.sandboxes.values()
+             if (not request.app_id or sb.app_id == request.app_id)
+             and (request.include_finished or not sb.status)
+             and (not request.before_timestamp or sb.created_at < request.before_timestamp)
+             and all(sb.tags.get(k) == v for k, v in wanted.items())),
+            key=lambda sb: sb.created_at, reverse=True,
+        )[: self.standin.list_page_size]
+        await stream.send_message(api_pb2.SandboxListResponse(sandboxes=[
+            api_pb2.SandboxInfo(
+                id=sb.id, app_id=sb.app_id, created_at=sb.created_at,
+                tags=[api_pb2.SandboxTag(tag_name=k, tag_value=v) for k, v in sb.tags.items()],
+                task_info=api_pb2.TaskInfo(id=sb.task_id, result=self.standin.result(sb)),
+                metadata=api_pb2.SandboxHandleMetadata(app_id=sb.app_id),
+            )
+            for sb in found
+        ]))
+
+    async def SandboxTagsGetV2(self, stream, request) -> None:
+        sb = self.standin.sandbox(request.sandbox_id)
+        await stream.send_message(api_pb2.SandboxTagsGetResponse(
+            tags=[api_pb2.SandboxTag(tag_name=k, tag_value=v) for k, v in sb.tags.items()]
+        ))
+
+    async def SandboxGetStats(self, stream, request) -> None:
+        sb = self.standin.sandbox(request.sandbox_id)
+        seconds = (sb.finished_at or time.time()) - sb.created_at
+        res = sb.definition.resources
+        cpu_s = res.milli_cpu / 1000 * seconds
+        gib_s = res.memory_mb / 1024 * seconds
+        resp = api_pb2.SandboxGetStatsResponse(
+            duration_hours=seconds / 3600, billed_cpu_core_seconds=cpu_s, billed_memory_gib_seconds=gib_s,
+            cost=f"{cpu_s * 0.0000131 + gib_s * 0.00000222:.8f}",
+        )
+        resp.since.FromSeconds(int(sb.created_at))
+        resp.until.FromSeconds(int(sb.finished_at or time.time()))
+        await stream.send_message(resp)
+
+
+class _Router(TaskCommandRouterBase):
+    def __init__(self, standin: ModalStandIn):
+        self.standin = standin
+
+    async def SandboxWaitUntilReady(self, stream, request) -> None:
+        sb = self.standin.by_task(request.task_id)
+        if not sb.definition.HasField("readiness_probe"):
+            raise GRPCError(Status.FAILED_PRECONDITION, "Sandbox has no readiness probe")
+        await stream.send_message(sr_pb2.SandboxWaitUntilReadyTcrResponse(ready_at=time.time()))
+
+    async def TaskExecStart(self, stream, request) -> None:
+        sb = self.standin.by_task(request.task_id)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(sb.root)}
+        for source in request.secret_sources:
+            env.update(source.env.contents)
+        cwd = sb.root
+        if request.workdir:
+            cwd = sb.root / request.workdir.lstrip("/")
+            cwd.mkdir(parents=True, exist_ok=True)
+        proc = await asyncio.create_subprocess_exec(
+            *request.command_args, cwd=cwd, env=env, start_new_session=True,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        ex = Exec(proc=proc)
+        sb.execs[request.exec_id] = ex
+        asyncio.ensure_future(self._pump(ex, request.timeout_secs))
+        await stream.send_message(sr_pb2.TaskExecStartResponse())
+
+    async def _pump(self, ex: Exec, timeout: int) -> None:
+        async def copy(reader: asyncio.StreamReader, buf: bytearray) -> None:
+            while chunk := await reader.read(65536):
+                buf.extend(chunk)
+                async with ex.changed:
+                    ex.changed.notify_all()
+
+        assert ex.proc.stdout and ex.proc.stderr
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(copy(ex.proc.stdout, ex.out), copy(ex.proc.stderr, ex.err), ex.proc.wait()),
+                timeout=timeout or None,
+            )
+        except asyncio.TimeoutError:
+            os.killpg(ex.proc.pid, signal.SIGKILL)
+            await ex.proc.wait()
+        rc = ex.proc.returncode
+        ex.code, ex.signal = (None, -rc) if rc is not None and rc < 0 else (rc, None)
+        ex.done.set()
+        async with ex.changed:
+            ex.changed.notify_all()
+
+    def _exec(self, request) -> Exec:
+        sb = self.standin.by_task(request.task_id)
+        ex = sb.execs.get(request.exec_id)
+        if ex is None:
+            raise GRPCError(Status.NOT_FOUND, f"exec {request.exec_id} not found")
+        return ex
+
+    async def TaskExecStdioRead(self, stream, request) -> None:
+        ex = self._exec(request)
+        buf = ex.out if request.file_descriptor == sr_pb2.TASK_EXEC_STDIO_FILE_DESCRIPTOR_STDOUT else ex.err
+        offset = request.offset
+        while True:
+            async with ex.changed:
+                await ex.changed.wait_for(lambda: len(buf) > offset or ex.done.is_set())
+            if len(buf) > offset:
+                data = bytes(buf[offset:])
+                offset += len(data)
+                await stream.send_message(sr_pb2.TaskExecStdioReadResponse(data=data))
+            elif ex.done.is_set():
+                return
+
+    async def TaskExecStdinWrite(self, stream, request) -> None:
+        ex = self._exec(request)
+        assert ex.proc.stdin
+        if request.data:
+            ex.proc.stdin.write(request.data)
+            await ex.proc.stdin.drain()
+        if request.eof:
+            ex.proc.stdin.close()
+        await stream.send_message(sr_pb2.TaskExecStdinWriteResponse())
+
+    async def TaskExecWait(self, stream, request) -> None:
+        ex = self._exec(request)
+        await ex.done.wait()
+        if ex.signal is not None:
+            await stream.send_message(sr_pb2.TaskExecWaitResponse(signal=ex.signal))
+        else:
+            await stream.send_message(sr_pb2.TaskExecWaitResponse(code=ex.code or 0))
+
+    async def TaskExecPoll(self, stream, request) -> None:
+        ex = self._exec(request)
+        if not ex.done.is_set():
+            await stream.send_message(sr_pb2.TaskExecPollResponse())
+        elif ex.signal is not None:
+            await stream.send_message(sr_pb2.TaskExecPollResponse(signal=ex.signal))
+        else:
+            await stream.send_message(sr_pb2.TaskExecPollResponse(code=ex.code or 0))
+
+    async def TaskSnapshotFilesystem(self, stream, request) -> None:
+        sb = self.standin.by_task(request.task_id)
+        image_id = f"im-{secrets.token_hex(11)}"
+        target = self.standin._tmp / image_id
+        shutil.copytree(sb.root, target, symlinks=True)
+        self.standin.images[image_id] = target
+        await stream.send_message(sr_pb2.TaskSnapshotFilesystemResponse(image_id=image_id))
+
+
+_recording(_ControlPlane, ModalClientBase, control=True)
+_recording(_Router, TaskCommandRouterBase, control=False)
