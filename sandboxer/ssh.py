@@ -1,0 +1,653 @@
+"""The one SSH layer every SSH backend uses (paramiko, imported lazily).
+
+Rules it keeps:
+
+* **Host keys are verified.** ``RejectPolicy`` against a known_hosts file
+  (``[host]:port`` entries work) and/or a pinned ``SHA256:`` fingerprint.
+  Accepting unknown keys needs ``insecure_accept_unknown_host_keys: true``
+  and logs a warning on every connection. A key is verified before
+  authentication, so a mismatch means nothing ran.
+* **Keys only.** A key file (optional passphrase by :class:`SecretRef`) or the
+  SSH agent; a ``password`` field is refused when the config is loaded.
+* **Deadlines everywhere.** Connect, banner and auth timeouts; each remote
+  command runs under ``timeout -k`` on the host *and* a client deadline after
+  which its channel is closed; output kept is capped.
+* **Quoting.** Commands are built from argv with :func:`shlex.quote`. Data goes
+  in as positional parameters of fixed scripts, never interpolated. Env values
+  travel on stdin (read with ``dd`` and ``eval``'d as quoted ``export``
+  lines), never on the command line.
+* **Reuse.** One transport per host, shared across the steps of a provision;
+  :data:`STATS` counts connections and round trips (one per remote command).
+* **Errors.** paramiko and socket exceptions become the error tree in one
+  place, :func:`ssh_errors`.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import logging
+import re
+import select
+import shlex
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sandboxer.errors import (
+    AuthError,
+    BackendError,
+    ExecError,
+    HostKeyError,
+    MissingExtra,
+    ProvisionError,
+)
+from sandboxer.models import ExecResult
+from sandboxer.secrets import SecretRef
+
+log = logging.getLogger(__name__)
+
+_FINGERPRINT = r"^SHA256:[A-Za-z0-9+/]{43}=?$"
+#: Exit code reported for a command killed at its deadline (as ``timeout`` does).
+TIMEOUT_EXIT = 124
+_KILL_GRACE = 2.0
+
+
+class SSHHostConfig(BaseModel):
+    """How to reach and trust one SSH host. Backends embed or extend it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:%-]+$")
+    port: int = Field(default=22, ge=1, le=65535)
+    user: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+    key_file: Path | None = Field(default=None, description="private key; None uses the SSH agent")
+    key_passphrase: SecretRef | None = None
+    use_agent: bool = True
+    known_hosts: Path | None = Field(default=None, description="default ~/.ssh/known_hosts")
+    host_key_fingerprint: str | None = Field(default=None, pattern=_FINGERPRINT)
+    insecure_accept_unknown_host_keys: bool = False
+    connect_timeout: float = Field(default=10.0, gt=0)
+    banner_timeout: float = Field(default=10.0, gt=0)
+    auth_timeout: float = Field(default=10.0, gt=0)
+    command_timeout: float = Field(default=600.0, gt=0, description="default deadline of one remote command")
+    output_cap_bytes: int = Field(default=1 << 20, gt=0, description="most bytes kept per stream")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_passwords(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any("password" in str(k).lower() for k in data):
+            raise ValueError("passwords are not accepted in configuration; use key_file or the SSH agent")
+        return data
+
+    @field_validator("key_file", "known_hosts", mode="after")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return v.expanduser() if v is not None else None
+
+    @property
+    def target(self) -> str:
+        """``user@address:port``, for messages and reachability."""
+        return f"{self.user}@{self.address}:{self.port}"
+
+    def ssh_command(self) -> str:
+        """The OpenSSH command line a person would use to reach this host."""
+        return f"ssh -p {self.port} {self.user}@{self.address}"
+
+
+@dataclass
+class SSHStats:
+    """Counters for the benchmark and tests: connections opened, remote commands run."""
+
+    connections: int = 0
+    round_trips: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def add(self, *, connections: int = 0, round_trips: int = 0) -> None:
+        with self._lock:
+            self.connections += connections
+            self.round_trips += round_trips
+
+    def reset(self) -> None:
+        with self._lock:
+            self.connections = self.round_trips = 0
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {"connections": self.connections, "round_trips": self.round_trips}
+
+
+STATS = SSHStats()
+
+
+def _paramiko() -> Any:
+    try:
+        import paramiko
+    except ImportError as exc:
+        raise MissingExtra("SSH backends need the Python package 'paramiko'; "
+                           "install it with: pip install 'sand-boxer[ssh]'") from exc
+    return paramiko
+
+
+def fingerprint(key_bytes: bytes) -> str:
+    """OpenSSH's ``SHA256:`` fingerprint of a public key blob."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key_bytes).digest()).decode().rstrip("=")
+
+
+class _HostKeyRejected(Exception):
+    """Raised by our policy; mapped to HostKeyError by :func:`ssh_errors`."""
+
+
+def _policy(cfg: SSHHostConfig) -> Any:
+    paramiko = _paramiko()
+
+    class Policy(paramiko.MissingHostKeyPolicy):
+        """Not in known_hosts: accept only a pinned fingerprint, or the loud lab opt-in."""
+
+        def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
+            seen = fingerprint(key.asbytes())
+            if cfg.host_key_fingerprint is not None:
+                if seen.rstrip("=") == cfg.host_key_fingerprint.rstrip("="):
+                    return
+                raise _HostKeyRejected(
+                    f"host key of {hostname} is {seen}, not the pinned {cfg.host_key_fingerprint}"
+                )
+            if cfg.insecure_accept_unknown_host_keys:
+                log.warning("INSECURE: accepting unverified host key %s of %s "
+                            "(insecure_accept_unknown_host_keys is on)", seen, hostname)
+                return
+            where = cfg.known_hosts or "~/.ssh/known_hosts"
+            raise _HostKeyRejected(
+                f"host key {seen} of {hostname} is not in {where} and no fingerprint is pinned; "
+                f"add it to known_hosts or set host_key_fingerprint"
+            )
+
+    return Policy()
+
+
+@contextlib.contextmanager
+def ssh_errors(
+    cfg: SSHHostConfig,
+    *,
+    backend: str | None = None,
+    host: str | None = None,
+    fail: type[BackendError] = ProvisionError,
+) -> Iterator[None]:
+    """Translate paramiko/socket exceptions into the error tree.
+
+    Args:
+        cfg: the host, named in messages.
+        backend, host: carried on the raised error.
+        fail: what a lost or unreachable connection becomes in this phase
+            (ProvisionError is raised as ``transient=True``).
+    """
+    paramiko = _paramiko()
+    where = dict(backend=backend, host=host or cfg.address)
+
+    def lost(msg: str, exc: BaseException) -> BackendError:
+        if fail is ProvisionError:
+            return ProvisionError(msg, transient=True, **where)
+        return fail(msg, **where)
+
+    try:
+        yield
+    except _HostKeyRejected as exc:
+        raise HostKeyError(f"{cfg.target}: {exc}; nothing was run", **where) from None
+    except paramiko.BadHostKeyException as exc:
+        raise HostKeyError(
+            f"{cfg.target}: host key {fingerprint(exc.key.asbytes())} does not match the known key "
+            f"{fingerprint(exc.expected_key.asbytes())}; nothing was run", **where) from None
+    except paramiko.AuthenticationException:
+        how = f"key file {cfg.key_file}" if cfg.key_file else "the SSH agent"
+        raise AuthError(f"{cfg.target}: authentication with {how} was refused", **where) from None
+    except paramiko.PasswordRequiredException:
+        raise AuthError(f"{cfg.target}: key file {cfg.key_file} is encrypted; set key_passphrase", **where) from None
+    except (socket.timeout, TimeoutError) as exc:
+        raise lost(f"{cfg.target}: timed out ({exc or 'no answer'})", exc) from exc
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        raise lost(f"{cfg.target}: SSH connection failed: {type(exc).__name__}: {exc}", exc) from exc
+
+
+def _load_key(cfg: SSHHostConfig, backend: str | None) -> Any:
+    if cfg.key_file is None:
+        return None
+    paramiko = _paramiko()
+    passphrase = cfg.key_passphrase.resolve(backend=backend) if cfg.key_passphrase else None
+    try:
+        return paramiko.PKey.from_path(cfg.key_file, password=passphrase)
+    except OSError as exc:
+        raise AuthError(f"{cfg.target}: cannot read key file {cfg.key_file}: {exc.strerror}", backend=backend) from None
+
+
+def build_command(argv: list[str], *, cwd: str | None = None, env_bytes: int = 0,
+                  timeout: float | None = None) -> str:
+    """The remote command line for ``argv``: every word quoted, nothing interpolated.
+
+    Args:
+        cwd: remote directory to run in.
+        env_bytes: when > 0, that many bytes of quoted ``export`` lines come
+            first on stdin and are evaluated before ``argv`` runs.
+        timeout: run under ``timeout -k`` so the host kills it at the deadline.
+    """
+    if not argv:
+        raise ExecError("empty command")
+    words = [shlex.quote(str(a)) for a in argv]
+    if timeout is not None:
+        words = ["timeout", "-k", f"{_KILL_GRACE:g}", f"{max(timeout, 0.1):.1f}", *words]
+    cmd = " ".join(words)
+    if env_bytes:
+        # dd reads byte by byte, so it never consumes the command's own stdin.
+        cmd = f'eval "$(dd bs=1 count={int(env_bytes)} 2>/dev/null)" && {cmd}'
+    if cwd is not None:
+        cmd = f"cd {shlex.quote(cwd)} && {cmd}"
+    return cmd
+
+
+def env_script(env: dict[str, str]) -> bytes:
+    """Quoted ``export`` lines; values arrive literally (``$()``, quotes, newlines)."""
+    lines = []
+    for key, value in env.items():
+        if not key or not (key[0].isalpha() or key[0] == "_") or not all(c.isalnum() or c == "_" for c in key):
+            raise ExecError(f"invalid environment variable name {key!r}")
+        lines.append(f"export {key}={shlex.quote(str(value))}\n")
+    return "".join(lines).encode()
+
+
+class _Capped:
+    """Keeps the first ``cap`` bytes of a stream; counts the rest."""
+
+    def __init__(self, cap: int, sink: IO[bytes] | None = None):
+        self.cap, self.sink, self.buf, self.dropped = cap, sink, bytearray(), 0
+
+    def add(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink.write(data)
+            return
+        room = self.cap - len(self.buf)
+        self.buf += data[:max(room, 0)]
+        self.dropped += max(len(data) - max(room, 0), 0)
+
+    def text(self) -> str:
+        out = self.buf.decode("utf-8", errors="replace")
+        if self.dropped:
+            out += f"\n[sandboxer: output capped, {self.dropped} more bytes dropped]"
+        return out
+
+
+class SSHConnection:
+    """One verified, authenticated transport to a host; many commands over it."""
+
+    def __init__(self, cfg: SSHHostConfig, *, backend: str | None = None, host: str | None = None):
+        self.cfg, self.backend, self.host = cfg, backend, host or cfg.address
+        self._client: Any = None
+        self.round_trips = 0
+        self.last_used = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"<SSHConnection {self.cfg.target} {'open' if self.alive else 'closed'}>"
+
+    def errors(self, fail: type[BackendError] = ProvisionError) -> contextlib.AbstractContextManager[None]:
+        return ssh_errors(self.cfg, backend=self.backend, host=self.host, fail=fail)
+
+    @property
+    def alive(self) -> bool:
+        t = self._client.get_transport() if self._client else None
+        return bool(t and t.is_active())
+
+    def open(self, fail: type[BackendError] = ProvisionError) -> "SSHConnection":
+        """Connect, verify the host key, authenticate.
+
+        Raises:
+            HostKeyError, AuthError, or ``fail`` (transient) when unreachable.
+        """
+        paramiko = _paramiko()
+        cfg = self.cfg
+        client = paramiko.SSHClient()
+        known = cfg.known_hosts or Path("~/.ssh/known_hosts").expanduser()
+        with self.errors(fail):
+            if known.exists():
+                client.load_host_keys(str(known))
+            elif cfg.known_hosts is not None and not (cfg.host_key_fingerprint
+                                                      or cfg.insecure_accept_unknown_host_keys):
+                raise HostKeyError(f"{cfg.target}: known_hosts file {known} does not exist; nothing was run",
+                                   backend=self.backend, host=self.host)
+            client.set_missing_host_key_policy(_policy(cfg))
+            pkey = _load_key(cfg, self.backend)
+            STATS.add(connections=1)
+            try:
+                client.connect(
+                    cfg.address, port=cfg.port, username=cfg.user, pkey=pkey,
+                    allow_agent=cfg.use_agent and pkey is None, look_for_keys=False,
+                    timeout=cfg.connect_timeout, banner_timeout=cfg.banner_timeout,
+                    auth_timeout=cfg.auth_timeout, channel_timeout=cfg.connect_timeout,
+                )
+            except BaseException:
+                client.close()
+                raise
+        self._client = client
+        return self
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __enter__(self) -> "SSHConnection":
+        return self if self.alive else self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def transport(self) -> Any:
+        return self._client.get_transport()
+
+    def run(
+        self,
+        argv: list[str],
+        *,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        stdin: bytes | IO[bytes] | None = None,
+        timeout: float | None = None,
+        stdout_sink: IO[bytes] | None = None,
+        on_output: Callable[[str, str], None] | None = None,
+        fail: type[BackendError] = ExecError,
+        check: bool = False,
+    ) -> ExecResult:
+        """Run ``argv`` on the host and wait for it (or its deadline).
+
+        Args:
+            argv: the command; each word is quoted.
+            cwd: remote directory.
+            env: environment, delivered on stdin (never on the command line).
+            stdin: bytes or a binary file streamed to the command, then EOF.
+            timeout: deadline in seconds (default the host's ``command_timeout``).
+                At the deadline the host's ``timeout`` kills the process group,
+                and the channel is closed client-side shortly after.
+            stdout_sink: stream stdout here uncapped (for archives) instead of keeping it.
+            on_output: called with ``("stdout"|"stderr", text)`` as output arrives.
+            fail: the error for a lost connection in this phase.
+            check: raise ``fail`` when the exit code is not 0.
+
+        Returns:
+            ExecResult; ``timed_out`` with exit code 124 when killed at the deadline.
+        """
+        deadline_s = timeout if timeout is not None else self.cfg.command_timeout
+        prefix = env_script(env) if env else b""
+        cmd = build_command(argv, cwd=cwd, env_bytes=len(prefix), timeout=deadline_s)
+        out = _Capped(self.cfg.output_cap_bytes, stdout_sink)
+        err = _Capped(self.cfg.output_cap_bytes)
+        self.round_trips += 1
+        self.last_used = started = time.monotonic()
+        STATS.add(round_trips=1)
+        with self.errors(fail):
+            if not self.alive:
+                raise EOFError("connection is closed")
+            chan = self.transport.open_session(timeout=self.cfg.connect_timeout)
+            try:
+                timed_out = self._pump(chan, cmd, prefix, stdin, out, err, deadline_s, on_output)
+                code = TIMEOUT_EXIT if timed_out else chan.recv_exit_status()
+            finally:
+                chan.close()
+        # `timeout` exits 124 (137 after -k) when it killed the command at the deadline
+        if code in (TIMEOUT_EXIT, 137) and time.monotonic() - started >= deadline_s:
+            timed_out, code = True, TIMEOUT_EXIT
+        result = ExecResult(exit_code=code, stdout="" if stdout_sink else out.text(), stderr=err.text(),
+                            timed_out=timed_out)
+        if check and code != 0:
+            what = "timed out after %gs" % deadline_s if timed_out else f"exited {code}"
+            raise fail(f"{self.cfg.target}: {shlex.join(argv[:3])}... {what}: {result.stderr.strip()[-800:]}",
+                       backend=self.backend, host=self.host)
+        return result
+
+    def _pump(self, chan: Any, cmd: str, prefix: bytes, stdin: bytes | IO[bytes] | None,
+              out: _Capped, err: _Capped, deadline_s: float, on_output: Callable[[str, str], None] | None) -> bool:
+        """Send input, collect output until exit or deadline. True when timed out."""
+        chan.settimeout(None)
+        chan.exec_command(cmd)
+        end = time.monotonic() + deadline_s + _KILL_GRACE + 1.0
+        feeder = None
+        if prefix or stdin is not None:
+            feeder = threading.Thread(target=_feed, args=(chan, prefix, stdin), daemon=True)
+            feeder.start()
+        else:
+            chan.shutdown_write()
+        try:
+            while True:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return True
+                select.select([chan], [], [], min(left, 0.5))
+                got = False
+                for name, ready, recv, sink in (("stdout", chan.recv_ready, chan.recv, out),
+                                                ("stderr", chan.recv_stderr_ready, chan.recv_stderr, err)):
+                    while ready():
+                        data = recv(65536)
+                        got = True
+                        sink.add(data)
+                        if on_output:
+                            on_output(name, data.decode("utf-8", errors="replace"))
+                if not got and chan.exit_status_ready() and chan.eof_received:
+                    return False
+                if not got and chan.closed:
+                    return False
+        finally:
+            if feeder is not None:
+                feeder.join(timeout=1.0)
+
+    def put_file(self, path: str, data: bytes, *, mode: int = 0o600, fail: type[BackendError] = ProvisionError) -> None:
+        """Write ``data`` to a remote file created with ``mode`` (default 0600), via stdin."""
+        script = 'umask 077 && cat > "$1" && chmod "$2" "$1"'
+        self.run(["sh", "-c", script, "sh", path, f"{mode:o}"], stdin=data, fail=fail, check=True)
+
+
+def _feed(chan: Any, prefix: bytes, stdin: bytes | IO[bytes] | None) -> None:
+    """Send the env prefix and stdin, then EOF. Runs in its own thread so output never blocks."""
+    try:
+        if prefix:
+            chan.sendall(prefix)
+        if isinstance(stdin, (bytes, bytearray)):
+            chan.sendall(bytes(stdin))
+        elif stdin is not None:
+            while chunk := stdin.read(65536):
+                chan.sendall(chunk)
+        chan.shutdown_write()
+    except (OSError, EOFError):
+        pass  # the command exited or was killed before reading everything
+
+
+class ConnectionCache:
+    """One live transport per host, reused across provision, wait_ready and exec.
+
+    Idle connections are closed when next looked at after ``idle_s`` seconds.
+    Thread-safe: paramiko multiplexes channels over one transport.
+    """
+
+    def __init__(self, backend: str | None = None, idle_s: float = 60.0):
+        self.backend, self.idle_s = backend, idle_s
+        self._conns: dict[tuple, SSHConnection] = {}
+        self._lock = threading.Lock()
+
+    def get(self, cfg: SSHHostConfig, *, host: str | None = None,
+            fail: type[BackendError] = ProvisionError) -> SSHConnection:
+        """A live connection to ``cfg`` (opened if needed)."""
+        key = (host, cfg.model_dump_json())
+        with self._lock:
+            now = time.monotonic()
+            for k, c in list(self._conns.items()):
+                if not c.alive or now - c.last_used > self.idle_s:
+                    c.close()
+                    del self._conns[k]
+            conn = self._conns.get(key)
+        if conn is not None:
+            conn.last_used = now
+            return conn
+        conn = SSHConnection(cfg, backend=self.backend, host=host).open(fail)
+        with self._lock:
+            other = self._conns.setdefault(key, conn)
+        if other is not conn:
+            conn.close()
+        return other
+
+    def close_all(self) -> None:
+        with self._lock:
+            conns, self._conns = list(self._conns.values()), {}
+        for c in conns:
+            c.close()
+
+
+class LocalForward:
+    """A local port forward (``ssh -L``) over its own connection, until :meth:`close`.
+
+    Listens on 127.0.0.1 and carries each accepted connection to
+    ``remote_host:remote_port`` as seen from the SSH host.
+    """
+
+    def __init__(self, conn: SSHConnection, remote_port: int, *, remote_host: str = "127.0.0.1",
+                 local_port: int = 0):
+        self.conn, self.remote = conn, (remote_host, remote_port)
+        self._sock = socket.create_server(("127.0.0.1", local_port))
+        self._sock.settimeout(0.5)
+        self.local_port = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._accept = threading.Thread(target=self._serve, name=f"sbx-fwd-{self.local_port}", daemon=True)
+        self._accept.start()
+
+    def __repr__(self) -> str:
+        return f"<LocalForward 127.0.0.1:{self.local_port} -> {self.remote[0]}:{self.remote[1]}>"
+
+    @property
+    def open(self) -> bool:
+        return not self._stop.is_set() and self.conn.alive
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, peer = self._sock.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            try:
+                chan = self.conn.transport.open_channel("direct-tcpip", self.remote, peer, timeout=10)
+            except Exception as exc:  # noqa: BLE001 - one refused forward must not stop the listener
+                log.warning("%r: cannot open forward channel: %s", self, exc)
+                client.close()
+                continue
+            t = threading.Thread(target=self._pipe, args=(client, chan), daemon=True)
+            t.start()
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+
+    def _pipe(self, client: socket.socket, chan: Any) -> None:
+        try:
+            while not self._stop.is_set():
+                ready, _, _ = select.select([client, chan], [], [], 0.5)
+                if client in ready:
+                    data = client.recv(65536)
+                    if not data:
+                        break
+                    chan.sendall(data)
+                if chan in ready:
+                    data = chan.recv(65536)
+                    if not data:
+                        break
+                    client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            chan.close()
+            client.close()
+
+    def close(self) -> None:
+        """Stop listening, close every forwarded connection and the SSH connection."""
+        self._stop.set()
+        self._sock.close()
+        self._accept.join(timeout=2)
+        for t in self._threads:
+            t.join(timeout=2)
+        self.conn.close()
+
+
+def remote_path_ok(root: str, name: str) -> str:
+    """``root/name`` after checking ``name`` is one plain path component.
+
+    Raises:
+        ValueError: ``name`` is empty, ``.``/``..``, has a ``/`` or a control character,
+            or starts with ``-``.
+    """
+    if (not name or name in (".", "..") or "/" in name or name.startswith("-")
+            or any(ord(c) < 32 or c == "\x7f" for c in name)):
+        raise ValueError(f"{name!r} is not a single plain path component")
+    return root.rstrip("/") + "/" + name
+
+
+_SCP_LIKE = re.compile(r"^[A-Za-z0-9_.-]+@[A-Za-z0-9_.-]+:[A-Za-z0-9_./~-][A-Za-z0-9_./~+-]*$")
+_URL = re.compile(r"^(https|ssh)://[A-Za-z0-9_.~%@:\[\]-]+(/[A-Za-z0-9_./~%+@:-]*)?$")
+_ABS_PATH = re.compile(r"^/[A-Za-z0-9_./~+@:-]*$")
+_REF = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./+-]{0,199}$")
+
+
+def check_repo(repo: Any, *, field: str = "repo") -> str:
+    """Accept an https or ssh git URL, ``user@host:path``, or an absolute path on the host.
+
+    Raises:
+        ValueError: anything else: a leading ``-`` (option injection), ``ext::``
+            and other ``<transport>::`` helpers, other schemes, control characters.
+    """
+    if not isinstance(repo, str) or not repo:
+        raise ValueError(f"{field} must be a non-empty string, got {repo!r}")
+    if repo.startswith("-"):
+        raise ValueError(f"{field} {repo!r} starts with '-' and would be read as an option")
+    if "::" in repo:
+        raise ValueError(f"{field} {repo!r} uses a git remote helper ('<transport>::'); only https, ssh "
+                         "and paths on the host are allowed")
+    if ".." in repo.split("/"):
+        raise ValueError(f"{field} {repo!r} contains a '..' path component")
+    if not (_URL.match(repo) or _SCP_LIKE.match(repo) or _ABS_PATH.match(repo)):
+        raise ValueError(f"{field} {repo!r} is not an https:// or ssh:// URL, user@host:path, "
+                         "or an absolute path on the host")
+    return repo
+
+
+def check_ref(ref: Any, *, field: str = "ref") -> str:
+    """A branch, tag or commit name that cannot be read as an option."""
+    if not isinstance(ref, str) or not _REF.match(ref) or ".." in ref:
+        raise ValueError(f"{field} {ref!r} is not a plain branch, tag or commit name")
+    return ref
+
+
+#: Clone ``$1`` into ``$2`` and check out ``$3`` (may be empty). Only https, ssh
+#: and local paths are allowed transports; ``--`` ends the options.
+GIT_CLONE_SCRIPT = r"""
+git_clone() {
+  GIT_TERMINAL_PROMPT=0 GIT_SSH_COMMAND="ssh -o BatchMode=yes" git     -c protocol.allow=never -c protocol.https.allow=always -c protocol.ssh.allow=always     -c protocol.file.allow=always -c protocol.ext.allow=never     clone -q -- "$1" "$2" || return 81
+  if [ -n "$3" ]; then
+    c=$(git -C "$2" rev-parse -q --verify "refs/remotes/origin/$3^{commit}"         || git -C "$2" rev-parse -q --verify "$3^{commit}") || return 82
+    git -C "$2" checkout -q --detach "$c" || return 82
+  fi
+}
+"""
+
+
+def local_ports_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:``port`` (used to prove a tunnel is gone)."""
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+__all__ = [
+    "STATS", "TIMEOUT_EXIT", "ConnectionCache", "LocalForward", "SSHConnection", "SSHHostConfig",
+    "SSHStats", "GIT_CLONE_SCRIPT", "build_command", "check_ref", "check_repo", "env_script", "fingerprint", "local_ports_free", "remote_path_ok",
+    "ssh_errors",
+]

@@ -1,0 +1,206 @@
+"""sandboxer.ssh against real sshd servers: host keys, auth, deadlines, quoting, reuse, forwards."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from sandboxer.errors import AuthError, ExecError, HostKeyError, ProvisionError
+from sandboxer.ssh import (
+    STATS,
+    GIT_CLONE_SCRIPT,
+    LocalForward,
+    SSHConnection,
+    SSHHostConfig,
+    build_command,
+    check_repo,
+    local_ports_free,
+)
+from tests.support.sshd import SSHD, user_key
+
+
+def cfg_for(server: SSHD, known_hosts: Path | None, **extra: object) -> SSHHostConfig:
+    return SSHHostConfig(**server.host_config(known_hosts, **extra))
+
+
+def test_run_delivers_env_and_stdin_literally(sshd_pool, known_hosts, marker):
+    hostile = {"A": f"$(touch {marker})", "B": "it's \"quoted\" `touch " + str(marker) + "`", "C": "line1\nline2\n"}
+    with SSHConnection(cfg_for(sshd_pool[0], known_hosts)) as conn:
+        res = conn.run(["sh", "-c", 'printf "%s|%s|%s" "$A" "$B" "$C"; cat'], env=hostile, stdin=b"in;put $(x)")
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout == f"{hostile['A']}|{hostile['B']}|{hostile['C']}in;put $(x)"
+
+
+def test_argv_words_are_never_interpreted(sshd_pool, known_hosts, marker):
+    with SSHConnection(cfg_for(sshd_pool[0], known_hosts)) as conn:
+        res = conn.run(["echo", f"a;touch {marker}", f"$(touch {marker})", "'\"", "\n"], cwd="/")
+    assert res.stdout == f"a;touch {marker} $(touch {marker}) '\" \n\n"
+
+
+def test_secret_env_values_are_not_on_the_command_line():
+    cmd = build_command(["printenv", "TOKEN"], cwd="/tmp", env_bytes=40, timeout=5)
+    assert "hunter2" not in cmd and cmd.startswith("cd /tmp && eval")
+
+
+def test_one_connection_for_many_commands(sshd_pool, known_hosts):
+    STATS.reset()
+    with SSHConnection(cfg_for(sshd_pool[0], known_hosts)) as conn:
+        for _ in range(5):
+            assert conn.run(["true"]).exit_code == 0
+    assert STATS.snapshot() == {"connections": 1, "round_trips": 5}
+
+
+def test_host_key_mismatch_is_refused_before_anything_runs(sshd_pool, tmp_path, marker):
+    wrong = tmp_path / "known_hosts"
+    # host 0's address and port, but host 1's key
+    wrong.write_text(f"[127.0.0.1]:{sshd_pool[0].port} {sshd_pool[1].host_pub}\n")
+    conn = SSHConnection(cfg_for(sshd_pool[0], wrong))
+    with pytest.raises(HostKeyError, match="does not match the known key"):
+        conn.open()
+    assert not conn.alive
+
+
+def test_unknown_host_key_is_refused_unless_pinned_or_insecure_opt_in(sshd_pool, tmp_path, caplog):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(HostKeyError, match="not in .* no fingerprint is pinned"):
+        SSHConnection(cfg_for(sshd_pool[0], empty)).open()
+    with pytest.raises(HostKeyError, match="not the pinned"):
+        SSHConnection(cfg_for(sshd_pool[0], empty, host_key_fingerprint=sshd_pool[1].fingerprint)).open()
+    with SSHConnection(cfg_for(sshd_pool[0], empty, host_key_fingerprint=sshd_pool[0].fingerprint)) as conn:
+        assert conn.run(["true"]).exit_code == 0
+    with SSHConnection(cfg_for(sshd_pool[0], empty, insecure_accept_unknown_host_keys=True)) as conn:
+        assert conn.run(["true"]).exit_code == 0
+    assert "INSECURE" in caplog.text
+
+
+def test_missing_known_hosts_file_is_a_host_key_error(sshd_pool, tmp_path):
+    with pytest.raises(HostKeyError, match="does not exist"):
+        SSHConnection(cfg_for(sshd_pool[0], tmp_path / "nope")).open()
+
+
+def test_passwords_are_refused_in_config(sshd_pool, known_hosts):
+    with pytest.raises(ValidationError, match="passwords are not accepted"):
+        SSHHostConfig(**sshd_pool[0].host_config(known_hosts, password="hunter2"))
+
+
+def test_a_key_the_server_does_not_know_is_an_auth_error(sshd_pool, known_hosts, tmp_path):
+    stranger = user_key(tmp_path / "stranger")
+    with pytest.raises(AuthError, match="refused") as info:
+        SSHConnection(cfg_for(sshd_pool[0], known_hosts, key_file=str(stranger))).open()
+    assert "PRIVATE KEY" not in str(info.value)
+
+
+def test_unreachable_host_fails_within_its_budget(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = SSHHostConfig(address="127.0.0.1", port=port, user="u", connect_timeout=2, known_hosts=str(tmp_path / "k"),
+                        insecure_accept_unknown_host_keys=True)
+    start = time.monotonic()
+    with pytest.raises(ProvisionError) as info:
+        SSHConnection(cfg).open()
+    assert info.value.transient and time.monotonic() - start < 3
+
+
+def test_silent_host_fails_at_the_banner_deadline():
+    """A host that accepts TCP but never speaks SSH must not hang the caller."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    cfg = SSHHostConfig(address="127.0.0.1", port=srv.getsockname()[1], user="u", connect_timeout=1,
+                        banner_timeout=1, auth_timeout=1, insecure_accept_unknown_host_keys=True)
+    start = time.monotonic()
+    try:
+        with pytest.raises(ProvisionError) as info:
+            SSHConnection(cfg).open()
+        assert info.value.transient and time.monotonic() - start < 4
+    finally:
+        stop.set()
+        t.join(2)
+        srv.close()
+        for c in held:
+            c.close()
+
+
+def test_hung_command_is_killed_at_its_deadline(sshd_pool, known_hosts, tmp_path):
+    pidfile = tmp_path / "pid"
+    with SSHConnection(cfg_for(sshd_pool[0], known_hosts)) as conn:
+        start = time.monotonic()
+        res = conn.run(["sh", "-c", 'echo $$ > "$1"; sleep 300 & wait', "sh", str(pidfile)], timeout=1)
+        took = time.monotonic() - start
+        assert res.timed_out and res.exit_code == 124 and took < 5
+        with pytest.raises(ExecError, match="timed out"):
+            conn.run(["sleep", "300"], timeout=0.5, check=True)
+        assert conn.run(["true"]).exit_code == 0  # the connection survives
+    pid = int(pidfile.read_text())
+    deadline = time.monotonic() + 3
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}"), "the remote process outlived its deadline"
+
+
+def test_output_is_capped(sshd_pool, known_hosts):
+    with SSHConnection(cfg_for(sshd_pool[0], known_hosts, output_cap_bytes=1000)) as conn:
+        res = conn.run(["head", "-c", "500000", "/dev/zero"])
+    assert res.exit_code == 0 and res.stdout.startswith("\0" * 1000) and "499000 more bytes dropped" in res.stdout
+
+
+def test_remote_git_refuses_ext_transport_even_if_validation_were_bypassed(sshd_pool, known_hosts, tmp_path, marker):
+    with SSHConnection(cfg_for(sshd_pool[0], known_hosts)) as conn:
+        for repo in (f"ext::sh -c touch% {marker}", f"--upload-pack=touch {marker}"):
+            res = conn.run(["sh", "-c", GIT_CLONE_SCRIPT + 'git_clone "$1" "$2" ""', "sh", repo,
+                            str(tmp_path / "clone")])
+            assert res.exit_code != 0
+
+
+@pytest.mark.parametrize("repo", ["--upload-pack=touch /tmp/x", "ext::sh -c touch% /tmp/x", "fd::3",
+                                  "file:///etc", "http://example.com/x.git", "relative/path", "/a/../../etc",
+                                  "https://h/x\n--upload-pack=x", ""])
+def test_check_repo_refuses(repo):
+    with pytest.raises(ValueError):
+        check_repo(repo)
+
+
+@pytest.mark.parametrize("repo", ["https://github.com/o/r.git", "ssh://git@h:2222/o/r", "git@github.com:o/r.git",
+                                  "/srv/git/r"])
+def test_check_repo_accepts(repo):
+    assert check_repo(repo) == repo
+
+
+def test_local_forward_lives_until_closed(sshd_pool, known_hosts):
+    echo = socket.create_server(("127.0.0.1", 0))
+    echo.settimeout(5)
+
+    def serve() -> None:
+        with echo.accept()[0] as c:
+            c.sendall(c.recv(100).upper())
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    fwd = LocalForward(SSHConnection(cfg_for(sshd_pool[0], known_hosts)).open(), echo.getsockname()[1])
+    try:
+        with socket.create_connection(("127.0.0.1", fwd.local_port), timeout=5) as c:
+            c.sendall(b"ping")
+            assert c.recv(100) == b"PING"
+    finally:
+        fwd.close()
+        echo.close()
+    assert local_ports_free(fwd.local_port) and not fwd.open
