@@ -17,6 +17,7 @@ context manager per backend); callers never need to match message text.
     │   ├── TTLError                     a negative or over-maximum TTL
     │   ├── ProfileNotFound
     │   ├── SandboxNotFound
+    │   ├── SandboxStateError            the sandbox exists but is not in a state for that
     │   ├── SnapshotNotFound
     │   └── BudgetExceeded               the consumer's budget would be exceeded
     ├── BackendError                     the backend failed; may be worth trying another
@@ -81,6 +82,10 @@ class ProfileNotFound(RequestError):
 
 class SandboxNotFound(RequestError):
     """No sandbox has that id."""
+
+
+class SandboxStateError(RequestError):
+    """The sandbox exists but its state does not allow the operation (e.g. exec after teardown)."""
 
 
 class SnapshotNotFound(RequestError):

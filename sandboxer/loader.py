@@ -26,7 +26,7 @@ from sandboxer.errors import (
 )
 from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension
 from sandboxer.extensions.registry import resolve_handler
-from sandboxer.models import ExtensionManifest, Profile
+from sandboxer.models import ExtensionManifest, Profile, Settings
 
 _PKG_DIR = Path(__file__).resolve().parent
 
@@ -108,12 +108,15 @@ class LoadedExtension:
     missing_extra: str | None = None
     _instance: SandboxExtension | None = field(default=None, repr=False)
 
-    def instance(self) -> SandboxExtension:
-        """The shared handler instance (created on first use)."""
+    def instance(self, home: Path | None = None) -> SandboxExtension:
+        """The shared handler instance (created on first use, bound to the manager's home)."""
         if self.missing_extra:
             raise MissingExtra(self.missing_extra)
         if self._instance is None:
-            self._instance = self.handler(self.manifest, self.config)
+            inst = self.handler(self.manifest, self.config)
+            if home is not None:
+                inst.home = home
+            self._instance = inst
         return self._instance
 
 
@@ -126,6 +129,7 @@ class Catalog:
     profiles: dict[str, Profile]
     profile_sources: dict[str, Path]
     dirs: list[Path]
+    settings: Settings = field(default_factory=Settings)
 
 
 def _files(dirs: list[Path], sub: str, pattern: str) -> list[Path]:
@@ -264,6 +268,30 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
             )
         profiles[profile.slug] = profile
         sources[profile.slug] = path
-    return Catalog(registry, extensions, profiles, sources, user_dirs)
+    return Catalog(registry, extensions, profiles, sources, user_dirs, load_settings(user_dirs))
+
+
+def load_settings(dirs: list[Path]) -> Settings:
+    """Merge ``settings.yaml`` of each config dir; a later dir's entries win."""
+    merged: dict[str, Any] = {"budgets": {}, "sinks": {}}
+    for d in dirs:
+        path = d / "settings.yaml"
+        if not path.is_file():
+            continue
+        data = read_yaml(path, ConfigError) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        try:
+            one = Settings.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation(str(path), exc)) from None
+        merged["budgets"].update(one.model_dump()["budgets"])
+        merged["sinks"].update(one.model_dump()["sinks"])
+        if one.default_sink:
+            merged["default_sink"] = one.default_sink
+    settings = Settings.model_validate(merged)
+    if settings.default_sink and settings.default_sink not in settings.sinks:
+        raise ConfigError(f"settings: field 'default_sink' (value {settings.default_sink!r}): no such sink")
+    return settings
 
 

@@ -263,3 +263,41 @@ class CleanupReport(Strict):
     orphans: list[str] = Field(default_factory=list)
     stale_provisioning: list[str] = Field(default_factory=list)
     errors: dict[str, str] = Field(default_factory=dict)
+
+
+# ----------------------------------------------------------------- settings
+
+class Budget(Strict):
+    """A cap on one consumer's spend per period (``*`` applies to every consumer without its own)."""
+
+    limit: float = Field(ge=0)
+    period: Literal["day", "month"] = "month"
+
+
+class SinkConfig(Strict):
+    """Where usage records are pushed: a file (JSONL or CSV) or an HTTP webhook."""
+
+    kind: Literal["file", "webhook"]
+    path: str | None = None
+    format: Literal["jsonl", "csv"] = "jsonl"
+    url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    retries: int = Field(default=5, ge=0, le=20)
+    backoff_s: float = Field(default=0.5, ge=0, le=60)
+    timeout_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _target(self) -> "SinkConfig":
+        if self.kind == "file" and not self.path:
+            raise ValueError("a file sink needs 'path'")
+        if self.kind == "webhook" and not (self.url and self.url.startswith(("http://", "https://"))):
+            raise ValueError("a webhook sink needs an http(s) 'url'")
+        return self
+
+
+class Settings(Strict):
+    """``settings.yaml`` in a config directory: budgets and meter-export sinks."""
+
+    budgets: dict[str, Budget] = Field(default_factory=dict)
+    sinks: dict[str, SinkConfig] = Field(default_factory=dict)
+    default_sink: str | None = None

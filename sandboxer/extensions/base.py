@@ -22,12 +22,13 @@ Inputs convention: the manager adds three reserved inputs to every provision
 from __future__ import annotations
 
 import abc
-import math
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from sandboxer.state import default_home
 from sandboxer.models import ExecResult, ExtensionManifest, MeterQuote, Profile, SnapshotMeta
 
 #: Inputs the manager sets; a consumer may not.
@@ -67,6 +68,10 @@ class SandboxExtension(abc.ABC):
     #: still loads every built-in manifest; using the backend then raises
     #: MissingExtra naming the extra.
     requires: ClassVar[tuple[str, str] | None] = None
+
+    #: Where a backend may keep local files (workspaces, snapshot stores, its own
+    #: tables): the manager's home. The manager sets it after construction.
+    home: Path = default_home()
 
     def __init__(self, manifest: ExtensionManifest, config: BaseModel):
         self.manifest = manifest
@@ -186,28 +191,11 @@ class SandboxExtension(abc.ABC):
         raise NotImplementedError  # pragma: no cover
 
     def estimate_cost(self, profile: Profile, duration: float | timedelta) -> MeterQuote:
-        """Price ``duration`` seconds of ``profile`` from the manifest's pricing."""
+        """Price ``duration`` of ``profile`` from the manifest's ``pricing`` (zero without one)."""
+        from sandboxer.metering import price  # metering imports models only; kept lazy to stay acyclic
+
         seconds = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
-        p = self.manifest.pricing
-        res = profile.resources
-        breakdown: dict[str, float] = {}
-        if p is not None:
-            breakdown = {
-                "base": p.per_second * seconds,
-                "cpu": p.per_vcpu_second * res.cpu * seconds,
-                "memory": p.per_gib_second * (res.memory_mb / 1024) * seconds,
-            }
-        amount = math.fsum(breakdown.values())
-        return MeterQuote(
-            extension=self.id,
-            profile=profile.slug,
-            duration_s=seconds,
-            amount=round(amount, 6),
-            currency=p.currency if p else "USD",
-            pricing_model=self.manifest.capabilities.pricing_model,
-            breakdown={k: round(v, 6) for k, v in breakdown.items() if v},
-            source=p.source if p else None,
-        )
+        return price(self.manifest, profile, seconds)
 
     def meter_actual(self, handle: dict[str, Any]) -> dict[str, Any] | None:
         """What the backend itself reports of a sandbox's usage, if anything (feature ``metering``)."""

@@ -1,0 +1,91 @@
+"""ext.fake: a scriptable in-memory backend for testing the manager and router.
+
+Like httpx's MockTransport: a test scripts what each verb does next and reads
+back every call. ``script(verb, *steps)`` queues steps; a step is an exception
+(raised), a callable (called with the verb's arguments, its result used), or
+None (default behaviour). State lives in the instance, so it is per process.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import defaultdict, deque
+from typing import Any, Callable
+
+from sandboxer.errors import ExecError
+from sandboxer.extensions.base import OutputCallback, SandboxExtension
+from sandboxer.models import ExecResult, Profile, SnapshotMeta
+
+
+class FakeExtension(SandboxExtension):
+    features = frozenset({"exec", "snapshots", "metering", "list_owned"})
+
+    def __init__(self, manifest, config):  # type: ignore[no-untyped-def]
+        super().__init__(manifest, config)
+        self._lock = threading.Lock()
+        self._script: dict[str, deque[Any]] = defaultdict(deque)
+        self.calls: list[tuple[str, Any]] = []
+        self.live: dict[str, dict[str, Any]] = {}
+
+    def script(self, verb: str, *steps: BaseException | Callable[..., Any] | None) -> None:
+        """Queue what the next calls of ``verb`` do."""
+        with self._lock:
+            self._script[verb].extend(steps)
+
+    def _step(self, verb: str, *args: Any) -> tuple[bool, Any]:
+        with self._lock:
+            self.calls.append((verb, args))
+            step = self._script[verb].popleft() if self._script[verb] else None
+        if isinstance(step, BaseException):
+            raise step
+        if callable(step):
+            return True, step(*args)
+        return False, None
+
+    def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
+        done, out = self._step("provision", profile, inputs, host)
+        if done:
+            return out
+        fid = "fake-" + uuid.uuid4().hex[:8]
+        with self._lock:
+            self.live[fid] = {"sandbox_id": inputs["sandbox_id"], "owner_labels": inputs["owner_labels"]}
+        return {"fake_id": fid, "sandbox_id": inputs["sandbox_id"], "host": host or "fake"}
+
+    def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        done, out = self._step("wait_ready", handle, timeout)
+        return out if done else {"fake_id": handle.get("fake_id")}
+
+    def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
+        done, out = self._step("teardown", handle)
+        if done:
+            return out
+        with self._lock:
+            gone = self.live.pop(handle.get("fake_id", ""), None) is None
+        return {"already_gone": gone}
+
+    def exec(self, handle: dict[str, Any], argv: list[str], *, env: dict[str, str] | None = None,
+             cwd: str | None = None, timeout: float | None = None, stdin: bytes | None = None,
+             on_output: OutputCallback | None = None) -> ExecResult:
+        done, out = self._step("exec", handle, argv)
+        if done:
+            return out
+        if handle.get("fake_id") not in self.live:
+            raise ExecError(f"{self.id}: {handle.get('fake_id')} is gone", backend=self.id)
+        return ExecResult(exit_code=0, stdout=" ".join(argv) + "\n")
+
+    def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
+        self._step("list_owned", owner_labels)
+        with self._lock:
+            return [{"sandbox_id": v["sandbox_id"], "handle": {"fake_id": k, "sandbox_id": v["sandbox_id"]}}
+                    for k, v in self.live.items()
+                    if all(v["owner_labels"].get(a) == b for a, b in owner_labels.items())]
+
+    def snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
+        done, out = self._step("snapshot", handle)
+        return out if done else {"data": {"of": handle.get("fake_id")}, "size_bytes": 1, "checksum": "sha256:0"}
+
+    def restore_from_snapshot(self, profile: Profile, snapshot_meta: SnapshotMeta, inputs: dict[str, Any],
+                              host: str | None) -> dict[str, Any]:
+        self._step("restore", snapshot_meta)
+        return self.provision(profile, inputs, host)

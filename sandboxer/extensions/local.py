@@ -1,0 +1,462 @@
+"""ext.local: an isolated process sandbox on this machine, no daemon needed.
+
+Each sandbox is a workspace directory plus a long-lived "init" process that
+holds its namespaces (user, pid, mount, ipc, uts and, unless the profile
+allows network, net). The init is started by bubblewrap when installed, else
+by util-linux ``unshare``; inside it the whole filesystem is read-only but the
+workspace. ``exec`` enters the same namespaces with ``nsenter``, under the
+profile's rlimits. Teardown SIGKILLs the init, which kills every process of
+the pid namespace, then removes the workspace.
+
+When run as root, each sandbox runs as its own unprivileged uid (mapped to
+root inside its user namespace), so rlimits on processes count per sandbox
+and sandboxes cannot touch each other's workspaces.
+
+Isolation level ``none`` (an explicit insecure-dev tier) skips namespaces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import selectors
+import shutil
+import signal
+import subprocess
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sandboxer.errors import (
+    ExecError,
+    InputError,
+    ProvisionError,
+    ReadinessTimeout,
+    SnapshotError,
+    TeardownError,
+)
+from sandboxer.extensions.base import OutputCallback, SandboxExtension
+from sandboxer.models import ExecResult, Profile, SnapshotMeta
+
+UID_BASE = 2_000_000
+UID_SPAN = 1_000_000
+OUTPUT_CAP = 16 * 1024 * 1024
+SYSTEM_ROOT = Path("/var/lib/sandboxer/local")
+
+# Runs as the sandbox's pid 1 under `unshare`: make every mount read-only but
+# the workspace, say "ready", then hold the namespaces.
+_UNSHARE_INIT = r"""
+set -e
+ws="$1"
+mount --bind "$ws" "$ws"
+awk '{print $2}' /proc/self/mounts | sort -r | while read -r m; do
+  case "$m" in "$ws") continue ;; esac
+  mount -o remount,bind,ro "$m" 2>/dev/null || true
+done
+echo ready
+exec sleep infinity
+"""
+
+
+class LocalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    root: str | None = Field(default=None, description="workspace root; default <home>/local")
+    tool: Literal["auto", "bwrap", "unshare"] = "auto"
+    start_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class LocalOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    network: bool = Field(default=False, description="share the host network (off: no network at all)")
+    cpu_time_s: int = Field(default=3600, gt=0, description="RLIMIT_CPU per process")
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+def _starttime(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read().decode()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int | None, start: str | None) -> bool:
+    return bool(pid) and start is not None and _starttime(pid) == start  # type: ignore[arg-type]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(x) for x in fh.read().split()]
+    except OSError:
+        return []
+
+
+class LocalExtension(SandboxExtension):
+    Config = LocalConfig
+    ProfileOptions = LocalOptions
+    features = frozenset({"exec", "snapshots", "list_owned"})
+
+    def __init__(self, manifest, config):  # type: ignore[no-untyped-def]
+        super().__init__(manifest, config)
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+        self._tool: str | None = None
+        self._tool_error: str | None = None
+
+    # ------------------------------------------------------------ helpers
+
+    @property
+    def root(self) -> Path:
+        """Workspace root. As root, sandboxes run as their own uids, which must be able to
+        reach their workspace, so the default is a system directory rather than a home
+        under /root; otherwise it is ``<home>/local``."""
+        if self.config.root:
+            return Path(self.config.root)
+        return SYSTEM_ROOT if os.geteuid() == 0 else self.home / "local"
+
+    def _ensure_root(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            os.chmod(self.root, 0o755)  # sandbox uids must reach (and getcwd) their workspace
+
+    def _tool_for(self, isolation: str | None) -> str:
+        if isolation == "none":
+            return "none"
+        with self._lock:
+            if self._tool is None and self._tool_error is None:
+                self._tool, self._tool_error = self._probe()
+        if self._tool is None:
+            raise ProvisionError(
+                f"{self.id}: no namespace isolation is available here ({self._tool_error}). Install bubblewrap "
+                "or enable unprivileged user namespaces, or use a profile with 'isolation: none' (insecure, no isolation)",
+                backend=self.id,
+            )
+        return self._tool
+
+    def _probe(self) -> tuple[str | None, str | None]:
+        tools = ["bwrap", "unshare"] if self.config.tool == "auto" else [self.config.tool]
+        errors = []
+        for tool in tools:
+            if shutil.which(tool) is None or shutil.which("nsenter") is None:
+                errors.append(f"{tool} not found")
+                continue
+            argv = (["bwrap", "--unshare-all", "--ro-bind", "/", "/", "true"] if tool == "bwrap"
+                    else ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount", "--net", "true"])
+            uid = self._probe_uid()
+            try:
+                subprocess.run(argv, check=True, capture_output=True, timeout=10, **self._as_user(uid))
+                return tool, None
+            except (subprocess.SubprocessError, OSError) as exc:
+                err = getattr(exc, "stderr", b"") or b""
+                errors.append(f"{tool} failed: {err.decode(errors='replace').strip() or exc}")
+        return None, "; ".join(errors)
+
+    @staticmethod
+    def _probe_uid() -> int | None:
+        return UID_BASE + UID_SPAN - 1 if os.geteuid() == 0 else None
+
+    @staticmethod
+    def _as_user(uid: int | None) -> dict[str, Any]:
+        return {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
+
+    def _alloc_uid(self) -> int | None:
+        if os.geteuid() != 0:
+            return None
+        d = self.root / ".uids"
+        d.mkdir(parents=True, exist_ok=True)
+        for _ in range(200):
+            uid = UID_BASE + random.randrange(UID_SPAN - 1)
+            try:
+                os.close(os.open(d / str(uid), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                return uid
+            except FileExistsError:
+                continue
+        raise ProvisionError(f"{self.id}: could not allocate a sandbox uid", backend=self.id)
+
+    def _free_uid(self, uid: int | None) -> None:
+        if uid is not None:
+            (self.root / ".uids" / str(uid)).unlink(missing_ok=True)
+
+    def _workspace(self, sandbox_id: str) -> Path:
+        if not sandbox_id or "/" in sandbox_id or sandbox_id.startswith("."):
+            raise InputError(f"{self.id}: bad sandbox id {sandbox_id!r}")
+        return self.root / sandbox_id
+
+    def _rlimits(self, profile_res: dict[str, Any], opts: dict[str, Any], uid: int | None) -> list[str]:
+        lim = [f"--cpu={opts.get('cpu_time_s', 3600)}", f"--as={int(profile_res.get('memory_mb', 512)) * 1024 * 1024}"]
+        if uid is not None:  # RLIMIT_NPROC counts per real uid: only meaningful with a uid of its own
+            lim.append(f"--nproc={int(profile_res.get('pids', 256))}")
+        return ["prlimit", *lim, "--"]
+
+    # ----------------------------------------------------------- provision
+
+    def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
+        sandbox_id = inputs["sandbox_id"]
+        opts = self.options(profile)
+        tool = self._tool_for(profile.isolation)
+        ws = self._workspace(sandbox_id)
+        self._ensure_root()
+        meta_dir = self.root / ".meta"
+        meta_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        uid = self._alloc_uid() if tool != "none" else None
+        handle: dict[str, Any] = {
+            "host": "localhost", "workspace": str(ws), "tool": tool, "uid": uid, "sandbox_id": sandbox_id,
+            "resources": profile.resources.model_dump(), "options": opts.model_dump(),
+        }
+        meta = {"sandbox_id": sandbox_id, "owner_labels": inputs.get("owner_labels", {}), "handle": handle}
+        meta_path = meta_dir / f"{sandbox_id}.json"
+        meta_path.write_text(json.dumps(meta))  # recorded first, so list_owned finds even a half-made sandbox
+        try:
+            ws.mkdir(parents=True, mode=0o700)
+            (ws / ".tmp").mkdir()
+            if uid is not None:
+                os.chown(ws, uid, uid)
+                os.chown(ws / ".tmp", uid, uid)
+            if tool != "none":
+                handle.update(self._start_init(tool, ws, uid, opts.network, sandbox_id))
+            meta_path.write_text(json.dumps({**meta, "handle": handle}))
+            return handle
+        except BaseException:
+            self.teardown(handle)
+            raise
+
+    def _start_init(self, tool: str, ws: Path, uid: int | None, network: bool, sandbox_id: str) -> dict[str, Any]:
+        if tool == "bwrap":
+            argv = ["bwrap", "--unshare-all", *(["--share-net"] if network else []), "--uid", "0", "--gid", "0",
+                    "--ro-bind", "/", "/", "--bind", str(ws), str(ws), "--dev", "/dev", "--proc", "/proc",
+                    "--chdir", str(ws), "--", "sh", "-c", "echo ready; exec sleep infinity"]
+        else:
+            argv = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount", "--ipc", "--uts",
+                    *([] if network else ["--net"]), "--mount-proc", "sh", "-c", _UNSHARE_INIT, "init", str(ws)]
+        err_path = self.root / ".meta" / f"{sandbox_id}.err"
+        with open(err_path, "wb") as err:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                    start_new_session=True, close_fds=True, **self._as_user(uid))
+        with self._lock:
+            self._procs[sandbox_id] = proc
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)  # type: ignore[arg-type]
+        ok = bool(sel.select(self.config.start_timeout_s)) and proc.stdout.readline().strip() == b"ready"  # type: ignore[union-attr]
+        sel.close()
+        proc.stdout.close()  # type: ignore[union-attr]
+        if not ok:
+            proc.kill()
+            proc.wait(5)
+            why = err_path.read_text(errors="replace").strip()[-500:]
+            raise ProvisionError(f"{self.id}: {tool} sandbox did not start: {why or 'no output'}", backend=self.id)
+        deadline = time.monotonic() + self.config.start_timeout_s
+        child: list[int] = []
+        while not child and time.monotonic() < deadline:
+            child = _children(proc.pid)
+            if not child:
+                time.sleep(0.001)
+        if not child:
+            raise ProvisionError(f"{self.id}: cannot find the sandbox's init process", backend=self.id)
+        return {"pid": child[0], "starttime": _starttime(child[0]), "outer_pid": proc.pid}
+
+    def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        if handle.get("tool") != "none" and not _alive(handle.get("pid"), handle.get("starttime")):
+            raise ReadinessTimeout(f"{self.id}: sandbox {handle.get('sandbox_id')} init process is gone", backend=self.id)
+        if not Path(handle["workspace"]).is_dir():
+            raise ReadinessTimeout(f"{self.id}: workspace {handle['workspace']} is missing", backend=self.id)
+        return {"host": "localhost", "workspace": handle["workspace"], "isolation": handle["tool"],
+                "network": bool(handle.get("options", {}).get("network"))}
+
+    # ---------------------------------------------------------------- exec
+
+    def exec(self, handle: dict[str, Any], argv: list[str], *, env: dict[str, str] | None = None,
+             cwd: str | None = None, timeout: float | None = None, stdin: bytes | None = None,
+             on_output: OutputCallback | None = None) -> ExecResult:
+        ws = handle["workspace"]
+        wd = str(Path(ws) / cwd) if cwd else ws
+        if cwd and not os.path.realpath(wd).startswith(os.path.realpath(ws)):
+            raise InputError(f"{self.id}: cwd {cwd!r} is outside the workspace")
+        opts = handle.get("options", {})
+        full_env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": ws,
+                    "TMPDIR": f"{ws}/.tmp", "LANG": "C.UTF-8", **opts.get("env", {}), **(env or {})}
+        uid = handle.get("uid")
+        prefix = self._rlimits(handle.get("resources", {}), opts, uid)
+        if handle["tool"] == "none":
+            cmd = prefix + list(argv)
+            kw: dict[str, Any] = {"cwd": wd}
+        else:
+            if not _alive(handle.get("pid"), handle.get("starttime")):
+                raise ExecError(f"{self.id}: sandbox {handle.get('sandbox_id')} is not running", backend=self.id)
+            ns = ["--user", "--pid", "--mount", "--ipc", "--uts", *([] if opts.get("network") else ["--net"])]
+            cmd = prefix + ["nsenter", f"--target={handle['pid']}", *ns, "--preserve-credentials", f"--wd={wd}", "--", *argv]
+            kw = {}
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env,
+                                    start_new_session=True, close_fds=True, **self._as_user(uid), **kw)
+        except OSError as exc:
+            raise ExecError(f"{self.id}: cannot start {argv[0]!r}: {exc.strerror}", backend=self.id) from exc
+        return _collect(proc, stdin, timeout, on_output)
+
+    # ------------------------------------------------------------ teardown
+
+    def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
+        sandbox_id = handle.get("sandbox_id", "")
+        ws = Path(handle.get("workspace") or self._workspace(sandbox_id))
+        killed = False
+        if _alive(handle.get("pid"), handle.get("starttime")):
+            try:
+                os.kill(handle["pid"], signal.SIGKILL)  # pid 1 of the namespace: the kernel kills the rest
+                killed = True
+            except ProcessLookupError:
+                pass
+        for pg in self._session_pids(ws) if handle.get("tool") == "none" else []:
+            try:
+                os.killpg(pg, signal.SIGKILL)
+                killed = True
+            except (ProcessLookupError, PermissionError):
+                pass
+        with self._lock:
+            proc = self._procs.pop(sandbox_id, None)
+        if proc is not None:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if handle.get("pid"):
+            deadline = time.monotonic() + 5
+            while _alive(handle["pid"], handle.get("starttime")) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if _alive(handle["pid"], handle.get("starttime")):
+                raise TeardownError(f"{self.id}: sandbox {sandbox_id} init {handle['pid']} survived SIGKILL", backend=self.id)
+        existed = ws.exists()
+        try:
+            shutil.rmtree(ws, ignore_errors=False) if existed else None
+        except OSError as exc:
+            raise TeardownError(f"{self.id}: cannot remove workspace {ws}: {exc.strerror}", backend=self.id) from exc
+        for suffix in (".json", ".err"):
+            (self.root / ".meta" / f"{sandbox_id}{suffix}").unlink(missing_ok=True)
+        self._free_uid(handle.get("uid"))
+        return {"killed": killed, "workspace_removed": existed, "already_gone": not (killed or existed)}
+
+    @staticmethod
+    def _session_pids(ws: Path) -> list[int]:
+        """Process groups started by exec for isolation ``none`` (recorded nowhere else)."""
+        if not ws.exists():
+            return []
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.readlink(f"/proc/{entry}/cwd").startswith(str(ws)):
+                        found.append(os.getpgid(int(entry)))
+                except OSError:
+                    continue
+        return sorted(set(found))
+
+    # ----------------------------------------------------------- list_owned
+
+    def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
+        out = []
+        meta_dir = self.root / ".meta"
+        if not meta_dir.is_dir():
+            return out
+        for path in sorted(meta_dir.glob("*.json")):
+            try:
+                meta = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            labels = meta.get("owner_labels", {})
+            if all(labels.get(k) == v for k, v in owner_labels.items()):
+                out.append({"sandbox_id": meta["sandbox_id"], "handle": meta["handle"]})
+        return out
+
+    # ------------------------------------------------------------ snapshots
+
+    def snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
+        store = self.home / "snapshots" / "local"
+        store.mkdir(parents=True, exist_ok=True, mode=0o700)
+        name = f"{handle['sandbox_id']}-{int(time.time() * 1000)}.tar.gz"
+        path = store / name
+        try:
+            with tarfile.open(path, "w:gz") as tar:
+                tar.add(handle["workspace"], arcname=".", filter=lambda ti: None if ti.name.startswith("./.tmp/") else ti)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise SnapshotError(f"{self.id}: cannot archive {handle['workspace']}: {exc}", backend=self.id) from exc
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        return {"data": {"path": str(path)}, "size_bytes": path.stat().st_size, "checksum": f"sha256:{digest}"}
+
+    def restore_from_snapshot(self, profile: Profile, snapshot_meta: SnapshotMeta, inputs: dict[str, Any],
+                              host: str | None) -> dict[str, Any]:
+        path = Path(snapshot_meta.data["path"])
+        if not path.is_file():
+            raise SnapshotError(f"{self.id}: snapshot file {path} is missing", backend=self.id)
+        digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+        if snapshot_meta.checksum and digest != snapshot_meta.checksum:
+            raise SnapshotError(f"{self.id}: snapshot {snapshot_meta.id} checksum mismatch", backend=self.id)
+        handle = self.provision(profile, inputs, host)
+        try:
+            with tarfile.open(path, "r:gz") as tar:
+                tar.extractall(handle["workspace"], filter="data")
+            if handle.get("uid") is not None:
+                for dirpath, dirs, files in os.walk(handle["workspace"]):
+                    for n in [dirpath, *(os.path.join(dirpath, f) for f in dirs + files)]:
+                        os.lchown(n, handle["uid"], handle["uid"])
+        except (OSError, tarfile.TarError) as exc:
+            self.teardown(handle)
+            raise SnapshotError(f"{self.id}: cannot restore snapshot {snapshot_meta.id}: {exc}", backend=self.id) from exc
+        return handle
+
+    def delete_snapshot(self, snapshot_meta: SnapshotMeta) -> None:
+        Path(snapshot_meta.data.get("path", "")).unlink(missing_ok=True)
+
+
+def _collect(proc: subprocess.Popen, stdin: bytes | None, timeout: float | None,
+             on_output: OutputCallback | None) -> ExecResult:
+    """Stream a process's output to ``on_output`` and collect it, killing it at ``timeout``."""
+    if stdin:
+        try:
+            proc.stdin.write(stdin)  # type: ignore[union-attr]
+            proc.stdin.close()  # type: ignore[union-attr]
+        except BrokenPipeError:
+            pass
+    bufs = {"stdout": bytearray(), "stderr": bytearray()}
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ, "stdout")  # type: ignore[arg-type]
+    sel.register(proc.stderr, selectors.EVENT_READ, "stderr")  # type: ignore[arg-type]
+    deadline = time.monotonic() + timeout if timeout else None
+    timed_out = False
+    open_streams = 2
+    while open_streams:
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        events = sel.select(wait)
+        if not events and deadline is not None and time.monotonic() >= deadline:
+            timed_out = True
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            break
+        for key, _ in events:
+            chunk = os.read(key.fileobj.fileno(), 65536)  # type: ignore[union-attr]
+            if not chunk:
+                sel.unregister(key.fileobj)
+                open_streams -= 1
+                continue
+            buf = bufs[key.data]
+            if len(buf) < OUTPUT_CAP:
+                buf.extend(chunk[: OUTPUT_CAP - len(buf)])
+            if on_output:
+                on_output(key.data, chunk.decode(errors="replace"))
+    sel.close()
+    code = proc.wait()
+    for s in (proc.stdout, proc.stderr):
+        s.close()  # type: ignore[union-attr]
+    return ExecResult(exit_code=124 if timed_out else code, stdout=bufs["stdout"].decode(errors="replace"),
+                      stderr=bufs["stderr"].decode(errors="replace"), timed_out=timed_out)

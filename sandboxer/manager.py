@@ -1,0 +1,575 @@
+"""The lifecycle: create / exec / teardown / snapshot / restore / gc.
+
+Rules kept here:
+
+* the intent is recorded (state ``provisioning``, with id and owner labels)
+  before the backend is called; the handle is stored the moment provision
+  returns; a sandbox is ``ready`` only after ``wait_ready``;
+* a failed readiness check tears the sandbox down before the error is raised;
+* teardown writes ``tearing_down`` first and ``terminated`` only once the
+  backend confirms; a failed teardown is ``teardown_failed`` and gc retries it;
+* every sandbox has an ``expires_at``; gc reaps expired ones, retries failed
+  teardowns and reconciles with each backend's ``list_owned``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from sandboxer.errors import (
+    BackendError,
+    CapabilityError,
+    InputError,
+    ProfileNotFound,
+    ProvisionError,
+    SandboxerError,
+    SandboxNotFound,
+    SandboxStateError,
+    SnapshotError,
+    SnapshotNotFound,
+    TeardownError,
+    TTLError,
+)
+from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension
+from sandboxer.loader import Catalog, load_catalog
+from sandboxer.metering import Metering
+from sandboxer.models import (
+    BackendChoice,
+    CleanupReport,
+    ExecResult,
+    MeterQuote,
+    Profile,
+    SandboxCreateRequest,
+    SandboxState,
+    SandboxStatus,
+    SnapshotMeta,
+    format_duration,
+)
+from sandboxer.router import Router
+from sandboxer.state import LIVE_STATES, NameTaken, StateStore, default_home
+
+log = logging.getLogger("sandboxer")
+
+#: How long past its ready timeout a ``provisioning`` record may sit before gc treats it as abandoned.
+STALE_GRACE_S = 30.0
+
+
+def _dt(ts: float | None) -> datetime | None:
+    return datetime.fromtimestamp(ts, tz=timezone.utc) if ts is not None else None
+
+
+def _status(row: dict[str, Any]) -> SandboxStatus:
+    return SandboxStatus(
+        id=row["id"], name=row["name"], profile=row["profile"], extension=row["extension"], host=row["host"],
+        state=SandboxState(row["state"]), reachability=row["reachability"] or {}, consumer=row["consumer"],
+        labels=row["labels"] or {}, created_at=_dt(row["created_at"]), ready_at=_dt(row["ready_at"]),
+        expires_at=_dt(row["expires_at"]), terminated_at=_dt(row["terminated_at"]), last_error=row["last_error"],
+    )
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Manager:
+    """The Python API: one object per state store, safe to share between threads.
+
+    Args:
+        config_dirs: extra config directories (default: ``SANDBOXER_CONFIG``).
+        home: directory of the SQLite state store (default: ``SANDBOXER_HOME``
+            or the platform's state directory).
+        state_url: a SQLAlchemy URL for a server database instead of SQLite.
+        catalog: an already loaded catalog (skips loading).
+    """
+
+    def __init__(
+        self,
+        config_dirs: list[str | Path] | None = None,
+        home: str | Path | None = None,
+        *,
+        state_url: str | None = None,
+        catalog: Catalog | None = None,
+    ):
+        self.catalog = catalog or load_catalog([Path(d) for d in config_dirs] if config_dirs is not None else None)
+        self.home = Path(home) if home else default_home()
+        self.state = StateStore(state_url, home=self.home)
+        self.owner_labels = {"sandboxer.owner": self.state.owner_id}
+        self.metering = Metering(self)
+        self.router = Router(self)
+        self._inflight: set[str] = set()
+        self._lock = threading.Lock()
+        self._effective: dict[tuple[str, int], Profile] = {}
+
+    def __repr__(self) -> str:
+        return f"<Manager state={self.state.url!r} owner={self.state.owner_id}>"
+
+    def close(self) -> None:
+        self.state.close()
+
+    def __enter__(self) -> "Manager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ lookups
+
+    def profile(self, slug: str) -> Profile:
+        try:
+            return self.catalog.profiles[slug]
+        except KeyError:
+            known = ", ".join(sorted(self.catalog.profiles)) or "none"
+            raise ProfileNotFound(f"unknown profile {slug!r}; known profiles: {known}") from None
+
+    def extension(self, ext_id: str) -> SandboxExtension:
+        try:
+            loaded = self.catalog.extensions[ext_id]
+        except KeyError:
+            raise SandboxerError(f"extension {ext_id!r} is not loaded (removed from config?)") from None
+        return loaded.instance(self.home)
+
+    def effective_profile(self, profile: Profile, index: int) -> Profile:
+        """The profile as backend ``index`` sees it: that entry's options."""
+        key = (profile.slug, index)
+        eff = self._effective.get(key)
+        if eff is None:
+            choice = profile.candidates[index]
+            eff = profile.model_copy(update={"options": choice.options, "backends": None, "extension": choice.extension})
+            self._effective[key] = eff
+        return eff
+
+    def _row(self, sandbox_id: str) -> dict[str, Any]:
+        row = self.state.get(sandbox_id)
+        if row is None:
+            raise SandboxNotFound(f"no sandbox with id {sandbox_id!r}")
+        return row
+
+    def get(self, sandbox_id: str) -> SandboxStatus:
+        """The status of one sandbox. Raises SandboxNotFound."""
+        return _status(self._row(sandbox_id))
+
+    def list(self, *, all: bool = False) -> list[SandboxStatus]:  # noqa: A002 - mirrors the CLI flag
+        """Live sandboxes, or every one ever recorded with ``all=True``."""
+        return [_status(r) for r in self.state.list(states=None if all else LIVE_STATES)]
+
+    def events(self, sandbox_id: str | None = None) -> list[dict[str, Any]]:
+        return self.state.events(sandbox_id)
+
+    # ------------------------------------------------------------- create
+
+    def _check_inputs(self, profile: Profile, inputs: dict[str, Any]) -> dict[str, Any]:
+        reserved = sorted(RESERVED_INPUTS & set(inputs))
+        if reserved:
+            raise InputError(f"input {reserved[0]!r} is reserved for the manager and cannot be set")
+        merged = {**profile.inputs.defaults, **inputs}
+        missing = [k for k in profile.inputs.required if merged.get(k) in (None, "")]
+        if missing:
+            raise InputError(
+                f"profile {profile.slug!r} requires input {missing[0]!r}; pass it with --input {missing[0]}=VALUE"
+            )
+        return merged
+
+    def _ttl(self, profile: Profile, ttl: float | None) -> float:
+        if ttl is None:
+            return profile.ttl.default
+        if ttl <= 0:
+            raise TTLError(f"TTL must be positive, got {ttl:g}s")
+        if ttl > profile.ttl.max:
+            raise TTLError(
+                f"TTL {format_duration(ttl)} is over profile {profile.slug!r}'s maximum of "
+                f"{format_duration(profile.ttl.max)}"
+            )
+        return ttl
+
+    def create(self, request: SandboxCreateRequest | None = None, /, **kwargs: Any) -> SandboxStatus:
+        """Create a sandbox and wait until it is ready.
+
+        Args:
+            request: the request, or its fields as keyword arguments.
+
+        Returns:
+            The ready sandbox's status (with reachability).
+
+        Raises:
+            ProfileNotFound, InputError, TTLError, BudgetExceeded: the request is wrong; nothing was created.
+            CapacityUnavailable, RateLimited, AuthError, ProvisionError, ReadinessTimeout: the backend failed
+                (single-backend profile); nothing is left behind.
+            RoutingError: every backend of a multi-backend profile failed; ``.attempts`` says how.
+        """
+        req = request if request is not None else SandboxCreateRequest(**kwargs)
+        profile = self.profile(req.profile)
+        inputs = self._check_inputs(profile, req.inputs)
+        ttl = self._ttl(profile, req.ttl)
+        for _ in range(3):  # bounded: a named create may find its twin failed, then tries itself
+            if req.name:
+                existing = self.state.get_by_name(req.name)
+                if existing is not None:
+                    status = self._await_named(existing["id"], profile)
+                    if status is not None:
+                        return status
+                    continue
+            try:
+                return self.router.route(req, profile, inputs, ttl)
+            except NameTaken as taken:
+                status = self._await_named(taken.existing_id, profile)
+                if status is not None:
+                    return status
+        raise SandboxStateError(f"sandbox name {req.name!r} kept failing to create; see `sandboxer list --all`")
+
+    def _await_named(self, sandbox_id: str, profile: Profile) -> SandboxStatus | None:
+        """Wait for a racing create of the same name; None if it failed."""
+        deadline = time.monotonic() + profile.ready_timeout + STALE_GRACE_S
+        while time.monotonic() < deadline:
+            row = self._row(sandbox_id)
+            if row["state"] == "ready":
+                return _status(row)
+            if row["state"] in ("failed", "terminated"):
+                return None
+            if row["state"] in ("tearing_down", "teardown_failed"):
+                raise SandboxStateError(f"sandbox {sandbox_id!r} with that name is being torn down")
+            time.sleep(0.01)
+        raise SandboxStateError(f"sandbox {sandbox_id!r} with that name did not become ready in time")
+
+    def _tags(self, sandbox_id: str, req_labels: dict[str, str], consumer: str, profile: Profile) -> dict[str, str]:
+        return {
+            **profile.labels, **req_labels, **self.owner_labels,
+            "sandboxer.sandbox_id": sandbox_id, "sandboxer.consumer": consumer, "sandboxer.profile": profile.slug,
+        }
+
+    def attempt(
+        self,
+        *,
+        sandbox_id: str,
+        profile: Profile,
+        index: int,
+        host: str | None,
+        inputs: dict[str, Any],
+        ttl: float,
+        consumer: str,
+        labels: dict[str, str],
+        name: str | None,
+        limits: list[tuple[str, int, dict[str, Any]]],
+        detail: dict[str, Any],
+        start: Callable[[SandboxExtension, Profile, dict[str, Any], str | None], dict[str, Any]] | None = None,
+    ) -> SandboxStatus:
+        """One try at one backend: intent, provision, handle, ready; cleaned up on failure.
+
+        Raises:
+            state.OverCapacity: admission refused (nothing recorded or created).
+            TeardownError: a failed attempt could not be cleaned up (the router must stop).
+            The backend's error otherwise, after cleanup.
+        """
+        choice = profile.candidates[index]
+        eff = self.effective_profile(profile, index)
+        ext = self.extension(choice.extension)
+        now = time.time()
+        self.state.insert_intent({
+            "id": sandbox_id, "name": name, "profile": profile.slug, "extension": ext.id, "host": host,
+            "state": "provisioning", "handle": None, "reachability": None, "consumer": consumer,
+            "labels": labels, "resources": eff.resources.model_dump(), "created_at": now,
+            "expires_at": now + ttl, "attempts": 0, "last_error": None,
+        }, limits=limits)
+        all_inputs = {
+            **choice.inputs, **inputs, "sandbox_id": sandbox_id, "owner_labels": dict(self.owner_labels),
+            "tags": self._tags(sandbox_id, labels, consumer, profile),
+        }
+        with self._lock:
+            self._inflight.add(sandbox_id)
+        try:
+            try:
+                handle = (start or (lambda e, p, i, h: e.provision(p, i, h)))(ext, eff, all_inputs, host)
+            except BaseException as exc:
+                self._after_failed_provision(ext, sandbox_id, exc)
+                raise
+            self.state.transition(sandbox_id, "provisioned", handle=handle, host=handle.get("host", host))
+            try:
+                reach = ext.wait_ready(handle, timeout=eff.ready_timeout)
+            except BaseException as exc:
+                self._teardown_after_failure(ext, sandbox_id, handle, exc)
+                raise
+            row = self.state.transition(sandbox_id, "ready", state="ready", reachability=reach, ready_at=time.time())
+            assert row is not None
+            self.metering.started(row)
+            return _status(row)
+        finally:
+            with self._lock:
+                self._inflight.discard(sandbox_id)
+
+    def _after_failed_provision(self, ext: SandboxExtension, sandbox_id: str, exc: BaseException) -> None:
+        """Provision raised: make sure nothing of it is left, then mark the record failed."""
+        leftovers: list[dict[str, Any]] = []
+        if ext.supports("list_owned"):
+            try:
+                leftovers = [o for o in ext.list_owned(self.owner_labels) if o.get("sandbox_id") == sandbox_id]
+            except Exception as lexc:  # noqa: BLE001 - gc will retry; the original error matters more
+                log.warning("could not check %s for leftovers of %s: %s", ext.id, sandbox_id, lexc)
+        for item in leftovers:
+            try:
+                ext.teardown(item["handle"])
+            except Exception as texc:
+                self.state.transition(sandbox_id, "provision_failed", state="teardown_failed", handle=item["handle"],
+                                      last_error=f"{_short(exc)}; cleanup failed: {_short(texc)}")
+                raise TeardownError(
+                    f"sandbox {sandbox_id}: provision on {ext.id} failed ({exc}) and cleaning up what it left "
+                    f"failed too ({texc}); gc will retry", backend=ext.id,
+                ) from texc
+        self.state.transition(sandbox_id, "provision_failed", state="failed", last_error=_short(exc),
+                              terminated_at=time.time(), detail={"error": _short(exc), "cleaned": len(leftovers)})
+
+    def _teardown_after_failure(self, ext: SandboxExtension, sandbox_id: str, handle: dict[str, Any],
+                                exc: BaseException) -> None:
+        self.state.transition(sandbox_id, "ready_failed", state="tearing_down", last_error=_short(exc))
+        try:
+            report = ext.teardown(handle)
+        except Exception as texc:
+            self.state.transition(sandbox_id, "teardown_failed", state="teardown_failed",
+                                  last_error=f"{_short(exc)}; teardown failed: {_short(texc)}")
+            raise TeardownError(
+                f"sandbox {sandbox_id}: not ready ({exc}) and teardown failed ({texc}); gc will retry",
+                backend=ext.id,
+            ) from texc
+        self.state.transition(sandbox_id, "terminated", state="failed", terminated_at=time.time(), detail=report)
+
+    @contextmanager
+    def sandbox(self, profile: str, **kwargs: Any) -> Iterator[SandboxStatus]:
+        """Create a sandbox for a ``with`` block; it is torn down on any exit."""
+        sb = self.create(SandboxCreateRequest(profile=profile, **kwargs))
+        try:
+            yield sb
+        finally:
+            try:
+                self.teardown(sb.id)
+            except SandboxerError as exc:
+                log.error("teardown of %s failed on exit: %s (gc will retry)", sb.id, exc)
+
+    # --------------------------------------------------------------- exec
+
+    def _ready_row(self, sandbox_id: str, what: str) -> dict[str, Any]:
+        row = self._row(sandbox_id)
+        if row["state"] != "ready":
+            raise SandboxStateError(f"cannot {what} sandbox {sandbox_id}: it is {row['state']}, not ready")
+        if row["expires_at"] < time.time():
+            raise SandboxStateError(
+                f"cannot {what} sandbox {sandbox_id}: it expired at {_dt(row['expires_at']):%Y-%m-%d %H:%M:%S}Z"
+                " and will be reaped by gc"
+            )
+        return row
+
+    def exec(self, sandbox_id: str, argv: list[str], **kwargs: Any) -> ExecResult:
+        """Run ``argv`` in the sandbox; keyword arguments as :meth:`SandboxExtension.exec`.
+
+        Raises:
+            SandboxNotFound, SandboxStateError, CapabilityError, ExecError.
+        """
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise InputError(f"exec needs a non-empty list of strings, got {argv!r}")
+        row = self._ready_row(sandbox_id, "exec in")
+        ext = self.extension(row["extension"])
+        if not ext.supports("exec"):
+            raise CapabilityError(f"{ext.id} does not support exec (sandbox {sandbox_id})")
+        return ext.exec(row["handle"], list(argv), **kwargs)
+
+    # ----------------------------------------------------------- teardown
+
+    def teardown(self, sandbox_id: str) -> SandboxStatus:
+        """Tear a sandbox down. Idempotent: a terminated sandbox is returned as is.
+
+        Raises:
+            SandboxNotFound; SandboxStateError if it is still provisioning;
+            TeardownError if the backend could not confirm (state ``teardown_failed``).
+        """
+        row = self._row(sandbox_id)
+        if row["state"] in ("terminated", "failed"):
+            return _status(row)
+        if row["state"] == "provisioning" and sandbox_id in self._inflight:
+            raise SandboxStateError(f"sandbox {sandbox_id} is still provisioning; try again when it is ready")
+        return self._teardown_row(row, reason="requested")
+
+    def _teardown_row(self, row: dict[str, Any], *, reason: str) -> SandboxStatus:
+        sandbox_id = row["id"]
+        cur = self.state.transition(sandbox_id, "teardown_started", state="tearing_down",
+                                    expect=("ready", "tearing_down", "teardown_failed", "provisioning"),
+                                    detail={"reason": reason})
+        if cur is None:  # someone else finished it meanwhile
+            return self.get(sandbox_id)
+        if not cur["handle"]:  # never got a handle: nothing the backend knows by it; gc's list_owned covers it
+            done = self.state.transition(sandbox_id, "terminated", state="failed", terminated_at=time.time(),
+                                         detail={"reason": "no handle was recorded"})
+            return _status(done or self._row(sandbox_id))
+        ext = self.extension(cur["extension"])
+        try:
+            report = ext.teardown(cur["handle"])
+        except Exception as exc:
+            self.state.transition(sandbox_id, "teardown_failed", state="teardown_failed", last_error=_short(exc))
+            if isinstance(exc, TeardownError):
+                raise
+            raise TeardownError(f"teardown of sandbox {sandbox_id} on {ext.id} failed: {exc}", backend=ext.id) from exc
+        now = time.time()
+        done = self.state.transition(sandbox_id, "terminated", state="terminated", terminated_at=now, detail=report)
+        self.metering.stopped(sandbox_id, now)
+        return _status(done or self._row(sandbox_id))
+
+    # ---------------------------------------------------------- snapshots
+
+    def snapshot(self, sandbox_id: str) -> SnapshotMeta:
+        """Capture a ready sandbox into the snapshot catalog.
+
+        Raises:
+            CapabilityError: the backend has no snapshots (checked before any work).
+            SnapshotError: the backend failed; nothing usable is recorded.
+        """
+        row = self._ready_row(sandbox_id, "snapshot")
+        ext = self.extension(row["extension"])
+        if not ext.supports_snapshots():
+            raise CapabilityError(f"{ext.id} does not support snapshots (sandbox {sandbox_id})")
+        snap_id = "snap-" + uuid.uuid4().hex[:12]
+        now = time.time()
+        self.state.insert_snapshot({
+            "id": snap_id, "sandbox_id": sandbox_id, "extension": ext.id, "profile": row["profile"],
+            "consumer": row["consumer"], "state": "pending", "created_at": now, "data": None,
+        })
+        try:
+            out = ext.snapshot(row["handle"])
+        except BaseException as exc:
+            self.state.update_snapshot(snap_id, "snapshot_failed", state="failed", error=_short(exc))
+            if isinstance(exc, SnapshotError):
+                raise
+            raise SnapshotError(f"snapshot of sandbox {sandbox_id} on {ext.id} failed: {exc}", backend=ext.id) from exc
+        self.state.update_snapshot(snap_id, "snapshot_ready", state="ready", data=out.get("data") or {},
+                                   size_bytes=out.get("size_bytes"), checksum=out.get("checksum"))
+        return self._snapshot_meta(self.state.get_snapshot(snap_id) or {})
+
+    @staticmethod
+    def _snapshot_meta(row: dict[str, Any]) -> SnapshotMeta:
+        return SnapshotMeta(
+            id=row["id"], sandbox_id=row["sandbox_id"], extension=row["extension"], profile=row["profile"],
+            consumer=row["consumer"], created_at=_dt(row["created_at"]), size_bytes=row["size_bytes"],
+            checksum=row["checksum"], data=row["data"] or {},
+        )
+
+    def get_snapshot(self, snapshot_id: str) -> SnapshotMeta:
+        row = self.state.get_snapshot(snapshot_id)
+        if row is None or row["state"] != "ready":
+            raise SnapshotNotFound(f"no usable snapshot with id {snapshot_id!r}")
+        return self._snapshot_meta(row)
+
+    def snapshots(self) -> list[SnapshotMeta]:
+        return [self._snapshot_meta(r) for r in self.state.list_snapshots()]
+
+    def restore(self, snapshot_id: str, profile: str | None = None, *, inputs: dict[str, Any] | None = None,
+                consumer: str | None = None, ttl: float | None = None, labels: dict[str, str] | None = None,
+                host: str | None = None) -> SandboxStatus:
+        """Start a new sandbox from a snapshot, on the backend that made it."""
+        meta = self.get_snapshot(snapshot_id)
+        prof = self.profile(profile or meta.profile)
+        index = next((i for i, c in enumerate(prof.candidates) if c.extension == meta.extension), None)
+        if index is None:
+            raise InputError(
+                f"snapshot {snapshot_id} was made on {meta.extension}, which profile {prof.slug!r} does not use"
+            )
+        ext = self.extension(meta.extension)
+        if not ext.supports_snapshots():
+            raise CapabilityError(f"{ext.id} does not support snapshots")
+        merged = self._check_inputs(prof, inputs or {})
+        return self.attempt(
+            sandbox_id="sb-" + uuid.uuid4().hex[:12], profile=prof, index=index, host=host, inputs=merged,
+            ttl=self._ttl(prof, ttl), consumer=consumer or meta.consumer, labels=labels or {}, name=None,
+            limits=self.router.limits(prof, index, host), detail={"restore_of": snapshot_id},
+            start=lambda e, p, i, h: e.restore_from_snapshot(p, meta, i, h),
+        )
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        row = self.state.get_snapshot(snapshot_id)
+        if row is None:
+            raise SnapshotNotFound(f"no snapshot with id {snapshot_id!r}")
+        if row["state"] == "ready":
+            self.extension(row["extension"]).delete_snapshot(self._snapshot_meta(row))
+        self.state.delete_snapshot(snapshot_id)
+
+    # ---------------------------------------------------------------- cost
+
+    def quote(self, profile: str, duration: float) -> list[MeterQuote]:
+        """A price for ``duration`` seconds of ``profile`` on each of its backends."""
+        prof = self.profile(profile)
+        return [self.metering.quote(prof, i, duration) for i in range(len(prof.candidates))]
+
+    # ------------------------------------------------------------------ gc
+
+    def gc(self) -> CleanupReport:
+        """Reap expired sandboxes, retry failed teardowns, and reconcile with the backends.
+
+        Returns:
+            What was done; per-sandbox failures are in ``errors`` (gc never stops at the first).
+        """
+        report = CleanupReport()
+        now = time.time()
+        for row in self.state.list(states=("ready", "teardown_failed", "tearing_down", "provisioning")):
+            if row["id"] in self._inflight:
+                continue
+            bucket: list[str] | None = None
+            if row["state"] == "teardown_failed":
+                bucket = report.retried
+            elif row["state"] == "provisioning":
+                prof = self.catalog.profiles.get(row["profile"])
+                limit = (prof.ready_timeout if prof else 300.0) + STALE_GRACE_S
+                if now - row["created_at"] > limit:
+                    bucket = report.stale_provisioning
+            elif row["state"] == "tearing_down":
+                if now - (row["ready_at"] or row["created_at"]) > STALE_GRACE_S or row["expires_at"] < now:
+                    bucket = report.retried
+            elif row["expires_at"] < now:
+                bucket = report.expired
+            if bucket is None:
+                continue
+            try:
+                self._teardown_row(row, reason="gc")
+                bucket.append(row["id"])
+            except SandboxerError as exc:
+                report.errors[row["id"]] = str(exc)
+        self._reconcile(report)
+        self.metering.close_abandoned()
+        return report
+
+    def _reconcile(self, report: CleanupReport) -> None:
+        """Tear down what a backend holds for us but the store does not count as live."""
+        used = {r["extension"] for r in self.state.list(states=None)}
+        for ext_id in sorted(used):
+            loaded = self.catalog.extensions.get(ext_id)
+            if loaded is None or loaded.missing_extra or "list_owned" not in loaded.manifest.capabilities.features:
+                continue
+            ext = loaded.instance(self.home)
+            try:
+                owned = ext.list_owned(self.owner_labels)
+            except (BackendError, OSError) as exc:
+                report.errors[ext_id] = f"list_owned failed: {exc}"
+                continue
+            alive: list[str] = []
+            for item in owned:
+                sid = item.get("sandbox_id")
+                row = self.state.get(sid) if sid else None
+                if row is not None and row["state"] in ("ready", "tearing_down", "teardown_failed"):
+                    alive.append(sid)
+                    continue
+                if row is not None and row["state"] == "provisioning" and sid in self._inflight:
+                    continue
+                key = sid or repr(item.get("handle"))
+                try:
+                    ext.teardown(item["handle"])
+                except Exception as exc:  # noqa: BLE001 - recorded, retried next gc
+                    report.errors[key] = f"orphan teardown on {ext_id} failed: {exc}"
+                    continue
+                report.orphans.append(key)
+                if row is not None:
+                    self.state.transition(sid, "orphan_reaped", state="terminated" if row["state"] != "failed" else "failed",
+                                          terminated_at=row["terminated_at"] or time.time(),
+                                          detail={"handle": item["handle"]})
+                else:
+                    self.state.record_event(sid, "orphan_reaped", extension=ext_id, detail={"handle": item["handle"]})
+            self.state.touch(alive)

@@ -1,0 +1,191 @@
+"""Which backend serves a request, and what happens when it can't.
+
+Policy ``priority`` tries a profile's backends in order; ``cheapest`` orders
+them by quote for the requested TTL. Admission is atomic (the state store
+counts live sandboxes and inserts the intent in one locked transaction).
+
+Fallback rules: capacity and quota errors try the next host, then the next
+backend; ``RateLimited`` and ``AuthError`` also block that backend for a
+cooldown; transient provision failures and readiness timeouts fall through
+to the next backend; request errors stop at once; a failed attempt that
+could not be cleaned up stops everything (never provision twice and lose
+one). The final error lists every attempt: backend, host, error.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from sandboxer.errors import (
+    AuthError,
+    BackendError,
+    CapacityUnavailable,
+    MissingExtra,
+    ProvisionError,
+    QuotaExceeded,
+    RateLimited,
+    ReadinessTimeout,
+    RoutingError,
+    TeardownError,
+)
+from sandboxer.models import Profile, SandboxCreateRequest, SandboxStatus
+from sandboxer.state import OverCapacity
+
+if TYPE_CHECKING:
+    from sandboxer.manager import Manager
+
+#: How long a backend is skipped after it refused our credentials.
+AUTH_COOLDOWN_S = 300.0
+#: Cooldown after RateLimited without a retry_after.
+RATE_LIMIT_COOLDOWN_S = 5.0
+
+
+class Router:
+    def __init__(self, manager: "Manager"):
+        self.manager = manager
+        self._cooldown: dict[str, tuple[float, str]] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ cooldowns
+
+    def block(self, ext_id: str, seconds: float, reason: str) -> None:
+        until = time.monotonic() + seconds
+        with self._lock:
+            self._cooldown[ext_id] = (until, reason)
+        self.manager.state.record_event(None, "backend_blocked", extension=ext_id,
+                                        detail={"seconds": seconds, "reason": reason})
+
+    def blocked(self, ext_id: str) -> tuple[float, str] | None:
+        with self._lock:
+            entry = self._cooldown.get(ext_id)
+            if entry and entry[0] <= time.monotonic():
+                del self._cooldown[ext_id]
+                return None
+            return entry
+
+    # ------------------------------------------------------------- limits
+
+    def limits(self, profile: Profile, index: int, host: str | None) -> list[tuple[str, int, dict[str, Any]]]:
+        choice = profile.candidates[index]
+        out: list[tuple[str, int, dict[str, Any]]] = []
+        if choice.capacity is not None:
+            out.append((choice.extension, choice.capacity, {"extension": choice.extension}))
+        if host is not None:
+            per_host = choice.capacity_per_host
+            if per_host is None:
+                per_host = self.manager.extension(choice.extension).hosts().get(host)
+            if per_host is not None:
+                out.append((f"{choice.extension} host {host}", per_host, {"extension": choice.extension, "host": host}))
+        return out
+
+    def _hosts(self, profile: Profile, index: int) -> list[str | None]:
+        choice = profile.candidates[index]
+        hosts = list(choice.hosts) or list(self.manager.extension(choice.extension).hosts())
+        return hosts or [None]
+
+    # -------------------------------------------------------------- route
+
+    def order(self, profile: Profile, ttl: float) -> list[int]:
+        idx = list(range(len(profile.candidates)))
+        if profile.routing == "cheapest":
+            idx.sort(key=lambda i: self.manager.metering.quote(profile, i, ttl).amount)
+        return idx
+
+    def route(self, req: SandboxCreateRequest, profile: Profile, inputs: dict[str, Any], ttl: float) -> SandboxStatus:
+        """Create on the first backend (in policy order) that can take it.
+
+        Raises:
+            RequestError subclasses at once; the single backend's own error for a
+            one-backend profile; RoutingError listing every attempt otherwise.
+        """
+        mgr = self.manager
+        attempts: list[dict[str, Any]] = []
+        last: BaseException | None = None
+        single = len(profile.candidates) == 1
+        order = self.order(profile, ttl)
+        for rank, index in enumerate(order):
+            choice = profile.candidates[index]
+            ext_id = choice.extension
+            blocked = self.blocked(ext_id)
+            if blocked:
+                left = blocked[0] - time.monotonic()
+                last = CapacityUnavailable(f"{ext_id} is blocked for {left:.0f}s more after: {blocked[1]}", backend=ext_id)
+                self._skip(attempts, profile, ext_id, None, str(last))
+                continue
+            loaded = mgr.catalog.extensions[ext_id]
+            if loaded.missing_extra:
+                if single:
+                    raise MissingExtra(loaded.missing_extra)
+                last = MissingExtra(loaded.missing_extra)
+                self._skip(attempts, profile, ext_id, None, loaded.missing_extra)
+                continue
+            quote = mgr.metering.quote(profile, index, ttl)
+            if choice.cost_ceiling is not None and quote.amount > choice.cost_ceiling:
+                last = CapacityUnavailable(
+                    f"quote {quote.amount:.4f} {quote.currency} for {ttl:g}s is over this backend's cost ceiling "
+                    f"{choice.cost_ceiling:g}", backend=ext_id)
+                self._skip(attempts, profile, ext_id, None, str(last))
+                continue
+            mgr.metering.check_budget(req.consumer, quote)
+            for host in self._hosts(profile, index):
+                sandbox_id = "sb-" + uuid.uuid4().hex[:12]
+                try:
+                    return mgr.attempt(
+                        sandbox_id=sandbox_id, profile=profile, index=index, host=host, inputs=inputs, ttl=ttl,
+                        consumer=req.consumer, labels=req.labels, name=req.name,
+                        limits=self.limits(profile, index, host),
+                        detail={"policy": profile.routing, "rank": rank, "fallback": bool(attempts)},
+                    )
+                except OverCapacity as exc:
+                    last = CapacityUnavailable(f"{exc.scope} is full ({exc.limit} live sandboxes)", backend=ext_id, host=host)
+                    self._skip(attempts, profile, ext_id, host, str(last))
+                    continue
+                except (CapacityUnavailable, QuotaExceeded) as exc:
+                    last = exc
+                    attempts.append(self._attempt(ext_id, host, exc, sandbox_id))
+                    continue
+                except RateLimited as exc:
+                    last = exc
+                    attempts.append(self._attempt(ext_id, host, exc, sandbox_id))
+                    self.block(ext_id, exc.retry_after or RATE_LIMIT_COOLDOWN_S, f"rate limited: {exc}")
+                    break
+                except AuthError as exc:
+                    last = exc
+                    attempts.append(self._attempt(ext_id, host, exc, sandbox_id))
+                    self.block(ext_id, AUTH_COOLDOWN_S, f"credentials refused: {exc}")
+                    break
+                except TeardownError as exc:
+                    attempts.append(self._attempt(ext_id, host, exc, sandbox_id))
+                    raise RoutingError(
+                        f"stopped routing profile {profile.slug!r}: a failed attempt could not be cleaned up "
+                        f"(gc will retry it); not trying further backends so that nothing is lost", attempts,
+                    ) from exc
+                except (ProvisionError, ReadinessTimeout) as exc:
+                    last = exc
+                    attempts.append(self._attempt(ext_id, host, exc, sandbox_id))
+                    if isinstance(exc, ProvisionError) and not exc.transient:
+                        return self._fail(profile, attempts, exc, single)
+                    break
+                except BackendError as exc:
+                    attempts.append(self._attempt(ext_id, host, exc, sandbox_id))
+                    return self._fail(profile, attempts, exc, single)
+        return self._fail(profile, attempts, last, single)
+
+    @staticmethod
+    def _attempt(ext_id: str, host: str | None, exc: BaseException, sandbox_id: str | None = None) -> dict[str, Any]:
+        return {"backend": ext_id, "host": host, "error": f"{type(exc).__name__}: {exc}", "sandbox_id": sandbox_id}
+
+    def _skip(self, attempts: list[dict[str, Any]], profile: Profile, ext_id: str, host: str | None, why: str) -> None:
+        attempts.append({"backend": ext_id, "host": host, "error": why, "sandbox_id": None})
+        self.manager.state.record_event(None, "route_skip", extension=ext_id,
+                                        detail={"profile": profile.slug, "host": host, "reason": why})
+
+    def _fail(self, profile: Profile, attempts: list[dict[str, Any]], last: BaseException | None, single: bool):
+        if single and last is not None:
+            if len(attempts) > 1:
+                last.add_note("attempts:\n" + "\n".join(f"  - {a['backend']} (host {a['host'] or '-'}): {a['error']}" for a in attempts))
+            raise last
+        raise RoutingError(f"no backend could serve profile {profile.slug!r}", attempts) from last

@@ -1,0 +1,409 @@
+"""The only module that touches the state store.
+
+SQLAlchemy Core over SQLite by default (WAL, file mode 0600), or any server
+database by URL. Rules kept here:
+
+* JSON columns for structured data, never pickles;
+* a schema version in ``meta`` and explicit, ordered migrations;
+* every state change and its audit event are written in one transaction;
+* every write transaction takes the write lock up front (``BEGIN IMMEDIATE``
+  on SQLite, an advisory lock on PostgreSQL), so "count, then insert" in
+  :meth:`StateStore.insert_intent` is atomic across threads and processes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+SCHEMA_VERSION = 2
+LIVE_STATES = ("provisioning", "ready", "tearing_down", "teardown_failed")
+
+metadata = MetaData()
+
+meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False))
+
+sandboxes = Table(
+    "sandboxes",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(128)),
+    Column("profile", String(128), nullable=False),
+    Column("extension", String(128), nullable=False),
+    Column("host", String(255)),
+    Column("state", String(32), nullable=False),
+    Column("handle", JSON),
+    Column("reachability", JSON),
+    Column("consumer", String(255), nullable=False),
+    Column("labels", JSON, nullable=False),
+    Column("resources", JSON),
+    Column("created_at", Float, nullable=False),
+    Column("ready_at", Float),
+    Column("expires_at", Float, nullable=False),
+    Column("terminated_at", Float),
+    Column("last_seen_at", Float),
+    Column("last_error", Text),
+    Column("attempts", Integer, nullable=False, default=0),
+    Index("ix_sandboxes_state", "state"),
+    Index("ix_sandboxes_ext_host", "extension", "host"),
+    Index(
+        "ux_sandboxes_live_name",
+        "name",
+        unique=True,
+        sqlite_where=text("name IS NOT NULL AND state IN ('provisioning','ready','tearing_down','teardown_failed')"),
+        postgresql_where=text("name IS NOT NULL AND state IN ('provisioning','ready','tearing_down','teardown_failed')"),
+    ),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("ts", Float, nullable=False),
+    Column("sandbox_id", String(64)),
+    Column("kind", String(64), nullable=False),
+    Column("from_state", String(32)),
+    Column("to_state", String(32)),
+    Column("consumer", String(255)),
+    Column("extension", String(128)),
+    Column("detail", JSON),
+    Index("ix_events_sandbox", "sandbox_id"),
+)
+
+snapshots = Table(
+    "snapshots",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("sandbox_id", String(64), nullable=False),
+    Column("extension", String(128), nullable=False),
+    Column("profile", String(128), nullable=False),
+    Column("consumer", String(255), nullable=False),
+    Column("state", String(16), nullable=False),  # pending | ready | failed
+    Column("created_at", Float, nullable=False),
+    Column("size_bytes", Integer),
+    Column("checksum", String(128)),
+    Column("data", JSON),
+    Column("error", Text),
+)
+
+# Migration 2 (issue 5): metered usage and the export outbox.
+usage = Table(
+    "usage",
+    metadata,
+    Column("sandbox_id", String(64), primary_key=True),
+    Column("consumer", String(255), nullable=False),
+    Column("profile", String(128), nullable=False),
+    Column("extension", String(128), nullable=False),
+    Column("resources", JSON),
+    Column("price", JSON),
+    Column("started_at", Float, nullable=False),
+    Column("stopped_at", Float),
+    Column("amount", Float),
+    Column("currency", String(8)),
+)
+
+exports = Table(
+    "exports",
+    metadata,
+    Column("record_id", String(128), primary_key=True),
+    Column("sink", String(128), primary_key=True),
+    Column("record", JSON, nullable=False),
+    Column("state", String(16), nullable=False),  # pending | delivered
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("updated_at", Float, nullable=False),
+)
+
+
+class NameTaken(Exception):
+    """A live sandbox already has that name; ``existing_id`` says which."""
+
+    def __init__(self, existing_id: str):
+        super().__init__(existing_id)
+        self.existing_id = existing_id
+
+
+class OverCapacity(Exception):
+    """Admission refused: ``scope`` is full at ``limit``."""
+
+    def __init__(self, scope: str, limit: int):
+        super().__init__(f"{scope} is at its capacity of {limit}")
+        self.scope = scope
+        self.limit = limit
+
+
+def default_home() -> Path:
+    env = os.environ.get("SANDBOXER_HOME")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "sandboxer"
+
+
+def _migrate_1(conn: Connection) -> None:
+    for t in (meta, sandboxes, events, snapshots):
+        t.create(conn, checkfirst=True)
+
+
+def _migrate_2(conn: Connection) -> None:
+    for t in (usage, exports):
+        t.create(conn, checkfirst=True)
+
+
+MIGRATIONS = {1: _migrate_1, 2: _migrate_2}
+
+
+class StateStore:
+    """Durable record of sandboxes, events, snapshots and usage."""
+
+    def __init__(self, url: str | None = None, *, home: Path | None = None):
+        if url is None:
+            home = Path(home) if home else default_home()
+            home.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path = home / "state.db"
+            if not path.exists():
+                fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+                os.close(fd)
+            os.chmod(path, 0o600)
+            url = f"sqlite:///{path}"
+        self.url = url
+        self.engine: Engine = create_engine(url, future=True, **self._engine_args(url))
+        if self.engine.dialect.name == "sqlite":
+            self._sqlite_setup(self.engine)
+        self._migrate()
+        self.owner_id = self._owner_id()
+
+    # ------------------------------------------------------------- engine
+
+    @staticmethod
+    def _engine_args(url: str) -> dict[str, Any]:
+        if url.startswith("sqlite"):
+            return {"connect_args": {"check_same_thread": False, "timeout": 60}, "pool_size": 8, "max_overflow": 32}
+        return {"pool_pre_ping": True}
+
+    @staticmethod
+    def _sqlite_setup(engine: Engine) -> None:
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves, below
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn):  # type: ignore[no-untyped-def]
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get("write") else "BEGIN")
+
+    @contextmanager
+    def _tx(self, write: bool = True) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            conn.info["write"] = write
+            with conn.begin():
+                if write and self.engine.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(7261001)"))
+                yield conn
+
+    def _migrate(self) -> None:
+        with self._tx() as conn:
+            meta.create(conn, checkfirst=True)
+            row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
+            current = int(row) if row else 0
+            if current > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"state store {self.url} has schema version {current}, newer than this sand-boxer "
+                    f"({SCHEMA_VERSION}); upgrade sand-boxer"
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                MIGRATIONS[version](conn)
+            if current != SCHEMA_VERSION:
+                self._set_meta(conn, "schema_version", str(SCHEMA_VERSION))
+
+    @staticmethod
+    def _set_meta(conn: Connection, key: str, value: str) -> None:
+        if conn.execute(select(meta.c.key).where(meta.c.key == key)).first():
+            conn.execute(update(meta).where(meta.c.key == key).values(value=value))
+        else:
+            conn.execute(insert(meta).values(key=key, value=value))
+
+    def _owner_id(self) -> str:
+        with self._tx() as conn:
+            value = conn.execute(select(meta.c.value).where(meta.c.key == "owner_id")).scalar()
+            if not value:
+                value = uuid.uuid4().hex[:16]
+                self._set_meta(conn, "owner_id", value)
+            return value
+
+    def schema_version(self) -> int:
+        with self._tx(write=False) as conn:
+            return int(conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar_one())
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---------------------------------------------------------- sandboxes
+
+    @staticmethod
+    def _event(conn: Connection, sandbox_id: str | None, kind: str, *, from_state: str | None = None,
+               to_state: str | None = None, consumer: str | None = None, extension: str | None = None,
+               detail: dict[str, Any] | None = None, ts: float | None = None) -> None:
+        conn.execute(insert(events).values(
+            ts=ts or time.time(), sandbox_id=sandbox_id, kind=kind, from_state=from_state, to_state=to_state,
+            consumer=consumer, extension=extension, detail=detail or {},
+        ))
+
+    def insert_intent(self, row: dict[str, Any], *, limits: list[tuple[str, int, dict[str, Any]]] = ()) -> None:
+        """Record a sandbox in state ``provisioning`` before any side effect.
+
+        Args:
+            row: the sandbox's columns.
+            limits: ``(scope, limit, column filter)``: refuse if the live sandboxes
+                matching the filter already number ``limit`` (checked atomically).
+
+        Raises:
+            NameTaken: a live sandbox already has ``row['name']``.
+            OverCapacity: one of ``limits`` is reached.
+        """
+        try:
+            with self._tx() as conn:
+                if row.get("name"):
+                    existing = conn.execute(select(sandboxes.c.id).where(and_(
+                        sandboxes.c.name == row["name"], sandboxes.c.state.in_(LIVE_STATES)))).scalar()
+                    if existing:
+                        raise NameTaken(existing)
+                for scope, limit, where in limits:
+                    conds = [sandboxes.c.state.in_(LIVE_STATES)] + [sandboxes.c[k] == v for k, v in where.items()]
+                    n = conn.execute(select(func.count()).select_from(sandboxes).where(and_(*conds))).scalar_one()
+                    if n >= limit:
+                        raise OverCapacity(scope, limit)
+                conn.execute(insert(sandboxes).values(**row))
+                self._event(conn, row["id"], "create_intent", to_state=row["state"], consumer=row["consumer"],
+                            extension=row["extension"], detail={"profile": row["profile"], "host": row.get("host")},
+                            ts=row["created_at"])
+        except IntegrityError:
+            existing = self.get_by_name(row["name"]) if row.get("name") else None
+            if existing:
+                raise NameTaken(existing["id"]) from None
+            raise
+
+    def transition(self, sandbox_id: str, kind: str, *, expect: tuple[str, ...] | None = None,
+                   detail: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any] | None:
+        """Update a sandbox and append its event in one transaction.
+
+        Returns:
+            The updated row, or None if the sandbox is missing or not in ``expect``.
+        """
+        with self._tx() as conn:
+            cur = conn.execute(select(sandboxes).where(sandboxes.c.id == sandbox_id)).mappings().first()
+            if cur is None or (expect is not None and cur["state"] not in expect):
+                return None
+            if fields:
+                conn.execute(update(sandboxes).where(sandboxes.c.id == sandbox_id).values(**fields))
+            self._event(conn, sandbox_id, kind, from_state=cur["state"], to_state=fields.get("state", cur["state"]),
+                        consumer=cur["consumer"], extension=cur["extension"], detail=detail)
+            return {**cur, **fields}
+
+    def record_event(self, sandbox_id: str | None, kind: str, **kw: Any) -> None:
+        with self._tx() as conn:
+            self._event(conn, sandbox_id, kind, **kw)
+
+    def get(self, sandbox_id: str) -> dict[str, Any] | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute(select(sandboxes).where(sandboxes.c.id == sandbox_id)).mappings().first()
+            return dict(row) if row else None
+
+    def get_by_name(self, name: str) -> dict[str, Any] | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute(select(sandboxes).where(and_(
+                sandboxes.c.name == name, sandboxes.c.state.in_(LIVE_STATES)))).mappings().first()
+            return dict(row) if row else None
+
+    def list(self, *, states: tuple[str, ...] | None = LIVE_STATES, where: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        q = select(sandboxes).order_by(sandboxes.c.created_at)
+        if states is not None:
+            q = q.where(sandboxes.c.state.in_(states))
+        for k, v in (where or {}).items():
+            q = q.where(sandboxes.c[k] == v)
+        with self._tx(write=False) as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def count_live(self, **where: Any) -> int:
+        conds = [sandboxes.c.state.in_(LIVE_STATES)] + [sandboxes.c[k] == v for k, v in where.items()]
+        with self._tx(write=False) as conn:
+            return conn.execute(select(func.count()).select_from(sandboxes).where(and_(*conds))).scalar_one()
+
+    def touch(self, sandbox_ids: list[str], ts: float | None = None) -> None:
+        """Note that these sandboxes were seen alive (closes usage intervals after a crash)."""
+        if sandbox_ids:
+            with self._tx() as conn:
+                conn.execute(update(sandboxes).where(sandboxes.c.id.in_(sandbox_ids)).values(last_seen_at=ts or time.time()))
+
+    def events(self, sandbox_id: str | None = None) -> list[dict[str, Any]]:
+        q = select(events).order_by(events.c.seq)
+        if sandbox_id is not None:
+            q = q.where(events.c.sandbox_id == sandbox_id)
+        with self._tx(write=False) as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    # ---------------------------------------------------------- snapshots
+
+    def insert_snapshot(self, row: dict[str, Any]) -> None:
+        with self._tx() as conn:
+            conn.execute(insert(snapshots).values(**row))
+            self._event(conn, row["sandbox_id"], "snapshot_intent", consumer=row["consumer"],
+                        extension=row["extension"], detail={"snapshot_id": row["id"]})
+
+    def update_snapshot(self, snapshot_id: str, kind: str, **fields: Any) -> None:
+        with self._tx() as conn:
+            cur = conn.execute(select(snapshots).where(snapshots.c.id == snapshot_id)).mappings().first()
+            if cur is None:
+                return
+            conn.execute(update(snapshots).where(snapshots.c.id == snapshot_id).values(**fields))
+            self._event(conn, cur["sandbox_id"], kind, consumer=cur["consumer"], extension=cur["extension"],
+                        detail={"snapshot_id": snapshot_id, **({"error": fields["error"]} if fields.get("error") else {})})
+
+    def get_snapshot(self, snapshot_id: str) -> dict[str, Any] | None:
+        with self._tx(write=False) as conn:
+            row = conn.execute(select(snapshots).where(snapshots.c.id == snapshot_id)).mappings().first()
+            return dict(row) if row else None
+
+    def list_snapshots(self, *, states: tuple[str, ...] = ("ready",)) -> list[dict[str, Any]]:
+        with self._tx(write=False) as conn:
+            q = select(snapshots).where(snapshots.c.state.in_(states)).order_by(snapshots.c.created_at)
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        with self._tx() as conn:
+            cur = conn.execute(select(snapshots).where(snapshots.c.id == snapshot_id)).mappings().first()
+            conn.execute(delete(snapshots).where(snapshots.c.id == snapshot_id))
+            if cur is not None:
+                self._event(conn, cur["sandbox_id"], "snapshot_deleted", consumer=cur["consumer"],
+                            extension=cur["extension"], detail={"snapshot_id": snapshot_id})
