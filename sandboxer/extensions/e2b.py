@@ -189,6 +189,7 @@ class E2BExtension(SandboxExtension):
             gone: the class a "sandbox not found" becomes (default: ``fallback``).
         """
         sdk = _sdk()
+        httpx = importlib.import_module("httpx")  # the SDK's own HTTP client, present whenever the SDK is
         where = f"E2B {op}" + (f" of sandbox {sandbox}" if sandbox else "")
         try:
             yield
@@ -225,7 +226,10 @@ class E2BExtension(SandboxExtension):
             if status == 503:
                 raise CapacityUnavailable(msg, backend=self.id) from None
             raise self._make(fallback, msg, transient=status is None or status >= 500) from None
-        except OSError as exc:  # connection refused/reset: pyqwest raises builtin ConnectionError/TimeoutError
+        except httpx.TimeoutException as exc:
+            raise self._make(fallback, f"{where}: timed out: {self._detail(exc, key)}", transient=True) from None
+        except (httpx.TransportError, OSError) as exc:
+            # REST calls surface httpx's errors; envd RPCs the builtin ConnectionError/TimeoutError (pyqwest)
             raise self._make(
                 fallback, f"{where}: cannot reach E2B: {type(exc).__name__}: {self._detail(exc, key)}", transient=True
             ) from None
@@ -499,7 +503,8 @@ class E2BExtension(SandboxExtension):
         """What E2B reports of the sandbox: its size and times (None once it is gone).
 
         The manager prices the recorded start and stop; this refines them with
-        the vCPU count and memory E2B actually gave the sandbox.
+        the vCPUs and memory E2B actually gave the sandbox, as
+        ``rate_per_second`` (the manifest's prices applied to that size).
         """
         sid = handle["e2b_sandbox_id"]
         consumer = handle.get("consumer")
@@ -516,14 +521,15 @@ class E2BExtension(SandboxExtension):
             return None
         cpu = float(info.cpu_count)
         gib = float(info.memory_mb) / 1024
-        started = info.started_at.timestamp() if info.started_at else handle.get("started_at")
+        p = self.manifest.pricing
+        rate = (p.per_second + p.per_vcpu_second * cpu + p.per_gib_second * gib) if p else 0.0
         return {
             "source": "e2b",
             "e2b_sandbox_id": sid,
             "vcpus": cpu,
             "memory_gib": gib,
+            "rate_per_second": rate,
             "started_at": _iso(info.started_at),
             "end_at": _iso(info.end_at),
             "state": str(getattr(info.state, "value", info.state)),
-            "started_ts": started,
         }

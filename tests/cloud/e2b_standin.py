@@ -221,12 +221,14 @@ class E2BStandIn:
         self.faults: list[Fault] = []
         self.max_concurrent: int | None = None
         self.boot_delay = 0.0
+        self.page_limit: int | None = None  # a server may return fewer than asked, with a next token
         self.lock = threading.RLock()
         self.root = Path(tempfile.mkdtemp(prefix="e2b-standin-"))
         self._envd = ProcessWSGIApplication(_Process(self), codecs=[ENVD_JSON_CODEC])
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._conns: set[socket.socket] = set()
+        self._ids: set[str] = set()  # every sandbox and snapshot id handed out, for routes()
 
     # ------------------------------------------------------------ control
 
@@ -277,7 +279,7 @@ class E2BStandIn:
         out = []
         for c in self.calls:
             p = c["path"]
-            for sid in list(self.boxes) + list(self.snapshots):
+            for sid in self._ids:
                 p = p.replace(sid, "{id}")
             out.append(f"{c['method']} {p}")
         return out
@@ -351,6 +353,7 @@ class E2BStandIn:
             started_at=now, end_at=now + timeout, ready_at=now + self.boot_delay,
         )
         self.boxes[sid] = box
+        self._ids.add(sid)
         return 201, box.created(), {}
 
     def _list(self, key: str, query: dict[str, list[str]], body: Any) -> tuple[int, Any, dict[str, str]]:
@@ -363,6 +366,8 @@ class E2BStandIn:
         rows = [b for b in sorted(self.live(key), key=lambda b: (b.started_at, b.id))
                 if b.state in states and all(b.metadata.get(k) == v for k, v in want.items())]
         limit = int(query.get("limit", ["100"])[0])
+        if self.page_limit is not None:
+            limit = min(limit, self.page_limit)
         offset = int(query.get("nextToken", ["0"])[0])
         page = rows[offset:offset + limit]
         headers = {"x-next-token": str(offset + limit)} if offset + limit < len(rows) else {}
@@ -421,6 +426,7 @@ class E2BStandIn:
         target = self.root / "snapshots" / snap_id
         shutil.copytree(box.workdir, target)
         self.snapshots[snap_id] = {"dir": target, "source": sid, "team": key}
+        self._ids.add(snap_id)
         return 201, {"snapshotID": snap_id, "names": [f"standin/{name}:default"]}, {}
 
     def _delete_template(self, key: str, query: Any, body: Any, tid: str) -> tuple[int, Any, dict[str, str]]:

@@ -1,0 +1,399 @@
+"""ext.e2b against a stand-in E2B API + envd, driven by the unmodified e2b SDK.
+
+The stand-in (tests/cloud/e2b_standin.py) is a real HTTP server on 127.0.0.1;
+nothing in the SDK is mocked. Every test fails if the SDK called a route the
+stand-in does not implement.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+pytest.importorskip("e2b", reason="the e2b extra is not installed: pip install 'sand-boxer[e2b]'")
+
+from sandboxer.errors import (  # noqa: E402 - after the importorskip
+    AuthError,
+    CapacityUnavailable,
+    ProvisionError,
+    QuotaExceeded,
+    RateLimited,
+    ReadinessTimeout,
+    TTLError,
+)
+from sandboxer.loader import load_catalog  # noqa: E402
+from sandboxer.models import SnapshotMeta  # noqa: E402
+
+from tests.cloud.e2b_standin import E2BStandIn  # noqa: E402
+
+OWNER = {"sandboxer.owner": "owner-test"}
+KEY_ENV = "SBX_TEST_E2B_KEY"
+ALICE_ENV = "SBX_TEST_E2B_ALICE_KEY"
+
+
+@pytest.fixture
+def sentinel() -> str:
+    """The operator's API key: a value that must never leak anywhere."""
+    return "e2b_SENTINEL" + secrets.token_hex(12)
+
+
+@pytest.fixture
+def standin(sentinel: str) -> Iterator[E2BStandIn]:
+    server = E2BStandIn([sentinel]).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert not server.unimplemented, f"the SDK called routes the stand-in lacks: {server.unimplemented}"
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path, standin: E2BStandIn, sentinel: str, monkeypatch: pytest.MonkeyPatch):
+    """Writes ext.test-e2b.yaml (+ profile.test-e2b.yaml) pointing at the stand-in; returns a writer."""
+    monkeypatch.setenv(KEY_ENV, sentinel)
+    monkeypatch.delenv("E2B_DEBUG", raising=False)
+    monkeypatch.delenv("E2B_API_KEY", raising=False)
+    cfg = tmp_path / "cfg"
+
+    def write(**config: Any) -> Path:
+        (cfg / "extensions").mkdir(parents=True, exist_ok=True)
+        (cfg / "profiles").mkdir(parents=True, exist_ok=True)
+        manifest = yaml.safe_load((Path(__file__).parents[2] / "extensions" / "ext.e2b.yaml").read_text())
+        manifest["id"] = "ext.test-e2b"
+        manifest["config"] = {
+            "api_key": {"env": KEY_ENV}, "api_url": standin.url, "sandbox_url": standin.url,
+            "request_timeout": 10, "plan_max_ttl": "1h", **config,
+        }
+        (cfg / "extensions" / "ext.test-e2b.yaml").write_text(yaml.safe_dump(manifest))
+        profile = {
+            "slug": "test-e2b", "extension": "ext.test-e2b", "ttl": {"default": "10m", "max": "2h"},
+            "ready_timeout": 10, "resources": {"cpu": 2, "memory_mb": 1024}, "options": {"template": "base"},
+        }
+        (cfg / "profiles" / "profile.test-e2b.yaml").write_text(yaml.safe_dump(profile))
+        return cfg
+
+    return write
+
+
+@pytest.fixture
+def make_ext(config_dir):
+    def make(**config: Any):
+        catalog = load_catalog([config_dir(**config)], builtins=False)
+        return catalog.extensions["ext.test-e2b"].instance(), catalog.profiles["test-e2b"]
+
+    return make
+
+
+def inputs(sandbox_id: str, consumer: str = "bob", **extra: Any) -> dict[str, Any]:
+    return {
+        "sandbox_id": sandbox_id, "owner_labels": dict(OWNER),
+        "tags": {**OWNER, "sandboxer.sandbox_id": sandbox_id, "sandboxer.consumer": consumer,
+                 "sandboxer.profile": "test-e2b"},
+        **extra,
+    }
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+def test_create_ready_exec_snapshot_restore_teardown(make_ext, standin: E2BStandIn, sentinel: str):
+    ext, profile = make_ext()
+    handle = ext.provision(profile, inputs("sbx-1"), None)
+    box = standin.boxes[handle["e2b_sandbox_id"]]
+    assert box.metadata == {**OWNER, "sandboxer.sandbox_id": "sbx-1", "sandboxer.consumer": "bob",
+                            "sandboxer.profile": "test-e2b"}
+    assert box.template == "base"
+    assert box.end_at - box.started_at == pytest.approx(600, abs=2)  # the profile's default TTL is E2B's timeout
+
+    reach = ext.wait_ready(handle, timeout=10)
+    assert reach["e2b_sandbox_id"] == handle["e2b_sandbox_id"]
+
+    res = ext.exec(handle, ["sh", "-c", "echo made > state.txt && echo hi && echo oops >&2"])
+    assert (res.exit_code, res.stdout, res.stderr) == (0, "hi\n", "oops\n")
+
+    snap = ext.snapshot(handle)
+    meta = SnapshotMeta(id="snap-1", sandbox_id="sbx-1", extension=ext.id, profile="test-e2b",
+                        created_at="2026-11-21T00:00:00Z", data=snap["data"])
+    restored = ext.restore_from_snapshot(profile, meta, inputs("sbx-2"), None)
+    assert restored["e2b_sandbox_id"] != handle["e2b_sandbox_id"]
+    ext.wait_ready(restored, timeout=10)
+    assert ext.exec(restored, ["cat", "state.txt"]).stdout == "made\n"
+    assert standin.boxes[restored["e2b_sandbox_id"]].metadata["sandboxer.sandbox_id"] == "sbx-2"
+
+    assert ext.teardown(handle)["killed"] is True
+    assert ext.teardown(restored)["killed"] is True
+    assert standin.live() == []
+    ext.delete_snapshot(meta)
+    ext.delete_snapshot(meta)  # idempotent
+    assert standin.snapshots == {}
+
+    routes = standin.routes()
+    for expected in ("POST /v2/sandboxes", "POST /v2/sandboxes/{id}/connect", "GET /health",
+                     "POST /process.Process/Start", "POST /sandboxes/{id}/snapshots", "DELETE /sandboxes/{id}",
+                     "DELETE /templates/{id}"):
+        assert expected in routes
+    api = [c for c in standin.calls if c["plane"] == "api"]
+    assert all(c["headers"].get("x-api-key") == sentinel for c in api)
+    starts = [c for c in standin.calls if c["path"] == "/process.Process/Start"]
+    assert all(c["headers"]["e2b-sandbox-id"] and c["headers"]["x-access-token"] for c in starts)
+    # Connect RPC, JSON codec, streaming request body sent chunked
+    assert all(c["headers"]["content-type"] == "application/connect+json" for c in starts)
+    assert all(c["headers"].get("transfer-encoding") == "chunked" for c in starts)
+    # the handle is stored in the state DB: it must hold neither the key nor envd's access token
+    for h in (handle, restored):
+        assert sentinel not in repr(h)
+        assert all(b.token not in repr(h) for b in standin.boxes.values())
+
+
+def test_exec_exit_code_env_cwd_stdin_streaming_and_timeout(make_ext, standin: E2BStandIn):
+    ext, profile = make_ext()
+    handle = ext.provision(profile, inputs("sbx-x"), None)
+    ext.wait_ready(handle, timeout=10)
+
+    res = ext.exec(handle, ["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (res.exit_code, res.stdout, res.stderr, res.timed_out) == (3, "out\n", "err\n", False)
+
+    # argv is quoted: a hostile argument stays one argument
+    res = ext.exec(handle, ["printf", "%s|", "a b", "$(id)", "; rm -rf /"])
+    assert res.stdout == "a b|$(id)|; rm -rf /|"
+
+    standin.boxes[handle["e2b_sandbox_id"]].workdir.joinpath("sub").mkdir()
+    res = ext.exec(handle, ["sh", "-c", 'echo "$GREETING"; basename "$PWD"'], env={"GREETING": "hello"}, cwd="sub")
+    assert res.stdout == "hello\nsub\n"
+
+    assert ext.exec(handle, ["tr", "a-z", "A-Z"], stdin=b"shout\n").stdout == "SHOUT\n"
+
+    seen: list[tuple[str, str]] = []
+    ext.exec(handle, ["sh", "-c", "echo one; echo two >&2"], on_output=lambda s, t: seen.append((s, t)))
+    assert ("stdout", "one\n") in seen and ("stderr", "two\n") in seen
+
+    t0 = time.monotonic()
+    res = ext.exec(handle, ["sleep", "30"], timeout=1)
+    assert res.timed_out and res.exit_code == 124
+    assert time.monotonic() - t0 < 10
+    ext.teardown(handle)
+
+
+def test_wait_ready_times_out_while_envd_is_not_up(make_ext, standin: E2BStandIn):
+    ext, profile = make_ext()
+    standin.boot_delay = 30
+    handle = ext.provision(profile, inputs("sbx-slow"), None)
+    t0 = time.monotonic()
+    with pytest.raises(ReadinessTimeout, match="health check within 1s"):
+        ext.wait_ready(handle, timeout=1)
+    assert time.monotonic() - t0 < 5
+    ext.teardown(handle)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_bad_key_is_auth_error_without_the_key(make_ext, standin: E2BStandIn, monkeypatch, sentinel):
+    ext, profile = make_ext()
+    wrong = "e2b_WRONG" + secrets.token_hex(8)
+    monkeypatch.setenv(KEY_ENV, wrong)
+    with pytest.raises(AuthError) as info:
+        ext.provision(profile, inputs("sbx-a"), None)
+    text = str(info.value) + repr(info.value) + "".join(getattr(info.value, "__notes__", []))
+    assert wrong not in text and sentinel not in text
+    assert KEY_ENV in str(info.value)  # names where the key comes from
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert standin.calls[-1]["headers"]["x-api-key"] == wrong  # the stand-in echoed it in its 401 body
+
+
+def test_missing_key_is_auth_error_before_any_request(make_ext, standin: E2BStandIn, monkeypatch):
+    ext, profile = make_ext()
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(AuthError, match=f"environment variable {KEY_ENV}"):
+        ext.provision(profile, inputs("sbx-m"), None)
+    assert standin.calls == []
+
+
+def test_429_is_rate_limited_with_retry_after(make_ext, standin: E2BStandIn):
+    ext, profile = make_ext(rate_limit_retry_after=7)
+    standin.fail("POST", "/v2/sandboxes", 429, "slow down", headers={"Retry-After": "7"})
+    with pytest.raises(RateLimited) as info:
+        ext.provision(profile, inputs("sbx-r"), None)
+    assert info.value.retry_after == 7
+    assert info.value.backend == "ext.test-e2b"
+    assert standin.routes() == ["POST /v2/sandboxes"]  # the SDK's own retries are off: the router hears at once
+
+
+def test_concurrent_sandbox_limit_is_reported_for_fallback(make_ext, standin: E2BStandIn):
+    """E2B answers its concurrent-sandbox limit with 429, which the router falls back on."""
+    ext, profile = make_ext()
+    standin.max_concurrent = 1
+    first = ext.provision(profile, inputs("sbx-c1"), None)
+    with pytest.raises(RateLimited, match="429"):
+        ext.provision(profile, inputs("sbx-c2"), None)
+    ext.teardown(first)
+    ext.teardown(ext.provision(profile, inputs("sbx-c3"), None))
+
+
+@pytest.mark.parametrize(("status", "error"), [(503, CapacityUnavailable), (403, QuotaExceeded)])
+def test_capacity_and_quota(make_ext, standin: E2BStandIn, status: int, error: type):
+    ext, profile = make_ext()
+    standin.fail("POST", "/v2/sandboxes", status, "no room for you")
+    with pytest.raises(error, match="no room for you"):
+        ext.provision(profile, inputs("sbx-q"), None)
+    assert standin.live() == []
+
+
+def test_unknown_template_and_server_error(make_ext, standin: E2BStandIn):
+    ext, profile = make_ext(template="nope")
+    profile = profile.model_copy(update={"options": {}})
+    with pytest.raises(ProvisionError, match="template 'nope' not found") as info:
+        ext.provision(profile, inputs("sbx-t"), None)
+    assert info.value.transient is False
+    ext, profile = make_ext()
+    standin.fail("POST", "/v2/sandboxes", 500, "boom")
+    with pytest.raises(ProvisionError) as info:
+        ext.provision(profile, inputs("sbx-t2"), None)
+    assert info.value.transient is True
+
+
+def test_unreachable_api_is_transient_provision_error(make_ext, standin: E2BStandIn):
+    ext, profile = make_ext(api_url="http://127.0.0.1:9")  # discard port: nothing listens
+    with pytest.raises(ProvisionError) as info:
+        ext.provision(profile, inputs("sbx-u"), None)
+    assert info.value.transient is True
+
+
+def test_kill_already_gone_succeeds(make_ext, standin: E2BStandIn):
+    ext, profile = make_ext()
+    handle = ext.provision(profile, inputs("sbx-g"), None)
+    standin.expire(handle["e2b_sandbox_id"])  # reached its E2B timeout on its own
+    assert ext.teardown(handle) == {"e2b_sandbox_id": handle["e2b_sandbox_id"], "killed": False,
+                                    "already_gone": True}
+    assert ext.teardown(handle)["already_gone"] is True
+
+
+def test_teardown_failure_is_teardown_error(make_ext, standin: E2BStandIn):
+    from sandboxer.errors import TeardownError
+
+    ext, profile = make_ext()
+    handle = ext.provision(profile, inputs("sbx-tf"), None)
+    standin.fail("DELETE", "/sandboxes/.*", 500, "kill failed")
+    with pytest.raises(TeardownError, match="kill failed"):
+        ext.teardown(handle)
+    assert ext.teardown(handle)["killed"] is True
+
+
+# ---------------------------------------------------------------- TTL
+
+
+def test_ttl_over_plan_max_is_refused_before_any_request(make_ext, standin: E2BStandIn):
+    ext, profile = make_ext(plan_max_ttl="5m")
+    with pytest.raises(TTLError, match=r"TTL 10m is over the E2B plan maximum of 5m.*plan_max_ttl"):
+        ext.provision(profile, inputs("sbx-ttl"), None)
+    assert standin.calls == []
+
+
+def test_ttl_over_plan_max_clamped_with_warning(make_ext, standin: E2BStandIn, caplog):
+    ext, profile = make_ext(plan_max_ttl="5m", ttl_over_max="clamp")
+    with caplog.at_level(logging.WARNING, logger="sandboxer"):
+        handle = ext.provision(profile, inputs("sbx-ttl2"), None)
+    assert handle["ttl_clamped"] is True and handle["timeout_s"] == 300
+    import json
+
+    assert json.loads(standin.calls[-1]["body"])["timeout"] == 300
+    assert "sbx-ttl2" in caplog.text and "clamped to 5m" in caplog.text
+    ext.teardown(handle)
+
+
+# ---------------------------------------------------------------- BYOK
+
+
+def test_per_consumer_key_and_rotation(make_ext, standin: E2BStandIn, monkeypatch, sentinel):
+    alice_key = "e2b_ALICE" + secrets.token_hex(8)
+    standin.keys.add(alice_key)
+    monkeypatch.setenv(ALICE_ENV, alice_key)
+    ext, profile = make_ext(consumer_keys={"alice": {"env": ALICE_ENV}})
+    h_alice = ext.provision(profile, inputs("sbx-al", consumer="alice"), None)
+    h_bob = ext.provision(profile, inputs("sbx-bo", consumer="bob"), None)
+    assert standin.boxes[h_alice["e2b_sandbox_id"]].team == alice_key  # billed to alice's own account
+    assert standin.boxes[h_bob["e2b_sandbox_id"]].team == sentinel
+    assert alice_key not in repr(h_alice) and alice_key not in repr(ext.config)
+
+    # list_owned asks with every key, so gc sees both accounts
+    owned = {o["sandbox_id"] for o in ext.list_owned(OWNER)}
+    assert owned == {"sbx-al", "sbx-bo"}
+
+    # rotation: the reference is read at each call, so a new value takes effect at once
+    rotated = "e2b_ROTATED" + secrets.token_hex(8)
+    standin.keys.add(rotated)
+    standin.boxes[h_alice["e2b_sandbox_id"]].team = rotated  # same account, new key
+    monkeypatch.setenv(ALICE_ENV, rotated)
+    assert ext.exec(h_alice, ["echo", "ok"]).stdout == "ok\n"
+    assert standin.calls[-2]["headers"]["x-api-key"] == rotated
+    standin.keys.discard(alice_key)  # the old key is revoked
+    ext.teardown(h_alice)
+    ext.teardown(h_bob)
+
+
+def test_key_from_file(make_ext, standin: E2BStandIn, tmp_path: Path, sentinel: str, monkeypatch):
+    keyfile = tmp_path / "e2b.key"
+    keyfile.write_text(sentinel + "\n")
+    keyfile.chmod(0o600)
+    monkeypatch.delenv(KEY_ENV)
+    ext, profile = make_ext(api_key={"file": str(keyfile)})
+    ext.teardown(ext.provision(profile, inputs("sbx-f"), None))
+    assert standin.calls[0]["headers"]["x-api-key"] == sentinel
+
+
+# ---------------------------------------------------------------- gc / metering
+
+
+def test_list_owned_filters_by_metadata_and_pages(make_ext, standin: E2BStandIn):
+    ext, profile = make_ext()
+    handles = [ext.provision(profile, inputs(f"sbx-{i}"), None) for i in range(5)]
+    other = ext.provision(profile, {**inputs("sbx-other"), "tags": {"sandboxer.owner": "someone-else",
+                                                                      "sandboxer.sandbox_id": "sbx-other"},
+                                    "owner_labels": {"sandboxer.owner": "someone-else"}}, None)
+    standin.page_limit = 2
+    owned = ext.list_owned(OWNER)
+    assert sorted(o["sandbox_id"] for o in owned) == [f"sbx-{i}" for i in range(5)]
+    lists = [c for c in standin.calls if c["path"] == "/v2/sandboxes" and c["method"] == "GET"]
+    assert len(lists) == 3  # 2 + 2 + 1, following x-next-token
+    assert all("sandboxer.owner" in c["query"]["metadata"][0] for c in lists)
+    assert [c["query"].get("nextToken") for c in lists] == [None, ["2"], ["4"]]
+    by_id = {o["sandbox_id"]: o for o in owned}
+    ext.teardown(by_id["sbx-3"]["handle"])  # a listed handle is enough to tear down
+    assert len(standin.live()) == 5
+    for h in handles + [other]:
+        ext.teardown(h)
+
+
+def test_meter_actual_reports_size_and_rate(make_ext, standin: E2BStandIn):
+    ext, profile = make_ext()
+    handle = ext.provision(profile, inputs("sbx-m"), None)
+    m = ext.meter_actual(handle)
+    assert m is not None
+    assert (m["vcpus"], m["memory_gib"]) == (2.0, 0.5)
+    p = ext.manifest.pricing
+    assert m["rate_per_second"] == pytest.approx(2 * p.per_vcpu_second + 0.5 * p.per_gib_second)
+    ext.teardown(handle)
+    assert ext.meter_actual(handle) is None
+    q = ext.estimate_cost(profile, 3600)
+    assert q.amount == pytest.approx(3600 * (2 * p.per_vcpu_second + 1 * p.per_gib_second), rel=1e-3)
+    assert q.pricing_model == "metered" and q.source and "e2b.dev" in q.source
+
+
+def test_module_imports_without_the_sdk():
+    """Built-in manifests load on a core-only install: the handler module must not import the SDK."""
+    code = (
+        "import sys\n"
+        "from sandboxer.loader import load_catalog\n"
+        "c = load_catalog([])\n"
+        "assert 'ext.e2b' in c.extensions\n"
+        "assert 'e2b' not in sys.modules, 'the e2b SDK was imported at load time'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2], timeout=60)
