@@ -637,13 +637,16 @@ class _Streams:
         """
         buf = b""
         while True:
+            # Wait in select, never in recv: the socket carries the API call
+            # timeout, which a quiet long-running command must not trip.
+            wait = 1.0
             if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                wait = min(deadline - time.monotonic(), wait)
+                if wait <= 0:
                     return False
-                readable, _, _ = select.select([raw], [], [], min(left, 1.0))
-                if not readable:
-                    continue
+            pending = getattr(raw, "pending", None)  # TLS may hold decrypted bytes select cannot see
+            if not (pending and pending()) and not select.select([raw], [], [], wait)[0]:
+                continue
             chunk = raw.recv(65536)
             if not chunk:
                 return True

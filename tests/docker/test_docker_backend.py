@@ -182,6 +182,11 @@ def test_exec_stdin_timeout_and_output_cap(ext, profile, make, catalog):
     res = small.exec(handle, ["sh", "-c", "yes | head -c 100000"])
     assert res.stdout.startswith("y\n" * 500) and "99000 more bytes not kept" in res.stdout
 
+    # A quiet command outlasting the API call timeout is not an error; only `timeout` ends it.
+    patient = DockerExtension(catalog.extensions["ext.docker"].manifest, DockerConfig(api_timeout=1))
+    res = patient.exec(handle, ["sh", "-c", "sleep 2.5; echo done"])
+    assert (res.exit_code, res.stdout, res.timed_out) == (0, "done\n", False)
+
     with pytest.raises(InputError):
         ext.exec(handle, [])
     ext.teardown(handle)
