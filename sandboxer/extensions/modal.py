@@ -49,7 +49,7 @@ from sandboxer.errors import (
     TTLError,
 )
 from sandboxer.extensions.base import RESERVED_INPUTS, OutputCallback, SandboxExtension
-from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration
+from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration, parse_duration
 from sandboxer.secrets import SecretRef, redact
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class ModalConfig(_Strict):
     app_name: str = Field(default="sandboxer", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     environment: str | None = None
     image: str = Field(default="python:3.12-slim", min_length=1, description="registry image tag")
-    max_ttl: Duration = Field(default=86400.0, description="the plan's longest sandbox timeout")
+    plan_max_ttl: Duration = Field(default=86400.0, gt=0, description="the plan's longest sandbox timeout")
     ttl_over_max: Literal["refuse", "clamp"] = "refuse"
     max_cpu: float | None = Field(default=None, gt=0, description="most vCPUs per sandbox on the plan")
     max_memory_mb: int | None = Field(default=None, gt=0)
@@ -358,23 +358,25 @@ class ModalExtension(SandboxExtension):
         }
 
     def _ttl(self, profile: Profile, inputs: dict[str, Any]) -> float:
+        """The sandbox timeout: input ``ttl`` (the manager's effective TTL) or the profile default."""
+        sandbox = inputs.get("sandbox_id", "?")
         raw = inputs.get("ttl", profile.ttl.default)
         try:
-            ttl = float(raw)
-        except (TypeError, ValueError):
-            raise InputError(f"{self.id}: input 'ttl' must be seconds, got {raw!r}") from None
+            ttl = parse_duration(raw)
+        except ValueError as exc:
+            raise TTLError(f"sandbox {sandbox}: input 'ttl' (value {raw!r}): {exc}") from None
         if ttl <= 0:
-            raise TTLError(f"{self.id}: TTL must be positive, got {raw!r}")
-        plan_max = self.config.max_ttl
+            raise TTLError(f"sandbox {sandbox}: input 'ttl' (value {raw!r}): must be positive")
+        plan_max = self.config.plan_max_ttl
         if ttl > plan_max:
             if self.config.ttl_over_max == "refuse":
                 raise TTLError(
-                    f"{self.id}: TTL {format_duration(ttl)} is over the Modal plan's maximum sandbox timeout "
-                    f"{format_duration(plan_max)} (config 'max_ttl'); ask for less, or set "
-                    "'ttl_over_max: clamp' in the manifest"
+                    f"sandbox {sandbox}: TTL {format_duration(ttl)} is over the Modal plan's maximum sandbox "
+                    f"timeout {format_duration(plan_max)} ({self.id} config 'plan_max_ttl'); ask for less, or "
+                    "set 'ttl_over_max: clamp'"
                 )
-            log.warning("%s: TTL %s is over the plan maximum %s; clamped", self.id,
-                        format_duration(ttl), format_duration(plan_max))
+            log.warning("%s: sandbox %s: TTL %s is over the Modal plan maximum %s; clamped to %s", self.id,
+                        sandbox, format_duration(ttl), format_duration(plan_max), format_duration(plan_max))
             ttl = plan_max
         return ttl
 
