@@ -1,0 +1,414 @@
+"""The command line: a thin shell over the Python API.
+
+Tables for people, ``--json`` for scripts. Any sand-boxer error prints one
+``error: ...`` message on stderr and exits 1; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from sandboxer.errors import SandboxerError
+from sandboxer.models import ExtensionManifest, Profile, SandboxCreateRequest, parse_duration
+
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
+    result = {}
+    for v in values:
+        key, sep, val = v.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {v!r}", param_hint=flag)
+        result[key] = val
+    return result
+
+
+class Ctx:
+    def __init__(self, config: tuple[str, ...], home: str | None):
+        self.config = [Path(c) for c in config] if config else None
+        self.home = home
+        self._mgr = None
+
+    def manager(self):  # type: ignore[no-untyped-def]
+        if self._mgr is None:
+            from sandboxer.manager import Manager
+
+            self._mgr = Manager(config_dirs=self.config, home=self.home)
+        return self._mgr
+
+    def catalog(self):  # type: ignore[no-untyped-def]
+        from sandboxer.loader import load_catalog
+
+        return self._mgr.catalog if self._mgr else load_catalog(self.config)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+class Group(click.Group):
+    """Turns every SandboxerError into ``error: ...`` and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SandboxerError as exc:
+            err.print(f"[bold red]error:[/] {exc}", markup=True) if err.is_terminal else click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=Group)
+@click.option("--config", "config", multiple=True, envvar="SANDBOXER_CONFIG", type=click.Path(file_okay=False),
+              help="Extra config directory (repeatable; env SANDBOXER_CONFIG, ':'-separated).")
+@click.option("--home", envvar="SANDBOXER_HOME", type=click.Path(file_okay=False),
+              help="Where the state store lives (env SANDBOXER_HOME).")
+@click.version_option(package_name="sand-boxer")
+@click.pass_context
+def cli(ctx: click.Context, config: tuple[str, ...], home: str | None) -> None:
+    """sand-boxer: create, use, meter and tear down sandboxes on any backend."""
+    if len(config) == 1 and ":" in config[0]:
+        config = tuple(p for p in config[0].split(":") if p)
+    ctx.obj = Ctx(config, home)
+
+
+def _status_table(items: list[Any]) -> Table:
+    t = Table("ID", "PROFILE", "EXTENSION", "HOST", "STATE", "CONSUMER", "EXPIRES")
+    for s in items:
+        t.add_row(s.id, s.profile, s.extension, s.host or "-", s.state.value, s.consumer,
+                  f"{s.expires_at:%Y-%m-%d %H:%M:%S}Z")
+    return t
+
+
+def _print_status(s: Any) -> None:
+    out.print(f"id:           {s.id}")
+    for label, value in (("profile", s.profile), ("extension", s.extension), ("host", s.host), ("state", s.state.value),
+                         ("consumer", s.consumer), ("created", s.created_at), ("ready", s.ready_at),
+                         ("expires", s.expires_at), ("terminated", s.terminated_at), ("last error", s.last_error)):
+        if value is not None:
+            out.print(f"{label + ':':<13} {value}")
+    if s.reachability:
+        out.print("reachability: " + json.dumps(s.reachability, sort_keys=True))
+
+
+@cli.command()
+@pass_ctx
+def validate(c: Ctx) -> None:
+    """Load and check every manifest and profile."""
+    cat = c.catalog()
+    click.echo(f"ok: {len(cat.extensions)} extensions, {len(cat.profiles)} profiles")
+    for ext in cat.extensions.values():
+        if ext.missing_extra:
+            click.echo(f"note: {ext.missing_extra}")
+
+
+@cli.group("extensions")
+def extensions_group() -> None:
+    """Backends."""
+
+
+@extensions_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def extensions_list(c: Ctx, as_json: bool) -> None:
+    """List the loaded extensions."""
+    cat = c.catalog()
+    rows = [{"id": e.manifest.id, "title": e.manifest.title, "version": e.manifest.version,
+             "isolation": e.manifest.capabilities.isolation_levels, "pricing": e.manifest.capabilities.pricing_model,
+             "features": e.manifest.capabilities.features, "available": e.missing_extra is None,
+             "source": str(e.source)} for e in cat.extensions.values()]
+    if as_json:
+        return _emit_json(rows)
+    t = Table("ID", "TITLE", "ISOLATION", "PRICING", "FEATURES", "AVAILABLE")
+    for r in rows:
+        t.add_row(r["id"], r["title"], ",".join(r["isolation"]), r["pricing"], ",".join(r["features"]),
+                  "yes" if r["available"] else "needs extra")
+    out.print(t)
+
+
+@cli.group("profiles")
+def profiles_group() -> None:
+    """Kinds of sandbox."""
+
+
+@profiles_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def profiles_list(c: Ctx, as_json: bool) -> None:
+    """List the loaded profiles."""
+    cat = c.catalog()
+    if as_json:
+        return _emit_json([p.model_dump(mode="json") for p in cat.profiles.values()])
+    t = Table("SLUG", "BACKENDS", "TTL (DEFAULT/MAX)", "REQUIRED INPUTS", "DESCRIPTION")
+    for p in cat.profiles.values():
+        t.add_row(p.slug, ",".join(ch.extension for ch in p.candidates), f"{p.ttl.default:g}s/{p.ttl.max:g}s",
+                  ",".join(p.inputs.required) or "-", p.description)
+    out.print(t)
+
+
+@cli.command()
+@click.argument("profile")
+@click.option("--input", "inputs", multiple=True, metavar="K=V", help="An input (repeatable).")
+@click.option("--consumer", default="cli", show_default=True, help="Who the sandbox is for (attribution).")
+@click.option("--ttl", default=None, help="Lifetime, e.g. 30m or 2h (capped by the profile's maximum).")
+@click.option("--label", "labels", multiple=True, metavar="K=V")
+@click.option("--name", default=None, help="Idempotency name: a second create with it returns the same sandbox.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def create(c: Ctx, profile: str, inputs: tuple[str, ...], consumer: str, ttl: str | None, labels: tuple[str, ...],
+           name: str | None, as_json: bool) -> None:
+    """Create a sandbox of PROFILE and wait until it is ready."""
+    try:
+        ttl_s = parse_duration(ttl) if ttl is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ttl") from None
+    from pydantic import ValidationError
+
+    try:
+        req = SandboxCreateRequest(profile=profile, inputs=_pairs(inputs, "--input"), consumer=consumer, ttl=ttl_s,
+                                   labels=_pairs(labels, "--label"), name=name)
+    except ValidationError as exc:
+        from sandboxer.loader import describe_validation
+
+        raise click.BadParameter(describe_validation("request", exc)) from None
+    mgr = c.manager()
+    if as_json or not err.is_terminal:
+        sb = mgr.create(req)
+    else:
+        with err.status(f"provisioning a {profile} sandbox..."):
+            sb = mgr.create(req)
+    if as_json:
+        return _emit_json(sb.model_dump(mode="json"))
+    click.echo(sb.id)
+    click.echo("reachability: " + json.dumps(sb.reachability, sort_keys=True))
+
+
+@cli.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("sandbox_id")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--timeout", default=None, help="Kill the command after this long (e.g. 30s).")
+@pass_ctx
+def exec_cmd(c: Ctx, sandbox_id: str, argv: tuple[str, ...], timeout: str | None) -> None:
+    """Run a command in a sandbox: sandboxer exec ID -- CMD [ARG...]. Exits with its exit code."""
+    def stream(kind: str, text: str) -> None:
+        (sys.stdout if kind == "stdout" else sys.stderr).write(text)
+        (sys.stdout if kind == "stdout" else sys.stderr).flush()
+
+    res = c.manager().exec(sandbox_id, list(argv), timeout=parse_duration(timeout) if timeout else None, on_output=stream)
+    if res.timed_out:
+        click.echo(f"error: command timed out after {timeout}", err=True)
+    sys.exit(res.exit_code)
+
+
+@cli.command()
+@click.argument("sandbox_id")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def status(c: Ctx, sandbox_id: str, as_json: bool) -> None:
+    """Show one sandbox."""
+    s = c.manager().get(sandbox_id)
+    _emit_json(s.model_dump(mode="json")) if as_json else _print_status(s)
+
+
+@cli.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Include terminated and failed sandboxes.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def list_cmd(c: Ctx, show_all: bool, as_json: bool) -> None:
+    """List sandboxes (live ones unless --all)."""
+    items = c.manager().list(all=show_all)
+    if as_json:
+        return _emit_json([s.model_dump(mode="json") for s in items])
+    out.print(_status_table(items)) if items else click.echo("no sandboxes")
+
+
+@cli.command()
+@click.argument("sandbox_id")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def teardown(c: Ctx, sandbox_id: str, as_json: bool) -> None:
+    """Tear a sandbox down (idempotent)."""
+    s = c.manager().teardown(sandbox_id)
+    _emit_json(s.model_dump(mode="json")) if as_json else click.echo(f"{s.id} {s.state.value}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def gc(c: Ctx, as_json: bool) -> None:
+    """Reap expired sandboxes and orphans; retry failed teardowns."""
+    r = c.manager().gc()
+    if as_json:
+        return _emit_json(r.model_dump(mode="json"))
+    click.echo(f"expired: {len(r.expired)}  retried: {len(r.retried)}  orphans: {len(r.orphans)}  "
+               f"stale: {len(r.stale_provisioning)}  errors: {len(r.errors)}")
+    for key, msg in r.errors.items():
+        click.echo(f"  {key}: {msg}", err=True)
+    if r.errors:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Write extension.schema.json and profile.schema.json here (default: print both).")
+def schema(out_dir: str | None) -> None:
+    """JSON Schemas for ext.*.yaml and profile.*.yaml, for editors."""
+    schemas = {"extension.schema.json": ExtensionManifest.model_json_schema(),
+               "profile.schema.json": Profile.model_json_schema()}
+    if out_dir is None:
+        return _emit_json(schemas)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for name, sch in schemas.items():
+        (Path(out_dir) / name).write_text(json.dumps(sch, indent=2) + "\n")
+        click.echo(str(Path(out_dir) / name))
+
+
+# ------------------------------------------------------------------- snapshots
+
+@cli.command()
+@click.argument("sandbox_id")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def snapshot(c: Ctx, sandbox_id: str, as_json: bool) -> None:
+    """Snapshot a ready sandbox into the catalog."""
+    s = c.manager().snapshot(sandbox_id)
+    _emit_json(s.model_dump(mode="json")) if as_json else click.echo(s.id)
+
+
+@cli.command()
+@click.argument("snapshot_id")
+@click.option("--profile", default=None)
+@click.option("--consumer", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def restore(c: Ctx, snapshot_id: str, profile: str | None, consumer: str | None, as_json: bool) -> None:
+    """Start a new sandbox from a snapshot."""
+    s = c.manager().restore(snapshot_id, profile, consumer=consumer)
+    _emit_json(s.model_dump(mode="json")) if as_json else click.echo(s.id)
+
+
+@cli.group("snapshots")
+def snapshots_group() -> None:
+    """The snapshot catalog."""
+
+
+@snapshots_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def snapshots_list(c: Ctx, as_json: bool) -> None:
+    items = c.manager().snapshots()
+    if as_json:
+        return _emit_json([s.model_dump(mode="json") for s in items])
+    t = Table("ID", "SANDBOX", "EXTENSION", "SIZE", "CHECKSUM", "CREATED")
+    for s in items:
+        t.add_row(s.id, s.sandbox_id, s.extension, str(s.size_bytes or "-"), s.checksum or "-", f"{s.created_at:%Y-%m-%d %H:%M:%S}Z")
+    out.print(t)
+
+
+@snapshots_group.command("delete")
+@click.argument("snapshot_id")
+@pass_ctx
+def snapshots_delete(c: Ctx, snapshot_id: str) -> None:
+    c.manager().delete_snapshot(snapshot_id)
+    click.echo(f"{snapshot_id} deleted")
+
+
+# ------------------------------------------------------------------------ cost
+
+def _since(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return datetime.now(timezone.utc).timestamp() - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        d = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"use a duration ago (e.g. 7d) or an ISO date, got {value!r}", param_hint="--since") from None
+    return (d if d.tzinfo else d.replace(tzinfo=timezone.utc)).timestamp()
+
+
+@cli.group("cost")
+def cost_group() -> None:
+    """Quotes and reports."""
+
+
+@cost_group.command("estimate")
+@click.argument("profile")
+@click.option("--duration", default="1h", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def cost_estimate(c: Ctx, profile: str, duration: str, as_json: bool) -> None:
+    """Quote PROFILE for a duration on each of its backends."""
+    try:
+        secs = parse_duration(duration)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--duration") from None
+    quotes = c.manager().quote(profile, secs)
+    if as_json:
+        return _emit_json([q.model_dump(mode="json") for q in quotes])
+    t = Table("BACKEND", "PRICING", "AMOUNT", "BREAKDOWN")
+    for q in quotes:
+        t.add_row(q.extension, q.pricing_model, f"{q.amount:.4f} {q.currency}",
+                  ", ".join(f"{k} {v:.4f}" for k, v in q.breakdown.items()) or "-")
+    out.print(t)
+
+
+@cost_group.command("report")
+@click.option("--since", default=None, help="A duration ago (7d) or an ISO date.")
+@click.option("--by", type=click.Choice(["consumer", "profile", "backend"]), default="consumer", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def cost_report(c: Ctx, since: str | None, by: str, as_json: bool) -> None:
+    """Metered usage, grouped."""
+    rep = c.manager().metering.report(_since(since), by)
+    if as_json:
+        return _emit_json(rep)
+    t = Table(by.upper(), "SANDBOXES", "SECONDS", "AMOUNT")
+    for k, v in sorted(rep.items()):
+        t.add_row(k, str(v["sandboxes"]), f"{v['seconds']:.0f}", f"{v['amount']:.4f}")
+    out.print(t)
+
+
+@cli.group("meter")
+def meter_group() -> None:
+    """Usage export."""
+
+
+@meter_group.command("export")
+@click.option("--since", default=None)
+@click.option("--sink", default=None, help="A sink from settings.yaml; without one, records go to stdout.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@pass_ctx
+def meter_export(c: Ctx, since: str | None, sink: str | None, fmt: str) -> None:
+    """Export usage records (stable ids: exporting again never duplicates)."""
+    from sandboxer.metering import render
+
+    mgr = c.manager()
+    if sink is None and not mgr.catalog.settings.default_sink:
+        click.echo(render(mgr.metering.records(_since(since)), fmt), nl=False)
+        return
+    r = mgr.metering.export(_since(since), sink)
+    click.echo(f"queued: {r['queued']}  delivered: {r['delivered']}  pending: {r['pending']}")
+    if r["pending"]:
+        click.echo("error: some records were not delivered; they stay queued and the next export retries them", err=True)
+        sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="sandboxer")
+
+

@@ -1,0 +1,83 @@
+"""Shared fixtures: an isolated home and config directory per test, and a Manager over them."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from sandboxer import Manager
+
+
+class ConfigDir:
+    """A throwaway config directory; ``write`` drops YAML into it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        (root / "extensions").mkdir(parents=True, exist_ok=True)
+        (root / "profiles").mkdir(parents=True, exist_ok=True)
+
+    def write(self, name: str, text: str) -> Path:
+        sub = "extensions" if name.startswith("ext.") else "profiles" if name.startswith("profile.") else ""
+        path = self.root / sub / name
+        path.write_text(textwrap.dedent(text))
+        return path
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> ConfigDir:
+    return ConfigDir(tmp_path / "config")
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+FAKE_EXT = """
+    id: ext.fake
+    title: Fake
+    version: 1.0.0
+    handler: sandboxer.extensions.fake:FakeExtension
+    capabilities:
+      isolation_levels: [none]
+      pricing_model: free
+      features: [exec, snapshots, list_owned]
+"""
+
+FAKE_PROFILE = """
+    slug: fake
+    extension: ext.fake
+    ttl: {default: 10m, max: 1h}
+    ready_timeout: 5s
+    inputs:
+      defaults: {color: blue}
+"""
+
+
+@pytest.fixture
+def make_manager(cfg: ConfigDir, home: Path) -> Callable[..., Manager]:
+    made: list[Manager] = []
+
+    def make(**kw) -> Manager:  # type: ignore[no-untyped-def]
+        mgr = Manager(config_dirs=[cfg.root], home=home, **kw)
+        made.append(mgr)
+        return mgr
+
+    yield make
+    for m in made:
+        for sb in m.list():
+            try:
+                m.teardown(sb.id)
+            except Exception:  # noqa: BLE001 - best effort; the test already reported
+                pass
+        m.close()
+
+
+@pytest.fixture
+def fake_mgr(cfg: ConfigDir, make_manager) -> Manager:  # type: ignore[no-untyped-def]
+    cfg.write("ext.fake.yaml", FAKE_EXT)
+    cfg.write("profile.fake.yaml", FAKE_PROFILE)
+    return make_manager()

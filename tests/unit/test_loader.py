@@ -1,0 +1,179 @@
+"""Bad manifests and profiles fail at load time with a message naming file, field and value."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from sandboxer import Manager, load_catalog
+from sandboxer.errors import CapabilityError, ConfigError, ExtensionLoadError, ManifestError, ProfileError
+from tests.conftest import FAKE_EXT, FAKE_PROFILE
+
+
+def test_builtin_catalog_loads():
+    cat = load_catalog([])
+    assert {"ext.local", "ext.saas-stub"} <= set(cat.extensions)
+    assert {"local", "saas-stub"} <= set(cat.profiles)
+
+
+def test_user_config_adds_extension_and_profile(cfg):
+    cfg.write("ext.fake.yaml", FAKE_EXT)
+    cfg.write("profile.fake.yaml", FAKE_PROFILE)
+    cat = load_catalog([cfg.root])
+    assert cat.profiles["fake"].candidates[0].extension == "ext.fake"
+
+
+def test_config_dirs_from_environment(cfg, monkeypatch):
+    cfg.write("ext.fake.yaml", FAKE_EXT)
+    monkeypatch.setenv("SANDBOXER_CONFIG", str(cfg.root))
+    assert "ext.fake" in load_catalog().extensions
+
+
+def test_malformed_yaml_names_file_and_line(cfg):
+    path = cfg.write("ext.fake.yaml", "id: ext.fake\ntitle: [unclosed\n")
+    with pytest.raises(ManifestError) as e:
+        load_catalog([cfg.root])
+    assert str(path) in str(e.value) and "invalid YAML" in str(e.value) and "line" in str(e.value)
+
+
+def test_unknown_field(cfg):
+    path = cfg.write("ext.fake.yaml", FAKE_EXT + "    colour: red\n")
+    with pytest.raises(ManifestError) as e:
+        load_catalog([cfg.root])
+    assert f"{path}: field 'colour'" in str(e.value) and "unknown field" in str(e.value)
+
+
+def test_unknown_capability(cfg):
+    cfg.write("ext.fake.yaml", FAKE_EXT.replace("[exec, snapshots, list_owned]", "[exec, teleport]"))
+    with pytest.raises(CapabilityError) as e:
+        load_catalog([cfg.root])
+    assert "capabilities.features" in str(e.value) and "'teleport'" in str(e.value) and "unknown capability" in str(e.value)
+
+
+def test_unknown_isolation_level_and_pricing_model(cfg):
+    cfg.write("ext.fake.yaml", FAKE_EXT.replace("[none]", "[quantum]"))
+    with pytest.raises(CapabilityError, match=r"isolation_levels.*'quantum'.*allowed: process"):
+        load_catalog([cfg.root])
+    cfg.write("ext.fake.yaml", FAKE_EXT.replace("pricing_model: free", "pricing_model: barter"))
+    with pytest.raises(CapabilityError, match=r"pricing_model.*'barter'"):
+        load_catalog([cfg.root])
+
+
+def test_feature_the_handler_does_not_implement(cfg):
+    text = FAKE_EXT.replace("sandboxer.extensions.fake:FakeExtension", "sandboxer.extensions.local:LocalExtension")
+    cfg.write("ext.fake.yaml", text.replace("[exec, snapshots, list_owned]", "[exec, metering]"))
+    with pytest.raises(CapabilityError, match="'metering'.*LocalExtension does not implement it"):
+        load_catalog([cfg.root])
+
+
+def test_profile_naming_missing_extension(cfg):
+    path = cfg.write("profile.fake.yaml", FAKE_PROFILE)
+    with pytest.raises(ProfileError) as e:
+        load_catalog([cfg.root])
+    assert f"{path}: field 'extension' (value 'ext.fake'): no such extension" in str(e.value)
+
+
+def test_python_object_tag_is_refused(cfg, tmp_path):
+    marker = tmp_path / "pwned"
+    path = cfg.write("ext.fake.yaml", f"!!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ManifestError) as e:
+        load_catalog([cfg.root])
+    assert str(path) in str(e.value) and "python/object/apply" in str(e.value)
+    assert not marker.exists()
+
+
+def test_handler_outside_allowed_set_is_never_imported(cfg, tmp_path, monkeypatch):
+    marker = tmp_path / "imported"
+    pkg = tmp_path / "evilpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nclass Evil: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for handler in ("evilpkg:Evil", "sandboxer.extensions.nope:X", "sandboxer.extensions.local", "os:system"):
+        cfg.write("ext.fake.yaml", FAKE_EXT.replace("sandboxer.extensions.fake:FakeExtension", handler))
+        with pytest.raises(ExtensionLoadError) as e:
+            load_catalog([cfg.root])
+        assert f"handler {handler!r} is not allowed and was not imported" in str(e.value)
+    assert not marker.exists() and "evilpkg" not in sys.modules
+
+
+def test_handler_must_subclass_contract(cfg):
+    cfg.write("ext.fake.yaml", FAKE_EXT.replace("fake:FakeExtension", "fake:ExecError"))
+    with pytest.raises(ExtensionLoadError, match="not a SandboxExtension subclass"):
+        load_catalog([cfg.root])
+
+
+def test_duplicate_ids(cfg, tmp_path):
+    cfg.write("ext.fake.yaml", FAKE_EXT)
+    other = tmp_path / "other"
+    (other / "extensions").mkdir(parents=True)
+    (other / "extensions" / "ext.fake.yaml").write_text((cfg.root / "extensions" / "ext.fake.yaml").read_text())
+    with pytest.raises(ManifestError, match="duplicate id, already defined in"):
+        load_catalog([cfg.root, other])
+    cfg.write("ext.local.yaml", FAKE_EXT.replace("ext.fake", "ext.local"))
+    with pytest.raises(ManifestError, match="'ext.local'.*duplicate id"):
+        load_catalog([cfg.root])
+
+
+def test_id_must_match_file_name(cfg):
+    cfg.write("ext.other.yaml", FAKE_EXT)
+    with pytest.raises(ManifestError, match="must match the file name 'ext.other'"):
+        load_catalog([cfg.root])
+
+
+def test_handler_config_validated_by_its_own_model(cfg):
+    text = FAKE_EXT.replace("sandboxer.extensions.fake:FakeExtension", "sandboxer.extensions.saas_stub:SaasStubExtension")
+    cfg.write("ext.fake.yaml", text.replace("[exec, snapshots, list_owned]", "[exec]") + "    config:\n      capacity: -3\n")
+    with pytest.raises(ManifestError, match=r"field 'config.capacity' \(value -3\)"):
+        load_catalog([cfg.root])
+
+
+def test_profile_options_validated_by_backend_model(cfg):
+    cfg.write("profile.x.yaml", "slug: x\nextension: ext.local\noptions: {netwrk: true}\n")
+    with pytest.raises(ProfileError, match=r"field 'options.netwrk'.*unknown field"):
+        load_catalog([cfg.root])
+
+
+@pytest.mark.parametrize("ttl, msg", [
+    ("{default: -5m, max: 1h}", "must not be negative"),
+    ("{default: 2h, max: 1h}", "over max"),
+    ("{default: soon}", "not a duration"),
+])
+def test_bad_ttl_in_profile(cfg, ttl, msg):
+    cfg.write("ext.fake.yaml", FAKE_EXT)
+    cfg.write("profile.fake.yaml", FAKE_PROFILE.replace("{default: 10m, max: 1h}", ttl))
+    with pytest.raises(ProfileError, match=msg) as e:
+        load_catalog([cfg.root])
+    assert "profile.fake.yaml: field 'ttl" in str(e.value)
+
+
+def test_profile_isolation_must_be_offered(cfg):
+    cfg.write("ext.fake.yaml", FAKE_EXT)
+    cfg.write("profile.fake.yaml", FAKE_PROFILE + "    isolation: vm\n")
+    with pytest.raises(ProfileError, match="'isolation' \\(value 'vm'\\): ext.fake offers only none"):
+        load_catalog([cfg.root])
+
+
+def test_reserved_inputs_in_profile(cfg):
+    cfg.write("ext.fake.yaml", FAKE_EXT)
+    cfg.write("profile.fake.yaml", FAKE_PROFILE.replace("{color: blue}", "{sandbox_id: x}"))
+    with pytest.raises(ProfileError, match="reserved for the manager"):
+        load_catalog([cfg.root])
+
+
+def test_missing_config_dir_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_catalog([tmp_path / "nope"])
+
+
+def test_manager_start_fails_on_broken_manifest(cfg, home):
+    cfg.write("ext.fake.yaml", FAKE_EXT + "    bogus: 1\n")
+    with pytest.raises(ManifestError, match="bogus"):
+        Manager(config_dirs=[cfg.root], home=home)
+
+
+def test_json_schemas_for_both_kinds():
+    from sandboxer.models import ExtensionManifest, Profile
+
+    assert ExtensionManifest.model_json_schema()["additionalProperties"] is False
+    assert "ttl" in Profile.model_json_schema()["properties"]
