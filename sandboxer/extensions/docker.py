@@ -36,6 +36,7 @@ from sandboxer.errors import (
     AuthError,
     BackendError,
     ExecError,
+    HostKeyError,
     InputError,
     ProvisionError,
     RateLimited,
@@ -162,6 +163,12 @@ def _translate(
     import docker.errors as derr
     import requests.exceptions as rexc
 
+    try:  # only ssh:// engines go through paramiko, and it may not be installed
+        import paramiko
+    except ImportError:  # pragma: no cover - the docker extra installs it
+        paramiko = None
+    ssh_errors = (paramiko.SSHException,) if paramiko else ()
+
     where = f"{ext} on {host}: {action}" + (f" for sandbox {sandbox}" if sandbox else "")
 
     def fail(detail: str, *, transient: bool) -> BackendError:
@@ -182,6 +189,15 @@ def _translate(
         # 409 is a conflict with something that exists (a name, a removal in
         # progress): retrying on another engine does not help; 5xx may.
         raise fail(detail, transient=status >= 500) from exc
+    except ssh_errors as exc:
+        if isinstance(exc, paramiko.BadHostKeyException):
+            raise HostKeyError(
+                f"{where}: the engine host's SSH key does not match known_hosts; nothing was run", backend=ext, host=host
+            ) from exc
+        if isinstance(exc, paramiko.AuthenticationException):
+            raise AuthError(f"{where}: SSH authentication to the engine host failed", backend=ext, host=host) from exc
+        # The rest: an unknown host key (RejectPolicy) or an SSH protocol failure.
+        raise fail(f"SSH to the engine host failed (is its key in ~/.ssh/known_hosts?): {exc}", transient=False) from exc
     except (derr.InvalidArgument, derr.InvalidRepository, derr.NullResource) as exc:
         raise fail(f"invalid argument: {exc}", transient=False) from exc
     except (derr.DockerException, rexc.RequestException, ConnectionError, socket.timeout) as exc:
