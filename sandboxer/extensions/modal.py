@@ -22,6 +22,7 @@ list_owned = ``Sandbox.list`` by tags; meter_actual = the SDK's sandbox stats.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import importlib
@@ -394,12 +395,8 @@ class ModalExtension(SandboxExtension):
         """Block on Modal's readiness probe (the sandbox is scheduled and the probe passed)."""
         sb, secrets = self._sandbox(handle, "wait_ready", ProvisionError)
         object_id = _object_id(handle)
-        try:
-            with self._boundary("wait_ready", object_id, secrets, ProvisionError, timeout_error=ReadinessTimeout):
-                sb.wait_until_ready(timeout=max(1, int(math.ceil(timeout))))
-        except ProvisionError as exc:
-            exc.add_note(f"sandbox {object_id} exited or vanished before it was ready")
-            raise
+        with self._boundary("wait_ready", object_id, secrets, ProvisionError, timeout_error=ReadinessTimeout):
+            sb.wait_until_ready(timeout=max(1, int(math.ceil(timeout))))
         return {"provider": "modal", "sandbox_id": object_id, "app_id": handle.get("app_id")}
 
     def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
@@ -447,16 +444,19 @@ class ModalExtension(SandboxExtension):
                 proc.stdin.drain()
 
             def drain(stream: Any, name: str) -> tuple[str, bool]:
+                # Chunks may split a UTF-8 sequence; decode incrementally so none is mangled.
+                decoder = codecs.getincrementaldecoder("utf-8")("replace")
                 parts: list[str] = []
+                timed_out = False
                 try:
                     for chunk in stream:
-                        text = chunk.decode("utf-8", "replace") if isinstance(chunk, bytes) else chunk
-                        parts.append(text)
-                        if on_output is not None:
-                            on_output(name, text)
+                        parts.append(decoder.decode(chunk))
+                        if on_output is not None and parts[-1]:
+                            on_output(name, parts[-1])
                 except modal_exc.ExecTimeoutError:
-                    return "".join(parts), True
-                return "".join(parts), False
+                    timed_out = True
+                parts.append(decoder.decode(b"", final=True))
+                return "".join(parts), timed_out
 
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="modal-exec") as pool:
                 out_f = pool.submit(drain, proc.stdout, "stdout")
@@ -492,7 +492,14 @@ class ModalExtension(SandboxExtension):
         modal_exc = importlib.import_module("modal.exception")
         found: dict[str, dict[str, Any]] = {}
         for credentials in [None, *sorted(self.config.consumer_tokens)]:
-            client, secrets = self._client(credentials)
+            try:
+                client, secrets = self._client(credentials)
+            except AuthError as exc:
+                if credentials is None:
+                    raise
+                # One consumer's missing token must not hide everyone else's orphans from gc.
+                log.warning("%s: list_owned skips consumer %s: %s", self.id, credentials, exc)
+                continue
             with self._boundary("list_owned", None, secrets, ProvisionError):
                 try:
                     app = modal.App.lookup(self.config.app_name, client=client,

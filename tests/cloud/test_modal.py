@@ -182,6 +182,26 @@ def test_exec_timeout_is_reported(backend):
     ext.teardown(handle)
 
 
+def test_exec_output_split_inside_a_utf8_character(backend):
+    ext, profile = backend
+    handle = ext.provision(profile, inputs(), None)
+    chunks: list[str] = []
+    res = ext.exec(handle, ["sh", "-c", r"printf '\303'; sleep 0.3; printf '\251\n'"],
+                   on_output=lambda s, t: chunks.append(t))
+    assert res.stdout == "\u00e9\n" and "".join(chunks) == "\u00e9\n"
+    ext.teardown(handle)
+
+
+def test_sandbox_that_ended_before_ready_fails_provisioning(backend, standin):
+    ext, profile = backend
+    handle = ext.provision(profile, inputs(), None)
+    standin.finish(handle["object_id"])
+    with pytest.raises(ProvisionError) as info:
+        ext.wait_ready(handle, timeout=5)
+    assert not isinstance(info.value, ReadinessTimeout) and not info.value.transient
+    assert handle["object_id"] in str(info.value)
+
+
 def test_from_id_reattaches_after_restart(tmp_path, standin, tokens):
     cfg = write_config(tmp_path / "cfg", standin.url)
     ext, profile = load(cfg)
@@ -327,6 +347,16 @@ def test_list_owned_finds_orphans_by_tags_across_pages(backend, standin):
         ext.teardown(h)
     assert ext.list_owned(OWNER) == []
     del alice
+
+
+def test_list_owned_skips_a_consumer_whose_token_is_unset(backend, monkeypatch, caplog):
+    ext, profile = backend
+    handle = ext.provision(profile, inputs(), None)
+    monkeypatch.delenv("SBX_TEST_ALICE_TOKEN_SECRET")
+    with caplog.at_level(logging.WARNING, logger="sandboxer"):
+        assert [o["sandbox_id"] for o in ext.list_owned(OWNER)] == ["sbx-1"]
+    assert "skips consumer alice" in caplog.text and "SBX_TEST_ALICE_TOKEN_SECRET" in caplog.text
+    ext.teardown(handle)
 
 
 def test_meter_actual_reports_modal_usage(backend, standin):
