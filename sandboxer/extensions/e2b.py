@@ -22,13 +22,12 @@ import hashlib
 import importlib
 import logging
 import shlex
-import threading
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any, ClassVar, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sandboxer.errors import (
     AuthError,
@@ -98,6 +97,23 @@ class E2BConfig(BaseModel):
         description="retry_after reported on a 429: the pinned SDK does not surface the Retry-After header",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_literal_keys(cls, data: Any) -> Any:
+        # Checked before field validation so the error cannot quote the value: it may be a real key.
+        if isinstance(data, dict):
+            refs = {"api_key": data.get("api_key")}
+            consumer_keys = data.get("consumer_keys")
+            if isinstance(consumer_keys, dict):
+                refs.update({f"consumer_keys.{k}": v for k, v in consumer_keys.items()})
+            for name, value in refs.items():
+                if value is not None and not isinstance(value, (dict, SecretRef)):
+                    raise ValueError(
+                        f"'{name}' must be a reference, {{env: NAME}} or {{file: PATH}}, not a literal "
+                        "value (see docs/byok.md)"
+                    )
+        return data
+
 
 class E2BOptions(BaseModel):
     """A profile's ``options:`` for an E2B backend."""
@@ -135,10 +151,6 @@ class E2BExtension(SandboxExtension):
     requires: ClassVar[tuple[str, str] | None] = ("e2b", "e2b")
 
     config: E2BConfig
-
-    def __init__(self, manifest: Any, config: BaseModel):
-        super().__init__(manifest, config)
-        self._lock = threading.Lock()
 
     # ------------------------------------------------------------ credentials
 
