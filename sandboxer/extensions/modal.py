@@ -487,35 +487,41 @@ class ModalExtension(SandboxExtension):
                  snapshot_meta.data.get("image_id"))
 
     def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
-        """Live sandboxes in this backend's app carrying ``owner_labels`` as tags, under every configured token."""
-        modal = self._sdk()
-        modal_exc = importlib.import_module("modal.exception")
+        """Live sandboxes in this backend's app carrying ``owner_labels`` as tags, under every configured token.
+
+        A consumer token that is unset or refused is skipped with a warning, so that
+        one consumer's revoked token does not hide everyone else's orphans from gc;
+        the default token failing still raises.
+        """
         found: dict[str, dict[str, Any]] = {}
         for credentials in [None, *sorted(self.config.consumer_tokens)]:
             try:
-                client, secrets = self._client(credentials)
+                self._list_with(credentials, owner_labels, found)
             except AuthError as exc:
                 if credentials is None:
                     raise
-                # One consumer's missing token must not hide everyone else's orphans from gc.
                 log.warning("%s: list_owned skips consumer %s: %s", self.id, credentials, exc)
-                continue
-            with self._boundary("list_owned", None, secrets, ProvisionError):
-                try:
-                    app = modal.App.lookup(self.config.app_name, client=client,
-                                           environment_name=self.config.environment)
-                except modal_exc.NotFoundError:
-                    continue
-                for sb in modal.Sandbox.list(app_id=app.app_id, tags=dict(owner_labels), client=client):
-                    if sb.object_id in found:
-                        continue
-                    tags = sb.get_tags()
-                    found[sb.object_id] = {
-                        "sandbox_id": tags.get("sandboxer.sandbox_id", ""),
-                        "handle": {"object_id": sb.object_id, "app_id": app.app_id,
-                                   "credentials": credentials, "host": None},
-                    }
         return list(found.values())
+
+    def _list_with(self, credentials: str | None, owner_labels: dict[str, str],
+                   found: dict[str, dict[str, Any]]) -> None:
+        modal = self._sdk()
+        modal_exc = importlib.import_module("modal.exception")
+        client, secrets = self._client(credentials)
+        with self._boundary("list_owned", None, secrets, ProvisionError):
+            try:
+                app = modal.App.lookup(self.config.app_name, client=client, environment_name=self.config.environment)
+            except modal_exc.NotFoundError:
+                return
+            for sb in modal.Sandbox.list(app_id=app.app_id, tags=dict(owner_labels), client=client):
+                if sb.object_id in found:
+                    continue
+                tags = sb.get_tags()
+                found[sb.object_id] = {
+                    "sandbox_id": tags.get("sandboxer.sandbox_id", ""),
+                    "handle": {"object_id": sb.object_id, "app_id": app.app_id,
+                               "credentials": credentials, "host": None},
+                }
 
     def meter_actual(self, handle: dict[str, Any]) -> dict[str, Any] | None:
         """Modal's own usage figures for the sandbox (billed core- and GiB-seconds, cost), if it has any."""

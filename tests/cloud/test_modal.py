@@ -356,6 +356,12 @@ def test_list_owned_skips_a_consumer_whose_token_is_unset(backend, monkeypatch, 
     with caplog.at_level(logging.WARNING, logger="sandboxer"):
         assert [o["sandbox_id"] for o in ext.list_owned(OWNER)] == ["sbx-1"]
     assert "skips consumer alice" in caplog.text and "SBX_TEST_ALICE_TOKEN_SECRET" in caplog.text
+    monkeypatch.setenv("SBX_TEST_ALICE_TOKEN_SECRET", "as-revoked")  # set, but refused by Modal
+    assert [o["sandbox_id"] for o in ext.list_owned(OWNER)] == ["sbx-1"]
+    monkeypatch.setenv("SBX_TEST_MODAL_TOKEN_SECRET", "as-revoked")
+    with pytest.raises(AuthError):
+        ext.list_owned(OWNER)  # the default token failing is not skipped
+    monkeypatch.setenv("SBX_TEST_MODAL_TOKEN_SECRET", SENTINEL)
     ext.teardown(handle)
 
 
