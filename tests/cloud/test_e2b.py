@@ -350,3 +350,15 @@ def test_literal_key_in_manifest_is_refused_without_echoing_it(config_dir, confi
     with pytest.raises(ManifestError, match=r"ext\.test-e2b\.yaml: field 'config'.*must be a reference") as info:
         load_catalog([config_dir(**config)], builtins=False)
     assert "e2b_LITERAL" not in str(info.value)
+
+
+def test_exec_on_a_sandbox_gone_at_e2b_is_exec_error(make_ext, standin: E2BStandIn):
+    from sandboxer.errors import ExecError
+
+    ext, profile = make_ext()
+    handle = ext.provision(profile, inputs("sbx-gone"), None)
+    standin.expire(handle["e2b_sandbox_id"])
+    with pytest.raises(ExecError, match=f"sandbox {handle['e2b_sandbox_id']}: the sandbox is gone at E2B"):
+        ext.exec(handle, ["true"])
+    with pytest.raises(ReadinessTimeout, match="gone"):
+        ext.wait_ready(handle, timeout=2)
