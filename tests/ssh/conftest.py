@@ -90,7 +90,7 @@ COMPOSE_YML = textwrap.dedent(f"""\
           retries: 30
       web:
         image: {IMAGE}
-        command: ["sh", "-c", "echo hello-web > /www/index.html; exec httpd -f -p 8080 -h /www"]
+        command: ["sh", "-c", "mkdir -p /www && echo hello-web > /www/index.html; exec httpd -f -p 8080 -h /www"]
         ports: ["127.0.0.1::8080"]
     volumes:
       data: {{}}

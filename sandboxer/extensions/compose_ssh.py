@@ -1,0 +1,576 @@
+"""``ext.compose-ssh``: one docker compose project per sandbox, on a pool of SSH hosts.
+
+A sandbox is ``<workspace_root>/<sandbox id>`` on one host: ``.sandboxer.json``
+(the handle plus owner labels, read back by :meth:`ComposeSSH.list_owned`)
+and ``repo/`` (the clone), brought up as project ``<prefix><sandbox id>``.
+
+Rules it keeps: every remote step is a fixed script whose data arrive as
+quoted positional parameters (see :mod:`sandboxer.ssh`); names are checked
+before anything runs; a host slot is claimed under ``flock`` so concurrent
+provisions cannot overfill a host; a failed provision tears down what it
+started before raising; teardown sweeps by compose label, so a host that lost
+the workspace still ends clean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import posixpath
+import re
+import secrets as _secrets
+import shlex
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sandboxer.errors import (
+    AuthError,
+    BackendError,
+    CapacityUnavailable,
+    ExecError,
+    HostKeyError,
+    InputError,
+    ProvisionError,
+    ReadinessTimeout,
+    SnapshotError,
+    TeardownError,
+)
+from sandboxer.extensions.base import OutputCallback, SandboxExtension
+from sandboxer.models import ExecResult, Profile, SnapshotMeta
+from sandboxer.poll import poll
+from sandboxer.ssh import (
+    GIT_CLONE_SCRIPT,
+    ConnectionCache,
+    SSHConnection,
+    SSHHostConfig,
+    check_ref,
+    check_repo,
+    remote_path_ok,
+)
+
+_NAME = r"^[a-z0-9][a-z0-9_-]*$"
+_SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SERVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_COMPOSE_FILE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_./-]{0,199}$")
+_INPUTS = {"repo", "ref", "compose_file", "services", "project", "sandbox_id", "owner_labels", "tags"}
+_PROJECT_LABEL = "com.docker.compose.project"
+
+_EXIT_FULL, _EXIT_CLONE, _EXIT_REF, _EXIT_UP, _EXIT_NO_COMPOSE = 75, 81, 82, 83, 84
+
+# docker compose v2 or docker-compose v1 with -p/-f; $v, $project, $file set by the caller.
+_DC = r"""
+dc() {
+  if [ -n "$file" ]; then set -- -p "$project" -f "$file" "$@"; else set -- -p "$project" "$@"; fi
+  if [ "$v" = v2 ]; then docker compose "$@"; else docker-compose "$@"; fi
+}
+"""
+
+# $1 root, $2 sandbox id, $3 capacity, $4 compose (auto|v1|v2). Counts and claims under flock.
+_CLAIM = r"""
+set -u
+root=$1; id=$2; cap=$3; v=$4
+mkdir -p -- "$root" || exit 1
+exec 9>>"$root/.sandboxer.lock"
+command -v flock >/dev/null 2>&1 && flock -w 30 9
+if [ "$v" = auto ]; then
+  if docker compose version >/dev/null 2>&1; then v=v2
+  elif command -v docker-compose >/dev/null 2>&1; then v=v1
+  else echo "neither 'docker compose' nor 'docker-compose' works on this host" >&2; exit 84; fi
+fi
+n=0
+for d in "$root"/*/; do [ -d "$d" ] && n=$((n+1)); done
+if [ "$n" -ge "$cap" ]; then echo "full $n/$cap"; exit 75; fi
+# not -p: an existing directory or symlink of that name is refused, never reused
+mkdir -- "$root/$id" || exit 1
+echo "compose $v"
+"""
+
+# $1 dir, $2 repo ('' = already there), $3 ref, $4 compose file, $5 project, $6 meta json, $7 v; rest: services
+_UP = GIT_CLONE_SCRIPT + _DC + r"""
+set -u
+dir=$1; repo=$2; ref=$3; file=$4; project=$5; meta=$6; v=$7; shift 7
+printf '%s\n' "$meta" > "$dir/.sandboxer.json" || exit 1
+if [ -n "$repo" ]; then git_clone "$repo" "$dir/repo" "$ref" || exit $?; fi
+cd "$dir/repo" || exit 1
+dc up -d "$@" || exit 83
+echo "@@services"
+dc config --services || exit 83
+"""
+
+# $1 project. One JSON document of every container of the project.
+_INSPECT = r"""
+ids=$(docker ps -aq --filter "label=com.docker.compose.project=$1") || exit 1
+if [ -z "$ids" ]; then echo '[]'; else docker inspect $ids; fi
+"""
+
+# $1 dir, $2 project, $3 v, $4 compose file. Compose down, then sweep by label, then verify.
+_DOWN = _DC + r"""
+dir=$1; project=$2; v=$3; file=$4
+if [ -f "$dir/repo/${file:-docker-compose.yml}" ] || [ -f "$dir/repo/compose.yaml" ]; then
+  (cd "$dir/repo" && dc down -v --remove-orphans -t 5) >/dev/null 2>&1 || echo "compose down failed; sweeping by label" >&2
+fi
+f="label=com.docker.compose.project=$project"
+ids=$(docker ps -aq --filter "$f"); [ -z "$ids" ] || docker rm -f -v $ids >/dev/null
+vols=$(docker volume ls -q --filter "$f"); [ -z "$vols" ] || docker volume rm -f $vols >/dev/null
+nets=$(docker network ls -q --filter "$f"); [ -z "$nets" ] || docker network rm $nets >/dev/null
+rm -rf -- "$dir"
+left="$(docker ps -aq --filter "$f")$(docker volume ls -q --filter "$f")"
+if [ -n "$left" ] || [ -e "$dir" ]; then echo "left behind: $left $dir" >&2; exit 1; fi
+echo removed
+"""
+
+# $1 project. "<volume name> <compose short name>" per named volume of the project.
+_VOLUMES = r"""docker volume ls -q --filter "label=com.docker.compose.project=$1" | while read -r name; do
+  printf '%s %s\n' "$name" "$(docker volume inspect -f '{{index .Labels "com.docker.compose.volume"}}' "$name")"
+done"""
+
+# $1 volume, $2 project, $3 short name, $4 helper image: create the volume and fill it from stdin.
+_VOLUME_RESTORE = r"""
+docker volume create --label "com.docker.compose.project=$2" --label "com.docker.compose.volume=$3" "$1" >/dev/null &&
+docker run --rm -i --network none -v "$1:/v" "$4" tar -C /v -xf -
+"""
+
+
+def _check_root(v: str) -> str:
+    norm = posixpath.normpath(v)
+    if not v.startswith("/") or norm == "/" or ".." in v.split("/") or not re.match(r"^[A-Za-z0-9_./-]+$", v):
+        raise ValueError(f"workspace_root must be an absolute plain path below '/', got {v!r}")
+    return norm
+
+
+class ComposeHost(SSHHostConfig):
+    """One host of the pool."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    capacity: int = Field(default=4, ge=0, description="most sandboxes at once on this host")
+    docker_host: str | None = Field(default=None, pattern=r"^(unix|tcp|ssh)://[A-Za-z0-9_./:@-]+$",
+                                    description="DOCKER_HOST for commands on the host")
+    workspace_root: str | None = Field(default=None, description="overrides the pool's workspace_root")
+
+    @field_validator("workspace_root")
+    @classmethod
+    def _root(cls, v: str | None) -> str | None:
+        return None if v is None else _check_root(v)
+
+
+class ComposeSSHConfig(BaseModel):
+    """``config:`` of ``ext.compose-ssh``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hosts: list[ComposeHost] = Field(min_length=1)
+    workspace_root: str = "/var/lib/sandboxer/compose"
+    snapshot_dir: Path = Path("~/.local/share/sandboxer/snapshots/compose-ssh")
+    helper_image: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_./:@-]*$",
+                                     description="image with tar, for volume snapshots")
+    compose_command: Literal["auto", "v1", "v2"] = "auto"
+    poll_interval: float = Field(default=0.25, gt=0)
+
+    @field_validator("workspace_root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        return _check_root(v)
+
+    @field_validator("snapshot_dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ComposeSSHConfig":
+        names = [h.name for h in self.hosts]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"host names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+
+class ComposeProfileOptions(BaseModel):
+    """``options:`` of a profile served by ``ext.compose-ssh``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project_prefix: str = Field(default="sbx-", pattern=_NAME)
+    exec_service: str | None = Field(default=None, pattern=_SERVICE.pattern,
+                                     description="exec runs in this service; None: a shell in the workspace")
+    command_timeout: float = Field(default=600.0, gt=0, description="deadline of clone and compose up")
+
+
+def _input_error(sandbox: str, msg: str) -> InputError:
+    return InputError(f"sandbox {sandbox}: {msg}")
+
+
+class ComposeSSH(SandboxExtension):
+    """Docker compose stacks over SSH (see the module docstring)."""
+
+    Config = ComposeSSHConfig
+    ProfileOptions = ComposeProfileOptions
+    features = frozenset({"exec", "snapshots", "list_owned"})
+    requires = ("paramiko", "ssh")
+
+    def __init__(self, manifest: Any, config: ComposeSSHConfig):
+        super().__init__(manifest, config)
+        self.cfg: ComposeSSHConfig = config
+        self._cache = ConnectionCache(backend=manifest.id)
+
+    # ------------------------------------------------------------ helpers
+
+    def hosts(self) -> dict[str, int | None]:
+        return {h.name: h.capacity for h in self.cfg.hosts}
+
+    def _host(self, name: str) -> ComposeHost:
+        for h in self.cfg.hosts:
+            if h.name == name:
+                return h
+        raise ProvisionError(f"{self.id}: no host named {name!r}; configured: "
+                             f"{', '.join(h.name for h in self.cfg.hosts)}", backend=self.id)
+
+    def _root(self, h: ComposeHost) -> str:
+        return h.workspace_root or self.cfg.workspace_root
+
+    def _conn(self, host: ComposeHost, fail: type[BackendError] = ProvisionError) -> SSHConnection:
+        return self._cache.get(host, host=host.name, fail=fail)
+
+    @staticmethod
+    def _argv(host: ComposeHost, script: str, *args: str) -> list[str]:
+        env = ["env", f"DOCKER_HOST={host.docker_host}"] if host.docker_host else []
+        return [*env, "sh", "-c", script, "sh", *args]
+
+    def _check_inputs(self, profile: Profile, inputs: dict[str, Any]) -> dict[str, Any]:
+        sid = str(inputs.get("sandbox_id") or "")
+        if not _SANDBOX_ID.match(sid):
+            raise InputError(f"{self.id}: sandbox_id {sid!r} must match {_SANDBOX_ID.pattern}")
+        unknown = sorted(set(inputs) - _INPUTS)
+        if unknown:
+            raise _input_error(sid, f"unknown input(s) {', '.join(unknown)}; "
+                                    f"{self.id} takes repo, ref, compose_file, services, project")
+        if "repo" not in inputs:
+            raise _input_error(sid, "input 'repo' is required (an https/ssh git URL or a path on the host)")
+        opts = self.options(profile)
+        try:
+            repo = check_repo(inputs["repo"])
+            ref = check_ref(inputs["ref"]) if inputs.get("ref") else ""
+        except ValueError as exc:
+            raise _input_error(sid, f"input {exc}") from None
+        cfile = inputs.get("compose_file") or ""
+        if cfile and (not isinstance(cfile, str) or not _COMPOSE_FILE.match(cfile)
+                      or ".." in cfile.split("/") or cfile.startswith("/")):
+            raise _input_error(sid, f"input compose_file {cfile!r} must be a relative path inside the repo")
+        services = inputs.get("services") or []
+        if isinstance(services, str):
+            services = [services]
+        for s in services:
+            if not isinstance(s, str) or not _SERVICE.match(s):
+                raise _input_error(sid, f"input services: {s!r} is not a service name")
+        project = inputs.get("project") or opts.project_prefix + re.sub(r"[^a-z0-9_-]", "-", sid.lower())
+        if not isinstance(project, str) or not re.match(_NAME, project) or len(project) > 63:
+            raise _input_error(sid, f"project name {project!r} must match {_NAME}")
+        return {"sandbox_id": sid, "repo": repo, "ref": ref, "compose_file": cfile, "services": list(services),
+                "project": project, "exec_service": opts.exec_service, "timeout": opts.command_timeout,
+                "owner_labels": dict(inputs.get("owner_labels") or {})}
+
+    def _claim(self, want: dict[str, Any], host: str | None) -> tuple[ComposeHost, SSHConnection, str]:
+        """Connect to the first host with room and create the workspace there."""
+        candidates = [self._host(host)] if host else list(self.cfg.hosts)
+        seen: list[str] = []
+        full = 0
+        for h in candidates:
+            try:
+                conn = self._conn(h)
+            except (HostKeyError, AuthError):
+                raise
+            except ProvisionError as exc:
+                seen.append(f"{h.name}: {exc}")
+                continue
+            ws = remote_path_ok(self._root(h), want["sandbox_id"])
+            res = conn.run(self._argv(h, _CLAIM, self._root(h), want["sandbox_id"],
+                                      str(h.capacity), self.cfg.compose_command), timeout=60, fail=ProvisionError)
+            if res.exit_code == _EXIT_FULL:
+                full += 1
+                seen.append(f"{h.name}: full ({res.stdout.split()[-1]})")
+                continue
+            if res.exit_code != 0:  # nothing was created: the claim fails before or at mkdir
+                raise ProvisionError(f"{self.id}: cannot create workspace {ws} on {h.name}: "
+                                     f"{res.stderr.strip() or res.stdout.strip()}", backend=self.id, host=h.name,
+                                     transient=res.exit_code != 1)
+            return h, conn, res.stdout.split()[-1]
+        if full == len(candidates):
+            raise CapacityUnavailable(f"{self.id}: every host is at capacity: {'; '.join(seen)}", backend=self.id)
+        raise ProvisionError(f"{self.id}: no host could take sandbox {want['sandbox_id']}: {'; '.join(seen)}",
+                             backend=self.id, transient=True)
+
+    def _handle(self, h: ComposeHost, want: dict[str, Any], v: str) -> dict[str, Any]:
+        ws = remote_path_ok(self._root(h), want["sandbox_id"])
+        return {"host": h.name, "address": h.address, "port": h.port, "user": h.user,
+                "sandbox_id": want["sandbox_id"], "remote_dir": ws, "repo_dir": ws + "/repo",
+                "project": want["project"], "compose": v, "compose_file": want["compose_file"],
+                "services": want["services"], "exec_service": want["exec_service"], "repo": want["repo"],
+                "ref": want["ref"]}
+
+    def _up(self, h: ComposeHost, conn: SSHConnection, handle: dict[str, Any], want: dict[str, Any],
+            clone: bool, fail: type[BackendError]) -> dict[str, Any]:
+        meta = json.dumps({"handle": handle, "owner_labels": want["owner_labels"]}, separators=(",", ":"))
+        res = conn.run(self._argv(h, _UP, handle["remote_dir"], want["repo"] if clone else "", want["ref"],
+                                  handle["compose_file"], handle["project"], meta, handle["compose"],
+                                  *handle["services"]), timeout=want["timeout"], fail=fail)
+        if res.exit_code != 0:
+            self._cleanup(h, conn, handle["remote_dir"], handle["project"], handle["compose"],
+                          handle["compose_file"])
+            what = {_EXIT_CLONE: f"git clone of {want['repo']!r} failed",
+                    _EXIT_REF: f"ref {want['ref']!r} not found in the repo",
+                    _EXIT_UP: f"docker compose up of project {handle['project']} failed"}.get(
+                        res.exit_code, f"setup exited {res.exit_code}")
+            detail = res.stderr.strip()[-1500:]
+            if res.timed_out:
+                what += f" (killed at its {want['timeout']:g}s deadline)"
+            kw: dict[str, Any] = {"backend": self.id, "host": h.name}
+            if fail is ProvisionError:
+                kw["transient"] = res.exit_code == _EXIT_UP
+            raise fail(f"{self.id}: sandbox {handle['sandbox_id']} on {h.name}: {what}: {detail}", **kw)
+        if not handle["services"]:
+            handle["services"] = res.stdout.split("@@services", 1)[-1].split()
+        return handle
+
+    def _cleanup(self, h: ComposeHost, conn: SSHConnection, ws: str, project: str, v: str, cfile: str) -> None:
+        """Best effort removal after a failed start; the original error is what matters."""
+        with contextlib.suppress(BackendError):
+            conn.run(self._argv(h, _DOWN, ws, project, v, cfile), timeout=120, fail=ProvisionError)
+
+    # ------------------------------------------------------------ contract
+
+    def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
+        want = self._check_inputs(profile, inputs)
+        h, conn, v = self._claim(want, host)
+        handle = self._handle(h, want, v)
+        return self._up(h, conn, handle, want, clone=True, fail=ProvisionError)
+
+    def _containers(self, h: ComposeHost, handle: dict[str, Any], fail: type[BackendError]) -> list[dict]:
+        conn = self._conn(h, fail)
+        res = conn.run(self._argv(h, _INSPECT, handle["project"]), timeout=60, fail=fail, check=True)
+        try:
+            return json.loads(res.stdout or "[]")
+        except ValueError as exc:
+            raise fail(f"{self.id}: unreadable docker inspect output on {h.name}: {exc}",
+                       backend=self.id, host=h.name) from None
+
+    @staticmethod
+    def _services(containers: list[dict]) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for c in containers:
+            labels = (c.get("Config") or {}).get("Labels") or {}
+            state = c.get("State") or {}
+            ports = {}
+            for port, binds in ((c.get("NetworkSettings") or {}).get("Ports") or {}).items():
+                ports[port] = [{"host_ip": b.get("HostIp"), "host_port": int(b["HostPort"])}
+                               for b in binds or [] if b.get("HostPort")]
+            restart = (((c.get("HostConfig") or {}).get("RestartPolicy") or {}).get("Name")) or "no"
+            out[labels.get("com.docker.compose.service", c.get("Name", "?"))] = {
+                "state": state.get("Status"), "health": (state.get("Health") or {}).get("Status"),
+                "ports": ports, "container": (c.get("Id") or "")[:12],
+                "exit_code": state.get("ExitCode"), "restarts": restart != "no"}
+        return out
+
+    def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        h = self._host(handle["host"])
+        waiting: list[str] = []
+
+        def check() -> dict[str, Any] | None:
+            services = self._services(self._containers(h, handle, ProvisionError))
+            dead = [f"{s} exited with code {v['exit_code']}" for s, v in services.items()
+                    if v["state"] in ("exited", "dead") and not v["restarts"]]
+            if dead:  # no restart policy: it will not come back by waiting
+                raise ReadinessTimeout(f"{self.id}: sandbox {handle['sandbox_id']} on {h.name} will not become "
+                                       f"ready: {', '.join(dead)}", backend=self.id, host=h.name)
+            waiting[:] = [
+                f"{s}: {services[s]['state']}{'/' + services[s]['health'] if services[s]['health'] else ''}"
+                if s in services else f"{s}: no container"
+                for s in handle["services"]
+                if s not in services or services[s]["state"] != "running"
+                or services[s]["health"] not in (None, "healthy")]
+            return None if waiting else services
+
+        services = poll(check, timeout, self.cfg.poll_interval, transient=(ProvisionError,), max_interval=0.5,
+                        on_timeout=lambda: ReadinessTimeout(
+                            f"{self.id}: sandbox {handle['sandbox_id']} on {h.name} not ready within {timeout:g}s; "
+                            f"waiting for {', '.join(waiting) or 'the host to answer'}",
+                            backend=self.id, host=h.name))
+        return {"ssh": h.ssh_command(), "host": h.name, "address": h.address, "remote_dir": handle["remote_dir"],
+                "compose_project": handle["project"], "services": services}
+
+    def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
+        h = self._host(handle["host"])
+        ws = remote_path_ok(self._root(h), handle["sandbox_id"])
+        conn = self._conn(h, TeardownError)
+        res = conn.run(self._argv(h, _DOWN, ws, handle["project"], handle["compose"], handle.get("compose_file", "")),
+                       timeout=180, fail=TeardownError)
+        if res.exit_code != 0:
+            raise TeardownError(f"{self.id}: sandbox {handle['sandbox_id']} on {h.name}: teardown incomplete: "
+                                f"{res.stderr.strip()[-800:]}", backend=self.id, host=h.name)
+        return {"host": h.name, "removed": [ws], "compose_project": handle["project"]}
+
+    # ------------------------------------------------------------ exec
+
+    def exec(self, handle: dict[str, Any], argv: list[str], *, env: dict[str, str] | None = None,
+             cwd: str | None = None, timeout: float | None = None, stdin: bytes | None = None,
+             on_output: OutputCallback | None = None) -> ExecResult:
+        """Run ``argv`` in the profile's ``exec_service``, or on the host in the workspace."""
+        service = handle.get("exec_service")
+        if service:
+            return self.exec_in_service(handle, service, argv, env=env, cwd=cwd, timeout=timeout, stdin=stdin,
+                                        on_output=on_output)
+        h = self._host(handle["host"])
+        where = handle["repo_dir"]
+        if cwd:
+            where = posixpath.normpath(posixpath.join(where, cwd))
+            if not (where + "/").startswith(handle["remote_dir"] + "/"):
+                raise InputError(f"sandbox {handle['sandbox_id']}: cwd {cwd!r} is outside the workspace")
+        return self._conn(h, ExecError).run(list(argv), cwd=where, env=env, stdin=stdin, timeout=timeout,
+                                            on_output=on_output, fail=ExecError)
+
+    def exec_in_service(self, handle: dict[str, Any], service: str, argv: list[str], *,
+                        env: dict[str, str] | None = None, cwd: str | None = None, timeout: float | None = None,
+                        stdin: bytes | None = None, on_output: OutputCallback | None = None) -> ExecResult:
+        """``docker exec`` into the first running container of ``service``.
+
+        Env values reach the container through the docker CLI's environment
+        (``-e NAME``), so they never appear on a command line.
+        """
+        if not _SERVICE.match(service):
+            raise InputError(f"sandbox {handle['sandbox_id']}: {service!r} is not a service name")
+        h = self._host(handle["host"])
+        opts = ["-i"] if stdin is not None else []
+        opts += ["-w", cwd] if cwd else []
+        for name in env or {}:
+            opts += ["-e", name]
+        script = ('cid=$(docker ps -q --filter "label=com.docker.compose.project=$1" '
+                  '--filter "label=com.docker.compose.service=$2" | head -n 1)\n'
+                  '[ -n "$cid" ] || { echo "no running container for service $2" >&2; exit 125; }\n'
+                  'shift 2\nexec docker exec ' + " ".join(shlex.quote(o) for o in opts) + ' "$cid" "$@"')
+        return self._conn(h, ExecError).run(self._argv(h, script, handle["project"], service, *argv), env=env,
+                                            stdin=stdin, timeout=timeout, on_output=on_output, fail=ExecError)
+
+    # ------------------------------------------------------------ list_owned
+
+    def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
+        found = []
+        script = 'for f in "$1"/*/.sandboxer.json; do [ -f "$f" ] && head -n 1 "$f"; done; true'
+        for h in self.cfg.hosts:
+            try:
+                res = self._conn(h).run(["sh", "-c", script, "sh", self._root(h)], timeout=60,
+                                        fail=ProvisionError)
+            except ProvisionError:
+                continue  # an unreachable host cannot tell; gc tries again next time
+            for line in res.stdout.splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    meta = json.loads(line)
+                    labels = meta.get("owner_labels") or {}
+                    if all(labels.get(k) == v for k, v in owner_labels.items()):
+                        found.append({"sandbox_id": meta["handle"]["sandbox_id"], "handle": meta["handle"]})
+        return found
+
+    # ------------------------------------------------------------ snapshots
+
+    def snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
+        """Tar the workspace and each named volume of the project into one local archive."""
+        h = self._host(handle["host"])
+        conn = self._conn(h, SnapshotError)
+        key = f"{handle['sandbox_id']}-{time.strftime('%Y%m%dT%H%M%S')}-{_secrets.token_hex(4)}"
+        self.cfg.snapshot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        archive = self.cfg.snapshot_dir / f"{key}.tar"
+        res = conn.run(self._argv(h, _VOLUMES, handle["project"]), timeout=60, fail=SnapshotError, check=True)
+        volumes = [line.split() for line in res.stdout.splitlines() if len(line.split()) == 2]
+        if volumes and not self.cfg.helper_image:
+            raise SnapshotError(f"{self.id}: project {handle['project']} has named volumes; set config "
+                                f"'helper_image' (an image with tar) to snapshot them", backend=self.id, host=h.name)
+        with tempfile.TemporaryDirectory(prefix="sbx-snap-") as tmp:
+            parts = [("workspace.tar", ["tar", "-C", handle["remote_dir"], "-cf", "-", "."])]
+            for name, short in volumes:
+                parts.append((f"volumes/{short}.tar", self._argv(
+                    h, 'docker run --rm --network none -v "$1:/v:ro" "$2" tar -C /v -cf - .',
+                    name, self.cfg.helper_image or "")))
+            meta = {"format": 1, "handle": handle, "volumes": [s for _, s in volumes]}
+            try:
+                with tarfile.open(archive, "w") as out:
+                    _add_bytes(out, "meta.json", json.dumps(meta).encode())
+                    for member, argv in parts:
+                        spool = Path(tmp) / "part"
+                        with open(spool, "wb") as fh:
+                            conn.run(argv, stdout_sink=fh, timeout=600, fail=SnapshotError, check=True)
+                        out.add(spool, arcname=member)
+            except BaseException:
+                archive.unlink(missing_ok=True)
+                raise
+        digest = _sha256(archive)
+        return {"data": {"archive": str(archive), "source_host": h.name, "project": handle["project"],
+                         "volumes": meta["volumes"]},
+                "size_bytes": archive.stat().st_size, "checksum": f"sha256:{digest}"}
+
+    def restore_from_snapshot(self, profile: Profile, snapshot_meta: SnapshotMeta, inputs: dict[str, Any],
+                              host: str | None) -> dict[str, Any]:
+        """Recreate a sandbox from a snapshot archive, on ``host`` or any host with room."""
+        archive = Path(snapshot_meta.data.get("archive", ""))
+        if not archive.is_file():
+            raise SnapshotError(f"{self.id}: snapshot {snapshot_meta.id}: archive {archive} is missing",
+                                backend=self.id)
+        if snapshot_meta.checksum and snapshot_meta.checksum != f"sha256:{_sha256(archive)}":
+            raise SnapshotError(f"{self.id}: snapshot {snapshot_meta.id}: archive {archive} does not match its "
+                                f"checksum {snapshot_meta.checksum}; refusing to restore", backend=self.id)
+        with tarfile.open(archive) as tar:
+            meta = json.loads(tar.extractfile("meta.json").read())  # type: ignore[union-attr]
+            old = meta["handle"]
+            merged = {"repo": old["repo"], "ref": old.get("ref") or None, "compose_file": old["compose_file"],
+                      "services": old["services"], **inputs}
+            want = self._check_inputs(profile, merged)
+            if (meta.get("volumes") and not self.cfg.helper_image):
+                raise SnapshotError(f"{self.id}: snapshot has volumes; set config 'helper_image'", backend=self.id)
+            h, conn, v = self._claim(want, host)
+            handle = self._handle(h, want, v)
+            try:
+                self._restore_parts(h, conn, tar, handle, meta)
+            except BaseException:
+                self._cleanup(h, conn, handle["remote_dir"], handle["project"], v, handle["compose_file"])
+                raise
+        return self._up(h, conn, handle, want, clone=False, fail=SnapshotError)
+
+    def _restore_parts(self, h: ComposeHost, conn: SSHConnection, tar: tarfile.TarFile, handle: dict[str, Any],
+                       meta: dict[str, Any]) -> None:
+        ws_tar = tar.extractfile("workspace.tar")
+        conn.run(["tar", "-C", handle["remote_dir"], "-xf", "-"], stdin=ws_tar, timeout=600, fail=SnapshotError,
+                 check=True)
+        for short in meta.get("volumes", []):
+            if not _SERVICE.match(short):
+                raise SnapshotError(f"{self.id}: snapshot names a bad volume {short!r}", backend=self.id)
+            conn.run(self._argv(h, _VOLUME_RESTORE, f"{handle['project']}_{short}", handle["project"], short,
+                                self.cfg.helper_image or ""),
+                     stdin=tar.extractfile(f"volumes/{short}.tar"), timeout=600, fail=SnapshotError, check=True)
+
+    def delete_snapshot(self, snapshot_meta: SnapshotMeta) -> None:
+        archive = snapshot_meta.data.get("archive")
+        if archive:
+            path = Path(archive)
+            # only ever delete inside our own snapshot store
+            if path.resolve().parent == self.cfg.snapshot_dir.resolve():
+                path.unlink(missing_ok=True)
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = int(time.time())
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
