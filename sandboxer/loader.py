@@ -63,13 +63,17 @@ def read_yaml(path: Path, error: type[ConfigError]) -> Any:
         raise error(f"{path}: invalid YAML{where}: {problem}") from exc
 
 
+_SECRET_WORDS = ("key", "token", "secret", "password", "credential")
+
+
 def describe_validation(source: str, exc: ValidationError, prefix: str = "") -> str:
     """One line per problem: ``file: field 'a.b': value 'x': why``."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
         value = err.get("input")
-        shown = "" if isinstance(value, dict) else f" (value {value!r})"
+        secretish = any(w in str(p).lower() for p in err["loc"] for w in _SECRET_WORDS)
+        shown = "" if isinstance(value, dict) else " (value redacted)" if secretish else f" (value {value!r})"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"

@@ -87,6 +87,8 @@ class Manager:
             or the platform's state directory).
         state_url: a SQLAlchemy URL for a server database instead of SQLite.
         catalog: an already loaded catalog (skips loading).
+        stale_grace: seconds past a profile's ready timeout after which gc treats a
+            ``provisioning`` record as abandoned by a crashed process.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class Manager:
         *,
         state_url: str | None = None,
         catalog: Catalog | None = None,
+        stale_grace: float = STALE_GRACE_S,
     ):
         self.catalog = catalog or load_catalog([Path(d) for d in config_dirs] if config_dirs is not None else None)
         self.home = Path(home) if home else default_home()
@@ -103,6 +106,7 @@ class Manager:
         self.owner_labels = {"sandboxer.owner": self.state.owner_id}
         self.metering = Metering(self)
         self.router = Router(self)
+        self.stale_grace = stale_grace
         self._inflight: set[str] = set()
         self._lock = threading.Lock()
         self._effective: dict[tuple[str, int], Profile] = {}
@@ -225,7 +229,7 @@ class Manager:
 
     def _await_named(self, sandbox_id: str, profile: Profile) -> SandboxStatus | None:
         """Wait for a racing create of the same name; None if it failed."""
-        deadline = time.monotonic() + profile.ready_timeout + STALE_GRACE_S
+        deadline = time.monotonic() + profile.ready_timeout + self.stale_grace
         while time.monotonic() < deadline:
             row = self._row(sandbox_id)
             if row["state"] == "ready":
@@ -278,7 +282,7 @@ class Manager:
         }, limits=limits)
         all_inputs = {
             **choice.inputs, **inputs, "sandbox_id": sandbox_id, "owner_labels": dict(self.owner_labels),
-            "tags": self._tags(sandbox_id, labels, consumer, profile),
+            "tags": self._tags(sandbox_id, labels, consumer, profile), "ttl": ttl,
         }
         with self._lock:
             self._inflight.add(sandbox_id)
@@ -404,6 +408,12 @@ class Manager:
                                          detail={"reason": "no handle was recorded"})
             return _status(done or self._row(sandbox_id))
         ext = self.extension(cur["extension"])
+        reported = None
+        if ext.supports("metering"):
+            try:
+                reported = ext.meter_actual(cur["handle"])
+            except SandboxerError as exc:  # the recorded interval still prices it
+                log.warning("meter_actual for %s failed: %s", sandbox_id, exc)
         try:
             report = ext.teardown(cur["handle"])
         except Exception as exc:
@@ -413,7 +423,9 @@ class Manager:
             raise TeardownError(f"teardown of sandbox {sandbox_id} on {ext.id} failed: {exc}", backend=ext.id) from exc
         now = time.time()
         done = self.state.transition(sandbox_id, "terminated", state="terminated", terminated_at=now, detail=report)
-        self.metering.stopped(sandbox_id, now)
+        # A sandbox the backend had already lost was last alive when we last saw it (or at its expiry).
+        stop = (cur["last_seen_at"] or min(now, cur["expires_at"])) if report.get("already_gone") else now
+        self.metering.stopped(sandbox_id, stop, reported)
         return _status(done or self._row(sandbox_id))
 
     # ---------------------------------------------------------- snapshots
@@ -518,11 +530,10 @@ class Manager:
                 bucket = report.retried
             elif row["state"] == "provisioning":
                 prof = self.catalog.profiles.get(row["profile"])
-                limit = (prof.ready_timeout if prof else 300.0) + STALE_GRACE_S
-                if now - row["created_at"] > limit:
+                if self._stale(row, now):
                     bucket = report.stale_provisioning
             elif row["state"] == "tearing_down":
-                if now - (row["ready_at"] or row["created_at"]) > STALE_GRACE_S or row["expires_at"] < now:
+                if now - (row["ready_at"] or row["created_at"]) > self.stale_grace or row["expires_at"] < now:
                     bucket = report.retried
             elif row["expires_at"] < now:
                 bucket = report.expired
@@ -536,6 +547,10 @@ class Manager:
         self._reconcile(report)
         self.metering.close_abandoned()
         return report
+
+    def _stale(self, row: dict[str, Any], now: float) -> bool:
+        prof = self.catalog.profiles.get(row["profile"])
+        return now - row["created_at"] > (prof.ready_timeout if prof else 300.0) + self.stale_grace
 
     def _reconcile(self, report: CleanupReport) -> None:
         """Tear down what a backend holds for us but the store does not count as live."""
@@ -557,8 +572,9 @@ class Manager:
                 if row is not None and row["state"] in ("ready", "tearing_down", "teardown_failed"):
                     alive.append(sid)
                     continue
-                if row is not None and row["state"] == "provisioning" and sid in self._inflight:
-                    continue
+                if row is not None and row["state"] == "provisioning" and (
+                        sid in self._inflight or not self._stale(row, time.time())):
+                    continue  # may still be in the hands of a creating thread or process
                 key = sid or repr(item.get("handle"))
                 try:
                     ext.teardown(item["handle"])

@@ -85,7 +85,7 @@ class Metering:
         eff = self.manager.effective_profile(profile, index)
         if loaded.missing_extra:
             return price(loaded.manifest, eff, duration)
-        return loaded.instance().estimate_cost(eff, duration)
+        return self.manager.extension(loaded.manifest.id).estimate_cost(eff, duration)
 
     # --------------------------------------------------------------- actuals
 
@@ -99,14 +99,25 @@ class Metering:
                 currency=(manifest.pricing or Pricing()).currency,
             ))
 
-    def stopped(self, sandbox_id: str, ts: float) -> None:
+    def stopped(self, sandbox_id: str, ts: float, reported: dict[str, Any] | None = None) -> None:
+        """Close a usage interval, priced from the recorded rate or refined by the backend's own figures.
+
+        ``reported`` (from ``meter_actual``) may carry ``cost`` (the provider's amount) or
+        ``rate_per_second`` (the provider's rate for this sandbox's real size).
+        """
         with self._state._tx() as conn:
             u = conn.execute(select(usage).where(usage.c.sandbox_id == sandbox_id)).mappings().first()
             if u is None or u["stopped_at"] is not None:
                 return
             stop = max(ts, u["started_at"])
-            amount = round(_rate(u["price"], u["resources"]) * (stop - u["started_at"]), 6)
-            conn.execute(update(usage).where(usage.c.sandbox_id == sandbox_id).values(stopped_at=stop, amount=amount))
+            rate = _rate(u["price"], u["resources"])
+            if reported and isinstance(reported.get("rate_per_second"), (int, float)):
+                rate = float(reported["rate_per_second"])
+            amount = rate * (stop - u["started_at"])
+            if reported and isinstance(reported.get("cost"), (int, float)):
+                amount = float(reported["cost"])
+            conn.execute(update(usage).where(usage.c.sandbox_id == sandbox_id).values(
+                stopped_at=stop, amount=round(amount, 6), reported=reported))
 
     def close_abandoned(self) -> None:
         """Close intervals of sandboxes that ended while nobody was watching."""

@@ -127,6 +127,7 @@ usage = Table(
     Column("stopped_at", Float),
     Column("amount", Float),
     Column("currency", String(8)),
+    Column("reported", JSON),  # what the backend itself reported (meter_actual), if anything
 )
 
 exports = Table(

@@ -6,7 +6,7 @@ declares in :attr:`SandboxExtension.features` *and* in its manifest's
 ``capabilities.features``; the manager checks :meth:`supports` before it
 calls, so an unsupported call is refused before any work is done.
 
-Inputs convention: the manager adds three reserved inputs to every provision
+Inputs convention: the manager adds four reserved inputs to every provision
 (a consumer may not set them):
 
 * ``sandbox_id``: the manager's id for the sandbox;
@@ -16,7 +16,9 @@ Inputs convention: the manager adds three reserved inputs to every provision
   (labels, metadata, tags): the owner labels plus ``sandboxer.sandbox_id``,
   ``sandboxer.consumer``, ``sandboxer.profile`` and the request's labels.
   A backend that cannot attach tags must still record ``sandbox_id`` and
-  ``owner_labels`` where :meth:`list_owned` can read them.
+  ``owner_labels`` where :meth:`list_owned` can read them;
+* ``ttl``: the sandbox's effective lifetime in seconds (already checked against
+  the profile's maximum), for backends that can expire sandboxes themselves.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from sandboxer.state import default_home
 from sandboxer.models import ExecResult, ExtensionManifest, MeterQuote, Profile, SnapshotMeta
 
 #: Inputs the manager sets; a consumer may not.
-RESERVED_INPUTS = frozenset({"sandbox_id", "owner_labels", "tags"})
+RESERVED_INPUTS = frozenset({"sandbox_id", "owner_labels", "tags", "ttl"})
 
 #: Optional features a handler may implement (names also listed in registry/).
 OPTIONAL_FEATURES = frozenset({"exec", "snapshots", "metering", "list_owned"})

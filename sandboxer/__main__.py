@@ -1,0 +1,3 @@
+from sandboxer.cli import main
+
+main()

@@ -1,0 +1,91 @@
+"""The CLI end to end, as a user runs it: exit codes, one-line errors, --json."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture
+def sbx(home, cfg):
+    env = {**os.environ, "SANDBOXER_HOME": str(home), "SANDBOXER_CONFIG": str(cfg.root)}
+
+    def run(*args, check=None):
+        p = subprocess.run([sys.executable, "-m", "sandboxer", *args], capture_output=True, text=True, env=env, timeout=120)
+        if check is not None:
+            assert p.returncode == check, (p.returncode, p.stdout, p.stderr)
+        return p
+
+    return run
+
+
+def test_local_lifecycle_through_cli(sbx):
+    p = sbx("create", "local", "--consumer", "ci", "--ttl", "30m", "--label", "job=7", "--json", check=0)
+    sb = json.loads(p.stdout)
+    assert sb["state"] == "ready" and sb["consumer"] == "ci" and sb["labels"] == {"job": "7"}
+    p = sbx("exec", sb["id"], "--", "sh", "-c", "echo out; echo err >&2; exit 5", check=5)
+    assert p.stdout == "out\n" and p.stderr == "err\n"
+    assert json.loads(sbx("status", sb["id"], "--json", check=0).stdout)["state"] == "ready"
+    assert [s["id"] for s in json.loads(sbx("list", "--json", check=0).stdout)] == [sb["id"]]
+    assert json.loads(sbx("teardown", sb["id"], "--json", check=0).stdout)["state"] == "terminated"
+    assert json.loads(sbx("list", "--json", check=0).stdout) == []
+    assert len(json.loads(sbx("list", "--all", "--json", check=0).stdout)) == 1
+    assert json.loads(sbx("gc", "--json", check=0).stdout)["errors"] == {}
+
+
+def test_create_prints_id_and_reachability(sbx):
+    p = sbx("create", "saas-stub", check=0)
+    sandbox_id, reach = p.stdout.splitlines()
+    assert sandbox_id.startswith("sb-") and reach.startswith("reachability: ")
+    sbx("teardown", sandbox_id, check=0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["create", "nope"], "error: unknown profile 'nope'; known profiles:"),
+    (["status", "sb-nope"], "error: no sandbox with id 'sb-nope'"),
+    (["teardown", "sb-nope"], "error: no sandbox with id 'sb-nope'"),
+    (["exec", "sb-nope", "--", "true"], "error: no sandbox with id 'sb-nope'"),
+    (["create", "local", "--ttl", "48h"], "error: TTL 2d is over profile 'local''s maximum of 1d"),
+    (["create", "local", "--input", "sandbox_id=x"], "error: input 'sandbox_id' is reserved"),
+])
+def test_bad_input_exits_nonzero_with_one_line(sbx, args, message):
+    p = sbx(*args, check=1)
+    assert p.stderr.startswith(message) and p.stderr.count("\n") == 1
+    assert p.stdout == ""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["create", "local", "--ttl", "-5m"], "must not be negative"),
+    (["create", "local", "--ttl", "soon"], "not a duration"),
+    (["create", "local", "--input", "novalue"], "expected KEY=VALUE"),
+])
+def test_usage_errors_exit_2(sbx, args, message):
+    p = sbx(*args, check=2)
+    assert message in p.stderr
+
+
+def test_broken_config_fails_validate_naming_the_file(sbx, cfg):
+    path = cfg.write("ext.broken.yaml", "id: ext.broken\n")
+    p = sbx("validate", check=1)
+    assert str(path) in p.stderr and "field 'title'" in p.stderr
+    p = sbx("list", check=1)
+    assert str(path) in p.stderr
+
+
+def test_validate_and_listings(sbx):
+    assert sbx("validate", check=0).stdout.startswith("ok: ")
+    exts = json.loads(sbx("extensions", "list", "--json", check=0).stdout)
+    assert {"ext.local", "ext.saas-stub"} <= {e["id"] for e in exts}
+    profs = json.loads(sbx("profiles", "list", "--json", check=0).stdout)
+    assert "local" in {p["slug"] for p in profs}
+
+
+def test_schema_writes_both_kinds(sbx, tmp_path):
+    sbx("schema", "--out", str(tmp_path / "s"), check=0)
+    ext = json.loads((tmp_path / "s" / "extension.schema.json").read_text())
+    prof = json.loads((tmp_path / "s" / "profile.schema.json").read_text())
+    assert "handler" in ext["properties"] and "resources" in prof["properties"]
