@@ -49,6 +49,7 @@ class Fault(BaseModel):
     when_input: str | None = None
     retry_after: float | None = Field(default=None, ge=0)
     late_success: bool = Field(default=False, description="provision raises, yet the sandbox appears anyway")
+    late_after_s: float = Field(default=0.0, ge=0, description="how long after the error the late sandbox appears")
 
 
 class StubConfig(BaseModel):
@@ -147,7 +148,12 @@ class SaasStubExtension(SandboxExtension):
         fault = self._fault("provision", inputs)
         if fault is not None:
             if fault.late_success:
-                self._add(inputs, profile, {"late": True})
+                if fault.late_after_s:
+                    timer = threading.Timer(fault.late_after_s, self._add, (inputs, profile, {"late": True}))
+                    timer.daemon = True
+                    timer.start()
+                else:
+                    self._add(inputs, profile, {"late": True})
             self._raise(fault, "provision")
         return self._add(inputs, profile)
 
