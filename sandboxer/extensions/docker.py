@@ -122,6 +122,7 @@ class DockerInputs(BaseModel):
     sandbox_id: str | None = None
     owner_labels: dict[str, str] = Field(default_factory=dict)
     tags: dict[str, str] = Field(default_factory=dict)
+    ttl: float | None = None  # reserved; the manager's gc enforces it (docker has no expiry of its own)
     env: dict[str, str] = Field(default_factory=dict)
 
 
