@@ -27,7 +27,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import logging
+import posixpath
 import re
 import select
 import shlex
@@ -45,10 +47,12 @@ from sandboxer.errors import (
     BackendError,
     ExecError,
     HostKeyError,
+    InputError,
     MissingExtra,
     ProvisionError,
+    SnapshotError,
 )
-from sandboxer.models import ExecResult
+from sandboxer.models import ExecResult, SnapshotMeta
 from sandboxer.secrets import SecretRef
 
 log = logging.getLogger(__name__)
@@ -619,6 +623,14 @@ def check_repo(repo: Any, *, field: str = "repo") -> str:
     return repo
 
 
+def check_root(v: str) -> str:
+    """A remote workspace root: absolute, plain characters, no ``..``, not ``/`` itself."""
+    norm = posixpath.normpath(v)
+    if not v.startswith("/") or norm == "/" or ".." in v.split("/") or not re.match(r"^[A-Za-z0-9_./-]+$", v):
+        raise ValueError(f"workspace_root must be an absolute plain path below '/', got {v!r}")
+    return norm
+
+
 def check_ref(ref: Any, *, field: str = "ref") -> str:
     """A branch, tag or commit name that cannot be read as an option."""
     if not isinstance(ref, str) or not _REF.match(ref) or ".." in ref:
@@ -639,6 +651,67 @@ git_clone() {
 """
 
 
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a local file (snapshot archives)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------ workspaces and archives shared by the SSH backends
+
+def workspace_cwd(remote_dir: str, base: str, cwd: str | None, sandbox_id: str) -> str:
+    """``cwd`` resolved against ``base``; it must stay inside ``remote_dir``.
+
+    Raises:
+        InputError: ``cwd`` leads outside the workspace.
+    """
+    if not cwd:
+        return base
+    where = posixpath.normpath(posixpath.join(base, cwd))
+    if not (where + "/").startswith(remote_dir.rstrip("/") + "/"):
+        raise InputError(f"sandbox {sandbox_id}: cwd {cwd!r} is outside the workspace {remote_dir}")
+    return where
+
+
+def owned_from_meta(text: str, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
+    """Parse one ``{"handle": ..., "owner_labels": ...}`` JSON per line; keep those carrying ``owner_labels``."""
+    found = []
+    for line in text.splitlines():
+        try:
+            meta = json.loads(line)
+            labels = meta.get("owner_labels") or {}
+            if all(labels.get(k) == v for k, v in owner_labels.items()):
+                found.append({"sandbox_id": meta["handle"]["sandbox_id"], "handle": meta["handle"]})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # a foreign or damaged file is not ours
+    return found
+
+
+def checked_archive(snapshot_meta: SnapshotMeta, backend: str) -> Path:
+    """The snapshot's local archive, after checking it exists and matches its sha256.
+
+    Raises:
+        SnapshotError: missing, or its checksum does not match.
+    """
+    archive = Path(snapshot_meta.data.get("archive", ""))
+    if not archive.is_file():
+        raise SnapshotError(f"{backend}: snapshot {snapshot_meta.id}: archive {archive} is missing", backend=backend)
+    if snapshot_meta.checksum and snapshot_meta.checksum != f"sha256:{sha256_file(archive)}":
+        raise SnapshotError(f"{backend}: snapshot {snapshot_meta.id}: archive {archive} does not match its "
+                            f"checksum {snapshot_meta.checksum}; refusing to restore", backend=backend)
+    return archive
+
+
+def delete_archive(snapshot_meta: SnapshotMeta, store: Path) -> None:
+    """Remove a snapshot's archive, but only from inside ``store``. Idempotent."""
+    archive = snapshot_meta.data.get("archive")
+    if archive and Path(archive).resolve().parent == store.resolve():
+        Path(archive).unlink(missing_ok=True)
+
+
 def local_ports_free(port: int) -> bool:
     """Whether nothing listens on 127.0.0.1:``port`` (used to prove a tunnel is gone)."""
     with socket.socket() as s:
@@ -648,6 +721,6 @@ def local_ports_free(port: int) -> bool:
 
 __all__ = [
     "STATS", "TIMEOUT_EXIT", "ConnectionCache", "LocalForward", "SSHConnection", "SSHHostConfig",
-    "SSHStats", "GIT_CLONE_SCRIPT", "build_command", "check_ref", "check_repo", "env_script", "fingerprint", "local_ports_free", "remote_path_ok",
-    "ssh_errors",
+    "SSHStats", "GIT_CLONE_SCRIPT", "build_command", "check_ref", "check_repo", "check_root", "checked_archive", "delete_archive", "owned_from_meta", "env_script", "fingerprint", "local_ports_free", "remote_path_ok", "sha256_file",
+    "ssh_errors", "workspace_cwd",
 ]

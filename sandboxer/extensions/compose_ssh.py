@@ -15,10 +15,8 @@ the workspace still ends clean.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
-import posixpath
 import re
 import secrets as _secrets
 import shlex
@@ -52,7 +50,13 @@ from sandboxer.ssh import (
     SSHHostConfig,
     check_ref,
     check_repo,
+    check_root,
+    checked_archive,
+    delete_archive,
+    owned_from_meta,
     remote_path_ok,
+    sha256_file,
+    workspace_cwd,
 )
 
 _NAME = r"^[a-z0-9][a-z0-9_-]*$"
@@ -138,13 +142,6 @@ docker run --rm -i --network none -v "$1:/v" "$4" tar -C /v -xf -
 """
 
 
-def _check_root(v: str) -> str:
-    norm = posixpath.normpath(v)
-    if not v.startswith("/") or norm == "/" or ".." in v.split("/") or not re.match(r"^[A-Za-z0-9_./-]+$", v):
-        raise ValueError(f"workspace_root must be an absolute plain path below '/', got {v!r}")
-    return norm
-
-
 class ComposeHost(SSHHostConfig):
     """One host of the pool."""
 
@@ -157,7 +154,7 @@ class ComposeHost(SSHHostConfig):
     @field_validator("workspace_root")
     @classmethod
     def _root(cls, v: str | None) -> str | None:
-        return None if v is None else _check_root(v)
+        return None if v is None else check_root(v)
 
 
 class ComposeSSHConfig(BaseModel):
@@ -176,7 +173,7 @@ class ComposeSSHConfig(BaseModel):
     @field_validator("workspace_root")
     @classmethod
     def _root(cls, v: str) -> str:
-        return _check_root(v)
+        return check_root(v)
 
     @field_validator("snapshot_dir")
     @classmethod
@@ -426,11 +423,7 @@ class ComposeSSH(SandboxExtension):
             return self.exec_in_service(handle, service, argv, env=env, cwd=cwd, timeout=timeout, stdin=stdin,
                                         on_output=on_output)
         h = self._host(handle["host"])
-        where = handle["repo_dir"]
-        if cwd:
-            where = posixpath.normpath(posixpath.join(where, cwd))
-            if not (where + "/").startswith(handle["remote_dir"] + "/"):
-                raise InputError(f"sandbox {handle['sandbox_id']}: cwd {cwd!r} is outside the workspace")
+        where = workspace_cwd(handle["remote_dir"], handle["repo_dir"], cwd, handle["sandbox_id"])
         return self._conn(h, ExecError).run(list(argv), cwd=where, env=env, stdin=stdin, timeout=timeout,
                                             on_output=on_output, fail=ExecError)
 
@@ -463,16 +456,10 @@ class ComposeSSH(SandboxExtension):
         script = 'for f in "$1"/*/.sandboxer.json; do [ -f "$f" ] && head -n 1 "$f"; done; true'
         for h in self.cfg.hosts:
             try:
-                res = self._conn(h).run(["sh", "-c", script, "sh", self._root(h)], timeout=60,
-                                        fail=ProvisionError)
+                res = self._conn(h).run(["sh", "-c", script, "sh", self._root(h)], timeout=60, fail=ProvisionError)
             except ProvisionError:
-                continue  # an unreachable host cannot tell; gc tries again next time
-            for line in res.stdout.splitlines():
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    meta = json.loads(line)
-                    labels = meta.get("owner_labels") or {}
-                    if all(labels.get(k) == v for k, v in owner_labels.items()):
-                        found.append({"sandbox_id": meta["handle"]["sandbox_id"], "handle": meta["handle"]})
+                continue  # an unreachable host cannot tell; gc asks again next time
+            found += owned_from_meta(res.stdout, owner_labels)
         return found
 
     # ------------------------------------------------------------ snapshots
@@ -507,7 +494,7 @@ class ComposeSSH(SandboxExtension):
             except BaseException:
                 archive.unlink(missing_ok=True)
                 raise
-        digest = _sha256(archive)
+        digest = sha256_file(archive)
         return {"data": {"archive": str(archive), "source_host": h.name, "project": handle["project"],
                          "volumes": meta["volumes"]},
                 "size_bytes": archive.stat().st_size, "checksum": f"sha256:{digest}"}
@@ -515,13 +502,7 @@ class ComposeSSH(SandboxExtension):
     def restore_from_snapshot(self, profile: Profile, snapshot_meta: SnapshotMeta, inputs: dict[str, Any],
                               host: str | None) -> dict[str, Any]:
         """Recreate a sandbox from a snapshot archive, on ``host`` or any host with room."""
-        archive = Path(snapshot_meta.data.get("archive", ""))
-        if not archive.is_file():
-            raise SnapshotError(f"{self.id}: snapshot {snapshot_meta.id}: archive {archive} is missing",
-                                backend=self.id)
-        if snapshot_meta.checksum and snapshot_meta.checksum != f"sha256:{_sha256(archive)}":
-            raise SnapshotError(f"{self.id}: snapshot {snapshot_meta.id}: archive {archive} does not match its "
-                                f"checksum {snapshot_meta.checksum}; refusing to restore", backend=self.id)
+        archive = checked_archive(snapshot_meta, self.id)
         with tarfile.open(archive) as tar:
             meta = json.loads(tar.extractfile("meta.json").read())  # type: ignore[union-attr]
             old = meta["handle"]
@@ -552,12 +533,7 @@ class ComposeSSH(SandboxExtension):
                      stdin=tar.extractfile(f"volumes/{short}.tar"), timeout=600, fail=SnapshotError, check=True)
 
     def delete_snapshot(self, snapshot_meta: SnapshotMeta) -> None:
-        archive = snapshot_meta.data.get("archive")
-        if archive:
-            path = Path(archive)
-            # only ever delete inside our own snapshot store
-            if path.resolve().parent == self.cfg.snapshot_dir.resolve():
-                path.unlink(missing_ok=True)
+        delete_archive(snapshot_meta, self.cfg.snapshot_dir)
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -565,12 +541,4 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.size = len(data)
     info.mtime = int(time.time())
     tar.addfile(info, io.BytesIO(data))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 

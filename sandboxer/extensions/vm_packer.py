@@ -1,0 +1,431 @@
+"""``ext.vm-packer`` (attach mode): workspaces on pre-built VMs, reached over SSH.
+
+A sandbox is a directory ``<workspace_root>/<workspace_dir>`` on a VM named in
+the extension's inventory (input ``vm``) or given as ``ssh_target``
+(``user@host[:port]``), with ``<workspace_root>/.sandboxer-<name>.json`` next to
+it (the handle and owner labels, read back by :meth:`VMPacker.list_owned`).
+An optional ``tunnel_port`` keeps a local port forward open while the sandbox
+lives (in this process).
+
+Rules it keeps: the VM itself is never touched, only the workspace; the
+workspace is one plain path component, created with ``mkdir`` (never reusing
+an existing directory or symlink) and checked to resolve inside the root;
+data reach remote scripts only as quoted positional parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets as _secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sandboxer.errors import (
+    BackendError,
+    ExecError,
+    InputError,
+    ProvisionError,
+    ReadinessTimeout,
+    SnapshotError,
+    TeardownError,
+)
+from sandboxer.extensions.base import OutputCallback, SandboxExtension
+from sandboxer.models import ExecResult, Profile, SnapshotMeta
+from sandboxer.poll import poll
+from sandboxer.ssh import (
+    GIT_CLONE_SCRIPT,
+    ConnectionCache,
+    LocalForward,
+    SSHConnection,
+    SSHHostConfig,
+    check_ref,
+    check_repo,
+    check_root,
+    checked_archive,
+    delete_archive,
+    owned_from_meta,
+    remote_path_ok,
+    sha256_file,
+    workspace_cwd,
+)
+
+_WS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_TARGET = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.-]*)@([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:]+\])(?::(\d{1,5}))?$")
+_COMMAND = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+_INPUTS = {"vm", "ssh_target", "repo", "ref", "tunnel_port", "ssh_port", "workspace_dir",
+           "sandbox_id", "owner_labels", "tags"}
+_EXIT_SYMLINK, _EXIT_EXISTS, _EXIT_OUTSIDE, _EXIT_NO_WS, _EXIT_MISSING = 86, 87, 88, 90, 91
+
+# $1 root, $2 name, $3 meta json, $4 repo ('' none), $5 ref ('' none)
+_ATTACH = GIT_CLONE_SCRIPT + r"""
+set -u
+root=$1; name=$2; meta=$3; repo=$4; ref=$5
+mkdir -p -- "$root" || exit 1
+ws="$root/$name"
+if [ -L "$ws" ]; then echo "$ws is a symlink; refusing to use it" >&2; exit 86; fi
+mkdir -- "$ws" || { echo "$ws already exists" >&2; exit 87; }
+real_root=$(cd -P -- "$root" && pwd) && real_ws=$(cd -P -- "$ws" && pwd) || exit 1
+case "$real_ws" in "$real_root"/*) ;; *) rmdir -- "$ws"; echo "$ws resolves outside $root" >&2; exit 88;; esac
+printf '%s\n' "$meta" > "$root/.sandboxer-$name.json" || exit 1
+if [ -n "$repo" ]; then git_clone "$repo" "$ws" "$ref" || exit $?; fi
+echo attached
+"""
+
+# $1 workspace; rest: commands that must be on PATH
+_CHECK = r"""
+[ -d "$1" ] && [ ! -L "$1" ] || { echo "workspace $1 is missing" >&2; exit 90; }
+shift; missing=
+for c in "$@"; do command -v "$c" >/dev/null 2>&1 || missing="$missing $c"; done
+if [ -n "$missing" ]; then echo "missing:$missing"; exit 91; fi
+"""
+
+# $1 root, $2 name: remove the workspace (a symlink only as a link) and its meta file
+_DETACH = r"""
+ws="$1/$2"
+rm -rf -- "$ws" "$1/.sandboxer-$2.json"
+if [ -e "$ws" ] || [ -L "$ws" ]; then echo "could not remove $ws" >&2; exit 1; fi
+echo removed
+"""
+
+
+class VMEntry(SSHHostConfig):
+    """One pre-built VM of the inventory."""
+
+    workspace_root: str | None = Field(default=None, description="overrides the extension's workspace_root")
+
+    @field_validator("workspace_root")
+    @classmethod
+    def _root(cls, v: str | None) -> str | None:
+        return None if v is None else check_root(v)
+
+
+class VMPackerConfig(BaseModel):
+    """``config:`` of ``ext.vm-packer``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vms: dict[str, VMEntry] = Field(default_factory=dict)
+    workspace_root: str = "/var/lib/sandboxer/workspaces"
+    allow_ssh_target: bool = Field(default=True, description="accept ad-hoc user@host[:port] targets")
+    target_defaults: dict[str, Any] = Field(
+        default_factory=dict, description="SSH settings (key, known_hosts, timeouts) for ssh_target inputs")
+    snapshot_dir: Path = Path("~/.local/share/sandboxer/snapshots/vm-packer")
+    poll_interval: float = Field(default=0.25, gt=0)
+
+    @field_validator("workspace_root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        return check_root(v)
+
+    @field_validator("vms")
+    @classmethod
+    def _names(cls, v: dict[str, VMEntry]) -> dict[str, VMEntry]:
+        for name in v:
+            if not _WS_NAME.match(name):
+                raise ValueError(f"VM name {name!r} must match {_WS_NAME.pattern}")
+        return v
+
+    @field_validator("target_defaults")
+    @classmethod
+    def _defaults(cls, v: dict[str, Any]) -> dict[str, Any]:
+        fixed = {"address", "port", "user"} & set(v)
+        if fixed:
+            raise ValueError(f"target_defaults may not set {sorted(fixed)}; they come from ssh_target")
+        SSHHostConfig(address="check", user="check", **v)
+        return v
+
+    @field_validator("snapshot_dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+
+class VMProfileOptions(BaseModel):
+    """``options:`` of a profile served by ``ext.vm-packer``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    require_commands: list[str] = Field(default_factory=list, description="must be on PATH; checked once")
+    readiness_command: list[str] | None = Field(default=None, description="retried until it exits 0")
+    command_timeout: float = Field(default=600.0, gt=0, description="deadline of the clone")
+
+    @field_validator("require_commands")
+    @classmethod
+    def _commands(cls, v: list[str]) -> list[str]:
+        for c in v:
+            if not _COMMAND.match(c):
+                raise ValueError(f"{c!r} is not a command name")
+        return v
+
+
+class VMPacker(SandboxExtension):
+    """Workspaces attached to pre-built VMs (see the module docstring)."""
+
+    Config = VMPackerConfig
+    ProfileOptions = VMProfileOptions
+    features = frozenset({"exec", "snapshots", "list_owned"})
+    requires = ("paramiko", "ssh")
+
+    def __init__(self, manifest: Any, config: VMPackerConfig):
+        super().__init__(manifest, config)
+        self.cfg: VMPackerConfig = config
+        self._cache = ConnectionCache(backend=manifest.id)
+        self._tunnels: dict[str, LocalForward] = {}
+        self._lock = threading.Lock()
+
+    def hosts(self) -> dict[str, int | None]:
+        return {name: None for name in self.cfg.vms}
+
+    # ------------------------------------------------------------ targets
+
+    def _target(self, handle_or_inputs: dict[str, Any], sid: str) -> tuple[SSHHostConfig, str, str]:
+        """``(ssh config, host label, workspace root)`` for a ``vm`` or ``ssh_target``."""
+        vm, target = handle_or_inputs.get("vm"), handle_or_inputs.get("ssh_target")
+        port = handle_or_inputs.get("ssh_port")
+        if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536):
+            raise InputError(f"sandbox {sid}: ssh_port {port!r} must be a port number")
+        if bool(vm) == bool(target):
+            raise InputError(f"sandbox {sid}: give exactly one of inputs 'vm' (one of: "
+                             f"{', '.join(self.cfg.vms) or 'none configured'}) or 'ssh_target' (user@host[:port])")
+        if vm:
+            entry = self.cfg.vms.get(vm) if isinstance(vm, str) else None
+            if entry is None:
+                raise InputError(f"sandbox {sid}: input vm {vm!r} is not in the inventory of {self.id}; "
+                                 f"known: {', '.join(self.cfg.vms) or 'none'}")
+            cfg = entry.model_copy(update={"port": port}) if port else entry
+            return cfg, vm, entry.workspace_root or self.cfg.workspace_root
+        if not self.cfg.allow_ssh_target:
+            raise InputError(f"sandbox {sid}: {self.id} does not accept ssh_target (allow_ssh_target is off)")
+        m = _TARGET.match(target) if isinstance(target, str) else None
+        if m is None:
+            raise InputError(f"sandbox {sid}: input ssh_target {target!r} must look like user@host[:port]")
+        user, host, tport = m.group(1), m.group(2).strip("[]"), int(m.group(3) or 22)
+        if not 0 < tport < 65536:
+            raise InputError(f"sandbox {sid}: input ssh_target {target!r} has a bad port")
+        cfg = SSHHostConfig(address=host, user=user, port=port or tport, **self.cfg.target_defaults)
+        return cfg, f"{user}@{host}", self.cfg.workspace_root
+
+    def _check_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        sid = str(inputs.get("sandbox_id") or "")
+        if not _WS_NAME.match(sid):
+            raise InputError(f"{self.id}: sandbox_id {sid!r} must match {_WS_NAME.pattern}")
+        unknown = sorted(set(inputs) - _INPUTS)
+        if unknown:
+            raise InputError(f"sandbox {sid}: unknown input(s) {', '.join(unknown)}; {self.id} takes vm, ssh_target, "
+                             "repo, ref, tunnel_port, ssh_port, workspace_dir")
+        name = inputs.get("workspace_dir") or sid
+        if not isinstance(name, str) or not _WS_NAME.match(name):
+            raise InputError(f"sandbox {sid}: input workspace_dir {name!r} must be one plain directory name "
+                             f"under the workspace root (matching {_WS_NAME.pattern})")
+        try:
+            repo = check_repo(inputs["repo"]) if inputs.get("repo") else ""
+            ref = check_ref(inputs["ref"]) if inputs.get("ref") else ""
+        except ValueError as exc:
+            raise InputError(f"sandbox {sid}: input {exc}") from None
+        tunnel = inputs.get("tunnel_port")
+        if tunnel is not None and (not isinstance(tunnel, int) or isinstance(tunnel, bool) or not 0 < tunnel < 65536):
+            raise InputError(f"sandbox {sid}: input tunnel_port {tunnel!r} must be a port number")
+        self._target(inputs, sid)
+        return {"sandbox_id": sid, "name": name, "repo": repo, "ref": ref, "tunnel_port": tunnel,
+                "vm": inputs.get("vm"), "ssh_target": inputs.get("ssh_target"), "ssh_port": inputs.get("ssh_port"),
+                "owner_labels": dict(inputs.get("owner_labels") or {})}
+
+    def _conn(self, handle: dict[str, Any], fail: type[BackendError]) -> tuple[SSHConnection, SSHHostConfig]:
+        cfg, label, _ = self._target(handle, handle["sandbox_id"])
+        return self._cache.get(cfg, host=label, fail=fail), cfg
+
+    # ------------------------------------------------------------ contract
+
+    def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
+        want = self._check_inputs({**({"vm": host} if host and not inputs.get("ssh_target") and not inputs.get("vm")
+                                      else {}), **inputs})
+        return self._attach(profile, want, None)
+
+    def _attach(self, profile: Profile, want: dict[str, Any], archive: Path | None) -> dict[str, Any]:
+        cfg, label, root = self._target(want, want["sandbox_id"])
+        ws = remote_path_ok(root, want["name"])
+        handle = {"host": label, "vm": want["vm"], "ssh_target": want["ssh_target"], "ssh_port": want["ssh_port"],
+                  "sandbox_id": want["sandbox_id"], "root": root, "name": want["name"], "remote_dir": ws,
+                  "repo": want["repo"], "ref": want["ref"], "tunnel_port": want["tunnel_port"],
+                  "readiness": self.options(profile).model_dump(include={"require_commands", "readiness_command"})}
+        fail = SnapshotError if archive else ProvisionError
+        conn = self._cache.get(cfg, host=label, fail=fail)
+        meta = json.dumps({"handle": handle, "owner_labels": want["owner_labels"]}, separators=(",", ":"))
+        res = conn.run(["sh", "-c", _ATTACH, "sh", root, want["name"], meta, "" if archive else want["repo"],
+                        want["ref"]], timeout=self.options(profile).command_timeout, fail=fail)
+        if res.exit_code in (_EXIT_SYMLINK, _EXIT_EXISTS, _EXIT_OUTSIDE):
+            raise InputError(f"sandbox {want['sandbox_id']}: workspace_dir {want['name']!r} refused on {label}: "
+                             f"{res.stderr.strip()}")
+        try:
+            if res.exit_code != 0:
+                what = "git clone of %r failed" % want["repo"] if res.exit_code in (81, 82) else "attach failed"
+                raise fail(f"{self.id}: sandbox {want['sandbox_id']} on {label}: {what}: {res.stderr.strip()[-1500:]}",
+                           backend=self.id, host=label)
+            if archive is not None:
+                conn.run(["tar", "-C", ws, "-xzf", "-"], stdin=open(archive, "rb"), timeout=600, fail=SnapshotError,
+                         check=True)
+            if want["tunnel_port"]:
+                self._open_tunnel(handle, cfg, fail)
+        except BaseException:
+            self._detach(conn, handle, fail=fail, quiet=True)
+            raise
+        return handle
+
+    def _open_tunnel(self, handle: dict[str, Any], cfg: SSHHostConfig, fail: type[BackendError],
+                     local_port: int = 0) -> LocalForward:
+        with self._lock:
+            fwd = self._tunnels.get(handle["sandbox_id"])
+            if fwd is not None and fwd.open:
+                return fwd
+            # its own connection: the cache may close idle ones, a tunnel must outlive them
+            conn = SSHConnection(cfg, backend=self.id, host=handle["host"]).open(fail)
+            try:
+                fwd = LocalForward(conn, int(handle["tunnel_port"]), local_port=local_port)
+            except OSError:
+                conn.close()
+                fwd = LocalForward(SSHConnection(cfg, backend=self.id, host=handle["host"]).open(fail),
+                                   int(handle["tunnel_port"]))
+            self._tunnels[handle["sandbox_id"]] = fwd
+            handle["tunnel_local_port"] = fwd.local_port
+            return fwd
+
+    def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        """SSH answers and the workspace exists; then the profile's ``require_commands`` (at once)
+        and ``readiness_command`` (retried until the deadline)."""
+        sid, label = handle["sandbox_id"], handle["host"]
+        opts = VMProfileOptions.model_validate(handle.get("readiness") or {})
+        deadline = time.monotonic() + timeout
+        seen: list[str] = [f"waiting for SSH to {label}"]
+
+        def reachable() -> bool:
+            conn, _ = self._conn(handle, ProvisionError)
+            res = conn.run(["sh", "-c", _CHECK, "sh", handle["remote_dir"], *opts.require_commands],
+                           timeout=30, fail=ProvisionError)
+            if res.exit_code == _EXIT_MISSING:
+                missing = res.stdout.split(":", 1)[1].split()
+                raise ReadinessTimeout(f"{self.id}: sandbox {sid} on {label}: required command(s) missing on "
+                                       f"PATH: {', '.join(missing)}", backend=self.id, host=label)
+            if res.exit_code != 0:
+                seen[:] = [res.stderr.strip() or f"check exited {res.exit_code}"]
+                return False
+            return True
+
+        def timeout_error() -> ReadinessTimeout:
+            return ReadinessTimeout(f"{self.id}: sandbox {sid} on {label} not ready within {timeout:g}s: {seen[0]}",
+                                    backend=self.id, host=label)
+
+        poll(reachable, timeout, self.cfg.poll_interval, transient=(ProvisionError,), max_interval=1.0,
+             on_timeout=timeout_error)
+        if opts.readiness_command:
+            def command_ok() -> bool:
+                conn, _ = self._conn(handle, ProvisionError)
+                res = conn.run(list(opts.readiness_command), cwd=handle["remote_dir"],
+                               timeout=max(deadline - time.monotonic(), 1), fail=ProvisionError)
+                seen[:] = [f"readiness command {opts.readiness_command} exited {res.exit_code}: "
+                           f"{(res.stderr or res.stdout).strip()[-500:]}"]
+                return res.exit_code == 0
+
+            poll(command_ok, max(deadline - time.monotonic(), 0.1), self.cfg.poll_interval,
+                 transient=(ProvisionError,), max_interval=1.0, on_timeout=timeout_error)
+        tunnel = None
+        if handle.get("tunnel_port"):
+            cfg, _, _ = self._target(handle, sid)
+            fwd = self._open_tunnel(handle, cfg, ProvisionError, handle.get("tunnel_local_port") or 0)
+            tunnel = {"local": f"127.0.0.1:{fwd.local_port}", "local_port": fwd.local_port,
+                      "remote_port": handle["tunnel_port"]}
+        cfg, _, _ = self._target(handle, sid)
+        return {"ssh": cfg.ssh_command(), "host": label, "address": cfg.address, "remote_dir": handle["remote_dir"],
+                "tunnel": tunnel}
+
+    def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
+        closed = self._close_tunnel(handle["sandbox_id"])
+        conn, _ = self._conn(handle, TeardownError)
+        self._detach(conn, handle, fail=TeardownError)
+        return {"host": handle["host"], "removed": [handle["remote_dir"]], "tunnel_closed": closed}
+
+    def _close_tunnel(self, sid: str) -> bool:
+        with self._lock:
+            fwd = self._tunnels.pop(sid, None)
+        if fwd is not None:
+            fwd.close()
+        return fwd is not None
+
+    def _detach(self, conn: SSHConnection, handle: dict[str, Any], *, fail: type[BackendError],
+                quiet: bool = False) -> None:
+        name = handle["name"]
+        if not _WS_NAME.match(name):
+            raise fail(f"{self.id}: refusing to remove workspace {name!r}", backend=self.id, host=handle["host"])
+        try:
+            res = conn.run(["sh", "-c", _DETACH, "sh", handle["root"], name], timeout=120, fail=fail)
+        except BackendError:
+            if quiet:
+                return
+            raise
+        if res.exit_code != 0 and not quiet:
+            raise fail(f"{self.id}: sandbox {handle['sandbox_id']} on {handle['host']}: {res.stderr.strip()}",
+                       backend=self.id, host=handle["host"])
+
+    # ------------------------------------------------------------ exec
+
+    def exec(self, handle: dict[str, Any], argv: list[str], *, env: dict[str, str] | None = None,
+             cwd: str | None = None, timeout: float | None = None, stdin: bytes | None = None,
+             on_output: OutputCallback | None = None) -> ExecResult:
+        """Run ``argv`` over SSH in the workspace (``cwd`` is relative to it)."""
+        where = workspace_cwd(handle["remote_dir"], handle["remote_dir"], cwd, handle["sandbox_id"])
+        conn, _ = self._conn(handle, ExecError)
+        return conn.run(list(argv), cwd=where, env=env, stdin=stdin, timeout=timeout, on_output=on_output,
+                        fail=ExecError)
+
+    # ------------------------------------------------------------ list_owned
+
+    def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
+        found = []
+        script = 'for f in "$1"/.sandboxer-*.json; do [ -f "$f" ] && head -n 1 "$f"; done; true'
+        for name, entry in self.cfg.vms.items():
+            try:
+                res = self._cache.get(entry, host=name).run(
+                    ["sh", "-c", script, "sh", entry.workspace_root or self.cfg.workspace_root], timeout=60,
+                    fail=ProvisionError)
+            except ProvisionError:
+                continue  # unreachable now; gc asks again next time
+            found += owned_from_meta(res.stdout, owner_labels)
+        return found
+
+    # ------------------------------------------------------------ snapshots
+
+    def snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
+        """A gzip'd tar of the workspace, stored locally with its sha256."""
+        conn, _ = self._conn(handle, SnapshotError)
+        self.cfg.snapshot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        archive = self.cfg.snapshot_dir / (f"{handle['sandbox_id']}-{time.strftime('%Y%m%dT%H%M%S')}-"
+                                           f"{_secrets.token_hex(4)}.tar.gz")
+        try:
+            with open(archive, "wb") as fh:
+                conn.run(["tar", "-C", handle["remote_dir"], "-czf", "-", "."], stdout_sink=fh, timeout=600,
+                         fail=SnapshotError, check=True)
+        except BaseException:
+            archive.unlink(missing_ok=True)
+            raise
+        source = {k: handle.get(k) for k in ("vm", "ssh_target", "ssh_port", "repo", "ref", "tunnel_port")}
+        return {"data": {"archive": str(archive), "source": source}, "size_bytes": archive.stat().st_size,
+                "checksum": f"sha256:{sha256_file(archive)}"}
+
+    def restore_from_snapshot(self, profile: Profile, snapshot_meta: SnapshotMeta, inputs: dict[str, Any],
+                              host: str | None) -> dict[str, Any]:
+        """Attach a new workspace (same VM unless ``vm``/``ssh_target`` say otherwise) and unpack the archive."""
+        archive = checked_archive(snapshot_meta, self.id)
+        source = {k: v for k, v in (snapshot_meta.data.get("source") or {}).items() if v is not None}
+        if inputs.get("vm") or inputs.get("ssh_target") or host:
+            source.pop("vm", None), source.pop("ssh_target", None), source.pop("ssh_port", None)
+        if host and not inputs.get("vm") and not inputs.get("ssh_target"):
+            source["vm"] = host
+        want = self._check_inputs({**source, **inputs})
+        return self._attach(profile, want, archive)
+
+    def delete_snapshot(self, snapshot_meta: SnapshotMeta) -> None:
+        delete_archive(snapshot_meta, self.cfg.snapshot_dir)
