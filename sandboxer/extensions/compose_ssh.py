@@ -40,7 +40,7 @@ from sandboxer.errors import (
     SnapshotError,
     TeardownError,
 )
-from sandboxer.extensions.base import OutputCallback, SandboxExtension
+from sandboxer.extensions.base import RESERVED_INPUTS, OutputCallback, SandboxExtension
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
 from sandboxer.poll import poll
 from sandboxer.ssh import (
@@ -63,7 +63,7 @@ _NAME = r"^[a-z0-9][a-z0-9_-]*$"
 _SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SERVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _COMPOSE_FILE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_./-]{0,199}$")
-_INPUTS = {"repo", "ref", "compose_file", "services", "project", "sandbox_id", "owner_labels", "tags"}
+_INPUTS = {"repo", "ref", "compose_file", "services", "project"} | RESERVED_INPUTS
 _PROJECT_LABEL = "com.docker.compose.project"
 
 _EXIT_FULL, _EXIT_CLONE, _EXIT_REF, _EXIT_UP, _EXIT_NO_COMPOSE = 75, 81, 82, 83, 84

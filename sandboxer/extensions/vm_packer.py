@@ -34,7 +34,7 @@ from sandboxer.errors import (
     SnapshotError,
     TeardownError,
 )
-from sandboxer.extensions.base import OutputCallback, SandboxExtension
+from sandboxer.extensions.base import RESERVED_INPUTS, OutputCallback, SandboxExtension
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
 from sandboxer.poll import poll
 from sandboxer.ssh import (
@@ -57,8 +57,7 @@ from sandboxer.ssh import (
 _WS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TARGET = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.-]*)@([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:]+\])(?::(\d{1,5}))?$")
 _COMMAND = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
-_INPUTS = {"vm", "ssh_target", "repo", "ref", "tunnel_port", "ssh_port", "workspace_dir",
-           "sandbox_id", "owner_labels", "tags"}
+_INPUTS = {"vm", "ssh_target", "repo", "ref", "tunnel_port", "ssh_port", "workspace_dir"} | RESERVED_INPUTS
 _EXIT_SYMLINK, _EXIT_EXISTS, _EXIT_OUTSIDE, _EXIT_NO_WS, _EXIT_MISSING = 86, 87, 88, 90, 91
 
 # $1 root, $2 name, $3 meta json, $4 repo ('' none), $5 ref ('' none)
