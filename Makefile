@@ -20,7 +20,7 @@ $(BIN)/python:
 
 demo: venv
 	@echo "==> installing sand-boxer into $(VENV)"
-	@$(BIN)/pip install -q .
+	@$(BIN)/pip install -q -e .
 	@echo "==> sandboxer validate"
 	@$(SBX) validate
 	@echo "==> sandboxer create local"

@@ -18,13 +18,14 @@ import json
 import statistics
 import sys
 import tempfile
-import textwrap
 import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import pct, write_config  # noqa: E402
 from sandboxer import Manager, SandboxCreateRequest  # noqa: E402
 
 STUB = """
@@ -36,10 +37,6 @@ capabilities: {isolation_levels: [microvm], pricing_model: metered, features: [e
 config: {latency_s: 0, capacity: 100000}
 """
 
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 def managed(mgr: Manager, profile: str) -> tuple[float, float]:
@@ -102,11 +99,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(tmp) / "cfg"
-        (cfg / "extensions").mkdir(parents=True)
-        (cfg / "profiles").mkdir()
-        (cfg / "extensions" / "ext.bench-stub.yaml").write_text(textwrap.dedent(STUB))
-        (cfg / "profiles" / "profile.bench-stub.yaml").write_text("slug: bench-stub\nextension: ext.bench-stub\n")
+        cfg = write_config(Path(tmp), {"ext.bench-stub.yaml": STUB,
+                                       "profile.bench-stub.yaml": "slug: bench-stub\nextension: ext.bench-stub\n"})
         mgr = Manager(config_dirs=[cfg], home=Path(tmp) / "home")
         results = [run(mgr, "bench-stub", args.n_stub), run(mgr, "local", args.n_local)]
         mgr.close()

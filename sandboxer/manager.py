@@ -262,6 +262,7 @@ class Manager:
         limits: list[tuple[str, int, dict[str, Any]]],
         detail: dict[str, Any],
         start: Callable[[SandboxExtension, Profile, dict[str, Any], str | None], dict[str, Any]] | None = None,
+        on_admitted: Callable[[], None] | None = None,
     ) -> SandboxStatus:
         """One try at one backend: intent, provision, handle, ready; cleaned up on failure.
 
@@ -279,7 +280,9 @@ class Manager:
             "state": "provisioning", "handle": None, "reachability": None, "consumer": consumer,
             "labels": labels, "resources": eff.resources.model_dump(), "created_at": now,
             "expires_at": now + ttl, "attempts": 0, "last_error": None,
-        }, limits=limits)
+        }, limits=limits, detail=detail)
+        if on_admitted is not None:
+            on_admitted()
         all_inputs = {
             **choice.inputs, **inputs, "sandbox_id": sandbox_id, "owner_labels": dict(self.owner_labels),
             "tags": self._tags(sandbox_id, labels, consumer, profile), "ttl": ttl,
@@ -298,9 +301,9 @@ class Manager:
             except BaseException as exc:
                 self._teardown_after_failure(ext, sandbox_id, handle, exc)
                 raise
-            row = self.state.transition(sandbox_id, "ready", state="ready", reachability=reach, ready_at=time.time())
+            row = self.state.transition(sandbox_id, "ready", state="ready", reachability=reach, ready_at=time.time(),
+                                        also=self.metering.started)
             assert row is not None
-            self.metering.started(row)
             return _status(row)
         finally:
             with self._lock:
@@ -389,20 +392,16 @@ class Manager:
             SandboxNotFound; SandboxStateError if it is still provisioning;
             TeardownError if the backend could not confirm (state ``teardown_failed``).
         """
-        row = self._row(sandbox_id)
-        if row["state"] in ("terminated", "failed"):
-            return _status(row)
-        if row["state"] == "provisioning" and sandbox_id in self._inflight:
+        if sandbox_id in self._inflight:
             raise SandboxStateError(f"sandbox {sandbox_id} is still provisioning; try again when it is ready")
-        return self._teardown_row(row, reason="requested")
+        return self._teardown(sandbox_id, reason="requested")
 
-    def _teardown_row(self, row: dict[str, Any], *, reason: str) -> SandboxStatus:
-        sandbox_id = row["id"]
+    def _teardown(self, sandbox_id: str, *, reason: str) -> SandboxStatus:
         cur = self.state.transition(sandbox_id, "teardown_started", state="tearing_down",
                                     expect=("ready", "tearing_down", "teardown_failed", "provisioning"),
                                     detail={"reason": reason})
-        if cur is None:  # someone else finished it meanwhile
-            return self.get(sandbox_id)
+        if cur is None:  # missing, or already terminated/failed (idempotent)
+            return _status(self._row(sandbox_id))
         if not cur["handle"]:  # never got a handle: nothing the backend knows by it; gc's list_owned covers it
             done = self.state.transition(sandbox_id, "terminated", state="failed", terminated_at=time.time(),
                                          detail={"reason": "no handle was recorded"})
@@ -422,10 +421,10 @@ class Manager:
                 raise
             raise TeardownError(f"teardown of sandbox {sandbox_id} on {ext.id} failed: {exc}", backend=ext.id) from exc
         now = time.time()
-        done = self.state.transition(sandbox_id, "terminated", state="terminated", terminated_at=now, detail=report)
         # A sandbox the backend had already lost was last alive when we last saw it (or at its expiry).
         stop = (cur["last_seen_at"] or min(now, cur["expires_at"])) if report.get("already_gone") else now
-        self.metering.stopped(sandbox_id, stop, reported)
+        done = self.state.transition(sandbox_id, "terminated", state="terminated", terminated_at=now, detail=report,
+                                     also=lambda conn, row: self.metering.stopped(conn, sandbox_id, stop, reported))
         return _status(done or self._row(sandbox_id))
 
     # ---------------------------------------------------------- snapshots
@@ -540,7 +539,7 @@ class Manager:
             if bucket is None:
                 continue
             try:
-                self._teardown_row(row, reason="gc")
+                self._teardown(row["id"], reason="gc")
                 bucket.append(row["id"])
             except SandboxerError as exc:
                 report.errors[row["id"]] = str(exc)

@@ -23,7 +23,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import and_, bindparam, insert, select, update
+from sqlalchemy.engine import Connection
 
 from sandboxer.errors import BudgetExceeded, ConfigError
 from sandboxer.models import ExtensionManifest, MeterQuote, Pricing, Profile, SinkConfig
@@ -33,6 +34,10 @@ if TYPE_CHECKING:
     from sandboxer.manager import Manager
 
 log = logging.getLogger("sandboxer.metering")
+
+_INSERT_USAGE = insert(usage)
+_SELECT_USAGE = select(usage).where(usage.c.sandbox_id == bindparam("_id"))
+_UPDATE_USAGE = update(usage).where(usage.c.sandbox_id == bindparam("_id"))
 
 RECORD_FIELDS = ["id", "sandbox_id", "period", "consumer", "profile", "extension", "start", "end", "seconds",
                  "cpu", "memory_mb", "amount", "currency"]
@@ -89,35 +94,33 @@ class Metering:
 
     # --------------------------------------------------------------- actuals
 
-    def started(self, row: dict[str, Any]) -> None:
+    def started(self, conn: Connection, row: dict[str, Any]) -> None:
+        """Open the usage interval of a sandbox that just became ready (inside its transition)."""
         manifest = self.manager.catalog.extensions[row["extension"]].manifest
-        with self._state._tx() as conn:
-            conn.execute(insert(usage).values(
-                sandbox_id=row["id"], consumer=row["consumer"], profile=row["profile"], extension=row["extension"],
-                resources=row["resources"], price=(manifest.pricing or Pricing()).model_dump(),
-                started_at=row["ready_at"], stopped_at=None, amount=None,
-                currency=(manifest.pricing or Pricing()).currency,
-            ))
+        pricing = manifest.pricing or Pricing()
+        conn.execute(_INSERT_USAGE, {
+            "sandbox_id": row["id"], "consumer": row["consumer"], "profile": row["profile"],
+            "extension": row["extension"], "resources": row["resources"], "price": pricing.model_dump(),
+            "started_at": row["ready_at"], "stopped_at": None, "amount": None, "currency": pricing.currency,
+        })
 
-    def stopped(self, sandbox_id: str, ts: float, reported: dict[str, Any] | None = None) -> None:
+    def stopped(self, conn: Connection, sandbox_id: str, ts: float, reported: dict[str, Any] | None = None) -> None:
         """Close a usage interval, priced from the recorded rate or refined by the backend's own figures.
 
         ``reported`` (from ``meter_actual``) may carry ``cost`` (the provider's amount) or
         ``rate_per_second`` (the provider's rate for this sandbox's real size).
         """
-        with self._state._tx() as conn:
-            u = conn.execute(select(usage).where(usage.c.sandbox_id == sandbox_id)).mappings().first()
-            if u is None or u["stopped_at"] is not None:
-                return
-            stop = max(ts, u["started_at"])
-            rate = _rate(u["price"], u["resources"])
-            if reported and isinstance(reported.get("rate_per_second"), (int, float)):
-                rate = float(reported["rate_per_second"])
-            amount = rate * (stop - u["started_at"])
-            if reported and isinstance(reported.get("cost"), (int, float)):
-                amount = float(reported["cost"])
-            conn.execute(update(usage).where(usage.c.sandbox_id == sandbox_id).values(
-                stopped_at=stop, amount=round(amount, 6), reported=reported))
+        u = conn.execute(_SELECT_USAGE, {"_id": sandbox_id}).mappings().first()
+        if u is None or u["stopped_at"] is not None:
+            return
+        stop = max(ts, u["started_at"])
+        rate = _rate(u["price"], u["resources"])
+        if reported and isinstance(reported.get("rate_per_second"), (int, float)):
+            rate = float(reported["rate_per_second"])
+        amount = rate * (stop - u["started_at"])
+        if reported and isinstance(reported.get("cost"), (int, float)):
+            amount = float(reported["cost"])
+        conn.execute(_UPDATE_USAGE, {"_id": sandbox_id, "stopped_at": stop, "amount": round(amount, 6), "reported": reported})
 
     def close_abandoned(self) -> None:
         """Close intervals of sandboxes that ended while nobody was watching."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from sandboxer.errors import (
@@ -48,6 +49,9 @@ class Router:
         self.manager = manager
         self._cooldown: dict[str, tuple[float, str]] = {}
         self._lock = threading.Lock()
+        #: Seconds from each route() call to its admission (ordering, quotes, budget, capacity
+        #: checks and the admitting intent write), newest last: the router's own overhead.
+        self.decision_times: deque[float] = deque(maxlen=10_000)
 
     # ------------------------------------------------------------ cooldowns
 
@@ -101,6 +105,12 @@ class Router:
             RequestError subclasses at once; the single backend's own error for a
             one-backend profile; RoutingError listing every attempt otherwise.
         """
+        started = time.perf_counter()
+        return self._route(req, profile, inputs, ttl,
+                           lambda: self.decision_times.append(time.perf_counter() - started))
+
+    def _route(self, req: SandboxCreateRequest, profile: Profile, inputs: dict[str, Any], ttl: float,
+               on_admitted: Any) -> SandboxStatus:
         mgr = self.manager
         attempts: list[dict[str, Any]] = []
         last: BaseException | None = None
@@ -137,7 +147,8 @@ class Router:
                         sandbox_id=sandbox_id, profile=profile, index=index, host=host, inputs=inputs, ttl=ttl,
                         consumer=req.consumer, labels=req.labels, name=req.name,
                         limits=self.limits(profile, index, host),
-                        detail={"policy": profile.routing, "rank": rank, "fallback": bool(attempts)},
+                        detail={"route": {"policy": profile.routing, "rank": rank, "tried_before": attempts}},
+                        on_admitted=on_admitted,
                     )
                 except OverCapacity as exc:
                     last = CapacityUnavailable(f"{exc.scope} is full ({exc.limit} live sandboxes)", backend=ext_id, host=host)
@@ -178,12 +189,14 @@ class Router:
     def _attempt(ext_id: str, host: str | None, exc: BaseException, sandbox_id: str | None = None) -> dict[str, Any]:
         return {"backend": ext_id, "host": host, "error": f"{type(exc).__name__}: {exc}", "sandbox_id": sandbox_id}
 
-    def _skip(self, attempts: list[dict[str, Any]], profile: Profile, ext_id: str, host: str | None, why: str) -> None:
+    @staticmethod
+    def _skip(attempts: list[dict[str, Any]], profile: Profile, ext_id: str, host: str | None, why: str) -> None:
+        # Not an event of its own: skips travel in the next attempt's create_intent event
+        # (``route.tried_before``) or in the route_failed event, so a burst adds no writes.
         attempts.append({"backend": ext_id, "host": host, "error": why, "sandbox_id": None})
-        self.manager.state.record_event(None, "route_skip", extension=ext_id,
-                                        detail={"profile": profile.slug, "host": host, "reason": why})
 
     def _fail(self, profile: Profile, attempts: list[dict[str, Any]], last: BaseException | None, single: bool):
+        self.manager.state.record_event(None, "route_failed", detail={"profile": profile.slug, "attempts": attempts})
         if single and last is not None:
             if len(attempts) > 1:
                 last.add_note("attempts:\n" + "\n".join(f"  - {a['backend']} (host {a['host'] or '-'}): {a['error']}" for a in attempts))

@@ -18,7 +18,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from sqlalchemy import (
     JSON,
@@ -31,6 +31,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -143,6 +144,14 @@ exports = Table(
 )
 
 
+# Hot-path statements are built once: SQLAlchemy memoises a statement object's
+# cache key, so executing a prebuilt statement skips most per-call compilation.
+_SELECT_BY_ID = select(sandboxes).where(sandboxes.c.id == bindparam("_id"))
+_UPDATE_BY_ID = update(sandboxes).where(sandboxes.c.id == bindparam("_id"))
+_INSERT_EVENT = insert(events)
+_INSERT_SANDBOX = insert(sandboxes)
+
+
 class NameTaken(Exception):
     """A live sandbox already has that name; ``existing_id`` says which."""
 
@@ -206,7 +215,9 @@ class StateStore:
     @staticmethod
     def _engine_args(url: str) -> dict[str, Any]:
         if url.startswith("sqlite"):
-            return {"connect_args": {"check_same_thread": False, "timeout": 60}, "pool_size": 8, "max_overflow": 32}
+            # every _tx() ends in commit or rollback, so the pool need not roll back again on return
+            return {"connect_args": {"check_same_thread": False, "timeout": 60}, "pool_size": 8, "max_overflow": 32,
+                    "pool_reset_on_return": None}
         return {"pool_pre_ping": True}
 
     @staticmethod
@@ -222,7 +233,9 @@ class StateStore:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn):  # type: ignore[no-untyped-def]
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get("write") else "BEGIN")
+            # Writes take the lock up front; a read runs in autocommit (one consistent statement).
+            if conn.info.get("write"):
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[Connection]:
@@ -276,12 +289,13 @@ class StateStore:
     def _event(conn: Connection, sandbox_id: str | None, kind: str, *, from_state: str | None = None,
                to_state: str | None = None, consumer: str | None = None, extension: str | None = None,
                detail: dict[str, Any] | None = None, ts: float | None = None) -> None:
-        conn.execute(insert(events).values(
-            ts=ts or time.time(), sandbox_id=sandbox_id, kind=kind, from_state=from_state, to_state=to_state,
-            consumer=consumer, extension=extension, detail=detail or {},
-        ))
+        conn.execute(_INSERT_EVENT, {
+            "ts": ts or time.time(), "sandbox_id": sandbox_id, "kind": kind, "from_state": from_state,
+            "to_state": to_state, "consumer": consumer, "extension": extension, "detail": detail or {},
+        })
 
-    def insert_intent(self, row: dict[str, Any], *, limits: list[tuple[str, int, dict[str, Any]]] = ()) -> None:
+    def insert_intent(self, row: dict[str, Any], *, limits: list[tuple[str, int, dict[str, Any]]] = (),
+                      detail: dict[str, Any] | None = None) -> None:
         """Record a sandbox in state ``provisioning`` before any side effect.
 
         Args:
@@ -305,10 +319,10 @@ class StateStore:
                     n = conn.execute(select(func.count()).select_from(sandboxes).where(and_(*conds))).scalar_one()
                     if n >= limit:
                         raise OverCapacity(scope, limit)
-                conn.execute(insert(sandboxes).values(**row))
+                conn.execute(_INSERT_SANDBOX, row)
                 self._event(conn, row["id"], "create_intent", to_state=row["state"], consumer=row["consumer"],
-                            extension=row["extension"], detail={"profile": row["profile"], "host": row.get("host")},
-                            ts=row["created_at"])
+                            extension=row["extension"], ts=row["created_at"],
+                            detail={"profile": row["profile"], "host": row.get("host"), **(detail or {})})
         except IntegrityError:
             existing = self.get_by_name(row["name"]) if row.get("name") else None
             if existing:
@@ -316,21 +330,27 @@ class StateStore:
             raise
 
     def transition(self, sandbox_id: str, kind: str, *, expect: tuple[str, ...] | None = None,
-                   detail: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any] | None:
+                   detail: dict[str, Any] | None = None, also: Callable[[Connection, dict[str, Any]], None] | None = None,
+                   **fields: Any) -> dict[str, Any] | None:
         """Update a sandbox and append its event in one transaction.
+
+        ``also(conn, row)`` runs in the same transaction with the updated row (usage records).
 
         Returns:
             The updated row, or None if the sandbox is missing or not in ``expect``.
         """
         with self._tx() as conn:
-            cur = conn.execute(select(sandboxes).where(sandboxes.c.id == sandbox_id)).mappings().first()
+            cur = conn.execute(_SELECT_BY_ID, {"_id": sandbox_id}).mappings().first()
             if cur is None or (expect is not None and cur["state"] not in expect):
                 return None
             if fields:
-                conn.execute(update(sandboxes).where(sandboxes.c.id == sandbox_id).values(**fields))
+                conn.execute(_UPDATE_BY_ID, {"_id": sandbox_id, **fields})
             self._event(conn, sandbox_id, kind, from_state=cur["state"], to_state=fields.get("state", cur["state"]),
                         consumer=cur["consumer"], extension=cur["extension"], detail=detail)
-            return {**cur, **fields}
+            row = {**cur, **fields}
+            if also is not None:
+                also(conn, row)
+            return row
 
     def record_event(self, sandbox_id: str | None, kind: str, **kw: Any) -> None:
         with self._tx() as conn:
@@ -338,7 +358,7 @@ class StateStore:
 
     def get(self, sandbox_id: str) -> dict[str, Any] | None:
         with self._tx(write=False) as conn:
-            row = conn.execute(select(sandboxes).where(sandboxes.c.id == sandbox_id)).mappings().first()
+            row = conn.execute(_SELECT_BY_ID, {"_id": sandbox_id}).mappings().first()
             return dict(row) if row else None
 
     def get_by_name(self, name: str) -> dict[str, Any] | None:

@@ -85,9 +85,11 @@ class SaasStubExtension(SandboxExtension):
             raw = fh.read()
             data = json.loads(raw) if raw else {"live": {}, "peak": 0, "created": 0}
             yield data
-            fh.seek(0)
-            fh.truncate()
-            fh.write(json.dumps(data))
+            new = json.dumps(data)
+            if new != raw:  # reads leave the file alone
+                fh.seek(0)
+                fh.truncate()
+                fh.write(new)
 
     def live(self) -> dict[str, Any]:
         """The stub's own view: ``{"live": {...}, "peak": n, "created": n}``."""

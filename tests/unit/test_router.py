@@ -93,7 +93,10 @@ def test_rate_limited_primary_falls_back_and_late_success_is_reaped(cfg, make_ma
     sb2 = mgr.create(profile="burst")
     assert sb2.extension == "ext.fallback"
     kinds = [e["kind"] for e in mgr.events() if e["extension"] == "ext.primary"]
-    assert "backend_blocked" in kinds and "route_skip" in kinds
+    assert "backend_blocked" in kinds
+    (intent,) = [e for e in mgr.events(sb2.id) if e["kind"] == "create_intent"]
+    (skip,) = intent["detail"]["route"]["tried_before"]
+    assert skip["backend"] == "ext.primary" and "blocked" in skip["error"]
     time.sleep(0.5)  # the abandoned create completes late on the primary
     late = table(mgr, "ext.primary")["live"]
     assert [v["sandbox_id"] for v in late.values()] == [first["id"]]

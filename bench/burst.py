@@ -1,0 +1,128 @@
+"""Benchmark: a burst of creates against a small primary with a large fallback.
+
+1,000 requests arrive at once (one client thread each). The profile routes to a
+primary ``saas-stub`` (capacity 50, 50 ms provision latency) and falls back to a
+second ``saas-stub`` (capacity 1,000, same latency). Each request creates a
+sandbox, runs one command, holds it for ``--hold`` seconds and tears it down.
+
+Reported:
+- makespan against the ideal bound: with unlimited orchestration speed every
+  request is admitted at once (50 on the primary, the rest on the fallback), so
+  the ideal is one provision latency + the hold time;
+- the router's overhead per decision (route() entry to admission: ordering,
+  quotes, capacity checks and the admitting intent write), p50 and p99;
+- the peak number of live sandboxes on each backend, from each stub's own table
+  (the check for over-admission).
+
+    python bench/burst.py [--requests 1000] [--hold 5]
+
+Targets (issue 5): no over-admission ever; makespan <= 1.2x ideal; decision
+overhead <= 1 ms at p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import pct, write_config  # noqa: E402
+from sandboxer import Manager, RoutingError  # noqa: E402
+
+STUB = """
+id: ext.{name}
+title: burst {name}
+version: 1.0.0
+handler: sandboxer.extensions.saas_stub:SaasStubExtension
+capabilities: {{isolation_levels: [microvm], pricing_model: metered, features: [exec, list_owned]}}
+config: {{latency_s: {latency}, capacity: 100000}}
+"""
+
+PROFILE = """
+slug: burst
+backends:
+  - {{extension: ext.primary, capacity: {primary_cap}}}
+  - {{extension: ext.fallback, capacity: {fallback_cap}}}
+"""
+
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--hold", type=float, default=5.0, help="seconds each sandbox is held")
+    ap.add_argument("--latency", type=float, default=0.05)
+    ap.add_argument("--primary-cap", type=int, default=50)
+    ap.add_argument("--fallback-cap", type=int, default=1000)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = write_config(Path(tmp), {
+            **{f"ext.{n}.yaml": STUB.format(name=n, latency=args.latency) for n in ("primary", "fallback")},
+            "profile.burst.yaml": PROFILE.format(primary_cap=args.primary_cap, fallback_cap=args.fallback_cap),
+        })
+        mgr = Manager(config_dirs=[cfg], home=Path(tmp) / "home")
+        served, refused, errors = [], [], []
+        gate = threading.Barrier(args.requests + 1)
+
+        def one() -> None:
+            gate.wait()
+            try:
+                sb = mgr.create(profile="burst", consumer="burst")
+            except RoutingError as exc:
+                refused.append(exc)
+                return
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+                return
+            try:
+                mgr.exec(sb.id, ["echo", "hi"])
+                time.sleep(args.hold)
+            finally:
+                mgr.teardown(sb.id)
+            served.append(sb.extension)
+
+        threads = [threading.Thread(target=one) for _ in range(args.requests)]
+        for t in threads:
+            t.start()
+        gate.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        makespan = time.perf_counter() - t0
+        ideal = args.latency + args.hold
+        decisions = list(mgr.router.decision_times)
+        peaks = {n: mgr.extension(f"ext.{n}").live()["peak"] for n in ("primary", "fallback")}
+        leftovers = {n: len(mgr.extension(f"ext.{n}").live()["live"]) for n in ("primary", "fallback")}
+        result = {
+            "requests": args.requests, "served": len(served), "refused": len(refused), "errors": len(errors),
+            "served_by": {n: served.count(f"ext.{n}") for n in ("primary", "fallback")},
+            "makespan_s": round(makespan, 3), "ideal_s": round(ideal, 3), "ratio": round(makespan / ideal, 3),
+            "decision_p50_ms": round(statistics.median(decisions) * 1000, 3),
+            "decision_p99_ms": round(pct(decisions, 99) * 1000, 3),
+            "peak_live": peaks, "capacity": {"primary": args.primary_cap, "fallback": args.fallback_cap},
+            "over_admitted": peaks["primary"] > args.primary_cap or peaks["fallback"] > args.fallback_cap,
+            "leftovers": leftovers, "live_records_after": len(mgr.list()),
+        }
+        mgr.close()
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{result['requests']} requests: served {result['served']} ({result['served_by']}), refused "
+          f"{result['refused']}, errors {result['errors']}")
+    print(f"makespan {result['makespan_s']} s vs ideal {result['ideal_s']} s: ratio {result['ratio']}")
+    print(f"router decision overhead: p50 {result['decision_p50_ms']} ms, p99 {result['decision_p99_ms']} ms")
+    print(f"peak live: {peaks} (capacity {result['capacity']}), over-admitted: {result['over_admitted']}, "
+          f"left over: {leftovers}, live records after: {result['live_records_after']}")
+
+
+if __name__ == "__main__":
+    main()
