@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 from sandboxer.errors import (
     BackendError,
     CapabilityError,
+    CapacityUnavailable,
     InputError,
     ProfileNotFound,
     ProvisionError,
@@ -53,7 +54,7 @@ from sandboxer.models import (
     format_duration,
 )
 from sandboxer.router import Router
-from sandboxer.state import LIVE_STATES, NameTaken, StateStore, default_home
+from sandboxer.state import LIVE_STATES, NameTaken, OverCapacity, StateStore, default_home
 
 log = logging.getLogger("sandboxer")
 
@@ -247,7 +248,40 @@ class Manager:
             "sandboxer.sandbox_id": sandbox_id, "sandboxer.consumer": consumer, "sandboxer.profile": profile.slug,
         }
 
-    def attempt(
+    def admit(
+        self,
+        *,
+        sandbox_id: str,
+        profile: Profile,
+        placements: list[tuple[int, str | None]],
+        ttl: float,
+        consumer: str,
+        labels: dict[str, str],
+        name: str | None,
+        detail: dict[str, Any],
+    ) -> tuple[int, list[tuple[int, str, int]]]:
+        """Record the intent on the first placement ``(backend index, host)`` with room.
+
+        Returns:
+            The position admitted in ``placements`` and the refusals before it.
+
+        Raises:
+            state.OverCapacity: every placement is full (nothing recorded).
+            state.NameTaken: a live sandbox has ``name``.
+        """
+        now = time.time()
+        candidates = []
+        for index, host in placements:
+            eff = self.effective_profile(profile, index)
+            candidates.append(({
+                "id": sandbox_id, "name": name, "profile": profile.slug, "extension": eff.extension, "host": host,
+                "state": "provisioning", "handle": None, "reachability": None, "consumer": consumer,
+                "labels": labels, "resources": eff.resources.model_dump(), "created_at": now,
+                "expires_at": now + ttl, "attempts": 0, "last_error": None,
+            }, self.router.limits(profile, index, host)))
+        return self.state.admit(candidates, detail=detail)
+
+    def launch(
         self,
         *,
         sandbox_id: str,
@@ -258,31 +292,17 @@ class Manager:
         ttl: float,
         consumer: str,
         labels: dict[str, str],
-        name: str | None,
-        limits: list[tuple[str, int, dict[str, Any]]],
-        detail: dict[str, Any],
         start: Callable[[SandboxExtension, Profile, dict[str, Any], str | None], dict[str, Any]] | None = None,
-        on_admitted: Callable[[], None] | None = None,
     ) -> SandboxStatus:
-        """One try at one backend: intent, provision, handle, ready; cleaned up on failure.
+        """Provision an admitted sandbox, record its handle, wait until ready; clean up on failure.
 
         Raises:
-            state.OverCapacity: admission refused (nothing recorded or created).
             TeardownError: a failed attempt could not be cleaned up (the router must stop).
             The backend's error otherwise, after cleanup.
         """
         choice = profile.candidates[index]
         eff = self.effective_profile(profile, index)
         ext = self.extension(choice.extension)
-        now = time.time()
-        self.state.insert_intent({
-            "id": sandbox_id, "name": name, "profile": profile.slug, "extension": ext.id, "host": host,
-            "state": "provisioning", "handle": None, "reachability": None, "consumer": consumer,
-            "labels": labels, "resources": eff.resources.model_dump(), "created_at": now,
-            "expires_at": now + ttl, "attempts": 0, "last_error": None,
-        }, limits=limits, detail=detail)
-        if on_admitted is not None:
-            on_admitted()
         all_inputs = {
             **choice.inputs, **inputs, "sandbox_id": sandbox_id, "owner_labels": dict(self.owner_labels),
             "tags": self._tags(sandbox_id, labels, consumer, profile), "ttl": ttl,
@@ -489,12 +509,17 @@ class Manager:
         if not ext.supports_snapshots():
             raise CapabilityError(f"{ext.id} does not support snapshots")
         merged = self._check_inputs(prof, inputs or {})
-        return self.attempt(
-            sandbox_id="sb-" + uuid.uuid4().hex[:12], profile=prof, index=index, host=host, inputs=merged,
-            ttl=self._ttl(prof, ttl), consumer=consumer or meta.consumer, labels=labels or {}, name=None,
-            limits=self.router.limits(prof, index, host), detail={"restore_of": snapshot_id},
-            start=lambda e, p, i, h: e.restore_from_snapshot(p, meta, i, h),
-        )
+        ttl_s = self._ttl(prof, ttl)
+        sandbox_id = "sb-" + uuid.uuid4().hex[:12]
+        who = consumer or meta.consumer
+        try:
+            self.admit(sandbox_id=sandbox_id, profile=prof, placements=[(index, host)], ttl=ttl_s, consumer=who,
+                       labels=labels or {}, name=None, detail={"restore_of": snapshot_id})
+        except OverCapacity as exc:
+            raise CapacityUnavailable(f"cannot restore {snapshot_id}: {exc}", backend=meta.extension) from None
+        return self.launch(sandbox_id=sandbox_id, profile=prof, index=index, host=host, inputs=merged, ttl=ttl_s,
+                           consumer=who, labels=labels or {},
+                           start=lambda e, p, i, h: e.restore_from_snapshot(p, meta, i, h))
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         row = self.state.get_snapshot(snapshot_id)
@@ -553,8 +578,7 @@ class Manager:
 
     def _reconcile(self, report: CleanupReport) -> None:
         """Tear down what a backend holds for us but the store does not count as live."""
-        used = {r["extension"] for r in self.state.list(states=None)}
-        for ext_id in sorted(used):
+        for ext_id in self.state.extensions_used():
             loaded = self.catalog.extensions.get(ext_id)
             if loaded is None or loaded.missing_extra or "list_owned" not in loaded.manifest.capabilities.features:
                 continue

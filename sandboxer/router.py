@@ -115,82 +115,99 @@ class Router:
         attempts: list[dict[str, Any]] = []
         last: BaseException | None = None
         single = len(profile.candidates) == 1
-        order = self.order(profile, ttl)
-        for rank, index in enumerate(order):
+        placements: list[tuple[int, str | None]] = []
+        for index in self.order(profile, ttl):
             choice = profile.candidates[index]
             ext_id = choice.extension
             blocked = self.blocked(ext_id)
             if blocked:
                 left = blocked[0] - time.monotonic()
                 last = CapacityUnavailable(f"{ext_id} is blocked for {left:.0f}s more after: {blocked[1]}", backend=ext_id)
-                self._skip(attempts, profile, ext_id, None, str(last))
+                self._skip(attempts, ext_id, None, str(last))
                 continue
             loaded = mgr.catalog.extensions[ext_id]
             if loaded.missing_extra:
                 if single:
                     raise MissingExtra(loaded.missing_extra)
                 last = MissingExtra(loaded.missing_extra)
-                self._skip(attempts, profile, ext_id, None, loaded.missing_extra)
+                self._skip(attempts, ext_id, None, loaded.missing_extra)
                 continue
             quote = mgr.metering.quote(profile, index, ttl)
             if choice.cost_ceiling is not None and quote.amount > choice.cost_ceiling:
                 last = CapacityUnavailable(
                     f"quote {quote.amount:.4f} {quote.currency} for {ttl:g}s is over this backend's cost ceiling "
                     f"{choice.cost_ceiling:g}", backend=ext_id)
-                self._skip(attempts, profile, ext_id, None, str(last))
+                self._skip(attempts, ext_id, None, str(last))
                 continue
             mgr.metering.check_budget(req.consumer, quote)
-            for host in self._hosts(profile, index):
-                sandbox_id = "sb-" + uuid.uuid4().hex[:12]
-                try:
-                    return mgr.attempt(
-                        sandbox_id=sandbox_id, profile=profile, index=index, host=host, inputs=inputs, ttl=ttl,
-                        consumer=req.consumer, labels=req.labels, name=req.name,
-                        limits=self.limits(profile, index, host),
-                        detail={"route": {"policy": profile.routing, "rank": rank, "tried_before": attempts}},
-                        on_admitted=on_admitted,
-                    )
-                except OverCapacity as exc:
-                    last = CapacityUnavailable(f"{exc.scope} is full ({exc.limit} live sandboxes)", backend=ext_id, host=host)
-                    self._skip(attempts, profile, ext_id, host, str(last))
-                    continue
-                except (CapacityUnavailable, QuotaExceeded) as exc:
-                    last = exc
-                    attempts.append(self._attempt(ext_id, host, exc, sandbox_id))
-                    continue
-                except RateLimited as exc:
-                    last = exc
-                    attempts.append(self._attempt(ext_id, host, exc, sandbox_id))
+            placements.extend((index, host) for host in self._hosts(profile, index))
+
+        pos = 0
+        while pos < len(placements):
+            sandbox_id = "sb-" + uuid.uuid4().hex[:12]
+            try:
+                chosen, refused = mgr.admit(
+                    sandbox_id=sandbox_id, profile=profile, placements=placements[pos:], ttl=ttl,
+                    consumer=req.consumer, labels=req.labels, name=req.name,
+                    detail={"route": {"policy": profile.routing, "tried_before": list(attempts)}},
+                )
+            except OverCapacity as exc:
+                refused, chosen = exc.refusals, None
+            for p, scope, limit in refused:
+                index, host = placements[pos + p]
+                last = CapacityUnavailable(f"{scope} is full ({limit} live sandboxes)",
+                                           backend=profile.candidates[index].extension, host=host)
+                self._skip(attempts, last.backend or "", host, str(last))
+            if chosen is None:
+                break
+            on_admitted()
+            index, host = placements[pos + chosen]
+            ext_id = profile.candidates[index].extension
+            pos += chosen + 1
+            try:
+                return mgr.launch(sandbox_id=sandbox_id, profile=profile, index=index, host=host, inputs=inputs,
+                                  ttl=ttl, consumer=req.consumer, labels=req.labels)
+            except (CapacityUnavailable, QuotaExceeded) as exc:
+                last = exc
+                attempts.append(self._attempt(ext_id, host, exc, sandbox_id))
+            except (RateLimited, AuthError) as exc:
+                last = exc
+                attempts.append(self._attempt(ext_id, host, exc, sandbox_id))
+                if isinstance(exc, RateLimited):
                     self.block(ext_id, exc.retry_after or RATE_LIMIT_COOLDOWN_S, f"rate limited: {exc}")
-                    break
-                except AuthError as exc:
-                    last = exc
-                    attempts.append(self._attempt(ext_id, host, exc, sandbox_id))
+                else:
                     self.block(ext_id, AUTH_COOLDOWN_S, f"credentials refused: {exc}")
-                    break
-                except TeardownError as exc:
-                    attempts.append(self._attempt(ext_id, host, exc, sandbox_id))
-                    raise RoutingError(
-                        f"stopped routing profile {profile.slug!r}: a failed attempt could not be cleaned up "
-                        f"(gc will retry it); not trying further backends so that nothing is lost", attempts,
-                    ) from exc
-                except (ProvisionError, ReadinessTimeout) as exc:
-                    last = exc
-                    attempts.append(self._attempt(ext_id, host, exc, sandbox_id))
-                    if isinstance(exc, ProvisionError) and not exc.transient:
-                        return self._fail(profile, attempts, exc, single)
-                    break
-                except BackendError as exc:
-                    attempts.append(self._attempt(ext_id, host, exc, sandbox_id))
+                pos = self._next_backend(placements, pos, index)
+            except TeardownError as exc:
+                attempts.append(self._attempt(ext_id, host, exc, sandbox_id))
+                raise RoutingError(
+                    f"stopped routing profile {profile.slug!r}: a failed attempt could not be cleaned up "
+                    f"(gc will retry it); not trying further backends so that nothing is lost", attempts,
+                ) from exc
+            except (ProvisionError, ReadinessTimeout) as exc:
+                last = exc
+                attempts.append(self._attempt(ext_id, host, exc, sandbox_id))
+                if isinstance(exc, ProvisionError) and not exc.transient:
                     return self._fail(profile, attempts, exc, single)
+                pos = self._next_backend(placements, pos, index)
+            except BackendError as exc:
+                attempts.append(self._attempt(ext_id, host, exc, sandbox_id))
+                return self._fail(profile, attempts, exc, single)
         return self._fail(profile, attempts, last, single)
+
+    @staticmethod
+    def _next_backend(placements: list[tuple[int, str | None]], pos: int, index: int) -> int:
+        """Skip the remaining hosts of backend ``index``: the error was about the backend, not the host."""
+        while pos < len(placements) and placements[pos][0] == index:
+            pos += 1
+        return pos
 
     @staticmethod
     def _attempt(ext_id: str, host: str | None, exc: BaseException, sandbox_id: str | None = None) -> dict[str, Any]:
         return {"backend": ext_id, "host": host, "error": f"{type(exc).__name__}: {exc}", "sandbox_id": sandbox_id}
 
     @staticmethod
-    def _skip(attempts: list[dict[str, Any]], profile: Profile, ext_id: str, host: str | None, why: str) -> None:
+    def _skip(attempts: list[dict[str, Any]], ext_id: str, host: str | None, why: str) -> None:
         # Not an event of its own: skips travel in the next attempt's create_intent event
         # (``route.tried_before``) or in the route_failed event, so a burst adds no writes.
         attempts.append({"backend": ext_id, "host": host, "error": why, "sandbox_id": None})

@@ -13,9 +13,14 @@ database by URL. Rules kept here:
 
 from __future__ import annotations
 
+import json
 import os
+import queue
+import sqlite3
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -73,7 +78,7 @@ sandboxes = Table(
     Column("last_error", Text),
     Column("attempts", Integer, nullable=False, default=0),
     Index("ix_sandboxes_state", "state"),
-    Index("ix_sandboxes_ext_host", "extension", "host"),
+    Index("ix_sandboxes_admission", "extension", "state", "host"),  # live counts per backend/host
     Index(
         "ux_sandboxes_live_name",
         "name",
@@ -152,6 +157,20 @@ _INSERT_EVENT = insert(events)
 _INSERT_SANDBOX = insert(sandboxes)
 
 
+_LIVE_BY_NAME = select(sandboxes.c.id).where(and_(sandboxes.c.name == bindparam("_name"),
+                                                    sandboxes.c.state.in_(LIVE_STATES)))
+_COUNT_LIVE: dict[frozenset[str], Any] = {}
+
+
+def _count_live_stmt(columns: frozenset[str]) -> Any:
+    """``count(*)`` of live sandboxes matching ``columns`` (bound as ``_<column>``), built once per shape."""
+    stmt = _COUNT_LIVE.get(columns)
+    if stmt is None:
+        conds = [sandboxes.c.state.in_(LIVE_STATES)] + [sandboxes.c[k] == bindparam(f"_{k}") for k in sorted(columns)]
+        stmt = _COUNT_LIVE.setdefault(columns, select(func.count()).select_from(sandboxes).where(and_(*conds)))
+    return stmt
+
+
 class NameTaken(Exception):
     """A live sandbox already has that name; ``existing_id`` says which."""
 
@@ -161,12 +180,101 @@ class NameTaken(Exception):
 
 
 class OverCapacity(Exception):
-    """Admission refused: ``scope`` is full at ``limit``."""
+    """Admission refused: every candidate was full. ``refusals`` holds ``(position, scope, limit)``."""
 
-    def __init__(self, scope: str, limit: int):
-        super().__init__(f"{scope} is at its capacity of {limit}")
-        self.scope = scope
-        self.limit = limit
+    def __init__(self, refusals: list[tuple[int, str, int]]):
+        super().__init__("; ".join(f"{scope} is full ({limit} live sandboxes)" for _, scope, limit in refusals))
+        self.refusals = refusals
+
+
+_JSON_COLUMNS = frozenset(c.name for t in metadata.tables.values() for c in t.columns if isinstance(c.type, JSON))
+
+
+class _Result:
+    """The slice of SQLAlchemy's Result API the store uses, over fetched DBAPI rows."""
+
+    def __init__(self, names: list[str], rows: list[tuple], rowcount: int):
+        self._names = names
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def _dicts(self) -> list[dict[str, Any]]:
+        return [{n: (json.loads(v) if n in _JSON_COLUMNS and isinstance(v, str) else v)
+                 for n, v in zip(self._names, row)} for row in self._rows]
+
+    def mappings(self) -> "_Mappings":
+        return _Mappings(self._dicts())
+
+    def first(self) -> tuple | None:
+        return self._rows[0] if self._rows else None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._rows)
+
+    def scalar(self) -> Any:
+        return self._rows[0][0] if self._rows else None
+
+    def scalar_one(self) -> Any:
+        if len(self._rows) != 1:
+            raise RuntimeError(f"expected one row, got {len(self._rows)}")
+        return self._rows[0][0]
+
+
+class _Mappings(list):
+    """Rows as dicts, like SQLAlchemy's MappingResult."""
+
+    def first(self) -> dict[str, Any] | None:
+        return self[0] if self else None
+
+    def all(self) -> list[dict[str, Any]]:
+        return list(self)
+
+
+class _RawSQLite:
+    """Runs SQLAlchemy Core statements on a plain ``sqlite3`` connection.
+
+    SQLAlchemy's per-statement work (cache keys, result processing) costs far more
+    than SQLite itself on the lifecycle's hot path. The statements stay Core
+    statements, compiled by SQLAlchemy's SQLite dialect once and cached here;
+    only their execution skips the engine. Other databases use the engine.
+    """
+
+    def __init__(self, db: sqlite3.Connection, dialect: Any, cache: "OrderedDict[Any, Any]", lock: threading.Lock):
+        self.db = db
+        self._dialect = dialect
+        self._cache = cache
+        self._cache_lock = lock
+
+    def _compiled(self, stmt: Any, keys: frozenset[str]) -> Any:
+        key = (id(stmt), keys)
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] is stmt:  # the strong ref below keeps id() unique while cached
+                self._cache.move_to_end(key)
+                return hit[1]
+        column_keys = list(keys) if getattr(stmt, "is_dml", False) and not getattr(stmt, "is_delete", False) else None
+        compiled = stmt.compile(dialect=self._dialect, column_keys=column_keys)
+        json_binds = frozenset(n for n, b in compiled.binds.items() if isinstance(b.type, JSON))
+        entry = (str(compiled), compiled, json_binds, bool(compiled.post_compile_params))
+        with self._cache_lock:
+            self._cache[key] = (stmt, entry)
+            while len(self._cache) > 512:
+                self._cache.popitem(last=False)
+        return entry
+
+    def execute(self, stmt: Any, params: dict[str, Any] | None = None) -> _Result:
+        params = params or {}
+        sql, compiled, json_binds, expanding = self._compiled(stmt, frozenset(params))
+        if expanding:  # IN (...) lists are rendered per call
+            state = compiled.construct_expanded_state(params)
+            sql, values, names = state.statement, state.parameters, state.positiontup
+        else:
+            values, names = compiled.construct_params(params), compiled.positiontup
+        args = tuple(json.dumps(values[n]) if n in json_binds and values[n] is not None else values[n] for n in names)
+        cur = self.db.execute(sql, args)
+        rows = cur.fetchall() if cur.description else []
+        names = [d[0] for d in cur.description] if cur.description else []
+        return _Result(names, rows, cur.rowcount)
 
 
 def default_home() -> Path:
@@ -193,6 +301,11 @@ MIGRATIONS = {1: _migrate_1, 2: _migrate_2}
 class StateStore:
     """Durable record of sandboxes, events, snapshots and usage."""
 
+    #: Run SQLite transactions on plain sqlite3 connections (see _RawSQLite); tests turn it off
+    #: to exercise the engine path that other databases take.
+    raw_sqlite = True
+    RAW_POOL_SIZE = 16
+
     def __init__(self, url: str | None = None, *, home: Path | None = None):
         if url is None:
             home = Path(home) if home else default_home()
@@ -205,8 +318,18 @@ class StateStore:
             url = f"sqlite:///{path}"
         self.url = url
         self.engine: Engine = create_engine(url, future=True, **self._engine_args(url))
+        self._write_lock: threading.Lock | None = None
+        self._raw_path: str | None = None
         if self.engine.dialect.name == "sqlite":
             self._sqlite_setup(self.engine)
+            self._write_lock = threading.Lock()
+            database = self.engine.url.database
+            if self.raw_sqlite and database and database != ":memory:":
+                self._raw_path = database
+                self._raw_idle: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
+                self._raw_slots = threading.BoundedSemaphore(self.RAW_POOL_SIZE)
+                self._raw_cache: OrderedDict[Any, Any] = OrderedDict()
+                self._raw_cache_lock = threading.Lock()
         self._migrate()
         self.owner_id = self._owner_id()
 
@@ -238,7 +361,24 @@ class StateStore:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     @contextmanager
-    def _tx(self, write: bool = True) -> Iterator[Connection]:
+    def _tx(self, write: bool = True, *, engine: bool = False) -> Iterator[Any]:
+        # SQLite has one writer at a time. Queueing this process's writers on a lock, rather
+        # than letting them all spin in SQLite's busy handler (which sleeps with backoff),
+        # keeps a burst of threads from convoying; other processes still meet busy_timeout.
+        if write and self._write_lock is not None:
+            with self._write_lock:
+                with self._tx_unlocked(write, engine) as conn:
+                    yield conn
+            return
+        with self._tx_unlocked(write, engine) as conn:
+            yield conn
+
+    @contextmanager
+    def _tx_unlocked(self, write: bool, engine: bool) -> Iterator[Any]:
+        if self._raw_path is not None and not engine:
+            with self._raw_tx(write) as conn:
+                yield conn
+            return
         with self.engine.connect() as conn:
             conn.info["write"] = write
             with conn.begin():
@@ -246,8 +386,33 @@ class StateStore:
                     conn.execute(text("SELECT pg_advisory_xact_lock(7261001)"))
                 yield conn
 
+    @contextmanager
+    def _raw_tx(self, write: bool) -> Iterator[_RawSQLite]:
+        with self._raw_slots:
+            try:
+                db = self._raw_idle.get_nowait()
+            except queue.Empty:
+                db = sqlite3.connect(self._raw_path, timeout=60, isolation_level=None, check_same_thread=False)
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute("PRAGMA busy_timeout=60000")
+            try:
+                if write:
+                    db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield _RawSQLite(db, self.engine.dialect, self._raw_cache, self._raw_cache_lock)
+                except BaseException:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    raise
+                if db.in_transaction:
+                    db.execute("COMMIT")
+            except BaseException:
+                db.close()
+                raise
+            self._raw_idle.put(db)
+
     def _migrate(self) -> None:
-        with self._tx() as conn:
+        with self._tx(engine=True) as conn:  # DDL goes through the engine
             meta.create(conn, checkfirst=True)
             row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
             current = int(row) if row else 0
@@ -281,6 +446,12 @@ class StateStore:
             return int(conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar_one())
 
     def close(self) -> None:
+        if self._raw_path is not None:
+            while True:
+                try:
+                    self._raw_idle.get_nowait().close()
+                except queue.Empty:
+                    break
         self.engine.dispose()
 
     # ---------------------------------------------------------- sandboxes
@@ -296,38 +467,60 @@ class StateStore:
 
     def insert_intent(self, row: dict[str, Any], *, limits: list[tuple[str, int, dict[str, Any]]] = (),
                       detail: dict[str, Any] | None = None) -> None:
-        """Record a sandbox in state ``provisioning`` before any side effect.
+        """Record one sandbox in state ``provisioning`` before any side effect (see :meth:`admit`)."""
+        self.admit([(row, list(limits))], detail=detail)
+
+    def admit(self, candidates: list[tuple[dict[str, Any], list[tuple[str, int, dict[str, Any]]]]], *,
+              detail: dict[str, Any] | None = None) -> tuple[int, list[tuple[int, str, int]]]:
+        """Record the intent on the first candidate with room, in one locked transaction.
 
         Args:
-            row: the sandbox's columns.
-            limits: ``(scope, limit, column filter)``: refuse if the live sandboxes
-                matching the filter already number ``limit`` (checked atomically).
+            candidates: ``(row, limits)`` in preference order; each limit is
+                ``(scope, limit, column filter)``: the candidate is refused if the live
+                sandboxes matching the filter already number ``limit``.
+            detail: extra detail for the ``create_intent`` event.
+
+        Returns:
+            The position of the admitted candidate, and ``(position, scope, limit)``
+            for each candidate refused before it.
 
         Raises:
-            NameTaken: a live sandbox already has ``row['name']``.
-            OverCapacity: one of ``limits`` is reached.
+            NameTaken: a live sandbox already has the rows' ``name``.
+            OverCapacity: every candidate is full (``.refusals`` lists them).
         """
+        refusals: list[tuple[int, str, int]] = []
         try:
             with self._tx() as conn:
-                if row.get("name"):
-                    existing = conn.execute(select(sandboxes.c.id).where(and_(
-                        sandboxes.c.name == row["name"], sandboxes.c.state.in_(LIVE_STATES)))).scalar()
+                name = candidates[0][0].get("name") if candidates else None
+                if name:
+                    existing = conn.execute(_LIVE_BY_NAME, {"_name": name}).scalar()
                     if existing:
                         raise NameTaken(existing)
-                for scope, limit, where in limits:
-                    conds = [sandboxes.c.state.in_(LIVE_STATES)] + [sandboxes.c[k] == v for k, v in where.items()]
-                    n = conn.execute(select(func.count()).select_from(sandboxes).where(and_(*conds))).scalar_one()
-                    if n >= limit:
-                        raise OverCapacity(scope, limit)
-                conn.execute(_INSERT_SANDBOX, row)
-                self._event(conn, row["id"], "create_intent", to_state=row["state"], consumer=row["consumer"],
-                            extension=row["extension"], ts=row["created_at"],
-                            detail={"profile": row["profile"], "host": row.get("host"), **(detail or {})})
+                for pos, (row, limits) in enumerate(candidates):
+                    full = None
+                    for scope, limit, where in limits:
+                        n = conn.execute(_count_live_stmt(frozenset(where)),
+                                         {f"_{k}": v for k, v in where.items()}).scalar_one()
+                        if n >= limit:
+                            full = (pos, scope, limit)
+                            break
+                    if full is not None:
+                        refusals.append(full)
+                        continue
+                    conn.execute(_INSERT_SANDBOX, row)
+                    event_detail = {"profile": row["profile"], "host": row.get("host"), **(detail or {})}
+                    if refusals:
+                        event_detail["admission_refused"] = [f"{scope} is full ({limit})" for _, scope, limit in refusals]
+                    self._event(conn, row["id"], "create_intent", to_state=row["state"], consumer=row["consumer"],
+                                extension=row["extension"], ts=row["created_at"], detail=event_detail)
+                    return pos, refusals
         except IntegrityError:
-            existing = self.get_by_name(row["name"]) if row.get("name") else None
+            name = candidates[0][0].get("name")
+            existing = self.get_by_name(name) if name else None
             if existing:
                 raise NameTaken(existing["id"]) from None
             raise
+        raise OverCapacity(refusals)
 
     def transition(self, sandbox_id: str, kind: str, *, expect: tuple[str, ...] | None = None,
                    detail: dict[str, Any] | None = None, also: Callable[[Connection, dict[str, Any]], None] | None = None,
@@ -375,6 +568,11 @@ class StateStore:
             q = q.where(sandboxes.c[k] == v)
         with self._tx(write=False) as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
+
+    def extensions_used(self) -> list[str]:
+        """Every extension a sandbox was ever recorded on (gc reconciles only those)."""
+        with self._tx(write=False) as conn:
+            return sorted(r[0] for r in conn.execute(select(sandboxes.c.extension).distinct()))
 
     def count_live(self, **where: Any) -> int:
         conds = [sandboxes.c.state.in_(LIVE_STATES)] + [sandboxes.c[k] == v for k, v in where.items()]

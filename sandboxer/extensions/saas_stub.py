@@ -3,17 +3,16 @@
 It behaves like a small SaaS: configurable latency, a capacity beyond which
 it raises CapacityUnavailable, a price per second (the manifest's pricing),
 and fault injection per stage. It keeps its own table of live sandboxes in a
-file (locked with ``flock``, so threads and processes agree), which outlives
-the manager process: a leak shows up there. The table also records the peak
+small SQLite file (one locked transaction per call, so threads and processes
+agree), which outlives the manager process: a leak shows up there. The table also records the peak
 number of live sandboxes, so a drill can check that nothing over-admitted.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
+import sqlite3
 import random
 import threading
 import time
@@ -69,32 +68,68 @@ class SaasStubExtension(SandboxExtension):
     def __init__(self, manifest, config):  # type: ignore[no-untyped-def]
         super().__init__(manifest, config)
         self._lock = threading.Lock()
+        self._db_lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
         self._rng = random.Random(config.seed)
 
     @property
     def table_path(self) -> Path:
-        return Path(self.config.table) if self.config.table else self.home / "saas-stub" / f"{self.id}.json"
+        return Path(self.config.table) if self.config.table else self.home / "saas-stub" / f"{self.id}.db"
 
     @contextlib.contextmanager
-    def _table(self) -> Iterator[dict[str, Any]]:
-        """The table, locked against other threads and processes; written back on exit."""
-        path = self.table_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock, open(os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "r+", encoding="utf-8") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            raw = fh.read()
-            data = json.loads(raw) if raw else {"live": {}, "peak": 0, "created": 0}
-            yield data
-            new = json.dumps(data)
-            if new != raw:  # reads leave the file alone
-                fh.seek(0)
-                fh.truncate()
-                fh.write(new)
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """The stub's own table (its "provider side"), in one locked transaction.
+
+        A small SQLite file of its own, not the manager's state store: it stands for
+        the remote service, so it must outlive and stay independent of the manager.
+        Threads queue on a lock (SQLite's busy handler would make a burst convoy);
+        other processes meet SQLite's own locking.
+        """
+        with self._db_lock:
+            if self._conn is None:
+                path = self.table_path
+                path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("CREATE TABLE IF NOT EXISTS live (stub_id TEXT PRIMARY KEY, sandbox_id TEXT, record TEXT)")
+                conn.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER)")
+                self._conn = conn
+            db = self._conn
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    @staticmethod
+    def _counter(db: sqlite3.Connection, name: str) -> int:
+        row = db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else 0
+
+    @staticmethod
+    def _set_counter(db: sqlite3.Connection, name: str, value: int) -> None:
+        db.execute("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = ?",
+                   (name, value, value))
+
+    def _record(self, stub_id: str) -> dict[str, Any] | None:
+        with self._db() as db:
+            row = db.execute("SELECT record FROM live WHERE stub_id = ?", (stub_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def reset_peak(self) -> None:
+        """Start a new drill: the peak becomes the number live now."""
+        with self._db() as db:
+            self._set_counter(db, "peak", db.execute("SELECT count(*) FROM live").fetchone()[0])
 
     def live(self) -> dict[str, Any]:
-        """The stub's own view: ``{"live": {...}, "peak": n, "created": n}``."""
-        with self._table() as t:
-            return json.loads(json.dumps(t))
+        """The stub's own view: ``{"live": {stub_id: record}, "peak": n, "created": n}``."""
+        with self._db() as db:
+            rows = db.execute("SELECT stub_id, record FROM live").fetchall()
+            return {"live": {k: json.loads(v) for k, v in rows}, "peak": self._counter(db, "peak"),
+                    "created": self._counter(db, "created")}
 
     def _fault(self, stage: str, inputs: dict[str, Any] | None = None) -> Fault | None:
         for f in self.config.faults:
@@ -130,16 +165,17 @@ class SaasStubExtension(SandboxExtension):
 
     def _add(self, inputs: dict[str, Any], profile: Profile, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         stub_id = "stub-" + uuid.uuid4().hex[:12]
-        with self._table() as t:
-            if len(t["live"]) >= self.config.capacity:
+        record = {"sandbox_id": inputs.get("sandbox_id"), "owner_labels": inputs.get("owner_labels", {}),
+                  "tags": inputs.get("tags", {}), "created": time.time(), "profile": profile.slug, **(extra or {})}
+        with self._db() as db:
+            n = db.execute("SELECT count(*) FROM live").fetchone()[0]
+            if n >= self.config.capacity:
                 raise CapacityUnavailable(
                     f"{self.id}: at capacity ({self.config.capacity} live sandboxes)", backend=self.id)
-            t["live"][stub_id] = {
-                "sandbox_id": inputs.get("sandbox_id"), "owner_labels": inputs.get("owner_labels", {}),
-                "tags": inputs.get("tags", {}), "created": time.time(), "profile": profile.slug, **(extra or {}),
-            }
-            t["created"] += 1
-            t["peak"] = max(t["peak"], len(t["live"]))
+            db.execute("INSERT INTO live (stub_id, sandbox_id, record) VALUES (?, ?, ?)",
+                       (stub_id, record["sandbox_id"], json.dumps(record)))
+            self._set_counter(db, "created", self._counter(db, "created") + 1)
+            self._set_counter(db, "peak", max(self._counter(db, "peak"), n + 1))
         return {"stub_id": stub_id, "sandbox_id": inputs.get("sandbox_id"), "host": "stub"}
 
     # ------------------------------------------------------------ contract
@@ -163,25 +199,23 @@ class SaasStubExtension(SandboxExtension):
         fault = self._fault("ready")
         if fault is not None:
             self._raise(fault, "ready")
-        with self._table() as t:
-            if handle["stub_id"] not in t["live"]:
-                raise ReadinessTimeout(f"{self.id}: {handle['stub_id']} vanished", backend=self.id)
+        if self._record(handle["stub_id"]) is None:
+            raise ReadinessTimeout(f"{self.id}: {handle['stub_id']} vanished", backend=self.id)
         return {"host": "stub", "url": f"stub://{handle['stub_id']}"}
 
     def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
         fault = self._fault("teardown")
         if fault is not None:
             self._raise(fault, "teardown")
-        with self._table() as t:
-            gone = t["live"].pop(handle["stub_id"], None) is None
+        with self._db() as db:
+            gone = db.execute("DELETE FROM live WHERE stub_id = ?", (handle["stub_id"],)).rowcount == 0
         return {"already_gone": gone}
 
     def exec(self, handle: dict[str, Any], argv: list[str], *, env: dict[str, str] | None = None,
              cwd: str | None = None, timeout: float | None = None, stdin: bytes | None = None,
              on_output: OutputCallback | None = None) -> ExecResult:
-        with self._table() as t:
-            if handle["stub_id"] not in t["live"]:
-                raise ExecError(f"{self.id}: {handle['stub_id']} is not running", backend=self.id)
+        if self._record(handle["stub_id"]) is None:
+            raise ExecError(f"{self.id}: {handle['stub_id']} is not running", backend=self.id)
         if argv[0] == "echo":
             out = " ".join(argv[1:]) + "\n"
         elif argv[0] == "cat" and stdin is not None:
@@ -193,12 +227,11 @@ class SaasStubExtension(SandboxExtension):
         return ExecResult(exit_code=1 if argv[0] == "false" else 0, stdout=out)
 
     def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
-        with self._table() as t:
-            return [
-                {"sandbox_id": rec["sandbox_id"], "handle": {"stub_id": sid, "sandbox_id": rec["sandbox_id"], "host": "stub"}}
-                for sid, rec in t["live"].items()
-                if all(rec.get("owner_labels", {}).get(k) == v for k, v in owner_labels.items())
-            ]
+        return [
+            {"sandbox_id": rec["sandbox_id"], "handle": {"stub_id": sid, "sandbox_id": rec["sandbox_id"], "host": "stub"}}
+            for sid, rec in self.live()["live"].items()
+            if all(rec.get("owner_labels", {}).get(k) == v for k, v in owner_labels.items())
+        ]
 
     def snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
         fault = self._fault("snapshot")
@@ -213,6 +246,5 @@ class SaasStubExtension(SandboxExtension):
         return {**handle, "restored_from": snapshot_meta.data.get("stub_snapshot")}
 
     def meter_actual(self, handle: dict[str, Any]) -> dict[str, Any] | None:
-        with self._table() as t:
-            rec = t["live"].get(handle["stub_id"])
+        rec = self._record(handle["stub_id"])
         return {"seconds": time.time() - rec["created"]} if rec else None

@@ -1,0 +1,99 @@
+"""The state store behaves the same on its two SQLite paths (plain sqlite3, and the SQLAlchemy
+engine that server databases use), and keeps its rules: intent first, JSON columns, migrations."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import pytest
+
+from sandboxer.state import StateStore
+
+
+@pytest.fixture(params=[True, False], ids=["raw-sqlite", "engine"])
+def path(request, monkeypatch):
+    monkeypatch.setattr(StateStore, "raw_sqlite", request.param)
+    return request.param
+
+
+def test_same_behaviour_on_both_paths(path, cfg, make_manager, tmp_path):
+    cfg.write("ext.st.yaml", """
+        id: ext.st
+        title: stub
+        version: 1.0.0
+        handler: sandboxer.extensions.saas_stub:SaasStubExtension
+        capabilities: {isolation_levels: [microvm], pricing_model: metered, features: [exec, snapshots, list_owned]}
+        pricing: {per_vcpu_second: 0.01}
+        config: {latency_s: 0}
+    """)
+    cfg.write("profile.st.yaml", "slug: st\nbackends: [{extension: ext.st, capacity: 2}]\n")
+    (cfg.root / "settings.yaml").write_text(f"sinks:\n  f: {{kind: file, path: {tmp_path / 'u.jsonl'}}}\n")
+    mgr = make_manager()
+    assert (mgr.state._raw_path is not None) is path
+    a = mgr.create(profile="st", name="one", labels={"k": "v"})
+    assert mgr.create(profile="st", name="one").id == a.id
+    b = mgr.create(profile="st")
+    with pytest.raises(Exception, match="full"):
+        mgr.create(profile="st")
+    assert {s.id for s in mgr.list()} == {a.id, b.id}
+    assert mgr.get(a.id).labels == {"k": "v"} and mgr.get(a.id).reachability["host"] == "stub"
+    snap = mgr.snapshot(a.id)
+    assert mgr.get_snapshot(snap.id).data == snap.data
+    mgr.teardown(a.id)
+    mgr.teardown(b.id)
+    assert mgr.gc().errors == {}
+    assert [e["kind"] for e in mgr.events(a.id)][:3] == ["create_intent", "provisioned", "ready"]
+    assert mgr.events(a.id)[0]["detail"]["route"]["policy"] == "priority"
+    assert mgr.metering.export(sink="f")["delivered"] == 2
+    assert len((tmp_path / "u.jsonl").read_text().splitlines()) == 2
+    assert mgr.metering.report(by="profile")["st"]["sandboxes"] == 2
+
+
+def test_json_columns_hold_json_not_pickles(fake_mgr, home):
+    sb = fake_mgr.create(profile="fake", labels={"team": "a"})
+    db = sqlite3.connect(home / "state.db")
+    labels, handle = db.execute("SELECT labels, handle FROM sandboxes WHERE id = ?", (sb.id,)).fetchone()
+    assert json.loads(labels) == {"team": "a"} and json.loads(handle)["sandbox_id"] == sb.id
+
+
+def test_migration_from_version_1(home):
+    store = StateStore(home=home)
+    store.close()
+    db = sqlite3.connect(home / "state.db")
+    db.execute("DROP TABLE usage")
+    db.execute("DROP TABLE exports")
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db.commit()
+    store = StateStore(home=home)
+    assert store.schema_version() == 2
+    tables = {r[0] for r in sqlite3.connect(home / "state.db").execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"usage", "exports", "sandboxes", "events", "snapshots", "meta"} <= tables
+    store.close()
+
+
+def test_owner_id_is_stable_per_store(home):
+    a = StateStore(home=home)
+    b = StateStore(home=home)
+    assert a.owner_id == b.owner_id and len(a.owner_id) == 16
+    a.close()
+    b.close()
+
+
+def test_write_rolls_back_on_error(path, home):
+    store = StateStore(home=home)
+    now = time.time()
+    row = {"id": "sb-x", "name": None, "profile": "p", "extension": "e", "host": None, "state": "provisioning",
+           "handle": None, "reachability": None, "consumer": "c", "labels": {}, "resources": {},
+           "created_at": now, "expires_at": now + 60, "attempts": 0, "last_error": None}
+    store.insert_intent(row)
+
+    def boom(conn, row):
+        raise RuntimeError("fail inside the transaction")
+
+    with pytest.raises(RuntimeError):
+        store.transition("sb-x", "ready", state="ready", also=boom)
+    assert store.get("sb-x")["state"] == "provisioning"
+    assert [e["kind"] for e in store.events("sb-x")] == ["create_intent"]
+    store.close()
