@@ -48,6 +48,7 @@ UID_BASE = 2_000_000
 UID_SPAN = 1_000_000
 OUTPUT_CAP = 16 * 1024 * 1024
 SYSTEM_ROOT = Path("/var/lib/sandboxer/local")
+_DROP_CAPS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
 
 # Runs as the sandbox's pid 1 under `unshare`: make every mount read-only but
 # the workspace, say "ready", then hold the namespaces.
@@ -154,7 +155,7 @@ class LocalExtension(SandboxExtension):
                     else ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount", "--net", "true"])
             uid = self._probe_uid()
             try:
-                subprocess.run(argv, check=True, capture_output=True, timeout=10, **self._as_user(uid))
+                subprocess.run(self._as_user(uid) + argv, check=True, capture_output=True, timeout=10)
                 return tool, None
             except (subprocess.SubprocessError, OSError) as exc:
                 err = getattr(exc, "stderr", b"") or b""
@@ -166,8 +167,9 @@ class LocalExtension(SandboxExtension):
         return UID_BASE + UID_SPAN - 1 if os.geteuid() == 0 else None
 
     @staticmethod
-    def _as_user(uid: int | None) -> dict[str, Any]:
-        return {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
+    def _as_user(uid: int | None) -> list[str]:
+        """argv prefix that drops to ``uid`` (done by setpriv, so Python can spawn with vfork)."""
+        return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if uid is not None else []
 
     def _alloc_uid(self) -> int | None:
         if os.geteuid() != 0:
@@ -240,8 +242,8 @@ class LocalExtension(SandboxExtension):
                     *([] if network else ["--net"]), "--mount-proc", "sh", "-c", _UNSHARE_INIT, "init", str(ws)]
         err_path = self.root / ".meta" / f"{sandbox_id}.err"
         with open(err_path, "wb") as err:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                    start_new_session=True, close_fds=True, **self._as_user(uid))
+            proc = subprocess.Popen(self._as_user(uid) + argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=err, start_new_session=True, close_fds=True)
         with self._lock:
             self._procs[sandbox_id] = proc
         sel = selectors.DefaultSelector()
@@ -287,18 +289,22 @@ class LocalExtension(SandboxExtension):
         uid = handle.get("uid")
         prefix = self._rlimits(handle.get("resources", {}), opts, uid)
         if handle["tool"] == "none":
-            cmd = prefix + list(argv)
+            cmd = self._as_user(uid) + prefix + list(argv)
             kw: dict[str, Any] = {"cwd": wd}
         else:
             if not _alive(handle.get("pid"), handle.get("starttime")):
                 raise ExecError(f"{self.id}: sandbox {handle.get('sandbox_id')} is not running", backend=self.id)
             ns = ["--user", "--pid", "--mount", "--ipc", "--uts", *([] if opts.get("network") else ["--net"])]
-            cmd = prefix + ["nsenter", f"--target={handle['pid']}", *ns, "--preserve-credentials", f"--wd={wd}", "--", *argv]
+            # Root enters the sandbox's user namespace and becomes its root (= the sandbox uid
+            # outside); anyone else enters as the namespace's owner. Either way the command then
+            # loses every capability, so it cannot undo the read-only mounts from inside.
+            who = ["-S", "0", "-G", "0"] if uid is not None else ["--preserve-credentials"]
+            cmd = prefix + ["nsenter", f"--target={handle['pid']}", *ns, *who, f"--wd={wd}", "--", *_DROP_CAPS, *argv]
             kw = {}
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env,
-                                    start_new_session=True, close_fds=True, **self._as_user(uid), **kw)
+                                    start_new_session=True, close_fds=True, **kw)
         except OSError as exc:
             raise ExecError(f"{self.id}: cannot start {argv[0]!r}: {exc.strerror}", backend=self.id) from exc
         return _collect(proc, stdin, timeout, on_output)

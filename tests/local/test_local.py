@@ -195,3 +195,11 @@ def test_concurrent_local_sandboxes(mgr):
     for t in threads:
         t.join(60)
     assert errors == [] and len(ids) == 10 and mgr.list() == []
+
+
+def test_commands_have_no_capabilities_and_cannot_remount(mgr, sb, tmp_path):
+    r = run(mgr, sb, "grep -E '^Cap(Eff|Prm|Bnd)' /proc/self/status; mount -o remount,rw / 2>&1 || echo refused")
+    caps = dict(line.split(":\t") for line in r.stdout.splitlines() if line.startswith("Cap"))
+    assert set(caps.values()) == {"0000000000000000"}
+    assert r.stdout.strip().endswith("refused")
+    assert "Read-only" in run(mgr, sb, "touch /etc/x").stderr
