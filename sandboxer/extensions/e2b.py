@@ -48,6 +48,9 @@ from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format
 from sandboxer.poll import poll
 from sandboxer.secrets import SecretRef, redact
 
+#: Tries of an E2B kill before teardown is reported failed (gc retries later).
+KILL_ATTEMPTS = 3
+
 log = logging.getLogger("sandboxer.e2b")
 
 #: The exit code reported for a command stopped by its timeout (as coreutils' ``timeout``).
@@ -355,14 +358,21 @@ class E2BExtension(SandboxExtension):
         """Kill the sandbox; one already gone (404) counts as torn down."""
         sid = handle["e2b_sandbox_id"]
         consumer = handle.get("consumer")
-        try:
-            sdk_opts, key = self._opts(consumer)
-            with self._translate("kill", consumer=consumer, key=key, fallback=TeardownError, sandbox=sid):
-                killed = bool(_sdk().Sandbox.kill(sid, **sdk_opts))
-        except TeardownError:
-            raise
-        except BackendError as exc:
-            raise TeardownError(f"E2B sandbox {sid}: not confirmed gone: {exc}", backend=self.id) from None
+        for attempt in range(KILL_ATTEMPTS):
+            try:
+                sdk_opts, key = self._opts(consumer)
+                # ProvisionError as the fallback only to learn whether the failure was transient
+                with self._translate("kill", consumer=consumer, key=key, fallback=ProvisionError, sandbox=sid):
+                    killed = bool(_sdk().Sandbox.kill(sid, **sdk_opts))
+                break
+            except ProvisionError as exc:
+                # Kill is idempotent, so a dropped keep-alive connection is worth another try.
+                if exc.transient and attempt + 1 < KILL_ATTEMPTS:
+                    time.sleep(0.2 * (attempt + 1))
+                    continue
+                raise TeardownError(str(exc), backend=self.id) from None
+            except BackendError as exc:
+                raise TeardownError(f"E2B sandbox {sid}: not confirmed gone: {exc}", backend=self.id) from None
         return {"e2b_sandbox_id": sid, "killed": killed, "already_gone": not killed}
 
     # ------------------------------------------------------------ exec

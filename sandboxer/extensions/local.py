@@ -48,20 +48,26 @@ UID_BASE = 2_000_000
 UID_SPAN = 1_000_000
 OUTPUT_CAP = 16 * 1024 * 1024
 SYSTEM_ROOT = Path("/var/lib/sandboxer/local")
+TTL_GRACE_S = 60
+# Under bwrap, pid 1 is bwrap's own init, which waits for every process in the namespace;
+# so at the TTL the holder kills them all (kill -1 spares only itself and pid 1).
+_BWRAP_INIT = 'echo ready; sleep "$0"; kill -KILL -1'
+
 _DROP_CAPS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
 
 # Runs as the sandbox's pid 1 under `unshare`: make every mount read-only but
-# the workspace, say "ready", then hold the namespaces.
+# the workspace, say "ready", then hold the namespaces until the TTL runs out.
 _UNSHARE_INIT = r"""
 set -e
 ws="$1"
+life="$2"
 mount --bind "$ws" "$ws"
 awk '{print $2}' /proc/self/mounts | sort -r | while read -r m; do
   case "$m" in "$ws") continue ;; esac
   mount -o remount,bind,ro "$m" 2>/dev/null || true
 done
 echo ready
-exec sleep infinity
+exec sleep "$life"
 """
 
 
@@ -225,21 +231,25 @@ class LocalExtension(SandboxExtension):
                 os.chown(ws, uid, uid)
                 os.chown(ws / ".tmp", uid, uid)
             if tool != "none":
-                handle.update(self._start_init(tool, ws, uid, opts.network, sandbox_id))
+                # The init exits at the TTL (plus a grace for gc to tear down first), so a sandbox's
+                # processes end on time even if no manager is left to run gc.
+                life = int(float(inputs.get("ttl") or profile.ttl.default)) + TTL_GRACE_S
+                handle.update(self._start_init(tool, ws, uid, opts.network, sandbox_id, life))
             meta_path.write_text(json.dumps({**meta, "handle": handle}))
             return handle
         except BaseException:
             self.teardown(handle)
             raise
 
-    def _start_init(self, tool: str, ws: Path, uid: int | None, network: bool, sandbox_id: str) -> dict[str, Any]:
+    def _start_init(self, tool: str, ws: Path, uid: int | None, network: bool, sandbox_id: str,
+                    life: int) -> dict[str, Any]:
         if tool == "bwrap":
             argv = ["bwrap", "--unshare-all", *(["--share-net"] if network else []), "--uid", "0", "--gid", "0",
                     "--ro-bind", "/", "/", "--bind", str(ws), str(ws), "--dev", "/dev", "--proc", "/proc",
-                    "--chdir", str(ws), "--", "sh", "-c", "echo ready; exec sleep infinity"]
+                    "--chdir", str(ws), "--", "sh", "-c", _BWRAP_INIT, str(life)]
         else:
             argv = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount", "--ipc", "--uts",
-                    *([] if network else ["--net"]), "--mount-proc", "sh", "-c", _UNSHARE_INIT, "init", str(ws)]
+                    *([] if network else ["--net"]), "--mount-proc", "sh", "-c", _UNSHARE_INIT, "init", str(ws), str(life)]
         err_path = self.root / ".meta" / f"{sandbox_id}.err"
         with open(err_path, "wb") as err:
             proc = subprocess.Popen(self._as_user(uid) + argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

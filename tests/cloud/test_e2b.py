@@ -222,10 +222,16 @@ def test_teardown_failure_is_teardown_error(make_ext, standin: E2BStandIn):
     from sandboxer.errors import TeardownError
 
     ext, profile = make_ext()
+    from sandboxer.extensions.e2b import KILL_ATTEMPTS
+
     handle = ext.provision(profile, inputs("sbx-tf"), None)
-    standin.fail("DELETE", "/sandboxes/.*", 500, "kill failed")
+    standin.fail("DELETE", "/sandboxes/.*", 500, "kill failed", times=KILL_ATTEMPTS)
     with pytest.raises(TeardownError, match="kill failed"):
         ext.teardown(handle)
+    assert ext.teardown(handle)["killed"] is True
+    # a passing failure (a 5xx, a dropped keep-alive connection) is retried: kill is idempotent
+    handle = ext.provision(profile, inputs("sbx-tf2"), None)
+    standin.fail("DELETE", "/sandboxes/.*", 502, "bad gateway", times=KILL_ATTEMPTS - 1)
     assert ext.teardown(handle)["killed"] is True
 
 

@@ -203,3 +203,24 @@ def test_commands_have_no_capabilities_and_cannot_remount(mgr, sb, tmp_path):
     assert set(caps.values()) == {"0000000000000000"}
     assert r.stdout.strip().endswith("refused")
     assert "Read-only" in run(mgr, sb, "touch /etc/x").stderr
+
+
+@pytest.mark.parametrize("tool", ["bwrap", "unshare"])
+def test_processes_end_at_the_ttl_even_without_gc(mgr, monkeypatch, tool):
+    import shutil
+
+    import sandboxer.extensions.local as local
+
+    if shutil.which(tool) is None and os.geteuid() != 0:
+        pytest.skip(f"{tool} not installed")
+    monkeypatch.setattr(local, "TTL_GRACE_S", 0)
+    monkeypatch.setattr(mgr.extension("ext.local"), "_tool", tool)
+    sb = mgr.create(profile="local", ttl=1)
+    init = mgr.state.get(sb.id)["handle"]["pid"]
+    run(mgr, sb, "sleep 300 >/dev/null 2>&1 &")
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{init}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{init}").exists(), "the sandbox's init outlived its TTL"
+    report = mgr.gc()
+    assert report.expired == [sb.id] and not Path(sb.reachability["workspace"]).exists()

@@ -89,3 +89,28 @@ def test_schema_writes_both_kinds(sbx, tmp_path):
     ext = json.loads((tmp_path / "s" / "extension.schema.json").read_text())
     prof = json.loads((tmp_path / "s" / "profile.schema.json").read_text())
     assert "handler" in ext["properties"] and "resources" in prof["properties"]
+
+
+def test_cost_snapshot_and_export_commands(sbx, cfg, tmp_path):
+    quotes = json.loads(sbx("cost", "estimate", "saas-stub", "--duration", "2h", "--json", check=0).stdout)
+    assert quotes[0]["extension"] == "ext.saas-stub" and quotes[0]["amount"] > 0 and quotes[0]["duration_s"] == 7200
+    assert "not a duration" in sbx("cost", "estimate", "saas-stub", "--duration", "soon", check=2).stderr
+
+    sb = json.loads(sbx("create", "saas-stub", "--consumer", "erin", "--json", check=0).stdout)
+    snap = json.loads(sbx("snapshot", sb["id"], "--json", check=0).stdout)
+    assert [s["id"] for s in json.loads(sbx("snapshots", "list", "--json", check=0).stdout)] == [snap["id"]]
+    restored = json.loads(sbx("restore", snap["id"], "--json", check=0).stdout)
+    assert restored["state"] == "ready" and restored["consumer"] == "erin"
+    for sid in (sb["id"], restored["id"]):
+        sbx("teardown", sid, check=0)
+    assert sbx("restore", "snap-nope", check=1).stderr.startswith("error: no usable snapshot with id 'snap-nope'")
+
+    report = json.loads(sbx("cost", "report", "--by", "consumer", "--json", check=0).stdout)
+    assert report["erin"]["sandboxes"] == 2
+    lines = sbx("meter", "export", check=0).stdout.splitlines()
+    assert len(lines) == 2 and {json.loads(x)["consumer"] for x in lines} == {"erin"}
+    assert sbx("meter", "export", "--format", "csv", check=0).stdout.startswith("id,sandbox_id,period")
+    (cfg.root / "settings.yaml").write_text(f"sinks:\n  f: {{kind: file, path: {tmp_path / 'u.jsonl'}}}\n")
+    assert "queued: 2  delivered: 2" in sbx("meter", "export", "--sink", "f", check=0).stdout
+    assert "queued: 0" in sbx("meter", "export", "--sink", "f", check=0).stdout
+    assert "unknown sink 'g'" in sbx("meter", "export", "--sink", "g", check=1).stderr
