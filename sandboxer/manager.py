@@ -315,19 +315,30 @@ class Manager:
             except BaseException as exc:
                 self._after_failed_provision(ext, sandbox_id, exc)
                 raise
-            self.state.transition(sandbox_id, "provisioned", handle=handle, host=handle.get("host", host))
+            if self.state.transition(sandbox_id, "provisioned", expect=("provisioning",), handle=handle,
+                                     host=handle.get("host", host)) is None:
+                self._abandon(ext, sandbox_id, handle)
             try:
                 reach = ext.wait_ready(handle, timeout=eff.ready_timeout)
             except BaseException as exc:
                 self._teardown_after_failure(ext, sandbox_id, handle, exc)
                 raise
-            row = self.state.transition(sandbox_id, "ready", state="ready", reachability=reach, ready_at=time.time(),
-                                        also=self.metering.started)
-            assert row is not None
+            row = self.state.transition(sandbox_id, "ready", expect=("provisioning",), state="ready",
+                                        reachability=reach, ready_at=time.time(), also=self.metering.started)
+            if row is None:
+                self._abandon(ext, sandbox_id, handle)
             return _status(row)
         finally:
             with self._lock:
                 self._inflight.discard(sandbox_id)
+
+    def _abandon(self, ext: SandboxExtension, sandbox_id: str, handle: dict[str, Any]) -> None:
+        """The record left ``provisioning`` under us (gc judged it abandoned): undo and stop."""
+        try:
+            ext.teardown(handle)
+        except Exception as exc:  # noqa: BLE001 - gc's list_owned will find it
+            log.warning("could not tear down %s after its record was closed: %s", sandbox_id, exc)
+        raise SandboxStateError(f"sandbox {sandbox_id} was torn down while it was still provisioning")
 
     def _after_failed_provision(self, ext: SandboxExtension, sandbox_id: str, exc: BaseException) -> None:
         """Provision raised: make sure nothing of it is left, then mark the record failed."""
@@ -412,16 +423,18 @@ class Manager:
             SandboxNotFound; SandboxStateError if it is still provisioning;
             TeardownError if the backend could not confirm (state ``teardown_failed``).
         """
-        if sandbox_id in self._inflight:
-            raise SandboxStateError(f"sandbox {sandbox_id} is still provisioning; try again when it is ready")
         return self._teardown(sandbox_id, reason="requested")
 
-    def _teardown(self, sandbox_id: str, *, reason: str) -> SandboxStatus:
-        cur = self.state.transition(sandbox_id, "teardown_started", state="tearing_down",
-                                    expect=("ready", "tearing_down", "teardown_failed", "provisioning"),
+    def _teardown(self, sandbox_id: str, *, reason: str, abandoned: bool = False) -> SandboxStatus:
+        """Tear down; a ``provisioning`` record only when gc judged it ``abandoned``."""
+        expect = ("ready", "tearing_down", "teardown_failed") + (("provisioning",) if abandoned else ())
+        cur = self.state.transition(sandbox_id, "teardown_started", state="tearing_down", expect=expect,
                                     detail={"reason": reason})
-        if cur is None:  # missing, or already terminated/failed (idempotent)
-            return _status(self._row(sandbox_id))
+        if cur is None:  # missing, still provisioning, or already terminated/failed (idempotent)
+            row = self._row(sandbox_id)
+            if row["state"] == "provisioning":
+                raise SandboxStateError(f"sandbox {sandbox_id} is still provisioning; try again when it is ready")
+            return _status(row)
         if not cur["handle"]:  # never got a handle: nothing the backend knows by it; gc's list_owned covers it
             done = self.state.transition(sandbox_id, "terminated", state="failed", terminated_at=time.time(),
                                          detail={"reason": "no handle was recorded"})
@@ -564,7 +577,7 @@ class Manager:
             if bucket is None:
                 continue
             try:
-                self._teardown(row["id"], reason="gc")
+                self._teardown(row["id"], reason="gc", abandoned=bucket is report.stale_provisioning)
                 bucket.append(row["id"])
             except SandboxerError as exc:
                 report.errors[row["id"]] = str(exc)

@@ -268,3 +268,32 @@ def test_twenty_racing_creates_with_one_name_yield_one_sandbox(fake_mgr):
 
 def test_repr_and_state_hold_no_secrets(fake_mgr):
     assert "Manager" in repr(fake_mgr) and "password" not in repr(fake_mgr)
+
+
+def test_teardown_of_a_sandbox_still_provisioning_is_refused(fake_mgr):
+    seen = {}
+
+    def provision(profile, inputs, host):
+        with pytest.raises(SandboxStateError, match="still provisioning"):
+            fake_mgr.teardown(inputs["sandbox_id"])
+        seen["id"] = inputs["sandbox_id"]
+        return {"fake_id": "x", "sandbox_id": inputs["sandbox_id"]}
+
+    fake(fake_mgr).script("provision", provision)
+    sb = fake_mgr.create(profile="fake")
+    assert sb.id == seen["id"] and sb.state is SandboxState.READY
+
+
+def test_create_stops_if_gc_closed_its_record_meanwhile(fake_mgr):
+    ext = fake(fake_mgr)
+
+    def provision(profile, inputs, host):
+        # another process's gc judged this record abandoned and closed it
+        fake_mgr.state.transition(inputs["sandbox_id"], "terminated", state="failed")
+        ext.live["late"] = {"sandbox_id": inputs["sandbox_id"], "owner_labels": inputs["owner_labels"]}
+        return {"fake_id": "late", "sandbox_id": inputs["sandbox_id"]}
+
+    ext.script("provision", provision)
+    with pytest.raises(SandboxStateError, match="torn down while it was still provisioning"):
+        fake_mgr.create(profile="fake")
+    assert ext.live == {} and fake_mgr.list() == []
