@@ -330,6 +330,13 @@ class StateStore:
                 self._raw_slots = threading.BoundedSemaphore(self.RAW_POOL_SIZE)
                 self._raw_cache: OrderedDict[Any, Any] = OrderedDict()
                 self._raw_cache_lock = threading.Lock()
+                # Commits never checkpoint the WAL (a checkpoint syncs the database file, which
+                # would stall every queued writer); a background thread does it instead, and
+                # SQLite checkpoints when the last connection closes.
+                self._stop = threading.Event()
+                self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="sandboxer-wal",
+                                                      daemon=True)
+                self._checkpointer.start()
         self._migrate()
         self.owner_id = self._owner_id()
 
@@ -395,6 +402,7 @@ class StateStore:
                 db = sqlite3.connect(self._raw_path, timeout=60, isolation_level=None, check_same_thread=False)
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.execute("PRAGMA busy_timeout=60000")
+                db.execute("PRAGMA wal_autocheckpoint=0")
             try:
                 if write:
                     db.execute("BEGIN IMMEDIATE")
@@ -410,6 +418,19 @@ class StateStore:
                 db.close()
                 raise
             self._raw_idle.put(db)
+
+    CHECKPOINT_EVERY_S = 1.0
+
+    def _checkpoint_loop(self) -> None:
+        db = sqlite3.connect(self._raw_path, timeout=60, isolation_level=None, check_same_thread=False)
+        try:
+            while not self._stop.wait(self.CHECKPOINT_EVERY_S):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:  # busy or locked: the next round will do it
+                    continue
+        finally:
+            db.close()
 
     def _migrate(self) -> None:
         with self._tx(engine=True) as conn:  # DDL goes through the engine
@@ -447,6 +468,8 @@ class StateStore:
 
     def close(self) -> None:
         if self._raw_path is not None:
+            self._stop.set()
+            self._checkpointer.join(5)
             while True:
                 try:
                     self._raw_idle.get_nowait().close()

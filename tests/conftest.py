@@ -67,13 +67,21 @@ def make_manager(cfg: ConfigDir, home: Path) -> Callable[..., Manager]:
         return mgr
 
     yield make
+    leaked = []
     for m in made:
         for sb in m.list():
             try:
                 m.teardown(sb.id)
             except Exception:  # noqa: BLE001 - best effort; the test already reported
                 pass
+        # ext.local keeps its workspaces in one system-wide root: anything of this manager's
+        # still there is a leak, which fails the test (after cleaning it up).
+        local = m.extension("ext.local") if "ext.local" in m.catalog.extensions else None
+        for item in local.list_owned(m.owner_labels) if local else []:
+            leaked.append(item["sandbox_id"])
+            local.teardown(item["handle"])
         m.close()
+    assert not leaked, f"local sandboxes leaked by this test: {leaked}"
 
 
 @pytest.fixture
