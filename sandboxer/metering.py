@@ -156,6 +156,10 @@ class Metering:
             total += _rate(u["price"], u["resources"]) * max(0.0, end - start)
         return total
 
+    def has_budget(self, consumer: str) -> bool:
+        budgets = self.manager.catalog.settings.budgets
+        return consumer in budgets or "*" in budgets
+
     def check_budget(self, consumer: str, quote: MeterQuote) -> None:
         """Refuse a create whose quote would take ``consumer`` over its budget.
 

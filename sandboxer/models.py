@@ -171,7 +171,8 @@ class Profile(Strict):
     def candidates(self) -> list[BackendChoice]:
         if self.backends is not None:
             return self.backends
-        return [BackendChoice(extension=self.extension or "", options=self.options)]
+        # validated already (extension and options are fields of this model); skip re-validating
+        return [BackendChoice.model_construct(extension=self.extension or "", options=self.options)]
 
 
 # ----------------------------------------------------------------- requests

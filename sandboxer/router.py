@@ -132,14 +132,15 @@ class Router:
                 last = MissingExtra(loaded.missing_extra)
                 self._skip(attempts, ext_id, None, loaded.missing_extra)
                 continue
-            quote = mgr.metering.quote(profile, index, ttl)
-            if choice.cost_ceiling is not None and quote.amount > choice.cost_ceiling:
-                last = CapacityUnavailable(
-                    f"quote {quote.amount:.4f} {quote.currency} for {ttl:g}s is over this backend's cost ceiling "
-                    f"{choice.cost_ceiling:g}", backend=ext_id)
-                self._skip(attempts, ext_id, None, str(last))
-                continue
-            mgr.metering.check_budget(req.consumer, quote)
+            if choice.cost_ceiling is not None or mgr.metering.has_budget(req.consumer):
+                quote = mgr.metering.quote(profile, index, ttl)
+                if choice.cost_ceiling is not None and quote.amount > choice.cost_ceiling:
+                    last = CapacityUnavailable(
+                        f"quote {quote.amount:.4f} {quote.currency} for {ttl:g}s is over this backend's cost "
+                        f"ceiling {choice.cost_ceiling:g}", backend=ext_id)
+                    self._skip(attempts, ext_id, None, str(last))
+                    continue
+                mgr.metering.check_budget(req.consumer, quote)
             placements.extend((index, host) for host in self._hosts(profile, index))
 
         pos = 0
