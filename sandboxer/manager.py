@@ -29,7 +29,6 @@ from sandboxer.errors import (
     CapacityUnavailable,
     InputError,
     ProfileNotFound,
-    ProvisionError,
     SandboxerError,
     SandboxNotFound,
     SandboxStateError,
@@ -42,7 +41,6 @@ from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension
 from sandboxer.loader import Catalog, load_catalog
 from sandboxer.metering import Metering
 from sandboxer.models import (
-    BackendChoice,
     CleanupReport,
     ExecResult,
     MeterQuote,
@@ -566,7 +564,6 @@ class Manager:
             if row["state"] == "teardown_failed":
                 bucket = report.retried
             elif row["state"] == "provisioning":
-                prof = self.catalog.profiles.get(row["profile"])
                 if self._stale(row, now):
                     bucket = report.stale_provisioning
             elif row["state"] == "tearing_down":
