@@ -171,8 +171,7 @@ class Profile(Strict):
     def candidates(self) -> list[BackendChoice]:
         if self.backends is not None:
             return self.backends
-        # validated already (extension and options are fields of this model); skip re-validating
-        return [BackendChoice.model_construct(extension=self.extension or "", options=self.options)]
+        return [BackendChoice(extension=self.extension or "", options=self.options)]
 
 
 # ----------------------------------------------------------------- requests
