@@ -257,11 +257,11 @@ class Manager:
         labels: dict[str, str],
         name: str | None,
         detail: dict[str, Any],
-    ) -> tuple[int, list[tuple[int, str, int]]]:
+    ) -> tuple[int, list[tuple[int, str, int]], dict[str, Any]]:
         """Record the intent on the first placement ``(backend index, host)`` with room.
 
         Returns:
-            The position admitted in ``placements`` and the refusals before it.
+            The position admitted in ``placements``, the refusals before it, and the row recorded.
 
         Raises:
             state.OverCapacity: every placement is full (nothing recorded).
@@ -276,8 +276,10 @@ class Manager:
                 "state": "provisioning", "handle": None, "reachability": None, "consumer": consumer,
                 "labels": labels, "resources": eff.resources.model_dump(), "created_at": now,
                 "expires_at": now + ttl, "attempts": 0, "last_error": None,
+                "ready_at": None, "terminated_at": None, "last_seen_at": None,
             }, self.router.limits(profile, index, host)))
-        return self.state.admit(candidates, detail=detail)
+        pos, refusals = self.state.admit(candidates, detail=detail)
+        return pos, refusals, candidates[pos][0]
 
     def launch(
         self,
@@ -290,6 +292,7 @@ class Manager:
         ttl: float,
         consumer: str,
         labels: dict[str, str],
+        row: dict[str, Any],
         start: Callable[[SandboxExtension, Profile, dict[str, Any], str | None], dict[str, Any]] | None = None,
     ) -> SandboxStatus:
         """Provision an admitted sandbox, record its handle, wait until ready; clean up on failure.
@@ -313,15 +316,16 @@ class Manager:
             except BaseException as exc:
                 self._after_failed_provision(ext, sandbox_id, exc)
                 raise
-            if self.state.transition(sandbox_id, "provisioned", expect=("provisioning",), handle=handle,
-                                     host=handle.get("host", host)) is None:
+            row = self.state.transition(sandbox_id, "provisioned", expect=("provisioning",), known=row,
+                                        handle=handle, host=handle.get("host", host))
+            if row is None:
                 self._abandon(ext, sandbox_id, handle)
             try:
                 reach = ext.wait_ready(handle, timeout=eff.ready_timeout)
             except BaseException as exc:
                 self._teardown_after_failure(ext, sandbox_id, handle, exc)
                 raise
-            row = self.state.transition(sandbox_id, "ready", expect=("provisioning",), state="ready",
+            row = self.state.transition(sandbox_id, "ready", expect=("provisioning",), known=row, state="ready",
                                         reachability=reach, ready_at=time.time(), also=self.metering.started)
             if row is None:
                 self._abandon(ext, sandbox_id, handle)
@@ -454,7 +458,8 @@ class Manager:
         now = time.time()
         # A sandbox the backend had already lost was last alive when we last saw it (or at its expiry).
         stop = (cur["last_seen_at"] or min(now, cur["expires_at"])) if report.get("already_gone") else now
-        done = self.state.transition(sandbox_id, "terminated", state="terminated", terminated_at=now, detail=report,
+        done = self.state.transition(sandbox_id, "terminated", expect=("tearing_down",), known=cur,
+                                     state="terminated", terminated_at=now, detail=report,
                                      also=lambda conn, row: self.metering.stopped(conn, sandbox_id, stop, reported))
         return _status(done or self._row(sandbox_id))
 
@@ -524,12 +529,12 @@ class Manager:
         sandbox_id = "sb-" + uuid.uuid4().hex[:12]
         who = consumer or meta.consumer
         try:
-            self.admit(sandbox_id=sandbox_id, profile=prof, placements=[(index, host)], ttl=ttl_s, consumer=who,
-                       labels=labels or {}, name=None, detail={"restore_of": snapshot_id})
+            _, _, row = self.admit(sandbox_id=sandbox_id, profile=prof, placements=[(index, host)], ttl=ttl_s,
+                                   consumer=who, labels=labels or {}, name=None, detail={"restore_of": snapshot_id})
         except OverCapacity as exc:
             raise CapacityUnavailable(f"cannot restore {snapshot_id}: {exc}", backend=meta.extension) from None
         return self.launch(sandbox_id=sandbox_id, profile=prof, index=index, host=host, inputs=merged, ttl=ttl_s,
-                           consumer=who, labels=labels or {},
+                           consumer=who, labels=labels or {}, row=row,
                            start=lambda e, p, i, h: e.restore_from_snapshot(p, meta, i, h))
 
     def delete_snapshot(self, snapshot_id: str) -> None:

@@ -146,8 +146,9 @@ class Router:
         pos = 0
         while pos < len(placements):
             sandbox_id = "sb-" + uuid.uuid4().hex[:12]
+            row: dict[str, Any] = {}
             try:
-                chosen, refused = mgr.admit(
+                chosen, refused, row = mgr.admit(
                     sandbox_id=sandbox_id, profile=profile, placements=placements[pos:], ttl=ttl,
                     consumer=req.consumer, labels=req.labels, name=req.name,
                     detail={"route": {"policy": profile.routing, "tried_before": list(attempts)}},
@@ -167,7 +168,7 @@ class Router:
             pos += chosen + 1
             try:
                 return mgr.launch(sandbox_id=sandbox_id, profile=profile, index=index, host=host, inputs=inputs,
-                                  ttl=ttl, consumer=req.consumer, labels=req.labels)
+                                  ttl=ttl, consumer=req.consumer, labels=req.labels, row=row)
             except (CapacityUnavailable, QuotaExceeded) as exc:
                 last = exc
                 attempts.append(self._attempt(ext_id, host, exc, sandbox_id))

@@ -153,6 +153,8 @@ exports = Table(
 # cache key, so executing a prebuilt statement skips most per-call compilation.
 _SELECT_BY_ID = select(sandboxes).where(sandboxes.c.id == bindparam("_id"))
 _UPDATE_BY_ID = update(sandboxes).where(sandboxes.c.id == bindparam("_id"))
+_UPDATE_IF_STATE = update(sandboxes).where(and_(sandboxes.c.id == bindparam("_id"),
+                                                sandboxes.c.state == bindparam("_state")))
 _INSERT_EVENT = insert(events)
 _INSERT_SANDBOX = insert(sandboxes)
 
@@ -547,20 +549,31 @@ class StateStore:
 
     def transition(self, sandbox_id: str, kind: str, *, expect: tuple[str, ...] | None = None,
                    detail: dict[str, Any] | None = None, also: Callable[[Connection, dict[str, Any]], None] | None = None,
-                   **fields: Any) -> dict[str, Any] | None:
+                   known: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any] | None:
         """Update a sandbox and append its event in one transaction.
 
         ``also(conn, row)`` runs in the same transaction with the updated row (usage records).
+        ``known`` is the row as the caller last wrote it; with it (and at most one expected
+        state) the update is conditional on the state and the row is not read back.
 
         Returns:
             The updated row, or None if the sandbox is missing or not in ``expect``.
         """
         with self._tx() as conn:
-            cur = conn.execute(_SELECT_BY_ID, {"_id": sandbox_id}).mappings().first()
-            if cur is None or (expect is not None and cur["state"] not in expect):
-                return None
-            if fields:
-                conn.execute(_UPDATE_BY_ID, {"_id": sandbox_id, **fields})
+            if known is not None and (expect is None or len(expect) == 1):
+                if expect:
+                    n = conn.execute(_UPDATE_IF_STATE, {"_id": sandbox_id, "_state": expect[0], **fields}).rowcount
+                else:
+                    n = conn.execute(_UPDATE_BY_ID, {"_id": sandbox_id, **fields}).rowcount
+                if n == 0:
+                    return None
+                cur = {**known, "state": expect[0] if expect else known["state"]}
+            else:
+                cur = conn.execute(_SELECT_BY_ID, {"_id": sandbox_id}).mappings().first()
+                if cur is None or (expect is not None and cur["state"] not in expect):
+                    return None
+                if fields:
+                    conn.execute(_UPDATE_BY_ID, {"_id": sandbox_id, **fields})
             self._event(conn, sandbox_id, kind, from_state=cur["state"], to_state=fields.get("state", cur["state"]),
                         consumer=cur["consumer"], extension=cur["extension"], detail=detail)
             row = {**cur, **fields}

@@ -77,7 +77,7 @@ class SaasStubExtension(SandboxExtension):
         return Path(self.config.table) if self.config.table else self.home / "saas-stub" / f"{self.id}.db"
 
     @contextlib.contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
+    def _db(self, write: bool = True) -> Iterator[sqlite3.Connection]:
         """The stub's own table (its "provider side"), in one locked transaction.
 
         A small SQLite file of its own, not the manager's state store: it stands for
@@ -96,6 +96,9 @@ class SaasStubExtension(SandboxExtension):
                 conn.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER)")
                 self._conn = conn
             db = self._conn
+            if not write:  # one SELECT: autocommit is consistent enough
+                yield db
+                return
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -115,7 +118,7 @@ class SaasStubExtension(SandboxExtension):
                    (name, value, value))
 
     def _record(self, stub_id: str) -> dict[str, Any] | None:
-        with self._db() as db:
+        with self._db(write=False) as db:
             row = db.execute("SELECT record FROM live WHERE stub_id = ?", (stub_id,)).fetchone()
         return json.loads(row[0]) if row else None
 
