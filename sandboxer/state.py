@@ -159,8 +159,9 @@ _INSERT_EVENT = insert(events)
 _INSERT_SANDBOX = insert(sandboxes)
 
 
-_LIVE_BY_NAME = select(sandboxes.c.id).where(and_(sandboxes.c.name == bindparam("_name"),
-                                                    sandboxes.c.state.in_(LIVE_STATES)))
+# IN over fixed bound values (not an "expanding" IN), so executing it needs no per-call rendering.
+_IS_LIVE = sandboxes.c.state.in_([bindparam(f"_live{i}", s) for i, s in enumerate(LIVE_STATES)])
+_LIVE_BY_NAME = select(sandboxes.c.id).where(and_(sandboxes.c.name == bindparam("_name"), _IS_LIVE))
 _COUNT_LIVE: dict[frozenset[str], Any] = {}
 
 
@@ -168,7 +169,7 @@ def _count_live_stmt(columns: frozenset[str]) -> Any:
     """``count(*)`` of live sandboxes matching ``columns`` (bound as ``_<column>``), built once per shape."""
     stmt = _COUNT_LIVE.get(columns)
     if stmt is None:
-        conds = [sandboxes.c.state.in_(LIVE_STATES)] + [sandboxes.c[k] == bindparam(f"_{k}") for k in sorted(columns)]
+        conds = [_IS_LIVE] + [sandboxes.c[k] == bindparam(f"_{k}") for k in sorted(columns)]
         stmt = _COUNT_LIVE.setdefault(columns, select(func.count()).select_from(sandboxes).where(and_(*conds)))
     return stmt
 
