@@ -38,16 +38,17 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
 
 
 class Ctx:
-    def __init__(self, config: tuple[str, ...], home: str | None):
+    def __init__(self, config: tuple[str, ...], home: str | None, state_url: str | None):
         self.config = [Path(c) for c in config] if config else None
         self.home = home
+        self.state_url = state_url
         self._mgr = None
 
     def manager(self):  # type: ignore[no-untyped-def]
         if self._mgr is None:
             from sandboxer.manager import Manager
 
-            self._mgr = Manager(config_dirs=self.config, home=self.home)
+            self._mgr = Manager(config_dirs=self.config, home=self.home, state_url=self.state_url)
         return self._mgr
 
     def catalog(self):  # type: ignore[no-untyped-def]
@@ -75,13 +76,15 @@ class Group(click.Group):
               help="Extra config directory (repeatable; env SANDBOXER_CONFIG, ':'-separated).")
 @click.option("--home", envvar="SANDBOXER_HOME", type=click.Path(file_okay=False),
               help="Where the state store lives (env SANDBOXER_HOME).")
+@click.option("--state-url", envvar="SANDBOXER_STATE_URL", default=None,
+              help="A server database for the state store (env SANDBOXER_STATE_URL), e.g. postgresql+psycopg://…")
 @click.version_option(package_name="sand-boxer")
 @click.pass_context
-def cli(ctx: click.Context, config: tuple[str, ...], home: str | None) -> None:
+def cli(ctx: click.Context, config: tuple[str, ...], home: str | None, state_url: str | None) -> None:
     """sand-boxer: create, use, meter and tear down sandboxes on any backend."""
     if len(config) == 1 and ":" in config[0]:
         config = tuple(p for p in config[0].split(":") if p)
-    ctx.obj = Ctx(config, home)
+    ctx.obj = Ctx(config, home, state_url)
 
 
 def _status_table(items: list[Any]) -> Table:

@@ -15,6 +15,7 @@ Rules kept here:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -84,7 +85,8 @@ class Manager:
         config_dirs: extra config directories (default: ``SANDBOXER_CONFIG``).
         home: directory of the SQLite state store (default: ``SANDBOXER_HOME``
             or the platform's state directory).
-        state_url: a SQLAlchemy URL for a server database instead of SQLite.
+        state_url: a SQLAlchemy URL for a server database instead of SQLite
+            (default: ``SANDBOXER_STATE_URL``).
         catalog: an already loaded catalog (skips loading).
         stale_grace: seconds past a profile's ready timeout after which gc treats a
             ``provisioning`` record as abandoned by a crashed process.
@@ -101,7 +103,7 @@ class Manager:
     ):
         self.catalog = catalog or load_catalog([Path(d) for d in config_dirs] if config_dirs is not None else None)
         self.home = Path(home) if home else default_home()
-        self.state = StateStore(state_url, home=self.home)
+        self.state = StateStore(state_url or os.environ.get("SANDBOXER_STATE_URL") or None, home=self.home)
         self.owner_labels = {"sandboxer.owner": self.state.owner_id}
         self.metering = Metering(self)
         self.router = Router(self)
