@@ -19,17 +19,22 @@ def path(request, monkeypatch):
     return request.param
 
 
-def test_same_behaviour_on_both_paths(path, cfg, make_manager, tmp_path):
-    cfg.write("ext.st.yaml", """
-        id: ext.st
+def stub(cfg, name: str, *, capacity: int, latency: float = 0) -> None:
+    """A saas-stub backend ``ext.<name>`` and a profile ``<name>`` routing to it with ``capacity``."""
+    cfg.write(f"ext.{name}.yaml", f"""
+        id: ext.{name}
         title: stub
         version: 1.0.0
         handler: sandboxer.extensions.saas_stub:SaasStubExtension
-        capabilities: {isolation_levels: [microvm], pricing_model: metered, features: [exec, snapshots, list_owned]}
-        pricing: {per_vcpu_second: 0.01}
-        config: {latency_s: 0}
+        capabilities: {{isolation_levels: [microvm], pricing_model: metered, features: [exec, snapshots, list_owned]}}
+        pricing: {{per_vcpu_second: 0.01}}
+        config: {{latency_s: {latency}}}
     """)
-    cfg.write("profile.st.yaml", "slug: st\nbackends: [{extension: ext.st, capacity: 2}]\n")
+    cfg.write(f"profile.{name}.yaml", f"slug: {name}\nbackends: [{{extension: ext.{name}, capacity: {capacity}}}]\n")
+
+
+def test_same_behaviour_on_both_paths(path, cfg, make_manager, tmp_path):
+    stub(cfg, "st", capacity=2)
     (cfg.root / "settings.yaml").write_text(f"sinks:\n  f: {{kind: file, path: {tmp_path / 'u.jsonl'}}}\n")
     mgr = make_manager()
     assert (mgr.state._raw_path is not None) is path
@@ -120,16 +125,7 @@ def pg_url():
 def test_postgresql_state_store(pg_url, cfg, home, tmp_path):
     from sandboxer import Manager
 
-    cfg.write("ext.pgs.yaml", """
-        id: ext.pgs
-        title: stub
-        version: 1.0.0
-        handler: sandboxer.extensions.saas_stub:SaasStubExtension
-        capabilities: {isolation_levels: [microvm], pricing_model: metered, features: [exec, snapshots, list_owned]}
-        pricing: {per_vcpu_second: 0.01}
-        config: {latency_s: 0}
-    """)
-    cfg.write("profile.pgs.yaml", "slug: pgs\nbackends: [{extension: ext.pgs, capacity: 2}]\n")
+    stub(cfg, "pgs", capacity=2)
     mgr = Manager(config_dirs=[cfg.root], home=home, state_url=pg_url)
     try:
         assert mgr.state.engine.dialect.name == "postgresql" and mgr.state.schema_version() == 2
@@ -155,15 +151,7 @@ def test_postgresql_admission_is_atomic_across_threads(pg_url, cfg, home):
 
     from sandboxer import Manager
 
-    cfg.write("ext.pga.yaml", """
-        id: ext.pga
-        title: stub
-        version: 1.0.0
-        handler: sandboxer.extensions.saas_stub:SaasStubExtension
-        capabilities: {isolation_levels: [microvm], pricing_model: metered, features: [exec, list_owned]}
-        config: {latency_s: 0.01}
-    """)
-    cfg.write("profile.pga.yaml", "slug: pga\nbackends: [{extension: ext.pga, capacity: 3}]\n")
+    stub(cfg, "pga", capacity=3, latency=0.01)
     mgr = Manager(config_dirs=[cfg.root], home=home / "pga", state_url=pg_url)
     served = []
 
