@@ -46,14 +46,17 @@ def config_dirs_from_env() -> list[Path]:
     return [Path(p) for p in raw.split(os.pathsep) if p]
 
 
-def read_yaml(path: Path, error: type[ConfigError]) -> Any:
-    """Parse one YAML file safely; errors name the file (and line)."""
+def read_yaml(path: Path, error: type[ConfigError], *, empty_ok: bool = False) -> dict[str, Any]:
+    """Parse one YAML file safely into a mapping; errors name the file (and line).
+
+    ``empty_ok`` lets an empty file stand for an empty mapping.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise error(f"{path}: cannot read: {exc.strerror}") from exc
     try:
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
@@ -61,6 +64,11 @@ def read_yaml(path: Path, error: type[ConfigError]) -> Any:
             where = f" (line {mark.line + 1}, column {mark.column + 1})"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise error(f"{path}: invalid YAML{where}: {problem}") from exc
+    if data is None and empty_ok:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
 
 
 _SECRET_WORDS = ("key", "token", "secret", "password", "credential")
@@ -153,8 +161,6 @@ def _files(dirs: list[Path], sub: str, pattern: str) -> list[Path]:
 
 def load_manifest(path: Path, registry: Registry) -> LoadedExtension:
     data = read_yaml(path, ManifestError)
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     try:
         manifest = ExtensionManifest.model_validate(data)
     except ValidationError as exc:
@@ -205,8 +211,6 @@ def load_manifest(path: Path, registry: Registry) -> LoadedExtension:
 
 def load_profile(path: Path, extensions: dict[str, LoadedExtension]) -> Profile:
     data = read_yaml(path, ProfileError)
-    if not isinstance(data, dict):
-        raise ProfileError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     try:
         profile = Profile.model_validate(data)
     except ValidationError as exc:
@@ -282,9 +286,7 @@ def load_settings(dirs: list[Path]) -> Settings:
         path = d / "settings.yaml"
         if not path.is_file():
             continue
-        data = read_yaml(path, ConfigError) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = read_yaml(path, ConfigError, empty_ok=True)
         try:
             one = Settings.model_validate(data)
         except ValidationError as exc:

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import textwrap
+import threading
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
 from sandboxer import Manager
+
+
+def run_threads(target: Callable[[], None], n: int, *, timeout: float = 60) -> None:
+    """Start ``target`` on ``n`` threads at once and wait (bounded) for all of them."""
+    threads = [threading.Thread(target=target) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), f"threads still running after {timeout}s"
 
 
 class ConfigDir:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import run_threads
 
 from sandboxer import ProvisionError
 from sandboxer.models import SandboxState
@@ -189,11 +190,7 @@ def test_concurrent_local_sandboxes(mgr):
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=work) for _ in range(10)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_threads(work, 10)
     assert errors == [] and len(ids) == 10 and mgr.list() == []
 
 

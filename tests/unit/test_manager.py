@@ -22,6 +22,7 @@ from sandboxer import (
     TTLError,
 )
 from sandboxer.models import SandboxState
+from tests.conftest import run_threads
 
 
 def fake(mgr):
@@ -227,11 +228,7 @@ def test_fifty_threads_create_and_teardown(fake_mgr):
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=work) for _ in range(50)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_threads(work, 50)
     assert errors == []
     rows = fake_mgr.state.list(states=None)
     assert len(rows) == 50 and {r["state"] for r in rows} == {"terminated"}
@@ -255,11 +252,7 @@ def test_twenty_racing_creates_with_one_name_yield_one_sandbox(fake_mgr):
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
-    threads = [threading.Thread(target=work) for _ in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_threads(work, 20)
     assert errors == []
     assert len({r.id for r in results}) == 1 and len(results) == 20
     assert len(fake_mgr.state.list(states=None)) == 1

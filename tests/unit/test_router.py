@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from tests.conftest import run_threads
+
 from sandboxer import BudgetExceeded, CapabilityError, RoutingError, SnapshotError
 from sandboxer.errors import ConfigError
 
@@ -60,11 +62,7 @@ def test_burst_never_over_admits_and_leaks_nothing(cfg, make_manager):
         mgr.teardown(sb.id)
         served.append(sb)
 
-    threads = [threading.Thread(target=one) for _ in range(500)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    run_threads(one, 500, timeout=300)
     assert other == []
     assert len(served) + len(refused) == 500 and served
     for name, cap in caps.items():

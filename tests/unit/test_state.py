@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from tests.conftest import run_threads
+
 from sandboxer.state import StateStore
 
 
@@ -147,8 +149,7 @@ def test_postgresql_state_store(pg_url, cfg, home, tmp_path):
 
 
 def test_postgresql_admission_is_atomic_across_threads(pg_url, cfg, home):
-    import threading
-
+    
     from sandboxer import Manager
 
     stub(cfg, "pga", capacity=3, latency=0.01)
@@ -165,11 +166,7 @@ def test_postgresql_admission_is_atomic_across_threads(pg_url, cfg, home):
         served.append(sb.id)
 
     try:
-        threads = [threading.Thread(target=one) for _ in range(20)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        run_threads(one, 20)
         assert served and mgr.extension("ext.pga").live()["peak"] <= 3
     finally:
         mgr.close()
