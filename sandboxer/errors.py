@@ -146,7 +146,16 @@ class RateLimited(BackendError):
 
 
 class AuthError(BackendError):
-    """Credentials were refused. The message never contains the secret."""
+    """Credentials were refused. The message never contains the secret.
+
+    ``credential`` names the reference that was refused (``"env E2B_API_KEY"``,
+    ``"file /etc/keys/e2b"``), never its value: the router cools down that
+    backend *for that reference* only, so another consumer's key still works.
+    """
+
+    def __init__(self, message: str, *, credential: str | None = None, **kw: Any):
+        super().__init__(message, **kw)
+        self.credential = credential
 
 
 class HostKeyError(BackendError):

@@ -201,10 +201,11 @@ class SandboxState(str, Enum):
     TERMINATED = "terminated"
     TEARDOWN_FAILED = "teardown_failed"
     FAILED = "failed"
+    LOST = "lost"  # the backend no longer has it (killed by its provider); usage closed when last seen
 
     @property
     def live(self) -> bool:
-        return self not in (SandboxState.TERMINATED, SandboxState.FAILED)
+        return self not in (SandboxState.TERMINATED, SandboxState.FAILED, SandboxState.LOST)
 
 
 class SandboxStatus(Strict):

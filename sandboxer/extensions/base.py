@@ -71,6 +71,11 @@ class SandboxExtension(abc.ABC):
     #: MissingExtra naming the extra.
     requires: ClassVar[tuple[str, str] | None] = None
 
+    #: Groups of inputs of which a sandbox takes one: an input the consumer sets
+    #: replaces the profile's default for any other input of its group (e.g. an
+    #: ``ssh_target`` given on the command line replaces a profile's default ``vm``).
+    exclusive_inputs: ClassVar[tuple[frozenset[str], ...]] = ()
+
     #: Where a backend may keep local files (workspaces, snapshot stores, its own
     #: tables): the manager's home. The manager sets it after construction.
     home: Path = default_home()
@@ -93,6 +98,46 @@ class SandboxExtension(abc.ABC):
     def options(self, profile: Profile) -> Any:
         """The profile's ``options`` validated by :attr:`ProfileOptions`."""
         return self.ProfileOptions.model_validate(profile.options)
+
+    def resource_names(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> list[str]:
+        """Backend-side names the sandbox will take on ``host`` (project names, directories...).
+
+        Called before admission with the same inputs :meth:`provision` gets. The state store
+        claims them atomically: two live sandboxes of one backend host never share a name, so
+        one's teardown can never destroy the other. Return names normalised the way the
+        backend compares them (case-folded where it folds case). Pure: no I/O.
+
+        Raises:
+            InputError: an input is refused (nothing has been created yet).
+        """
+        return []
+
+    def deadline(self, profile: Profile) -> float:
+        """Most seconds a create may take from :meth:`provision` to ready.
+
+        gc in another process treats a ``provisioning`` record as abandoned only after this
+        (plus a grace). A backend whose provision itself may run long (a clone, an image pull)
+        adds those timeouts to the profile's ready timeout.
+        """
+        return float(profile.ready_timeout)
+
+    def probe(self, handle: dict[str, Any]) -> bool | None:
+        """Whether the sandbox still exists at the backend: True, False (gone), or None (cannot tell).
+
+        Must be cheap (one lookup) and must not raise for a sandbox that is gone; raise a
+        BackendError only when the backend itself cannot be asked. The manager marks a ready
+        sandbox ``lost`` when this says False.
+        """
+        return None
+
+    def handle_id(self, handle: dict[str, Any]) -> str | None:
+        """The backend's own identity of the resource a handle names (a container id, a VM id).
+
+        gc compares it between the recorded handle and what :meth:`list_owned` finds: a resource
+        carrying a live sandbox's id under another identity (a duplicate made by a retried
+        create) is an orphan. None: this backend cannot make duplicates.
+        """
+        return None
 
     def hosts(self) -> dict[str, int | None]:
         """Hosts this backend spreads sandboxes over, with each one's capacity.
