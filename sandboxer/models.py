@@ -37,7 +37,7 @@ def parse_duration(value: Any) -> float:
             raise ValueError(f"duration must not be negative: {value!r}")
         return float(value)
     if isinstance(value, str):
-        m = _DURATION.match(value)
+        m = _DURATION.fullmatch(value)
         if m:
             return float(m.group(1)) * _UNITS[m.group(2)]
         if value.strip().startswith("-"):
