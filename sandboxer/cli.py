@@ -113,6 +113,8 @@ def validate(c: Ctx) -> None:
     cat = c.catalog()
     click.echo(f"ok: {len(cat.extensions)} extensions, {len(cat.profiles)} profiles")
     for ext in cat.extensions.values():
+        for path in ext.config_overrides:
+            click.echo(f"note: {ext.manifest.id}: config overridden by {path}")
         if ext.missing_extra:
             click.echo(f"note: {ext.missing_extra}")
 
@@ -131,14 +133,19 @@ def extensions_list(c: Ctx, as_json: bool) -> None:
     rows = [{"id": e.manifest.id, "title": e.manifest.title, "version": e.manifest.version,
              "isolation": e.manifest.capabilities.isolation_levels, "pricing": e.manifest.capabilities.pricing_model,
              "features": e.manifest.capabilities.features, "available": e.missing_extra is None,
-             "source": str(e.source)} for e in cat.extensions.values()]
+             "source": str(e.source), "config_overrides": [str(p) for p in e.config_overrides]}
+            for e in cat.extensions.values()]
     if as_json:
         return _emit_json(rows)
-    t = Table("ID", "TITLE", "ISOLATION", "PRICING", "FEATURES", "AVAILABLE")
+    t = Table("ID", "TITLE", "ISOLATION", "PRICING", "FEATURES", "AVAILABLE", "CONFIG")
     for r in rows:
         t.add_row(r["id"], r["title"], ",".join(r["isolation"]), r["pricing"], ",".join(r["features"]),
-                  "yes" if r["available"] else "needs extra")
+                  "yes" if r["available"] else "needs extra",
+                  "overridden" if r["config_overrides"] else "manifest")
     out.print(t)
+    for r in rows:  # below the table: a path in a cell would wrap
+        for path in r["config_overrides"]:
+            click.echo(f"{r['id']}: config overridden by {path}")
 
 
 @cli.group("profiles")

@@ -114,3 +114,19 @@ def test_cost_snapshot_and_export_commands(sbx, cfg, tmp_path):
     assert "queued: 2  delivered: 2" in sbx("meter", "export", "--sink", "f", check=0).stdout
     assert "queued: 0" in sbx("meter", "export", "--sink", "f", check=0).stdout
     assert "unknown sink 'g'" in sbx("meter", "export", "--sink", "g", check=1).stderr
+
+
+def test_validate_and_extensions_list_show_a_config_override(sbx, cfg):
+    path = cfg.write("ext.saas-stub.yaml", "id: ext.saas-stub\noverride: config\nconfig: {capacity: 1}\n")
+    p = sbx("validate", check=0)
+    assert f"note: ext.saas-stub: config overridden by {path}" in p.stdout.splitlines()
+    exts = {e["id"]: e for e in json.loads(sbx("extensions", "list", "--json", check=0).stdout)}
+    assert exts["ext.saas-stub"]["config_overrides"] == [str(path)]
+    assert exts["ext.saas-stub"]["source"] != str(path)  # the manifest still comes from the shipped file
+    assert exts["ext.local"]["config_overrides"] == []
+    table = sbx("extensions", "list", check=0).stdout
+    assert "CONFIG" in table and "overridden" in table
+    assert table.splitlines()[-1] == f"ext.saas-stub: config overridden by {path}"
+    path.write_text("id: ext.saas-stub\noverride: config\nconfig: {capacity: -1}\n")
+    p = sbx("validate", check=1)
+    assert p.stderr.startswith(f"error: {path}: field 'config.capacity' (value -1)") and p.stderr.count("\n") == 1
