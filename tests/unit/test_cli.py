@@ -130,3 +130,14 @@ def test_validate_and_extensions_list_show_a_config_override(sbx, cfg):
     path.write_text("id: ext.saas-stub\noverride: config\nconfig: {capacity: -1}\n")
     p = sbx("validate", check=1)
     assert p.stderr.startswith(f"error: {path}: field 'config.capacity' (value -1)") and p.stderr.count("\n") == 1
+
+
+def test_damaged_state_file_is_one_error_line(sbx, home):
+    home.mkdir(parents=True)
+    (home / "state.db").write_bytes(b"\x00garbage" * 512)
+    p = sbx("list", check=1)
+    copies = list(home.glob("state.db.corrupt-*"))
+    assert len(copies) == 1
+    assert p.stderr.startswith(f"error: state store {home / 'state.db'} is damaged (file is not a database); "
+                               f"a copy is kept at {copies[0]}. To go on, move the damaged file aside")
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr and p.stdout == ""
