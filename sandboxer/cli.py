@@ -299,13 +299,22 @@ def snapshot(c: Ctx, sandbox_id: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("snapshot_id")
-@click.option("--profile", default=None)
-@click.option("--consumer", default=None)
+@click.option("--profile", default=None, help="Restore as this profile (default: the snapshot's).")
+@click.option("--input", "inputs", multiple=True, metavar="K=V", help="An input (repeatable).")
+@click.option("--consumer", default=None, help="Who the sandbox is for (default: the snapshot's consumer).")
+@click.option("--ttl", default=None, help="Lifetime, e.g. 30m or 2h (capped by the profile's maximum).")
+@click.option("--label", "labels", multiple=True, metavar="K=V")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def restore(c: Ctx, snapshot_id: str, profile: str | None, consumer: str | None, as_json: bool) -> None:
-    """Start a new sandbox from a snapshot."""
-    s = c.manager().restore(snapshot_id, profile, consumer=consumer)
+def restore(c: Ctx, snapshot_id: str, profile: str | None, inputs: tuple[str, ...], consumer: str | None,
+            ttl: str | None, labels: tuple[str, ...], as_json: bool) -> None:
+    """Start a new sandbox from a snapshot and wait until it is ready."""
+    try:
+        ttl_s = parse_duration(ttl) if ttl is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ttl") from None
+    given, tags = _pairs(inputs, "--input"), _pairs(labels, "--label")  # usage errors before any state is opened
+    s = c.manager().restore(snapshot_id, profile, inputs=given, consumer=consumer, ttl=ttl_s, labels=tags)
     _emit_json(s.model_dump(mode="json")) if as_json else click.echo(s.id)
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 
 import pytest
 
@@ -141,3 +142,31 @@ def test_damaged_state_file_is_one_error_line(sbx, home):
     assert p.stderr.startswith(f"error: state store {home / 'state.db'} is damaged (file is not a database); "
                                f"a copy is kept at {copies[0]}. To go on, move the damaged file aside")
     assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr and p.stdout == ""
+
+
+def test_restore_takes_the_options_of_create(sbx):
+    sb = json.loads(sbx("create", "saas-stub", "--consumer", "erin", "--json", check=0).stdout)
+    snap = json.loads(sbx("snapshot", sb["id"], "--json", check=0).stdout)["id"]
+    p = sbx("restore", snap, "--ttl", "20m", "--label", "job=9", "--label", "team=a", "--consumer", "ci",
+            "--input", "color=red", "--json", check=0)
+    restored = json.loads(p.stdout)
+    status = json.loads(sbx("status", restored["id"], "--json", check=0).stdout)
+    assert status["state"] == "ready" and status["consumer"] == "ci" and status["labels"] == {"job": "9", "team": "a"}
+    created = datetime.fromisoformat(status["created_at"])
+    assert abs((datetime.fromisoformat(status["expires_at"]) - created).total_seconds() - 1200) < 60
+    plain = sbx("restore", snap, check=0).stdout.splitlines()  # without --json: just the new id
+    assert len(plain) == 1 and plain[0].startswith("sb-")
+    assert json.loads(sbx("status", plain[0], "--json", check=0).stdout)["consumer"] == "erin"  # the snapshot's
+    for sid in (sb["id"], restored["id"], plain[0]):
+        sbx("teardown", sid, check=0)
+
+    p = sbx("restore", snap, "--input", "novalue", check=2)
+    assert "Error: Invalid value for --input: expected KEY=VALUE, got 'novalue'\n" in p.stderr
+    assert sbx("restore", snap, "--label", "=x", check=2).stderr.endswith(
+        "Error: Invalid value for --label: expected KEY=VALUE, got '=x'\n")
+    assert "not a duration" in sbx("restore", snap, "--ttl", "soon", check=2).stderr
+    for args, message in ((["--ttl", "5h"], "error: TTL 5h is over profile 'saas-stub''s maximum of 4h"),
+                          (["--input", "sandbox_id=x"], "error: input 'sandbox_id' is reserved")):
+        p = sbx("restore", snap, *args, check=1)
+        assert p.stderr.startswith(message) and p.stderr.count("\n") == 1 and p.stdout == ""
+    assert json.loads(sbx("list", "--json", check=0).stdout) == []  # a refused restore leaves nothing behind
