@@ -249,21 +249,22 @@ def apply_override(path: Path, data: dict[str, Any], extensions: dict[str, Loade
     if not isinstance(ext_id, str):
         raise ManifestError(f"{path}: field 'id': missing; an override names the extension it changes")
     _check_id_matches_name(path, ext_id)
-    for key in data:
-        if key not in _OVERRIDE_KEYS:
-            raise ManifestError(
-                f"{path}: field {key!r}: an override may change only 'config'; to change {key!r}, "
-                f"give the extension a new id in a manifest of its own"
-            )
     loaded = extensions.get(ext_id)
     if loaded is None:
         known = ", ".join(sorted(extensions)) or "none"
         raise ManifestError(f"{path}: field 'id' (value {ext_id!r}): no extension to override; known: {known}")
+    extra = [str(k) for k in data if k not in _OVERRIDE_KEYS]
+    if extra:
+        named = f"field {extra[0]!r}" if len(extra) == 1 else "fields " + ", ".join(repr(k) for k in extra)
+        raise ManifestError(
+            f"{path}: {named}: an override may change only 'config' (the rest stays as in {loaded.source}); "
+            f"remove {'it' if len(extra) == 1 else 'them'}, or give your extension a new id in a manifest of its own"
+        )
     if "config" not in data:
         raise ManifestError(f"{path}: field 'config': missing; an override gives the config keys it changes")
     change = data["config"]
     if not isinstance(change, dict):
-        raise ManifestError(f"{path}: field 'config' (value {change!r}): expected a mapping")
+        raise ManifestError(f"{path}: field 'config': expected a mapping of config keys, got {type(change).__name__}")
     merged = {**loaded.manifest.config, **change}
     try:
         loaded.config = loaded.handler.Config.model_validate(merged)

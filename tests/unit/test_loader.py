@@ -249,12 +249,27 @@ def test_override_may_change_only_config(cfg, extra, message):
     assert str(e.value).startswith(f"{path}: {message}")
 
 
+def test_copied_manifest_marked_override_lists_what_cannot_change(cfg):
+    from sandboxer.loader import builtin_dir
+
+    shipped = builtin_dir("extensions") / "ext.saas-stub.yaml"
+    path = cfg.write("ext.saas-stub.yaml", shipped.read_text() + "override: config\n")
+    with pytest.raises(ManifestError) as e:
+        load_catalog([cfg.root])
+    assert str(e.value).startswith(
+        f"{path}: fields 'title', 'version', 'handler', 'capabilities', 'pricing': an override may change only "
+        f"'config' (the rest stays as in {shipped}); remove them")
+
+
 def test_override_kind_and_config_are_checked(cfg):
     path = cfg.write("ext.saas-stub.yaml", "id: ext.saas-stub\noverride: handler\nconfig: {}\n")
     with pytest.raises(ManifestError, match=r"field 'override' \(value 'handler'\): only 'config' can be overridden"):
         load_catalog([cfg.root])
     path.write_text("id: ext.saas-stub\noverride: config\n")
     with pytest.raises(ManifestError, match=r"field 'config': missing"):
+        load_catalog([cfg.root])
+    path.write_text("id: ext.saas-stub\noverride: config\nconfig: [capacity, 1]\n")
+    with pytest.raises(ManifestError, match=r"field 'config': expected a mapping of config keys, got list"):
         load_catalog([cfg.root])
 
 
