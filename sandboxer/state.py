@@ -51,7 +51,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from sandboxer.errors import ConfigError
+from sandboxer.errors import StateStoreError
 
 SCHEMA_VERSION = 3
 LIVE_STATES = ("provisioning", "ready", "tearing_down", "teardown_failed")
@@ -363,8 +363,9 @@ class StateStore:
                 os.close(fd)
             os.chmod(path, 0o600)
             url = f"sqlite:///{path}"
-        self.url = url
         self.engine: Engine = create_engine(url, future=True, **self._engine_args(url))
+        #: The URL for messages and ``repr``: a password in it is masked.
+        self.url = self.engine.url.render_as_string(hide_password=True)
         self._write_lock: threading.Lock | None = None
         self._raw_path: str | None = None
         try:
@@ -397,26 +398,26 @@ class StateStore:
     #: SQLite's primary result codes for a file that is not, or no longer, a sound database
     _DAMAGED_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
-    def _open_error(self, exc: BaseException) -> ConfigError:
+    def _open_error(self, exc: BaseException) -> StateStoreError:
         """One line naming the store and what to do; a damaged SQLite file is copied aside first."""
         orig = exc.orig if isinstance(exc, DBAPIError) else exc
         detail = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
         database = self.engine.url.database
         if self.engine.dialect.name != "sqlite" or not database or database == ":memory:":
             where = self.engine.url.render_as_string(hide_password=True)
-            return ConfigError(f"state store {where}: cannot open it: {detail}; check the URL, the server "
+            return StateStoreError(f"state store {where}: cannot open it: {detail}; check the URL, the server "
                                f"and the credentials (SANDBOXER_STATE_URL or --state-url)")
         path = Path(database)
         code = getattr(orig, "sqlite_errorcode", None)
         if code is None or code & 0xFF not in self._DAMAGED_CODES:
-            return ConfigError(f"state store {path}: cannot open it: {detail}; check the file's permissions "
+            return StateStoreError(f"state store {path}: cannot open it: {detail}; check the file's permissions "
                                f"and the free space of its disk")
         try:
             kept = f"a copy is kept at {self._keep_copy(path)}"
         except OSError as copy_exc:
             kept = f"no copy could be made ({copy_exc.strerror or copy_exc}), so copy it yourself first"
         # The original stays exactly where and as it is: what to salvage from it is the user's call.
-        return ConfigError(
+        return StateStoreError(
             f"state store {path} is damaged ({detail}); {kept}. To go on, move the damaged file aside or "
             f"put back a backup, then run again: a new, empty store is created. Sandboxes it recorded may "
             f"still be running on their backends (tear them down there); sqlite3's .recover may salvage "
@@ -565,7 +566,7 @@ class StateStore:
             row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
             current = int(row) if row else 0
             if current > SCHEMA_VERSION:
-                raise RuntimeError(
+                raise StateStoreError(
                     f"state store {self.url} has schema version {current}, newer than this sand-boxer "
                     f"({SCHEMA_VERSION}); upgrade sand-boxer"
                 )

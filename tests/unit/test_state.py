@@ -170,6 +170,17 @@ def test_postgresql_state_store(pg_url, cfg, home, tmp_path):
         mgr.close()
 
 
+def test_a_password_in_the_state_url_is_never_shown(pg_url, cfg, home):
+    from sandboxer import Manager
+
+    url = pg_url.replace("postgres@", "postgres:pw-sentinel-8h2@")
+    mgr = Manager(config_dirs=[cfg.root], home=home, state_url=url)
+    try:
+        assert "pw-sentinel-8h2" not in repr(mgr) + mgr.state.url and "***" in repr(mgr)
+    finally:
+        mgr.close()
+
+
 def test_postgresql_admission_is_atomic_across_threads(pg_url, cfg, home):
     
     from sandboxer import Manager
