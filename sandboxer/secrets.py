@@ -32,7 +32,12 @@ class SecretRef(BaseModel):
         return self
 
     def describe(self) -> str:
+        """Where the secret lives, for a message: ``environment variable NAME`` or ``file PATH``."""
         return f"environment variable {self.env}" if self.env else f"file {self.file}"
+
+    def reference(self) -> str:
+        """The short name of this reference, ``env NAME`` or ``file PATH`` (``AuthError.credential``)."""
+        return f"env {self.env}" if self.env else f"file {self.file}"
 
     def __repr__(self) -> str:
         return f"SecretRef({self.describe()})"
@@ -53,9 +58,11 @@ class SecretRef(BaseModel):
                 assert self.file is not None
                 value = self.file.read_text(encoding="utf-8").strip().splitlines()[0] if self.file.stat().st_size else ""
             except OSError as exc:
-                raise AuthError(f"cannot read credential from {self.describe()}: {exc.strerror}", backend=backend) from None
+                raise AuthError(f"cannot read credential from {self.describe()}: {exc.strerror}", backend=backend,
+                                credential=self.reference()) from None
         if not value:
-            raise AuthError(f"no credential found in {self.describe()}; set it and try again", backend=backend)
+            raise AuthError(f"no credential found in {self.describe()}; set it and try again", backend=backend,
+                            credential=self.reference())
         return value
 
 

@@ -10,13 +10,20 @@ which the unmodified ``modal`` SDK talks to over plaintext HTTP/2:
 
 A "sandbox" here is a scratch directory; exec runs the argv as a real local
 process in it, and a filesystem snapshot is a copy of it, so a file written
-before a snapshot is really there after a restore.
+before a snapshot is really there after a restore. Every process of a sandbox
+carries ``MODAL_STANDIN_SANDBOX=<id>`` in its environment (tests/cloud/procs.py):
+terminating the sandbox kills them all, as its container going away would. An
+exec's ``timeout_secs`` ends in SIGKILL to the process the exec started, and
+only to it (what it forked lives on in the sandbox).
 
 Every call is recorded in :attr:`ModalStandIn.calls`. Any RPC the stand-in
 does not implement is recorded in :attr:`ModalStandIn.unimplemented` and
 answered UNIMPLEMENTED; the test fixture fails on it, so an SDK upgrade that
 changes the wire shows up at once. Faults are scripted per RPC with
-:meth:`ModalStandIn.fail_next` (a status, a message and status details).
+:meth:`ModalStandIn.fail_next` (a status, a message and status details);
+:meth:`ModalStandIn.lose_next_create_response` makes a create happen but
+answer UNAVAILABLE, which the SDK retries: Modal has no idempotency key, so
+the retry makes a second sandbox.
 """
 
 from __future__ import annotations
@@ -46,7 +53,11 @@ from modal_proto import task_command_router_pb2 as sr_pb2
 from modal_proto.api_grpc import ModalClientBase
 from modal_proto.task_command_router_grpc import TaskCommandRouterBase
 
+from tests.cloud.procs import kill_marked
+
 _GENERIC = api_pb2.GenericResult
+#: The environment variable marking every process of a stand-in sandbox.
+SANDBOX_MARKER = "MODAL_STANDIN_SANDBOX"
 
 
 def _free_port() -> int:
@@ -84,6 +95,7 @@ class Sbx:
     definition: api_pb2.Sandbox
     tags: dict[str, str]
     created_at: float
+    token_id: str = ""  # whose token created it
     status: int = 0  # GenericResult status; 0 = running
     finished_at: float | None = None
     execs: dict[str, Exec] = field(default_factory=dict)
@@ -106,7 +118,8 @@ class ModalStandIn:
         self.images: dict[str, Path | None] = {}
         self.apps: dict[str, str] = {}
         self.jwts: set[str] = set()
-        self._faults: dict[str, list[GRPCError]] = {}
+        self._faults: dict[str, list[tuple[GRPCError, bool]]] = {}
+        self._lose_create = 0
         self._lock = threading.Lock()
         self._tmp = Path(tempfile.mkdtemp(prefix="modal-standin-"))
         self.port = _free_port()
@@ -148,12 +161,28 @@ class ModalStandIn:
     # ------------------------------------------------------------ scripting
 
     def fail_next(self, method: str, status: Status, message: str = "", details: list[Any] | None = None,
-                  times: int = 1) -> None:
-        """Answer the next ``times`` calls of ``method`` with this gRPC error."""
+                  times: int = 1, echo_secret: bool = False) -> None:
+        """Answer the next ``times`` calls of ``method`` with this gRPC error.
+
+        ``echo_secret`` appends the caller's token secret to the message (for a
+        command-router call, that of the token that created the sandbox), as a
+        careless provider's message might.
+        """
         with self._lock:
             self._faults.setdefault(method, []).extend(
-                GRPCError(status, message, details) for _ in range(times)
+                (GRPCError(status, message, details), echo_secret) for _ in range(times)
             )
+
+    def lose_next_create_response(self) -> None:
+        """The next SandboxCreateV2 makes its sandbox, then answers UNAVAILABLE (the SDK retries it)."""
+        with self._lock:
+            self._lose_create += 1
+
+    def kill(self, sandbox_id: str) -> None:
+        """Kill a sandbox behind the SDK's back (its worker died, an operator stopped it)."""
+        sb = self.sandboxes[sandbox_id]
+        sb.status, sb.finished_at = _GENERIC.GENERIC_STATUS_TERMINATED, time.time()
+        asyncio.run_coroutine_threadsafe(self._kill_execs(sb), self._loop).result(timeout=10)
 
     def forget(self, sandbox_id: str) -> None:
         """Drop a sandbox as if Modal had purged it: later lookups get NOT_FOUND."""
@@ -176,7 +205,14 @@ class ModalStandIn:
             queue = self._faults.get(method)
             fault = queue.pop(0) if queue else None
         if fault is not None:
-            raise fault
+            error, echo = fault
+            if echo:
+                token_id = metadata.get("x-modal-token-id") if control else next(
+                    (sb.token_id for sb in self.sandboxes.values() if sb.task_id == getattr(request, "task_id", None)),
+                    "")
+                secret = metadata.get("x-modal-token-secret") if control else self.tokens.get(token_id, "")
+                raise GRPCError(error.status, f"{error.message} (token {token_id}:{secret})", error.details)
+            raise error
         if control:
             token_id = metadata.get("x-modal-token-id")
             token_secret = metadata.get("x-modal-token-secret")
@@ -210,12 +246,10 @@ class ModalStandIn:
         raise GRPCError(Status.NOT_FOUND, f"Task {task_id} not found")
 
     async def _kill_execs(self, sb: Sbx) -> None:
+        """Everything the sandbox ran goes, as its container does."""
+        kill_marked(SANDBOX_MARKER, sb.id)
         for ex in sb.execs.values():
             if ex.proc.returncode is None:
-                try:
-                    os.killpg(ex.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 await ex.proc.wait()
 
     def result(self, sb: Sbx) -> api_pb2.GenericResult:
@@ -284,6 +318,13 @@ class _ControlPlane(ModalClientBase):
         await stream.send_message(api_pb2.AuthTokenGetResponse(token=make_jwt()))
 
     async def SandboxCreateV2(self, stream, request) -> None:
+        await self._create(stream, request)
+        with self.standin._lock:
+            lose, self.standin._lose_create = self.standin._lose_create > 0, max(0, self.standin._lose_create - 1)
+        if lose:
+            raise GRPCError(Status.UNAVAILABLE, "upstream connect error or disconnect/reset before headers")
+
+    async def _create(self, stream, request) -> None:
         st = self.standin
         definition = request.definition
         if definition.image_id not in st.images:
@@ -298,13 +339,16 @@ class _ControlPlane(ModalClientBase):
         sb = Sbx(
             id=sandbox_id, app_id=request.app_id, task_id=f"ta-{secrets.token_hex(11)}V", root=root,
             definition=definition, tags={t.tag_name: t.tag_value for t in request.tags}, created_at=time.time(),
+            token_id=stream.metadata.get("x-modal-token-id", ""),
         )
         st.sandboxes[sandbox_id] = sb
-        await stream.send_message(api_pb2.SandboxCreateV2Response(
+        response = api_pb2.SandboxCreateV2Response(
             sandbox_id=sandbox_id, task_id=sb.task_id,
             metadata=api_pb2.SandboxHandleMetadata(app_id=request.app_id),
             command_router_access=api_pb2.CommandRouterAccess(url=st.router_url, jwt=st.new_jwt()),
-        ))
+        )
+        if not st._lose_create:
+            await stream.send_message(response)
 
     async def SandboxGetTaskIdV2(self, stream, request) -> None:
         sb = self.standin.sandbox(request.sandbox_id)
@@ -393,6 +437,7 @@ class _Router(TaskCommandRouterBase):
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(sb.root)}
         for source in request.secret_sources:
             env.update(source.env.contents)
+        env[SANDBOX_MARKER] = sb.id
         cwd = sb.root
         if request.workdir:
             cwd = sb.root / request.workdir.lstrip("/")
@@ -420,7 +465,11 @@ class _Router(TaskCommandRouterBase):
                 timeout=timeout or None,
             )
         except asyncio.TimeoutError:
-            os.killpg(ex.proc.pid, signal.SIGKILL)
+            # the exec's own process, nothing it forked
+            try:
+                os.kill(ex.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             await ex.proc.wait()
         rc = ex.proc.returncode
         ex.code, ex.signal = (None, -rc) if rc is not None and rc < 0 else (rc, None)
