@@ -96,6 +96,7 @@ class Sbx:
     tags: dict[str, str]
     created_at: float
     token_id: str = ""  # whose token created it
+    workspace: str = ""
     status: int = 0  # GenericResult status; 0 = running
     finished_at: float | None = None
     execs: dict[str, Exec] = field(default_factory=dict)
@@ -116,7 +117,9 @@ class ModalStandIn:
         self.unimplemented: list[str] = []
         self.sandboxes: dict[str, Sbx] = {}
         self.images: dict[str, Path | None] = {}
-        self.apps: dict[str, str] = {}
+        self.apps: dict[tuple[str, str], str] = {}  # (workspace, app name) -> app id
+        #: Each token id is its own workspace unless mapped here to another token id's.
+        self.workspaces: dict[str, str] = {}
         self.jwts: set[str] = set()
         self._faults: dict[str, list[tuple[GRPCError, bool]]] = {}
         self._lose_create = 0
@@ -231,9 +234,14 @@ class ModalStandIn:
         self.jwts.add(jwt)
         return jwt
 
-    def sandbox(self, sandbox_id: str) -> Sbx:
+    def workspace(self, metadata: Any) -> str:
+        token_id = metadata.get("x-modal-token-id", "")
+        return self.workspaces.get(token_id, token_id)
+
+    def sandbox(self, sandbox_id: str, metadata: Any = None) -> Sbx:
+        """The sandbox, as the caller's workspace sees it (another workspace's is not found)."""
         sb = self.sandboxes.get(sandbox_id)
-        if sb is None:
+        if sb is None or (metadata is not None and sb.workspace != self.workspace(metadata)):
             raise GRPCError(Status.NOT_FOUND, f"Sandbox {sandbox_id} not found")
         return sb
 
@@ -292,7 +300,8 @@ class _ControlPlane(ModalClientBase):
         await stream.send_message(api_pb2.ClientHelloResponse())
 
     async def AppGetOrCreate(self, stream, request) -> None:
-        app_id = self.standin.apps.setdefault(request.app_name, f"ap-{secrets.token_hex(11)}")
+        key = (self.standin.workspace(stream.metadata), request.app_name)
+        app_id = self.standin.apps.setdefault(key, f"ap-{secrets.token_hex(11)}")
         await stream.send_message(api_pb2.AppGetOrCreateResponse(app_id=app_id))
 
     async def EnvironmentGetOrCreate(self, stream, request) -> None:
@@ -339,7 +348,7 @@ class _ControlPlane(ModalClientBase):
         sb = Sbx(
             id=sandbox_id, app_id=request.app_id, task_id=f"ta-{secrets.token_hex(11)}V", root=root,
             definition=definition, tags={t.tag_name: t.tag_value for t in request.tags}, created_at=time.time(),
-            token_id=stream.metadata.get("x-modal-token-id", ""),
+            token_id=stream.metadata.get("x-modal-token-id", ""), workspace=st.workspace(stream.metadata),
         )
         st.sandboxes[sandbox_id] = sb
         response = api_pb2.SandboxCreateV2Response(
@@ -351,7 +360,7 @@ class _ControlPlane(ModalClientBase):
             await stream.send_message(response)
 
     async def SandboxGetTaskIdV2(self, stream, request) -> None:
-        sb = self.standin.sandbox(request.sandbox_id)
+        sb = self.standin.sandbox(request.sandbox_id, stream.metadata)
         if sb.status:
             await stream.send_message(api_pb2.SandboxGetTaskIdResponse(task_result=self.standin.result(sb)))
         else:
@@ -359,13 +368,13 @@ class _ControlPlane(ModalClientBase):
 
     async def SandboxGetCommandRouterAccess(self, stream, request) -> None:
         st = self.standin
-        sb = st.sandbox(request.sandbox_id) if request.sandbox_id else st.by_task(request.task_id)
+        sb = st.sandbox(request.sandbox_id, stream.metadata) if request.sandbox_id else st.by_task(request.task_id)
         if sb.status:
             raise GRPCError(Status.FAILED_PRECONDITION, f"Sandbox {sb.id} has finished")
         await stream.send_message(api_pb2.SandboxGetCommandRouterAccessResponse(url=st.router_url, jwt=st.new_jwt()))
 
     async def SandboxWaitV2(self, stream, request) -> None:
-        sb = self.standin.sandbox(request.sandbox_id)
+        sb = self.standin.sandbox(request.sandbox_id, stream.metadata)
         deadline = time.monotonic() + min(request.timeout, 5.0)
         while not sb.status and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -374,7 +383,7 @@ class _ControlPlane(ModalClientBase):
         ))
 
     async def SandboxTerminateV2(self, stream, request) -> None:
-        sb = self.standin.sandbox(request.sandbox_id)
+        sb = self.standin.sandbox(request.sandbox_id, stream.metadata)
         existing = self.standin.result(sb)
         if not sb.status:
             sb.status, sb.finished_at = _GENERIC.GENERIC_STATUS_TERMINATED, time.time()
@@ -383,9 +392,10 @@ class _ControlPlane(ModalClientBase):
 
     async def SandboxListV2(self, stream, request) -> None:
         wanted = {t.tag_name: t.tag_value for t in request.tags}
+        workspace = self.standin.workspace(stream.metadata)
         found = sorted(
             (sb for sb in self.standin.sandboxes.values()
-             if (not request.app_id or sb.app_id == request.app_id)
+             if sb.workspace == workspace and (not request.app_id or sb.app_id == request.app_id)
              and (request.include_finished or not sb.status)
              and (not request.before_timestamp or sb.created_at < request.before_timestamp)
              and all(sb.tags.get(k) == v for k, v in wanted.items())),
@@ -402,13 +412,13 @@ class _ControlPlane(ModalClientBase):
         ]))
 
     async def SandboxTagsGetV2(self, stream, request) -> None:
-        sb = self.standin.sandbox(request.sandbox_id)
+        sb = self.standin.sandbox(request.sandbox_id, stream.metadata)
         await stream.send_message(api_pb2.SandboxTagsGetResponse(
             tags=[api_pb2.SandboxTag(tag_name=k, tag_value=v) for k, v in sb.tags.items()]
         ))
 
     async def SandboxGetStats(self, stream, request) -> None:
-        sb = self.standin.sandbox(request.sandbox_id)
+        sb = self.standin.sandbox(request.sandbox_id, stream.metadata)
         seconds = (sb.finished_at or time.time()) - sb.created_at
         res = sb.definition.resources
         cpu_s = res.milli_cpu / 1000 * seconds
