@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sandboxer.errors import AuthError
 
@@ -64,6 +64,24 @@ class SecretRef(BaseModel):
             raise AuthError(f"no credential found in {self.describe()}; set it and try again", backend=backend,
                             credential=self.reference())
         return value
+
+
+class HeaderSecret(SecretRef):
+    """An HTTP header value held by reference: ``{env: NAME, prefix: "Bearer "}`` or ``{file: PATH}``.
+
+    The value sent is ``prefix`` followed by the secret, read when the request is made.
+    """
+
+    prefix: str = Field(default="", max_length=64, pattern=r"[!-~ ]*", description='e.g. "Bearer "')
+
+    def __repr__(self) -> str:
+        return f"HeaderSecret({self.describe()}" + (f", prefix {self.prefix!r})" if self.prefix else ")")
+
+    __str__ = __repr__
+
+    def value(self, *, backend: str | None = None) -> str:
+        """The header value now: the prefix and the secret (AuthError names the reference if unset)."""
+        return self.prefix + self.resolve(backend=backend)
 
 
 def redact(text: str, secrets: Iterable[str | None]) -> str:
