@@ -124,7 +124,7 @@ class E2BConfig(BaseModel):
     )
     rate_limit_retry_after: float = Field(
         default=5.0, ge=0,
-        description="retry_after reported on a 429: the pinned SDK does not surface the Retry-After header",
+        description="retry_after reported on a 429 that carries no Retry-After header",
     )
 
     @model_validator(mode="before")
@@ -188,6 +188,10 @@ class E2BExtension(SandboxExtension):
         if consumer is not None and consumer in self.config.consumer_keys:
             return self.config.consumer_keys[consumer]
         return self.config.api_key
+
+    def credential(self, consumer: str | None) -> str:
+        """The reference of the key ``consumer``'s calls use, as ``AuthError.credential`` names it."""
+        return self._key_ref(consumer).reference()
 
     def _opts(self, consumer: str | None) -> dict[str, Any]:
         """SDK connection options for ``consumer``'s key, resolved now."""
@@ -255,11 +259,10 @@ class E2BExtension(SandboxExtension):
         where = f"E2B {op}" + (f" of sandbox {sandbox}" if sandbox else "")
         detail = self._detail(exc, consumer)
         if isinstance(exc, sdk.AuthenticationException):
-            ref = self._key_ref(consumer)
             return AuthError(
-                f"{where}: E2B refused the API key from {ref.describe()} (HTTP 401); "
+                f"{where}: E2B refused the API key from {self._key_ref(consumer).describe()} (HTTP 401); "
                 "check the key or rotate it (see docs/byok.md)",
-                backend=self.id, credential=ref.reference(),
+                backend=self.id, credential=self.credential(consumer),
             )
         if isinstance(exc, sdk.RateLimitException):
             return RateLimited(f"{where}: rate limited by E2B (HTTP 429): {detail}",

@@ -158,8 +158,7 @@ def test_missing_key_is_auth_error_before_any_request(make_ext, standin: E2BStan
 
 
 def test_429_is_rate_limited_with_retry_after(make_ext, standin: E2BStandIn):
-    # e2b 2.63.0 honours Retry-After only inside its own retries and drops it from RateLimitException,
-    # so retry_after is the configured hint (docs/backends/e2b.md), not the header.
+    # the header and the configured fallback agree here; test_e2b_hardening.py tells them apart
     ext, profile = make_ext(rate_limit_retry_after=7)
     standin.fail("POST", "/v2/sandboxes", 429, "slow down", headers={"Retry-After": "7"})
     with pytest.raises(RateLimited) as info:

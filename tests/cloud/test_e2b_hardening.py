@@ -107,6 +107,7 @@ def test_auth_error_names_the_refused_reference(make_ext, standin: E2BStandIn, m
     err = caught(lambda: ext.provision(profile, inputs("sbx-b", consumer="alice"), None))
     assert isinstance(err, AuthError) and err.credential == f"file {alice_file}"
     assert str(alice_file) in str(err)
+    assert (ext.credential("alice"), ext.credential("bob")) == (f"file {alice_file}", f"env {KEY_ENV}")
     monkeypatch.delenv(KEY_ENV)  # unset: refused before any request, the same reference named
     err = caught(lambda: ext.provision(profile, inputs("sbx-c", consumer="bob"), None))
     assert isinstance(err, AuthError) and err.credential == f"env {KEY_ENV}"

@@ -112,6 +112,7 @@ def test_auth_error_names_the_refused_token_pair(tmp_path, standin, tokens, monk
     assert "SBX_TEST_MODAL_TOKEN_ID" in str(err) and "SBX_TEST_MODAL_TOKEN_SECRET" in str(err)
     err = caught(lambda: ext.provision(profile, inputs(consumer="alice"), None))
     assert isinstance(err, AuthError) and err.credential == ALICE_PAIR
+    assert (ext.credential("alice"), ext.credential("bob")) == (ALICE_PAIR, DEFAULT_PAIR)
     assert "SBX_TEST_ALICE_TOKEN_ID" in str(err) and "SBX_TEST_ALICE_TOKEN_SECRET" in str(err)
     monkeypatch.delenv("SBX_TEST_MODAL_TOKEN_SECRET")  # unset: refused before any call, the same pair named
     err = caught(lambda: ext.provision(profile, inputs(consumer="bob"), None))
