@@ -239,3 +239,16 @@ def test_a_retried_create_is_one_sandbox_unless_the_provider_ignores_the_key(mak
     for o in ext.list_owned(OWNER):
         ext.teardown(o["handle"])
     del handle
+
+
+def test_the_sdks_own_retry_of_a_lost_create_makes_a_duplicate_when_the_key_is_ignored(make_ext, standin):
+    ext, profile = make_ext(retries=1)  # the SDK retries a 502 itself
+    standin.ignore_idempotency = True
+    standin.lose_next_create_response()
+    handle = ext.provision(profile, inputs("sbx-dup"), None)
+    assert standin.routes().count("POST /v2/sandboxes") == 2
+    dups = ext.list_owned(OWNER)
+    assert [o["sandbox_id"] for o in dups] == ["sbx-dup", "sbx-dup"]
+    assert {ext.handle_id(o["handle"]) for o in dups} - {ext.handle_id(handle)} != set()
+    for o in dups:
+        ext.teardown(o["handle"])
