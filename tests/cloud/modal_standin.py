@@ -15,6 +15,8 @@ carries ``MODAL_STANDIN_SANDBOX=<id>`` in its environment (tests/cloud/procs.py)
 terminating the sandbox kills them all, as its container going away would. An
 exec's ``timeout_secs`` ends in SIGKILL to the process the exec started, and
 only to it (what it forked lives on in the sandbox).
+Each token id is its own workspace (it sees only the apps and sandboxes it
+made) unless :attr:`ModalStandIn.workspaces` maps it to another token id's.
 
 Every call is recorded in :attr:`ModalStandIn.calls`. Any RPC the stand-in
 does not implement is recorded in :attr:`ModalStandIn.unimplemented` and
@@ -327,13 +329,14 @@ class _ControlPlane(ModalClientBase):
         await stream.send_message(api_pb2.AuthTokenGetResponse(token=make_jwt()))
 
     async def SandboxCreateV2(self, stream, request) -> None:
-        await self._create(stream, request)
         with self.standin._lock:
             lose, self.standin._lose_create = self.standin._lose_create > 0, max(0, self.standin._lose_create - 1)
-        if lose:
+        response = await self._create(stream, request)
+        if lose:  # made, but the answer is lost on its way back
             raise GRPCError(Status.UNAVAILABLE, "upstream connect error or disconnect/reset before headers")
+        await stream.send_message(response)
 
-    async def _create(self, stream, request) -> None:
+    async def _create(self, stream, request) -> api_pb2.SandboxCreateV2Response:
         st = self.standin
         definition = request.definition
         if definition.image_id not in st.images:
@@ -356,8 +359,7 @@ class _ControlPlane(ModalClientBase):
             metadata=api_pb2.SandboxHandleMetadata(app_id=request.app_id),
             command_router_access=api_pb2.CommandRouterAccess(url=st.router_url, jwt=st.new_jwt()),
         )
-        if not st._lose_create:
-            await stream.send_message(response)
+        return response
 
     async def SandboxGetTaskIdV2(self, stream, request) -> None:
         sb = self.standin.sandbox(request.sandbox_id, stream.metadata)
