@@ -197,6 +197,7 @@ class ModalExtension(SandboxExtension):
         except AuthError as exc:
             refused = str(exc)
         if refused is not None:
+            token_id = token_secret = ""  # a traceback rendered with locals must not show the half resolved
             raise AuthError(refused, backend=self.id, credential=self.credential(consumer))
         url = self._server_url()
         key = hashlib.sha256(f"{url}\0{token_id}\0{token_secret}".encode()).hexdigest()

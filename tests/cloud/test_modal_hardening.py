@@ -118,6 +118,7 @@ def test_auth_error_names_the_refused_token_pair(tmp_path, standin, tokens, monk
     err = caught(lambda: ext.provision(profile, inputs(consumer="bob"), None))
     assert isinstance(err, AuthError) and err.credential == DEFAULT_PAIR
     assert "SBX_TEST_MODAL_TOKEN_SECRET" in str(err)
+    assert TOKEN_ID not in reachable_text(err)  # the id that did resolve is not left in a frame either
 
 
 def test_list_owned_with_the_default_token_refused_still_lists_the_others(backend, standin, caplog):
