@@ -193,6 +193,9 @@ class E2BExtension(SandboxExtension):
         """The reference of the key ``consumer``'s calls use, as ``AuthError.credential`` names it."""
         return self._key_ref(consumer).reference()
 
+    def credential_key(self, consumer: str | None) -> str | None:
+        return self._key_ref(consumer).fingerprint()
+
     def _opts(self, consumer: str | None) -> dict[str, Any]:
         """SDK connection options for ``consumer``'s key, resolved now."""
         opts: dict[str, Any] = {

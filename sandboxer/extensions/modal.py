@@ -178,6 +178,10 @@ class ModalExtension(SandboxExtension):
         creds = self._credentials(consumer)
         return f"{creds.token_id.reference()} + {creds.token_secret.reference()}"
 
+    def credential_key(self, consumer: str | None) -> str | None:
+        creds = self._credentials(consumer)
+        return f"{creds.token_id.fingerprint()} + {creds.token_secret.fingerprint()}"
+
     def _server_url(self) -> str:
         if self.config.server_url:
             return self.config.server_url

@@ -252,3 +252,58 @@ def test_the_sdks_own_retry_of_a_lost_create_makes_a_duplicate_when_the_key_is_i
     assert {ext.handle_id(o["handle"]) for o in dups} - {ext.handle_id(handle)} != set()
     for o in dups:
         ext.teardown(o["handle"])
+
+
+# ---------------------------------------------------------------- through the Manager (core items of issue 8)
+
+
+def test_a_refused_key_blocks_only_that_consumer_and_a_rotated_key_is_used_at_once(config_dir, standin: E2BStandIn,
+                                                                                   tmp_path, monkeypatch):
+    alice_key = "e2b_ALICE" + secrets.token_hex(8)
+    monkeypatch.setenv(ALICE_ENV, alice_key)  # not among the stand-in's keys: refused
+    mgr = Manager(config_dirs=[config_dir(consumer_keys={"alice": {"env": ALICE_ENV}})], home=tmp_path / "home")
+    try:
+        with pytest.raises(AuthError, match=ALICE_ENV) as e:
+            mgr.create(SandboxCreateRequest(profile="test-e2b", consumer="alice"))
+        assert e.value.credential == f"env {ALICE_ENV}"
+        bob = mgr.create(SandboxCreateRequest(profile="test-e2b", consumer="bob"))  # the operator's key: not blocked
+        creates = standin.routes().count("POST /v2/sandboxes")
+        with pytest.raises(AuthError, match="not retried for"):
+            mgr.create(SandboxCreateRequest(profile="test-e2b", consumer="alice"))
+        assert standin.routes().count("POST /v2/sandboxes") == creates  # the refused key was not sent again
+        rotated = "e2b_ALICE" + secrets.token_hex(8)
+        standin.keys.add(rotated)
+        monkeypatch.setenv(ALICE_ENV, rotated)
+        alice = mgr.create(SandboxCreateRequest(profile="test-e2b", consumer="alice"))  # rotated: tried at once
+        for sb in (alice, bob):
+            mgr.teardown(sb.id)
+        assert alice_key not in str(mgr.events()) and rotated not in str(mgr.events())
+    finally:
+        mgr.close()
+
+
+def test_gc_marks_a_sandbox_e2b_killed_lost(config_dir, standin: E2BStandIn, tmp_path):
+    mgr = Manager(config_dirs=[config_dir()], home=tmp_path / "home")
+    try:
+        sb = mgr.create(SandboxCreateRequest(profile="test-e2b", consumer="bob"))
+        standin.kill(sb.reachability["e2b_sandbox_id"])
+        assert mgr.gc().lost == [sb.id]
+        assert mgr.get(sb.id).state.value == "lost"
+    finally:
+        mgr.close()
+
+
+def test_gc_reaps_the_duplicate_of_a_retried_create_and_keeps_the_sandbox(config_dir, standin: E2BStandIn, tmp_path):
+    mgr = Manager(config_dirs=[config_dir(retries=1)], home=tmp_path / "home")
+    try:
+        standin.ignore_idempotency = True
+        standin.lose_next_create_response()
+        sb = mgr.create(SandboxCreateRequest(profile="test-e2b", consumer="bob"))
+        assert len(standin.live()) == 2
+        report = mgr.gc()
+        assert len(report.orphans) == 1 and report.orphans[0].startswith(f"{sb.id} (duplicate ")
+        assert [b.id for b in standin.live()] == [mgr.state.get(sb.id)["handle"]["e2b_sandbox_id"]]
+        assert mgr.exec(sb.id, ["echo", "still here"]).stdout == "still here\n"
+        mgr.teardown(sb.id)
+    finally:
+        mgr.close()
