@@ -20,7 +20,6 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -35,8 +34,6 @@ from sandboxer.errors import (
     SandboxerError,
     SandboxNotFound,
     SandboxStateError,
-    SnapshotError,
-    SnapshotNotFound,
     TeardownError,
     TTLError,
 )
@@ -44,18 +41,18 @@ from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension
 from sandboxer.loader import Catalog, load_catalog
 from sandboxer.metering import Metering, price
 from sandboxer.models import (
-    CleanupReport,
     ExecResult,
     MeterQuote,
     Pricing,
     Profile,
     SandboxCreateRequest,
-    SandboxState,
     SandboxStatus,
-    SnapshotMeta,
     format_duration,
 )
+from sandboxer.gc import GcMixin
+from sandboxer.records import dt, short, status_of
 from sandboxer.router import Action, Plan, Router
+from sandboxer.snapshots import SnapshotsMixin
 from sandboxer.state import LIVE_STATES, NameTaken, OverCapacity, StateStore, default_home
 
 log = logging.getLogger("sandboxer")
@@ -68,24 +65,7 @@ TEARDOWN_GRACE_S = 300.0
 _WAIT_STEP_S = 0.02
 
 
-def _dt(ts: float | None) -> datetime | None:
-    return datetime.fromtimestamp(ts, tz=timezone.utc) if ts is not None else None
-
-
-def _status(row: dict[str, Any]) -> SandboxStatus:
-    return SandboxStatus(
-        id=row["id"], name=row["name"], profile=row["profile"], extension=row["extension"], host=row["host"],
-        state=SandboxState(row["state"]), reachability=row["reachability"] or {}, consumer=row["consumer"],
-        labels=row["labels"] or {}, created_at=_dt(row["created_at"]), ready_at=_dt(row["ready_at"]),
-        expires_at=_dt(row["expires_at"]), terminated_at=_dt(row["terminated_at"]), last_error=row["last_error"],
-    )
-
-
-def _short(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-class Manager:
+class Manager(SnapshotsMixin, GcMixin):
     """The Python API: one object per state store, safe to share between threads.
 
     Args:
@@ -196,7 +176,7 @@ class Manager:
         row = self._row(sandbox_id)
         if refresh and row["state"] == "ready" and row["handle"]:
             row = self._refresh(row, self.extension(row["extension"], sandbox_id=sandbox_id)) or self._row(sandbox_id)
-        return _status(row)
+        return status_of(row)
 
     def _refresh(self, row: dict[str, Any], ext: SandboxExtension) -> dict[str, Any] | None:
         """Probe a ready sandbox; mark it ``lost`` if the backend no longer has it.
@@ -214,13 +194,13 @@ class Manager:
         seen = max(row["last_seen_at"] or 0.0, row["ready_at"] or row["created_at"])
         return self.state.transition(
             row["id"], "lost", expect=("ready",), state="lost", terminated_at=now,
-            last_error=f"{ext.id} no longer has this sandbox (last seen alive {_dt(seen):%Y-%m-%d %H:%M:%S}Z)",
+            last_error=f"{ext.id} no longer has this sandbox (last seen alive {dt(seen):%Y-%m-%d %H:%M:%S}Z)",
             detail={"last_seen_at": seen},
             also=lambda conn, r: self.metering.stopped(conn, r["id"], min(seen, r["expires_at"])))
 
     def list(self, *, all: bool = False) -> list[SandboxStatus]:  # noqa: A002 - mirrors the CLI flag
         """Live sandboxes, or every one ever recorded with ``all=True``."""
-        return [_status(r) for r in self.state.list(states=None if all else LIVE_STATES)]
+        return [status_of(r) for r in self.state.list(states=None if all else LIVE_STATES)]
 
     def events(self, sandbox_id: str | None = None) -> list[dict[str, Any]]:
         return self.state.events(sandbox_id)
@@ -408,7 +388,7 @@ class Manager:
         while time.monotonic() < deadline:
             row = self._row(sandbox_id)
             if row["state"] == "ready":
-                return _status(row)
+                return status_of(row)
             if row["state"] in ("failed", "terminated"):
                 return None
             if row["state"] in ("tearing_down", "teardown_failed"):
@@ -534,7 +514,7 @@ class Manager:
                                         reachability=reach, ready_at=time.time(), also=self.metering.started)
             if row is None:
                 self._abandon(ext, sandbox_id, handle)
-            return _status(row)
+            return status_of(row)
         finally:
             with self._lock:
                 self._inflight.discard(sandbox_id)
@@ -547,7 +527,7 @@ class Manager:
         except Exception as exc:  # noqa: BLE001 - recorded; gc retries (list_owned finds it too)
             log.warning("could not tear down %s after its record was closed: %s", sandbox_id, exc)
             self.state.transition(sandbox_id, "teardown_failed", expect=("tearing_down",), state="teardown_failed",
-                                  handle=handle, last_error=_short(exc))
+                                  handle=handle, last_error=short(exc))
         else:
             self.state.transition(sandbox_id, "terminated", expect=("tearing_down",), state="terminated",
                                   handle=handle, terminated_at=time.time(), detail=report)
@@ -567,22 +547,22 @@ class Manager:
                 ext.teardown(item["handle"])
             except Exception as texc:
                 self.state.transition(sandbox_id, "provision_failed", state="teardown_failed", handle=item["handle"],
-                                      last_error=f"{_short(exc)}; cleanup failed: {_short(texc)}")
+                                      last_error=f"{short(exc)}; cleanup failed: {short(texc)}")
                 raise TeardownError(
                     f"sandbox {sandbox_id}: provision on {ext.id} failed ({exc}) and cleaning up what it left "
                     f"failed too ({texc}); gc will retry", backend=ext.id,
                 ) from texc
-        self.state.transition(sandbox_id, "provision_failed", state="failed", last_error=_short(exc),
-                              terminated_at=time.time(), detail={"error": _short(exc), "cleaned": len(leftovers)})
+        self.state.transition(sandbox_id, "provision_failed", state="failed", last_error=short(exc),
+                              terminated_at=time.time(), detail={"error": short(exc), "cleaned": len(leftovers)})
 
     def _teardown_after_failure(self, ext: SandboxExtension, sandbox_id: str, handle: dict[str, Any],
                                 exc: BaseException) -> None:
-        self.state.transition(sandbox_id, "ready_failed", state="tearing_down", last_error=_short(exc))
+        self.state.transition(sandbox_id, "ready_failed", state="tearing_down", last_error=short(exc))
         try:
             report = ext.teardown(handle)
         except Exception as texc:
             self.state.transition(sandbox_id, "teardown_failed", state="teardown_failed",
-                                  last_error=f"{_short(exc)}; teardown failed: {_short(texc)}")
+                                  last_error=f"{short(exc)}; teardown failed: {short(texc)}")
             raise TeardownError(
                 f"sandbox {sandbox_id}: not ready ({exc}) and teardown failed ({texc}); gc will retry",
                 backend=ext.id,
@@ -610,7 +590,7 @@ class Manager:
             raise SandboxStateError(f"cannot {what} sandbox {sandbox_id}: it is {row['state']}, not ready{why}")
         if row["expires_at"] < time.time():
             raise SandboxStateError(
-                f"cannot {what} sandbox {sandbox_id}: it expired at {_dt(row['expires_at']):%Y-%m-%d %H:%M:%S}Z"
+                f"cannot {what} sandbox {sandbox_id}: it expired at {dt(row['expires_at']):%Y-%m-%d %H:%M:%S}Z"
                 " and will be reaped by gc"
             )
         return row
@@ -659,21 +639,21 @@ class Manager:
         """Tear down; a ``provisioning`` record at once only when gc judged it ``abandoned`` (or ``force``)."""
         row = self._row(sandbox_id)
         if row["state"] in ("terminated", "failed", "lost"):
-            return _status(row)
+            return status_of(row)
         ext = self.extension(row["extension"], sandbox_id=sandbox_id)  # before any change: a missing one changes nothing
         if not (abandoned or force):
             row = self._await_other(row, reason)
             if row["state"] in ("terminated", "failed", "lost"):
-                return _status(row)
+                return status_of(row)
         expect = ("ready", "tearing_down", "teardown_failed") + (("provisioning",) if abandoned or force else ())
         cur = self.state.transition(sandbox_id, "teardown_started", state="tearing_down", expect=expect,
                                     teardown_started_at=time.time(), detail={"reason": reason})
         if cur is None:  # it ended (or moved) meanwhile
-            return _status(self._row(sandbox_id))
+            return status_of(self._row(sandbox_id))
         if not cur["handle"]:  # never got a handle: nothing the backend knows by it; gc's list_owned covers it
             done = self.state.transition(sandbox_id, "terminated", state="failed", terminated_at=time.time(),
                                          detail={"reason": "no handle was recorded"})
-            return _status(done or self._row(sandbox_id))
+            return status_of(done or self._row(sandbox_id))
         with self._lock:
             self._tearing.add(sandbox_id)
         try:
@@ -725,11 +705,11 @@ class Manager:
                 now = time.time()
                 done = self.state.transition(
                     sandbox_id, "forgotten", expect=("tearing_down",), state="terminated", terminated_at=now,
-                    last_error=f"forgotten by the operator after: {_short(exc)}",
-                    detail={"error": _short(exc), "confirmed_gone_by": "operator"},
+                    last_error=f"forgotten by the operator after: {short(exc)}",
+                    detail={"error": short(exc), "confirmed_gone_by": "operator"},
                     also=lambda conn, row: self.metering.stopped(conn, sandbox_id, now, reported))
-                return _status(done or self._row(sandbox_id))
-            self.state.transition(sandbox_id, "teardown_failed", state="teardown_failed", last_error=_short(exc))
+                return status_of(done or self._row(sandbox_id))
+            self.state.transition(sandbox_id, "teardown_failed", state="teardown_failed", last_error=short(exc))
             if isinstance(exc, TeardownError):
                 raise
             raise TeardownError(f"teardown of sandbox {sandbox_id} on {ext.id} failed: {exc}", backend=ext.id) from exc
@@ -739,96 +719,7 @@ class Manager:
         done = self.state.transition(sandbox_id, "terminated", expect=("tearing_down",), known=cur,
                                      state="terminated", terminated_at=now, detail=report,
                                      also=lambda conn, row: self.metering.stopped(conn, sandbox_id, stop, reported))
-        return _status(done or self._row(sandbox_id))
-
-    # ---------------------------------------------------------- snapshots
-
-    def snapshot(self, sandbox_id: str) -> SnapshotMeta:
-        """Capture a ready sandbox into the snapshot catalog.
-
-        Raises:
-            CapabilityError: the backend has no snapshots (checked before any work).
-            SnapshotError: the backend failed; nothing usable is recorded.
-        """
-        row = self._ready_row(sandbox_id, "snapshot")
-        ext = self.extension(row["extension"])
-        if not ext.supports_snapshots():
-            raise CapabilityError(f"{ext.id} does not support snapshots (sandbox {sandbox_id})")
-        snap_id = "snap-" + uuid.uuid4().hex[:12]
-        now = time.time()
-        self.state.insert_snapshot({
-            "id": snap_id, "sandbox_id": sandbox_id, "extension": ext.id, "profile": row["profile"],
-            "consumer": row["consumer"], "state": "pending", "created_at": now, "data": None,
-            "inputs": row["inputs"] or {},
-        })
-        try:
-            out = ext.snapshot(row["handle"])
-        except BaseException as exc:
-            self.state.update_snapshot(snap_id, "snapshot_failed", state="failed", error=_short(exc))
-            if isinstance(exc, SnapshotError):
-                raise
-            raise SnapshotError(f"snapshot of sandbox {sandbox_id} on {ext.id} failed: {exc}", backend=ext.id) from exc
-        self.state.update_snapshot(snap_id, "snapshot_ready", state="ready", data=out.get("data") or {},
-                                   size_bytes=out.get("size_bytes"), checksum=out.get("checksum"))
-        return self._snapshot_meta(self.state.get_snapshot(snap_id) or {})
-
-    @staticmethod
-    def _snapshot_meta(row: dict[str, Any]) -> SnapshotMeta:
-        return SnapshotMeta(
-            id=row["id"], sandbox_id=row["sandbox_id"], extension=row["extension"], profile=row["profile"],
-            consumer=row["consumer"], created_at=_dt(row["created_at"]), size_bytes=row["size_bytes"],
-            checksum=row["checksum"], data=row["data"] or {}, inputs=row["inputs"] or {},
-        )
-
-    def get_snapshot(self, snapshot_id: str) -> SnapshotMeta:
-        row = self.state.get_snapshot(snapshot_id)
-        if row is None or row["state"] != "ready":
-            raise SnapshotNotFound(f"no usable snapshot with id {snapshot_id!r}")
-        return self._snapshot_meta(row)
-
-    def snapshots(self) -> list[SnapshotMeta]:
-        return [self._snapshot_meta(r) for r in self.state.list_snapshots()]
-
-    def restore(self, snapshot_id: str, profile: str | None = None, *, inputs: dict[str, Any] | None = None,
-                consumer: str | None = None, ttl: float | None = None, labels: dict[str, str] | None = None,
-                host: str | None = None) -> SandboxStatus:
-        """Start a new sandbox from a snapshot, on the backend that made it.
-
-        The snapshot's sandbox's inputs are used again; ``inputs`` override them. The other
-        arguments are those of :meth:`create`.
-        """
-        meta = self.get_snapshot(snapshot_id)
-        prof = self.profile(profile or meta.profile)
-        index = next((i for i, c in enumerate(prof.candidates) if c.extension == meta.extension), None)
-        if index is None:
-            raise InputError(
-                f"snapshot {snapshot_id} was made on {meta.extension}, which profile {prof.slug!r} does not use"
-            )
-        ext = self.extension(meta.extension)
-        if not ext.supports_snapshots():
-            raise CapabilityError(f"{ext.id} does not support snapshots")
-        given = {**meta.inputs, **(inputs or {})}
-        merged = self._check_inputs(prof, given)
-        ttl_s = self._ttl(prof, ttl)
-        sandbox_id = "sb-" + uuid.uuid4().hex[:12]
-        who = consumer or meta.consumer
-        try:
-            _, _, row = self.admit(sandbox_id=sandbox_id, profile=prof, placements=[(index, host)], ttl=ttl_s,
-                                   consumer=who, labels=labels or {}, name=None, detail={"restore_of": snapshot_id},
-                                   inputs=merged, given=given)
-        except OverCapacity as exc:
-            raise CapacityUnavailable(f"cannot restore {snapshot_id}: {exc}", backend=meta.extension) from None
-        return self.launch(sandbox_id=sandbox_id, profile=prof, index=index, host=host, inputs=merged, ttl=ttl_s,
-                           consumer=who, labels=labels or {}, row=row,
-                           start=lambda e, p, i, h: e.restore_from_snapshot(p, meta, i, h))
-
-    def delete_snapshot(self, snapshot_id: str) -> None:
-        row = self.state.get_snapshot(snapshot_id)
-        if row is None:
-            raise SnapshotNotFound(f"no snapshot with id {snapshot_id!r}")
-        if row["state"] == "ready":
-            self.extension(row["extension"]).delete_snapshot(self._snapshot_meta(row))
-        self.state.delete_snapshot(snapshot_id)
+        return status_of(done or self._row(sandbox_id))
 
     # ---------------------------------------------------------------- cost
 
@@ -844,142 +735,3 @@ class Manager:
             return price(loaded.manifest, eff, duration)
         return self.extension(loaded.manifest.id).estimate_cost(eff, duration)
 
-    # ------------------------------------------------------------------ gc
-
-    def gc(self) -> CleanupReport:
-        """Reap expired sandboxes, retry failed teardowns, and reconcile with the backends.
-
-        Besides the store's own view, gc asks each backend what it holds: a sandbox the backend
-        no longer has becomes ``lost`` (its usage closed when it was last seen alive), and a
-        resource carrying our labels that no live record holds is an orphan and torn down.
-
-        Returns:
-            What was done; per-sandbox failures are in ``errors`` (gc never stops at the first).
-        """
-        report = CleanupReport()
-        now = time.time()
-        ready: list[dict[str, Any]] = []
-        for row in self.state.list(states=("ready", "teardown_failed", "tearing_down", "provisioning")):
-            if row["id"] in self._inflight or row["id"] in self._tearing:
-                continue
-            if row["extension"] not in self.catalog.extensions:
-                report.errors[row["id"]] = str(self._missing(row))
-                continue
-            bucket: list[str] | None = None
-            if row["state"] == "teardown_failed":
-                bucket = report.retried
-            elif row["state"] == "provisioning":
-                if self._stale(row, now):
-                    bucket = report.stale_provisioning
-            elif row["state"] == "tearing_down":
-                # judged from when the teardown started (and, for a create asked to stop, its deadline)
-                started = row["teardown_started_at"] or row["ready_at"] or row["created_at"]
-                creating = row["ready_at"] is None and (row["deadline_at"] or 0.0) + self.stale_grace > now
-                if now - started > self.teardown_grace and not creating:
-                    bucket = report.retried
-            elif row["expires_at"] < now:
-                bucket = report.expired
-            else:
-                ready.append(row)
-            if bucket is None:
-                continue
-            try:
-                self._teardown(row["id"], reason="gc", abandoned=True)
-                bucket.append(row["id"])
-            except SandboxerError as exc:
-                report.errors[row["id"]] = str(exc)
-        seen = self._reconcile(report)
-        self._find_lost(ready, seen, report)
-        self.metering.close_abandoned()
-        self.state.purge_claims()
-        return report
-
-    def _missing(self, row: dict[str, Any]) -> ConfigError:
-        try:
-            self.extension(row["extension"], sandbox_id=row["id"])
-        except ConfigError as exc:
-            return exc
-        raise AssertionError("extension is configured")  # pragma: no cover
-
-    def _stale(self, row: dict[str, Any], now: float) -> bool:
-        deadline = row["deadline_at"]
-        if deadline is None:  # recorded before schema 3
-            prof = self.catalog.profiles.get(row["profile"])
-            deadline = row["created_at"] + (prof.ready_timeout if prof else 300.0)
-        return now > deadline + self.stale_grace
-
-    def _find_lost(self, ready: list[dict[str, Any]], seen: dict[str, set[str]], report: CleanupReport) -> None:
-        """Probe the ready sandboxes that their backend's ``list_owned`` did not list (or could not)."""
-        for row in ready:
-            listed = seen.get(row["extension"])
-            if listed is not None and row["id"] in listed:
-                continue
-            ext = self.extension(row["extension"])
-            try:
-                lost = self._refresh(row, ext) if row["handle"] else None
-            except (BackendError, OSError) as exc:
-                report.errors[row["id"]] = f"probe on {ext.id} failed: {exc}"
-                continue
-            if lost is not None:
-                report.lost.append(row["id"])
-
-    def _reconcile(self, report: CleanupReport) -> dict[str, set[str]]:
-        """Tear down what a backend holds for us but no live record does.
-
-        Returns:
-            Per extension that could be listed, the ids of the live sandboxes it still holds.
-        """
-        seen: dict[str, set[str]] = {}
-        for ext_id in self.state.extensions_used():
-            loaded = self.catalog.extensions.get(ext_id)
-            if loaded is None or loaded.missing_extra or "list_owned" not in loaded.manifest.capabilities.features:
-                continue
-            ext = loaded.instance(self.home)
-            try:
-                owned = ext.list_owned(self.owner_labels)
-            except (BackendError, OSError) as exc:
-                report.errors[ext_id] = f"list_owned failed: {exc}"
-                continue
-            alive: set[str] = set()
-            for item in owned:
-                sid = item.get("sandbox_id")
-                row = self.state.get(sid) if sid else None
-                if row is not None and row["state"] in ("ready", "tearing_down", "teardown_failed"):
-                    if self._same_resource(ext, row, item):
-                        alive.add(sid)
-                        continue
-                    self._reap(ext, item, None, report, duplicate_of=row)  # a duplicate from a retried create
-                    continue
-                if row is not None and row["state"] == "provisioning" and (
-                        sid in self._inflight or not self._stale(row, time.time())):
-                    continue  # may still be in the hands of a creating thread or process
-                self._reap(ext, item, row, report)
-            self.state.touch(sorted(alive))
-            seen[ext_id] = alive
-        return seen
-
-    @staticmethod
-    def _same_resource(ext: SandboxExtension, row: dict[str, Any], item: dict[str, Any]) -> bool:
-        if not row["handle"]:
-            return True
-        mine = ext.handle_id(row["handle"])
-        return mine is None or mine == ext.handle_id(item["handle"])
-
-    def _reap(self, ext: SandboxExtension, item: dict[str, Any], row: dict[str, Any] | None, report: CleanupReport,
-              duplicate_of: dict[str, Any] | None = None) -> None:
-        sid = item.get("sandbox_id")
-        key = sid or repr(item.get("handle"))
-        if duplicate_of is not None:
-            key = f"{sid} (duplicate {ext.handle_id(item['handle'])})"
-        try:
-            ext.teardown(item["handle"])
-        except Exception as exc:  # noqa: BLE001 - recorded, retried next gc
-            report.errors[key] = f"orphan teardown on {ext.id} failed: {exc}"
-            return
-        report.orphans.append(key)
-        detail = {"handle": item["handle"], **({"duplicate_of": duplicate_of["handle"]} if duplicate_of else {})}
-        if row is not None:
-            self.state.transition(sid, "orphan_reaped", state="terminated" if row["state"] != "failed" else "failed",
-                                  terminated_at=row["terminated_at"] or time.time(), detail=detail)
-        else:
-            self.state.record_event(sid, "orphan_reaped", extension=ext.id, detail=detail)
