@@ -1,4 +1,4 @@
-"""The only module that touches the state store.
+"""The only package that touches the state store (all SQL is here).
 
 SQLAlchemy Core over SQLite by default (WAL, file mode 0600), or any server
 database by URL. Rules kept here:
@@ -14,7 +14,6 @@ database by URL. Rules kept here:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
 import shutil
@@ -28,15 +27,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from sqlalchemy import (
-    JSON,
-    Column,
-    Float,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
     and_,
     bindparam,
     create_engine,
@@ -52,122 +42,20 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from sandboxer.errors import StateStoreError
-
-SCHEMA_VERSION = 3
-LIVE_STATES = ("provisioning", "ready", "tearing_down", "teardown_failed")
-
-metadata = MetaData()
-
-meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False))
-
-sandboxes = Table(
-    "sandboxes",
+from sandboxer.state.schema import (  # noqa: F401 - the schema is part of this module's API
+    LIVE_STATES,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    claims,
+    events,
+    exports,
+    meta,
     metadata,
-    Column("id", String(64), primary_key=True),
-    Column("name", String(128)),
-    Column("profile", String(128), nullable=False),
-    Column("extension", String(128), nullable=False),
-    Column("host", String(255)),
-    Column("state", String(32), nullable=False),
-    Column("handle", JSON),
-    Column("reachability", JSON),
-    Column("consumer", String(255), nullable=False),
-    Column("labels", JSON, nullable=False),
-    Column("resources", JSON),
-    Column("created_at", Float, nullable=False),
-    Column("ready_at", Float),
-    Column("expires_at", Float, nullable=False),
-    Column("terminated_at", Float),
-    Column("last_seen_at", Float),
-    Column("last_error", Text),
-    Column("attempts", Integer, nullable=False, default=0),
-    # Migration 3 (issue 8):
-    Column("inputs", JSON),  # the inputs the consumer set (never secrets); a snapshot remembers them
-    Column("deadline_at", Float),  # a create not ready by then (plus a grace) was abandoned
-    Column("teardown_started_at", Float),
-    Index("ix_sandboxes_state", "state"),
-    Index("ix_sandboxes_admission", "extension", "state", "host"),  # live counts per backend/host
-    Index(
-        "ux_sandboxes_live_name",
-        "name",
-        unique=True,
-        sqlite_where=text("name IS NOT NULL AND state IN ('provisioning','ready','tearing_down','teardown_failed')"),
-        postgresql_where=text("name IS NOT NULL AND state IN ('provisioning','ready','tearing_down','teardown_failed')"),
-    ),
+    sandboxes,
+    snapshots,
+    usage,
 )
-
-events = Table(
-    "events",
-    metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),
-    Column("ts", Float, nullable=False),
-    Column("sandbox_id", String(64)),
-    Column("kind", String(64), nullable=False),
-    Column("from_state", String(32)),
-    Column("to_state", String(32)),
-    Column("consumer", String(255)),
-    Column("extension", String(128)),
-    Column("detail", JSON),
-    Index("ix_events_sandbox", "sandbox_id"),
-)
-
-snapshots = Table(
-    "snapshots",
-    metadata,
-    Column("id", String(64), primary_key=True),
-    Column("sandbox_id", String(64), nullable=False),
-    Column("extension", String(128), nullable=False),
-    Column("profile", String(128), nullable=False),
-    Column("consumer", String(255), nullable=False),
-    Column("state", String(16), nullable=False),  # pending | ready | failed
-    Column("created_at", Float, nullable=False),
-    Column("size_bytes", Integer),
-    Column("checksum", String(128)),
-    Column("data", JSON),
-    Column("error", Text),
-    Column("inputs", JSON),  # migration 3: the inputs of the sandbox it was made from
-)
-
-# Migration 3 (issue 8): backend-side names (compose projects, directories) held by sandboxes. A name
-# is taken while the sandbox holding it is live; admission checks and records claims in one transaction.
-claims = Table(
-    "claims",
-    metadata,
-    Column("scope", String(400), primary_key=True),  # "<extension>@<host>"
-    Column("name", String(400), primary_key=True),
-    Column("sandbox_id", String(64), primary_key=True),
-    Index("ix_claims_sandbox", "sandbox_id"),
-)
-
-# Migration 2 (issue 5): metered usage and the export outbox.
-usage = Table(
-    "usage",
-    metadata,
-    Column("sandbox_id", String(64), primary_key=True),
-    Column("consumer", String(255), nullable=False),
-    Column("profile", String(128), nullable=False),
-    Column("extension", String(128), nullable=False),
-    Column("resources", JSON),
-    Column("price", JSON),
-    Column("started_at", Float, nullable=False),
-    Column("stopped_at", Float),
-    Column("amount", Float),
-    Column("currency", String(8)),
-    Column("reported", JSON),  # what the backend itself reported (meter_actual), if anything
-)
-
-exports = Table(
-    "exports",
-    metadata,
-    Column("record_id", String(128), primary_key=True),
-    Column("sink", String(128), primary_key=True),
-    Column("record", JSON, nullable=False),
-    Column("state", String(16), nullable=False),  # pending | delivered
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("last_error", Text),
-    Column("updated_at", Float, nullable=False),
-)
-
+from sandboxer.state.sqlite import RawSQLite
 
 # Hot-path statements are built once: SQLAlchemy memoises a statement object's
 # cache key, so executing a prebuilt statement skips most per-call compilation.
@@ -224,96 +112,6 @@ class OverCapacity(Exception):
         self.clashes = clashes or []
 
 
-_JSON_COLUMNS = frozenset(c.name for t in metadata.tables.values() for c in t.columns if isinstance(c.type, JSON))
-
-
-class _Result:
-    """The slice of SQLAlchemy's Result API the store uses, over fetched DBAPI rows."""
-
-    def __init__(self, names: list[str], rows: list[tuple], rowcount: int):
-        self._names = names
-        self._rows = rows
-        self.rowcount = rowcount
-
-    def _dicts(self) -> list[dict[str, Any]]:
-        return [{n: (json.loads(v) if n in _JSON_COLUMNS and isinstance(v, str) else v)
-                 for n, v in zip(self._names, row)} for row in self._rows]
-
-    def mappings(self) -> "_Mappings":
-        return _Mappings(self._dicts())
-
-    def first(self) -> tuple | None:
-        return self._rows[0] if self._rows else None
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._rows)
-
-    def scalar(self) -> Any:
-        return self._rows[0][0] if self._rows else None
-
-    def scalar_one(self) -> Any:
-        if len(self._rows) != 1:
-            raise RuntimeError(f"expected one row, got {len(self._rows)}")
-        return self._rows[0][0]
-
-
-class _Mappings(list):
-    """Rows as dicts, like SQLAlchemy's MappingResult."""
-
-    def first(self) -> dict[str, Any] | None:
-        return self[0] if self else None
-
-    def all(self) -> list[dict[str, Any]]:
-        return list(self)
-
-
-class _RawSQLite:
-    """Runs SQLAlchemy Core statements on a plain ``sqlite3`` connection.
-
-    SQLAlchemy's per-statement work (cache keys, result processing) costs far more
-    than SQLite itself on the lifecycle's hot path. The statements stay Core
-    statements, compiled by SQLAlchemy's SQLite dialect once and cached here;
-    only their execution skips the engine. Other databases use the engine.
-    """
-
-    def __init__(self, db: sqlite3.Connection, dialect: Any, cache: "OrderedDict[Any, Any]", lock: threading.Lock):
-        self.db = db
-        self._dialect = dialect
-        self._cache = cache
-        self._cache_lock = lock
-
-    def _compiled(self, stmt: Any, keys: frozenset[str]) -> Any:
-        key = (id(stmt), keys)
-        with self._cache_lock:
-            hit = self._cache.get(key)
-            if hit is not None and hit[0] is stmt:  # the strong ref below keeps id() unique while cached
-                self._cache.move_to_end(key)
-                return hit[1]
-        column_keys = list(keys) if getattr(stmt, "is_dml", False) and not getattr(stmt, "is_delete", False) else None
-        compiled = stmt.compile(dialect=self._dialect, column_keys=column_keys)
-        json_binds = frozenset(n for n, b in compiled.binds.items() if isinstance(b.type, JSON))
-        entry = (str(compiled), compiled, json_binds, bool(compiled.post_compile_params))
-        with self._cache_lock:
-            self._cache[key] = (stmt, entry)
-            while len(self._cache) > 512:
-                self._cache.popitem(last=False)
-        return entry
-
-    def execute(self, stmt: Any, params: dict[str, Any] | None = None) -> _Result:
-        params = params or {}
-        sql, compiled, json_binds, expanding = self._compiled(stmt, frozenset(params))
-        if expanding:  # IN (...) lists are rendered per call
-            state = compiled.construct_expanded_state(params)
-            sql, values, names = state.statement, state.parameters, state.positiontup
-        else:
-            values, names = compiled.construct_params(params), compiled.positiontup
-        args = tuple(json.dumps(values[n]) if n in json_binds and values[n] is not None else values[n] for n in names)
-        cur = self.db.execute(sql, args)
-        rows = cur.fetchall() if cur.description else []
-        names = [d[0] for d in cur.description] if cur.description else []
-        return _Result(names, rows, cur.rowcount)
-
-
 def default_home() -> Path:
     env = os.environ.get("SANDBOXER_HOME")
     if env:
@@ -322,36 +120,10 @@ def default_home() -> Path:
     return Path(base) / "sandboxer"
 
 
-def _migrate_1(conn: Connection) -> None:
-    for t in (meta, sandboxes, events, snapshots):
-        t.create(conn, checkfirst=True)
-
-
-def _migrate_2(conn: Connection) -> None:
-    for t in (usage, exports):
-        t.create(conn, checkfirst=True)
-
-
-def _migrate_3(conn: Connection) -> None:
-    from sqlalchemy import inspect
-
-    claims.create(conn, checkfirst=True)
-    insp = inspect(conn)
-    for table, names in ((sandboxes, ("inputs", "deadline_at", "teardown_started_at")), (snapshots, ("inputs",))):
-        have = {c["name"] for c in insp.get_columns(table.name)}
-        for name in names:
-            if name not in have:
-                col = table.c[name]
-                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {name} {col.type.compile(conn.dialect)}"))
-
-
-MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3}
-
-
 class StateStore:
     """Durable record of sandboxes, events, snapshots and usage."""
 
-    #: Run SQLite transactions on plain sqlite3 connections (see _RawSQLite); tests turn it off
+    #: Run SQLite transactions on plain sqlite3 connections (see RawSQLite); tests turn it off
     #: to exercise the engine path that other databases take.
     raw_sqlite = True
     RAW_POOL_SIZE = 16
@@ -525,7 +297,7 @@ class StateStore:
                 yield conn
 
     @contextmanager
-    def _raw_tx(self, write: bool) -> Iterator[_RawSQLite]:
+    def _raw_tx(self, write: bool) -> Iterator[RawSQLite]:
         with self._raw_slots:
             try:
                 db = self._raw_idle.get_nowait()
@@ -538,7 +310,7 @@ class StateStore:
                 if write:
                     db.execute("BEGIN IMMEDIATE")
                 try:
-                    yield _RawSQLite(db, self.engine.dialect, self._raw_cache, self._raw_cache_lock)
+                    yield RawSQLite(db, self.engine.dialect, self._raw_cache, self._raw_cache_lock)
                 except BaseException:
                     if db.in_transaction:
                         db.execute("ROLLBACK")

@@ -1,0 +1,147 @@
+"""The state store's tables, its schema version and the ordered migrations that reach it."""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, Column, Float, Index, Integer, MetaData, String, Table, Text, text
+from sqlalchemy.engine import Connection
+
+SCHEMA_VERSION = 3
+LIVE_STATES = ("provisioning", "ready", "tearing_down", "teardown_failed")
+
+metadata = MetaData()
+
+meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False))
+
+sandboxes = Table(
+    "sandboxes",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(128)),
+    Column("profile", String(128), nullable=False),
+    Column("extension", String(128), nullable=False),
+    Column("host", String(255)),
+    Column("state", String(32), nullable=False),
+    Column("handle", JSON),
+    Column("reachability", JSON),
+    Column("consumer", String(255), nullable=False),
+    Column("labels", JSON, nullable=False),
+    Column("resources", JSON),
+    Column("created_at", Float, nullable=False),
+    Column("ready_at", Float),
+    Column("expires_at", Float, nullable=False),
+    Column("terminated_at", Float),
+    Column("last_seen_at", Float),
+    Column("last_error", Text),
+    Column("attempts", Integer, nullable=False, default=0),
+    # Migration 3 (issue 8):
+    Column("inputs", JSON),  # the inputs the consumer set (never secrets); a snapshot remembers them
+    Column("deadline_at", Float),  # a create not ready by then (plus a grace) was abandoned
+    Column("teardown_started_at", Float),
+    Index("ix_sandboxes_state", "state"),
+    Index("ix_sandboxes_admission", "extension", "state", "host"),  # live counts per backend/host
+    Index(
+        "ux_sandboxes_live_name",
+        "name",
+        unique=True,
+        sqlite_where=text("name IS NOT NULL AND state IN ('provisioning','ready','tearing_down','teardown_failed')"),
+        postgresql_where=text("name IS NOT NULL AND state IN ('provisioning','ready','tearing_down','teardown_failed')"),
+    ),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("ts", Float, nullable=False),
+    Column("sandbox_id", String(64)),
+    Column("kind", String(64), nullable=False),
+    Column("from_state", String(32)),
+    Column("to_state", String(32)),
+    Column("consumer", String(255)),
+    Column("extension", String(128)),
+    Column("detail", JSON),
+    Index("ix_events_sandbox", "sandbox_id"),
+)
+
+snapshots = Table(
+    "snapshots",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("sandbox_id", String(64), nullable=False),
+    Column("extension", String(128), nullable=False),
+    Column("profile", String(128), nullable=False),
+    Column("consumer", String(255), nullable=False),
+    Column("state", String(16), nullable=False),  # pending | ready | failed
+    Column("created_at", Float, nullable=False),
+    Column("size_bytes", Integer),
+    Column("checksum", String(128)),
+    Column("data", JSON),
+    Column("error", Text),
+    Column("inputs", JSON),  # migration 3: the inputs of the sandbox it was made from
+)
+
+# Migration 3 (issue 8): backend-side names (compose projects, directories) held by sandboxes. A name
+# is taken while the sandbox holding it is live; admission checks and records claims in one transaction.
+claims = Table(
+    "claims",
+    metadata,
+    Column("scope", String(400), primary_key=True),  # "<extension>@<host>"
+    Column("name", String(400), primary_key=True),
+    Column("sandbox_id", String(64), primary_key=True),
+    Index("ix_claims_sandbox", "sandbox_id"),
+)
+
+# Migration 2 (issue 5): metered usage and the export outbox.
+usage = Table(
+    "usage",
+    metadata,
+    Column("sandbox_id", String(64), primary_key=True),
+    Column("consumer", String(255), nullable=False),
+    Column("profile", String(128), nullable=False),
+    Column("extension", String(128), nullable=False),
+    Column("resources", JSON),
+    Column("price", JSON),
+    Column("started_at", Float, nullable=False),
+    Column("stopped_at", Float),
+    Column("amount", Float),
+    Column("currency", String(8)),
+    Column("reported", JSON),  # what the backend itself reported (meter_actual), if anything
+)
+
+exports = Table(
+    "exports",
+    metadata,
+    Column("record_id", String(128), primary_key=True),
+    Column("sink", String(128), primary_key=True),
+    Column("record", JSON, nullable=False),
+    Column("state", String(16), nullable=False),  # pending | delivered
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("updated_at", Float, nullable=False),
+)
+
+
+def _migrate_1(conn: Connection) -> None:
+    for t in (meta, sandboxes, events, snapshots):
+        t.create(conn, checkfirst=True)
+
+
+def _migrate_2(conn: Connection) -> None:
+    for t in (usage, exports):
+        t.create(conn, checkfirst=True)
+
+
+def _migrate_3(conn: Connection) -> None:
+    from sqlalchemy import inspect
+
+    claims.create(conn, checkfirst=True)
+    insp = inspect(conn)
+    for table, names in ((sandboxes, ("inputs", "deadline_at", "teardown_started_at")), (snapshots, ("inputs",))):
+        have = {c["name"] for c in insp.get_columns(table.name)}
+        for name in names:
+            if name not in have:
+                col = table.c[name]
+                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {name} {col.type.compile(conn.dialect)}"))
+
+
+MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3}
