@@ -66,6 +66,7 @@ TTL_GRACE_S = 60
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RUN_TMPFS = "size=8m,mode=755,nosuid,nodev"
 MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
+RESOLV_CONF = "/etc/resolv.conf"
 # Under bwrap, pid 1 is bwrap's own init, which waits for every process in the namespace;
 # so at the TTL the holder kills them all (kill -1 spares only itself and pid 1).
 _BWRAP_INIT = 'echo ready; sleep "$0"; kill -KILL -1'
@@ -82,8 +83,15 @@ life="$2"
 shm="$3"
 mount --bind "$ws" "$ws"
 mount --bind "$ws/.tmp" /tmp
+[ -z "$6" ] || exec 3< "$6"  # held open: the file stays reachable once /run is covered
 mount -t tmpfs -o "$4" tmpfs /run
-[ -L /var/run ] || mount -t tmpfs -o "$4" tmpfs /var/run
+[ -z "$5" ] || mount -t tmpfs -o "$4" tmpfs /var/run
+if [ -n "$6" ]; then
+  mkdir -p "${6%/*}"
+  : > "$6"
+  mount --no-canonicalize --bind /proc/self/fd/3 "$6"
+  exec 3<&-
+fi
 mount -t tmpfs -o "size=$shm,mode=1777,nosuid,nodev" tmpfs /dev/shm
 awk '{print $2}' /proc/self/mounts | sort -r | while read -r m; do
   case "$m" in "$ws"|/tmp|/run|/var/run|/dev/shm) continue ;; esac
@@ -294,18 +302,22 @@ class LocalExtension(SandboxExtension):
         try:
             ws.mkdir(parents=True, mode=0o700)
             res = profile.resources
-            if handle["ws_mount"]:
-                # The disk quota: the workspace (and /tmp, its .tmp) is a tmpfs of disk_mb, mounted
-                # on the host so snapshots read it where it always was.
-                _mount_tmpfs(ws, f"size={res.disk_mb}m,mode=0700,uid={uid},gid={uid}")
+            try:
+                if handle["ws_mount"]:
+                    # The disk quota: the workspace (and /tmp, its .tmp) is a tmpfs of disk_mb, mounted
+                    # on the host so snapshots read it where it always was.
+                    _mount_tmpfs(ws, f"size={res.disk_mb}m,mode=0700,uid={uid},gid={uid}")
+                enforced = {}
+                if hier is not None and handle["cgroup"]["dirs"]:
+                    enforced = local_cgroup.apply(hier, handle["cgroup"], memory_mb=res.memory_mb,
+                                                  pids=res.pids, cpu=res.cpu)
+            except OSError as exc:
+                raise ProvisionError(f"{self.id}: sandbox {sandbox_id}: cannot set up its limits: {exc}",
+                                     backend=self.id) from exc
             (ws / ".tmp").mkdir()
             if uid is not None:
                 os.chown(ws, uid, uid)
                 os.chown(ws / ".tmp", uid, uid)
-            enforced = {}
-            if hier is not None and handle["cgroup"]["dirs"]:
-                enforced = local_cgroup.apply(hier, handle["cgroup"], memory_mb=res.memory_mb, pids=res.pids,
-                                              cpu=res.cpu)
             handle["limits"] = self._limits_account(tool, res, opts, uid, hier, enforced, handle["ws_mount"])
             if tool != "none":
                 # The init exits at the TTL (plus a grace for gc to tear down first), so a sandbox's
@@ -345,8 +357,14 @@ class LocalExtension(SandboxExtension):
     def _start_init(self, tool: str, ws: Path, uid: int | None, opts: LocalOptions, sandbox_id: str,
                     life: int, cg: dict[str, Any] | None) -> dict[str, Any]:
         shm = f"{opts.shm_mb}m"
+        # With the host's network, name resolution must keep working even when /etc/resolv.conf
+        # points into /run (systemd-resolved): that one file is bound into the private /run.
+        resolv = os.path.realpath(RESOLV_CONF) if opts.network else ""
+        resolv = resolv if resolv.startswith(("/run/", "/var/run/")) and os.path.isfile(resolv) else ""
+        own_var_run = os.path.isdir("/var/run") and not os.path.islink("/var/run")
         if tool == "bwrap":
-            var_run = [] if os.path.islink("/var/run") else ["--size", str(8 << 20), "--tmpfs", "/var/run"]
+            var_run = ["--size", str(8 << 20), "--tmpfs", "/var/run"] if own_var_run else []
+            var_run += ["--ro-bind", resolv, resolv] if resolv else []
             argv = ["bwrap", "--unshare-all", *(["--share-net"] if opts.network else []), "--uid", "0", "--gid", "0",
                     "--ro-bind", "/", "/", "--bind", str(ws), str(ws), "--bind", f"{ws}/.tmp", "/tmp",
                     "--dev", "/dev", "--perms", "1777", "--size", str(opts.shm_mb << 20), "--tmpfs", "/dev/shm",
@@ -355,7 +373,8 @@ class LocalExtension(SandboxExtension):
         else:
             argv = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount", "--ipc", "--uts",
                     "--propagation", "slave", *([] if opts.network else ["--net"]), "--mount-proc",
-                    "sh", "-c", _UNSHARE_INIT, "init", str(ws), str(life), shm, RUN_TMPFS]
+                    "sh", "-c", _UNSHARE_INIT, "init", str(ws), str(life), shm, RUN_TMPFS,
+                    "1" if own_var_run else "", resolv]
         err_path = self.root / ".meta" / f"{sandbox_id}.err"
         cmd = local_cgroup.join_argv(local_cgroup.procs_files(cg)) + self._as_user(uid) + argv
         with open(err_path, "wb") as err:

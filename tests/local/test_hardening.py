@@ -334,3 +334,25 @@ def test_probe_with_isolation_none(cfg, make_manager):
     assert ext.probe(handle) is True
     mgr.teardown(sb.id)
     assert ext.probe(handle) is False
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_network_sandbox_keeps_a_resolv_conf_that_lives_in_run(cfg, make_manager, monkeypatch, tool, tmp_path):
+    # systemd-resolved hosts: /etc/resolv.conf -> /run/systemd/resolve/stub-resolv.conf
+    run_dir = Path(f"/run/sandboxer-test-{uuid.uuid4().hex[:8]}")
+    run_dir.mkdir()
+    (run_dir / "resolv.conf").write_text("nameserver 127.0.0.53\n")
+    link = tmp_path / "resolv.conf"
+    link.symlink_to(run_dir / "resolv.conf")
+    monkeypatch.setattr(local, "RESOLV_CONF", str(link))
+    cfg.write("profile.net.yaml", "slug: net\nextension: ext.local\nisolation: process\noptions: {network: true}\n")
+    mgr = make_manager()
+    _tool(mgr, monkeypatch, tool)
+    sb = mgr.create(profile="net")
+    try:
+        r = run(mgr, sb, f"cat {run_dir}/resolv.conf; ls -A {run_dir} /run | sort -u; echo x > {run_dir}/resolv.conf")
+        assert r.stdout.splitlines()[0] == "nameserver 127.0.0.53"
+        assert "Read-only file system" in r.stderr
+    finally:
+        mgr.teardown(sb.id)
+        shutil.rmtree(run_dir)
