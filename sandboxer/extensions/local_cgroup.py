@@ -210,7 +210,19 @@ def exec_group(cg: dict[str, Any] | None) -> str | None:
         os.mkdir(d)
     except OSError:
         return None  # the sandbox's cgroup is gone (torn down): the exec fails on its own
+    _prune(cg["track"])
     return d
+
+
+def _prune(track: str, keep: int = 32) -> None:
+    """Remove exec cgroups whose background processes have all ended, once there are many."""
+    try:
+        names = [n for n in os.listdir(track) if n.startswith("e-")]
+    except OSError:
+        return
+    if len(names) > keep:
+        for n in names:
+            drop_group(f"{track}/{n}")
 
 
 def drop_group(d: str | None) -> None:

@@ -356,3 +356,37 @@ def test_network_sandbox_keeps_a_resolv_conf_that_lives_in_run(cfg, make_manager
     finally:
         mgr.teardown(sb.id)
         shutil.rmtree(run_dir)
+
+
+def test_cpu_limit_holds_for_processes_together(cfg, make_manager):
+    _profile(cfg, "slow-cpu", cpu=0.25)
+    mgr = make_manager()
+    sb = mgr.create(profile="slow-cpu")
+    try:
+        spin = ("import os, resource, time\nfor _ in range(3):\n    if os.fork() == 0:\n        end = time.time() + 1.5\n"
+                "        while time.time() < end:\n            pass\n        os._exit(0)\n"
+                "for _ in range(3):\n    os.wait()\nr = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+                "print(r.ru_utime + r.ru_stime)")
+        used = float(mgr.exec(sb.id, ["python3", "-c", spin], timeout=30).stdout)
+        if sb.reachability["limits"]["cpu"].startswith("not enforced"):
+            pytest.skip("no cgroup cpu controller here: " + sb.reachability["limits"]["cpu"])
+        assert sb.reachability["limits"]["cpu"].endswith("=25000/100000")
+        assert used < 0.25 * 1.5 + 0.3, used  # 3 spinning processes share a quarter of a cpu
+    finally:
+        mgr.teardown(sb.id)
+
+
+def test_exec_cgroups_of_ended_background_processes_are_pruned(make_manager):
+    mgr = make_manager()
+    sb = mgr.create(profile="local")
+    try:
+        track = (mgr.state.get(sb.id)["handle"].get("cgroup") or {}).get("track")
+        if not track:
+            pytest.skip("no writable cgroup here")
+        for _ in range(40):
+            run(mgr, sb, "sleep 0.05 >/dev/null 2>&1 &")  # each leaves its exec cgroup busy for a moment
+        time.sleep(0.2)
+        run(mgr, sb, "true")
+        assert len([n for n in os.listdir(track) if n.startswith("e-")]) <= 33
+    finally:
+        mgr.teardown(sb.id)
