@@ -92,9 +92,27 @@ if [ -n "$6" ]; then
   mount --no-canonicalize --bind /proc/self/fd/3 "$6"
   exec 3<&-
 fi
+# A /dev of its own like bwrap's: of the host's device nodes only null, zero, full, random,
+# urandom and tty (no host socket or device that happens to be world-accessible).
+mkdir /run/.hostdev
+mount --rbind /dev /run/.hostdev
+mount -t tmpfs -o size=1m,mode=755,nosuid tmpfs /dev
+for d in null zero full random urandom tty; do
+  : > "/dev/$d"
+  mount --bind "/run/.hostdev/$d" "/dev/$d"
+done
+umount -l /run/.hostdev
+rmdir /run/.hostdev
+mkdir /dev/pts /dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666,mode=620 devpts /dev/pts
+ln -s pts/ptmx /dev/ptmx
+ln -s /proc/self/fd /dev/fd
+ln -s /proc/self/fd/0 /dev/stdin
+ln -s /proc/self/fd/1 /dev/stdout
+ln -s /proc/self/fd/2 /dev/stderr
 mount -t tmpfs -o "size=$shm,mode=1777,nosuid,nodev" tmpfs /dev/shm
 awk '{print $2}' /proc/self/mounts | sort -r | while read -r m; do
-  case "$m" in "$ws"|/tmp|/run|/var/run|/dev/shm) continue ;; esac
+  case "$m" in "$ws"|/tmp|/run|/var/run|/dev/shm|/dev/pts) continue ;; esac
   mount -o remount,bind,ro "$m" 2>/dev/null || true
 done
 echo ready

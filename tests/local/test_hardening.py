@@ -390,3 +390,19 @@ def test_exec_cgroups_of_ended_background_processes_are_pruned(make_manager):
         assert len([n for n in os.listdir(track) if n.startswith("e-")]) <= 33
     finally:
         mgr.teardown(sb.id)
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_dev_holds_only_a_minimal_set_of_devices(make_manager, monkeypatch, tool):
+    mgr = make_manager()
+    _tool(mgr, monkeypatch, tool)
+    sb = mgr.create(profile="local")
+    try:
+        r = run(mgr, sb, "ls -A /dev | grep -v '^core$'; echo x > /dev/null && head -c 4 /dev/urandom | wc -c; "
+                         "python3 -c 'import os; m, s = os.openpty(); print(os.ttyname(s))'")
+        lines = r.stdout.split()
+        assert lines[:-2] == sorted(["fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin",
+                                     "stdout", "tty", "urandom", "zero"]), r
+        assert lines[-2] == "4" and lines[-1].startswith("/dev/pts/")
+    finally:
+        mgr.teardown(sb.id)
