@@ -29,8 +29,11 @@ from typing import Any
 CONTROLLERS = ("memory", "pids", "cpu")
 CPU_PERIOD_US = 100_000
 BASE_NAME = "sandboxer"
-# Moves this shell into each cgroup.procs file given before "--" (writing 0 means "me"),
-# then execs the rest: the command starts inside its cgroups, and so does every child.
+# Moves this shell into each cgroup given before "--" (writing 0 means "me"), then execs the
+# rest: the command starts inside its cgroups, and so does every child. In v1 it writes the
+# `tasks` file: moving only the calling thread skips the kernel's global threadgroup lock,
+# whose RCU grace period makes a `cgroup.procs` write cost 5-20 ms on a busy machine (this
+# shell has one thread, so it moves whole). cgroup2 has no such file for domain cgroups.
 _JOIN = 'while [ "$1" != -- ]; do echo 0 > "$1" || exit 125; shift; done; shift; exec "$@"'
 
 
@@ -57,8 +60,13 @@ class Hierarchies:
 
     @property
     def track(self) -> str | None:
-        """Base of the hierarchy that holds one cgroup per exec (for deadlines)."""
-        return self.v2 or self.v1.get("pids") or next(iter(self.v1.values()), None)
+        """Base of the hierarchy that holds one cgroup per exec (for deadlines).
+
+        cgroup2 when it holds a limit anyway (or there is nothing better); else the v1 pids
+        hierarchy, which a process joins without waiting for the kernel (see :data:`_JOIN`)."""
+        if self.v2 and (self.v2_controllers or "pids" not in self.v1):
+            return self.v2
+        return self.v1.get("pids") or next(iter(self.v1.values()), None)
 
 
 def _mounts() -> list[tuple[str, str, list[str]]]:
@@ -131,12 +139,13 @@ def discover() -> Hierarchies:
 
 def plan(hier: Hierarchies, sandbox_id: str) -> dict[str, Any]:
     """The directories a sandbox's cgroups will take (pure: record it before :func:`apply`)."""
-    dirs = [f"{hier.v2}/{sandbox_id}"] if hier.v2 else []
+    track = hier.track
+    v2 = f"{hier.v2}/{sandbox_id}" if hier.v2 and (hier.v2_controllers or track == hier.v2) else None
+    dirs = [v2] if v2 else []
     for base in hier.v1.values():
         if f"{base}/{sandbox_id}" not in dirs:
             dirs.append(f"{base}/{sandbox_id}")
-    track = hier.track
-    return {"dirs": dirs, "track": f"{track}/{sandbox_id}" if track else None}
+    return {"dirs": dirs, "track": f"{track}/{sandbox_id}" if track else None, "v2": v2}
 
 
 def apply(hier: Hierarchies, cg: dict[str, Any], *, memory_mb: int, pids: int, cpu: float) -> dict[str, str]:
@@ -190,15 +199,18 @@ def apply(hier: Hierarchies, cg: dict[str, Any], *, memory_mb: int, pids: int, c
 
 
 def join_argv(procs_files: list[str]) -> list[str]:
-    """argv prefix that starts the command inside the cgroups whose cgroup.procs are given."""
+    """argv prefix that starts the command inside the cgroups whose membership files are given."""
     return ["sh", "-c", _JOIN, "join", *procs_files, "--"] if procs_files else []
 
 
 def procs_files(cg: dict[str, Any] | None, exec_dir: str | None = None) -> list[str]:
-    """cgroup.procs files to join: every sandbox cgroup, the exec's own in the tracking one."""
+    """Membership files to join: every sandbox cgroup, the exec's own in the tracking one
+    (``tasks`` in v1, ``cgroup.procs`` in v2)."""
     if not cg:
         return []
-    return [f"{exec_dir if exec_dir and d == cg.get('track') else d}/cgroup.procs" for d in cg["dirs"]]
+    v2 = cg.get("v2")
+    return [f"{exec_dir if exec_dir and d == cg.get('track') else d}/{'cgroup.procs' if d == v2 else 'tasks'}"
+            for d in cg["dirs"]]
 
 
 def exec_group(cg: dict[str, Any] | None) -> str | None:

@@ -267,13 +267,19 @@ def test_teardown_removes_cgroups_and_mounts(make_manager):
 # -------------------------------------------------------------- 4. exec deadlines
 
 
-@pytest.mark.parametrize("cgroups", [True, False], ids=["cgroup", "no-cgroup"])
-def test_exec_deadline_ends_the_whole_tree(make_manager, monkeypatch, cgroups):
+@pytest.mark.parametrize("mode", ["cgroup", "cgroup2-kill", "no-cgroup"])
+def test_exec_deadline_ends_the_whole_tree(make_manager, monkeypatch, mode):
     mgr = make_manager()
     ext = mgr.extension("ext.local")
-    if not cgroups:
+    hier = ext._hierarchies()
+    cgroups = mode != "no-cgroup"
+    if mode == "no-cgroup":
         monkeypatch.setattr(ext, "_cgroups", local_cgroup.Hierarchies.unavailable("disabled by the test"))
-    elif ext._hierarchies().track is None:
+    elif mode == "cgroup2-kill":  # exec cgroups in cgroup2, ended by cgroup.kill (v1: pids.max=0 + SIGKILL)
+        if hier.v2 is None:
+            pytest.skip("no writable cgroup2 here")
+        monkeypatch.setattr(ext, "_cgroups", local_cgroup.Hierarchies(v2=hier.v2))
+    elif hier.track is None:
         pytest.skip("no writable cgroup here")
     sb = mgr.create(profile="local")
     tag = str(40000 + os.getpid() % 10000)
