@@ -42,7 +42,7 @@ import tarfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -609,7 +609,7 @@ class LocalExtension(SandboxExtension):
 
 
 def _collect(proc: subprocess.Popen, stdin: bytes | None, timeout: float | None,
-             on_output: OutputCallback | None, kill: Any) -> ExecResult:
+             on_output: OutputCallback | None, kill: Callable[[], None]) -> ExecResult:
     """Stream a process's output to ``on_output`` and collect it; at ``timeout`` call ``kill``,
     which ends the whole process tree of the command."""
     if stdin:
