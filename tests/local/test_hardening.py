@@ -412,3 +412,20 @@ def test_dev_holds_only_a_minimal_set_of_devices(make_manager, monkeypatch, tool
         assert lines[-2] == "4" and lines[-1].startswith("/dev/pts/")
     finally:
         mgr.teardown(sb.id)
+
+
+def test_restore_larger_than_disk_mb_fails_and_leaves_nothing(cfg, make_manager):
+    from sandboxer import SnapshotError
+
+    _profile(cfg, "small-disk", disk_mb=8)
+    mgr = make_manager()
+    sb = mgr.create(profile="local")
+    run(mgr, sb, "head -c 12M /dev/urandom > big")
+    snap = mgr.snapshot(sb.id)
+    mgr.teardown(sb.id)
+    if os.geteuid() != 0:
+        pytest.skip("disk_mb is not enforced without root")
+    with pytest.raises(SnapshotError, match="No space left on device"):
+        mgr.restore(snap.id, profile="small-disk")
+    assert mgr.list() == []
+    mgr.delete_snapshot(snap.id)
