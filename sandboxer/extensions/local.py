@@ -390,7 +390,7 @@ class LocalExtension(SandboxExtension):
                     "--chdir", str(ws), "--", "sh", "-c", _BWRAP_INIT, str(life)]
         else:
             argv = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount", "--ipc", "--uts",
-                    "--propagation", "slave", *([] if opts.network else ["--net"]), "--mount-proc",
+                    "--cgroup", "--propagation", "slave", *([] if opts.network else ["--net"]), "--mount-proc",
                     "sh", "-c", _UNSHARE_INIT, "init", str(ws), str(life), shm, RUN_TMPFS,
                     "1" if own_var_run else "", resolv]
         err_path = self.root / ".meta" / f"{sandbox_id}.err"
@@ -457,7 +457,7 @@ class LocalExtension(SandboxExtension):
         else:
             if not _alive(handle.get("pid"), handle.get("starttime")):
                 raise ExecError(f"{self.id}: sandbox {handle.get('sandbox_id')} is not running", backend=self.id)
-            ns = ["--user", "--pid", "--mount", "--ipc", "--uts", *([] if opts.get("network") else ["--net"])]
+            ns = ["--user", "--pid", "--mount", "--ipc", "--uts", "--cgroup", *([] if opts.get("network") else ["--net"])]
             # Root enters the sandbox's user namespace and becomes its root (= the sandbox uid
             # outside); anyone else enters as the namespace's owner. Either way the command then
             # loses every capability, so it cannot undo the read-only mounts from inside.

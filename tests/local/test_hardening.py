@@ -429,3 +429,18 @@ def test_restore_larger_than_disk_mb_fails_and_leaves_nothing(cfg, make_manager)
         mgr.restore(snap.id, profile="small-disk")
     assert mgr.list() == []
     mgr.delete_snapshot(snap.id)
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_cgroup_paths_of_the_manager_are_not_visible(make_manager, monkeypatch, tool):
+    mgr = make_manager()
+    _tool(mgr, monkeypatch, tool)
+    sb = mgr.create(profile="local")
+    own = {line.split(":", 2)[2].strip() for line in Path("/proc/self/cgroup").read_text().splitlines()} - {"/"}
+    try:
+        r = run(mgr, sb, "cat /proc/self/cgroup /proc/1/cgroup")
+        assert r.exit_code == 0 and r.stdout
+        assert "sandboxer" not in r.stdout and sb.id not in r.stdout, r.stdout  # a cgroup namespace of its own
+        assert not any(path in r.stdout for path in own), r.stdout
+    finally:
+        mgr.teardown(sb.id)
