@@ -33,6 +33,7 @@ import errno
 import hashlib
 import json
 import os
+import pwd
 import random
 import selectors
 import shutil
@@ -67,6 +68,9 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RUN_TMPFS = "size=8m,mode=755,nosuid,nodev"
 MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
 RESOLV_CONF = "/etc/resolv.conf"
+_NEVER_HIDE = {"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt", "/proc", "/root", "/run",
+               "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/lib"}
+_PRIVATE_PREFIXES = ("/tmp/", "/var/tmp/", "/run/", "/var/run/", "/dev/", "/proc/", "/sys/")
 # Under bwrap, pid 1 is bwrap's own init, which waits for every process in the namespace;
 # so at the TTL the holder kills them all (kill -1 spares only itself and pid 1).
 _BWRAP_INIT = 'echo ready; sleep "$0"; kill -KILL -1'
@@ -83,6 +87,7 @@ life="$2"
 shm="$3"
 mount --bind "$ws" "$ws"
 mount --bind "$ws/.tmp" /tmp
+[ -z "$7" ] || mount --bind "$ws/.tmp" /var/tmp
 [ -z "$6" ] || exec 3< "$6"  # held open: the file stays reachable once /run is covered
 mount -t tmpfs -o "$4" tmpfs /run
 [ -z "$5" ] || mount -t tmpfs -o "$4" tmpfs /var/run
@@ -103,6 +108,15 @@ for d in null zero full random urandom tty; do
 done
 umount -l /run/.hostdev
 rmdir /run/.hostdev
+# The manager's home (and, without root, the user's): an empty tmpfs, read-only by the loop
+# below; a workspace inside it is moved back on top.
+printf '%s\n' "$8" | while IFS= read -r h; do
+  [ -n "$h" ] || continue
+  under=
+  case "$ws/" in "$h"/*) under=1; mkdir /run/.ws; mount --bind "$ws" /run/.ws ;; esac
+  mount -t tmpfs -o size=64k,mode=555,nosuid,nodev tmpfs "$h"
+  if [ -n "$under" ]; then mkdir -p "$ws"; mount --move /run/.ws "$ws"; rmdir /run/.ws; fi
+done
 mkdir /dev/pts /dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666,mode=620 devpts /dev/pts
 ln -s pts/ptmx /dev/ptmx
@@ -112,7 +126,7 @@ ln -s /proc/self/fd/1 /dev/stdout
 ln -s /proc/self/fd/2 /dev/stderr
 mount -t tmpfs -o "size=$shm,mode=1777,nosuid,nodev" tmpfs /dev/shm
 awk '{print $2}' /proc/self/mounts | sort -r | while read -r m; do
-  case "$m" in "$ws"|/tmp|/run|/var/run|/dev/shm|/dev/pts) continue ;; esac
+  case "$m" in "$ws"|/tmp|/var/tmp|/run|/var/run|/dev/shm|/dev/pts) continue ;; esac
   mount -o remount,bind,ro "$m" 2>/dev/null || true
 done
 echo ready
@@ -372,6 +386,21 @@ class LocalExtension(SandboxExtension):
         }
         return out
 
+    def _hidden_dirs(self) -> list[str]:
+        """Directories a sandbox must not see, covered by an empty read-only tmpfs: the
+        manager's home (state store, snapshots) and, without root (the sandbox then has our
+        uid), the user's home. Never a system directory or one already private."""
+        dirs = {os.path.realpath(self.home)}
+        if os.geteuid() != 0:
+            dirs.add(os.path.realpath(pwd.getpwuid(os.getuid()).pw_dir))
+        out: list[str] = []
+        for d in sorted(dirs, key=len):
+            if (d in _NEVER_HIDE or d.startswith(_PRIVATE_PREFIXES) or not os.path.isdir(d)
+                    or any(d.startswith(o + "/") for o in out)):
+                continue
+            out.append(d)
+        return out
+
     def _start_init(self, tool: str, ws: Path, uid: int | None, opts: LocalOptions, sandbox_id: str,
                     life: int, cg: dict[str, Any] | None) -> dict[str, Any]:
         shm = f"{opts.shm_mb}m"
@@ -380,19 +409,24 @@ class LocalExtension(SandboxExtension):
         resolv = os.path.realpath(RESOLV_CONF) if opts.network else ""
         resolv = resolv if resolv.startswith(("/run/", "/var/run/")) and os.path.isfile(resolv) else ""
         own_var_run = os.path.isdir("/var/run") and not os.path.islink("/var/run")
+        var_tmp = os.path.isdir("/var/tmp") and not os.path.islink("/var/tmp")
+        hidden = self._hidden_dirs()
         if tool == "bwrap":
             var_run = ["--size", str(8 << 20), "--tmpfs", "/var/run"] if own_var_run else []
             var_run += ["--ro-bind", resolv, resolv] if resolv else []
+            var_run += ["--bind", f"{ws}/.tmp", "/var/tmp"] if var_tmp else []
+            cover = [a for h in hidden for a in ("--perms", "0555", "--size", "65536", "--tmpfs", h)]
             argv = ["bwrap", "--unshare-all", *(["--share-net"] if opts.network else []), "--uid", "0", "--gid", "0",
-                    "--ro-bind", "/", "/", "--bind", str(ws), str(ws), "--bind", f"{ws}/.tmp", "/tmp",
+                    "--ro-bind", "/", "/", *cover, "--bind", str(ws), str(ws), "--bind", f"{ws}/.tmp", "/tmp",
                     "--dev", "/dev", "--perms", "1777", "--size", str(opts.shm_mb << 20), "--tmpfs", "/dev/shm",
                     "--proc", "/proc", "--size", str(8 << 20), "--tmpfs", "/run", *var_run,
+                    *[a for h in hidden for a in ("--remount-ro", h)],
                     "--chdir", str(ws), "--", "sh", "-c", _BWRAP_INIT, str(life)]
         else:
             argv = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount", "--ipc", "--uts",
                     "--cgroup", "--propagation", "slave", *([] if opts.network else ["--net"]), "--mount-proc",
                     "sh", "-c", _UNSHARE_INIT, "init", str(ws), str(life), shm, RUN_TMPFS,
-                    "1" if own_var_run else "", resolv]
+                    "1" if own_var_run else "", resolv, "1" if var_tmp else "", "\n".join(hidden)]
         err_path = self.root / ".meta" / f"{sandbox_id}.err"
         cmd = local_cgroup.join_argv(local_cgroup.procs_files(cg)) + self._as_user(uid) + argv
         with open(err_path, "wb") as err:

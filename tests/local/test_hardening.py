@@ -444,3 +444,36 @@ def test_cgroup_paths_of_the_manager_are_not_visible(make_manager, monkeypatch, 
         assert not any(path in r.stdout for path in own), r.stdout
     finally:
         mgr.teardown(sb.id)
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_manager_home_and_var_tmp_are_not_visible(cfg, monkeypatch, tool, tmp_path):
+    from sandboxer import Manager
+
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} not installed")
+    home = Path(f"/var/lib/sandboxer-test-home-{uuid.uuid4().hex[:8]}")  # outside the private /tmp
+    home.mkdir(mode=0o755)
+    (home / "secret").write_text("manager state")
+    os.chmod(home / "secret", 0o644)
+    var_tmp = Path(f"/var/tmp/sandboxer-test-{uuid.uuid4().hex[:8]}")
+    var_tmp.write_text("host")
+    mgr = Manager(config_dirs=[cfg.root], home=home)
+    ext = mgr.extension("ext.local")
+    monkeypatch.setattr(ext, "_tool", tool)
+    monkeypatch.setattr(ext.config, "root", str(home / "local"))  # the workspaces live under it too
+    sb = None
+    try:
+        sb = mgr.create(profile="local")
+        r = run(mgr, sb, f"ls -A {home}; cat {home}/secret; ls {var_tmp}; touch {home}/x; "
+                         "echo ok > f && cat f; pwd")
+        assert "manager state" not in r.stdout and "secret" not in r.stdout
+        assert "No such file" in r.stderr and "Read-only file system" in r.stderr
+        assert r.stdout.split()[-2:] == ["ok", sb.reachability["workspace"]]
+        assert sb.reachability["workspace"].startswith(f"{home}/local/")
+    finally:
+        if sb is not None:
+            mgr.teardown(sb.id)
+        mgr.close()
+        var_tmp.unlink()
+        shutil.rmtree(home)
