@@ -392,7 +392,10 @@ class LocalExtension(SandboxExtension):
         uid), the user's home. Never a system directory or one already private."""
         dirs = {os.path.realpath(self.home)}
         if os.geteuid() != 0:
-            dirs.add(os.path.realpath(pwd.getpwuid(os.getuid()).pw_dir))
+            try:
+                dirs.add(os.path.realpath(pwd.getpwuid(os.getuid()).pw_dir))
+            except KeyError:  # a uid without a passwd entry has no home to protect
+                pass
         out: list[str] = []
         for d in sorted(dirs, key=len):
             if (d in _NEVER_HIDE or d.startswith(_PRIVATE_PREFIXES) or not os.path.isdir(d)
