@@ -99,6 +99,7 @@ def discover() -> Hierarchies:
     mounts = _mounts()
     reasons: dict[str, str] = {}
     v2, v2c = None, frozenset()
+    refused: dict[str, str] = {}
     v2_mount = next((p for p, t, _ in mounts if t == "cgroup2"), None)
     if v2_mount is None:
         reasons["kill"] = "no cgroup2 hierarchy is mounted"
@@ -112,8 +113,8 @@ def discover() -> Hierarchies:
                 if c in offered:
                     try:  # so each sandbox's directory below gets memory.max, pids.max, cpu.max
                         (base / "cgroup.subtree_control").write_text(f"+{c}")
-                    except OSError:
-                        pass
+                    except OSError as exc:
+                        refused[c] = f"cgroup2 at {v2_mount} refused to delegate it: {exc.strerror}"
             v2c = frozenset(set((base / "cgroup.subtree_control").read_text().split()) & set(CONTROLLERS))
         except OSError as exc:
             reasons["kill"] = f"cannot use cgroup2 at {v2_mount}: {exc.strerror}"
@@ -123,7 +124,7 @@ def discover() -> Hierarchies:
         if c in v2c:
             continue
         point = next((p for p, t, opts in mounts if t == "cgroup" and c in opts), None)
-        where = f"cgroup2 at {v2_mount} does not offer it" if v2_mount else "no cgroup2"
+        where = refused.get(c) or (f"cgroup2 at {v2_mount} does not offer it" if v2_mount else "no cgroup2")
         if point is None:
             reasons[c] = f"no cgroup {c} controller ({where}, and no cgroup v1 {c} hierarchy)"
             continue
