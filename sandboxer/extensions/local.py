@@ -4,9 +4,20 @@ Each sandbox is a workspace directory plus a long-lived "init" process that
 holds its namespaces (user, pid, mount, ipc, uts and, unless the profile
 allows network, net). The init is started by bubblewrap when installed, else
 by util-linux ``unshare``; inside it the whole filesystem is read-only but the
-workspace. ``exec`` enters the same namespaces with ``nsenter``, under the
-profile's rlimits. Teardown SIGKILLs the init, which kills every process of
-the pid namespace, then removes the workspace.
+workspace, and /tmp (the workspace's ``.tmp``), /run and /dev/shm are private
+and empty, so no host unix socket there is reachable. ``exec`` enters the same
+namespaces with ``nsenter``, under the profile's rlimits. Teardown SIGKILLs
+the init, which kills every process of the pid namespace, then removes the
+workspace.
+
+Nothing of the manager reaches a sandbox: every process we start (the init,
+bwrap/unshare, nsenter, setpriv, prlimit, the startup probe) gets an explicit,
+minimal environment (:func:`_base_env`) plus what the profile and the exec ask.
+
+Limits for the sandbox as a whole (memory, pids, cpu) come from cgroups where the
+host has them (:mod:`sandboxer.extensions.local_cgroup`); the workspace is a
+size-limited tmpfs when root; /dev/shm is a size-limited tmpfs inside the mount
+namespace. What is not enforced is said so in the reachability's ``limits``.
 
 When run as root, each sandbox runs as its own unprivileged uid (mapped to
 root inside its user namespace), so rlimits on processes count per sandbox
@@ -17,9 +28,12 @@ Isolation level ``none`` (an explicit insecure-dev tier) skips namespaces.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import pwd
 import random
 import selectors
 import shutil
@@ -29,7 +43,7 @@ import tarfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +55,7 @@ from sandboxer.errors import (
     SnapshotError,
     TeardownError,
 )
+from sandboxer.extensions import local_cgroup
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
 
@@ -49,21 +64,69 @@ UID_SPAN = 1_000_000
 OUTPUT_CAP = 16 * 1024 * 1024
 SYSTEM_ROOT = Path("/var/lib/sandboxer/local")
 TTL_GRACE_S = 60
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+RUN_TMPFS = "size=8m,mode=755,nosuid,nodev"
+MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
+RESOLV_CONF = "/etc/resolv.conf"
+_NEVER_HIDE = {"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt", "/proc", "/root", "/run",
+               "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/lib"}
+_PRIVATE_PREFIXES = ("/tmp/", "/var/tmp/", "/run/", "/var/run/", "/dev/", "/proc/", "/sys/")
 # Under bwrap, pid 1 is bwrap's own init, which waits for every process in the namespace;
 # so at the TTL the holder kills them all (kill -1 spares only itself and pid 1).
 _BWRAP_INIT = 'echo ready; sleep "$0"; kill -KILL -1'
 
 _DROP_CAPS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
 
-# Runs as the sandbox's pid 1 under `unshare`: make every mount read-only but
-# the workspace, say "ready", then hold the namespaces until the TTL runs out.
+# Runs as the sandbox's pid 1 under `unshare`: give it a private /tmp (the workspace's .tmp),
+# /run and /dev/shm, make every other mount read-only, say "ready", then hold the namespaces
+# until the TTL runs out.
 _UNSHARE_INIT = r"""
 set -e
 ws="$1"
 life="$2"
+shm="$3"
 mount --bind "$ws" "$ws"
+mount --bind "$ws/.tmp" /tmp
+[ -z "$7" ] || mount --bind "$ws/.tmp" /var/tmp
+[ -z "$6" ] || exec 3< "$6"  # held open: the file stays reachable once /run is covered
+mount -t tmpfs -o "$4" tmpfs /run
+[ -z "$5" ] || mount -t tmpfs -o "$4" tmpfs /var/run
+if [ -n "$6" ]; then
+  mkdir -p "${6%/*}"
+  : > "$6"
+  mount --no-canonicalize --bind /proc/self/fd/3 "$6"
+  exec 3<&-
+fi
+# A /dev of its own like bwrap's: of the host's device nodes only null, zero, full, random,
+# urandom and tty (no host socket or device that happens to be world-accessible).
+mkdir /run/.hostdev
+mount --rbind /dev /run/.hostdev
+mount -t tmpfs -o size=1m,mode=755,nosuid tmpfs /dev
+for d in null zero full random urandom tty; do
+  : > "/dev/$d"
+  mount --bind "/run/.hostdev/$d" "/dev/$d"
+done
+umount -l /run/.hostdev
+rmdir /run/.hostdev
+# The manager's home (and, without root, the user's): an empty tmpfs, read-only by the loop
+# below; a workspace inside it is moved back on top.
+printf '%s\n' "$8" | while IFS= read -r h; do
+  [ -n "$h" ] || continue
+  under=
+  case "$ws/" in "$h"/*) under=1; mkdir /run/.ws; mount --bind "$ws" /run/.ws ;; esac
+  mount -t tmpfs -o size=64k,mode=555,nosuid,nodev tmpfs "$h"
+  if [ -n "$under" ]; then mkdir -p "$ws"; mount --move /run/.ws "$ws"; rmdir /run/.ws; fi
+done
+mkdir /dev/pts /dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666,mode=620 devpts /dev/pts
+ln -s pts/ptmx /dev/ptmx
+ln -s /proc/self/fd /dev/fd
+ln -s /proc/self/fd/0 /dev/stdin
+ln -s /proc/self/fd/1 /dev/stdout
+ln -s /proc/self/fd/2 /dev/stderr
+mount -t tmpfs -o "size=$shm,mode=1777,nosuid,nodev" tmpfs /dev/shm
 awk '{print $2}' /proc/self/mounts | sort -r | while read -r m; do
-  case "$m" in "$ws") continue ;; esac
+  case "$m" in "$ws"|/tmp|/var/tmp|/run|/var/run|/dev/shm|/dev/pts) continue ;; esac
   mount -o remount,bind,ro "$m" 2>/dev/null || true
 done
 echo ready
@@ -84,6 +147,7 @@ class LocalOptions(BaseModel):
 
     network: bool = Field(default=False, description="share the host network (off: no network at all)")
     cpu_time_s: int = Field(default=3600, gt=0, description="RLIMIT_CPU per process")
+    shm_mb: int = Field(default=64, gt=0, description="size of the sandbox's private /dev/shm")
     env: dict[str, str] = Field(default_factory=dict)
 
 
@@ -98,6 +162,34 @@ def _starttime(pid: int) -> str | None:
 
 def _alive(pid: int | None, start: str | None) -> bool:
     return bool(pid) and start is not None and _starttime(pid) == start  # type: ignore[arg-type]
+
+
+def _base_env(home: str, tmpdir: str | None = None) -> dict[str, str]:
+    """The whole environment a helper or sandbox process starts from: nothing of ours."""
+    env = {"PATH": PATH, "HOME": home, "LANG": "C.UTF-8", "TERM": "dumb"}
+    return {**env, "TMPDIR": tmpdir} if tmpdir else env
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _mount_tmpfs(path: Path, options: str) -> None:
+    if _libc.mount(b"tmpfs", str(path).encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode()) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+
+
+def _unmount(path: Path) -> bool:
+    """Unmount ``path`` if it is a mount point; True if something was unmounted."""
+    p = str(path).encode()
+    if _libc.umount2(p, 0) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EBUSY and _libc.umount2(p, MNT_DETACH) == 0:
+        return True
+    if err in (errno.EINVAL, errno.ENOENT):
+        return False  # not a mount point (any more)
+    raise OSError(err, os.strerror(err), str(path))
 
 
 def _children(pid: int) -> list[int]:
@@ -119,6 +211,7 @@ class LocalExtension(SandboxExtension):
         self._lock = threading.Lock()
         self._tool: str | None = None
         self._tool_error: str | None = None
+        self._cgroups: local_cgroup.Hierarchies | None = None
 
     # ------------------------------------------------------------ helpers
 
@@ -150,6 +243,16 @@ class LocalExtension(SandboxExtension):
             )
         return self._tool
 
+    def _hierarchies(self) -> local_cgroup.Hierarchies:
+        """The cgroup hierarchies this host offers (discovered once)."""
+        with self._lock:
+            if self._cgroups is None:
+                try:
+                    self._cgroups = local_cgroup.discover()
+                except OSError as exc:
+                    self._cgroups = local_cgroup.Hierarchies.unavailable(f"cannot inspect cgroups: {exc}")
+            return self._cgroups
+
     def _probe(self) -> tuple[str | None, str | None]:
         tools = ["bwrap", "unshare"] if self.config.tool == "auto" else [self.config.tool]
         errors = []
@@ -161,7 +264,8 @@ class LocalExtension(SandboxExtension):
                     else ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount", "--net", "true"])
             uid = self._probe_uid()
             try:
-                subprocess.run(self._as_user(uid) + argv, check=True, capture_output=True, timeout=10)
+                subprocess.run(self._as_user(uid) + argv, check=True, capture_output=True, timeout=10,
+                               env=_base_env("/"), cwd="/")
                 return tool, None
             except (subprocess.SubprocessError, OSError) as exc:
                 err = getattr(exc, "stderr", b"") or b""
@@ -217,43 +321,120 @@ class LocalExtension(SandboxExtension):
         meta_dir = self.root / ".meta"
         meta_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         uid = self._alloc_uid() if tool != "none" else None
+        hier = self._hierarchies() if tool != "none" else None
         handle: dict[str, Any] = {
             "host": "localhost", "workspace": str(ws), "tool": tool, "uid": uid, "sandbox_id": sandbox_id,
             "resources": profile.resources.model_dump(), "options": opts.model_dump(),
+            "cgroup": local_cgroup.plan(hier, sandbox_id) if hier else None,
+            "ws_mount": tool != "none" and os.geteuid() == 0,
         }
         meta = {"sandbox_id": sandbox_id, "owner_labels": inputs.get("owner_labels", {}), "handle": handle}
         meta_path = meta_dir / f"{sandbox_id}.json"
         meta_path.write_text(json.dumps(meta))  # recorded first, so list_owned finds even a half-made sandbox
         try:
             ws.mkdir(parents=True, mode=0o700)
+            res = profile.resources
+            try:
+                if handle["ws_mount"]:
+                    # The disk quota: the workspace (and /tmp, its .tmp) is a tmpfs of disk_mb, mounted
+                    # on the host so snapshots read it where it always was.
+                    _mount_tmpfs(ws, f"size={res.disk_mb}m,mode=0700,uid={uid},gid={uid}")
+                enforced = {}
+                if hier is not None and handle["cgroup"]["dirs"]:
+                    enforced = local_cgroup.apply(hier, handle["cgroup"], memory_mb=res.memory_mb,
+                                                  pids=res.pids, cpu=res.cpu)
+            except OSError as exc:
+                raise ProvisionError(f"{self.id}: sandbox {sandbox_id}: cannot set up its limits: {exc}",
+                                     backend=self.id) from exc
             (ws / ".tmp").mkdir()
             if uid is not None:
                 os.chown(ws, uid, uid)
                 os.chown(ws / ".tmp", uid, uid)
+            handle["limits"] = self._limits_account(tool, res, opts, uid, hier, enforced, handle["ws_mount"])
             if tool != "none":
                 # The init exits at the TTL (plus a grace for gc to tear down first), so a sandbox's
                 # processes end on time even if no manager is left to run gc.
                 life = int(float(inputs.get("ttl") or profile.ttl.default)) + TTL_GRACE_S
-                handle.update(self._start_init(tool, ws, uid, opts.network, sandbox_id, life))
+                handle.update(self._start_init(tool, ws, uid, opts, sandbox_id, life, handle["cgroup"]))
             meta_path.write_text(json.dumps({**meta, "handle": handle}))
             return handle
         except BaseException:
             self.teardown(handle)
             raise
 
-    def _start_init(self, tool: str, ws: Path, uid: int | None, network: bool, sandbox_id: str,
-                    life: int) -> dict[str, Any]:
+    @staticmethod
+    def _limits_account(tool: str, res: Any, opts: LocalOptions, uid: int | None,
+                        hier: local_cgroup.Hierarchies | None, enforced: dict[str, str],
+                        ws_mount: bool) -> dict[str, str]:
+        """Exactly what is enforced for each limit, and how; "not enforced: <why>" otherwise."""
+        if tool == "none":
+            why = "not enforced: isolation none (no namespaces, no cgroups)"
+            return {"memory": f"{why}; only RLIMIT_AS={res.memory_mb}M per process",
+                    "pids": why, "cpu": f"{why}; only RLIMIT_CPU={opts.cpu_time_s}s per process",
+                    "disk": why, "shm": why + "; /dev/shm is the host's"}
+        assert hier is not None
+        out = {
+            "memory": enforced.get("memory") or
+            f"not enforced: {hier.why('memory')}; only RLIMIT_AS={res.memory_mb}M per process",
+            "pids": enforced.get("pids") or (f"RLIMIT_NPROC={res.pids} for the sandbox's own uid" if uid is not None
+                                             else f"not enforced: {hier.why('pids')}"),
+            "cpu": enforced.get("cpu") or
+            f"not enforced: {hier.why('cpu')}; only RLIMIT_CPU={opts.cpu_time_s}s per process",
+            "disk": f"tmpfs size={res.disk_mb}M on the workspace (and /tmp)" if ws_mount
+            else "not enforced: a size-limited workspace mount needs root",
+            "shm": f"tmpfs size={opts.shm_mb}M",
+        }
+        return out
+
+    def _hidden_dirs(self) -> list[str]:
+        """Directories a sandbox must not see, covered by an empty read-only tmpfs: the
+        manager's home (state store, snapshots) and, without root (the sandbox then has our
+        uid), the user's home. Never a system directory or one already private."""
+        dirs = {os.path.realpath(self.home)}
+        if os.geteuid() != 0:
+            try:
+                dirs.add(os.path.realpath(pwd.getpwuid(os.getuid()).pw_dir))
+            except KeyError:  # a uid without a passwd entry has no home to protect
+                pass
+        out: list[str] = []
+        for d in sorted(dirs, key=len):
+            if (d in _NEVER_HIDE or d.startswith(_PRIVATE_PREFIXES) or not os.path.isdir(d)
+                    or any(d.startswith(o + "/") for o in out)):
+                continue
+            out.append(d)
+        return out
+
+    def _start_init(self, tool: str, ws: Path, uid: int | None, opts: LocalOptions, sandbox_id: str,
+                    life: int, cg: dict[str, Any] | None) -> dict[str, Any]:
+        shm = f"{opts.shm_mb}m"
+        # With the host's network, name resolution must keep working even when /etc/resolv.conf
+        # points into /run (systemd-resolved): that one file is bound into the private /run.
+        resolv = os.path.realpath(RESOLV_CONF) if opts.network else ""
+        resolv = resolv if resolv.startswith(("/run/", "/var/run/")) and os.path.isfile(resolv) else ""
+        own_var_run = os.path.isdir("/var/run") and not os.path.islink("/var/run")
+        var_tmp = os.path.isdir("/var/tmp") and not os.path.islink("/var/tmp")
+        hidden = self._hidden_dirs()
         if tool == "bwrap":
-            argv = ["bwrap", "--unshare-all", *(["--share-net"] if network else []), "--uid", "0", "--gid", "0",
-                    "--ro-bind", "/", "/", "--bind", str(ws), str(ws), "--dev", "/dev", "--proc", "/proc",
+            var_run = ["--size", str(8 << 20), "--tmpfs", "/var/run"] if own_var_run else []
+            var_run += ["--ro-bind", resolv, resolv] if resolv else []
+            var_run += ["--bind", f"{ws}/.tmp", "/var/tmp"] if var_tmp else []
+            cover = [a for h in hidden for a in ("--perms", "0555", "--size", "65536", "--tmpfs", h)]
+            argv = ["bwrap", "--unshare-all", *(["--share-net"] if opts.network else []), "--uid", "0", "--gid", "0",
+                    "--ro-bind", "/", "/", *cover, "--bind", str(ws), str(ws), "--bind", f"{ws}/.tmp", "/tmp",
+                    "--dev", "/dev", "--perms", "1777", "--size", str(opts.shm_mb << 20), "--tmpfs", "/dev/shm",
+                    "--proc", "/proc", "--size", str(8 << 20), "--tmpfs", "/run", *var_run,
+                    *[a for h in hidden for a in ("--remount-ro", h)],
                     "--chdir", str(ws), "--", "sh", "-c", _BWRAP_INIT, str(life)]
         else:
             argv = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount", "--ipc", "--uts",
-                    *([] if network else ["--net"]), "--mount-proc", "sh", "-c", _UNSHARE_INIT, "init", str(ws), str(life)]
+                    "--cgroup", "--propagation", "slave", *([] if opts.network else ["--net"]), "--mount-proc",
+                    "sh", "-c", _UNSHARE_INIT, "init", str(ws), str(life), shm, RUN_TMPFS,
+                    "1" if own_var_run else "", resolv, "1" if var_tmp else "", "\n".join(hidden)]
         err_path = self.root / ".meta" / f"{sandbox_id}.err"
+        cmd = local_cgroup.join_argv(local_cgroup.procs_files(cg)) + self._as_user(uid) + argv
         with open(err_path, "wb") as err:
-            proc = subprocess.Popen(self._as_user(uid) + argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=err, start_new_session=True, close_fds=True)
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                    start_new_session=True, close_fds=True, cwd="/", env=_base_env(str(ws), "/tmp"))
         with self._lock:
             self._procs[sandbox_id] = proc
         sel = selectors.DefaultSelector()
@@ -282,7 +463,14 @@ class LocalExtension(SandboxExtension):
         if not Path(handle["workspace"]).is_dir():
             raise ReadinessTimeout(f"{self.id}: workspace {handle['workspace']} is missing", backend=self.id)
         return {"host": "localhost", "workspace": handle["workspace"], "isolation": handle["tool"],
-                "network": bool(handle.get("options", {}).get("network"))}
+                "network": bool(handle.get("options", {}).get("network")), "limits": handle.get("limits", {})}
+
+    def probe(self, handle: dict[str, Any]) -> bool | None:
+        """True while the sandbox's init (same pid, same start time) runs; False once it is gone.
+        With isolation ``none`` there is no init: the workspace existing is the sandbox."""
+        if handle.get("tool") == "none":
+            return Path(handle.get("workspace", "")).is_dir()
+        return _alive(handle.get("pid"), handle.get("starttime"))
 
     # ---------------------------------------------------------------- exec
 
@@ -294,30 +482,44 @@ class LocalExtension(SandboxExtension):
         if cwd and not os.path.realpath(wd).startswith(os.path.realpath(ws)):
             raise InputError(f"{self.id}: cwd {cwd!r} is outside the workspace")
         opts = handle.get("options", {})
-        full_env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": ws,
-                    "TMPDIR": f"{ws}/.tmp", "LANG": "C.UTF-8", **opts.get("env", {}), **(env or {})}
+        # /tmp is private (the workspace's .tmp) in a namespace; without one it is the host's.
+        tmpdir = f"{ws}/.tmp" if handle["tool"] == "none" else "/tmp"
+        full_env = {**_base_env(ws, tmpdir), **opts.get("env", {}), **(env or {})}
         uid = handle.get("uid")
         prefix = self._rlimits(handle.get("resources", {}), opts, uid)
+        group = None
         if handle["tool"] == "none":
             cmd = self._as_user(uid) + prefix + list(argv)
             kw: dict[str, Any] = {"cwd": wd}
         else:
             if not _alive(handle.get("pid"), handle.get("starttime")):
                 raise ExecError(f"{self.id}: sandbox {handle.get('sandbox_id')} is not running", backend=self.id)
-            ns = ["--user", "--pid", "--mount", "--ipc", "--uts", *([] if opts.get("network") else ["--net"])]
+            ns = ["--user", "--pid", "--mount", "--ipc", "--uts", "--cgroup", *([] if opts.get("network") else ["--net"])]
             # Root enters the sandbox's user namespace and becomes its root (= the sandbox uid
             # outside); anyone else enters as the namespace's owner. Either way the command then
             # loses every capability, so it cannot undo the read-only mounts from inside.
             who = ["-S", "0", "-G", "0"] if uid is not None else ["--preserve-credentials"]
-            cmd = prefix + ["nsenter", f"--target={handle['pid']}", *ns, *who, f"--wd={wd}", "--", *_DROP_CAPS, *argv]
-            kw = {}
+            # The exec's own cgroup (when there are cgroups): its deadline ends all it started.
+            group = local_cgroup.exec_group(handle.get("cgroup"))
+            cmd = (local_cgroup.join_argv(local_cgroup.procs_files(handle.get("cgroup"), group)) + prefix
+                   + ["nsenter", f"--target={handle['pid']}", *ns, *who, f"--wd={wd}", "--", *_DROP_CAPS, *argv])
+            kw = {"cwd": "/"}
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env,
                                     start_new_session=True, close_fds=True, **kw)
         except OSError as exc:
+            local_cgroup.drop_group(group)
             raise ExecError(f"{self.id}: cannot start {argv[0]!r}: {exc.strerror}", backend=self.id) from exc
-        return _collect(proc, stdin, timeout, on_output)
+
+        def kill() -> None:
+            if group is None or not local_cgroup.kill_group(group):
+                local_cgroup.kill_tree(proc.pid)
+
+        try:
+            return _collect(proc, stdin, timeout, on_output, kill)
+        finally:
+            local_cgroup.drop_group(group)
 
     # ------------------------------------------------------------ teardown
 
@@ -344,14 +546,24 @@ class LocalExtension(SandboxExtension):
                 proc.wait(5)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        # Whatever is left in the sandbox's cgroups (an exec's helpers outside the pid
+        # namespace, say) dies with them; then the cgroups go.
+        left = local_cgroup.remove(handle.get("cgroup"))
         if handle.get("pid"):
             deadline = time.monotonic() + 5
             while _alive(handle["pid"], handle.get("starttime")) and time.monotonic() < deadline:
                 time.sleep(0.005)
             if _alive(handle["pid"], handle.get("starttime")):
                 raise TeardownError(f"{self.id}: sandbox {sandbox_id} init {handle['pid']} survived SIGKILL", backend=self.id)
+        if left:
+            left = local_cgroup.remove(handle.get("cgroup"))  # once the init is surely gone
+        if left:
+            raise TeardownError(f"{self.id}: sandbox {sandbox_id}: cannot remove cgroups: {'; '.join(left)}",
+                                backend=self.id)
         existed = ws.exists()
         try:
+            if existed and handle.get("ws_mount"):
+                _unmount(ws)
             shutil.rmtree(ws, ignore_errors=False) if existed else None
         except OSError as exc:
             raise TeardownError(f"{self.id}: cannot remove workspace {ws}: {exc.strerror}", backend=self.id) from exc
@@ -434,8 +646,9 @@ class LocalExtension(SandboxExtension):
 
 
 def _collect(proc: subprocess.Popen, stdin: bytes | None, timeout: float | None,
-             on_output: OutputCallback | None) -> ExecResult:
-    """Stream a process's output to ``on_output`` and collect it, killing it at ``timeout``."""
+             on_output: OutputCallback | None, kill: Callable[[], None]) -> ExecResult:
+    """Stream a process's output to ``on_output`` and collect it; at ``timeout`` call ``kill``,
+    which ends the whole process tree of the command."""
     if stdin:
         try:
             proc.stdin.write(stdin)  # type: ignore[union-attr]
@@ -454,10 +667,7 @@ def _collect(proc: subprocess.Popen, stdin: bytes | None, timeout: float | None,
         events = sel.select(wait)
         if not events and deadline is not None and time.monotonic() >= deadline:
             timed_out = True
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill()
             break
         for key, _ in events:
             chunk = os.read(key.fileobj.fileno(), 65536)  # type: ignore[union-attr]
