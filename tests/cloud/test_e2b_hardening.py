@@ -9,9 +9,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-import traceback
 from pathlib import Path
-from typing import Any, Callable
 
 import pytest
 
@@ -34,23 +32,7 @@ from tests.cloud.conftest_e2b import (  # noqa: E402,F401 - fixtures
 )
 from tests.cloud.e2b_standin import BOX_MARKER, E2BStandIn  # noqa: E402
 from tests.cloud.procs import marked  # noqa: E402
-
-
-def caught(call: Callable[[], Any]) -> BaseException:
-    """The exception ``call`` raises, caught in a frame that holds no secret (its locals are rendered)."""
-    try:
-        call()
-    except Exception as exc:  # noqa: BLE001 - the test inspects whatever it is
-        return exc
-    raise AssertionError("no error was raised")
-
-
-def reachable_text(err: BaseException) -> str:
-    """Everything an operator's logging or error reporter could render from ``err``."""
-    return "\n".join([
-        str(err), repr(err), repr(err.__cause__), repr(err.__context__),
-        "".join(traceback.TracebackException.from_exception(err, capture_locals=True).format()),
-    ])
+from tests.support.leaks import caught, reachable_text  # noqa: E402
 
 
 # ---------------------------------------------------------------- item 1: no key reachable from our errors

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
-from typing import Any, Callable
 
 import pytest
 
@@ -34,26 +32,10 @@ from sandboxer.errors import AuthError, SandboxerError  # noqa: E402
 
 from tests.cloud.modal_standin import SANDBOX_MARKER  # noqa: E402
 from tests.cloud.procs import marked  # noqa: E402
+from tests.support.leaks import caught, reachable_text  # noqa: E402
 
 DEFAULT_PAIR = "env SBX_TEST_MODAL_TOKEN_ID + env SBX_TEST_MODAL_TOKEN_SECRET"
 ALICE_PAIR = "env SBX_TEST_ALICE_TOKEN_ID + env SBX_TEST_ALICE_TOKEN_SECRET"
-
-
-def caught(call: Callable[[], Any]) -> BaseException:
-    """The exception ``call`` raises, caught in a frame that holds no secret (its locals are rendered)."""
-    try:
-        call()
-    except Exception as exc:  # noqa: BLE001 - the test inspects whatever it is
-        return exc
-    raise AssertionError("no error was raised")
-
-
-def reachable_text(err: BaseException) -> str:
-    """Everything an operator's logging or error reporter could render from ``err``."""
-    return "\n".join([
-        str(err), repr(err), repr(err.__cause__), repr(err.__context__),
-        "".join(traceback.TracebackException.from_exception(err, capture_locals=True).format()),
-    ])
 
 
 # ---------------------------------------------------------------- item 1: no token reachable from our errors
