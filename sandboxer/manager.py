@@ -645,9 +645,12 @@ class Manager(SnapshotsMixin, GcMixin):
             row = self._await_other(row, reason)
             if row["state"] in ("terminated", "failed", "lost"):
                 return status_of(row)
-        expect = ("ready", "tearing_down", "teardown_failed") + (("provisioning",) if abandoned or force else ())
-        cur = self.state.transition(sandbox_id, "teardown_started", state="tearing_down", expect=expect,
-                                    teardown_started_at=time.time(), detail={"reason": reason})
+        allowed = ("ready", "tearing_down", "teardown_failed") + (("provisioning",) if abandoned or force else ())
+        if row["state"] not in allowed:
+            return status_of(row)
+        # conditional on the state just read, so the row is not read again
+        cur = self.state.transition(sandbox_id, "teardown_started", state="tearing_down", expect=(row["state"],),
+                                    known=row, teardown_started_at=time.time(), detail={"reason": reason})
         if cur is None:  # it ended (or moved) meanwhile
             return status_of(self._row(sandbox_id))
         if not cur["handle"]:  # never got a handle: nothing the backend knows by it; gc's list_owned covers it
