@@ -433,13 +433,19 @@ class ComposeSSH(SandboxExtension):
         """``docker exec`` into the first running container of ``service``.
 
         Env values reach the container through the docker CLI's environment
-        (``-e NAME``), so they never appear on a command line.
+        (``-e NAME``), so they never appear on a command line. So does the
+        deadline marker of :data:`sandboxer.ssh.DEADLINE_WRAPPER`: at the deadline
+        the processes in the container are killed from the host, which needs the
+        SSH user to be allowed to signal them (root, or a rootless engine of its own).
         """
         if not _SERVICE.match(service):
             raise InputError(f"sandbox {handle['sandbox_id']}: {service!r} is not a service name")
         h = self._host(handle["host"])
         opts = ["-i"] if stdin is not None else []
         opts += ["-w", cwd] if cwd else []
+        # the deadline marker: the host's sweep finds the container's processes by it (killing the
+        # docker CLI alone would leave them running)
+        opts += ["-e", "SANDBOXER_EXEC"]
         for name in env or {}:
             opts += ["-e", name]
         script = ('cid=$(docker ps -q --filter "label=com.docker.compose.project=$1" '
