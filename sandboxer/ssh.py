@@ -60,7 +60,8 @@ from sandboxer.secrets import SecretRef
 
 log = logging.getLogger(__name__)
 
-_FINGERPRINT = r"^SHA256:[A-Za-z0-9+/]{43}=?$"
+_FINGERPRINT = r"^SHA256:[A-Za-z0-9+/]{43}=?$"  # a pydantic pattern: Rust regex, where $ is the very end
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch only
 #: Exit code reported for a command killed at its deadline (as ``timeout`` does).
 TIMEOUT_EXIT = 124
 _KILL_GRACE = 2
@@ -296,7 +297,7 @@ def build_command(argv: list[str], *, cwd: str | None = None, env_bytes: int = 0
             process of the command at the deadline and reports exit 124.
     """
     if not argv:
-        raise ExecError("empty command")
+        raise InputError("exec needs a non-empty command (argv)")
     words = [shlex.quote(str(a)) for a in argv]
     if timeout is not None:
         words = ["sh", "-c", shlex.quote(DEADLINE_WRAPPER), "sh", _secrets.token_hex(8),
@@ -311,11 +312,15 @@ def build_command(argv: list[str], *, cwd: str | None = None, env_bytes: int = 0
 
 
 def env_script(env: dict[str, str]) -> bytes:
-    """Quoted ``export`` lines; values arrive literally (``$()``, quotes, newlines)."""
+    """Quoted ``export`` lines; values arrive literally (``$()``, quotes, newlines).
+
+    Raises:
+        InputError: a name the shell would not take as a variable name.
+    """
     lines = []
     for key, value in env.items():
-        if not key or not (key[0].isalpha() or key[0] == "_") or not all(c.isalnum() or c == "_" for c in key):
-            raise ExecError(f"invalid environment variable name {key!r}")
+        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
+            raise InputError(f"invalid environment variable name {key!r}: use letters, digits and _")
         lines.append(f"export {key}={shlex.quote(str(value))}\n")
     return "".join(lines).encode()
 
@@ -642,55 +647,62 @@ def remote_path_ok(root: str, name: str) -> str:
     """``root/name`` after checking ``name`` is one plain path component.
 
     Raises:
-        ValueError: ``name`` is empty, ``.``/``..``, has a ``/`` or a control character,
+        InputError: ``name`` is empty, ``.``/``..``, has a ``/`` or a control character,
             or starts with ``-``.
     """
     if (not name or name in (".", "..") or "/" in name or name.startswith("-")
             or any(ord(c) < 32 or c == "\x7f" for c in name)):
-        raise ValueError(f"{name!r} is not a single plain path component")
+        raise InputError(f"{name!r} is not a single plain path component")
     return root.rstrip("/") + "/" + name
 
 
-_SCP_LIKE = re.compile(r"^[A-Za-z0-9_.-]+@[A-Za-z0-9_.-]+:[A-Za-z0-9_./~-][A-Za-z0-9_./~+-]*$")
-_URL = re.compile(r"^(https|ssh)://[A-Za-z0-9_.~%@:\[\]-]+(/[A-Za-z0-9_./~%+@:-]*)?$")
-_ABS_PATH = re.compile(r"^/[A-Za-z0-9_./~+@:-]*$")
-_REF = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./+-]{0,199}$")
+# used with fullmatch only: re.match(r"...$") would accept a trailing newline
+_SCP_LIKE = re.compile(r"[A-Za-z0-9_.-]+@[A-Za-z0-9_.-]+:[A-Za-z0-9_./~-][A-Za-z0-9_./~+-]*")
+_URL = re.compile(r"(https|ssh)://[A-Za-z0-9_.~%@:\[\]-]+(/[A-Za-z0-9_./~%+@:-]*)?")
+_ABS_PATH = re.compile(r"/[A-Za-z0-9_./~+@:-]*")
+_REF = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./+-]{0,199}")
+_ROOT = re.compile(r"[A-Za-z0-9_./-]+")
 
 
 def check_repo(repo: Any, *, field: str = "repo") -> str:
     """Accept an https or ssh git URL, ``user@host:path``, or an absolute path on the host.
 
     Raises:
-        ValueError: anything else: a leading ``-`` (option injection), ``ext::``
-            and other ``<transport>::`` helpers, other schemes, control characters.
+        InputError: anything else: a leading ``-`` (option injection), ``ext::``
+            and other ``<transport>::`` helpers, other schemes, control characters
+            (a trailing newline too).
     """
     if not isinstance(repo, str) or not repo:
-        raise ValueError(f"{field} must be a non-empty string, got {repo!r}")
+        raise InputError(f"input {field} must be a non-empty string, got {repo!r}")
     if repo.startswith("-"):
-        raise ValueError(f"{field} {repo!r} starts with '-' and would be read as an option")
+        raise InputError(f"input {field} {repo!r} starts with '-' and would be read as an option")
     if "::" in repo:
-        raise ValueError(f"{field} {repo!r} uses a git remote helper ('<transport>::'); only https, ssh "
+        raise InputError(f"input {field} {repo!r} uses a git remote helper ('<transport>::'); only https, ssh "
                          "and paths on the host are allowed")
     if ".." in repo.split("/"):
-        raise ValueError(f"{field} {repo!r} contains a '..' path component")
-    if not (_URL.match(repo) or _SCP_LIKE.match(repo) or _ABS_PATH.match(repo)):
-        raise ValueError(f"{field} {repo!r} is not an https:// or ssh:// URL, user@host:path, "
+        raise InputError(f"input {field} {repo!r} contains a '..' path component")
+    if not (_URL.fullmatch(repo) or _SCP_LIKE.fullmatch(repo) or _ABS_PATH.fullmatch(repo)):
+        raise InputError(f"input {field} {repo!r} is not an https:// or ssh:// URL, user@host:path, "
                          "or an absolute path on the host")
     return repo
 
 
 def check_root(v: str) -> str:
-    """A remote workspace root: absolute, plain characters, no ``..``, not ``/`` itself."""
+    """A remote workspace root: absolute, plain characters, no ``..``, not ``/`` itself.
+
+    Raises:
+        ValueError: (a config value: pydantic reports it as the field's error, naming the file).
+    """
     norm = posixpath.normpath(v)
-    if not v.startswith("/") or norm == "/" or ".." in v.split("/") or not re.match(r"^[A-Za-z0-9_./-]+$", v):
+    if not v.startswith("/") or norm == "/" or ".." in v.split("/") or not _ROOT.fullmatch(v):
         raise ValueError(f"workspace_root must be an absolute plain path below '/', got {v!r}")
     return norm
 
 
 def check_ref(ref: Any, *, field: str = "ref") -> str:
     """A branch, tag or commit name that cannot be read as an option."""
-    if not isinstance(ref, str) or not _REF.match(ref) or ".." in ref:
-        raise ValueError(f"{field} {ref!r} is not a plain branch, tag or commit name")
+    if not isinstance(ref, str) or not _REF.fullmatch(ref) or ".." in ref:
+        raise InputError(f"input {field} {ref!r} is not a plain branch, tag or commit name")
     return ref
 
 

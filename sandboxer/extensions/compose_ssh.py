@@ -59,10 +59,12 @@ from sandboxer.ssh import (
     workspace_cwd,
 )
 
-_NAME = r"^[a-z0-9][a-z0-9_-]*$"
-_SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_SERVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_COMPOSE_FILE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_./-]{0,199}$")
+# Python patterns are used with fullmatch only (re.match(r"...$") accepts a trailing newline);
+# the same text as a pydantic ``pattern`` is anchored by ^...$ under Rust regex, where $ is the end.
+_NAME = r"[a-z0-9][a-z0-9_-]*"
+_SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_COMPOSE_FILE = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_./-]{0,199}")
 _INPUTS = {"repo", "ref", "compose_file", "services", "project"} | RESERVED_INPUTS
 _PROJECT_LABEL = "com.docker.compose.project"
 
@@ -194,8 +196,8 @@ class ComposeProfileOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    project_prefix: str = Field(default="sbx-", pattern=_NAME)
-    exec_service: str | None = Field(default=None, pattern=_SERVICE.pattern,
+    project_prefix: str = Field(default="sbx-", pattern=f"^{_NAME}$")
+    exec_service: str | None = Field(default=None, pattern=f"^{_SERVICE.pattern}$",
                                      description="exec runs in this service; None: a shell in the workspace")
     command_timeout: float = Field(default=600.0, gt=0, description="deadline of clone and compose up")
 
@@ -242,7 +244,7 @@ class ComposeSSH(SandboxExtension):
 
     def _check_inputs(self, profile: Profile, inputs: dict[str, Any]) -> dict[str, Any]:
         sid = str(inputs.get("sandbox_id") or "")
-        if not _SANDBOX_ID.match(sid):
+        if not _SANDBOX_ID.fullmatch(sid):
             raise InputError(f"{self.id}: sandbox_id {sid!r} must match {_SANDBOX_ID.pattern}")
         unknown = sorted(set(inputs) - _INPUTS)
         if unknown:
@@ -254,20 +256,20 @@ class ComposeSSH(SandboxExtension):
         try:
             repo = check_repo(inputs["repo"])
             ref = check_ref(inputs["ref"]) if inputs.get("ref") else ""
-        except ValueError as exc:
-            raise _input_error(sid, f"input {exc}") from None
+        except InputError as exc:
+            raise _input_error(sid, str(exc)) from None
         cfile = inputs.get("compose_file") or ""
-        if cfile and (not isinstance(cfile, str) or not _COMPOSE_FILE.match(cfile)
+        if cfile and (not isinstance(cfile, str) or not _COMPOSE_FILE.fullmatch(cfile)
                       or ".." in cfile.split("/") or cfile.startswith("/")):
             raise _input_error(sid, f"input compose_file {cfile!r} must be a relative path inside the repo")
         services = inputs.get("services") or []
         if isinstance(services, str):
             services = [services]
         for s in services:
-            if not isinstance(s, str) or not _SERVICE.match(s):
+            if not isinstance(s, str) or not _SERVICE.fullmatch(s):
                 raise _input_error(sid, f"input services: {s!r} is not a service name")
         project = inputs.get("project") or opts.project_prefix + re.sub(r"[^a-z0-9_-]", "-", sid.lower())
-        if not isinstance(project, str) or not re.match(_NAME, project) or len(project) > 63:
+        if not isinstance(project, str) or not re.fullmatch(_NAME, project) or len(project) > 63:
             raise _input_error(sid, f"project name {project!r} must match {_NAME}")
         return {"sandbox_id": sid, "repo": repo, "ref": ref, "compose_file": cfile, "services": list(services),
                 "project": project, "exec_service": opts.exec_service, "timeout": opts.command_timeout,
@@ -438,7 +440,7 @@ class ComposeSSH(SandboxExtension):
         the processes in the container are killed from the host, which needs the
         SSH user to be allowed to signal them (root, or a rootless engine of its own).
         """
-        if not _SERVICE.match(service):
+        if not _SERVICE.fullmatch(service):
             raise InputError(f"sandbox {handle['sandbox_id']}: {service!r} is not a service name")
         h = self._host(handle["host"])
         opts = ["-i"] if stdin is not None else []
@@ -532,7 +534,7 @@ class ComposeSSH(SandboxExtension):
         conn.run(["tar", "-C", handle["remote_dir"], "-xf", "-"], stdin=ws_tar, timeout=600, fail=SnapshotError,
                  check=True)
         for short in meta.get("volumes", []):
-            if not _SERVICE.match(short):
+            if not _SERVICE.fullmatch(short):
                 raise SnapshotError(f"{self.id}: snapshot names a bad volume {short!r}", backend=self.id)
             conn.run(self._argv(h, _VOLUME_RESTORE, f"{handle['project']}_{short}", handle["project"], short,
                                 self.cfg.helper_image or ""),

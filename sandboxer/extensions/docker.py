@@ -56,8 +56,9 @@ LABEL_SANDBOX = "sandboxer.sandbox_id"
 LABEL_EXTENSION = "sandboxer.extension"
 LABEL_SNAPSHOT_OF = "sandboxer.snapshot_of"
 
-_SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# fullmatch only: re.match(r"...$") would accept a trailing newline
+_SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TIMED_OUT_EXIT = 124  # what timeout(1) reports, so scripts read it the same way
 #: Environment marker of one exec (``SANDBOXER_EXEC=<token>``): how its processes are found at its deadline.
 EXEC_MARKER = "SANDBOXER_EXEC"
@@ -138,7 +139,7 @@ class DockerInputs(BaseModel):
 
 def _check_env(env: dict[str, str], where: str) -> None:
     for name, value in env.items():
-        if not _ENV_NAME.match(name):
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
             raise ValueError(f"{where}: environment variable name {name!r} is not valid")
         if not isinstance(value, str) or "\0" in value:
             raise ValueError(f"{where}: value of {name!r} must be a string without NUL bytes")
@@ -264,7 +265,7 @@ class DockerExtension(SandboxExtension):
             from sandboxer.loader import describe_validation
 
             raise InputError(describe_validation(f"{self.id} inputs", exc, prefix="inputs")) from None
-        if parsed.sandbox_id is not None and not _SANDBOX_ID.match(parsed.sandbox_id):
+        if parsed.sandbox_id is not None and not _SANDBOX_ID.fullmatch(parsed.sandbox_id):
             raise InputError(f"{self.id}: input 'sandbox_id' (value {parsed.sandbox_id!r}) is not a valid container name part")
         return parsed
 

@@ -54,9 +54,10 @@ from sandboxer.ssh import (
     workspace_cwd,
 )
 
-_WS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_TARGET = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.-]*)@([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:]+\])(?::(\d{1,5}))?$")
-_COMMAND = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+# fullmatch only: re.match(r"...$") would accept a trailing newline
+_WS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_TARGET = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.-]*)@([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:]+\])(?::(\d{1,5}))?")
+_COMMAND = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 _INPUTS = {"vm", "ssh_target", "repo", "ref", "tunnel_port", "ssh_port", "workspace_dir"} | RESERVED_INPUTS
 _EXIT_SYMLINK, _EXIT_EXISTS, _EXIT_OUTSIDE, _EXIT_NO_WS, _EXIT_MISSING = 86, 87, 88, 90, 91
 
@@ -125,7 +126,7 @@ class VMPackerConfig(BaseModel):
     @classmethod
     def _names(cls, v: dict[str, VMEntry]) -> dict[str, VMEntry]:
         for name in v:
-            if not _WS_NAME.match(name):
+            if not _WS_NAME.fullmatch(name):
                 raise ValueError(f"VM name {name!r} must match {_WS_NAME.pattern}")
         return v
 
@@ -157,7 +158,7 @@ class VMProfileOptions(BaseModel):
     @classmethod
     def _commands(cls, v: list[str]) -> list[str]:
         for c in v:
-            if not _COMMAND.match(c):
+            if not _COMMAND.fullmatch(c):
                 raise ValueError(f"{c!r} is not a command name")
         return v
 
@@ -200,7 +201,7 @@ class VMPacker(SandboxExtension):
             return cfg, vm, entry.workspace_root or self.cfg.workspace_root
         if not self.cfg.allow_ssh_target:
             raise InputError(f"sandbox {sid}: {self.id} does not accept ssh_target (allow_ssh_target is off)")
-        m = _TARGET.match(target) if isinstance(target, str) else None
+        m = _TARGET.fullmatch(target) if isinstance(target, str) else None
         if m is None:
             raise InputError(f"sandbox {sid}: input ssh_target {target!r} must look like user@host[:port]")
         user, host, tport = m.group(1), m.group(2).strip("[]"), int(m.group(3) or 22)
@@ -211,21 +212,21 @@ class VMPacker(SandboxExtension):
 
     def _check_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         sid = str(inputs.get("sandbox_id") or "")
-        if not _WS_NAME.match(sid):
+        if not _WS_NAME.fullmatch(sid):
             raise InputError(f"{self.id}: sandbox_id {sid!r} must match {_WS_NAME.pattern}")
         unknown = sorted(set(inputs) - _INPUTS)
         if unknown:
             raise InputError(f"sandbox {sid}: unknown input(s) {', '.join(unknown)}; {self.id} takes vm, ssh_target, "
                              "repo, ref, tunnel_port, ssh_port, workspace_dir")
         name = inputs.get("workspace_dir") or sid
-        if not isinstance(name, str) or not _WS_NAME.match(name):
+        if not isinstance(name, str) or not _WS_NAME.fullmatch(name):
             raise InputError(f"sandbox {sid}: input workspace_dir {name!r} must be one plain directory name "
                              f"under the workspace root (matching {_WS_NAME.pattern})")
         try:
             repo = check_repo(inputs["repo"]) if inputs.get("repo") else ""
             ref = check_ref(inputs["ref"]) if inputs.get("ref") else ""
-        except ValueError as exc:
-            raise InputError(f"sandbox {sid}: input {exc}") from None
+        except InputError as exc:
+            raise InputError(f"sandbox {sid}: {exc}") from None
         tunnel = inputs.get("tunnel_port")
         if tunnel is not None and (not isinstance(tunnel, int) or isinstance(tunnel, bool) or not 0 < tunnel < 65536):
             raise InputError(f"sandbox {sid}: input tunnel_port {tunnel!r} must be a port number")
@@ -357,7 +358,7 @@ class VMPacker(SandboxExtension):
     def _detach(self, conn: SSHConnection, handle: dict[str, Any], *, fail: type[BackendError],
                 quiet: bool = False) -> None:
         name = handle["name"]
-        if not _WS_NAME.match(name):
+        if not _WS_NAME.fullmatch(name):
             raise fail(f"{self.id}: refusing to remove workspace {name!r}", backend=self.id, host=handle["host"])
         try:
             res = conn.run(["sh", "-c", _DETACH, "sh", handle["root"], name], timeout=120, fail=fail)

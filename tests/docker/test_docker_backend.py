@@ -161,6 +161,11 @@ def test_bad_env_names_and_unknown_inputs_are_refused(ext, make, owner, dclient)
         make(repo="https://example.org/x.git")
     with pytest.raises(InputError, match="sandbox_id"):
         make(sandbox_id="a;rm -rf ~")
+    # a trailing newline is not a valid name (re.match(r"...$") would accept it)
+    with pytest.raises(InputError, match="'A\\\\n'"):
+        make(env={"A\n": "x"})
+    with pytest.raises(InputError, match="sandbox_id"):
+        make(sandbox_id="abc\n")
     assert ext.list_owned(owner) == []
 
 

@@ -172,6 +172,13 @@ def test_host_key_mismatch_refused_before_any_command(tmp_path, pool_cfg, sshd_p
     {"ref": "--output={marker}"},
     {"services": ["app;touch {marker}"]},
     {"unexpected": "x"},
+    # a trailing newline is not a plain name (re.match(r"...$") would accept it)
+    {"project": "proj\n"},
+    {"ref": "main\n"},
+    {"services": ["app\n"]},
+    {"compose_file": "docker-compose.yml\n"},
+    {"sandbox_id": "abc\n"},
+    {"repo": "/srv/git/stack\n"},
 ])
 def test_hostile_inputs_are_refused_and_run_nothing(backend, compose_repo, pool_cfg, marker, bad):
     values = {k: (v.replace("{marker}", str(marker)) if isinstance(v, str) else

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from sandboxer.errors import AuthError, ExecError, HostKeyError, ProvisionError
+from sandboxer.errors import AuthError, ExecError, HostKeyError, InputError, ProvisionError
 from sandboxer.ssh import (
     STATS,
     GIT_CLONE_SCRIPT,
@@ -20,7 +20,10 @@ from sandboxer.ssh import (
     SSHConnection,
     SSHHostConfig,
     build_command,
+    check_ref,
     check_repo,
+    check_root,
+    env_script,
     local_ports_free,
 )
 from tests.support.docker_fixtures import wait_gone
@@ -233,10 +236,28 @@ def test_remote_git_refuses_ext_transport_even_if_validation_were_bypassed(sshd_
 
 @pytest.mark.parametrize("repo", ["--upload-pack=touch /tmp/x", "ext::sh -c touch% /tmp/x", "fd::3",
                                   "file:///etc", "http://example.com/x.git", "relative/path", "/a/../../etc",
-                                  "https://h/x\n--upload-pack=x", ""])
+                                  "https://h/x\n--upload-pack=x", "", "https://h/x.git\n", "/srv/git/r\n",
+                                  "git@h:o/r.git\n"])
 def test_check_repo_refuses(repo):
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="repo"):
         check_repo(repo)
+
+
+@pytest.mark.parametrize("ref", ["main\n", "-x", "a..b", ""])
+def test_check_ref_refuses(ref):
+    with pytest.raises(InputError, match="ref"):
+        check_ref(ref)
+
+
+def test_check_root_refuses_a_trailing_newline():
+    with pytest.raises(ValueError, match="workspace_root"):
+        check_root("/srv/ws\n")
+
+
+@pytest.mark.parametrize("name", ["A\n", "1A", "A-B", "É"])
+def test_bad_env_names_are_input_errors(name):
+    with pytest.raises(InputError, match="environment variable name"):
+        env_script({name: "x"})
 
 
 @pytest.mark.parametrize("repo", ["https://github.com/o/r.git", "ssh://git@h:2222/o/r", "git@github.com:o/r.git",

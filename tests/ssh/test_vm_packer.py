@@ -199,6 +199,10 @@ def test_teardown_never_touches_the_rest_of_the_vm(backend, tmp_path):
     {"vm": "no-such-vm"},
     {"tunnel_port": "22; touch {marker}"},
     {"sandbox_id": "a;rm -rf ~"},
+    {"workspace_dir": "ws\n"},
+    {"ref": "main\n", "repo": "/srv/git/r"},
+    {"ssh_target": "root@127.0.0.1\n", "vm": None},
+    {"sandbox_id": "abc\n"},
 ])
 def test_hostile_inputs_are_refused_and_run_nothing(backend, tmp_path, marker, bad):
     values = {k: v.replace("{marker}", str(marker)) if isinstance(v, str) else v for k, v in bad.items()}
