@@ -218,10 +218,11 @@ def exec_cmd(c: Ctx, sandbox_id: str, argv: tuple[str, ...], timeout: str | None
 @cli.command()
 @click.argument("sandbox_id")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--no-refresh", is_flag=True, help="Do not ask the backend whether a ready sandbox still exists.")
 @pass_ctx
-def status(c: Ctx, sandbox_id: str, as_json: bool) -> None:
-    """Show one sandbox."""
-    s = c.manager().get(sandbox_id)
+def status(c: Ctx, sandbox_id: str, as_json: bool, no_refresh: bool) -> None:
+    """Show one sandbox (a ready one is checked with its backend: one that is gone shows as lost)."""
+    s = c.manager().get(sandbox_id, refresh=not no_refresh)
     _emit_json(s.model_dump(mode="json")) if as_json else _print_status(s)
 
 
@@ -239,11 +240,21 @@ def list_cmd(c: Ctx, show_all: bool, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("sandbox_id")
+@click.option("--force", is_flag=True, help="Take over whatever state it is in and retry the backend's teardown.")
+@click.option("--forget", is_flag=True,
+              help="With --force: if the backend still cannot confirm, record it terminated anyway "
+                   "(only after you have checked that its resources are gone).")
+@click.option("--yes", is_flag=True, help="Do not ask before --forget.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def teardown(c: Ctx, sandbox_id: str, as_json: bool) -> None:
-    """Tear a sandbox down (idempotent)."""
-    s = c.manager().teardown(sandbox_id)
+def teardown(c: Ctx, sandbox_id: str, force: bool, forget: bool, yes: bool, as_json: bool) -> None:
+    """Tear a sandbox down (idempotent). A sandbox still being created is torn down once its create stops."""
+    if forget and not force:
+        raise click.UsageError("--forget needs --force")
+    if forget and not yes:
+        click.confirm(f"If the backend cannot confirm, {sandbox_id} is recorded terminated although its resources "
+                      "may still exist. Have you checked that they are gone?", abort=True, err=True)
+    s = c.manager().teardown(sandbox_id, force=force, forget=forget)
     _emit_json(s.model_dump(mode="json")) if as_json else click.echo(f"{s.id} {s.state.value}")
 
 
@@ -256,7 +267,7 @@ def gc(c: Ctx, as_json: bool) -> None:
     if as_json:
         return _emit_json(r.model_dump(mode="json"))
     click.echo(f"expired: {len(r.expired)}  retried: {len(r.retried)}  orphans: {len(r.orphans)}  "
-               f"stale: {len(r.stale_provisioning)}  errors: {len(r.errors)}")
+               f"stale: {len(r.stale_provisioning)}  lost: {len(r.lost)}  errors: {len(r.errors)}")
     for key, msg in r.errors.items():
         click.echo(f"  {key}: {msg}", err=True)
     if r.errors:

@@ -28,6 +28,7 @@ from sandboxer.errors import (
     BackendError,
     CapabilityError,
     CapacityUnavailable,
+    ConfigError,
     InputError,
     ProfileNotFound,
     SandboxerError,
@@ -57,8 +58,12 @@ from sandboxer.state import LIVE_STATES, NameTaken, OverCapacity, StateStore, de
 
 log = logging.getLogger("sandboxer")
 
-#: How long past its ready timeout a ``provisioning`` record may sit before gc treats it as abandoned.
+#: How long past its deadline a ``provisioning`` record may sit before gc treats it as abandoned.
 STALE_GRACE_S = 30.0
+#: How long after its teardown started a ``tearing_down`` record may sit before gc takes it over.
+TEARDOWN_GRACE_S = 300.0
+#: How often a teardown waiting for an in-flight create looks again.
+_WAIT_STEP_S = 0.02
 
 
 def _dt(ts: float | None) -> datetime | None:
@@ -88,8 +93,10 @@ class Manager:
         state_url: a SQLAlchemy URL for a server database instead of SQLite
             (default: ``SANDBOXER_STATE_URL``).
         catalog: an already loaded catalog (skips loading).
-        stale_grace: seconds past a profile's ready timeout after which gc treats a
+        stale_grace: seconds past a create's deadline after which gc treats a
             ``provisioning`` record as abandoned by a crashed process.
+        teardown_grace: seconds after a teardown started after which gc treats a
+            ``tearing_down`` record as abandoned by a crashed process.
     """
 
     def __init__(
@@ -100,6 +107,7 @@ class Manager:
         state_url: str | None = None,
         catalog: Catalog | None = None,
         stale_grace: float = STALE_GRACE_S,
+        teardown_grace: float = TEARDOWN_GRACE_S,
     ):
         self.catalog = catalog or load_catalog([Path(d) for d in config_dirs] if config_dirs is not None else None)
         self.home = Path(home) if home else default_home()
@@ -108,7 +116,9 @@ class Manager:
         self.metering = Metering(self)
         self.router = Router(self)
         self.stale_grace = stale_grace
-        self._inflight: set[str] = set()
+        self.teardown_grace = teardown_grace
+        self._inflight: set[str] = set()  # creates running in this process
+        self._tearing: set[str] = set()  # teardowns running in this process
         self._lock = threading.Lock()
         self._effective: dict[tuple[str, int], Profile] = {}
 
@@ -133,11 +143,22 @@ class Manager:
             known = ", ".join(sorted(self.catalog.profiles)) or "none"
             raise ProfileNotFound(f"unknown profile {slug!r}; known profiles: {known}") from None
 
-    def extension(self, ext_id: str) -> SandboxExtension:
+    def extension(self, ext_id: str, *, sandbox_id: str | None = None) -> SandboxExtension:
+        """The loaded handler of ``ext_id``.
+
+        Raises:
+            ConfigError: no loaded config defines it (the message names the sandbox, if given).
+            MissingExtra: its optional SDK is not installed.
+        """
         try:
             loaded = self.catalog.extensions[ext_id]
         except KeyError:
-            raise SandboxerError(f"extension {ext_id!r} is not loaded (removed from config?)") from None
+            whose = f"sandbox {sandbox_id} runs on extension {ext_id!r}, which" if sandbox_id else f"extension {ext_id!r}"
+            dirs = ", ".join(str(d) for d in self.catalog.dirs) or "the built-ins only"
+            raise ConfigError(
+                f"{whose} is not defined in this configuration (config dirs: {dirs}); run with the "
+                f"--config (or SANDBOXER_CONFIG) that defines it. Nothing was changed."
+            ) from None
         return loaded.instance(self.home)
 
     def effective_profile(self, profile: Profile, index: int) -> Profile:
@@ -156,9 +177,40 @@ class Manager:
             raise SandboxNotFound(f"no sandbox with id {sandbox_id!r}")
         return row
 
-    def get(self, sandbox_id: str) -> SandboxStatus:
-        """The status of one sandbox. Raises SandboxNotFound."""
-        return _status(self._row(sandbox_id))
+    def get(self, sandbox_id: str, *, refresh: bool = False) -> SandboxStatus:
+        """The status of one sandbox.
+
+        Args:
+            refresh: ask the backend (one cheap probe) whether a ready sandbox still exists;
+                one that is gone becomes ``lost``.
+
+        Raises:
+            SandboxNotFound.
+        """
+        row = self._row(sandbox_id)
+        if refresh and row["state"] == "ready" and row["handle"]:
+            row = self._refresh(row, self.extension(row["extension"], sandbox_id=sandbox_id)) or self._row(sandbox_id)
+        return _status(row)
+
+    def _refresh(self, row: dict[str, Any], ext: SandboxExtension) -> dict[str, Any] | None:
+        """Probe a ready sandbox; mark it ``lost`` if the backend no longer has it.
+
+        Returns:
+            The updated row if it was found lost, else None.
+        """
+        alive = ext.probe(row["handle"])
+        now = time.time()
+        if alive is None:
+            return None
+        if alive:
+            self.state.touch([row["id"]], now)
+            return None
+        seen = max(row["last_seen_at"] or 0.0, row["ready_at"] or row["created_at"])
+        return self.state.transition(
+            row["id"], "lost", expect=("ready",), state="lost", terminated_at=now,
+            last_error=f"{ext.id} no longer has this sandbox (last seen alive {_dt(seen):%Y-%m-%d %H:%M:%S}Z)",
+            detail={"last_seen_at": seen},
+            also=lambda conn, r: self.metering.stopped(conn, r["id"], min(seen, r["expires_at"])))
 
     def list(self, *, all: bool = False) -> list[SandboxStatus]:  # noqa: A002 - mirrors the CLI flag
         """Live sandboxes, or every one ever recorded with ``all=True``."""
@@ -170,16 +222,33 @@ class Manager:
     # ------------------------------------------------------------- create
 
     def _check_inputs(self, profile: Profile, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The profile's defaults merged with the consumer's ``inputs``, checked.
+
+        An input the consumer sets replaces the default of any input exclusive with it
+        (a backend's :attr:`~SandboxExtension.exclusive_inputs`).
+        """
         reserved = sorted(RESERVED_INPUTS & set(inputs))
         if reserved:
             raise InputError(f"input {reserved[0]!r} is reserved for the manager and cannot be set")
-        merged = {**profile.inputs.defaults, **inputs}
+        merged = self._merge_inputs(profile, profile.inputs.defaults, inputs)
         missing = [k for k in profile.inputs.required if merged.get(k) in (None, "")]
         if missing:
             raise InputError(
                 f"profile {profile.slug!r} requires input {missing[0]!r}; pass it with --input {missing[0]}=VALUE"
             )
         return merged
+
+    def _merge_inputs(self, profile: Profile, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+        """``defaults`` under ``given``, minus the defaults that an input in ``given`` excludes."""
+        if not defaults:
+            return dict(given)
+        dropped: set[str] = set()
+        for choice in profile.candidates:
+            loaded = self.catalog.extensions.get(choice.extension)
+            for group in loaded.handler.exclusive_inputs if loaded else ():
+                if group & given.keys():
+                    dropped |= group - given.keys()
+        return {**{k: v for k, v in defaults.items() if k not in dropped}, **given}
 
     def _ttl(self, profile: Profile, ttl: float | None) -> float:
         if ttl is None:
@@ -248,6 +317,15 @@ class Manager:
             "sandboxer.sandbox_id": sandbox_id, "sandboxer.consumer": consumer, "sandboxer.profile": profile.slug,
         }
 
+    def _provision_inputs(self, profile: Profile, index: int, sandbox_id: str, inputs: dict[str, Any], ttl: float,
+                          consumer: str, labels: dict[str, str]) -> dict[str, Any]:
+        """What backend ``index``'s provision gets: its own inputs, the request's, and the reserved ones."""
+        return {
+            **self._merge_inputs(profile, profile.candidates[index].inputs, inputs), "sandbox_id": sandbox_id,
+            "owner_labels": dict(self.owner_labels), "tags": self._tags(sandbox_id, labels, consumer, profile),
+            "ttl": ttl,
+        }
+
     def admit(
         self,
         *,
@@ -259,13 +337,21 @@ class Manager:
         labels: dict[str, str],
         name: str | None,
         detail: dict[str, Any],
+        inputs: dict[str, Any] | None = None,
+        given: dict[str, Any] | None = None,
     ) -> tuple[int, list[tuple[int, str, int]], dict[str, Any]]:
         """Record the intent on the first placement ``(backend index, host)`` with room.
+
+        Args:
+            inputs: the merged inputs (the backends' :meth:`~SandboxExtension.resource_names`
+                are claimed from them); given: the ones the consumer set (recorded).
 
         Returns:
             The position admitted in ``placements``, the refusals before it, and the row recorded.
 
         Raises:
+            InputError: a backend refused an input, or every placement clashes with a live
+                sandbox's backend-side name (nothing recorded).
             state.OverCapacity: every placement is full (nothing recorded).
             state.NameTaken: a live sandbox has ``name``.
         """
@@ -273,14 +359,30 @@ class Manager:
         candidates = []
         for index, host in placements:
             eff = self.effective_profile(profile, index)
+            ext = self.extension(eff.extension or "")
+            claims: list[tuple[str, str]] = []
+            if type(ext).resource_names is not SandboxExtension.resource_names:
+                prov = self._provision_inputs(profile, index, sandbox_id, inputs or {}, ttl, consumer, labels)
+                scope = f"{eff.extension}@{host or '-'}"
+                claims = [(scope, n) for n in dict.fromkeys(ext.resource_names(eff, prov, host))]
             candidates.append(({
                 "id": sandbox_id, "name": name, "profile": profile.slug, "extension": eff.extension, "host": host,
                 "state": "provisioning", "handle": None, "reachability": None, "consumer": consumer,
                 "labels": labels, "resources": eff.resources.model_dump(), "created_at": now,
                 "expires_at": now + ttl, "attempts": 0, "last_error": None,
-                "ready_at": None, "terminated_at": None, "last_seen_at": None,
+                "ready_at": None, "terminated_at": None, "last_seen_at": None, "inputs": given or {},
+                "deadline_at": now + ext.deadline(eff), "teardown_started_at": None, "_claims": claims,
             }, self.router.limits(profile, index, host)))
-        pos, refusals = self.state.admit(candidates, detail=detail)
+        try:
+            pos, refusals = self.state.admit(candidates, detail=detail)
+        except OverCapacity as exc:
+            if exc.clashes and not exc.refusals:
+                _, scope, taken, holder = exc.clashes[0]
+                raise InputError(
+                    f"{taken!r} is already used on {scope.replace('@', ' host ')} by live sandbox {holder}; "
+                    f"choose another (or tear {holder} down first)"
+                ) from None
+            raise
         return pos, refusals, candidates[pos][0]
 
     def launch(
@@ -303,13 +405,9 @@ class Manager:
             TeardownError: a failed attempt could not be cleaned up (the router must stop).
             The backend's error otherwise, after cleanup.
         """
-        choice = profile.candidates[index]
         eff = self.effective_profile(profile, index)
-        ext = self.extension(choice.extension)
-        all_inputs = {
-            **choice.inputs, **inputs, "sandbox_id": sandbox_id, "owner_labels": dict(self.owner_labels),
-            "tags": self._tags(sandbox_id, labels, consumer, profile), "ttl": ttl,
-        }
+        ext = self.extension(eff.extension or "")
+        all_inputs = self._provision_inputs(profile, index, sandbox_id, inputs, ttl, consumer, labels)
         with self._lock:
             self._inflight.add(sandbox_id)
         try:
@@ -337,17 +435,24 @@ class Manager:
                 self._inflight.discard(sandbox_id)
 
     def _abandon(self, ext: SandboxExtension, sandbox_id: str, handle: dict[str, Any]) -> None:
-        """The record left ``provisioning`` under us (gc judged it abandoned): undo and stop."""
+        """The record left ``provisioning`` under us (a teardown was asked for while we were
+        creating, or gc judged the create abandoned): undo it, close the record, and stop."""
         try:
-            ext.teardown(handle)
-        except Exception as exc:  # noqa: BLE001 - gc's list_owned will find it
+            report = ext.teardown(handle)
+        except Exception as exc:  # noqa: BLE001 - recorded; gc retries (list_owned finds it too)
             log.warning("could not tear down %s after its record was closed: %s", sandbox_id, exc)
+            self.state.transition(sandbox_id, "teardown_failed", expect=("tearing_down",), state="teardown_failed",
+                                  handle=handle, last_error=_short(exc))
+        else:
+            self.state.transition(sandbox_id, "terminated", expect=("tearing_down",), state="terminated",
+                                  handle=handle, terminated_at=time.time(), detail=report)
         raise SandboxStateError(f"sandbox {sandbox_id} was torn down while it was still provisioning")
 
     def _after_failed_provision(self, ext: SandboxExtension, sandbox_id: str, exc: BaseException) -> None:
         """Provision raised: make sure nothing of it is left, then mark the record failed."""
         leftovers: list[dict[str, Any]] = []
-        if ext.supports("list_owned"):
+        # A backend raises InputError only before it creates anything (the contract): no leftovers to look for.
+        if ext.supports("list_owned") and not isinstance(exc, InputError):
             try:
                 leftovers = [o for o in ext.list_owned(self.owner_labels) if o.get("sandbox_id") == sandbox_id]
             except Exception as lexc:  # noqa: BLE001 - gc will retry; the original error matters more
@@ -396,7 +501,8 @@ class Manager:
     def _ready_row(self, sandbox_id: str, what: str) -> dict[str, Any]:
         row = self._row(sandbox_id)
         if row["state"] != "ready":
-            raise SandboxStateError(f"cannot {what} sandbox {sandbox_id}: it is {row['state']}, not ready")
+            why = f" ({row['last_error']})" if row["state"] == "lost" and row["last_error"] else ""
+            raise SandboxStateError(f"cannot {what} sandbox {sandbox_id}: it is {row['state']}, not ready{why}")
         if row["expires_at"] < time.time():
             raise SandboxStateError(
                 f"cannot {what} sandbox {sandbox_id}: it expired at {_dt(row['expires_at']):%Y-%m-%d %H:%M:%S}Z"
@@ -420,30 +526,87 @@ class Manager:
 
     # ----------------------------------------------------------- teardown
 
-    def teardown(self, sandbox_id: str) -> SandboxStatus:
-        """Tear a sandbox down. Idempotent: a terminated sandbox is returned as is.
+    def teardown(self, sandbox_id: str, *, force: bool = False, forget: bool = False) -> SandboxStatus:
+        """Tear a sandbox down. Idempotent: a sandbox that already ended is returned as is.
+
+        A sandbox still being created is not refused: the teardown is recorded, the create
+        undoes its work at its next step, and this call waits for that (bounded by the
+        create's deadline), so the sandbox ends absent. A teardown another thread or process
+        is running is waited for likewise.
+
+        Args:
+            force: take over at once whatever state the sandbox is in (a teardown or create
+                that another process seems to hold), and retry the backend's teardown.
+            forget: with ``force``, when the backend still cannot confirm, record the sandbox
+                terminated anyway: the operator has confirmed that its resources are gone.
+                An event ``forgotten`` records the error that was overridden.
 
         Raises:
-            SandboxNotFound; SandboxStateError if it is still provisioning;
+            SandboxNotFound; ConfigError if its extension is not configured (nothing changes);
             TeardownError if the backend could not confirm (state ``teardown_failed``).
         """
-        return self._teardown(sandbox_id, reason="requested")
+        if forget and not force:
+            raise InputError("forget needs force: `sandboxer teardown --force --forget ID`")
+        return self._teardown(sandbox_id, reason="forced" if force else "requested", force=force, forget=forget)
 
-    def _teardown(self, sandbox_id: str, *, reason: str, abandoned: bool = False) -> SandboxStatus:
-        """Tear down; a ``provisioning`` record only when gc judged it ``abandoned``."""
-        expect = ("ready", "tearing_down", "teardown_failed") + (("provisioning",) if abandoned else ())
-        cur = self.state.transition(sandbox_id, "teardown_started", state="tearing_down", expect=expect,
-                                    detail={"reason": reason})
-        if cur is None:  # missing, still provisioning, or already terminated/failed (idempotent)
-            row = self._row(sandbox_id)
-            if row["state"] == "provisioning":
-                raise SandboxStateError(f"sandbox {sandbox_id} is still provisioning; try again when it is ready")
+    def _teardown(self, sandbox_id: str, *, reason: str, abandoned: bool = False, force: bool = False,
+                  forget: bool = False) -> SandboxStatus:
+        """Tear down; a ``provisioning`` record at once only when gc judged it ``abandoned`` (or ``force``)."""
+        row = self._row(sandbox_id)
+        if row["state"] in ("terminated", "failed", "lost"):
             return _status(row)
+        ext = self.extension(row["extension"], sandbox_id=sandbox_id)  # before any change: a missing one changes nothing
+        if not (abandoned or force):
+            row = self._await_other(row, reason)
+            if row["state"] in ("terminated", "failed", "lost"):
+                return _status(row)
+        expect = ("ready", "tearing_down", "teardown_failed") + (("provisioning",) if abandoned or force else ())
+        cur = self.state.transition(sandbox_id, "teardown_started", state="tearing_down", expect=expect,
+                                    teardown_started_at=time.time(), detail={"reason": reason})
+        if cur is None:  # it ended (or moved) meanwhile
+            return _status(self._row(sandbox_id))
         if not cur["handle"]:  # never got a handle: nothing the backend knows by it; gc's list_owned covers it
             done = self.state.transition(sandbox_id, "terminated", state="failed", terminated_at=time.time(),
                                          detail={"reason": "no handle was recorded"})
             return _status(done or self._row(sandbox_id))
-        ext = self.extension(cur["extension"])
+        with self._lock:
+            self._tearing.add(sandbox_id)
+        try:
+            return self._run_teardown(ext, cur, forget)
+        finally:
+            with self._lock:
+                self._tearing.discard(sandbox_id)
+
+    def _await_other(self, row: dict[str, Any], reason: str) -> dict[str, Any]:
+        """Let a create or teardown that another thread or process is running finish first.
+
+        A create is asked to stop (its record moves to ``tearing_down``; the creator undoes its
+        work at its next step). Waits at most until the create's deadline, or the teardown's
+        grace, plus :attr:`stale_grace`; returns the row as it then is (still held: take it over).
+        """
+        sandbox_id = row["id"]
+        if row["state"] == "provisioning":
+            moved = self.state.transition(sandbox_id, "teardown_requested", expect=("provisioning",),
+                                          state="tearing_down", teardown_started_at=time.time(),
+                                          detail={"reason": reason, "during": "create"})
+            if moved is None:
+                return self._row(sandbox_id)
+            until = (row["deadline_at"] or row["created_at"]) + self.stale_grace
+        elif row["state"] == "tearing_down":
+            until = (row["teardown_started_at"] or 0.0) + self.teardown_grace
+            if row["ready_at"] is None:  # a create asked to stop: it may take until its deadline
+                until = max(until, (row["deadline_at"] or 0.0) + self.stale_grace)
+        else:
+            return row
+        while time.time() < until:
+            cur = self._row(sandbox_id)
+            if cur["state"] != "tearing_down":
+                return cur
+            time.sleep(_WAIT_STEP_S)
+        return self._row(sandbox_id)
+
+    def _run_teardown(self, ext: SandboxExtension, cur: dict[str, Any], forget: bool) -> SandboxStatus:
+        sandbox_id = cur["id"]
         reported = None
         if ext.supports("metering"):
             try:
@@ -453,6 +616,14 @@ class Manager:
         try:
             report = ext.teardown(cur["handle"])
         except Exception as exc:
+            if forget:
+                now = time.time()
+                done = self.state.transition(
+                    sandbox_id, "forgotten", expect=("tearing_down",), state="terminated", terminated_at=now,
+                    last_error=f"forgotten by the operator after: {_short(exc)}",
+                    detail={"error": _short(exc), "confirmed_gone_by": "operator"},
+                    also=lambda conn, row: self.metering.stopped(conn, sandbox_id, now, reported))
+                return _status(done or self._row(sandbox_id))
             self.state.transition(sandbox_id, "teardown_failed", state="teardown_failed", last_error=_short(exc))
             if isinstance(exc, TeardownError):
                 raise
@@ -483,6 +654,7 @@ class Manager:
         self.state.insert_snapshot({
             "id": snap_id, "sandbox_id": sandbox_id, "extension": ext.id, "profile": row["profile"],
             "consumer": row["consumer"], "state": "pending", "created_at": now, "data": None,
+            "inputs": row["inputs"] or {},
         })
         try:
             out = ext.snapshot(row["handle"])
@@ -500,7 +672,7 @@ class Manager:
         return SnapshotMeta(
             id=row["id"], sandbox_id=row["sandbox_id"], extension=row["extension"], profile=row["profile"],
             consumer=row["consumer"], created_at=_dt(row["created_at"]), size_bytes=row["size_bytes"],
-            checksum=row["checksum"], data=row["data"] or {},
+            checksum=row["checksum"], data=row["data"] or {}, inputs=row["inputs"] or {},
         )
 
     def get_snapshot(self, snapshot_id: str) -> SnapshotMeta:
@@ -515,7 +687,11 @@ class Manager:
     def restore(self, snapshot_id: str, profile: str | None = None, *, inputs: dict[str, Any] | None = None,
                 consumer: str | None = None, ttl: float | None = None, labels: dict[str, str] | None = None,
                 host: str | None = None) -> SandboxStatus:
-        """Start a new sandbox from a snapshot, on the backend that made it."""
+        """Start a new sandbox from a snapshot, on the backend that made it.
+
+        The snapshot's sandbox's inputs are used again; ``inputs`` override them. The other
+        arguments are those of :meth:`create`.
+        """
         meta = self.get_snapshot(snapshot_id)
         prof = self.profile(profile or meta.profile)
         index = next((i for i, c in enumerate(prof.candidates) if c.extension == meta.extension), None)
@@ -526,13 +702,15 @@ class Manager:
         ext = self.extension(meta.extension)
         if not ext.supports_snapshots():
             raise CapabilityError(f"{ext.id} does not support snapshots")
-        merged = self._check_inputs(prof, inputs or {})
+        given = {**meta.inputs, **(inputs or {})}
+        merged = self._check_inputs(prof, given)
         ttl_s = self._ttl(prof, ttl)
         sandbox_id = "sb-" + uuid.uuid4().hex[:12]
         who = consumer or meta.consumer
         try:
             _, _, row = self.admit(sandbox_id=sandbox_id, profile=prof, placements=[(index, host)], ttl=ttl_s,
-                                   consumer=who, labels=labels or {}, name=None, detail={"restore_of": snapshot_id})
+                                   consumer=who, labels=labels or {}, name=None, detail={"restore_of": snapshot_id},
+                                   inputs=merged, given=given)
         except OverCapacity as exc:
             raise CapacityUnavailable(f"cannot restore {snapshot_id}: {exc}", backend=meta.extension) from None
         return self.launch(sandbox_id=sandbox_id, profile=prof, index=index, host=host, inputs=merged, ttl=ttl_s,
@@ -559,13 +737,21 @@ class Manager:
     def gc(self) -> CleanupReport:
         """Reap expired sandboxes, retry failed teardowns, and reconcile with the backends.
 
+        Besides the store's own view, gc asks each backend what it holds: a sandbox the backend
+        no longer has becomes ``lost`` (its usage closed when it was last seen alive), and a
+        resource carrying our labels that no live record holds is an orphan and torn down.
+
         Returns:
             What was done; per-sandbox failures are in ``errors`` (gc never stops at the first).
         """
         report = CleanupReport()
         now = time.time()
+        ready: list[dict[str, Any]] = []
         for row in self.state.list(states=("ready", "teardown_failed", "tearing_down", "provisioning")):
-            if row["id"] in self._inflight:
+            if row["id"] in self._inflight or row["id"] in self._tearing:
+                continue
+            if row["extension"] not in self.catalog.extensions:
+                report.errors[row["id"]] = str(self._missing(row))
                 continue
             bucket: list[str] | None = None
             if row["state"] == "teardown_failed":
@@ -574,27 +760,64 @@ class Manager:
                 if self._stale(row, now):
                     bucket = report.stale_provisioning
             elif row["state"] == "tearing_down":
-                if now - (row["ready_at"] or row["created_at"]) > self.stale_grace or row["expires_at"] < now:
+                # judged from when the teardown started (and, for a create asked to stop, its deadline)
+                started = row["teardown_started_at"] or row["ready_at"] or row["created_at"]
+                creating = row["ready_at"] is None and (row["deadline_at"] or 0.0) + self.stale_grace > now
+                if now - started > self.teardown_grace and not creating:
                     bucket = report.retried
             elif row["expires_at"] < now:
                 bucket = report.expired
+            else:
+                ready.append(row)
             if bucket is None:
                 continue
             try:
-                self._teardown(row["id"], reason="gc", abandoned=bucket is report.stale_provisioning)
+                self._teardown(row["id"], reason="gc", abandoned=True)
                 bucket.append(row["id"])
             except SandboxerError as exc:
                 report.errors[row["id"]] = str(exc)
-        self._reconcile(report)
+        seen = self._reconcile(report)
+        self._find_lost(ready, seen, report)
         self.metering.close_abandoned()
+        self.state.purge_claims()
         return report
 
-    def _stale(self, row: dict[str, Any], now: float) -> bool:
-        prof = self.catalog.profiles.get(row["profile"])
-        return now - row["created_at"] > (prof.ready_timeout if prof else 300.0) + self.stale_grace
+    def _missing(self, row: dict[str, Any]) -> ConfigError:
+        try:
+            self.extension(row["extension"], sandbox_id=row["id"])
+        except ConfigError as exc:
+            return exc
+        raise AssertionError("extension is configured")  # pragma: no cover
 
-    def _reconcile(self, report: CleanupReport) -> None:
-        """Tear down what a backend holds for us but the store does not count as live."""
+    def _stale(self, row: dict[str, Any], now: float) -> bool:
+        deadline = row["deadline_at"]
+        if deadline is None:  # recorded before schema 3
+            prof = self.catalog.profiles.get(row["profile"])
+            deadline = row["created_at"] + (prof.ready_timeout if prof else 300.0)
+        return now > deadline + self.stale_grace
+
+    def _find_lost(self, ready: list[dict[str, Any]], seen: dict[str, set[str]], report: CleanupReport) -> None:
+        """Probe the ready sandboxes that their backend's ``list_owned`` did not list (or could not)."""
+        for row in ready:
+            listed = seen.get(row["extension"])
+            if listed is not None and row["id"] in listed:
+                continue
+            ext = self.extension(row["extension"])
+            try:
+                lost = self._refresh(row, ext) if row["handle"] else None
+            except (BackendError, OSError) as exc:
+                report.errors[row["id"]] = f"probe on {ext.id} failed: {exc}"
+                continue
+            if lost is not None:
+                report.lost.append(row["id"])
+
+    def _reconcile(self, report: CleanupReport) -> dict[str, set[str]]:
+        """Tear down what a backend holds for us but no live record does.
+
+        Returns:
+            Per extension that could be listed, the ids of the live sandboxes it still holds.
+        """
+        seen: dict[str, set[str]] = {}
         for ext_id in self.state.extensions_used():
             loaded = self.catalog.extensions.get(ext_id)
             if loaded is None or loaded.missing_extra or "list_owned" not in loaded.manifest.capabilities.features:
@@ -605,27 +828,46 @@ class Manager:
             except (BackendError, OSError) as exc:
                 report.errors[ext_id] = f"list_owned failed: {exc}"
                 continue
-            alive: list[str] = []
+            alive: set[str] = set()
             for item in owned:
                 sid = item.get("sandbox_id")
                 row = self.state.get(sid) if sid else None
                 if row is not None and row["state"] in ("ready", "tearing_down", "teardown_failed"):
-                    alive.append(sid)
+                    if self._same_resource(ext, row, item):
+                        alive.add(sid)
+                        continue
+                    self._reap(ext, item, None, report, duplicate_of=row)  # a duplicate from a retried create
                     continue
                 if row is not None and row["state"] == "provisioning" and (
                         sid in self._inflight or not self._stale(row, time.time())):
                     continue  # may still be in the hands of a creating thread or process
-                key = sid or repr(item.get("handle"))
-                try:
-                    ext.teardown(item["handle"])
-                except Exception as exc:  # noqa: BLE001 - recorded, retried next gc
-                    report.errors[key] = f"orphan teardown on {ext_id} failed: {exc}"
-                    continue
-                report.orphans.append(key)
-                if row is not None:
-                    self.state.transition(sid, "orphan_reaped", state="terminated" if row["state"] != "failed" else "failed",
-                                          terminated_at=row["terminated_at"] or time.time(),
-                                          detail={"handle": item["handle"]})
-                else:
-                    self.state.record_event(sid, "orphan_reaped", extension=ext_id, detail={"handle": item["handle"]})
-            self.state.touch(alive)
+                self._reap(ext, item, row, report)
+            self.state.touch(sorted(alive))
+            seen[ext_id] = alive
+        return seen
+
+    @staticmethod
+    def _same_resource(ext: SandboxExtension, row: dict[str, Any], item: dict[str, Any]) -> bool:
+        if not row["handle"]:
+            return True
+        mine = ext.handle_id(row["handle"])
+        return mine is None or mine == ext.handle_id(item["handle"])
+
+    def _reap(self, ext: SandboxExtension, item: dict[str, Any], row: dict[str, Any] | None, report: CleanupReport,
+              duplicate_of: dict[str, Any] | None = None) -> None:
+        sid = item.get("sandbox_id")
+        key = sid or repr(item.get("handle"))
+        if duplicate_of is not None:
+            key = f"{sid} (duplicate {ext.handle_id(item['handle'])})"
+        try:
+            ext.teardown(item["handle"])
+        except Exception as exc:  # noqa: BLE001 - recorded, retried next gc
+            report.errors[key] = f"orphan teardown on {ext.id} failed: {exc}"
+            return
+        report.orphans.append(key)
+        detail = {"handle": item["handle"], **({"duplicate_of": duplicate_of["handle"]} if duplicate_of else {})}
+        if row is not None:
+            self.state.transition(sid, "orphan_reaped", state="terminated" if row["state"] != "failed" else "failed",
+                                  terminated_at=row["terminated_at"] or time.time(), detail=detail)
+        else:
+            self.state.record_event(sid, "orphan_reaped", extension=ext.id, detail=detail)

@@ -37,7 +37,7 @@ def parse_duration(value: Any) -> float:
             raise ValueError(f"duration must not be negative: {value!r}")
         return float(value)
     if isinstance(value, str):
-        m = _DURATION.match(value)
+        m = _DURATION.fullmatch(value)
         if m:
             return float(m.group(1)) * _UNITS[m.group(2)]
         if value.strip().startswith("-"):
@@ -256,6 +256,7 @@ class SnapshotMeta(Strict):
     size_bytes: int | None = None
     checksum: str | None = None
     data: dict[str, Any] = Field(default_factory=dict, description="the backend's own reference")
+    inputs: dict[str, Any] = Field(default_factory=dict, description="the inputs its sandbox was created with")
 
 
 class CleanupReport(Strict):
@@ -263,6 +264,7 @@ class CleanupReport(Strict):
     retried: list[str] = Field(default_factory=list)
     orphans: list[str] = Field(default_factory=list)
     stale_provisioning: list[str] = Field(default_factory=list)
+    lost: list[str] = Field(default_factory=list, description="ready sandboxes their backend no longer has")
     errors: dict[str, str] = Field(default_factory=dict)
 
 

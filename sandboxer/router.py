@@ -5,11 +5,14 @@ them by quote for the requested TTL. Admission is atomic (the state store
 counts live sandboxes and inserts the intent in one locked transaction).
 
 Fallback rules: capacity and quota errors try the next host, then the next
-backend; ``RateLimited`` and ``AuthError`` also block that backend for a
-cooldown; transient provision failures and readiness timeouts fall through
-to the next backend; request errors stop at once; a failed attempt that
-could not be cleaned up stops everything (never provision twice and lose
-one). The final error lists every attempt: backend, host, error.
+backend; ``RateLimited`` blocks that backend for a cooldown, ``AuthError``
+blocks that backend *for the refused credential only* (another consumer's key,
+or the same reference once its value is rotated, is tried at once); a backend
+over its cost ceiling or over the consumer's budget is skipped; transient
+provision failures and readiness timeouts fall through to the next backend;
+request errors stop at once; a failed attempt that could not be cleaned up
+stops everything (never provision twice and lose one). The final error lists
+every attempt: backend, host, error.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 from sandboxer.errors import (
     AuthError,
     BackendError,
+    BudgetExceeded,
+    InputError,
     CapacityUnavailable,
     MissingExtra,
     ProvisionError,
@@ -47,7 +52,8 @@ RATE_LIMIT_COOLDOWN_S = 5.0
 class Router:
     def __init__(self, manager: "Manager"):
         self.manager = manager
-        self._cooldown: dict[str, tuple[float, str]] = {}
+        #: (backend, credential key or None) -> (until, reason, the error to raise again)
+        self._cooldown: dict[tuple[str, str | None], tuple[float, str, BaseException | None]] = {}
         self._lock = threading.Lock()
         #: Seconds from each route() call to its admission (ordering, quotes, budget, capacity
         #: checks and the admitting intent write), newest last: the router's own overhead.
@@ -55,20 +61,34 @@ class Router:
 
     # ------------------------------------------------------------ cooldowns
 
-    def block(self, ext_id: str, seconds: float, reason: str) -> None:
+    def block(self, ext_id: str, seconds: float, reason: str, *, credential: str | None = None,
+              key: str | None = None, error: BaseException | None = None) -> None:
+        """Skip ``ext_id`` for ``seconds``: for every request, or only those using credential ``key``.
+
+        ``key`` is the backend's opaque :meth:`~SandboxExtension.credential_key` (held in memory
+        only); ``credential`` is its reference, for the event.
+        """
         until = time.monotonic() + seconds
         with self._lock:
-            self._cooldown[ext_id] = (until, reason)
-        self.manager.state.record_event(None, "backend_blocked", extension=ext_id,
-                                        detail={"seconds": seconds, "reason": reason})
+            self._cooldown[(ext_id, key)] = (until, reason, error)
+        detail: dict[str, Any] = {"seconds": seconds, "reason": reason}
+        if credential:
+            detail["credential"] = credential
+        self.manager.state.record_event(None, "backend_blocked", extension=ext_id, detail=detail)
 
-    def blocked(self, ext_id: str) -> tuple[float, str] | None:
+    def blocked(self, ext_id: str, key: str | None = None) -> tuple[float, str, BaseException | None] | None:
+        """The cooldown that applies to ``ext_id`` (for credential ``key``), if any."""
+        if not self._cooldown:
+            return None
         with self._lock:
-            entry = self._cooldown.get(ext_id)
-            if entry and entry[0] <= time.monotonic():
-                del self._cooldown[ext_id]
-                return None
-            return entry
+            now = time.monotonic()
+            for k in ((ext_id, None), (ext_id, key)) if key is not None else ((ext_id, None),):
+                entry = self._cooldown.get(k)
+                if entry and entry[0] <= now:
+                    del self._cooldown[k]
+                elif entry:
+                    return entry
+            return None
 
     # ------------------------------------------------------------- limits
 
@@ -119,18 +139,23 @@ class Router:
         for index in self.order(profile, ttl):
             choice = profile.candidates[index]
             ext_id = choice.extension
-            blocked = self.blocked(ext_id)
-            if blocked:
-                left = blocked[0] - time.monotonic()
-                last = CapacityUnavailable(f"{ext_id} is blocked for {left:.0f}s more after: {blocked[1]}", backend=ext_id)
-                self._skip(attempts, ext_id, None, str(last))
-                continue
             loaded = mgr.catalog.extensions[ext_id]
             if loaded.missing_extra:
                 if single:
                     raise MissingExtra(loaded.missing_extra)
                 last = MissingExtra(loaded.missing_extra)
                 self._skip(attempts, ext_id, None, loaded.missing_extra)
+                continue
+            blocked = self.blocked(ext_id, self._credential_key(ext_id, req.consumer)) if self._cooldown else None
+            if blocked:
+                left = blocked[0] - time.monotonic()
+                if isinstance(blocked[2], AuthError):  # still the same refused key: say so, as an AuthError
+                    last = AuthError(f"{blocked[2]} (not retried for {left:.0f}s more)", backend=ext_id,
+                                     credential=blocked[2].credential)
+                else:
+                    last = CapacityUnavailable(f"{ext_id} is blocked for {left:.0f}s more after: {blocked[1]}",
+                                               backend=ext_id)
+                self._skip(attempts, ext_id, None, str(last))
                 continue
             if choice.cost_ceiling is not None or mgr.metering.has_budget(req.consumer):
                 quote = mgr.metering.quote(profile, index, ttl)
@@ -140,8 +165,15 @@ class Router:
                         f"ceiling {choice.cost_ceiling:g}", backend=ext_id)
                     self._skip(attempts, ext_id, None, str(last))
                     continue
-                mgr.metering.check_budget(req.consumer, quote)
+                try:
+                    mgr.metering.check_budget(req.consumer, quote)
+                except BudgetExceeded as exc:  # like a cost ceiling: a cheaper backend may still fit
+                    last = exc
+                    self._skip(attempts, ext_id, None, f"BudgetExceeded: {exc}")
+                    continue
             placements.extend((index, host) for host in self._hosts(profile, index))
+        if not placements and attempts and all(a["error"].startswith("BudgetExceeded") for a in attempts):
+            raise self._with_attempts(last, attempts)  # type: ignore[arg-type]
 
         pos = 0
         while pos < len(placements):
@@ -152,9 +184,15 @@ class Router:
                     sandbox_id=sandbox_id, profile=profile, placements=placements[pos:], ttl=ttl,
                     consumer=req.consumer, labels=req.labels, name=req.name,
                     detail={"route": {"policy": profile.routing, "tried_before": list(attempts)}},
+                    inputs=inputs, given=req.inputs,
                 )
             except OverCapacity as exc:
                 refused, chosen = exc.refusals, None
+                for p, scope, taken, holder in exc.clashes:
+                    index, host = placements[pos + p]
+                    last = InputError(f"{taken!r} is already used on {scope.replace('@', ' host ')} by live "
+                                      f"sandbox {holder}; choose another (or tear {holder} down first)")
+                    self._skip(attempts, profile.candidates[index].extension, host, str(last))
             for p, scope, limit in refused:
                 index, host = placements[pos + p]
                 last = CapacityUnavailable(f"{scope} is full ({limit} live sandboxes)",
@@ -178,7 +216,8 @@ class Router:
                 if isinstance(exc, RateLimited):
                     self.block(ext_id, exc.retry_after or RATE_LIMIT_COOLDOWN_S, f"rate limited: {exc}")
                 else:
-                    self.block(ext_id, AUTH_COOLDOWN_S, f"credentials refused: {exc}")
+                    self.block(ext_id, AUTH_COOLDOWN_S, f"credentials refused: {exc}", credential=exc.credential,
+                               key=self._credential_key(ext_id, req.consumer), error=exc)
                 pos = self._next_backend(placements, pos, index)
             except TeardownError as exc:
                 attempts.append(self._attempt(ext_id, host, exc, sandbox_id))
@@ -196,6 +235,19 @@ class Router:
                 attempts.append(self._attempt(ext_id, host, exc, sandbox_id))
                 return self._fail(profile, attempts, exc, single)
         return self._fail(profile, attempts, last, single)
+
+    def _credential_key(self, ext_id: str, consumer: str) -> str | None:
+        try:
+            return self.manager.extension(ext_id).credential_key(consumer)
+        except Exception:  # noqa: BLE001 - no key to tell apart: the cooldown then covers the backend
+            return None
+
+    @staticmethod
+    def _with_attempts(exc: BaseException, attempts: list[dict[str, Any]]) -> BaseException:
+        if len(attempts) > 1:
+            exc.add_note("attempts:\n" + "\n".join(
+                f"  - {a['backend']} (host {a['host'] or '-'}): {a['error']}" for a in attempts))
+        return exc
 
     @staticmethod
     def _next_backend(placements: list[tuple[int, str | None]], pos: int, index: int) -> int:
@@ -216,8 +268,6 @@ class Router:
 
     def _fail(self, profile: Profile, attempts: list[dict[str, Any]], last: BaseException | None, single: bool):
         self.manager.state.record_event(None, "route_failed", detail={"profile": profile.slug, "attempts": attempts})
-        if single and last is not None:
-            if len(attempts) > 1:
-                last.add_note("attempts:\n" + "\n".join(f"  - {a['backend']} (host {a['host'] or '-'}): {a['error']}" for a in attempts))
-            raise last
+        if single and last is not None or isinstance(last, InputError):
+            raise self._with_attempts(last, attempts)
         raise RoutingError(f"no backend could serve profile {profile.slug!r}", attempts) from last

@@ -39,6 +39,21 @@ class SecretRef(BaseModel):
 
     __str__ = __repr__
 
+    def reference(self) -> str:
+        """Short, stable name of the reference: ``env NAME`` or ``file PATH`` (what AuthError.credential holds)."""
+        return f"env {self.env}" if self.env else f"file {self.file}"
+
+    def fingerprint(self) -> str:
+        """:meth:`reference` plus a short digest of the current value (``unset`` if none): tells a
+        rotated key from the refused one without keeping the key. Never raises."""
+        import hashlib
+
+        try:
+            value = self.resolve()
+        except AuthError:
+            return f"{self.reference()}#unset"
+        return f"{self.reference()}#{hashlib.sha256(value.encode()).hexdigest()[:16]}"
+
     def resolve(self, *, backend: str | None = None) -> str:
         """Read the secret now.
 

@@ -49,7 +49,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LIVE_STATES = ("provisioning", "ready", "tearing_down", "teardown_failed")
 
 metadata = MetaData()
@@ -77,6 +77,10 @@ sandboxes = Table(
     Column("last_seen_at", Float),
     Column("last_error", Text),
     Column("attempts", Integer, nullable=False, default=0),
+    # Migration 3 (issue 8):
+    Column("inputs", JSON),  # the inputs the consumer set (never secrets); a snapshot remembers them
+    Column("deadline_at", Float),  # a create not ready by then (plus a grace) was abandoned
+    Column("teardown_started_at", Float),
     Index("ix_sandboxes_state", "state"),
     Index("ix_sandboxes_admission", "extension", "state", "host"),  # live counts per backend/host
     Index(
@@ -117,6 +121,18 @@ snapshots = Table(
     Column("checksum", String(128)),
     Column("data", JSON),
     Column("error", Text),
+    Column("inputs", JSON),  # migration 3: the inputs of the sandbox it was made from
+)
+
+# Migration 3 (issue 8): backend-side names (compose projects, directories) held by sandboxes. A name
+# is taken while the sandbox holding it is live; admission checks and records claims in one transaction.
+claims = Table(
+    "claims",
+    metadata,
+    Column("scope", String(400), primary_key=True),  # "<extension>@<host>"
+    Column("name", String(400), primary_key=True),
+    Column("sandbox_id", String(64), primary_key=True),
+    Index("ix_claims_sandbox", "sandbox_id"),
 )
 
 # Migration 2 (issue 5): metered usage and the export outbox.
@@ -162,6 +178,9 @@ _INSERT_SANDBOX = insert(sandboxes)
 # IN over fixed bound values (not an "expanding" IN), so executing it needs no per-call rendering.
 _IS_LIVE = sandboxes.c.state.in_([bindparam(f"_live{i}", s) for i, s in enumerate(LIVE_STATES)])
 _LIVE_BY_NAME = select(sandboxes.c.id).where(and_(sandboxes.c.name == bindparam("_name"), _IS_LIVE))
+_CLAIM_HOLDER = (select(claims.c.sandbox_id).join(sandboxes, sandboxes.c.id == claims.c.sandbox_id)
+                 .where(and_(claims.c.scope == bindparam("_scope"), claims.c.name == bindparam("_name"), _IS_LIVE)))
+_INSERT_CLAIM = insert(claims)
 _COUNT_LIVE: dict[frozenset[str], Any] = {}
 
 
@@ -183,11 +202,19 @@ class NameTaken(Exception):
 
 
 class OverCapacity(Exception):
-    """Admission refused: every candidate was full. ``refusals`` holds ``(position, scope, limit)``."""
+    """Admission refused: every candidate was full. ``refusals`` holds ``(position, scope, limit)``.
 
-    def __init__(self, refusals: list[tuple[int, str, int]]):
-        super().__init__("; ".join(f"{scope} is full ({limit} live sandboxes)" for _, scope, limit in refusals))
+    ``clashes`` holds ``(position, scope, name, holder sandbox id)`` for candidates refused because a
+    live sandbox holds one of their names.
+    """
+
+    def __init__(self, refusals: list[tuple[int, str, int]],
+                 clashes: list[tuple[int, str, str, str]] | None = None):
+        parts = [f"{scope} is full ({limit} live sandboxes)" for _, scope, limit in refusals]
+        parts += [f"{name!r} on {scope} is held by live sandbox {holder}" for _, scope, name, holder in clashes or []]
+        super().__init__("; ".join(parts))
         self.refusals = refusals
+        self.clashes = clashes or []
 
 
 _JSON_COLUMNS = frozenset(c.name for t in metadata.tables.values() for c in t.columns if isinstance(c.type, JSON))
@@ -298,7 +325,20 @@ def _migrate_2(conn: Connection) -> None:
         t.create(conn, checkfirst=True)
 
 
-MIGRATIONS = {1: _migrate_1, 2: _migrate_2}
+def _migrate_3(conn: Connection) -> None:
+    from sqlalchemy import inspect
+
+    claims.create(conn, checkfirst=True)
+    insp = inspect(conn)
+    for table, names in ((sandboxes, ("inputs", "deadline_at", "teardown_started_at")), (snapshots, ("inputs",))):
+        have = {c["name"] for c in insp.get_columns(table.name)}
+        for name in names:
+            if name not in have:
+                col = table.c[name]
+                conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {name} {col.type.compile(conn.dialect)}"))
+
+
+MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3}
 
 
 class StateStore:
@@ -503,7 +543,9 @@ class StateStore:
         Args:
             candidates: ``(row, limits)`` in preference order; each limit is
                 ``(scope, limit, column filter)``: the candidate is refused if the live
-                sandboxes matching the filter already number ``limit``.
+                sandboxes matching the filter already number ``limit``. A row may carry
+                ``"_claims": [(scope, name), ...]``: backend-side names it takes; the candidate
+                is refused if a live sandbox holds one, and they are recorded with it otherwise.
             detail: extra detail for the ``create_intent`` event.
 
         Returns:
@@ -512,9 +554,10 @@ class StateStore:
 
         Raises:
             NameTaken: a live sandbox already has the rows' ``name``.
-            OverCapacity: every candidate is full (``.refusals`` lists them).
+            OverCapacity: every candidate is full or clashes (``.refusals``, ``.clashes``).
         """
         refusals: list[tuple[int, str, int]] = []
+        clashes: list[tuple[int, str, str, str]] = []
         try:
             with self._tx() as conn:
                 name = candidates[0][0].get("name") if candidates else None
@@ -533,7 +576,17 @@ class StateStore:
                     if full is not None:
                         refusals.append(full)
                         continue
+                    wanted = row.get("_claims") or ()
+                    clash = next(((pos, scope, name, holder) for scope, name in wanted
+                                  for holder in [conn.execute(_CLAIM_HOLDER, {"_scope": scope, "_name": name}).scalar()]
+                                  if holder), None)
+                    if clash is not None:
+                        clashes.append(clash)
+                        continue
+                    row = {k: v for k, v in row.items() if k != "_claims"}
                     conn.execute(_INSERT_SANDBOX, row)
+                    for scope, name in wanted:
+                        conn.execute(_INSERT_CLAIM, {"scope": scope, "name": name, "sandbox_id": row["id"]})
                     event_detail = {"profile": row["profile"], "host": row.get("host"), **(detail or {})}
                     if refusals:
                         event_detail["admission_refused"] = [f"{scope} is full ({limit})" for _, scope, limit in refusals]
@@ -546,7 +599,7 @@ class StateStore:
             if existing:
                 raise NameTaken(existing["id"]) from None
             raise
-        raise OverCapacity(refusals)
+        raise OverCapacity(refusals, clashes)
 
     def transition(self, sandbox_id: str, kind: str, *, expect: tuple[str, ...] | None = None,
                    detail: dict[str, Any] | None = None, also: Callable[[Connection, dict[str, Any]], None] | None = None,
@@ -615,6 +668,17 @@ class StateStore:
         conds = [sandboxes.c.state.in_(LIVE_STATES)] + [sandboxes.c[k] == v for k, v in where.items()]
         with self._tx(write=False) as conn:
             return conn.execute(select(func.count()).select_from(sandboxes).where(and_(*conds))).scalar_one()
+
+    def claims_of(self, sandbox_id: str) -> list[tuple[str, str]]:
+        with self._tx(write=False) as conn:
+            return [(r[0], r[1]) for r in conn.execute(
+                select(claims.c.scope, claims.c.name).where(claims.c.sandbox_id == sandbox_id))]
+
+    def purge_claims(self) -> int:
+        """Forget claims of sandboxes that are no longer live (gc); admission ignores them anyway."""
+        with self._tx() as conn:
+            live = select(sandboxes.c.id).where(sandboxes.c.state.in_(LIVE_STATES))
+            return conn.execute(delete(claims).where(claims.c.sandbox_id.not_in(live))).rowcount
 
     def touch(self, sandbox_ids: list[str], ts: float | None = None) -> None:
         """Note that these sandboxes were seen alive (closes usage intervals after a crash)."""

@@ -139,6 +139,15 @@ class SandboxExtension(abc.ABC):
         """
         return None
 
+    def credential_key(self, consumer: str | None) -> str | None:
+        """An opaque key for the credential a create for ``consumer`` would use now, or None.
+
+        The router cools a backend down per credential after an AuthError, keyed by this: the
+        reference plus a fingerprint of its current value, so another consumer's key is never
+        blocked and a rotated key is tried at once. Held in memory only; never the secret itself.
+        """
+        return None
+
     def hosts(self) -> dict[str, int | None]:
         """Hosts this backend spreads sandboxes over, with each one's capacity.
 

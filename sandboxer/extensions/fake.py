@@ -74,6 +74,16 @@ class FakeExtension(SandboxExtension):
             raise ExecError(f"{self.id}: {handle.get('fake_id')} is gone", backend=self.id)
         return ExecResult(exit_code=0, stdout=" ".join(argv) + "\n")
 
+    def probe(self, handle: dict[str, Any]) -> bool | None:
+        done, out = self._step("probe", handle)
+        if done:
+            return out
+        with self._lock:
+            return handle.get("fake_id") in self.live
+
+    def handle_id(self, handle: dict[str, Any]) -> str | None:
+        return handle.get("fake_id")
+
     def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
         self._step("list_owned", owner_labels)
         with self._lock:

@@ -35,6 +35,7 @@ from sandboxer.errors import (
 )
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
+from sandboxer.secrets import SecretRef
 
 
 class Fault(BaseModel):
@@ -59,6 +60,10 @@ class StubConfig(BaseModel):
     table: str | None = Field(default=None, description="live-sandbox table file; default <home>/saas-stub/<id>.json")
     faults: list[Fault] = Field(default_factory=list)
     seed: int | None = None
+    api_key: SecretRef | None = Field(default=None, description="a key every create must present (drills)")
+    consumer_keys: dict[str, SecretRef] = Field(default_factory=dict, description="a consumer's own key")
+    refuse_keys_with_prefix: str | None = Field(default=None, description="keys the stub 'provider' refuses")
+    duplicate_creates: bool = Field(default=False, description="ignore idempotency: each create makes two")
 
 
 class SaasStubExtension(SandboxExtension):
@@ -181,11 +186,36 @@ class SaasStubExtension(SandboxExtension):
             self._set_counter(db, "peak", max(self._counter(db, "peak"), n + 1))
         return {"stub_id": stub_id, "sandbox_id": inputs.get("sandbox_id"), "host": "stub"}
 
+    def _key_ref(self, consumer: str | None) -> SecretRef | None:
+        return self.config.consumer_keys.get(consumer or "", self.config.api_key)
+
+    def _check_key(self, consumer: str | None) -> None:
+        ref = self._key_ref(consumer)
+        if ref is None:
+            return
+        value = ref.resolve(backend=self.id)
+        prefix = self.config.refuse_keys_with_prefix
+        if prefix and value.startswith(prefix):
+            raise AuthError(f"{self.id}: the key from {ref.describe()} was refused; fix or rotate it",
+                            backend=self.id, credential=ref.reference())
+
+    def credential_key(self, consumer: str | None) -> str | None:
+        ref = self._key_ref(consumer)
+        return ref.fingerprint() if ref is not None else None
+
+    def kill(self, stub_id: str) -> None:
+        """Drill: the "provider" ends a sandbox behind the manager's back."""
+        with self._db() as db:
+            db.execute("DELETE FROM live WHERE stub_id = ?", (stub_id,))
+
     # ------------------------------------------------------------ contract
 
     def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
         if self.config.latency_s:
             time.sleep(self.config.latency_s)
+        self._check_key(inputs.get("tags", {}).get("sandboxer.consumer"))
+        if self.config.duplicate_creates:
+            self._add(inputs, profile, {"duplicate": True})  # a retried create the provider did not dedupe
         fault = self._fault("provision", inputs)
         if fault is not None:
             if fault.late_success:
@@ -228,6 +258,12 @@ class SaasStubExtension(SandboxExtension):
         if on_output and out:
             on_output("stdout", out)
         return ExecResult(exit_code=1 if argv[0] == "false" else 0, stdout=out)
+
+    def probe(self, handle: dict[str, Any]) -> bool | None:
+        return self._record(handle["stub_id"]) is not None
+
+    def handle_id(self, handle: dict[str, Any]) -> str | None:
+        return handle.get("stub_id")
 
     def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
         return [

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import run_threads
 
-from sandboxer.state import StateStore
+from sandboxer.state import SCHEMA_VERSION, StateStore
 
 
 @pytest.fixture(params=[True, False], ids=["raw-sqlite", "engine"])
@@ -75,10 +75,32 @@ def test_migration_from_version_1(home):
     db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     db.commit()
     store = StateStore(home=home)
-    assert store.schema_version() == 2
+    assert store.schema_version() == SCHEMA_VERSION
     tables = {r[0] for r in sqlite3.connect(home / "state.db").execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"usage", "exports", "sandboxes", "events", "snapshots", "meta"} <= tables
     store.close()
+
+
+def test_migration_from_version_2_adds_claims_and_columns(cfg, home):
+    from sandboxer import Manager
+
+    StateStore(home=home).close()
+    db = sqlite3.connect(home / "state.db")
+    db.execute("DROP TABLE claims")
+    for table, col in (("sandboxes", "inputs"), ("sandboxes", "deadline_at"), ("sandboxes", "teardown_started_at"),
+                       ("snapshots", "inputs")):
+        db.execute(f"ALTER TABLE {table} DROP COLUMN {col}")
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    stub(cfg, "m3", capacity=5)
+    mgr = Manager(config_dirs=[cfg.root], home=home)
+    try:
+        assert mgr.state.schema_version() == 3
+        sb = mgr.create(profile="m3", inputs={"x": "1"})
+        assert mgr.snapshot(sb.id).inputs == {"x": "1"} and mgr.teardown(sb.id).state.value == "terminated"
+    finally:
+        mgr.close()
 
 
 def test_owner_id_is_stable_per_store(home):
@@ -130,7 +152,7 @@ def test_postgresql_state_store(pg_url, cfg, home, tmp_path):
     stub(cfg, "pgs", capacity=2)
     mgr = Manager(config_dirs=[cfg.root], home=home, state_url=pg_url)
     try:
-        assert mgr.state.engine.dialect.name == "postgresql" and mgr.state.schema_version() == 2
+        assert mgr.state.engine.dialect.name == "postgresql" and mgr.state.schema_version() == SCHEMA_VERSION
         a = mgr.create(profile="pgs", name="one", labels={"k": "v"})
         assert mgr.create(profile="pgs", name="one").id == a.id
         b = mgr.create(profile="pgs")
