@@ -69,6 +69,7 @@ _INPUTS = {"repo", "ref", "compose_file", "services", "project"} | RESERVED_INPU
 _PROJECT_LABEL = "com.docker.compose.project"
 
 _EXIT_FULL, _EXIT_CLONE, _EXIT_REF, _EXIT_UP, _EXIT_NO_COMPOSE = 75, 81, 82, 83, 84
+_CLAIM_TIMEOUT = 60.0  # seconds for the slot claim (flock wait included)
 
 # docker compose v2 or docker-compose v1 with -p/-f; $v, $project, $file set by the caller.
 _DC = r"""
@@ -108,6 +109,13 @@ cd "$dir/repo" || exit 1
 dc up -d "$@" || exit 83
 echo "@@services"
 dc config --services || exit 83
+"""
+
+# $1 dir, $2 project: "present" while the workspace exists and a container of the project runs.
+_PROBE = r"""
+[ -d "$1" ] || { echo gone; exit 0; }
+ids=$(docker ps -q --filter "label=com.docker.compose.project=$2") || exit 1
+if [ -n "$ids" ]; then echo present; else echo gone; fi
 """
 
 # $1 project. One JSON document of every container of the project.
@@ -269,8 +277,10 @@ class ComposeSSH(SandboxExtension):
             if not isinstance(s, str) or not _SERVICE.fullmatch(s):
                 raise _input_error(sid, f"input services: {s!r} is not a service name")
         project = inputs.get("project") or opts.project_prefix + re.sub(r"[^a-z0-9_-]", "-", sid.lower())
-        if not isinstance(project, str) or not re.fullmatch(_NAME, project) or len(project) > 63:
-            raise _input_error(sid, f"project name {project!r} must match {_NAME}")
+        # compose folds project names to lower case, so "Proj" and "proj" are one project
+        if not isinstance(project, str) or not re.fullmatch(_NAME, project.lower()) or len(project) > 63:
+            raise _input_error(sid, f"project name {project!r} must match {_NAME} (case is ignored)")
+        project = project.lower()
         return {"sandbox_id": sid, "repo": repo, "ref": ref, "compose_file": cfile, "services": list(services),
                 "project": project, "exec_service": opts.exec_service, "timeout": opts.command_timeout,
                 "owner_labels": dict(inputs.get("owner_labels") or {})}
@@ -290,7 +300,8 @@ class ComposeSSH(SandboxExtension):
                 continue
             ws = remote_path_ok(self._root(h), want["sandbox_id"])
             res = conn.run(self._argv(h, _CLAIM, self._root(h), want["sandbox_id"],
-                                      str(h.capacity), self.cfg.compose_command), timeout=60, fail=ProvisionError)
+                                      str(h.capacity), self.cfg.compose_command), timeout=_CLAIM_TIMEOUT,
+                           fail=ProvisionError)
             if res.exit_code == _EXIT_FULL:
                 full += 1
                 seen.append(f"{h.name}: full ({res.stdout.split()[-1]})")
@@ -343,6 +354,40 @@ class ComposeSSH(SandboxExtension):
             conn.run(self._argv(h, _DOWN, ws, project, v, cfile), timeout=120, fail=ProvisionError)
 
     # ------------------------------------------------------------ contract
+
+    def resource_names(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> list[str]:
+        """The compose project (lower case, as compose compares it) and the workspace directory.
+
+        Raises:
+            InputError: an input is refused (checked here, before any connection).
+        """
+        want = self._check_inputs(profile, inputs)
+        known = {h.name: h for h in self.cfg.hosts}
+        root = self._root(known[host]) if host in known else self.cfg.workspace_root
+        return [f"compose project {want['project']}", f"workspace {remote_path_ok(root, want['sandbox_id'])}"]
+
+    def deadline(self, profile: Profile) -> float:
+        """Connecting (each host of the pool in turn, at worst), the claim, clone and ``up``, then ready."""
+        connect = sum(h.connect_timeout + h.banner_timeout + h.auth_timeout for h in self.cfg.hosts)
+        return connect + _CLAIM_TIMEOUT + self.options(profile).command_timeout + float(profile.ready_timeout)
+
+    def probe(self, handle: dict[str, Any]) -> bool | None:
+        """True while the workspace exists and the project has a running container (one SSH command).
+
+        Raises:
+            BackendError: the host or its Docker engine cannot be asked.
+        """
+        h = self._host(handle["host"])
+        res = self._conn(h, BackendError).run(
+            self._argv(h, _PROBE, handle["remote_dir"], handle["project"]), timeout=60, fail=BackendError)
+        if res.exit_code != 0 or res.stdout.strip() not in ("present", "gone"):
+            raise BackendError(f"{self.id}: cannot ask {h.name} about sandbox {handle['sandbox_id']}: "
+                               f"{(res.stderr or res.stdout).strip()[-500:]}", backend=self.id, host=h.name)
+        return res.stdout.strip() == "present"
+
+    def handle_id(self, handle: dict[str, Any]) -> str | None:
+        """``<host>/<project>``: a retried create on another host is another stack."""
+        return f"{handle['host']}/{handle['project']}"
 
     def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
         want = self._check_inputs(profile, inputs)

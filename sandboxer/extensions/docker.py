@@ -467,6 +467,30 @@ class DockerExtension(SandboxExtension):
             ))
         return {"container": handle.get("container"), "removed": not already_gone, "already_gone": already_gone}
 
+    # ------------------------------------------------------------ liveness
+
+    def probe(self, handle: dict[str, Any]) -> bool | None:
+        """Whether the container still exists and runs (a stopped one cannot serve its sandbox).
+
+        Raises:
+            BackendError: the engine cannot be asked.
+        """
+        import docker.errors as derr
+
+        ref = handle.get("container_id") or handle.get("container")
+        if not ref:
+            return None
+        with self._errors("inspecting the container", BackendError, handle.get("sandbox_id")):
+            try:
+                state = self.client().api.inspect_container(ref).get("State") or {}
+            except derr.NotFound:
+                return False
+        return bool(state.get("Running")) or state.get("Status") == "paused"
+
+    def handle_id(self, handle: dict[str, Any]) -> str | None:
+        """The container id: a retried create makes another container under the same name."""
+        return handle.get("container_id")
+
     # ------------------------------------------------------------ exec
 
     def exec(

@@ -84,6 +84,11 @@ for c in "$@"; do command -v "$c" >/dev/null 2>&1 || missing="$missing $c"; done
 if [ -n "$missing" ]; then echo "missing:$missing"; exit 91; fi
 """
 
+# $1 root, $2 name: "present" while the workspace (not a symlink) and its meta file exist
+_PROBE = r"""
+if [ -d "$1/$2" ] && [ ! -L "$1/$2" ] && [ -f "$1/.sandboxer-$2.json" ]; then echo present; else echo gone; fi
+"""
+
 # $1 root, $2 name: remove the workspace (a symlink only as a link) and its meta file
 _DETACH = r"""
 ws="$1/$2"
@@ -170,6 +175,9 @@ class VMPacker(SandboxExtension):
     ProfileOptions = VMProfileOptions
     features = frozenset({"exec", "snapshots", "list_owned"})
     requires = ("paramiko", "ssh")
+    #: a sandbox is on one VM of the inventory or on one ad-hoc target: an ssh_target given
+    #: by the consumer replaces a profile's default vm (and vice versa)
+    exclusive_inputs = (frozenset({"vm", "ssh_target"}),)
 
     def __init__(self, manifest: Any, config: VMPackerConfig):
         super().__init__(manifest, config)
@@ -241,9 +249,49 @@ class VMPacker(SandboxExtension):
 
     # ------------------------------------------------------------ contract
 
+    @staticmethod
+    def _placed(inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
+        """The inputs with the router's host as ``vm`` when they name neither a vm nor a target."""
+        if host and not inputs.get("ssh_target") and not inputs.get("vm"):
+            return {"vm": host, **inputs}
+        return inputs
+
+    def resource_names(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> list[str]:
+        """The workspace directory, named by the target's address and port (a vm and an ssh_target
+        reaching the same machine name the same directory the same way).
+
+        Raises:
+            InputError: an input is refused (checked here, before any connection).
+        """
+        want = self._check_inputs(self._placed(inputs, host))
+        cfg, _, root = self._target(want, want["sandbox_id"])
+        return [f"workspace {cfg.address}:{cfg.port}:{remote_path_ok(root, want['name'])}"]
+
+    def deadline(self, profile: Profile) -> float:
+        """Connecting, the clone (``command_timeout``), then ready."""
+        hosts = [*self.cfg.vms.values(), SSHHostConfig(address="x", user="x", **self.cfg.target_defaults)]
+        connect = max(h.connect_timeout + h.banner_timeout + h.auth_timeout for h in hosts)
+        return connect + self.options(profile).command_timeout + float(profile.ready_timeout)
+
+    def probe(self, handle: dict[str, Any]) -> bool | None:
+        """Whether the workspace and its meta file are still on the VM (one SSH command).
+
+        Raises:
+            BackendError: the VM cannot be asked.
+        """
+        conn, _ = self._conn(handle, BackendError)
+        res = conn.run(["sh", "-c", _PROBE, "sh", handle["root"], handle["name"]], timeout=60, fail=BackendError)
+        if res.exit_code != 0 or res.stdout.strip() not in ("present", "gone"):
+            raise BackendError(f"{self.id}: cannot ask {handle['host']} about sandbox {handle['sandbox_id']}: "
+                               f"{(res.stderr or res.stdout).strip()[-500:]}", backend=self.id, host=handle["host"])
+        return res.stdout.strip() == "present"
+
+    def handle_id(self, handle: dict[str, Any]) -> str | None:
+        """``<vm or target>:<workspace>``: a retried create on another VM is another workspace."""
+        return f"{handle['host']}:{handle['remote_dir']}"
+
     def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
-        want = self._check_inputs({**({"vm": host} if host and not inputs.get("ssh_target") and not inputs.get("vm")
-                                      else {}), **inputs})
+        want = self._check_inputs(self._placed(inputs, host))
         return self._attach(profile, want, None)
 
     def _attach(self, profile: Profile, want: dict[str, Any], archive: Path | None) -> dict[str, Any]:

@@ -227,6 +227,31 @@ def test_deadline_kills_inside_the_container_when_the_engine_is_elsewhere(ext, m
     assert wait_gone("SBX_TEST_MARK", mark) == []
 
 
+def test_probe_sees_a_container_removed_or_stopped_behind_its_back(ext, make, owner, dclient):
+    handle = make()
+    ext.wait_ready(handle, timeout=30)
+    assert ext.probe(handle) is True
+    assert ext.handle_id(handle) == handle["container_id"]
+    owned = [o for o in ext.list_owned(owner) if o["sandbox_id"] == handle["sandbox_id"]]
+    assert [ext.handle_id(o["handle"]) for o in owned] == [handle["container_id"]]
+    dclient.containers.get(handle["container_id"]).remove(force=True)
+    assert ext.probe(handle) is False
+
+    stopped = make()
+    ext.wait_ready(stopped, timeout=30)
+    dclient.containers.get(stopped["container_id"]).kill()
+    assert ext.probe(stopped) is False, "a container that no longer runs cannot serve its sandbox"
+
+
+def test_probe_of_an_unreachable_engine_raises(catalog, tmp_path):
+    from sandboxer.errors import BackendError
+
+    ext = DockerExtension(catalog.extensions["ext.docker"].manifest,
+                          DockerConfig(docker_host=f"unix://{tmp_path}/no.sock", api_timeout=5))
+    with pytest.raises(BackendError, match="cannot reach the Docker engine"):
+        ext.probe({"container_id": "0" * 64, "container": "x", "sandbox_id": "x"})
+
+
 def test_missing_image_is_an_input_error_and_leaves_nothing(ext, profile, make, owner):
     with pytest.raises(InputError, match="'sandboxer-no-such-image:1'.*not on the Docker engine"):
         make(variant(profile, image="sandboxer-no-such-image:1", pull="never"))
