@@ -113,6 +113,8 @@ def validate(c: Ctx) -> None:
     cat = c.catalog()
     click.echo(f"ok: {len(cat.extensions)} extensions, {len(cat.profiles)} profiles")
     for ext in cat.extensions.values():
+        for path in ext.config_overrides:
+            click.echo(f"note: {ext.manifest.id}: config overridden by {path}")
         if ext.missing_extra:
             click.echo(f"note: {ext.missing_extra}")
 
@@ -131,14 +133,19 @@ def extensions_list(c: Ctx, as_json: bool) -> None:
     rows = [{"id": e.manifest.id, "title": e.manifest.title, "version": e.manifest.version,
              "isolation": e.manifest.capabilities.isolation_levels, "pricing": e.manifest.capabilities.pricing_model,
              "features": e.manifest.capabilities.features, "available": e.missing_extra is None,
-             "source": str(e.source)} for e in cat.extensions.values()]
+             "source": str(e.source), "config_overrides": [str(p) for p in e.config_overrides]}
+            for e in cat.extensions.values()]
     if as_json:
         return _emit_json(rows)
-    t = Table("ID", "TITLE", "ISOLATION", "PRICING", "FEATURES", "AVAILABLE")
+    t = Table("ID", "TITLE", "ISOLATION", "PRICING", "FEATURES", "AVAILABLE", "CONFIG")
     for r in rows:
         t.add_row(r["id"], r["title"], ",".join(r["isolation"]), r["pricing"], ",".join(r["features"]),
-                  "yes" if r["available"] else "needs extra")
+                  "yes" if r["available"] else "needs extra",
+                  "overridden" if r["config_overrides"] else "manifest")
     out.print(t)
+    for r in rows:  # below the table: a path in a cell would wrap
+        for path in r["config_overrides"]:
+            click.echo(f"{r['id']}: config overridden by {path}")
 
 
 @cli.group("profiles")
@@ -303,13 +310,22 @@ def snapshot(c: Ctx, sandbox_id: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("snapshot_id")
-@click.option("--profile", default=None)
-@click.option("--consumer", default=None)
+@click.option("--profile", default=None, help="Restore as this profile (default: the snapshot's).")
+@click.option("--input", "inputs", multiple=True, metavar="K=V", help="An input (repeatable).")
+@click.option("--consumer", default=None, help="Who the sandbox is for (default: the snapshot's consumer).")
+@click.option("--ttl", default=None, help="Lifetime, e.g. 30m or 2h (capped by the profile's maximum).")
+@click.option("--label", "labels", multiple=True, metavar="K=V")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def restore(c: Ctx, snapshot_id: str, profile: str | None, consumer: str | None, as_json: bool) -> None:
-    """Start a new sandbox from a snapshot."""
-    s = c.manager().restore(snapshot_id, profile, consumer=consumer)
+def restore(c: Ctx, snapshot_id: str, profile: str | None, inputs: tuple[str, ...], consumer: str | None,
+            ttl: str | None, labels: tuple[str, ...], as_json: bool) -> None:
+    """Start a new sandbox from a snapshot and wait until it is ready."""
+    try:
+        ttl_s = parse_duration(ttl) if ttl is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ttl") from None
+    given, tags = _pairs(inputs, "--input"), _pairs(labels, "--label")  # usage errors before any state is opened
+    s = c.manager().restore(snapshot_id, profile, inputs=given, consumer=consumer, ttl=ttl_s, labels=tags)
     _emit_json(s.model_dump(mode="json")) if as_json else click.echo(s.id)
 
 

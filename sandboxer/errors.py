@@ -11,7 +11,8 @@ context manager per backend); callers never need to match message text.
     │   ├── ManifestError                an ext.<name>.yaml is malformed or invalid
     │   ├── ProfileError                 a profile.<slug>.yaml is malformed or invalid
     │   ├── ExtensionLoadError           a handler is not allowed or cannot be loaded
-    │   └── CapabilityError              a capability/feature is unknown or unsupported
+    │   ├── CapabilityError              a capability/feature is unknown or unsupported
+    │   └── StateStoreError              the state store cannot be opened, is damaged or is too new
     ├── RequestError                     the request itself is wrong; retrying elsewhere won't help
     │   ├── InputError                   a missing, unknown or hostile input value
     │   ├── TTLError                     a negative or over-maximum TTL
@@ -62,6 +63,10 @@ class ExtensionLoadError(ConfigError):
 
 class CapabilityError(ConfigError):
     """A capability or feature is unknown, or the backend does not support it."""
+
+
+class StateStoreError(ConfigError):
+    """The state store cannot be opened, is damaged, or was written by a newer sand-boxer."""
 
 
 class RequestError(SandboxerError):

@@ -4,6 +4,11 @@ Rules kept here: YAML is read with ``yaml.safe_load`` only; every error names
 the file, the field path and the bad value; everything is checked at load
 time (registry capabilities, duplicate ids, handler allow-list, each
 handler's own config and profile-options models), never on first use.
+
+A config directory may change the ``config:`` of an extension defined elsewhere
+(a built-in one, say) with an explicit override file of the same name holding
+``id``, ``override: config`` and ``config``; nothing else of a manifest can be
+overridden, and a plain second manifest with the same id stays an error.
 """
 
 from __future__ import annotations
@@ -118,6 +123,8 @@ class LoadedExtension:
     handler: type[SandboxExtension]
     config: BaseModel
     missing_extra: str | None = None
+    #: override files whose ``config:`` was merged over the manifest's, in the order applied
+    config_overrides: list[Path] = field(default_factory=list)
     _instance: SandboxExtension | None = field(default=None, repr=False)
 
     def instance(self, home: Path | None = None) -> SandboxExtension:
@@ -159,15 +166,15 @@ def _files(dirs: list[Path], sub: str, pattern: str) -> list[Path]:
     return list(seen.values())
 
 
-def load_manifest(path: Path, registry: Registry) -> LoadedExtension:
-    data = read_yaml(path, ManifestError)
+def load_manifest(path: Path, registry: Registry, data: dict[str, Any] | None = None) -> LoadedExtension:
+    """Validate one manifest file (``data``: its already-parsed contents, if read)."""
+    if data is None:
+        data = read_yaml(path, ManifestError)
     try:
         manifest = ExtensionManifest.model_validate(data)
     except ValidationError as exc:
         raise ManifestError(describe_validation(str(path), exc)) from None
-    expected = path.name.removesuffix(".yaml").removesuffix(".yml")
-    if manifest.id != expected:
-        raise ManifestError(f"{path}: field 'id' (value {manifest.id!r}): must match the file name {expected!r}")
+    _check_id_matches_name(path, manifest.id)
     caps = manifest.capabilities
     for level in caps.isolation_levels:
         if level not in registry.isolation_levels:
@@ -207,6 +214,64 @@ def load_manifest(path: Path, registry: Registry) -> LoadedExtension:
                 f"install it with: pip install 'sand-boxer[{extra}]'"
             )
     return LoadedExtension(manifest=manifest, source=path, handler=handler, config=config, missing_extra=missing)
+
+
+def _check_id_matches_name(path: Path, ext_id: Any) -> None:
+    expected = path.name.removesuffix(".yaml").removesuffix(".yml")
+    if ext_id != expected:
+        raise ManifestError(f"{path}: field 'id' (value {ext_id!r}): must match the file name {expected!r}")
+
+
+#: the only part of a manifest an override file may change
+OVERRIDABLE = ("config",)
+_OVERRIDE_KEYS = frozenset({"id", "override", *OVERRIDABLE})
+
+
+def apply_override(path: Path, data: dict[str, Any], extensions: dict[str, LoadedExtension]) -> None:
+    """Merge an override file's ``config:`` over the extension of its ``id``, and re-validate it.
+
+    Each top-level key of the override replaces the extension's value for that key (a
+    list such as compose-ssh's ``hosts`` is replaced whole); keys left out keep their
+    values. The merged config is validated by the handler's own ``Config`` model, and
+    errors name the override file.
+
+    Raises:
+        ManifestError: the override names no known extension, tries to change anything
+            but ``config``, or gives a config the handler's model refuses.
+    """
+    kind = data["override"]
+    if kind not in OVERRIDABLE:
+        raise ManifestError(
+            f"{path}: field 'override' (value {kind!r}): only 'config' can be overridden; "
+            f"to change anything else, give the extension a new id in a manifest of its own"
+        )
+    ext_id = data.get("id")
+    if not isinstance(ext_id, str):
+        raise ManifestError(f"{path}: field 'id': missing; an override names the extension it changes")
+    _check_id_matches_name(path, ext_id)
+    loaded = extensions.get(ext_id)
+    if loaded is None:
+        known = ", ".join(sorted(extensions)) or "none"
+        raise ManifestError(f"{path}: field 'id' (value {ext_id!r}): no extension to override; known: {known}")
+    extra = [str(k) for k in data if k not in _OVERRIDE_KEYS]
+    if extra:
+        named = f"field {extra[0]!r}" if len(extra) == 1 else "fields " + ", ".join(repr(k) for k in extra)
+        raise ManifestError(
+            f"{path}: {named}: an override may change only 'config' (the rest stays as in {loaded.source}); "
+            f"remove {'it' if len(extra) == 1 else 'them'}, or give your extension a new id in a manifest of its own"
+        )
+    if "config" not in data:
+        raise ManifestError(f"{path}: field 'config': missing; an override gives the config keys it changes")
+    change = data["config"]
+    if not isinstance(change, dict):
+        raise ManifestError(f"{path}: field 'config': expected a mapping of config keys, got {type(change).__name__}")
+    merged = {**loaded.manifest.config, **change}
+    try:
+        loaded.config = loaded.handler.Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ManifestError(describe_validation(str(path), exc, prefix="config")) from None
+    loaded.manifest = loaded.manifest.model_copy(update={"config": merged})
+    loaded.config_overrides.append(path)
 
 
 def load_profile(path: Path, extensions: dict[str, LoadedExtension]) -> Profile:
@@ -257,14 +322,24 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
     prof_files += _files(user_dirs, "profiles", "profile.*.yaml")
 
     extensions: dict[str, LoadedExtension] = {}
+    overrides: list[tuple[Path, dict[str, Any]]] = []
     for path in ext_files:
-        loaded = load_manifest(path, registry)
+        data = read_yaml(path, ManifestError)
+        if "override" in data:
+            overrides.append((path, data))
+            continue
+        loaded = load_manifest(path, registry, data)
         prior = extensions.get(loaded.manifest.id)
         if prior is not None:
             raise ManifestError(
-                f"{path}: field 'id' (value {loaded.manifest.id!r}): duplicate id, already defined in {prior.source}"
+                f"{path}: field 'id' (value {loaded.manifest.id!r}): duplicate id, already defined in {prior.source}; "
+                f"to change only its config, make this file hold just 'id: {loaded.manifest.id}', "
+                f"'override: config' and the 'config:' keys to change, or give your extension a new id"
             )
         extensions[loaded.manifest.id] = loaded
+    # Overrides apply once every manifest is known, in file order (a later config dir's wins).
+    for path, data in overrides:
+        apply_override(path, data, extensions)
 
     profiles: dict[str, Profile] = {}
     sources: dict[str, Path] = {}

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from sandboxer.errors import (
+    AuthError,
     BackendError,
     CapabilityError,
     CapacityUnavailable,
@@ -53,7 +54,7 @@ from sandboxer.models import (
     SnapshotMeta,
     format_duration,
 )
-from sandboxer.router import Router
+from sandboxer.router import Action, Plan, Router
 from sandboxer.state import LIVE_STATES, NameTaken, OverCapacity, StateStore, default_home
 
 log = logging.getLogger("sandboxer")
@@ -114,7 +115,7 @@ class Manager:
         self.state = StateStore(state_url or os.environ.get("SANDBOXER_STATE_URL") or None, home=self.home)
         self.owner_labels = {"sandboxer.owner": self.state.owner_id}
         self.metering = Metering(self)
-        self.router = Router(self)
+        self.router = Router()
         self.stale_grace = stale_grace
         self.teardown_grace = teardown_grace
         self._inflight: set[str] = set()  # creates running in this process
@@ -290,12 +291,111 @@ class Manager:
                         return status
                     continue
             try:
-                return self.router.route(req, profile, inputs, ttl)
+                return self._route(req, profile, inputs, ttl)
             except NameTaken as taken:
                 status = self._await_named(taken.existing_id, profile)
                 if status is not None:
                     return status
         raise SandboxStateError(f"sandbox name {req.name!r} kept failing to create; see `sandboxer list --all`")
+
+    def _route(self, req: SandboxCreateRequest, profile: Profile, inputs: dict[str, Any], ttl: float) -> SandboxStatus:
+        """Create on the first placement of the router's plan that can take it.
+
+        Raises:
+            RequestError subclasses at once; the single backend's own error for a
+            one-backend profile; RoutingError listing every attempt otherwise.
+        """
+        started = time.perf_counter()
+        budgeted = self.metering.has_budget(req.consumer)
+        plan = self.router.plan(
+            profile, ttl, hosts=lambda i: self._hosts(profile, i),
+            missing_extra=lambda i: self.catalog.extensions[profile.candidates[i].extension].missing_extra,
+            quote=lambda i: self.metering.quote(profile, i, ttl),
+            check_budget=(lambda q: self.metering.check_budget(req.consumer, q)) if budgeted else None,
+            credential_key=lambda i: self._credential_key(profile.candidates[i].extension, req.consumer),
+        )
+        placements = plan.placements
+        pos = 0
+        while pos < len(placements):
+            sandbox_id = "sb-" + uuid.uuid4().hex[:12]
+            row: dict[str, Any] = {}
+            try:
+                chosen, refused, row = self.admit(
+                    sandbox_id=sandbox_id, profile=profile, placements=placements[pos:], ttl=ttl,
+                    consumer=req.consumer, labels=req.labels, name=req.name,
+                    detail={"route": {"policy": profile.routing, "tried_before": list(plan.attempts)}},
+                    inputs=inputs, given=req.inputs,
+                )
+            except OverCapacity as exc:
+                refused, chosen = exc.refusals, None
+                self._note_clashes(profile, plan, pos, exc)
+            for p, scope, limit in refused:
+                index, host = placements[pos + p]
+                ext_id = profile.candidates[index].extension
+                plan.skip(ext_id, host, CapacityUnavailable(f"{scope} is full ({limit} live sandboxes)",
+                                                            backend=ext_id, host=host))
+            if chosen is None:
+                break
+            self.router.decision_times.append(time.perf_counter() - started)
+            index, host = placements[pos + chosen]
+            ext_id = profile.candidates[index].extension
+            pos += chosen + 1
+            try:
+                return self.launch(sandbox_id=sandbox_id, profile=profile, index=index, host=host, inputs=inputs,
+                                   ttl=ttl, consumer=req.consumer, labels=req.labels, row=row)
+            except BackendError as exc:
+                plan.failed(ext_id, host, exc, sandbox_id)
+                action = self.router.on_failure(exc, ext_id, self._credential_key(ext_id, req.consumer)
+                                                if isinstance(exc, AuthError) else None)
+                if action is Action.COOL_DOWN:
+                    self.state.record_event(None, "backend_blocked", extension=ext_id,
+                                            detail=self.router.cooldown_event(exc))
+                if action is Action.STOP:
+                    self._route_failed(profile, plan)
+                    raise self.router.stopped(profile, plan) from exc
+                if action is Action.FAIL:
+                    self._route_failed(profile, plan)
+                    raise self.router.final_error(profile, plan, exc)
+                if action is not Action.NEXT_HOST:
+                    pos = plan.next_backend(pos)
+        self._route_failed(profile, plan)
+        raise self.router.final_error(profile, plan)
+
+    def _route_failed(self, profile: Profile, plan: Plan) -> None:
+        self.state.record_event(None, "route_failed", detail={"profile": profile.slug, "attempts": plan.attempts})
+
+    @staticmethod
+    def _note_clashes(profile: Profile, plan: Plan, pos: int, exc: OverCapacity) -> None:
+        for p, scope, taken, holder in exc.clashes:
+            index, host = plan.placements[pos + p]
+            plan.skip(profile.candidates[index].extension, host, InputError(
+                f"{taken!r} is already used on {scope.replace('@', ' host ')} by live sandbox {holder}; "
+                f"choose another (or tear {holder} down first)"))
+
+    def _credential_key(self, ext_id: str, consumer: str) -> str | None:
+        try:
+            return self.extension(ext_id).credential_key(consumer)
+        except Exception:  # noqa: BLE001 - no key to tell apart: a cooldown then covers the backend
+            return None
+
+    def _hosts(self, profile: Profile, index: int) -> list[str | None]:
+        choice = profile.candidates[index]
+        hosts = list(choice.hosts) or list(self.extension(choice.extension).hosts())
+        return hosts or [None]
+
+    def _limits(self, profile: Profile, index: int, host: str | None) -> list[tuple[str, int, dict[str, Any]]]:
+        """Admission limits of a placement: ``(scope, most live sandboxes, what they match)``."""
+        choice = profile.candidates[index]
+        out: list[tuple[str, int, dict[str, Any]]] = []
+        if choice.capacity is not None:
+            out.append((choice.extension, choice.capacity, {"extension": choice.extension}))
+        if host is not None:
+            per_host = choice.capacity_per_host
+            if per_host is None:
+                per_host = self.extension(choice.extension).hosts().get(host)
+            if per_host is not None:
+                out.append((f"{choice.extension} host {host}", per_host, {"extension": choice.extension, "host": host}))
+        return out
 
     def _await_named(self, sandbox_id: str, profile: Profile) -> SandboxStatus | None:
         """Wait for a racing create of the same name; None if it failed."""
@@ -372,7 +472,7 @@ class Manager:
                 "expires_at": now + ttl, "attempts": 0, "last_error": None,
                 "ready_at": None, "terminated_at": None, "last_seen_at": None, "inputs": given or {},
                 "deadline_at": now + ext.deadline(eff), "teardown_started_at": None, "_claims": claims,
-            }, self.router.limits(profile, index, host)))
+            }, self._limits(profile, index, host)))
         try:
             pos, refusals = self.state.admit(candidates, detail=detail)
         except OverCapacity as exc:

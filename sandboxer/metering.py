@@ -6,7 +6,9 @@ zero); every sandbox's usage interval is recorded in the state store (start,
 stop, resources, price); an interval the orchestrator could not close is
 closed at the last time the sandbox was seen alive; each exported record has
 a stable id and goes through an outbox, so a push that fails is retried, never
-lost, and exporting again never duplicates.
+lost, and exporting again never duplicates. A webhook's secret headers are
+references resolved at delivery: never in the exports table, a log line or an
+error.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, bindparam, insert, select, update
 from sqlalchemy.engine import Connection
 
-from sandboxer.errors import BudgetExceeded, ConfigError
+from sandboxer.errors import AuthError, BudgetExceeded, ConfigError
 from sandboxer.models import ExtensionManifest, MeterQuote, Pricing, Profile, SinkConfig
 from sandboxer.state import exports, sandboxes, usage
 
@@ -298,21 +300,35 @@ def push(cfg: SinkConfig, records: list[dict[str, Any]]) -> None:
             fh.flush()
         return
     body = render(records, "jsonl").encode()
+    # Secret headers are read now, at delivery, and live only in this request; a redirect is
+    # not followed, so they never travel to a host the operator did not name.
+    try:
+        headers = {"Content-Type": "application/x-ndjson", **cfg.resolved_headers()}
+    except AuthError as exc:
+        raise OSError(f"webhook {cfg.url}: a header's secret is missing: {exc}") from None
+    opener = urllib.request.build_opener(_NoRedirect)
     delay = cfg.backoff_s
     last: Exception | None = None
     for attempt in range(cfg.retries + 1):
-        req = urllib.request.Request(cfg.url or "", data=body, method="POST",
-                                     headers={"Content-Type": "application/x-ndjson", **cfg.headers})
+        req = urllib.request.Request(cfg.url or "", data=body, method="POST", headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=cfg.timeout_s) as resp:  # noqa: S310 - operator-configured URL
+            with opener.open(req, timeout=cfg.timeout_s) as resp:  # noqa: S310 - operator-configured URL
                 if 200 <= resp.status < 300:
                     return
-                last = OSError(f"HTTP {resp.status}")
+                last = OSError(f"HTTP {resp.status} from {cfg.url}")
         except urllib.error.HTTPError as exc:
-            last = OSError(f"HTTP {exc.code} from {cfg.url}")
+            last = OSError(f"HTTP {exc.code} from {cfg.url}" + (" (redirects are not followed)"
+                                                                if 300 <= exc.code < 400 else ""))
         except (urllib.error.URLError, OSError) as exc:
             last = OSError(f"cannot reach {cfg.url}: {getattr(exc, 'reason', exc)}")
         if attempt < cfg.retries:
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
     raise last or OSError("webhook push failed")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuse redirects: urllib would forward the Authorization header to the new host."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        return None

@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from sandboxer.secrets import HeaderSecret
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
@@ -278,16 +280,35 @@ class Budget(Strict):
 
 
 class SinkConfig(Strict):
-    """Where usage records are pushed: a file (JSONL or CSV) or an HTTP webhook."""
+    """Where usage records are pushed: a file (JSONL or CSV) or an HTTP webhook.
+
+    A webhook header is a plain string or, for a secret, a reference resolved at each
+    delivery: ``{env: NAME, prefix: "Bearer "}`` or ``{file: PATH}``. An Authorization
+    header must be a reference, so no token is ever written in ``settings.yaml``.
+    """
 
     kind: Literal["file", "webhook"]
     path: str | None = None
     format: Literal["jsonl", "csv"] = "jsonl"
     url: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str | HeaderSecret] = Field(default_factory=dict)
     retries: int = Field(default=5, ge=0, le=20)
     backoff_s: float = Field(default=0.5, ge=0, le=60)
     timeout_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_literal_credentials(cls, data: Any) -> Any:
+        # Checked before field validation so the error cannot quote the value: it is a token.
+        credential_headers = ("authorization", "proxy-authorization", "x-api-key")
+        headers = data.get("headers") if isinstance(data, dict) else None
+        for name, value in headers.items() if isinstance(headers, dict) else ():
+            if str(name).lower() in credential_headers and isinstance(value, str):
+                raise ValueError(
+                    f"header {name!r} must be a reference, {{env: NAME, prefix: \"Bearer \"}} or "
+                    "{file: PATH}, not a literal value (see docs/payments.md)"
+                )
+        return data
 
     @model_validator(mode="after")
     def _target(self) -> "SinkConfig":
@@ -296,6 +317,10 @@ class SinkConfig(Strict):
         if self.kind == "webhook" and not (self.url and self.url.startswith(("http://", "https://"))):
             raise ValueError("a webhook sink needs an http(s) 'url'")
         return self
+
+    def resolved_headers(self) -> dict[str, str]:
+        """The headers to send now, references resolved (AuthError names one that is unset)."""
+        return {k: v.value() if isinstance(v, HeaderSecret) else v for k, v in self.headers.items()}
 
 
 class Settings(Strict):

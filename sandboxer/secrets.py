@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sandboxer.errors import AuthError
 
@@ -32,16 +32,17 @@ class SecretRef(BaseModel):
         return self
 
     def describe(self) -> str:
+        """Where the secret lives, for a message: ``environment variable NAME`` or ``file PATH``."""
         return f"environment variable {self.env}" if self.env else f"file {self.file}"
+
+    def reference(self) -> str:
+        """The short name of this reference, ``env NAME`` or ``file PATH`` (``AuthError.credential``)."""
+        return f"env {self.env}" if self.env else f"file {self.file}"
 
     def __repr__(self) -> str:
         return f"SecretRef({self.describe()})"
 
     __str__ = __repr__
-
-    def reference(self) -> str:
-        """Short, stable name of the reference: ``env NAME`` or ``file PATH`` (what AuthError.credential holds)."""
-        return f"env {self.env}" if self.env else f"file {self.file}"
 
     def fingerprint(self) -> str:
         """:meth:`reference` plus a short digest of the current value (``unset`` if none): tells a
@@ -68,10 +69,30 @@ class SecretRef(BaseModel):
                 assert self.file is not None
                 value = self.file.read_text(encoding="utf-8").strip().splitlines()[0] if self.file.stat().st_size else ""
             except OSError as exc:
-                raise AuthError(f"cannot read credential from {self.describe()}: {exc.strerror}", backend=backend) from None
+                raise AuthError(f"cannot read credential from {self.describe()}: {exc.strerror}", backend=backend,
+                                credential=self.reference()) from None
         if not value:
-            raise AuthError(f"no credential found in {self.describe()}; set it and try again", backend=backend)
+            raise AuthError(f"no credential found in {self.describe()}; set it and try again", backend=backend,
+                            credential=self.reference())
         return value
+
+
+class HeaderSecret(SecretRef):
+    """An HTTP header value held by reference: ``{env: NAME, prefix: "Bearer "}`` or ``{file: PATH}``.
+
+    The value sent is ``prefix`` followed by the secret, read when the request is made.
+    """
+
+    prefix: str = Field(default="", max_length=64, pattern=r"[!-~ ]*", description='e.g. "Bearer "')
+
+    def __repr__(self) -> str:
+        return f"HeaderSecret({self.describe()}" + (f", prefix {self.prefix!r})" if self.prefix else ")")
+
+    __str__ = __repr__
+
+    def value(self, *, backend: str | None = None) -> str:
+        """The header value now: the prefix and the secret (AuthError names the reference if unset)."""
+        return self.prefix + self.resolve(backend=backend)
 
 
 def redact(text: str, secrets: Iterable[str | None]) -> str:

@@ -13,9 +13,11 @@ database by URL. Rules kept here:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
+import shutil
 import sqlite3
 import threading
 import time
@@ -47,7 +49,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from sandboxer.errors import StateStoreError
 
 SCHEMA_VERSION = 3
 LIVE_STATES = ("provisioning", "ready", "tearing_down", "teardown_failed")
@@ -359,10 +363,18 @@ class StateStore:
                 os.close(fd)
             os.chmod(path, 0o600)
             url = f"sqlite:///{path}"
-        self.url = url
         self.engine: Engine = create_engine(url, future=True, **self._engine_args(url))
+        #: The URL for messages and ``repr``: a password in it is masked.
+        self.url = self.engine.url.render_as_string(hide_password=True)
         self._write_lock: threading.Lock | None = None
         self._raw_path: str | None = None
+        try:
+            self._open()
+        except (DBAPIError, sqlite3.Error) as exc:
+            self.close()
+            raise self._open_error(exc) from None
+
+    def _open(self) -> None:
         if self.engine.dialect.name == "sqlite":
             self._sqlite_setup(self.engine)
             self._write_lock = threading.Lock()
@@ -382,6 +394,79 @@ class StateStore:
                 self._checkpointer.start()
         self._migrate()
         self.owner_id = self._owner_id()
+
+    #: SQLite's primary result codes for a file that is not, or no longer, a sound database
+    _DAMAGED_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+
+    def _open_error(self, exc: BaseException) -> StateStoreError:
+        """One line naming the store and what to do; a damaged SQLite file is copied aside first."""
+        orig = exc.orig if isinstance(exc, DBAPIError) else exc
+        detail = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+        database = self.engine.url.database
+        if self.engine.dialect.name != "sqlite" or not database or database == ":memory:":
+            where = self.engine.url.render_as_string(hide_password=True)
+            return StateStoreError(f"state store {where}: cannot open it: {detail}; check the URL, the server "
+                               f"and the credentials (SANDBOXER_STATE_URL or --state-url)")
+        path = Path(database)
+        code = getattr(orig, "sqlite_errorcode", None)
+        if code is None or code & 0xFF not in self._DAMAGED_CODES:
+            return StateStoreError(f"state store {path}: cannot open it: {detail}; check the file's permissions "
+                               f"and the free space of its disk")
+        try:
+            kept = f"a copy is kept at {self._keep_copy(path)}"
+        except OSError as copy_exc:
+            kept = f"no copy could be made ({copy_exc.strerror or copy_exc}), so copy it yourself first"
+        # The original stays exactly where and as it is: what to salvage from it is the user's call.
+        return StateStoreError(
+            f"state store {path} is damaged ({detail}); {kept}. To go on, move the damaged file aside or "
+            f"put back a backup, then run again: a new, empty store is created. Sandboxes it recorded may "
+            f"still be running on their backends (tear them down there); sqlite3's .recover may salvage "
+            f"rows from the copy"
+        )
+
+    @staticmethod
+    def _digest(path: Path) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    @staticmethod
+    def _copy_new(src: Path, dst: Path) -> None:
+        """Copy ``src`` to a new file ``dst`` (mode 0600); FileExistsError if ``dst`` exists."""
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out)
+            out.flush()
+            os.fsync(out.fileno())
+
+    @staticmethod
+    def _keep_copy(path: Path) -> Path:
+        """Copy a damaged database (and its WAL) to ``<name>.corrupt-<UTC time>`` next to it.
+
+        A copy of the same bytes kept by an earlier start is reused, so running again and
+        again does not fill the disk. Nothing is ever overwritten.
+        """
+        size, digest = path.stat().st_size, StateStore._digest(path)
+        for prior in sorted(path.parent.glob(f"{path.name}.corrupt-*")):
+            if prior.name.endswith("-wal") or prior.stat().st_size != size:
+                continue
+            if StateStore._digest(prior) == digest:
+                return prior
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for n in range(100):
+            copy = path.with_name(f"{path.name}.corrupt-{stamp}" + (f".{n}" if n else ""))
+            try:
+                StateStore._copy_new(path, copy)
+            except FileExistsError:
+                continue
+            wal = path.with_name(path.name + "-wal")
+            if wal.is_file() and wal.stat().st_size:
+                # named so that SQLite opening the copy reads the WAL's transactions too
+                StateStore._copy_new(wal, copy.with_name(copy.name + "-wal"))
+            return copy
+        raise FileExistsError(f"100 copies named {path.name}.corrupt-{stamp}* exist already")
 
     # ------------------------------------------------------------- engine
 
@@ -481,7 +566,7 @@ class StateStore:
             row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
             current = int(row) if row else 0
             if current > SCHEMA_VERSION:
-                raise RuntimeError(
+                raise StateStoreError(
                     f"state store {self.url} has schema version {current}, newer than this sand-boxer "
                     f"({SCHEMA_VERSION}); upgrade sand-boxer"
                 )

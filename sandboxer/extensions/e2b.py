@@ -11,21 +11,27 @@ Rules kept here:
 * the API key is given only by reference (:class:`~sandboxer.secrets.SecretRef`),
   resolved at each call, and never stored in a handle, a log line, an
   exception message or a ``repr``; provider messages are redacted;
-* every SDK call runs inside :meth:`E2BExtension._translate`, the one place
-  that decides which sand-boxer error an SDK exception becomes, by exception
-  type and HTTP status, never by message text.
+* every SDK call runs through :meth:`E2BExtension._call`, the one place that
+  decides which sand-boxer error an SDK exception becomes, by exception type
+  and HTTP status, never by message text; ours is raised outside the SDK's
+  ``except`` block, so the SDK's exception (which may echo the key) is not
+  reachable from it, and no frame of ours holds the key;
+* a timed-out command is exit 124 with ``timed_out``, and nothing it started
+  outlives its deadline.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import importlib
 import logging
+import re
+import secrets
 import shlex
 import time
-from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, Callable, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -57,6 +63,27 @@ log = logging.getLogger("sandboxer.e2b")
 TIMEOUT_EXIT_CODE = 124
 #: Most pages ``list_owned`` reads, so a misbehaving API cannot keep it looping.
 MAX_LIST_PAGES = 1000
+#: The environment variable that marks every process of one exec (see :func:`kill_marked_argv`).
+EXEC_MARKER = "SANDBOXER_EXEC_ID"
+#: Seconds the kill of a timed-out command's leftovers may take.
+KILL_MARKED_TIMEOUT = 30.0
+#: Kills, a bounded five rounds (a process may fork while the first round scans), every
+#: process whose environment holds the entry "$1"; zombies have an empty environ.
+KILL_MARKED_SCRIPT = """\
+for round in 1 2 3 4 5; do
+  n=0
+  for d in /proc/[0-9]*; do
+    p=${d#/proc/}
+    [ "$p" = "$$" ] && continue
+    if tr '\\000' '\\n' < "$d/environ" 2>/dev/null | grep -qxF -- "$1"; then
+      kill -9 "$p" 2>/dev/null && n=$((n + 1))
+    fi
+  done
+  [ "$n" -eq 0 ] && exit 0
+done
+"""
+
+T = TypeVar("T")
 
 
 def _sdk() -> Any:
@@ -97,7 +124,7 @@ class E2BConfig(BaseModel):
     )
     rate_limit_retry_after: float = Field(
         default=5.0, ge=0,
-        description="retry_after reported on a 429: the pinned SDK does not surface the Retry-After header",
+        description="retry_after reported on a 429 that carries no Retry-After header",
     )
 
     @model_validator(mode="before")
@@ -162,11 +189,17 @@ class E2BExtension(SandboxExtension):
             return self.config.consumer_keys[consumer]
         return self.config.api_key
 
-    def _opts(self, consumer: str | None) -> tuple[dict[str, Any], str]:
-        """SDK connection options for ``consumer``'s key, resolved now, and the key (for redaction)."""
-        key = self._key_ref(consumer).resolve(backend=self.id)
+    def credential(self, consumer: str | None) -> str:
+        """The reference of the key ``consumer``'s calls use, as ``AuthError.credential`` names it."""
+        return self._key_ref(consumer).reference()
+
+    def credential_key(self, consumer: str | None) -> str | None:
+        return self._key_ref(consumer).fingerprint()
+
+    def _opts(self, consumer: str | None) -> dict[str, Any]:
+        """SDK connection options for ``consumer``'s key, resolved now."""
         opts: dict[str, Any] = {
-            "api_key": key,
+            "api_key": self._key_ref(consumer).resolve(backend=self.id),
             "request_timeout": self.config.request_timeout,
             "retries": self.config.retries,
         }
@@ -174,89 +207,127 @@ class E2BExtension(SandboxExtension):
             value = getattr(self.config, name)
             if value:
                 opts[name] = value
-        return opts, key
+        return opts
 
     # ------------------------------------------------------------ errors
 
-    @contextmanager
-    def _translate(
+    def _call(
         self,
         op: str,
+        fn: Callable[[dict[str, Any]], T],
         *,
         consumer: str | None,
-        key: str | None,
         fallback: type[BackendError],
         sandbox: str | None = None,
         gone: type[BackendError] | None = None,
-    ) -> Iterator[None]:
-        """Turn SDK exceptions raised inside the block into sand-boxer errors.
+    ) -> T:
+        """Run ``fn(sdk_opts)`` with ``consumer``'s key; SDK exceptions become sand-boxer errors.
 
-        Decides by exception type and HTTP status only. The provider's text is
-        kept (redacted of the key) for the operator; the original exception is
-        not chained, because its message may echo the key.
+        The key is resolved here and lives only in ``fn``'s frames, which belong to the
+        SDK exception's traceback, never to ours. Ours is raised after the ``except``
+        block has ended, so the SDK exception (whose text may echo the key) is neither
+        its ``__cause__`` nor its ``__context__``.
 
         Args:
             op: what was being done, for messages ("create", "kill", ...).
-            consumer: whose key was used (names the key reference in AuthError).
-            key: the resolved key, scrubbed from every message.
+            fn: the SDK calls, given the connection options (the key among them).
+            consumer: whose key to use (named by reference in an AuthError).
             fallback: the class for anything not more specific.
             sandbox: the E2B sandbox id, named in messages when known.
             gone: the class a "sandbox not found" becomes (default: ``fallback``).
         """
+        try:
+            return fn(self._opts(consumer))
+        except BackendError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - translated below, or re-raised untouched
+            mapped = self._map(exc, op, consumer=consumer, fallback=fallback, sandbox=sandbox, gone=gone)
+            if mapped is None:
+                raise
+        raise mapped
+
+    def _map(
+        self,
+        exc: Exception,
+        op: str,
+        *,
+        consumer: str | None,
+        fallback: type[BackendError],
+        sandbox: str | None,
+        gone: type[BackendError] | None,
+    ) -> BackendError | None:
+        """The sand-boxer error for an SDK exception, by type and HTTP status only (None: not the SDK's)."""
         sdk = _sdk()
         httpx = importlib.import_module("httpx")  # the SDK's own HTTP client, present whenever the SDK is
         where = f"E2B {op}" + (f" of sandbox {sandbox}" if sandbox else "")
-        try:
-            yield
-        except BackendError:
-            raise
-        except sdk.AuthenticationException:
-            raise AuthError(
+        detail = self._detail(exc, consumer)
+        if isinstance(exc, sdk.AuthenticationException):
+            return AuthError(
                 f"{where}: E2B refused the API key from {self._key_ref(consumer).describe()} (HTTP 401); "
                 "check the key or rotate it (see docs/byok.md)",
-                backend=self.id,
-            ) from None
-        except sdk.RateLimitException as exc:
-            raise RateLimited(
-                f"{where}: rate limited by E2B (HTTP 429): {self._detail(exc, key)}",
-                retry_after=self.config.rate_limit_retry_after, backend=self.id,
-            ) from None
-        except sdk.ServiceBusyException as exc:
-            raise CapacityUnavailable(
-                f"{where}: E2B has no capacity right now (HTTP 503): {self._detail(exc, key)}", backend=self.id
-            ) from None
-        except (sdk.SandboxNotFoundException, sdk.SandboxNotRunningException) as exc:
-            cls = gone or fallback
-            raise self._make(cls, f"{where}: the sandbox is gone at E2B: {self._detail(exc, key)}") from None
-        except sdk.TimeoutException as exc:
+                backend=self.id, credential=self.credential(consumer),
+            )
+        if isinstance(exc, sdk.RateLimitException):
+            return RateLimited(f"{where}: rate limited by E2B (HTTP 429): {detail}",
+                               retry_after=self._retry_after(exc), backend=self.id)
+        if isinstance(exc, sdk.ServiceBusyException):
+            return CapacityUnavailable(f"{where}: E2B has no capacity right now (HTTP 503): {detail}",
+                                       backend=self.id)
+        if isinstance(exc, (sdk.SandboxNotFoundException, sdk.SandboxNotRunningException)):
+            return self._make(gone or fallback, f"{where}: the sandbox is gone at E2B: {detail}")
+        if isinstance(exc, sdk.TimeoutException):
             cls = ReadinessTimeout if fallback is ReadinessTimeout else fallback
-            raise self._make(cls, f"{where}: timed out: {self._detail(exc, key)}", transient=True) from None
-        except sdk.SandboxException as exc:
+            return self._make(cls, f"{where}: timed out: {detail}", transient=True)
+        if isinstance(exc, sdk.SandboxException):
             status = getattr(exc, "status_code", None)
-            msg = f"{where} failed (HTTP {status or '-'}): {self._detail(exc, key)}"
+            msg = f"{where} failed (HTTP {status or '-'}): {detail}"
             if status == 429:
-                raise RateLimited(msg, retry_after=self.config.rate_limit_retry_after, backend=self.id) from None
+                return RateLimited(msg, retry_after=self._retry_after(exc), backend=self.id)
             if status == 403:
-                raise QuotaExceeded(msg, backend=self.id) from None
+                return QuotaExceeded(msg, backend=self.id)
             if status == 503:
-                raise CapacityUnavailable(msg, backend=self.id) from None
-            raise self._make(fallback, msg, transient=status is None or status >= 500) from None
-        except httpx.TimeoutException as exc:
-            raise self._make(fallback, f"{where}: timed out: {self._detail(exc, key)}", transient=True) from None
-        except (httpx.TransportError, OSError) as exc:
+                return CapacityUnavailable(msg, backend=self.id)
+            return self._make(fallback, msg, transient=status is None or status >= 500)
+        if isinstance(exc, httpx.TimeoutException):
+            return self._make(fallback, f"{where}: timed out: {detail}", transient=True)
+        if isinstance(exc, (httpx.TransportError, OSError)):
             # REST calls surface httpx's errors; envd RPCs the builtin ConnectionError/TimeoutError (pyqwest)
-            raise self._make(
-                fallback, f"{where}: cannot reach E2B: {type(exc).__name__}: {self._detail(exc, key)}", transient=True
-            ) from None
+            return self._make(fallback, f"{where}: cannot reach E2B: {type(exc).__name__}: {detail}", transient=True)
+        return None
 
     def _make(self, cls: type[BackendError], message: str, *, transient: bool = False) -> BackendError:
         if cls is ProvisionError:
             return ProvisionError(message, transient=transient, backend=self.id)
         return cls(message, backend=self.id)
 
-    @staticmethod
-    def _detail(exc: BaseException, key: str | None) -> str:
-        return redact(str(exc), [key]) or type(exc).__name__
+    def _detail(self, exc: BaseException, consumer: str | None) -> str:
+        """The provider's text of ``exc`` with every configured key scrubbed from it."""
+        keys: list[str | None] = []
+        for ref in {self._key_ref(consumer), self.config.api_key, *self.config.consumer_keys.values()}:
+            try:
+                keys.append(ref.resolve())
+            except AuthError:
+                continue
+        return redact(str(exc), keys) or type(exc).__name__
+
+    def _retry_after(self, exc: BaseException) -> float:
+        """The 429's ``Retry-After`` in seconds, or the configured ``rate_limit_retry_after``.
+
+        e2b 2.63 raises ``RateLimitException`` without the response, but raises it as
+        ``raise handle_api_exception(res)`` in the frame that holds the response: read its
+        headers there (by duck type: a 429 with ``headers``). An SDK that stops doing so
+        falls back to the configured value (tests/cloud pin the header being honoured).
+        """
+        value = None
+        tb = exc.__traceback__
+        while tb is not None:
+            for local in tb.tb_frame.f_locals.values():
+                headers = getattr(local, "headers", None)
+                if getattr(local, "status_code", None) == 429 and hasattr(headers, "get"):
+                    value = headers.get("retry-after") or headers.get("Retry-After") or value
+            tb = tb.tb_next
+        seconds = parse_retry_after(value)
+        return seconds if seconds is not None else self.config.rate_limit_retry_after
 
     # ------------------------------------------------------------ lifecycle
 
@@ -298,21 +369,19 @@ class E2BExtension(SandboxExtension):
         tags["sandboxer.sandbox_id"] = sandbox_id
         consumer = tags.get("sandboxer.consumer")
         timeout, clamped = self._ttl(profile, inputs, sandbox_id)
-        sdk_opts, key = self._opts(consumer)
         sdk = _sdk()
         started = time.time()
-        with self._translate("create", consumer=consumer, key=key, fallback=ProvisionError):
-            sbx = sdk.Sandbox.create(
-                template=template,
-                timeout=timeout,
-                metadata=tags,
-                envs=dict(opts.envs) or None,
-                allow_internet_access=opts.allow_internet_access,
-                idempotency_key=_idempotency_key(sandbox_id),
-                **sdk_opts,
-            )
+        e2b_id = self._call("create", lambda sdk_opts: sdk.Sandbox.create(
+            template=template,
+            timeout=timeout,
+            metadata=tags,
+            envs=dict(opts.envs) or None,
+            allow_internet_access=opts.allow_internet_access,
+            idempotency_key=_idempotency_key(sandbox_id),
+            **sdk_opts,
+        ).sandbox_id, consumer=consumer, fallback=ProvisionError)
         handle: dict[str, Any] = {
-            "e2b_sandbox_id": sbx.sandbox_id,
+            "e2b_sandbox_id": e2b_id,
             "template": template,
             "consumer": consumer,
             "timeout_s": timeout,
@@ -331,14 +400,11 @@ class E2BExtension(SandboxExtension):
     def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
         """Wait until E2B reports the sandbox running and its envd answers its health check."""
         sid = handle["e2b_sandbox_id"]
-        consumer = handle.get("consumer")
-        sdk_opts, key = self._opts(consumer)
         sdk = _sdk()
         deadline = time.monotonic() + timeout
-        with self._translate("readiness check", consumer=consumer, key=key, fallback=ReadinessTimeout, sandbox=sid):
-            sbx = sdk.Sandbox.connect(sid, request_timeout=min(self.config.request_timeout, timeout), **{
-                k: v for k, v in sdk_opts.items() if k != "request_timeout"
-            })
+
+        def ready(sdk_opts: dict[str, Any]) -> str:
+            sbx = sdk.Sandbox.connect(sid, **{**sdk_opts, "request_timeout": min(self.config.request_timeout, timeout)})
             poll(
                 lambda: sbx.is_running(request_timeout=max(0.1, min(5.0, deadline - time.monotonic()))),
                 timeout=max(0.0, deadline - time.monotonic()),
@@ -347,33 +413,60 @@ class E2BExtension(SandboxExtension):
                     f"E2B sandbox {sid}: envd did not answer its health check within {timeout:g}s", backend=self.id
                 ),
             )
+            return str(sbx.envd_api_url)
+
+        envd_url = self._call("readiness check", ready, consumer=handle.get("consumer"), fallback=ReadinessTimeout,
+                              sandbox=sid)
         return {
             "provider": "e2b",
             "e2b_sandbox_id": sid,
             "template": handle.get("template"),
-            "envd_url": sbx.envd_api_url,
+            "envd_url": envd_url,
         }
 
     def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
         """Kill the sandbox; one already gone (404) counts as torn down."""
         sid = handle["e2b_sandbox_id"]
-        consumer = handle.get("consumer")
+        failure: str | None = None
+        killed = False
         for attempt in range(KILL_ATTEMPTS):
+            failure = None
             try:
-                sdk_opts, key = self._opts(consumer)
                 # ProvisionError as the fallback only to learn whether the failure was transient
-                with self._translate("kill", consumer=consumer, key=key, fallback=ProvisionError, sandbox=sid):
-                    killed = bool(_sdk().Sandbox.kill(sid, **sdk_opts))
-                break
+                killed = bool(self._call("kill", lambda sdk_opts: _sdk().Sandbox.kill(sid, **sdk_opts),
+                                         consumer=handle.get("consumer"), fallback=ProvisionError, sandbox=sid))
             except ProvisionError as exc:
-                # Kill is idempotent, so a dropped keep-alive connection is worth another try.
-                if exc.transient and attempt + 1 < KILL_ATTEMPTS:
-                    time.sleep(0.2 * (attempt + 1))
-                    continue
-                raise TeardownError(str(exc), backend=self.id) from None
+                failure = str(exc)
+                if not exc.transient:
+                    break
             except BackendError as exc:
-                raise TeardownError(f"E2B sandbox {sid}: not confirmed gone: {exc}", backend=self.id) from None
+                failure = f"E2B sandbox {sid}: not confirmed gone: {exc}"
+                break
+            if failure is None:
+                break
+            if attempt + 1 < KILL_ATTEMPTS:
+                time.sleep(0.2 * (attempt + 1))  # kill is idempotent: a dropped connection is worth another try
+        if failure is not None:
+            raise TeardownError(failure, backend=self.id)
         return {"e2b_sandbox_id": sid, "killed": killed, "already_gone": not killed}
+
+    def probe(self, handle: dict[str, Any]) -> bool | None:
+        """Whether E2B still has the sandbox (running or paused): one ``get_info``."""
+        sid = handle["e2b_sandbox_id"]
+        sdk = _sdk()
+
+        def look(sdk_opts: dict[str, Any]) -> bool:
+            try:
+                info = sdk.Sandbox.get_info(sid, **sdk_opts)
+            except (sdk.NotFoundException, sdk.SandboxNotFoundException):
+                return False
+            return str(getattr(info.state, "value", info.state)) in ("running", "paused")
+
+        return self._call("probe", look, consumer=handle.get("consumer"), fallback=BackendError, sandbox=sid)
+
+    def handle_id(self, handle: dict[str, Any]) -> str | None:
+        """The E2B sandbox id: a create retried past a lost response may have made another."""
+        return str(handle.get("e2b_sandbox_id") or "") or None
 
     # ------------------------------------------------------------ exec
 
@@ -388,13 +481,15 @@ class E2BExtension(SandboxExtension):
         stdin: bytes | None = None,
         on_output: OutputCallback | None = None,
     ) -> ExecResult:
-        """Run ``argv`` with ``commands.run`` (quoted with :func:`shlex.join`; envd runs it under bash)."""
+        """Run ``argv`` with ``commands.run`` (quoted with :func:`shlex.join`; envd runs it under bash).
+
+        At the deadline envd kills the process it started and nothing else; what that
+        process forked carries the exec's marker variable, and is killed by it.
+        """
         if not argv:
             raise ExecError("exec needs a non-empty argv", backend=self.id)
         sid = handle["e2b_sandbox_id"]
-        consumer = handle.get("consumer")
         opts = dict(handle.get("exec") or {})
-        sdk_opts, key = self._opts(consumer)
         sdk = _sdk()
         out: list[str] = []
         err: list[str] = []
@@ -410,9 +505,13 @@ class E2BExtension(SandboxExtension):
                 on_output("stderr", text)
 
         limit = float(timeout) if timeout is not None else self.config.exec_timeout
-        run_kw = {"envs": dict(env) if env else None, "cwd": cwd or opts.get("cwd"), "user": opts.get("user"), "timeout": limit}
-        with self._translate("exec", consumer=consumer, key=key, fallback=ExecError, sandbox=sid):
+        marker = secrets.token_hex(12)
+        run_kw = {"envs": {**(env or {}), EXEC_MARKER: marker}, "cwd": cwd or opts.get("cwd"),
+                  "user": opts.get("user"), "timeout": limit}
+
+        def run(sdk_opts: dict[str, Any]) -> ExecResult:
             sbx = sdk.Sandbox.connect(sid, **sdk_opts)
+            timed_out = False
             try:
                 if stdin is None:
                     res = sbx.commands.run(shlex.join(argv), on_stdout=on_stdout, on_stderr=on_stderr, **run_kw)
@@ -428,9 +527,29 @@ class E2BExtension(SandboxExtension):
             except sdk.TimeoutException as exc:
                 if isinstance(exc, (sdk.SandboxNotRunningException, sdk.SandboxUnreachableException)):
                     raise
-                return ExecResult(exit_code=TIMEOUT_EXIT_CODE, stdout="".join(out), stderr="".join(err), timed_out=True)
-        return ExecResult(exit_code=res.exit_code, stdout="".join(out) or res.stdout or "",
-                          stderr="".join(err) or res.stderr or "")
+                timed_out = True
+            if timed_out:
+                self._kill_marked(sbx, marker, opts.get("user"))
+                return ExecResult(exit_code=TIMEOUT_EXIT_CODE, stdout="".join(out), stderr="".join(err),
+                                  timed_out=True)
+            return ExecResult(exit_code=res.exit_code, stdout="".join(out) or res.stdout or "",
+                              stderr="".join(err) or res.stderr or "")
+
+        return self._call("exec", run, consumer=handle.get("consumer"), fallback=ExecError, sandbox=sid)
+
+    def _kill_marked(self, sbx: Any, marker: str, user: str | None) -> None:
+        """Kill what a timed-out command left (its group, ``setsid`` children) by the exec's marker."""
+        sdk = _sdk()
+        failed: str | None = None
+        try:
+            sbx.commands.run(shlex.join(kill_marked_argv(marker)), user=user, timeout=KILL_MARKED_TIMEOUT)
+        except sdk.CommandExitException as exc:
+            failed = f"exit {exc.exit_code}"
+        except (sdk.SandboxException, OSError) as exc:
+            failed = type(exc).__name__
+        if failed:
+            log.warning("E2B sandbox %s: could not kill what a timed-out command left running (%s)",
+                        sbx.sandbox_id, failed)
 
     # ------------------------------------------------------------ snapshots
 
@@ -438,11 +557,14 @@ class E2BExtension(SandboxExtension):
         """Take an E2B snapshot (the SDK's snapshot API: the sandbox pauses while it is taken, then runs on)."""
         sid = handle["e2b_sandbox_id"]
         consumer = handle.get("consumer")
-        sdk_opts, key = self._opts(consumer)
-        with self._translate("snapshot", consumer=consumer, key=key, fallback=SnapshotError, sandbox=sid):
-            info = _sdk().Sandbox.create_snapshot(sid, **sdk_opts)
+        snapshot_id, names = self._call(
+            "snapshot",
+            lambda sdk_opts: (lambda info: (info.snapshot_id, list(info.names)))(
+                _sdk().Sandbox.create_snapshot(sid, **sdk_opts)),
+            consumer=consumer, fallback=SnapshotError, sandbox=sid,
+        )
         return {
-            "data": {"snapshot_id": info.snapshot_id, "names": list(info.names), "source": sid, "consumer": consumer},
+            "data": {"snapshot_id": snapshot_id, "names": names, "source": sid, "consumer": consumer},
             "size_bytes": None,
             "checksum": None,
         }
@@ -454,20 +576,20 @@ class E2BExtension(SandboxExtension):
         snap = snapshot_meta.data.get("snapshot_id")
         if not snap:
             raise SnapshotError(f"snapshot {snapshot_meta.id} has no E2B snapshot id", backend=self.id)
+        failure: str | None = None
         try:
             return self._create(profile, inputs, template=str(snap), restored_from=snapshot_meta.id)
         except ProvisionError as exc:
-            raise SnapshotError(f"restore of snapshot {snapshot_meta.id}: {exc}", backend=self.id) from None
+            failure = str(exc)
+        raise SnapshotError(f"restore of snapshot {snapshot_meta.id}: {failure}", backend=self.id)
 
     def delete_snapshot(self, snapshot_meta: SnapshotMeta) -> None:
         """Delete the E2B snapshot; one already gone is fine."""
         snap = snapshot_meta.data.get("snapshot_id")
         if not snap:
             return
-        consumer = snapshot_meta.data.get("consumer")
-        sdk_opts, key = self._opts(consumer)
-        with self._translate("snapshot delete", consumer=consumer, key=key, fallback=SnapshotError):
-            _sdk().Sandbox.delete_snapshot(str(snap), **sdk_opts)
+        self._call("snapshot delete", lambda sdk_opts: _sdk().Sandbox.delete_snapshot(str(snap), **sdk_opts),
+                   consumer=snapshot_meta.data.get("consumer"), fallback=SnapshotError)
 
     # ------------------------------------------------------------ gc
 
@@ -476,48 +598,58 @@ class E2BExtension(SandboxExtension):
 
         Asks with each configured key (the operator's and each consumer's), so
         sandboxes made with a consumer's key are found too; pages through
-        ``x-next-token``, at most :data:`MAX_LIST_PAGES` pages per key.
+        ``x-next-token``, at most :data:`MAX_LIST_PAGES` pages per key. A key that
+        is unset or refused is skipped with a warning naming its reference, so
+        one revoked key does not hide the other keys' orphans from gc; when every
+        key is refused, the operator's key's AuthError is raised.
         """
-        sdk = _sdk()
         found: dict[str, dict[str, Any]] = {}
-        consumers: list[str | None] = [None, *sorted(self.config.consumer_keys)]
+        refused: list[AuthError] = []
+        listed = 0
         seen_refs: set[SecretRef] = set()
-        for consumer in consumers:
+        for consumer in [None, *sorted(self.config.consumer_keys)]:
             ref = self._key_ref(consumer)
             if ref in seen_refs:
                 continue
             seen_refs.add(ref)
             try:
-                sdk_opts, key = self._opts(consumer)
-            except AuthError:
-                if consumer is None:
-                    raise
-                log.warning("list_owned: skipping consumer %s: no key in %s", consumer, ref.describe())
+                self._call("list", lambda sdk_opts: self._list_pages(sdk_opts, owner_labels, found),
+                           consumer=consumer, fallback=BackendError)
+            except AuthError as exc:
+                refused.append(exc)
+                log.warning("list_owned: skipping the key in %s (%s): %s", ref.reference(),
+                            f"consumer {consumer}" if consumer else "the operator's", exc)
                 continue
-            with self._translate("list", consumer=consumer, key=key, fallback=BackendError):
-                pager = sdk.Sandbox.list(query=sdk.SandboxQuery(metadata=dict(owner_labels)), limit=100, **sdk_opts)
-                for _ in range(MAX_LIST_PAGES):
-                    if not pager.has_next:
-                        break
-                    for info in pager.next_items():
-                        meta = dict(info.metadata or {})
-                        if any(meta.get(k) != v for k, v in owner_labels.items()):
-                            continue  # the API filtered already; this guards an API that ignores the filter
-                        ours = meta.get("sandboxer.sandbox_id")
-                        if not ours:
-                            continue
-                        found[info.sandbox_id] = {
-                            "sandbox_id": ours,
-                            "handle": {
-                                "e2b_sandbox_id": info.sandbox_id,
-                                "template": info.template_id,
-                                "consumer": meta.get("sandboxer.consumer"),
-                                "started_at": info.started_at.timestamp() if info.started_at else None,
-                                "host": None,
-                            },
-                            "state": str(getattr(info.state, "value", info.state)),
-                        }
+            listed += 1
+        if refused and not listed:
+            raise refused[0]
         return list(found.values())
+
+    def _list_pages(self, sdk_opts: dict[str, Any], owner_labels: dict[str, str],
+                    found: dict[str, dict[str, Any]]) -> None:
+        sdk = _sdk()
+        pager = sdk.Sandbox.list(query=sdk.SandboxQuery(metadata=dict(owner_labels)), limit=100, **sdk_opts)
+        for _ in range(MAX_LIST_PAGES):
+            if not pager.has_next:
+                break
+            for info in pager.next_items():
+                meta = dict(info.metadata or {})
+                if any(meta.get(k) != v for k, v in owner_labels.items()):
+                    continue  # the API filtered already; this guards an API that ignores the filter
+                ours = meta.get("sandboxer.sandbox_id")
+                if not ours:
+                    continue
+                found[info.sandbox_id] = {
+                    "sandbox_id": ours,
+                    "handle": {
+                        "e2b_sandbox_id": info.sandbox_id,
+                        "template": info.template_id,
+                        "consumer": meta.get("sandboxer.consumer"),
+                        "started_at": info.started_at.timestamp() if info.started_at else None,
+                        "host": None,
+                    },
+                    "state": str(getattr(info.state, "value", info.state)),
+                }
 
     # ------------------------------------------------------------ metering
 
@@ -529,17 +661,20 @@ class E2BExtension(SandboxExtension):
         ``rate_per_second`` (the manifest's prices applied to that size).
         """
         sid = handle["e2b_sandbox_id"]
-        consumer = handle.get("consumer")
-        sdk_opts, key = self._opts(consumer)
         sdk = _sdk()
+
+        def info_of(sdk_opts: dict[str, Any]) -> Any:
+            try:
+                return sdk.Sandbox.get_info(sid, **sdk_opts)
+            except sdk.NotFoundException:
+                return None
+
         try:
-            with self._translate("info", consumer=consumer, key=key, fallback=ProvisionError, sandbox=sid):
-                try:
-                    info = sdk.Sandbox.get_info(sid, **sdk_opts)
-                except sdk.NotFoundException:
-                    return None
+            info = self._call("info", info_of, consumer=handle.get("consumer"), fallback=ProvisionError, sandbox=sid)
         except BackendError as exc:
             log.warning("meter_actual: %s", exc)
+            return None
+        if info is None:
             return None
         cpu = float(info.cpu_count)
         gib = float(info.memory_mb) / 1024
@@ -555,3 +690,29 @@ class E2BExtension(SandboxExtension):
             "end_at": _iso(info.end_at),
             "state": str(getattr(info.state, "value", info.state)),
         }
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` value: delta-seconds or an HTTP date (None if absent or unreadable)."""
+    if not value:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"[0-9]{1,10}", value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def kill_marked_argv(marker: str) -> list[str]:
+    """The argv that SIGKILLs, inside a sandbox, every process whose environment has ``EXEC_MARKER=marker``.
+
+    A command's descendants inherit the marker whatever process group or session
+    they move to (``setsid``), so this reaches what a kill of the command's process,
+    or of its group, leaves running. POSIX sh, ``tr`` and ``grep`` only (busybox will do).
+    """
+    return ["sh", "-c", KILL_MARKED_SCRIPT, "sh", f"{EXEC_MARKER}={marker}"]

@@ -9,30 +9,33 @@ It owns the mapping of sand-boxer's verbs onto the official ``modal`` SDK
   at call time; a handle holds only ids, never a token, and every provider
   message is passed through :func:`~sandboxer.secrets.redact`;
 * the SDK's exceptions become sand-boxer errors in one place,
-  :meth:`ModalExtension._boundary`, by exception type and gRPC status detail,
-  never by message text.
+  :meth:`ModalExtension._call`, by exception type and gRPC status detail,
+  never by message text; ours is raised outside the SDK's ``except`` block, so
+  the SDK's exception (which may echo the token) is not reachable from it, and
+  no frame of ours holds a token.
 
 Verbs: provision = ``App.lookup`` + ``Sandbox.create`` (image, timeout = TTL,
 idle_timeout, cpu, memory, tags, readiness probe); wait_ready =
 ``wait_until_ready``; exec = ``Sandbox.exec``; teardown = ``terminate``
 (already gone is success); snapshot = ``snapshot_filesystem``; restore =
 ``Sandbox.create`` from the snapshot image; reattach = ``Sandbox.from_id``;
-list_owned = ``Sandbox.list`` by tags; meter_actual = the SDK's sandbox stats.
+list_owned = ``Sandbox.list`` by tags; probe = ``poll``; meter_actual = the SDK's
+sandbox stats. A timed-out exec is exit 124 and leaves nothing it started running.
 """
 
 from __future__ import annotations
 
 import codecs
-import contextlib
 import hashlib
 import importlib
 import logging
 import math
 import os
+import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, Callable, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -45,11 +48,15 @@ from sandboxer.errors import (
     ProvisionError,
     RateLimited,
     ReadinessTimeout,
+    SandboxerError,
     SnapshotError,
     TeardownError,
     TTLError,
 )
 from sandboxer.extensions.base import RESERVED_INPUTS, OutputCallback, SandboxExtension
+# The one exec convention for cloud sandboxes (exit 124, kill the tree by a marker); it belongs in
+# sandboxer/execution.py once that module exists.
+from sandboxer.extensions.e2b import EXEC_MARKER, KILL_MARKED_TIMEOUT, TIMEOUT_EXIT_CODE, kill_marked_argv
 from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration, parse_duration
 from sandboxer.secrets import SecretRef, redact
 
@@ -63,6 +70,8 @@ MIN_MODAL_CORES = 0.125
 HEADER_LOGGERS = ("hpack", "h2")
 #: Inputs this backend reads besides the reserved ones.
 KNOWN_INPUTS = frozenset({"image", "env", "ttl"})
+
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------ config
@@ -164,16 +173,36 @@ class ModalExtension(SandboxExtension):
         override = self.config.consumer_tokens.get(consumer or "")
         return override or ModalCredentials(token_id=self.config.token_id, token_secret=self.config.token_secret)
 
+    def credential(self, consumer: str | None) -> str:
+        """The reference of the token pair ``consumer``'s calls use (``AuthError.credential``)."""
+        creds = self._credentials(consumer)
+        return f"{creds.token_id.reference()} + {creds.token_secret.reference()}"
+
+    def credential_key(self, consumer: str | None) -> str | None:
+        creds = self._credentials(consumer)
+        return f"{creds.token_id.fingerprint()} + {creds.token_secret.fingerprint()}"
+
     def _server_url(self) -> str:
         if self.config.server_url:
             return self.config.server_url
         return importlib.import_module("modal.config").config.get("server_url")
 
-    def _client(self, consumer: str | None) -> tuple[Any, tuple[str, str]]:
-        """The SDK client for ``consumer``'s token (resolved now), and the secrets to redact."""
+    def _client(self, consumer: str | None) -> Any:
+        """The SDK client for ``consumer``'s token pair, resolved now.
+
+        Raises:
+            AuthError: a reference of the pair is unset or unreadable; ``credential`` names the pair.
+        """
         creds = self._credentials(consumer)
-        token_id = creds.token_id.resolve(backend=self.id)
-        token_secret = creds.token_secret.resolve(backend=self.id)
+        refused: str | None = None
+        try:
+            token_id = creds.token_id.resolve(backend=self.id)
+            token_secret = creds.token_secret.resolve(backend=self.id)
+        except AuthError as exc:
+            refused = str(exc)
+        if refused is not None:
+            token_id = token_secret = ""  # a traceback rendered with locals must not show the half resolved
+            raise AuthError(refused, backend=self.id, credential=self.credential(consumer))
         url = self._server_url()
         key = hashlib.sha256(f"{url}\0{token_id}\0{token_secret}".encode()).hexdigest()
         with self._lock:
@@ -189,71 +218,108 @@ class ModalExtension(SandboxExtension):
                 # Constructed directly (not Client.from_credentials) so that server_url is
                 # ours, not the process-wide MODAL_SERVER_URL; opened like `with client:`.
                 client = modal.Client(url, api_pb2.CLIENT_TYPE_CLIENT, (token_id, token_secret))
-                with self._boundary("connect", None, (token_id, token_secret), ProvisionError):
-                    client.__enter__()
+                client.__enter__()
                 self._clients[key] = client
-        return client, (token_id, token_secret)
+        return client
 
-    @contextlib.contextmanager
-    def _boundary(
+    def _secrets(self) -> list[str]:
+        """Every configured token value that resolves now, to scrub from provider text."""
+        values: list[str] = []
+        for creds in [self._credentials(None), *self.config.consumer_tokens.values()]:
+            for ref in (creds.token_id, creds.token_secret):
+                try:
+                    values.append(ref.resolve())
+                except AuthError:
+                    continue
+        return values
+
+    def _call(
         self,
         op: str,
-        sandbox: str | None,
-        secrets: tuple[str, ...],
-        error: type[BackendError],
+        fn: Callable[[Any], T],
         *,
+        consumer: str | None,
+        sandbox: str | None,
+        error: type[BackendError],
         timeout_error: type[BackendError] | None = None,
-    ) -> Iterator[None]:
-        """Translate the SDK's exceptions into sand-boxer's, by type and gRPC status detail.
+    ) -> T:
+        """Run ``fn(client)`` with ``consumer``'s token pair; SDK exceptions become sand-boxer errors.
+
+        The tokens are resolved here and live only in frames of the SDK exception's
+        traceback, never of ours. Ours is raised after the ``except`` block has ended,
+        so the SDK exception (whose text may echo the token) is neither its
+        ``__cause__`` nor its ``__context__``.
 
         Args:
             op: what was being done, for the message.
+            fn: the SDK calls, given the client.
+            consumer: whose token pair (None: the manifest's own; see :meth:`_credentials`).
             sandbox: the Modal sandbox id, when there is one.
-            secrets: values to scrub from provider text.
             error: the error for failures with no more specific meaning.
             timeout_error: the error for deadlines (default: ``error``).
         """
+        try:
+            return fn(self._client(consumer))
+        except BackendError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - translated below, or re-raised untouched
+            mapped = self._map(exc, op, consumer, sandbox, error, timeout_error)
+            if mapped is None:
+                raise
+        raise mapped
+
+    def _map(
+        self,
+        exc: Exception,
+        op: str,
+        consumer: str | None,
+        sandbox: str | None,
+        error: type[BackendError],
+        timeout_error: type[BackendError] | None,
+    ) -> SandboxerError | None:
+        """The sand-boxer error for an SDK exception, by type and gRPC status detail (None: not the SDK's)."""
         modal_exc = importlib.import_module("modal.exception")
         grpc_utils = importlib.import_module("modal._utils.grpc_utils")
         api_pb2 = importlib.import_module("modal_proto.api_pb2")
-        try:
-            yield
-        except modal_exc.Error as exc:
-            cause = exc
+        where = f"{self.id}: {op}" + (f" {sandbox}" if sandbox else "")
+        if isinstance(exc, modal_exc.Error):
+            cause: Exception = exc
             if isinstance(exc, grpc_utils.RetryTimeoutError):
                 cause = exc.final_exception
-            where = f"{self.id}: {op}" + (f" {sandbox}" if sandbox else "")
-            text = redact(f"{type(cause).__name__}: {cause}", secrets)
+            text = redact(f"{type(cause).__name__}: {cause}", self._secrets())
             details = getattr(cause, "_grpc_details", None) or []
-            mapped: BackendError
             if isinstance(cause, (modal_exc.AuthError, modal_exc.PermissionDeniedError)):
-                mapped = AuthError(
-                    f"{where}: Modal refused the token ({type(cause).__name__}); check the token id and "
-                    "secret the manifest's config references, or the consumer's override",
-                    backend=self.id,
+                creds = self._credentials(consumer)
+                return AuthError(
+                    f"{where}: Modal refused the token pair in {creds.token_id.describe()} and "
+                    f"{creds.token_secret.describe()} ({type(cause).__name__}); check it or rotate it "
+                    "(see docs/byok.md)",
+                    backend=self.id, credential=self.credential(consumer),
                 )
-            elif isinstance(cause, modal_exc.ResourceExhaustedError):
-                mapped = self._exhausted(where, text, details, api_pb2)
-            elif isinstance(cause, (modal_exc.TimeoutError, grpc_utils.RetryTimeoutError)) or (
+            if isinstance(cause, modal_exc.ResourceExhaustedError):
+                return self._exhausted(where, text, details, api_pb2)
+            if isinstance(cause, (modal_exc.TimeoutError, grpc_utils.RetryTimeoutError)) or (
                 isinstance(cause, modal_exc.ServiceError) and _is_deadline(cause)
             ):
-                mapped = _make(timeout_error or error, f"{where}: timed out: {text}", self.id, transient=True)
-            elif isinstance(cause, modal_exc.NotFoundError):
-                mapped = _make(error, f"{where}: not found (gone from Modal): {text}", self.id, transient=False)
-            elif isinstance(cause, modal_exc.InvalidError) and not isinstance(cause, modal_exc.ConflictError):
-                raise InputError(f"{where}: Modal refused the request: {text}") from None
-            else:
-                transient = isinstance(cause, (modal_exc.ServiceError, modal_exc.InternalError,
-                                               modal_exc.ConnectionError))
-                mapped = _make(error, f"{where}: {text}", self.id, transient=transient)
-            # The SDK's exception may carry the provider's unredacted text: keep it out of the chain.
-            raise mapped from None
-        except (ConnectionError, OSError) as exc:
-            text = redact(f"{type(exc).__name__}: {exc}", secrets)
-            raise _make(error, f"{self.id}: {op}: cannot reach Modal: {text}", self.id, transient=True) from None
+                return _make(timeout_error or error, f"{where}: timed out: {text}", self.id, transient=True)
+            if isinstance(cause, modal_exc.NotFoundError):
+                return _make(error, f"{where}: not found (gone from Modal): {text}", self.id, transient=False)
+            if isinstance(cause, modal_exc.InvalidError) and not isinstance(cause, modal_exc.ConflictError):
+                return InputError(f"{where}: Modal refused the request: {text}")
+            transient = isinstance(cause, (modal_exc.ServiceError, modal_exc.InternalError,
+                                           modal_exc.ConnectionError))
+            return _make(error, f"{where}: {text}", self.id, transient=transient)
+        if isinstance(exc, (ConnectionError, OSError)):
+            text = redact(f"{type(exc).__name__}: {exc}", self._secrets())
+            return _make(error, f"{where}: cannot reach Modal: {text}", self.id, transient=True)
+        return None
 
     def _exhausted(self, where: str, text: str, details: list[Any], api_pb2: Any) -> BackendError:
-        """RESOURCE_EXHAUSTED: a throttle (retry policy / rate limit detail) or a full account."""
+        """RESOURCE_EXHAUSTED: a throttle (retry policy / rate limit detail) or a full account.
+
+        Modal sends its wait as a status detail (``RPCRetryPolicy.retry_after_secs``, or
+        a ``RateLimit`` interval), never as a header or trailing metadata.
+        """
         for d in details:
             if isinstance(d, api_pb2.RPCRetryPolicy):
                 return RateLimited(f"{where}: rate limited by Modal: {text}",
@@ -266,19 +332,16 @@ class ModalExtension(SandboxExtension):
         return CapacityUnavailable(f"{where}: Modal has no room for this sandbox (quota/concurrency limit): {text}",
                                    backend=self.id)
 
-    def _sandbox(self, handle: dict[str, Any], op: str, error: type[BackendError]) -> tuple[Any, tuple[str, str]]:
-        """The SDK Sandbox of ``handle``, reattached with ``from_id`` when not cached."""
-        object_id = _object_id(handle)
-        client, secrets = self._client(handle.get("credentials"))
+    def _sandbox(self, client: Any, object_id: str) -> Any:
+        """The SDK Sandbox ``object_id`` under ``client``, reattached with ``from_id`` when not cached."""
         key = (id(client), object_id)
         with self._lock:
             sb = self._sandboxes.get(key)
         if sb is None:
-            with self._boundary(op, object_id, secrets, error):
-                sb = self._sdk().Sandbox.from_id(object_id, client=client)
+            sb = self._sdk().Sandbox.from_id(object_id, client=client)
             with self._lock:
                 self._sandboxes[key] = sb
-        return sb, secrets
+        return sb
 
     def _forget(self, object_id: str) -> None:
         with self._lock:
@@ -323,18 +386,18 @@ class ModalExtension(SandboxExtension):
         idle = opts.idle_timeout if opts.idle_timeout is not None else self.config.idle_timeout
 
         modal = self._sdk()
-        client, secrets = self._client(consumer)
         probe = opts.readiness_probe
         readiness = (
             modal.Probe.with_exec(*probe.exec, interval_ms=probe.interval_ms)
             if probe.exec else modal.Probe.with_tcp(probe.tcp_port, interval_ms=probe.interval_ms)
         )
-        with self._boundary("create", None, secrets, ProvisionError):
+        started = time.time()
+
+        def create(client: Any) -> tuple[str, str]:
             app = modal.App.lookup(self.config.app_name, create_if_missing=True, client=client,
                                    environment_name=self.config.environment)
             image = (modal.Image.from_id(image_id, client=client) if image_id
                      else modal.Image.from_registry(image_ref))
-            started = time.time()
             sb = modal.Sandbox.create(
                 app=app, image=image, timeout=int(math.ceil(ttl)),
                 idle_timeout=int(math.ceil(idle)) if idle else None,
@@ -342,13 +405,16 @@ class ModalExtension(SandboxExtension):
                 region=opts.region, block_network=opts.block_network, workdir=opts.workdir,
                 readiness_probe=readiness, client=client,
             )
-        with self._lock:
-            self._sandboxes[(id(client), sb.object_id)] = sb
-        log.info("%s: created Modal sandbox %s for %s (ttl %s)", self.id, sb.object_id,
+            with self._lock:
+                self._sandboxes[(id(client), sb.object_id)] = sb
+            return sb.object_id, app.app_id
+
+        object_id, app_id = self._call("create", create, consumer=consumer, sandbox=None, error=ProvisionError)
+        log.info("%s: created Modal sandbox %s for %s (ttl %s)", self.id, object_id,
                  inputs.get("sandbox_id"), format_duration(ttl))
         return {
-            "object_id": sb.object_id,
-            "app_id": app.app_id,
+            "object_id": object_id,
+            "app_id": app_id,
             "credentials": consumer if consumer in self.config.consumer_tokens else None,
             "started_at": started,
             "ttl_s": ttl,
@@ -393,25 +459,47 @@ class ModalExtension(SandboxExtension):
 
     def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
         """Block on Modal's readiness probe (the sandbox is scheduled and the probe passed)."""
-        sb, secrets = self._sandbox(handle, "wait_ready", ProvisionError)
         object_id = _object_id(handle)
-        with self._boundary("wait_ready", object_id, secrets, ProvisionError, timeout_error=ReadinessTimeout):
-            sb.wait_until_ready(timeout=max(1, int(math.ceil(timeout))))
+        self._call("wait_ready",
+                   lambda client: self._sandbox(client, object_id).wait_until_ready(
+                       timeout=max(1, int(math.ceil(timeout)))),
+                   consumer=handle.get("credentials"), sandbox=object_id, error=ProvisionError,
+                   timeout_error=ReadinessTimeout)
         return {"provider": "modal", "sandbox_id": object_id, "app_id": handle.get("app_id")}
 
     def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
         """Terminate the sandbox; one that Modal no longer knows counts as gone."""
         object_id = _object_id(handle)
         modal_exc = importlib.import_module("modal.exception")
-        client, secrets = self._client(handle.get("credentials"))
-        gone = False
-        with self._boundary("teardown", object_id, secrets, TeardownError):
+
+        def terminate(client: Any) -> bool:
             try:
                 self._sdk().Sandbox.from_id(object_id, client=client).terminate()
             except modal_exc.NotFoundError:
-                gone = True
+                return True
+            return False
+
+        gone = self._call("teardown", terminate, consumer=handle.get("credentials"), sandbox=object_id,
+                          error=TeardownError)
         self._forget(object_id)
         return {"terminated": object_id, "already_gone": gone}
+
+    def probe(self, handle: dict[str, Any]) -> bool | None:
+        """Whether Modal still runs the sandbox: one ``poll`` (False once it finished or is unknown)."""
+        object_id = _object_id(handle)
+        modal_exc = importlib.import_module("modal.exception")
+
+        def look(client: Any) -> bool:
+            try:
+                return self._sandbox(client, object_id).poll() is None
+            except modal_exc.NotFoundError:
+                return False
+
+        return self._call("probe", look, consumer=handle.get("credentials"), sandbox=object_id, error=BackendError)
+
+    def handle_id(self, handle: dict[str, Any]) -> str | None:
+        """The Modal sandbox id: Modal's create has no idempotency key, so a retried create makes another."""
+        return _object_id(handle)
 
     # -------------------------------------------------------------- optional
 
@@ -426,59 +514,84 @@ class ModalExtension(SandboxExtension):
         stdin: bytes | None = None,
         on_output: OutputCallback | None = None,
     ) -> ExecResult:
-        """Run ``argv`` with ``Sandbox.exec``; output streams to ``on_output`` as it arrives."""
+        """Run ``argv`` with ``Sandbox.exec``; output streams to ``on_output`` as it arrives.
+
+        A command past its deadline is exit 124 with ``timed_out`` (the SDK says -1, or
+        the kill's signal); Modal kills the process it started, and what that process
+        forked is killed by the exec's marker variable.
+        """
         if not argv or not all(isinstance(a, str) for a in argv):
             raise InputError(f"{self.id}: exec needs a non-empty list of strings, got {argv!r}")
         if cwd is not None and not cwd.startswith("/"):
             raise InputError(f"{self.id}: exec cwd must be an absolute path, got {cwd!r}")
         object_id = _object_id(handle)
-        sb, secrets = self._sandbox(handle, "exec", ExecError)
         modal_exc = importlib.import_module("modal.exception")
-        started = time.monotonic()
-        with self._boundary("exec", object_id, secrets, ExecError):
-            proc = sb.exec(*argv, workdir=cwd, env=env or None, text=False,
+        marker = secrets.token_hex(12)
+        full_env = {**(env or {}), EXEC_MARKER: marker}
+
+        def drain(stream: Any, name: str) -> tuple[str, bool]:
+            # Chunks may split a UTF-8 sequence; decode incrementally so none is mangled.
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            parts: list[str] = []
+            timed_out = False
+            try:
+                for chunk in stream:
+                    parts.append(decoder.decode(chunk))
+                    if on_output is not None and parts[-1]:
+                        on_output(name, parts[-1])
+            except modal_exc.ExecTimeoutError:
+                timed_out = True
+            parts.append(decoder.decode(b"", final=True))
+            return "".join(parts), timed_out
+
+        def run(client: Any) -> ExecResult:
+            sb = self._sandbox(client, object_id)
+            started = time.monotonic()
+            proc = sb.exec(*argv, workdir=cwd, env=full_env, text=False,
                            timeout=int(math.ceil(timeout)) if timeout else None)
             if stdin is not None:
                 proc.stdin.write(stdin)
                 proc.stdin.write_eof()
                 proc.stdin.drain()
-
-            def drain(stream: Any, name: str) -> tuple[str, bool]:
-                # Chunks may split a UTF-8 sequence; decode incrementally so none is mangled.
-                decoder = codecs.getincrementaldecoder("utf-8")("replace")
-                parts: list[str] = []
-                timed_out = False
-                try:
-                    for chunk in stream:
-                        parts.append(decoder.decode(chunk))
-                        if on_output is not None and parts[-1]:
-                            on_output(name, parts[-1])
-                except modal_exc.ExecTimeoutError:
-                    timed_out = True
-                parts.append(decoder.decode(b"", final=True))
-                return "".join(parts), timed_out
-
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="modal-exec") as pool:
                 out_f = pool.submit(drain, proc.stdout, "stdout")
                 err_f = pool.submit(drain, proc.stderr, "stderr")
                 (out, out_to), (err, err_to) = out_f.result(), err_f.result()
             code = proc.wait()
-        elapsed = time.monotonic() - started
-        # The SDK reports a passed deadline as returncode -1; the worker kills at the
-        # same deadline, so a late kill signal counts as a timeout too.
-        timed_out = out_to or err_to or code == -1 or bool(timeout and elapsed >= timeout)
-        return ExecResult(exit_code=code, stdout=out, stderr=err, timed_out=timed_out)
+            elapsed = time.monotonic() - started
+            # The SDK reports a passed deadline as returncode -1; the worker kills at the
+            # same deadline, so a late kill signal counts as a timeout too.
+            if out_to or err_to or code == -1 or bool(timeout and elapsed >= timeout):
+                self._kill_marked(sb, object_id, marker)
+                return ExecResult(exit_code=TIMEOUT_EXIT_CODE, stdout=out, stderr=err, timed_out=True)
+            return ExecResult(exit_code=code, stdout=out, stderr=err)
+
+        return self._call("exec", run, consumer=handle.get("credentials"), sandbox=object_id, error=ExecError)
+
+    def _kill_marked(self, sb: Any, object_id: str, marker: str) -> None:
+        """Kill what a timed-out command left (its group, ``setsid`` children) by the exec's marker."""
+        modal_exc = importlib.import_module("modal.exception")
+        failed: str | None = None
+        try:
+            code = sb.exec(*kill_marked_argv(marker), timeout=int(KILL_MARKED_TIMEOUT)).wait()
+            failed = f"exit {code}" if code else None
+        except (modal_exc.Error, OSError) as exc:
+            failed = type(exc).__name__
+        if failed:
+            log.warning("%s: sandbox %s: could not kill what a timed-out command left running (%s)",
+                        self.id, object_id, failed)
 
     def snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
         """Capture the filesystem with ``snapshot_filesystem``; the data is the image id."""
         object_id = _object_id(handle)
-        sb, secrets = self._sandbox(handle, "snapshot", SnapshotError)
         ttl = self.config.snapshot_ttl
-        with self._boundary("snapshot", object_id, secrets, SnapshotError):
-            image = sb.snapshot_filesystem(timeout=int(math.ceil(self.config.op_timeout)),
-                                           ttl=int(ttl) if ttl else None)
-        return {"data": {"image_id": image.object_id, "source": object_id,
-                         "credentials": handle.get("credentials")},
+        image_id = self._call(
+            "snapshot",
+            lambda client: self._sandbox(client, object_id).snapshot_filesystem(
+                timeout=int(math.ceil(self.config.op_timeout)), ttl=int(ttl) if ttl else None).object_id,
+            consumer=handle.get("credentials"), sandbox=object_id, error=SnapshotError,
+        )
+        return {"data": {"image_id": image_id, "source": object_id, "credentials": handle.get("credentials")},
                 "size_bytes": None, "checksum": None}
 
     def delete_snapshot(self, snapshot_meta: SnapshotMeta) -> None:
@@ -489,54 +602,66 @@ class ModalExtension(SandboxExtension):
     def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
         """Live sandboxes in this backend's app carrying ``owner_labels`` as tags, under every configured token.
 
-        A consumer token that is unset or refused is skipped with a warning, so that
-        one consumer's revoked token does not hide everyone else's orphans from gc;
-        the default token failing still raises.
+        A token pair that is unset or refused is skipped with a warning naming its
+        references, so that one revoked token does not hide the other tokens'
+        orphans from gc; when every pair is refused, the default pair's AuthError
+        is raised.
         """
         found: dict[str, dict[str, Any]] = {}
+        refused: list[AuthError] = []
+        listed = 0
         for credentials in [None, *sorted(self.config.consumer_tokens)]:
             try:
-                self._list_with(credentials, owner_labels, found)
+                self._call("list_owned", lambda client: self._list_with(client, credentials, owner_labels, found),
+                           consumer=credentials, sandbox=None, error=ProvisionError)
             except AuthError as exc:
-                if credentials is None:
-                    raise
-                log.warning("%s: list_owned skips consumer %s: %s", self.id, credentials, exc)
+                refused.append(exc)
+                log.warning("%s: list_owned skips %s (%s): %s", self.id,
+                            f"consumer {credentials}" if credentials else "the default token pair",
+                            self.credential(credentials), exc)
+                continue
+            listed += 1
+        if refused and not listed:
+            raise refused[0]
         return list(found.values())
 
-    def _list_with(self, credentials: str | None, owner_labels: dict[str, str],
+    def _list_with(self, client: Any, credentials: str | None, owner_labels: dict[str, str],
                    found: dict[str, dict[str, Any]]) -> None:
         modal = self._sdk()
         modal_exc = importlib.import_module("modal.exception")
-        client, secrets = self._client(credentials)
-        with self._boundary("list_owned", None, secrets, ProvisionError):
-            try:
-                app = modal.App.lookup(self.config.app_name, client=client, environment_name=self.config.environment)
-            except modal_exc.NotFoundError:
-                return
-            for sb in modal.Sandbox.list(app_id=app.app_id, tags=dict(owner_labels), client=client):
-                if sb.object_id in found:
-                    continue
-                tags = sb.get_tags()
-                found[sb.object_id] = {
-                    "sandbox_id": tags.get("sandboxer.sandbox_id", ""),
-                    "handle": {"object_id": sb.object_id, "app_id": app.app_id,
-                               "credentials": credentials, "host": None},
-                }
+        try:
+            app = modal.App.lookup(self.config.app_name, client=client, environment_name=self.config.environment)
+        except modal_exc.NotFoundError:
+            return
+        for sb in modal.Sandbox.list(app_id=app.app_id, tags=dict(owner_labels), client=client):
+            if sb.object_id in found:
+                continue
+            tags = sb.get_tags()
+            found[sb.object_id] = {
+                "sandbox_id": tags.get("sandboxer.sandbox_id", ""),
+                "handle": {"object_id": sb.object_id, "app_id": app.app_id,
+                           "credentials": credentials, "host": None},
+            }
 
     def meter_actual(self, handle: dict[str, Any]) -> dict[str, Any] | None:
         """Modal's own usage figures for the sandbox (billed core- and GiB-seconds, cost), if it has any."""
         object_id = _object_id(handle)
         modal_exc = importlib.import_module("modal.exception")
-        client, secrets = self._client(handle.get("credentials"))
+
+        def stats_of(client: Any) -> Any:
+            try:
+                return self._sdk().Sandbox.from_id(object_id, client=client)._experimental_stats()
+            except (modal_exc.NotFoundError, modal_exc.UnimplementedError):
+                return None
+
         try:
-            with self._boundary("meter_actual", object_id, secrets, ProvisionError):
-                try:
-                    stats = self._sdk().Sandbox.from_id(object_id, client=client)._experimental_stats()
-                except (modal_exc.NotFoundError, modal_exc.UnimplementedError):
-                    return None
+            stats = self._call("meter_actual", stats_of, consumer=handle.get("credentials"), sandbox=object_id,
+                               error=ProvisionError)
         except (ProvisionError, CapacityUnavailable, RateLimited) as exc:
             # Metering refines the recorded start/stop; its failure must not fail a teardown.
             log.warning("%s: no usage figures for %s: %s", self.id, object_id, exc)
+            return None
+        if stats is None:
             return None
         return {
             "source": "modal sandbox stats",

@@ -14,7 +14,16 @@ One real HTTP/1.1 server that the unmodified ``e2b`` SDK talks to (point
 A "sandbox" is a scratch directory: commands run as real local processes in
 it, and a snapshot is a copy of it, so a file written before a snapshot is
 there after a restore. Each API key is its own team: a key sees only the
-sandboxes it created.
+sandboxes it created. Every process of a box carries ``E2B_STANDIN_BOX=<id>``
+in its environment (see tests/cloud/procs.py): killing the box kills them all,
+as a microVM going away would.
+
+As envd does, a command's deadline (the Connect timeout the SDK sends) ends in
+SIGKILL to the process envd started, and only to it: what that process forked
+(its process group, a ``setsid`` child) lives on in the sandbox. A create
+honours its ``Idempotency-Key`` unless :attr:`E2BStandIn.ignore_idempotency`
+is set; :meth:`E2BStandIn.lose_next_create_response` makes the next create
+happen but answer 502, as a create whose response a proxy dropped.
 
 Every request is recorded in :attr:`E2BStandIn.calls`; a route the stand-in
 does not implement is answered 404 and recorded in
@@ -45,6 +54,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
+from tests.cloud.procs import kill_marked
+
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from protobuf import Oneof
@@ -54,6 +65,8 @@ from e2b.envd.process import process_pb
 from e2b.envd.process.process_connect import ProcessWSGIApplication
 
 ENVD_VERSION = "0.6.4"
+#: The environment variable marking every process of a stand-in box.
+BOX_MARKER = "E2B_STANDIN_BOX"
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -103,6 +116,7 @@ class Fault:
     message: str
     headers: dict[str, str]
     times: int
+    echo_key: bool = False
 
 
 class _Process:
@@ -124,7 +138,7 @@ class _Process:
             cwd = (box.workdir / cfg.cwd.lstrip("/")).resolve()
             if not cwd.is_dir() or not cwd.is_relative_to(box.workdir.resolve()):
                 raise ConnectError(Code.INVALID_ARGUMENT, f"cwd {cfg.cwd!r} does not exist")
-        env = {"PATH": _PATH, "HOME": str(box.workdir), **box.env, **dict(cfg.envs or {})}
+        env = {"PATH": _PATH, "HOME": str(box.workdir), **box.env, **dict(cfg.envs or {}), BOX_MARKER: box.id}
         proc = subprocess.Popen(
             [cfg.cmd, *cfg.args], cwd=cwd, env=env, start_new_session=True,
             stdin=subprocess.PIPE if request.stdin else subprocess.DEVNULL,
@@ -156,7 +170,10 @@ class _Process:
                     name, chunk = q.get(timeout=max(0.01, min(0.5, deadline - time.monotonic())))
                 except queue.Empty:
                     if time.monotonic() >= deadline:
-                        os.killpg(proc.pid, signal.SIGKILL)
+                        # envd: the request's deadline kills the process it started, nothing else
+                        _kill(proc.pid)
+                        proc.wait(timeout=10)
+                        raise ConnectError(Code.DEADLINE_EXCEEDED, "the command's deadline passed; process killed")
                     continue
                 if chunk is None:
                     open_streams -= 1
@@ -168,7 +185,7 @@ class _Process:
             yield process_pb.StartResponse(event=Ev(event=Oneof("end", end)))
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                _kill(proc.pid)  # the client went away: envd kills the process, as at its deadline
                 proc.wait(timeout=10)
             box.procs.pop(proc.pid, None)
             for t in readers:
@@ -222,6 +239,10 @@ class E2BStandIn:
         self.max_concurrent: int | None = None
         self.boot_delay = 0.0
         self.page_limit: int | None = None  # a server may return fewer than asked, with a next token
+        #: Create a new sandbox on every create, even a retry carrying the same Idempotency-Key.
+        self.ignore_idempotency = False
+        self._idempotent: dict[tuple[str, str], str] = {}  # (team, key) -> sandbox id
+        self._lose_create = 0
         self.lock = threading.RLock()
         self.root = Path(tempfile.mkdtemp(prefix="e2b-standin-"))
         self._envd = ProcessWSGIApplication(_Process(self), codecs=[ENVD_JSON_CODEC])
@@ -262,17 +283,24 @@ class E2BStandIn:
         if self._thread is not None:
             self._thread.join(timeout=5)
         for box in self.boxes.values():
-            for proc in list(box.procs.values()):
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=5)
+            self._kill_box_processes(box)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def fail(self, method: str, path: str, status: int, message: str = "scripted failure", *,
-             headers: dict[str, str] | None = None, times: int = 1) -> None:
-        """Answer the next ``times`` requests matching ``method`` and the ``path`` regex with an error."""
+             headers: dict[str, str] | None = None, times: int = 1, echo_key: bool = False) -> None:
+        """Answer the next ``times`` requests matching ``method`` and the ``path`` regex with an error.
+
+        ``echo_key`` puts the request's API key into the error body, as a careless
+        provider's message might; the backend must keep it out of everything it raises.
+        """
         with self.lock:
-            self.faults.append(Fault(method.upper(), re.compile(path), status, message, headers or {}, times))
+            self.faults.append(Fault(method.upper(), re.compile(path), status, message, headers or {}, times,
+                                     echo_key))
+
+    def lose_next_create_response(self) -> None:
+        """The next create makes its sandbox but answers 502, as if a proxy lost the response."""
+        with self.lock:
+            self._lose_create += 1
 
     def routes(self) -> list[str]:
         """``METHOD path`` of every call, ids replaced by ``{id}``."""
@@ -291,6 +319,19 @@ class E2BStandIn:
         """Make a sandbox disappear as if it reached its timeout."""
         with self.lock:
             self.boxes[sandbox_id].state = "killed"
+        self._kill_box_processes(self.boxes[sandbox_id])
+
+    def kill(self, sandbox_id: str) -> None:
+        """Kill a sandbox behind the SDK's back (E2B lost the host, an operator killed it in the dashboard)."""
+        self.expire(sandbox_id)
+
+    def _kill_box_processes(self, box: Box) -> None:
+        kill_marked(BOX_MARKER, box.id)
+        for proc in list(box.procs.values()):
+            try:
+                proc.wait(timeout=5)  # reap our own children
+            except subprocess.TimeoutExpired:
+                pass
 
     # ------------------------------------------------------------ REST
 
@@ -300,6 +341,8 @@ class E2BStandIn:
         if key not in self.keys:
             return 401, {"code": 401, "message": f"Invalid API key, got {key!r}"}, {}
         with self.lock:
+            if method == "POST" and path == "/v2/sandboxes":
+                return self._create(key, query, body, headers.get("idempotency-key"))
             for pattern, fn in self._routes():
                 m = re.fullmatch(pattern[1], path)
                 if m and method == pattern[0]:
@@ -309,7 +352,6 @@ class E2BStandIn:
 
     def _routes(self) -> list[tuple[tuple[str, str], Any]]:
         return [
-            (("POST", r"/v2/sandboxes"), self._create),
             (("GET", r"/v2/sandboxes"), self._list),
             (("GET", r"/sandboxes/([^/]+)"), self._info),
             (("DELETE", r"/sandboxes/([^/]+)"), self._kill),
@@ -330,7 +372,10 @@ class E2BStandIn:
     def _not_found(sid: str) -> tuple[int, Any, dict[str, str]]:
         return 404, {"code": 404, "message": f"sandbox \"{sid}\" doesn't exist or you don't have access to it"}, {}
 
-    def _create(self, key: str, query: Any, body: Any) -> tuple[int, Any, dict[str, str]]:
+    def _create(self, key: str, query: Any, body: Any, idempotency_key: str | None) -> tuple[int, Any, dict[str, str]]:
+        earlier = self._idempotent.get((key, idempotency_key or ""))
+        if idempotency_key and not self.ignore_idempotency and earlier and self._find(key, earlier):
+            return 201, self.boxes[earlier].created(), {}
         template = body.get("templateID")
         snap = self.snapshots.get(template)
         if template not in self.templates and snap is None:
@@ -354,6 +399,11 @@ class E2BStandIn:
         )
         self.boxes[sid] = box
         self._ids.add(sid)
+        if idempotency_key:
+            self._idempotent[(key, idempotency_key)] = sid
+        if self._lose_create:
+            self._lose_create -= 1
+            return 502, {"code": 502, "message": "upstream connect error or disconnect/reset before headers"}, {}
         return 201, box.created(), {}
 
     def _list(self, key: str, query: dict[str, list[str]], body: Any) -> tuple[int, Any, dict[str, str]]:
@@ -384,9 +434,7 @@ class E2BStandIn:
         if box is None:
             return self._not_found(sid)
         box.state = "killed"
-        for proc in list(box.procs.values()):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+        self._kill_box_processes(box)
         return 204, None, {}
 
     def _timeout(self, key: str, query: Any, body: Any, sid: str) -> tuple[int, Any, dict[str, str]]:
@@ -516,7 +564,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.owner.calls.append(call)
         fault = self.owner.take_fault(self.command, url.path)
         if fault is not None:
-            self._reply(fault.status, {"code": fault.status, "message": fault.message}, fault.headers)
+            message = fault.message
+            if fault.echo_key:
+                message += f" (request had X-API-Key {headers.get('x-api-key', '')!r})"
+            self._reply(fault.status, {"code": fault.status, "message": message}, fault.headers)
             return
         if not envd:
             body = json.loads(raw) if raw else None
@@ -583,6 +634,13 @@ class _Handler(BaseHTTPRequestHandler):
                 close()
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _handle
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _chain(first: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:

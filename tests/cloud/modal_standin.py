@@ -10,13 +10,22 @@ which the unmodified ``modal`` SDK talks to over plaintext HTTP/2:
 
 A "sandbox" here is a scratch directory; exec runs the argv as a real local
 process in it, and a filesystem snapshot is a copy of it, so a file written
-before a snapshot is really there after a restore.
+before a snapshot is really there after a restore. Every process of a sandbox
+carries ``MODAL_STANDIN_SANDBOX=<id>`` in its environment (tests/cloud/procs.py):
+terminating the sandbox kills them all, as its container going away would. An
+exec's ``timeout_secs`` ends in SIGKILL to the process the exec started, and
+only to it (what it forked lives on in the sandbox).
+Each token id is its own workspace (it sees only the apps and sandboxes it
+made) unless :attr:`ModalStandIn.workspaces` maps it to another token id's.
 
 Every call is recorded in :attr:`ModalStandIn.calls`. Any RPC the stand-in
 does not implement is recorded in :attr:`ModalStandIn.unimplemented` and
 answered UNIMPLEMENTED; the test fixture fails on it, so an SDK upgrade that
 changes the wire shows up at once. Faults are scripted per RPC with
-:meth:`ModalStandIn.fail_next` (a status, a message and status details).
+:meth:`ModalStandIn.fail_next` (a status, a message and status details);
+:meth:`ModalStandIn.lose_next_create_response` makes a create happen but
+answer UNAVAILABLE, which the SDK retries: Modal has no idempotency key, so
+the retry makes a second sandbox.
 """
 
 from __future__ import annotations
@@ -46,7 +55,11 @@ from modal_proto import task_command_router_pb2 as sr_pb2
 from modal_proto.api_grpc import ModalClientBase
 from modal_proto.task_command_router_grpc import TaskCommandRouterBase
 
+from tests.cloud.procs import kill_marked
+
 _GENERIC = api_pb2.GenericResult
+#: The environment variable marking every process of a stand-in sandbox.
+SANDBOX_MARKER = "MODAL_STANDIN_SANDBOX"
 
 
 def _free_port() -> int:
@@ -84,6 +97,8 @@ class Sbx:
     definition: api_pb2.Sandbox
     tags: dict[str, str]
     created_at: float
+    token_id: str = ""  # whose token created it
+    workspace: str = ""
     status: int = 0  # GenericResult status; 0 = running
     finished_at: float | None = None
     execs: dict[str, Exec] = field(default_factory=dict)
@@ -104,9 +119,12 @@ class ModalStandIn:
         self.unimplemented: list[str] = []
         self.sandboxes: dict[str, Sbx] = {}
         self.images: dict[str, Path | None] = {}
-        self.apps: dict[str, str] = {}
+        self.apps: dict[tuple[str, str], str] = {}  # (workspace, app name) -> app id
+        #: Each token id is its own workspace unless mapped here to another token id's.
+        self.workspaces: dict[str, str] = {}
         self.jwts: set[str] = set()
-        self._faults: dict[str, list[GRPCError]] = {}
+        self._faults: dict[str, list[tuple[GRPCError, bool]]] = {}
+        self._lose_create = 0
         self._lock = threading.Lock()
         self._tmp = Path(tempfile.mkdtemp(prefix="modal-standin-"))
         self.port = _free_port()
@@ -148,12 +166,28 @@ class ModalStandIn:
     # ------------------------------------------------------------ scripting
 
     def fail_next(self, method: str, status: Status, message: str = "", details: list[Any] | None = None,
-                  times: int = 1) -> None:
-        """Answer the next ``times`` calls of ``method`` with this gRPC error."""
+                  times: int = 1, echo_secret: bool = False) -> None:
+        """Answer the next ``times`` calls of ``method`` with this gRPC error.
+
+        ``echo_secret`` appends the caller's token secret to the message (for a
+        command-router call, that of the token that created the sandbox), as a
+        careless provider's message might.
+        """
         with self._lock:
             self._faults.setdefault(method, []).extend(
-                GRPCError(status, message, details) for _ in range(times)
+                (GRPCError(status, message, details), echo_secret) for _ in range(times)
             )
+
+    def lose_next_create_response(self) -> None:
+        """The next SandboxCreateV2 makes its sandbox, then answers UNAVAILABLE (the SDK retries it)."""
+        with self._lock:
+            self._lose_create += 1
+
+    def kill(self, sandbox_id: str) -> None:
+        """Kill a sandbox behind the SDK's back (its worker died, an operator stopped it)."""
+        sb = self.sandboxes[sandbox_id]
+        sb.status, sb.finished_at = _GENERIC.GENERIC_STATUS_TERMINATED, time.time()
+        asyncio.run_coroutine_threadsafe(self._kill_execs(sb), self._loop).result(timeout=10)
 
     def forget(self, sandbox_id: str) -> None:
         """Drop a sandbox as if Modal had purged it: later lookups get NOT_FOUND."""
@@ -176,7 +210,14 @@ class ModalStandIn:
             queue = self._faults.get(method)
             fault = queue.pop(0) if queue else None
         if fault is not None:
-            raise fault
+            error, echo = fault
+            if echo:
+                token_id = metadata.get("x-modal-token-id") if control else next(
+                    (sb.token_id for sb in self.sandboxes.values() if sb.task_id == getattr(request, "task_id", None)),
+                    "")
+                secret = metadata.get("x-modal-token-secret") if control else self.tokens.get(token_id, "")
+                raise GRPCError(error.status, f"{error.message} (token {token_id}:{secret})", error.details)
+            raise error
         if control:
             token_id = metadata.get("x-modal-token-id")
             token_secret = metadata.get("x-modal-token-secret")
@@ -195,9 +236,14 @@ class ModalStandIn:
         self.jwts.add(jwt)
         return jwt
 
-    def sandbox(self, sandbox_id: str) -> Sbx:
+    def workspace(self, metadata: Any) -> str:
+        token_id = metadata.get("x-modal-token-id", "")
+        return self.workspaces.get(token_id, token_id)
+
+    def sandbox(self, sandbox_id: str, metadata: Any = None) -> Sbx:
+        """The sandbox, as the caller's workspace sees it (another workspace's is not found)."""
         sb = self.sandboxes.get(sandbox_id)
-        if sb is None:
+        if sb is None or (metadata is not None and sb.workspace != self.workspace(metadata)):
             raise GRPCError(Status.NOT_FOUND, f"Sandbox {sandbox_id} not found")
         return sb
 
@@ -210,12 +256,10 @@ class ModalStandIn:
         raise GRPCError(Status.NOT_FOUND, f"Task {task_id} not found")
 
     async def _kill_execs(self, sb: Sbx) -> None:
+        """Everything the sandbox ran goes, as its container does."""
+        kill_marked(SANDBOX_MARKER, sb.id)
         for ex in sb.execs.values():
             if ex.proc.returncode is None:
-                try:
-                    os.killpg(ex.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 await ex.proc.wait()
 
     def result(self, sb: Sbx) -> api_pb2.GenericResult:
@@ -258,7 +302,8 @@ class _ControlPlane(ModalClientBase):
         await stream.send_message(api_pb2.ClientHelloResponse())
 
     async def AppGetOrCreate(self, stream, request) -> None:
-        app_id = self.standin.apps.setdefault(request.app_name, f"ap-{secrets.token_hex(11)}")
+        key = (self.standin.workspace(stream.metadata), request.app_name)
+        app_id = self.standin.apps.setdefault(key, f"ap-{secrets.token_hex(11)}")
         await stream.send_message(api_pb2.AppGetOrCreateResponse(app_id=app_id))
 
     async def EnvironmentGetOrCreate(self, stream, request) -> None:
@@ -284,6 +329,14 @@ class _ControlPlane(ModalClientBase):
         await stream.send_message(api_pb2.AuthTokenGetResponse(token=make_jwt()))
 
     async def SandboxCreateV2(self, stream, request) -> None:
+        with self.standin._lock:
+            lose, self.standin._lose_create = self.standin._lose_create > 0, max(0, self.standin._lose_create - 1)
+        response = await self._create(stream, request)
+        if lose:  # made, but the answer is lost on its way back
+            raise GRPCError(Status.UNAVAILABLE, "upstream connect error or disconnect/reset before headers")
+        await stream.send_message(response)
+
+    async def _create(self, stream, request) -> api_pb2.SandboxCreateV2Response:
         st = self.standin
         definition = request.definition
         if definition.image_id not in st.images:
@@ -298,16 +351,18 @@ class _ControlPlane(ModalClientBase):
         sb = Sbx(
             id=sandbox_id, app_id=request.app_id, task_id=f"ta-{secrets.token_hex(11)}V", root=root,
             definition=definition, tags={t.tag_name: t.tag_value for t in request.tags}, created_at=time.time(),
+            token_id=stream.metadata.get("x-modal-token-id", ""), workspace=st.workspace(stream.metadata),
         )
         st.sandboxes[sandbox_id] = sb
-        await stream.send_message(api_pb2.SandboxCreateV2Response(
+        response = api_pb2.SandboxCreateV2Response(
             sandbox_id=sandbox_id, task_id=sb.task_id,
             metadata=api_pb2.SandboxHandleMetadata(app_id=request.app_id),
             command_router_access=api_pb2.CommandRouterAccess(url=st.router_url, jwt=st.new_jwt()),
-        ))
+        )
+        return response
 
     async def SandboxGetTaskIdV2(self, stream, request) -> None:
-        sb = self.standin.sandbox(request.sandbox_id)
+        sb = self.standin.sandbox(request.sandbox_id, stream.metadata)
         if sb.status:
             await stream.send_message(api_pb2.SandboxGetTaskIdResponse(task_result=self.standin.result(sb)))
         else:
@@ -315,13 +370,13 @@ class _ControlPlane(ModalClientBase):
 
     async def SandboxGetCommandRouterAccess(self, stream, request) -> None:
         st = self.standin
-        sb = st.sandbox(request.sandbox_id) if request.sandbox_id else st.by_task(request.task_id)
+        sb = st.sandbox(request.sandbox_id, stream.metadata) if request.sandbox_id else st.by_task(request.task_id)
         if sb.status:
             raise GRPCError(Status.FAILED_PRECONDITION, f"Sandbox {sb.id} has finished")
         await stream.send_message(api_pb2.SandboxGetCommandRouterAccessResponse(url=st.router_url, jwt=st.new_jwt()))
 
     async def SandboxWaitV2(self, stream, request) -> None:
-        sb = self.standin.sandbox(request.sandbox_id)
+        sb = self.standin.sandbox(request.sandbox_id, stream.metadata)
         deadline = time.monotonic() + min(request.timeout, 5.0)
         while not sb.status and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -330,7 +385,7 @@ class _ControlPlane(ModalClientBase):
         ))
 
     async def SandboxTerminateV2(self, stream, request) -> None:
-        sb = self.standin.sandbox(request.sandbox_id)
+        sb = self.standin.sandbox(request.sandbox_id, stream.metadata)
         existing = self.standin.result(sb)
         if not sb.status:
             sb.status, sb.finished_at = _GENERIC.GENERIC_STATUS_TERMINATED, time.time()
@@ -339,9 +394,10 @@ class _ControlPlane(ModalClientBase):
 
     async def SandboxListV2(self, stream, request) -> None:
         wanted = {t.tag_name: t.tag_value for t in request.tags}
+        workspace = self.standin.workspace(stream.metadata)
         found = sorted(
             (sb for sb in self.standin.sandboxes.values()
-             if (not request.app_id or sb.app_id == request.app_id)
+             if sb.workspace == workspace and (not request.app_id or sb.app_id == request.app_id)
              and (request.include_finished or not sb.status)
              and (not request.before_timestamp or sb.created_at < request.before_timestamp)
              and all(sb.tags.get(k) == v for k, v in wanted.items())),
@@ -358,13 +414,13 @@ class _ControlPlane(ModalClientBase):
         ]))
 
     async def SandboxTagsGetV2(self, stream, request) -> None:
-        sb = self.standin.sandbox(request.sandbox_id)
+        sb = self.standin.sandbox(request.sandbox_id, stream.metadata)
         await stream.send_message(api_pb2.SandboxTagsGetResponse(
             tags=[api_pb2.SandboxTag(tag_name=k, tag_value=v) for k, v in sb.tags.items()]
         ))
 
     async def SandboxGetStats(self, stream, request) -> None:
-        sb = self.standin.sandbox(request.sandbox_id)
+        sb = self.standin.sandbox(request.sandbox_id, stream.metadata)
         seconds = (sb.finished_at or time.time()) - sb.created_at
         res = sb.definition.resources
         cpu_s = res.milli_cpu / 1000 * seconds
@@ -393,6 +449,7 @@ class _Router(TaskCommandRouterBase):
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(sb.root)}
         for source in request.secret_sources:
             env.update(source.env.contents)
+        env[SANDBOX_MARKER] = sb.id
         cwd = sb.root
         if request.workdir:
             cwd = sb.root / request.workdir.lstrip("/")
@@ -420,7 +477,11 @@ class _Router(TaskCommandRouterBase):
                 timeout=timeout or None,
             )
         except asyncio.TimeoutError:
-            os.killpg(ex.proc.pid, signal.SIGKILL)
+            # the exec's own process, nothing it forked
+            try:
+                os.kill(ex.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             await ex.proc.wait()
         rc = ex.proc.returncode
         ex.code, ex.signal = (None, -rc) if rc is not None and rc < 0 else (rc, None)

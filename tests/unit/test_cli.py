@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 
 import pytest
 
@@ -114,3 +115,58 @@ def test_cost_snapshot_and_export_commands(sbx, cfg, tmp_path):
     assert "queued: 2  delivered: 2" in sbx("meter", "export", "--sink", "f", check=0).stdout
     assert "queued: 0" in sbx("meter", "export", "--sink", "f", check=0).stdout
     assert "unknown sink 'g'" in sbx("meter", "export", "--sink", "g", check=1).stderr
+
+
+def test_validate_and_extensions_list_show_a_config_override(sbx, cfg):
+    path = cfg.write("ext.saas-stub.yaml", "id: ext.saas-stub\noverride: config\nconfig: {capacity: 1}\n")
+    p = sbx("validate", check=0)
+    assert f"note: ext.saas-stub: config overridden by {path}" in p.stdout.splitlines()
+    exts = {e["id"]: e for e in json.loads(sbx("extensions", "list", "--json", check=0).stdout)}
+    assert exts["ext.saas-stub"]["config_overrides"] == [str(path)]
+    assert exts["ext.saas-stub"]["source"] != str(path)  # the manifest still comes from the shipped file
+    assert exts["ext.local"]["config_overrides"] == []
+    table = sbx("extensions", "list", check=0).stdout
+    assert "CONFIG" in table and "overridden" in table
+    assert table.splitlines()[-1] == f"ext.saas-stub: config overridden by {path}"
+    path.write_text("id: ext.saas-stub\noverride: config\nconfig: {capacity: -1}\n")
+    p = sbx("validate", check=1)
+    assert p.stderr.startswith(f"error: {path}: field 'config.capacity' (value -1)") and p.stderr.count("\n") == 1
+
+
+def test_damaged_state_file_is_one_error_line(sbx, home):
+    home.mkdir(parents=True)
+    (home / "state.db").write_bytes(b"\x00garbage" * 512)
+    p = sbx("list", check=1)
+    copies = list(home.glob("state.db.corrupt-*"))
+    assert len(copies) == 1
+    assert p.stderr.startswith(f"error: state store {home / 'state.db'} is damaged (file is not a database); "
+                               f"a copy is kept at {copies[0]}. To go on, move the damaged file aside")
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr and p.stdout == ""
+
+
+def test_restore_takes_the_options_of_create(sbx):
+    sb = json.loads(sbx("create", "saas-stub", "--consumer", "erin", "--json", check=0).stdout)
+    snap = json.loads(sbx("snapshot", sb["id"], "--json", check=0).stdout)["id"]
+    p = sbx("restore", snap, "--ttl", "20m", "--label", "job=9", "--label", "team=a", "--consumer", "ci",
+            "--input", "color=red", "--json", check=0)
+    restored = json.loads(p.stdout)
+    status = json.loads(sbx("status", restored["id"], "--json", check=0).stdout)
+    assert status["state"] == "ready" and status["consumer"] == "ci" and status["labels"] == {"job": "9", "team": "a"}
+    created = datetime.fromisoformat(status["created_at"])
+    assert abs((datetime.fromisoformat(status["expires_at"]) - created).total_seconds() - 1200) < 60
+    plain = sbx("restore", snap, check=0).stdout.splitlines()  # without --json: just the new id
+    assert len(plain) == 1 and plain[0].startswith("sb-")
+    assert json.loads(sbx("status", plain[0], "--json", check=0).stdout)["consumer"] == "erin"  # the snapshot's
+    for sid in (sb["id"], restored["id"], plain[0]):
+        sbx("teardown", sid, check=0)
+
+    p = sbx("restore", snap, "--input", "novalue", check=2)
+    assert "Error: Invalid value for --input: expected KEY=VALUE, got 'novalue'\n" in p.stderr
+    assert sbx("restore", snap, "--label", "=x", check=2).stderr.endswith(
+        "Error: Invalid value for --label: expected KEY=VALUE, got '=x'\n")
+    assert "not a duration" in sbx("restore", snap, "--ttl", "soon", check=2).stderr
+    for args, message in ((["--ttl", "5h"], "error: TTL 5h is over profile 'saas-stub''s maximum of 4h"),
+                          (["--input", "sandbox_id=x"], "error: input 'sandbox_id' is reserved")):
+        p = sbx("restore", snap, *args, check=1)
+        assert p.stderr.startswith(message) and p.stderr.count("\n") == 1 and p.stdout == ""
+    assert json.loads(sbx("list", "--json", check=0).stdout) == []  # a refused restore leaves nothing behind

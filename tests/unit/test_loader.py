@@ -7,7 +7,14 @@ import sys
 import pytest
 
 from sandboxer import Manager, load_catalog
-from sandboxer.errors import CapabilityError, ConfigError, ExtensionLoadError, ManifestError, ProfileError
+from sandboxer.errors import (
+    CapabilityError,
+    ConfigError,
+    ExtensionLoadError,
+    ManifestError,
+    ProfileError,
+    SandboxerError,
+)
 from tests.conftest import FAKE_EXT, FAKE_PROFILE
 
 
@@ -177,3 +184,118 @@ def test_json_schemas_for_both_kinds():
 
     assert ExtensionManifest.model_json_schema()["additionalProperties"] is False
     assert "ttl" in Profile.model_json_schema()["properties"]
+
+
+# ------------------------------------------------- overriding a built-in's config
+
+def test_config_override_reaches_the_manager(cfg, make_manager):
+    path = cfg.write("ext.saas-stub.yaml", """
+        # point the shipped stand-in at my own limits
+        id: ext.saas-stub
+        override: config
+        config: {capacity: 1}
+    """)
+    cat = load_catalog([cfg.root])
+    loaded = cat.extensions["ext.saas-stub"]
+    assert loaded.config.capacity == 1
+    assert loaded.config.latency_s == 0.05  # keys left out keep the built-in's values
+    assert loaded.manifest.config == {"latency_s": 0.05, "capacity": 1}
+    assert loaded.config_overrides == [path] and loaded.source.name == "ext.saas-stub.yaml"
+    assert loaded.source != path and loaded.manifest.handler.endswith("SaasStubExtension")
+    mgr = make_manager()
+    assert mgr.extension("ext.saas-stub").config.capacity == 1
+    mgr.create(profile="saas-stub")
+    with pytest.raises(SandboxerError, match="capacity"):
+        mgr.create(profile="saas-stub")
+
+
+def test_later_config_dir_overrides_on_top(cfg, tmp_path):
+    cfg.write("ext.saas-stub.yaml", "id: ext.saas-stub\noverride: config\nconfig: {capacity: 3, latency_s: 0}\n")
+    other = tmp_path / "other"
+    (other / "extensions").mkdir(parents=True)
+    second = other / "extensions" / "ext.saas-stub.yaml"
+    second.write_text("id: ext.saas-stub\noverride: config\nconfig: {capacity: 7}\n")
+    loaded = load_catalog([cfg.root, other]).extensions["ext.saas-stub"]
+    assert (loaded.config.capacity, loaded.config.latency_s) == (7, 0)
+    assert loaded.config_overrides == [cfg.root / "extensions" / "ext.saas-stub.yaml", second]
+
+
+def test_bad_override_value_names_file_and_field(cfg):
+    path = cfg.write("ext.saas-stub.yaml", "id: ext.saas-stub\noverride: config\nconfig: {capacity: -3}\n")
+    with pytest.raises(ManifestError) as e:
+        load_catalog([cfg.root])
+    assert str(e.value).startswith(f"{path}: field 'config.capacity' (value -3)")
+    path.write_text("id: ext.saas-stub\noverride: config\nconfig: {capacty: 3}\n")
+    with pytest.raises(ManifestError, match=r"ext.saas-stub.yaml: field 'config.capacty'.*unknown field"):
+        load_catalog([cfg.root])
+
+
+def test_override_of_unknown_id_is_an_error(cfg):
+    path = cfg.write("ext.nope.yaml", "id: ext.nope\noverride: config\nconfig: {capacity: 1}\n")
+    with pytest.raises(ManifestError) as e:
+        load_catalog([cfg.root])
+    assert str(e.value).startswith(f"{path}: field 'id' (value 'ext.nope'): no extension to override; known: ")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("handler: sandboxer.extensions.fake:FakeExtension\n", "field 'handler': an override may change only 'config'"),
+    ("capabilities: {isolation_levels: [none], pricing_model: free}\n",
+     "field 'capabilities': an override may change only 'config'"),
+])
+def test_override_may_change_only_config(cfg, extra, message):
+    path = cfg.write("ext.saas-stub.yaml", "id: ext.saas-stub\noverride: config\nconfig: {capacity: 1}\n" + extra)
+    with pytest.raises(ManifestError) as e:
+        load_catalog([cfg.root])
+    assert str(e.value).startswith(f"{path}: {message}")
+
+
+def test_copied_manifest_marked_override_lists_what_cannot_change(cfg):
+    from sandboxer.loader import builtin_dir
+
+    shipped = builtin_dir("extensions") / "ext.saas-stub.yaml"
+    path = cfg.write("ext.saas-stub.yaml", shipped.read_text() + "override: config\n")
+    with pytest.raises(ManifestError) as e:
+        load_catalog([cfg.root])
+    assert str(e.value).startswith(
+        f"{path}: fields 'title', 'version', 'handler', 'capabilities', 'pricing': an override may change only "
+        f"'config' (the rest stays as in {shipped}); remove them")
+
+
+def test_override_kind_and_config_are_checked(cfg):
+    path = cfg.write("ext.saas-stub.yaml", "id: ext.saas-stub\noverride: handler\nconfig: {}\n")
+    with pytest.raises(ManifestError, match=r"field 'override' \(value 'handler'\): only 'config' can be overridden"):
+        load_catalog([cfg.root])
+    path.write_text("id: ext.saas-stub\noverride: config\n")
+    with pytest.raises(ManifestError, match=r"field 'config': missing"):
+        load_catalog([cfg.root])
+    path.write_text("id: ext.saas-stub\noverride: config\nconfig: [capacity, 1]\n")
+    with pytest.raises(ManifestError, match=r"field 'config': expected a mapping of config keys, got list"):
+        load_catalog([cfg.root])
+
+
+def test_accidental_duplicate_of_builtin_says_how_to_override(cfg):
+    from sandboxer.loader import builtin_dir
+
+    shipped = builtin_dir("extensions") / "ext.saas-stub.yaml"
+    path = cfg.write("ext.saas-stub.yaml", shipped.read_text().replace("capacity: 20", "capacity: 2"))
+    with pytest.raises(ManifestError) as e:
+        load_catalog([cfg.root])
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: field 'id' (value 'ext.saas-stub'): duplicate id, already defined in {shipped}")
+    assert "override: config" in msg and "\n" not in msg
+
+
+def test_compose_ssh_pointed_at_my_hosts(cfg):
+    path = cfg.write("ext.compose-ssh.yaml", """
+        id: ext.compose-ssh
+        override: config
+        config:
+          hosts:   # replaces the shipped list whole
+            - {name: build1, address: 10.0.0.5, user: ci, key_file: /keys/ci, capacity: 8}
+    """)
+    loaded = load_catalog([cfg.root]).extensions["ext.compose-ssh"]
+    assert [(h.name, h.address, h.capacity) for h in loaded.config.hosts] == [("build1", "10.0.0.5", 8)]
+    assert loaded.config.workspace_root == "/var/lib/sandboxer/compose" and loaded.config_overrides == [path]
+    path.write_text("id: ext.compose-ssh\noverride: config\nconfig:\n  hosts: [{name: b, address: 'h x', user: ci}]\n")
+    with pytest.raises(ManifestError, match=r"ext.compose-ssh.yaml: field 'config.hosts.0.address' \(value 'h x'\)"):
+        load_catalog([cfg.root])

@@ -22,6 +22,7 @@ from sandboxer import (
     TTLError,
 )
 from sandboxer.models import SandboxState
+from sandboxer.errors import StateStoreError
 from sandboxer.state import SCHEMA_VERSION
 from tests.conftest import run_threads
 
@@ -214,7 +215,7 @@ def test_newer_schema_is_refused(fake_mgr, home, make_manager):
     db = sqlite3.connect(home / "state.db")
     db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     db.commit()
-    with pytest.raises(RuntimeError, match="schema version 99, newer than this sand-boxer"):
+    with pytest.raises(StateStoreError, match="schema version 99, newer than this sand-boxer"):
         make_manager()
 
 

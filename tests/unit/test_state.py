@@ -170,6 +170,17 @@ def test_postgresql_state_store(pg_url, cfg, home, tmp_path):
         mgr.close()
 
 
+def test_a_password_in_the_state_url_is_never_shown(pg_url, cfg, home):
+    from sandboxer import Manager
+
+    url = pg_url.replace("postgres@", "postgres:pw-sentinel-8h2@")
+    mgr = Manager(config_dirs=[cfg.root], home=home, state_url=url)
+    try:
+        assert "pw-sentinel-8h2" not in repr(mgr) + mgr.state.url and "***" in repr(mgr)
+    finally:
+        mgr.close()
+
+
 def test_postgresql_admission_is_atomic_across_threads(pg_url, cfg, home):
     
     from sandboxer import Manager
@@ -207,3 +218,75 @@ def test_cli_on_postgresql(pg_url, home, tmp_path):
     assert sid in run("list", "--json").stdout
     assert run("teardown", sid).returncode == 0
     assert not (home / "state.db").exists()  # the state really went to PostgreSQL
+
+
+# ------------------------------------------------------- a damaged state file
+
+def _damage(home, how: str) -> bytes:
+    """Leave ``home/state.db`` damaged: random bytes, or a real store cut short; returns its bytes."""
+    db_path = home / "state.db"
+    if how == "garbage":
+        home.mkdir(parents=True)
+        db_path.write_bytes(b"not a database, just some bytes\n" * 200)
+    else:
+        store = StateStore(home=home)
+        now = time.time()
+        for i in range(40):
+            store.insert_intent({"id": f"sb-{i}", "name": None, "profile": "p", "extension": "e", "host": None,
+                                 "state": "provisioning", "handle": None, "reachability": None, "consumer": "c",
+                                 "labels": {"pad": "x" * 500}, "resources": {}, "created_at": now,
+                                 "expires_at": now + 60, "attempts": 0, "last_error": None})
+        store.close()
+        db = sqlite3.connect(db_path)
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.close()
+        data = db_path.read_bytes()
+        db_path.write_bytes(data[: len(data) // 2])  # a copy that ran out of disk, say
+    for side in ("state.db-wal", "state.db-shm"):
+        (home / side).unlink(missing_ok=True)
+    return db_path.read_bytes()
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated"])
+def test_damaged_state_file_refuses_start_and_keeps_a_copy(path, how, cfg, home):
+    import threading
+
+    from sandboxer import Manager
+    from sandboxer.errors import ConfigError
+
+    damaged = _damage(home, how)
+    db_path = home / "state.db"
+    before = set(threading.enumerate())
+    with pytest.raises(ConfigError) as e:
+        Manager(config_dirs=[cfg.root], home=home)
+    msg = str(e.value)
+    copies = sorted(home.glob("state.db.corrupt-*"))
+    assert len(copies) == 1 and copies[0].read_bytes() == damaged
+    assert copies[0].stat().st_mode & 0o777 == 0o600
+    assert msg.startswith(f"state store {db_path} is damaged (") and "\n" not in msg
+    assert f"a copy is kept at {copies[0]}" in msg and "move the damaged file aside" in msg
+    assert db_path.read_bytes() == damaged  # the original is never changed or removed
+    # a second start says the same and keeps no second copy of the same bytes
+    with pytest.raises(ConfigError, match=f"a copy is kept at {copies[0]}"):
+        StateStore(home=home)
+    assert sorted(home.glob("state.db.corrupt-*")) == copies
+    started = [t for t in threading.enumerate() if t not in before]  # the refused stores' WAL checkpointers
+    for t in started:
+        t.join(5)
+    assert not [t for t in started if t.is_alive()]
+    # once the user moves it aside, a new empty store starts
+    db_path.rename(home / "state.db.moved")
+    store = StateStore(home=home)
+    assert store.schema_version() == 2
+    store.close()
+
+
+def test_unreachable_server_database_is_one_line_without_the_password():
+    pytest.importorskip("psycopg")
+    from sandboxer.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        StateStore("postgresql+psycopg://sbx:hunter2@127.0.0.1:1/sbx")
+    msg = str(e.value)
+    assert msg.startswith("state store postgresql+psycopg://sbx:***@127.0.0.1:1/sbx: cannot open it: ")
+    assert "hunter2" not in msg and "\n" not in msg and "SANDBOXER_STATE_URL" in msg
