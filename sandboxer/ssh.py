@@ -788,7 +788,8 @@ def local_ports_free(port: int) -> bool:
 
 
 __all__ = [
-    "STATS", "TIMEOUT_EXIT", "ConnectionCache", "LocalForward", "SSHConnection", "SSHHostConfig",
-    "SSHStats", "GIT_CLONE_SCRIPT", "build_command", "check_ref", "check_repo", "check_root", "checked_archive", "delete_archive", "owned_from_meta", "env_script", "fingerprint", "local_ports_free", "remote_path_ok", "sha256_file",
-    "ssh_errors", "workspace_cwd",
+    "DEADLINE_WRAPPER", "GIT_CLONE_SCRIPT", "STATS", "TIMEOUT_EXIT", "ConnectionCache", "LocalForward",
+    "SSHConnection", "SSHHostConfig", "SSHStats", "build_command", "check_ref", "check_repo", "check_root",
+    "checked_archive", "delete_archive", "env_script", "fingerprint", "local_ports_free", "owned_from_meta",
+    "remote_path_ok", "sha256_file", "ssh_errors", "workspace_cwd",
 ]

@@ -197,7 +197,10 @@ class VMPacker(SandboxExtension):
         port = handle_or_inputs.get("ssh_port")
         if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536):
             raise InputError(f"sandbox {sid}: ssh_port {port!r} must be a port number")
-        if bool(vm) == bool(target):
+        if vm and target:
+            raise InputError(f"sandbox {sid}: inputs 'vm' ({vm!r}) and 'ssh_target' ({target!r}) are exclusive; "
+                             "give one (a consumer's ssh_target replaces a profile's default vm)")
+        if not vm and not target:
             raise InputError(f"sandbox {sid}: give exactly one of inputs 'vm' (one of: "
                              f"{', '.join(self.cfg.vms) or 'none configured'}) or 'ssh_target' (user@host[:port])")
         if vm:

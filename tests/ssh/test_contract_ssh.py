@@ -123,7 +123,8 @@ def test_shipped_vm_profile_deadline_covers_clone_and_ready():
 def test_vm_and_ssh_target_are_exclusive(offline_vm):
     assert frozenset({"vm", "ssh_target"}) in VMPacker.exclusive_inputs
     STATS.reset()
-    with pytest.raises(InputError, match="give exactly one of inputs 'vm'.*or 'ssh_target'"):
+    both = r"inputs 'vm' \('vm0'\) and 'ssh_target' \('u@127.0.0.1:2222'\) are exclusive; give one"
+    with pytest.raises(InputError, match=both):
         offline_vm.provision(vprofile(), {"vm": "vm0", "ssh_target": "u@127.0.0.1:2222", "sandbox_id": "s1"}, None)
     assert STATS.snapshot()["connections"] == 0
 
