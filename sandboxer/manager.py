@@ -42,11 +42,12 @@ from sandboxer.errors import (
 )
 from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension
 from sandboxer.loader import Catalog, load_catalog
-from sandboxer.metering import Metering
+from sandboxer.metering import Metering, price
 from sandboxer.models import (
     CleanupReport,
     ExecResult,
     MeterQuote,
+    Pricing,
     Profile,
     SandboxCreateRequest,
     SandboxState,
@@ -114,7 +115,7 @@ class Manager:
         self.home = Path(home) if home else default_home()
         self.state = StateStore(state_url or os.environ.get("SANDBOXER_STATE_URL") or None, home=self.home)
         self.owner_labels = {"sandboxer.owner": self.state.owner_id}
-        self.metering = Metering(self)
+        self.metering = Metering(self.state, self.catalog.settings, self._pricing)
         self.router = Router()
         self.stale_grace = stale_grace
         self.teardown_grace = teardown_grace
@@ -122,6 +123,10 @@ class Manager:
         self._tearing: set[str] = set()  # teardowns running in this process
         self._lock = threading.Lock()
         self._effective: dict[tuple[str, int], Profile] = {}
+
+    def _pricing(self, ext_id: str) -> Pricing | None:
+        loaded = self.catalog.extensions.get(ext_id)
+        return loaded.manifest.pricing if loaded else None
 
     def __repr__(self) -> str:
         return f"<Manager state={self.state.url!r} owner={self.state.owner_id}>"
@@ -310,7 +315,7 @@ class Manager:
         plan = self.router.plan(
             profile, ttl, hosts=lambda i: self._hosts(profile, i),
             missing_extra=lambda i: self.catalog.extensions[profile.candidates[i].extension].missing_extra,
-            quote=lambda i: self.metering.quote(profile, i, ttl),
+            quote=lambda i: self._quote(profile, i, ttl),
             check_budget=(lambda q: self.metering.check_budget(req.consumer, q)) if budgeted else None,
             credential_key=lambda i: self._credential_key(profile.candidates[i].extension, req.consumer),
         )
@@ -830,7 +835,14 @@ class Manager:
     def quote(self, profile: str, duration: float) -> list[MeterQuote]:
         """A price for ``duration`` seconds of ``profile`` on each of its backends."""
         prof = self.profile(profile)
-        return [self.metering.quote(prof, i, duration) for i in range(len(prof.candidates))]
+        return [self._quote(prof, i, duration) for i in range(len(prof.candidates))]
+
+    def _quote(self, profile: Profile, index: int, duration: float) -> MeterQuote:
+        loaded = self.catalog.extensions[profile.candidates[index].extension]
+        eff = self.effective_profile(profile, index)
+        if loaded.missing_extra:
+            return price(loaded.manifest, eff, duration)
+        return self.extension(loaded.manifest.id).estimate_cost(eff, duration)
 
     # ------------------------------------------------------------------ gc
 

@@ -6,7 +6,8 @@ zero); every sandbox's usage interval is recorded in the state store (start,
 stop, resources, price); an interval the orchestrator could not close is
 closed at the last time the sandbox was seen alive; each exported record has
 a stable id and goes through an outbox, so a push that fails is retried, never
-lost, and exporting again never duplicates. A webhook's secret headers are
+lost, and exporting again never duplicates. It holds the state store, never the
+manager, and runs no SQL of its own (state.py has it all). A webhook's secret headers are
 references resolved at delivery: never in the exports table, a log line or an
 error.
 """
@@ -23,23 +24,13 @@ import urllib.error
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from sqlalchemy import and_, bindparam, insert, select, update
-from sqlalchemy.engine import Connection
+from typing import Any, Callable
 
 from sandboxer.errors import AuthError, BudgetExceeded, ConfigError
-from sandboxer.models import ExtensionManifest, MeterQuote, Pricing, Profile, SinkConfig
-from sandboxer.state import exports, sandboxes, usage
-
-if TYPE_CHECKING:
-    from sandboxer.manager import Manager
+from sandboxer.models import ExtensionManifest, MeterQuote, Pricing, Profile, Settings, SinkConfig
+from sandboxer.state import StateStore
 
 log = logging.getLogger("sandboxer.metering")
-
-_INSERT_USAGE = insert(usage)
-_SELECT_USAGE = select(usage).where(usage.c.sandbox_id == bindparam("_id"))
-_UPDATE_USAGE = update(usage).where(usage.c.sandbox_id == bindparam("_id"))
 
 RECORD_FIELDS = ["id", "sandbox_id", "period", "consumer", "profile", "extension", "start", "end", "seconds",
                  "cpu", "memory_mb", "amount", "currency"]
@@ -78,72 +69,48 @@ def _period_start(ts: float, period: str) -> float:
 
 
 class Metering:
-    def __init__(self, manager: "Manager"):
-        self.manager = manager
+    """Usage intervals, budgets, reports and export, over the state store's API.
 
-    @property
-    def _state(self):  # type: ignore[no-untyped-def]
-        return self.manager.state
+    Args:
+        state: the state store (all SQL is there).
+        settings: budgets and sinks.
+        pricing: extension id -> its manifest's pricing (None: free).
+    """
 
-    # --------------------------------------------------------------- quotes
-
-    def quote(self, profile: Profile, index: int, duration: float) -> MeterQuote:
-        loaded = self.manager.catalog.extensions[profile.candidates[index].extension]
-        eff = self.manager.effective_profile(profile, index)
-        if loaded.missing_extra:
-            return price(loaded.manifest, eff, duration)
-        return self.manager.extension(loaded.manifest.id).estimate_cost(eff, duration)
+    def __init__(self, state: StateStore, settings: Settings, pricing: Callable[[str], Pricing | None]):
+        self._state = state
+        self.settings = settings
+        self._pricing = pricing
 
     # --------------------------------------------------------------- actuals
 
-    def started(self, conn: Connection, row: dict[str, Any]) -> None:
+    def started(self, conn: Any, row: dict[str, Any]) -> None:
         """Open the usage interval of a sandbox that just became ready (inside its transition)."""
-        manifest = self.manager.catalog.extensions[row["extension"]].manifest
-        pricing = manifest.pricing or Pricing()
-        conn.execute(_INSERT_USAGE, {
-            "sandbox_id": row["id"], "consumer": row["consumer"], "profile": row["profile"],
-            "extension": row["extension"], "resources": row["resources"], "price": pricing.model_dump(),
-            "started_at": row["ready_at"], "stopped_at": None, "amount": None, "currency": pricing.currency,
-        })
+        pricing = self._pricing(row["extension"]) or Pricing()
+        self._state.open_usage(conn, row, pricing.model_dump(), pricing.currency)
 
-    def stopped(self, conn: Connection, sandbox_id: str, ts: float, reported: dict[str, Any] | None = None) -> None:
+    def stopped(self, conn: Any, sandbox_id: str, ts: float, reported: dict[str, Any] | None = None) -> None:
         """Close a usage interval, priced from the recorded rate or refined by the backend's own figures.
 
         ``reported`` (from ``meter_actual``) may carry ``cost`` (the provider's amount) or
         ``rate_per_second`` (the provider's rate for this sandbox's real size).
         """
-        u = conn.execute(_SELECT_USAGE, {"_id": sandbox_id}).mappings().first()
-        if u is None or u["stopped_at"] is not None:
-            return
-        stop = max(ts, u["started_at"])
-        rate = _rate(u["price"], u["resources"])
-        if reported and isinstance(reported.get("rate_per_second"), (int, float)):
-            rate = float(reported["rate_per_second"])
-        amount = rate * (stop - u["started_at"])
-        if reported and isinstance(reported.get("cost"), (int, float)):
-            amount = float(reported["cost"])
-        conn.execute(_UPDATE_USAGE, {"_id": sandbox_id, "stopped_at": stop, "amount": round(amount, 6), "reported": reported})
+        def amount(u: dict[str, Any], stop: float) -> float:
+            rate = _rate(u["price"], u["resources"])
+            if reported and isinstance(reported.get("rate_per_second"), (int, float)):
+                rate = float(reported["rate_per_second"])
+            if reported and isinstance(reported.get("cost"), (int, float)):
+                return float(reported["cost"])
+            return rate * (stop - u["started_at"])
+
+        self._state.close_usage(conn, sandbox_id, ts, amount, reported)
 
     def close_abandoned(self) -> None:
         """Close intervals of sandboxes that ended while nobody was watching."""
-        with self._state._tx() as conn:
-            rows = conn.execute(
-                select(usage.c.sandbox_id, usage.c.started_at, usage.c.price, usage.c.resources,
-                       sandboxes.c.terminated_at, sandboxes.c.last_seen_at)
-                .join(sandboxes, sandboxes.c.id == usage.c.sandbox_id)
-                .where(and_(usage.c.stopped_at.is_(None), sandboxes.c.state.in_(("terminated", "failed"))))
-            ).mappings().all()
-            for r in rows:
-                stop = max(r["started_at"], r["last_seen_at"] or r["terminated_at"] or r["started_at"])
-                amount = round(_rate(r["price"], r["resources"]) * (stop - r["started_at"]), 6)
-                conn.execute(update(usage).where(usage.c.sandbox_id == r["sandbox_id"]).values(stopped_at=stop, amount=amount))
+        self._state.close_abandoned_usage(lambda u, stop: _rate(u["price"], u["resources"]) * (stop - u["started_at"]))
 
     def _usage(self, since: float | None = None) -> list[dict[str, Any]]:
-        q = select(usage)
-        if since is not None:
-            q = q.where((usage.c.stopped_at.is_(None)) | (usage.c.stopped_at >= since))
-        with self._state._tx(write=False) as conn:
-            return [dict(r) for r in conn.execute(q).mappings()]
+        return self._state.usage(since)
 
     def spent(self, consumer: str, since: float, now: float | None = None) -> float:
         """Spend of ``consumer`` since ``since``: closed intervals plus live ones to their expiry."""
@@ -159,7 +126,7 @@ class Metering:
         return total
 
     def has_budget(self, consumer: str) -> bool:
-        budgets = self.manager.catalog.settings.budgets
+        budgets = self.settings.budgets
         return consumer in budgets or "*" in budgets
 
     def check_budget(self, consumer: str, quote: MeterQuote) -> None:
@@ -168,7 +135,7 @@ class Metering:
         Raises:
             BudgetExceeded: before anything is provisioned.
         """
-        budgets = self.manager.catalog.settings.budgets
+        budgets = self.settings.budgets
         budget = budgets.get(consumer) or budgets.get("*")
         if budget is None or quote.amount == 0:
             return
@@ -233,26 +200,15 @@ class Metering:
         Returns:
             ``{"queued": n, "delivered": n, "pending": n}``.
         """
-        settings = self.manager.catalog.settings
+        settings = self.settings
         name = sink or settings.default_sink
         if not name:
             raise ConfigError("no sink given and no default_sink in settings.yaml; name one with --sink")
         cfg = settings.sinks.get(name)
         if cfg is None:
             raise ConfigError(f"unknown sink {name!r}; configured sinks: {', '.join(settings.sinks) or 'none'}")
-        recs = self.records(since)
-        now = time.time()
-        queued = 0
-        with self._state._tx() as conn:
-            have = {r for (r,) in conn.execute(select(exports.c.record_id).where(exports.c.sink == name))}
-            for rec in recs:
-                if rec["id"] not in have:
-                    conn.execute(insert(exports).values(record_id=rec["id"], sink=name, record=rec, state="pending",
-                                                        attempts=0, updated_at=now))
-                    queued += 1
-        with self._state._tx(write=False) as conn:
-            pending = [dict(r) for r in conn.execute(select(exports).where(and_(
-                exports.c.sink == name, exports.c.state == "pending")).order_by(exports.c.record_id)).mappings()]
+        queued = self._state.queue_exports(name, self.records(since))
+        pending = self._state.pending_exports(name)
         delivered = 0
         if pending:
             error = None
@@ -261,13 +217,7 @@ class Metering:
             except OSError as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 log.warning("export to sink %s failed; %d records stay queued: %s", name, len(pending), error)
-            with self._state._tx() as conn:
-                for p in pending:
-                    values: dict[str, Any] = {"attempts": p["attempts"] + 1, "updated_at": time.time(), "last_error": error}
-                    if error is None:
-                        values["state"] = "delivered"
-                    conn.execute(update(exports).where(and_(exports.c.record_id == p["record_id"],
-                                                            exports.c.sink == name)).values(**values))
+            self._state.mark_exports(name, pending, error)
             delivered = 0 if error else len(pending)
         return {"queued": queued, "delivered": delivered, "pending": len(pending) - delivered}
 

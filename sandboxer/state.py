@@ -176,6 +176,9 @@ _UPDATE_BY_ID = update(sandboxes).where(sandboxes.c.id == bindparam("_id"))
 _UPDATE_IF_STATE = update(sandboxes).where(and_(sandboxes.c.id == bindparam("_id"),
                                                 sandboxes.c.state == bindparam("_state")))
 _INSERT_EVENT = insert(events)
+_INSERT_USAGE = insert(usage)
+_SELECT_USAGE = select(usage).where(usage.c.sandbox_id == bindparam("_id"))
+_UPDATE_USAGE = update(usage).where(usage.c.sandbox_id == bindparam("_id"))
 _INSERT_SANDBOX = insert(sandboxes)
 
 
@@ -777,6 +780,80 @@ class StateStore:
             q = q.where(events.c.sandbox_id == sandbox_id)
         with self._tx(write=False) as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
+
+    # -------------------------------------------------------------- usage
+
+    @staticmethod
+    def open_usage(conn: Any, row: dict[str, Any], price: dict[str, Any], currency: str) -> None:
+        """Open a sandbox's usage interval at its ``ready_at`` (inside its ``ready`` transition)."""
+        conn.execute(_INSERT_USAGE, {
+            "sandbox_id": row["id"], "consumer": row["consumer"], "profile": row["profile"],
+            "extension": row["extension"], "resources": row["resources"], "price": price,
+            "started_at": row["ready_at"], "stopped_at": None, "amount": None, "currency": currency,
+        })
+
+    @staticmethod
+    def close_usage(conn: Any, sandbox_id: str, ts: float, amount: Callable[[dict[str, Any], float], float],
+                    reported: dict[str, Any] | None = None) -> None:
+        """Close a sandbox's open interval at ``ts`` (never before it started), priced by ``amount(usage, stop)``."""
+        u = conn.execute(_SELECT_USAGE, {"_id": sandbox_id}).mappings().first()
+        if u is None or u["stopped_at"] is not None:
+            return
+        stop = max(ts, u["started_at"])
+        conn.execute(_UPDATE_USAGE, {"_id": sandbox_id, "stopped_at": stop, "amount": round(amount(u, stop), 6),
+                                     "reported": reported})
+
+    def close_abandoned_usage(self, amount: Callable[[dict[str, Any], float], float]) -> None:
+        """Close the intervals of sandboxes that ended while nobody was watching: at the last time
+        each was seen alive, else when it was found ended."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(usage, sandboxes.c.terminated_at, sandboxes.c.last_seen_at)
+                .join(sandboxes, sandboxes.c.id == usage.c.sandbox_id)
+                .where(and_(usage.c.stopped_at.is_(None), sandboxes.c.state.not_in(LIVE_STATES)))
+            ).mappings().all()
+            for r in rows:
+                stop = max(r["started_at"], r["last_seen_at"] or r["terminated_at"] or r["started_at"])
+                conn.execute(_UPDATE_USAGE, {"_id": r["sandbox_id"], "stopped_at": stop,
+                                             "amount": round(amount(r, stop), 6), "reported": None})
+
+    def usage(self, since: float | None = None) -> list[dict[str, Any]]:
+        """Usage intervals still open or closed at or after ``since``."""
+        q = select(usage)
+        if since is not None:
+            q = q.where((usage.c.stopped_at.is_(None)) | (usage.c.stopped_at >= since))
+        with self._tx(write=False) as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    # ------------------------------------------------------------ exports
+
+    def queue_exports(self, sink: str, records: list[dict[str, Any]]) -> int:
+        """Add records not yet queued for ``sink`` to its outbox; returns how many were new."""
+        now = time.time()
+        queued = 0
+        with self._tx() as conn:
+            have = {r for (r,) in conn.execute(select(exports.c.record_id).where(exports.c.sink == sink))}
+            for rec in records:
+                if rec["id"] not in have:
+                    conn.execute(insert(exports).values(record_id=rec["id"], sink=sink, record=rec, state="pending",
+                                                        attempts=0, updated_at=now))
+                    queued += 1
+        return queued
+
+    def pending_exports(self, sink: str) -> list[dict[str, Any]]:
+        with self._tx(write=False) as conn:
+            return [dict(r) for r in conn.execute(select(exports).where(and_(
+                exports.c.sink == sink, exports.c.state == "pending")).order_by(exports.c.record_id)).mappings()]
+
+    def mark_exports(self, sink: str, pending: list[dict[str, Any]], error: str | None) -> None:
+        """Record a delivery attempt of ``pending``: delivered, or still pending with ``error``."""
+        with self._tx() as conn:
+            for p in pending:
+                values: dict[str, Any] = {"attempts": p["attempts"] + 1, "updated_at": time.time(), "last_error": error}
+                if error is None:
+                    values["state"] = "delivered"
+                conn.execute(update(exports).where(and_(exports.c.record_id == p["record_id"],
+                                                        exports.c.sink == sink)).values(**values))
 
     # ---------------------------------------------------------- snapshots
 

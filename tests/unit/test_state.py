@@ -277,7 +277,7 @@ def test_damaged_state_file_refuses_start_and_keeps_a_copy(path, how, cfg, home)
     # once the user moves it aside, a new empty store starts
     db_path.rename(home / "state.db.moved")
     store = StateStore(home=home)
-    assert store.schema_version() == 2
+    assert store.schema_version() == SCHEMA_VERSION
     store.close()
 
 
