@@ -10,8 +10,10 @@ Rules it keeps:
 * **Keys only.** A key file (optional passphrase by :class:`SecretRef`) or the
   SSH agent; a ``password`` field is refused when the config is loaded.
 * **Deadlines everywhere.** Connect, banner and auth timeouts; each remote
-  command runs under ``timeout -k`` on the host *and* a client deadline after
-  which its channel is closed; output kept is capped.
+  command runs under :data:`DEADLINE_WRAPPER` on the host *and* a client deadline
+  after which its channel is closed; output kept is capped. At the deadline the
+  wrapper kills every process of the command (its session, and whatever carries
+  its ``SANDBOXER_EXEC`` marker, ``setsid`` children included) and exits 124.
 * **Quoting.** Commands are built from argv with :func:`shlex.quote`. Data goes
   in as positional parameters of fixed scripts, never interpolated. Env values
   travel on stdin (read with ``dd`` and ``eval``'d as quoted ``export``
@@ -31,6 +33,7 @@ import json
 import logging
 import posixpath
 import re
+import secrets as _secrets
 import select
 import shlex
 import socket
@@ -57,10 +60,11 @@ from sandboxer.secrets import SecretRef
 
 log = logging.getLogger(__name__)
 
-_FINGERPRINT = r"^SHA256:[A-Za-z0-9+/]{43}=?$"
+_FINGERPRINT = r"^SHA256:[A-Za-z0-9+/]{43}=?$"  # a pydantic pattern: Rust regex, where $ is the very end
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch only
 #: Exit code reported for a command killed at its deadline (as ``timeout`` does).
 TIMEOUT_EXIT = 124
-_KILL_GRACE = 2.0
+_KILL_GRACE = 2
 
 
 class SSHHostConfig(BaseModel):
@@ -231,6 +235,56 @@ def _load_key(cfg: SSHHostConfig, backend: str | None) -> Any:
         raise AuthError(f"{cfg.target}: cannot read key file {cfg.key_file}: {exc.strerror}", backend=backend) from None
 
 
+#: Runs ``$4...`` with a deadline of ``$2`` seconds and ``$3`` seconds' grace; ``$1`` is a fresh
+#: token. The command gets its own session (``setsid``: its pid is its process group) and the
+#: environment marker ``SANDBOXER_EXEC=$1``, which its children inherit even when they leave the
+#: session. At the deadline: TERM to the group and to every marked process, KILL once they are gone
+#: or the grace is over, then exit 124. Only a command killed at its deadline is swept: a daemon
+#: left by a command that ended in time stays. (A child that both leaves the session and clears
+#: its environment escapes; a per-exec cgroup would need root on the host.) Plain POSIX sh:
+#: ``kill -s`` (dash has no ``kill -SIG -- -pgid``); stdin goes through fd 3 because sh gives
+#: a background job /dev/null before its own redirections.
+DEADLINE_WRAPPER = r"""
+tok=$1; t=$2; k=$3; shift 3
+fired=
+trap 'fired=1' USR1
+exec 3<&0
+if command -v setsid >/dev/null 2>&1; then
+  SANDBOXER_EXEC=$tok setsid "$@" 0<&3 3<&- &
+else
+  SANDBOXER_EXEC=$tok "$@" 0<&3 3<&- &
+fi
+pid=$!
+exec 3<&- 0</dev/null
+main=$$
+(trap 'kill "$s" 2>/dev/null; exit 0' TERM; sleep "$t" & s=$!; wait "$s" && kill -USR1 "$main") >/dev/null 2>&1 &
+dog=$!
+while :; do
+  wait "$pid"; rc=$?
+  [ -n "$fired" ] && break
+  kill -0 "$pid" 2>/dev/null || { kill "$dog" 2>/dev/null; wait "$dog" 2>/dev/null; exit "$rc"; }
+done
+if printf 'x\0y' | grep -q -a -F -e y 2>/dev/null; then
+  marked() { grep -l -a -F -e "SANDBOXER_EXEC=$tok" /proc/[0-9]*/environ 2>/dev/null; }
+else  # busybox grep stops reading a line at its first NUL: one file at a time through tr
+  marked() { for f in /proc/[0-9]*/environ; do
+    tr '\0' '\n' < "$f" 2>/dev/null | grep -qxF -e "SANDBOXER_EXEC=$tok" && echo "$f"; done; }
+fi
+sweep() {
+  kill -s "$1" -- "-$pid" 2>/dev/null
+  for f in $(marked); do p=${f#/proc/}; kill -s "$1" "${p%/environ}" 2>/dev/null; done
+}
+sweep TERM
+n=0
+while [ -n "$(marked)" ] && [ "$n" -lt $((k * 10)) ]; do sleep 0.1; n=$((n + 1)); done
+sweep KILL
+n=0
+while [ -n "$(marked)" ] && [ "$n" -lt 20 ]; do sweep KILL; sleep 0.05; n=$((n + 1)); done
+wait "$pid" 2>/dev/null
+exit 124
+"""
+
+
 def build_command(argv: list[str], *, cwd: str | None = None, env_bytes: int = 0,
                   timeout: float | None = None) -> str:
     """The remote command line for ``argv``: every word quoted, nothing interpolated.
@@ -239,13 +293,15 @@ def build_command(argv: list[str], *, cwd: str | None = None, env_bytes: int = 0
         cwd: remote directory to run in.
         env_bytes: when > 0, that many bytes of quoted ``export`` lines come
             first on stdin and are evaluated before ``argv`` runs.
-        timeout: run under ``timeout -k`` so the host kills it at the deadline.
+        timeout: run under :data:`DEADLINE_WRAPPER`, so the host kills every
+            process of the command at the deadline and reports exit 124.
     """
     if not argv:
-        raise ExecError("empty command")
+        raise InputError("exec needs a non-empty command (argv)")
     words = [shlex.quote(str(a)) for a in argv]
     if timeout is not None:
-        words = ["timeout", "-k", f"{_KILL_GRACE:g}", f"{max(timeout, 0.1):.1f}", *words]
+        words = ["sh", "-c", shlex.quote(DEADLINE_WRAPPER), "sh", _secrets.token_hex(8),
+                 f"{max(timeout, 0.1):.1f}", f"{int(_KILL_GRACE)}", *words]
     cmd = " ".join(words)
     if env_bytes:
         # dd reads byte by byte, so it never consumes the command's own stdin.
@@ -256,11 +312,15 @@ def build_command(argv: list[str], *, cwd: str | None = None, env_bytes: int = 0
 
 
 def env_script(env: dict[str, str]) -> bytes:
-    """Quoted ``export`` lines; values arrive literally (``$()``, quotes, newlines)."""
+    """Quoted ``export`` lines; values arrive literally (``$()``, quotes, newlines).
+
+    Raises:
+        InputError: a name the shell would not take as a variable name.
+    """
     lines = []
     for key, value in env.items():
-        if not key or not (key[0].isalpha() or key[0] == "_") or not all(c.isalnum() or c == "_" for c in key):
-            raise ExecError(f"invalid environment variable name {key!r}")
+        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
+            raise InputError(f"invalid environment variable name {key!r}: use letters, digits and _")
         lines.append(f"export {key}={shlex.quote(str(value))}\n")
     return "".join(lines).encode()
 
@@ -375,8 +435,9 @@ class SSHConnection:
             env: environment, delivered on stdin (never on the command line).
             stdin: bytes or a binary file streamed to the command, then EOF.
             timeout: deadline in seconds (default the host's ``command_timeout``).
-                At the deadline the host's ``timeout`` kills the process group,
-                and the channel is closed client-side shortly after.
+                At the deadline the host kills every process of the command
+                (see :data:`DEADLINE_WRAPPER`); the channel is closed client-side
+                shortly after, should the host not answer.
             stdout_sink: stream stdout here uncapped (for archives) instead of keeping it.
             on_output: called with ``("stdout"|"stderr", text)`` as output arrives.
             fail: the error for a lost connection in this phase.
@@ -402,8 +463,8 @@ class SSHConnection:
                 code = TIMEOUT_EXIT if timed_out else chan.recv_exit_status()
             finally:
                 chan.close()
-        # `timeout` exits 124 (137 after -k) when it killed the command at the deadline
-        if code in (TIMEOUT_EXIT, 137) and time.monotonic() - started >= deadline_s:
+        # the wrapper exits 124 when it killed the command at the deadline
+        if code == TIMEOUT_EXIT and time.monotonic() - started >= deadline_s:
             timed_out, code = True, TIMEOUT_EXIT
         result = ExecResult(exit_code=code, stdout="" if stdout_sink else out.text(), stderr=err.text(),
                             timed_out=timed_out)
@@ -418,7 +479,7 @@ class SSHConnection:
         """Send input, collect output until exit or deadline. True when timed out."""
         chan.settimeout(None)
         chan.exec_command(cmd)
-        end = time.monotonic() + deadline_s + _KILL_GRACE + 1.0
+        end = time.monotonic() + deadline_s + _KILL_GRACE + 3.0  # the host's sweep: grace + KILL retries
         feeder = None
         if prefix or stdin is not None:
             feeder = threading.Thread(target=_feed, args=(chan, prefix, stdin), daemon=True)
@@ -586,55 +647,62 @@ def remote_path_ok(root: str, name: str) -> str:
     """``root/name`` after checking ``name`` is one plain path component.
 
     Raises:
-        ValueError: ``name`` is empty, ``.``/``..``, has a ``/`` or a control character,
+        InputError: ``name`` is empty, ``.``/``..``, has a ``/`` or a control character,
             or starts with ``-``.
     """
     if (not name or name in (".", "..") or "/" in name or name.startswith("-")
             or any(ord(c) < 32 or c == "\x7f" for c in name)):
-        raise ValueError(f"{name!r} is not a single plain path component")
+        raise InputError(f"{name!r} is not a single plain path component")
     return root.rstrip("/") + "/" + name
 
 
-_SCP_LIKE = re.compile(r"^[A-Za-z0-9_.-]+@[A-Za-z0-9_.-]+:[A-Za-z0-9_./~-][A-Za-z0-9_./~+-]*$")
-_URL = re.compile(r"^(https|ssh)://[A-Za-z0-9_.~%@:\[\]-]+(/[A-Za-z0-9_./~%+@:-]*)?$")
-_ABS_PATH = re.compile(r"^/[A-Za-z0-9_./~+@:-]*$")
-_REF = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./+-]{0,199}$")
+# used with fullmatch only: re.match(r"...$") would accept a trailing newline
+_SCP_LIKE = re.compile(r"[A-Za-z0-9_.-]+@[A-Za-z0-9_.-]+:[A-Za-z0-9_./~-][A-Za-z0-9_./~+-]*")
+_URL = re.compile(r"(https|ssh)://[A-Za-z0-9_.~%@:\[\]-]+(/[A-Za-z0-9_./~%+@:-]*)?")
+_ABS_PATH = re.compile(r"/[A-Za-z0-9_./~+@:-]*")
+_REF = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./+-]{0,199}")
+_ROOT = re.compile(r"[A-Za-z0-9_./-]+")
 
 
 def check_repo(repo: Any, *, field: str = "repo") -> str:
     """Accept an https or ssh git URL, ``user@host:path``, or an absolute path on the host.
 
     Raises:
-        ValueError: anything else: a leading ``-`` (option injection), ``ext::``
-            and other ``<transport>::`` helpers, other schemes, control characters.
+        InputError: anything else: a leading ``-`` (option injection), ``ext::``
+            and other ``<transport>::`` helpers, other schemes, control characters
+            (a trailing newline too).
     """
     if not isinstance(repo, str) or not repo:
-        raise ValueError(f"{field} must be a non-empty string, got {repo!r}")
+        raise InputError(f"input {field} must be a non-empty string, got {repo!r}")
     if repo.startswith("-"):
-        raise ValueError(f"{field} {repo!r} starts with '-' and would be read as an option")
+        raise InputError(f"input {field} {repo!r} starts with '-' and would be read as an option")
     if "::" in repo:
-        raise ValueError(f"{field} {repo!r} uses a git remote helper ('<transport>::'); only https, ssh "
+        raise InputError(f"input {field} {repo!r} uses a git remote helper ('<transport>::'); only https, ssh "
                          "and paths on the host are allowed")
     if ".." in repo.split("/"):
-        raise ValueError(f"{field} {repo!r} contains a '..' path component")
-    if not (_URL.match(repo) or _SCP_LIKE.match(repo) or _ABS_PATH.match(repo)):
-        raise ValueError(f"{field} {repo!r} is not an https:// or ssh:// URL, user@host:path, "
+        raise InputError(f"input {field} {repo!r} contains a '..' path component")
+    if not (_URL.fullmatch(repo) or _SCP_LIKE.fullmatch(repo) or _ABS_PATH.fullmatch(repo)):
+        raise InputError(f"input {field} {repo!r} is not an https:// or ssh:// URL, user@host:path, "
                          "or an absolute path on the host")
     return repo
 
 
 def check_root(v: str) -> str:
-    """A remote workspace root: absolute, plain characters, no ``..``, not ``/`` itself."""
+    """A remote workspace root: absolute, plain characters, no ``..``, not ``/`` itself.
+
+    Raises:
+        ValueError: (a config value: pydantic reports it as the field's error, naming the file).
+    """
     norm = posixpath.normpath(v)
-    if not v.startswith("/") or norm == "/" or ".." in v.split("/") or not re.match(r"^[A-Za-z0-9_./-]+$", v):
+    if not v.startswith("/") or norm == "/" or ".." in v.split("/") or not _ROOT.fullmatch(v):
         raise ValueError(f"workspace_root must be an absolute plain path below '/', got {v!r}")
     return norm
 
 
 def check_ref(ref: Any, *, field: str = "ref") -> str:
     """A branch, tag or commit name that cannot be read as an option."""
-    if not isinstance(ref, str) or not _REF.match(ref) or ".." in ref:
-        raise ValueError(f"{field} {ref!r} is not a plain branch, tag or commit name")
+    if not isinstance(ref, str) or not _REF.fullmatch(ref) or ".." in ref:
+        raise InputError(f"input {field} {ref!r} is not a plain branch, tag or commit name")
     return ref
 
 
@@ -720,7 +788,8 @@ def local_ports_free(port: int) -> bool:
 
 
 __all__ = [
-    "STATS", "TIMEOUT_EXIT", "ConnectionCache", "LocalForward", "SSHConnection", "SSHHostConfig",
-    "SSHStats", "GIT_CLONE_SCRIPT", "build_command", "check_ref", "check_repo", "check_root", "checked_archive", "delete_archive", "owned_from_meta", "env_script", "fingerprint", "local_ports_free", "remote_path_ok", "sha256_file",
-    "ssh_errors", "workspace_cwd",
+    "DEADLINE_WRAPPER", "GIT_CLONE_SCRIPT", "STATS", "TIMEOUT_EXIT", "ConnectionCache", "LocalForward",
+    "SSHConnection", "SSHHostConfig", "SSHStats", "build_command", "check_ref", "check_repo", "check_root",
+    "checked_archive", "delete_archive", "env_script", "fingerprint", "local_ports_free", "owned_from_meta",
+    "remote_path_ok", "sha256_file", "ssh_errors", "workspace_cwd",
 ]

@@ -59,14 +59,17 @@ from sandboxer.ssh import (
     workspace_cwd,
 )
 
-_NAME = r"^[a-z0-9][a-z0-9_-]*$"
-_SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_SERVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_COMPOSE_FILE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_./-]{0,199}$")
+# Python patterns are used with fullmatch only (re.match(r"...$") accepts a trailing newline);
+# the same text as a pydantic ``pattern`` is anchored by ^...$ under Rust regex, where $ is the end.
+_NAME = r"[a-z0-9][a-z0-9_-]*"
+_SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_COMPOSE_FILE = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_./-]{0,199}")
 _INPUTS = {"repo", "ref", "compose_file", "services", "project"} | RESERVED_INPUTS
 _PROJECT_LABEL = "com.docker.compose.project"
 
 _EXIT_FULL, _EXIT_CLONE, _EXIT_REF, _EXIT_UP, _EXIT_NO_COMPOSE = 75, 81, 82, 83, 84
+_CLAIM_TIMEOUT = 60.0  # seconds for the slot claim (flock wait included)
 
 # docker compose v2 or docker-compose v1 with -p/-f; $v, $project, $file set by the caller.
 _DC = r"""
@@ -106,6 +109,13 @@ cd "$dir/repo" || exit 1
 dc up -d "$@" || exit 83
 echo "@@services"
 dc config --services || exit 83
+"""
+
+# $1 dir, $2 project: "present" while the workspace exists and a container of the project runs.
+_PROBE = r"""
+[ -d "$1" ] || { echo gone; exit 0; }
+ids=$(docker ps -q --filter "label=com.docker.compose.project=$2") || exit 1
+if [ -n "$ids" ]; then echo present; else echo gone; fi
 """
 
 # $1 project. One JSON document of every container of the project.
@@ -194,8 +204,8 @@ class ComposeProfileOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    project_prefix: str = Field(default="sbx-", pattern=_NAME)
-    exec_service: str | None = Field(default=None, pattern=_SERVICE.pattern,
+    project_prefix: str = Field(default="sbx-", pattern=f"^{_NAME}$")
+    exec_service: str | None = Field(default=None, pattern=f"^{_SERVICE.pattern}$",
                                      description="exec runs in this service; None: a shell in the workspace")
     command_timeout: float = Field(default=600.0, gt=0, description="deadline of clone and compose up")
 
@@ -242,7 +252,7 @@ class ComposeSSH(SandboxExtension):
 
     def _check_inputs(self, profile: Profile, inputs: dict[str, Any]) -> dict[str, Any]:
         sid = str(inputs.get("sandbox_id") or "")
-        if not _SANDBOX_ID.match(sid):
+        if not _SANDBOX_ID.fullmatch(sid):
             raise InputError(f"{self.id}: sandbox_id {sid!r} must match {_SANDBOX_ID.pattern}")
         unknown = sorted(set(inputs) - _INPUTS)
         if unknown:
@@ -254,21 +264,23 @@ class ComposeSSH(SandboxExtension):
         try:
             repo = check_repo(inputs["repo"])
             ref = check_ref(inputs["ref"]) if inputs.get("ref") else ""
-        except ValueError as exc:
-            raise _input_error(sid, f"input {exc}") from None
+        except InputError as exc:
+            raise _input_error(sid, str(exc)) from None
         cfile = inputs.get("compose_file") or ""
-        if cfile and (not isinstance(cfile, str) or not _COMPOSE_FILE.match(cfile)
+        if cfile and (not isinstance(cfile, str) or not _COMPOSE_FILE.fullmatch(cfile)
                       or ".." in cfile.split("/") or cfile.startswith("/")):
             raise _input_error(sid, f"input compose_file {cfile!r} must be a relative path inside the repo")
         services = inputs.get("services") or []
         if isinstance(services, str):
             services = [services]
         for s in services:
-            if not isinstance(s, str) or not _SERVICE.match(s):
+            if not isinstance(s, str) or not _SERVICE.fullmatch(s):
                 raise _input_error(sid, f"input services: {s!r} is not a service name")
         project = inputs.get("project") or opts.project_prefix + re.sub(r"[^a-z0-9_-]", "-", sid.lower())
-        if not isinstance(project, str) or not re.match(_NAME, project) or len(project) > 63:
-            raise _input_error(sid, f"project name {project!r} must match {_NAME}")
+        # compose folds project names to lower case, so "Proj" and "proj" are one project
+        if not isinstance(project, str) or not re.fullmatch(_NAME, project.lower()) or len(project) > 63:
+            raise _input_error(sid, f"project name {project!r} must match {_NAME} (case is ignored)")
+        project = project.lower()
         return {"sandbox_id": sid, "repo": repo, "ref": ref, "compose_file": cfile, "services": list(services),
                 "project": project, "exec_service": opts.exec_service, "timeout": opts.command_timeout,
                 "owner_labels": dict(inputs.get("owner_labels") or {})}
@@ -288,7 +300,8 @@ class ComposeSSH(SandboxExtension):
                 continue
             ws = remote_path_ok(self._root(h), want["sandbox_id"])
             res = conn.run(self._argv(h, _CLAIM, self._root(h), want["sandbox_id"],
-                                      str(h.capacity), self.cfg.compose_command), timeout=60, fail=ProvisionError)
+                                      str(h.capacity), self.cfg.compose_command), timeout=_CLAIM_TIMEOUT,
+                           fail=ProvisionError)
             if res.exit_code == _EXIT_FULL:
                 full += 1
                 seen.append(f"{h.name}: full ({res.stdout.split()[-1]})")
@@ -341,6 +354,40 @@ class ComposeSSH(SandboxExtension):
             conn.run(self._argv(h, _DOWN, ws, project, v, cfile), timeout=120, fail=ProvisionError)
 
     # ------------------------------------------------------------ contract
+
+    def resource_names(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> list[str]:
+        """The compose project (lower case, as compose compares it) and the workspace directory.
+
+        Raises:
+            InputError: an input is refused (checked here, before any connection).
+        """
+        want = self._check_inputs(profile, inputs)
+        known = {h.name: h for h in self.cfg.hosts}
+        root = self._root(known[host]) if host in known else self.cfg.workspace_root
+        return [f"compose project {want['project']}", f"workspace {remote_path_ok(root, want['sandbox_id'])}"]
+
+    def deadline(self, profile: Profile) -> float:
+        """Connecting (each host of the pool in turn, at worst), the claim, clone and ``up``, then ready."""
+        connect = sum(h.connect_timeout + h.banner_timeout + h.auth_timeout for h in self.cfg.hosts)
+        return connect + _CLAIM_TIMEOUT + self.options(profile).command_timeout + float(profile.ready_timeout)
+
+    def probe(self, handle: dict[str, Any]) -> bool | None:
+        """True while the workspace exists and the project has a running container (one SSH command).
+
+        Raises:
+            BackendError: the host or its Docker engine cannot be asked.
+        """
+        h = self._host(handle["host"])
+        res = self._conn(h, BackendError).run(
+            self._argv(h, _PROBE, handle["remote_dir"], handle["project"]), timeout=60, fail=BackendError)
+        if res.exit_code != 0 or res.stdout.strip() not in ("present", "gone"):
+            raise BackendError(f"{self.id}: cannot ask {h.name} about sandbox {handle['sandbox_id']}: "
+                               f"{(res.stderr or res.stdout).strip()[-500:]}", backend=self.id, host=h.name)
+        return res.stdout.strip() == "present"
+
+    def handle_id(self, handle: dict[str, Any]) -> str | None:
+        """``<host>/<project>``: a retried create on another host is another stack."""
+        return f"{handle['host']}/{handle['project']}"
 
     def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
         want = self._check_inputs(profile, inputs)
@@ -433,13 +480,19 @@ class ComposeSSH(SandboxExtension):
         """``docker exec`` into the first running container of ``service``.
 
         Env values reach the container through the docker CLI's environment
-        (``-e NAME``), so they never appear on a command line.
+        (``-e NAME``), so they never appear on a command line. So does the
+        deadline marker of :data:`sandboxer.ssh.DEADLINE_WRAPPER`: at the deadline
+        the processes in the container are killed from the host, which needs the
+        SSH user to be allowed to signal them (root, or a rootless engine of its own).
         """
-        if not _SERVICE.match(service):
+        if not _SERVICE.fullmatch(service):
             raise InputError(f"sandbox {handle['sandbox_id']}: {service!r} is not a service name")
         h = self._host(handle["host"])
         opts = ["-i"] if stdin is not None else []
         opts += ["-w", cwd] if cwd else []
+        # the deadline marker: the host's sweep finds the container's processes by it (killing the
+        # docker CLI alone would leave them running)
+        opts += ["-e", "SANDBOXER_EXEC"]
         for name in env or {}:
             opts += ["-e", name]
         script = ('cid=$(docker ps -q --filter "label=com.docker.compose.project=$1" '
@@ -526,7 +579,7 @@ class ComposeSSH(SandboxExtension):
         conn.run(["tar", "-C", handle["remote_dir"], "-xf", "-"], stdin=ws_tar, timeout=600, fail=SnapshotError,
                  check=True)
         for short in meta.get("volumes", []):
-            if not _SERVICE.match(short):
+            if not _SERVICE.fullmatch(short):
                 raise SnapshotError(f"{self.id}: snapshot names a bad volume {short!r}", backend=self.id)
             conn.run(self._argv(h, _VOLUME_RESTORE, f"{handle['project']}_{short}", handle["project"], short,
                                 self.cfg.helper_image or ""),

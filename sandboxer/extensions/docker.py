@@ -56,9 +56,20 @@ LABEL_SANDBOX = "sandboxer.sandbox_id"
 LABEL_EXTENSION = "sandboxer.extension"
 LABEL_SNAPSHOT_OF = "sandboxer.snapshot_of"
 
-_SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# fullmatch only: re.match(r"...$") would accept a trailing newline
+_SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TIMED_OUT_EXIT = 124  # what timeout(1) reports, so scripts read it the same way
+#: Environment marker of one exec (``SANDBOXER_EXEC=<token>``): how its processes are found at its deadline.
+EXEC_MARKER = "SANDBOXER_EXEC"
+# $1 the marker: KILL every process inside the container carrying it (for engines on other machines).
+# One file at a time through tr: busybox grep stops reading a line at its first NUL.
+_SWEEP = r"""for i in 1 2 3 4 5; do
+  for f in /proc/[0-9]*/environ; do
+    if tr '\0' '\n' < "$f" | grep -qxF -e "$1"; then p=${f#/proc/}; kill -s KILL "${p%/environ}"; fi
+  done
+  sleep 0.05
+done 2>/dev/null; true"""
 
 
 class DockerConfig(BaseModel):
@@ -128,7 +139,7 @@ class DockerInputs(BaseModel):
 
 def _check_env(env: dict[str, str], where: str) -> None:
     for name, value in env.items():
-        if not _ENV_NAME.match(name):
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
             raise ValueError(f"{where}: environment variable name {name!r} is not valid")
         if not isinstance(value, str) or "\0" in value:
             raise ValueError(f"{where}: value of {name!r} must be a string without NUL bytes")
@@ -254,7 +265,7 @@ class DockerExtension(SandboxExtension):
             from sandboxer.loader import describe_validation
 
             raise InputError(describe_validation(f"{self.id} inputs", exc, prefix="inputs")) from None
-        if parsed.sandbox_id is not None and not _SANDBOX_ID.match(parsed.sandbox_id):
+        if parsed.sandbox_id is not None and not _SANDBOX_ID.fullmatch(parsed.sandbox_id):
             raise InputError(f"{self.id}: input 'sandbox_id' (value {parsed.sandbox_id!r}) is not a valid container name part")
         return parsed
 
@@ -456,6 +467,30 @@ class DockerExtension(SandboxExtension):
             ))
         return {"container": handle.get("container"), "removed": not already_gone, "already_gone": already_gone}
 
+    # ------------------------------------------------------------ liveness
+
+    def probe(self, handle: dict[str, Any]) -> bool | None:
+        """Whether the container still exists and runs (a stopped one cannot serve its sandbox).
+
+        Raises:
+            BackendError: the engine cannot be asked.
+        """
+        import docker.errors as derr
+
+        ref = handle.get("container_id") or handle.get("container")
+        if not ref:
+            return None
+        with self._errors("inspecting the container", BackendError, handle.get("sandbox_id")):
+            try:
+                state = self.client().api.inspect_container(ref).get("State") or {}
+            except derr.NotFound:
+                return False
+        return bool(state.get("Running")) or state.get("Status") == "paused"
+
+    def handle_id(self, handle: dict[str, Any]) -> str | None:
+        """The container id: a retried create makes another container under the same name."""
+        return handle.get("container_id")
+
     # ------------------------------------------------------------ exec
 
     def exec(
@@ -482,12 +517,13 @@ class DockerExtension(SandboxExtension):
             raise InputError(f"{self.id}: exec needs a non-empty list of strings, got {argv!r}")
         sid = handle.get("sandbox_id")
         api = self.client().api
+        mark = uuid.uuid4().hex  # inherited by everything the command starts, setsid children too
         with self._errors(f"exec {argv[0]!r}", ExecError, sid):
             exec_id = api.exec_create(
                 handle["container_id"],
                 argv,
                 stdin=stdin is not None,
-                environment=_env_list(env, "exec env"),
+                environment=[*_env_list(env, "exec env"), f"{EXEC_MARKER}={mark}"],
                 workdir=cwd or handle.get("workdir"),
             )["Id"]
             sock = api.exec_start(exec_id, socket=True)
@@ -504,7 +540,7 @@ class DockerExtension(SandboxExtension):
                 with contextlib.suppress(Exception):
                     sock.close()
             if not finished:
-                self._kill_exec(api, exec_id, handle["container_id"])
+                self._kill_exec(api, exec_id, handle["container_id"], mark)
 
             def exited() -> dict[str, Any] | None:
                 info = api.exec_inspect(exec_id)
@@ -517,23 +553,32 @@ class DockerExtension(SandboxExtension):
             return ExecResult(exit_code=_TIMED_OUT_EXIT, stdout=out.text(1), stderr=out.text(2), timed_out=True)
         return ExecResult(exit_code=int(info.get("ExitCode") or 0), stdout=out.text(1), stderr=out.text(2))
 
-    def _kill_exec(self, api, exec_id: str, container_id: str) -> None:
-        """Kill a timed-out exec's process tree, seen from the engine's host.
+    def _kill_exec(self, api, exec_id: str, container_id: str, mark: str) -> None:
+        """Kill every process of a timed-out exec: its tree and whatever carries its marker.
 
-        The Engine API has no "kill exec"; the exec's host pid is in its
-        inspect data. That pid is only ours to signal when the engine runs on
-        this machine, so check it belongs to the container (pid reuse) first.
+        The Engine API has no "kill exec". When the engine runs on this machine the exec's
+        host pid (from its inspect data) and the marked processes are signalled from here,
+        after checking each belongs to the container (pid reuse); a ``setsid`` child whose
+        parent already exited is no longer in the tree, but still carries the marker.
+        Otherwise (a remote engine) a second exec sweeps the marked processes inside the
+        container, which needs ``sh`` in the image.
         """
+        pid = 0
         with contextlib.suppress(Exception):
             pid = int(api.exec_inspect(exec_id).get("Pid") or 0)
-            if pid <= 0:
-                return
-            with open(f"/proc/{pid}/cgroup") as fh:
-                if container_id not in fh.read():
+        if pid > 0 and _in_container(pid, container_id):
+            for _ in range(20):  # bounded: a command forking as we kill gets a few more rounds
+                victims = {p for p in _descendants(pid) + [pid] + _marked(mark) if _in_container(p, container_id)}
+                if not victims:
                     return
-            for victim in _descendants(pid) + [pid]:
-                with contextlib.suppress(OSError):
-                    os.kill(victim, 9)
+                for victim in victims:
+                    with contextlib.suppress(OSError):
+                        os.kill(victim, 9)
+                time.sleep(0.05)
+            return
+        with contextlib.suppress(Exception):
+            sweep = api.exec_create(container_id, ["sh", "-c", _SWEEP, "sh", f"{EXEC_MARKER}={mark}"])["Id"]
+            api.exec_start(sweep)
 
     # ------------------------------------------------------------ snapshots
 
@@ -674,6 +719,30 @@ class _Streams:
                     break
                 self.add(stream, buf[8 : 8 + size])
                 buf = buf[8 + size :]
+
+
+def _in_container(pid: int, container_id: str) -> bool:
+    """Whether host pid ``pid`` runs in that container (its cgroup path names the container id)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as fh:
+            return container_id in fh.read()
+    except OSError:
+        return False
+
+
+def _marked(mark: str) -> list[int]:
+    """Host pids whose environment carries this exec's marker."""
+    needle = f"{EXEC_MARKER}={mark}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as fh:
+                    if needle in fh.read().split(b"\0"):
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
 
 
 def _descendants(pid: int) -> list[int]:

@@ -54,9 +54,10 @@ from sandboxer.ssh import (
     workspace_cwd,
 )
 
-_WS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_TARGET = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9_.-]*)@([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:]+\])(?::(\d{1,5}))?$")
-_COMMAND = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+# fullmatch only: re.match(r"...$") would accept a trailing newline
+_WS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_TARGET = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.-]*)@([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:]+\])(?::(\d{1,5}))?")
+_COMMAND = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 _INPUTS = {"vm", "ssh_target", "repo", "ref", "tunnel_port", "ssh_port", "workspace_dir"} | RESERVED_INPUTS
 _EXIT_SYMLINK, _EXIT_EXISTS, _EXIT_OUTSIDE, _EXIT_NO_WS, _EXIT_MISSING = 86, 87, 88, 90, 91
 
@@ -81,6 +82,11 @@ _CHECK = r"""
 shift; missing=
 for c in "$@"; do command -v "$c" >/dev/null 2>&1 || missing="$missing $c"; done
 if [ -n "$missing" ]; then echo "missing:$missing"; exit 91; fi
+"""
+
+# $1 root, $2 name: "present" while the workspace (not a symlink) and its meta file exist
+_PROBE = r"""
+if [ -d "$1/$2" ] && [ ! -L "$1/$2" ] && [ -f "$1/.sandboxer-$2.json" ]; then echo present; else echo gone; fi
 """
 
 # $1 root, $2 name: remove the workspace (a symlink only as a link) and its meta file
@@ -125,7 +131,7 @@ class VMPackerConfig(BaseModel):
     @classmethod
     def _names(cls, v: dict[str, VMEntry]) -> dict[str, VMEntry]:
         for name in v:
-            if not _WS_NAME.match(name):
+            if not _WS_NAME.fullmatch(name):
                 raise ValueError(f"VM name {name!r} must match {_WS_NAME.pattern}")
         return v
 
@@ -157,7 +163,7 @@ class VMProfileOptions(BaseModel):
     @classmethod
     def _commands(cls, v: list[str]) -> list[str]:
         for c in v:
-            if not _COMMAND.match(c):
+            if not _COMMAND.fullmatch(c):
                 raise ValueError(f"{c!r} is not a command name")
         return v
 
@@ -169,6 +175,9 @@ class VMPacker(SandboxExtension):
     ProfileOptions = VMProfileOptions
     features = frozenset({"exec", "snapshots", "list_owned"})
     requires = ("paramiko", "ssh")
+    #: a sandbox is on one VM of the inventory or on one ad-hoc target: an ssh_target given
+    #: by the consumer replaces a profile's default vm (and vice versa)
+    exclusive_inputs = (frozenset({"vm", "ssh_target"}),)
 
     def __init__(self, manifest: Any, config: VMPackerConfig):
         super().__init__(manifest, config)
@@ -188,7 +197,10 @@ class VMPacker(SandboxExtension):
         port = handle_or_inputs.get("ssh_port")
         if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536):
             raise InputError(f"sandbox {sid}: ssh_port {port!r} must be a port number")
-        if bool(vm) == bool(target):
+        if vm and target:
+            raise InputError(f"sandbox {sid}: inputs 'vm' ({vm!r}) and 'ssh_target' ({target!r}) are exclusive; "
+                             "give one (a consumer's ssh_target replaces a profile's default vm)")
+        if not vm and not target:
             raise InputError(f"sandbox {sid}: give exactly one of inputs 'vm' (one of: "
                              f"{', '.join(self.cfg.vms) or 'none configured'}) or 'ssh_target' (user@host[:port])")
         if vm:
@@ -200,7 +212,7 @@ class VMPacker(SandboxExtension):
             return cfg, vm, entry.workspace_root or self.cfg.workspace_root
         if not self.cfg.allow_ssh_target:
             raise InputError(f"sandbox {sid}: {self.id} does not accept ssh_target (allow_ssh_target is off)")
-        m = _TARGET.match(target) if isinstance(target, str) else None
+        m = _TARGET.fullmatch(target) if isinstance(target, str) else None
         if m is None:
             raise InputError(f"sandbox {sid}: input ssh_target {target!r} must look like user@host[:port]")
         user, host, tport = m.group(1), m.group(2).strip("[]"), int(m.group(3) or 22)
@@ -211,21 +223,21 @@ class VMPacker(SandboxExtension):
 
     def _check_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         sid = str(inputs.get("sandbox_id") or "")
-        if not _WS_NAME.match(sid):
+        if not _WS_NAME.fullmatch(sid):
             raise InputError(f"{self.id}: sandbox_id {sid!r} must match {_WS_NAME.pattern}")
         unknown = sorted(set(inputs) - _INPUTS)
         if unknown:
             raise InputError(f"sandbox {sid}: unknown input(s) {', '.join(unknown)}; {self.id} takes vm, ssh_target, "
                              "repo, ref, tunnel_port, ssh_port, workspace_dir")
         name = inputs.get("workspace_dir") or sid
-        if not isinstance(name, str) or not _WS_NAME.match(name):
+        if not isinstance(name, str) or not _WS_NAME.fullmatch(name):
             raise InputError(f"sandbox {sid}: input workspace_dir {name!r} must be one plain directory name "
                              f"under the workspace root (matching {_WS_NAME.pattern})")
         try:
             repo = check_repo(inputs["repo"]) if inputs.get("repo") else ""
             ref = check_ref(inputs["ref"]) if inputs.get("ref") else ""
-        except ValueError as exc:
-            raise InputError(f"sandbox {sid}: input {exc}") from None
+        except InputError as exc:
+            raise InputError(f"sandbox {sid}: {exc}") from None
         tunnel = inputs.get("tunnel_port")
         if tunnel is not None and (not isinstance(tunnel, int) or isinstance(tunnel, bool) or not 0 < tunnel < 65536):
             raise InputError(f"sandbox {sid}: input tunnel_port {tunnel!r} must be a port number")
@@ -240,9 +252,49 @@ class VMPacker(SandboxExtension):
 
     # ------------------------------------------------------------ contract
 
+    @staticmethod
+    def _placed(inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
+        """The inputs with the router's host as ``vm`` when they name neither a vm nor a target."""
+        if host and not inputs.get("ssh_target") and not inputs.get("vm"):
+            return {"vm": host, **inputs}
+        return inputs
+
+    def resource_names(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> list[str]:
+        """The workspace directory, named by the target's address and port (a vm and an ssh_target
+        reaching the same machine name the same directory the same way).
+
+        Raises:
+            InputError: an input is refused (checked here, before any connection).
+        """
+        want = self._check_inputs(self._placed(inputs, host))
+        cfg, _, root = self._target(want, want["sandbox_id"])
+        return [f"workspace {cfg.address}:{cfg.port}:{remote_path_ok(root, want['name'])}"]
+
+    def deadline(self, profile: Profile) -> float:
+        """Connecting, the clone (``command_timeout``), then ready."""
+        hosts = [*self.cfg.vms.values(), SSHHostConfig(address="x", user="x", **self.cfg.target_defaults)]
+        connect = max(h.connect_timeout + h.banner_timeout + h.auth_timeout for h in hosts)
+        return connect + self.options(profile).command_timeout + float(profile.ready_timeout)
+
+    def probe(self, handle: dict[str, Any]) -> bool | None:
+        """Whether the workspace and its meta file are still on the VM (one SSH command).
+
+        Raises:
+            BackendError: the VM cannot be asked.
+        """
+        conn, _ = self._conn(handle, BackendError)
+        res = conn.run(["sh", "-c", _PROBE, "sh", handle["root"], handle["name"]], timeout=60, fail=BackendError)
+        if res.exit_code != 0 or res.stdout.strip() not in ("present", "gone"):
+            raise BackendError(f"{self.id}: cannot ask {handle['host']} about sandbox {handle['sandbox_id']}: "
+                               f"{(res.stderr or res.stdout).strip()[-500:]}", backend=self.id, host=handle["host"])
+        return res.stdout.strip() == "present"
+
+    def handle_id(self, handle: dict[str, Any]) -> str | None:
+        """``<vm or target>:<workspace>``: a retried create on another VM is another workspace."""
+        return f"{handle['host']}:{handle['remote_dir']}"
+
     def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
-        want = self._check_inputs({**({"vm": host} if host and not inputs.get("ssh_target") and not inputs.get("vm")
-                                      else {}), **inputs})
+        want = self._check_inputs(self._placed(inputs, host))
         return self._attach(profile, want, None)
 
     def _attach(self, profile: Profile, want: dict[str, Any], archive: Path | None) -> dict[str, Any]:
@@ -357,7 +409,7 @@ class VMPacker(SandboxExtension):
     def _detach(self, conn: SSHConnection, handle: dict[str, Any], *, fail: type[BackendError],
                 quiet: bool = False) -> None:
         name = handle["name"]
-        if not _WS_NAME.match(name):
+        if not _WS_NAME.fullmatch(name):
             raise fail(f"{self.id}: refusing to remove workspace {name!r}", backend=self.id, host=handle["host"])
         try:
             res = conn.run(["sh", "-c", _DETACH, "sh", handle["root"], name], timeout=120, fail=fail)

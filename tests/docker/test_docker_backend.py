@@ -16,6 +16,7 @@ from sandboxer.extensions.docker import DockerConfig, DockerExtension
 from sandboxer.loader import load_catalog
 from sandboxer.models import SnapshotMeta
 from tests.docker.conftest import containers_of, variant
+from tests.support.docker_fixtures import wait_gone
 
 pytestmark = pytest.mark.root
 
@@ -160,6 +161,11 @@ def test_bad_env_names_and_unknown_inputs_are_refused(ext, make, owner, dclient)
         make(repo="https://example.org/x.git")
     with pytest.raises(InputError, match="sandbox_id"):
         make(sandbox_id="a;rm -rf ~")
+    # a trailing newline is not a valid name (re.match(r"...$") would accept it)
+    with pytest.raises(InputError, match="'A\\\\n'"):
+        make(env={"A\n": "x"})
+    with pytest.raises(InputError, match="sandbox_id"):
+        make(sandbox_id="abc\n")
     assert ext.list_owned(owner) == []
 
 
@@ -192,6 +198,58 @@ def test_exec_stdin_timeout_and_output_cap(ext, profile, make, catalog):
     ext.teardown(handle)
     with pytest.raises(ExecError, match=handle["sandbox_id"]):
         ext.exec(handle, ["true"])
+
+
+@pytest.mark.parametrize("script", ['trap "" TERM; sleep 60', "setsid sleep 60 & sleep 60",
+                                    "(setsid sleep 60 &); sleep 60"],
+                         ids=["ignores-TERM", "setsid-child", "setsid-orphan"])
+def test_deadline_kills_every_process_of_the_exec(ext, make, script):
+    handle = make()
+    ext.wait_ready(handle, timeout=30)
+    mark = uuid.uuid4().hex
+    start = time.monotonic()
+    res = ext.exec(handle, ["sh", "-c", script], env={"SBX_TEST_MARK": mark}, timeout=1)
+    assert (res.exit_code, res.timed_out) == (124, True) and time.monotonic() - start < 6
+    assert wait_gone("SBX_TEST_MARK", mark) == [], "a process of the exec outlived its deadline"
+    assert "sleep 60" not in ext.exec(handle, ["ps"]).stdout
+
+
+def test_deadline_kills_inside_the_container_when_the_engine_is_elsewhere(ext, make, monkeypatch):
+    """An engine on another machine: its pids are not ours to signal, so a sweep runs inside the container."""
+    import sandboxer.extensions.docker as mod
+
+    monkeypatch.setattr(mod, "_in_container", lambda pid, container_id: False)
+    handle = make()
+    ext.wait_ready(handle, timeout=30)
+    mark = uuid.uuid4().hex
+    res = ext.exec(handle, ["sh", "-c", "(setsid sleep 60 &); sleep 60"], env={"SBX_TEST_MARK": mark}, timeout=1)
+    assert (res.exit_code, res.timed_out) == (124, True)
+    assert wait_gone("SBX_TEST_MARK", mark) == []
+
+
+def test_probe_sees_a_container_removed_or_stopped_behind_its_back(ext, make, owner, dclient):
+    handle = make()
+    ext.wait_ready(handle, timeout=30)
+    assert ext.probe(handle) is True
+    assert ext.handle_id(handle) == handle["container_id"]
+    owned = [o for o in ext.list_owned(owner) if o["sandbox_id"] == handle["sandbox_id"]]
+    assert [ext.handle_id(o["handle"]) for o in owned] == [handle["container_id"]]
+    dclient.containers.get(handle["container_id"]).remove(force=True)
+    assert ext.probe(handle) is False
+
+    stopped = make()
+    ext.wait_ready(stopped, timeout=30)
+    dclient.containers.get(stopped["container_id"]).kill()
+    assert ext.probe(stopped) is False, "a container that no longer runs cannot serve its sandbox"
+
+
+def test_probe_of_an_unreachable_engine_raises(catalog, tmp_path):
+    from sandboxer.errors import BackendError
+
+    ext = DockerExtension(catalog.extensions["ext.docker"].manifest,
+                          DockerConfig(docker_host=f"unix://{tmp_path}/no.sock", api_timeout=5))
+    with pytest.raises(BackendError, match="cannot reach the Docker engine"):
+        ext.probe({"container_id": "0" * 64, "container": "x", "sandbox_id": "x"})
 
 
 def test_missing_image_is_an_input_error_and_leaves_nothing(ext, profile, make, owner):

@@ -16,6 +16,7 @@ import pytest
 from sandboxer.errors import CapacityUnavailable, HostKeyError, InputError, ProvisionError
 from sandboxer.models import Profile, SnapshotMeta
 from tests.ssh.conftest import load_backend, write_config
+from tests.support.docker_fixtures import wait_gone
 
 EXT = "ext.test-compose"
 # unique per run: several test runs may share this machine's Docker engine at once
@@ -171,6 +172,13 @@ def test_host_key_mismatch_refused_before_any_command(tmp_path, pool_cfg, sshd_p
     {"ref": "--output={marker}"},
     {"services": ["app;touch {marker}"]},
     {"unexpected": "x"},
+    # a trailing newline is not a plain name (re.match(r"...$") would accept it)
+    {"project": "proj\n"},
+    {"ref": "main\n"},
+    {"services": ["app\n"]},
+    {"compose_file": "docker-compose.yml\n"},
+    {"sandbox_id": "abc\n"},
+    {"repo": "/srv/git/stack\n"},
 ])
 def test_hostile_inputs_are_refused_and_run_nothing(backend, compose_repo, pool_cfg, marker, bad):
     values = {k: (v.replace("{marker}", str(marker)) if isinstance(v, str) else
@@ -195,6 +203,13 @@ def test_hung_exec_is_killed_at_its_deadline(backend, compose_repo):
         start = time.monotonic()
         res = backend.exec(handle, ["sleep", "300"], timeout=1)
         assert res.timed_out and time.monotonic() - start < 6
+        # on the host, and inside a service: nothing of the command is left, setsid children included
+        for run in (backend.exec, lambda h, argv, **kw: backend.exec_in_service(h, "web", argv, **kw)):
+            mark = uuid.uuid4().hex
+            res = run(handle, ["sh", "-c", "trap '' TERM; (setsid sleep 60 &); setsid sleep 60 & sleep 60"],
+                      env={"SBX_TEST_MARK": mark}, timeout=1)
+            assert (res.exit_code, res.timed_out) == (124, True), res
+            assert wait_gone("SBX_TEST_MARK", mark) == [], "a process of the exec outlived its deadline"
     finally:
         backend.teardown(handle)
 

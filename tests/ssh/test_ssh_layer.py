@@ -6,12 +6,13 @@ import os
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from sandboxer.errors import AuthError, ExecError, HostKeyError, ProvisionError
+from sandboxer.errors import AuthError, ExecError, HostKeyError, InputError, ProvisionError
 from sandboxer.ssh import (
     STATS,
     GIT_CLONE_SCRIPT,
@@ -19,9 +20,13 @@ from sandboxer.ssh import (
     SSHConnection,
     SSHHostConfig,
     build_command,
+    check_ref,
     check_repo,
+    check_root,
+    env_script,
     local_ports_free,
 )
+from tests.support.docker_fixtures import wait_gone
 from tests.support.sshd import SSHD, user_key
 
 
@@ -157,6 +162,64 @@ def test_hung_command_is_killed_at_its_deadline(sshd_pool, known_hosts, tmp_path
     assert not os.path.exists(f"/proc/{pid}"), "the remote process outlived its deadline"
 
 
+@pytest.mark.parametrize("script", ['trap "" TERM; sleep 60', "setsid sleep 60 & sleep 60",
+                                    "(setsid sleep 60 &); sleep 60"],
+                         ids=["ignores-TERM", "setsid-child", "setsid-orphan"])
+def test_deadline_kills_every_process_of_the_command(sshd_pool, known_hosts, script):
+    """A command that ignores SIGTERM, or leaves its session, is still gone at its deadline: exit 124, timed out."""
+    mark = uuid.uuid4().hex
+    with SSHConnection(cfg_for(sshd_pool[0], known_hosts)) as conn:
+        start = time.monotonic()
+        res = conn.run(["sh", "-c", script], env={"SBX_TEST_MARK": mark}, timeout=1)
+        took = time.monotonic() - start
+    assert (res.exit_code, res.timed_out) == (124, True), res
+    assert took < 6
+    assert wait_gone("SBX_TEST_MARK", mark) == [], "a process of the command outlived its deadline"
+
+
+def test_a_command_exiting_124_by_itself_is_not_a_timeout(sshd_pool, known_hosts):
+    with SSHConnection(cfg_for(sshd_pool[0], known_hosts)) as conn:
+        res = conn.run(["sh", "-c", "exit 124"], timeout=5)
+    assert (res.exit_code, res.timed_out) == (124, False)
+
+
+def test_a_background_process_outlives_a_command_that_ends_in_time(sshd_pool, known_hosts, tmp_path):
+    """Only a command killed at its deadline is swept; a daemon it started and left running stays."""
+    mark = uuid.uuid4().hex
+    with SSHConnection(cfg_for(sshd_pool[0], known_hosts)) as conn:
+        res = conn.run(["sh", "-c", "setsid sleep 30 >/dev/null 2>&1 < /dev/null & echo ok"],
+                       env={"SBX_TEST_MARK": mark}, timeout=5)
+    assert res.stdout == "ok\n" and not res.timed_out
+    try:
+        time.sleep(0.5)
+        from tests.support.docker_fixtures import pids_with_env
+
+        assert pids_with_env("SBX_TEST_MARK", mark), "the background process was killed"
+    finally:
+        for pid in pids_with_env("SBX_TEST_MARK", mark):
+            os.kill(pid, 9)
+
+
+def test_deadline_wrapper_works_with_busybox(busybox_image):
+    """Hosts with busybox instead of GNU tools (its grep stops at a NUL, its kill has no -SIG --)."""
+    import subprocess
+
+    from sandboxer.ssh import DEADLINE_WRAPPER
+
+    cid = subprocess.run(["docker", "run", "-d", "--rm", "--init", busybox_image, "sleep", "120"], check=True,
+                         capture_output=True, text=True, timeout=60).stdout.strip()
+    try:
+        start = time.monotonic()
+        res = subprocess.run(["docker", "exec", cid, "sh", "-c", DEADLINE_WRAPPER, "sh", "tok1", "1", "2",
+                              "sh", "-c", "trap '' TERM; (setsid sleep 61 &); setsid sleep 62 & sleep 63"],
+                             capture_output=True, text=True, timeout=30)
+        assert res.returncode == 124 and time.monotonic() - start < 6, res.stderr
+        ps = subprocess.run(["docker", "exec", cid, "ps"], capture_output=True, text=True, timeout=30).stdout
+        assert "sleep 6" not in ps, ps
+    finally:
+        subprocess.run(["docker", "rm", "-f", cid], capture_output=True, timeout=60)
+
+
 def test_output_is_capped(sshd_pool, known_hosts):
     with SSHConnection(cfg_for(sshd_pool[0], known_hosts, output_cap_bytes=1000)) as conn:
         res = conn.run(["head", "-c", "500000", "/dev/zero"])
@@ -173,10 +236,28 @@ def test_remote_git_refuses_ext_transport_even_if_validation_were_bypassed(sshd_
 
 @pytest.mark.parametrize("repo", ["--upload-pack=touch /tmp/x", "ext::sh -c touch% /tmp/x", "fd::3",
                                   "file:///etc", "http://example.com/x.git", "relative/path", "/a/../../etc",
-                                  "https://h/x\n--upload-pack=x", ""])
+                                  "https://h/x\n--upload-pack=x", "", "https://h/x.git\n", "/srv/git/r\n",
+                                  "git@h:o/r.git\n"])
 def test_check_repo_refuses(repo):
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="repo"):
         check_repo(repo)
+
+
+@pytest.mark.parametrize("ref", ["main\n", "-x", "a..b", ""])
+def test_check_ref_refuses(ref):
+    with pytest.raises(InputError, match="ref"):
+        check_ref(ref)
+
+
+def test_check_root_refuses_a_trailing_newline():
+    with pytest.raises(ValueError, match="workspace_root"):
+        check_root("/srv/ws\n")
+
+
+@pytest.mark.parametrize("name", ["A\n", "1A", "A-B", "É"])
+def test_bad_env_names_are_input_errors(name):
+    with pytest.raises(InputError, match="environment variable name"):
+        env_script({name: "x"})
 
 
 @pytest.mark.parametrize("repo", ["https://github.com/o/r.git", "ssh://git@h:2222/o/r", "git@github.com:o/r.git",

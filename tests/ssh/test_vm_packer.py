@@ -18,6 +18,7 @@ from sandboxer.loader import load_catalog
 from sandboxer.models import Profile, SnapshotMeta
 from sandboxer.ssh import local_ports_free
 from tests.ssh.conftest import load_backend, write_config
+from tests.support.docker_fixtures import wait_gone
 
 EXT = "ext.test-vm"
 HANDLER = "sandboxer.extensions.vm_packer:VMPacker"
@@ -198,6 +199,10 @@ def test_teardown_never_touches_the_rest_of_the_vm(backend, tmp_path):
     {"vm": "no-such-vm"},
     {"tunnel_port": "22; touch {marker}"},
     {"sandbox_id": "a;rm -rf ~"},
+    {"workspace_dir": "ws\n"},
+    {"ref": "main\n", "repo": "/srv/git/r"},
+    {"ssh_target": "root@127.0.0.1\n", "vm": None},
+    {"sandbox_id": "abc\n"},
 ])
 def test_hostile_inputs_are_refused_and_run_nothing(backend, tmp_path, marker, bad):
     values = {k: v.replace("{marker}", str(marker)) if isinstance(v, str) else v for k, v in bad.items()}
@@ -237,3 +242,15 @@ def test_unreachable_vm_fails_fast_and_transient(tmp_path, vm_cfg):
     with pytest.raises(ProvisionError) as info:
         b.provision(profile(), {"vm": "vm0", "sandbox_id": sid("down")}, None)
     assert info.value.transient and time.monotonic() - start < 3
+
+
+def test_exec_deadline_kills_every_process_of_the_command(backend):
+    handle = backend.provision(profile(), {"vm": "vm0", "sandbox_id": sid("dl")}, None)
+    try:
+        mark = uuid.uuid4().hex
+        res = backend.exec(handle, ["sh", "-c", "trap '' TERM; (setsid sleep 60 &); sleep 60"],
+                           env={"SBX_TEST_MARK": mark}, timeout=1)
+        assert (res.exit_code, res.timed_out) == (124, True), res
+        assert wait_gone("SBX_TEST_MARK", mark) == []
+    finally:
+        backend.teardown(handle)

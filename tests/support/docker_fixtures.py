@@ -12,6 +12,7 @@ with the reason.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -42,3 +43,31 @@ def busybox_image(docker_host: str) -> str:
     except DockerdUnavailable as exc:
         _unavailable(exc)
     return DEFAULT_IMAGE
+
+
+def pids_with_env(name: str, value: str) -> list[int]:
+    """Pids on this machine (sshd "hosts" and local containers included) whose environment has ``name=value``.
+
+    A test sets a unique value in a command's environment; whatever the command spawns inherits it,
+    ``setsid`` children too, so this finds every process a timed-out command left behind.
+    """
+    needle = f"{name}={value}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
+def wait_gone(name: str, value: str, within: float = 5.0) -> list[int]:
+    """:func:`pids_with_env` once they are all gone, or what is left after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while (left := pids_with_env(name, value)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
