@@ -65,6 +65,10 @@ TEARDOWN_GRACE_S = 300.0
 _WAIT_STEP_S = 0.02
 
 
+def _clash(ext_id: str, name: str, holder: str) -> str:
+    return f"{name!r} on {ext_id} is already used by live sandbox {holder}; choose another (or tear {holder} down first)"
+
+
 class Manager(SnapshotsMixin, GcMixin):
     """The Python API: one object per state store, safe to share between threads.
 
@@ -353,9 +357,7 @@ class Manager(SnapshotsMixin, GcMixin):
     def _note_clashes(profile: Profile, plan: Plan, pos: int, exc: OverCapacity) -> None:
         for p, scope, taken, holder in exc.clashes:
             index, host = plan.placements[pos + p]
-            plan.skip(profile.candidates[index].extension, host, InputError(
-                f"{taken!r} is already used on {scope.replace('@', ' host ')} by live sandbox {holder}; "
-                f"choose another (or tear {holder} down first)"))
+            plan.skip(profile.candidates[index].extension, host, InputError(_clash(scope, taken, holder)))
 
     def _credential_key(self, ext_id: str, consumer: str) -> str | None:
         try:
@@ -448,8 +450,7 @@ class Manager(SnapshotsMixin, GcMixin):
             claims: list[tuple[str, str]] = []
             if type(ext).resource_names is not SandboxExtension.resource_names:
                 prov = self._provision_inputs(profile, index, sandbox_id, inputs or {}, ttl, consumer, labels)
-                scope = f"{eff.extension}@{host or '-'}"
-                claims = [(scope, n) for n in dict.fromkeys(ext.resource_names(eff, prov, host))]
+                claims = [(ext.id, n) for n in dict.fromkeys(ext.resource_names(eff, prov, host))]
             candidates.append(({
                 "id": sandbox_id, "name": name, "profile": profile.slug, "extension": eff.extension, "host": host,
                 "state": "provisioning", "handle": None, "reachability": None, "consumer": consumer,
@@ -463,10 +464,7 @@ class Manager(SnapshotsMixin, GcMixin):
         except OverCapacity as exc:
             if exc.clashes and not exc.refusals:
                 _, scope, taken, holder = exc.clashes[0]
-                raise InputError(
-                    f"{taken!r} is already used on {scope.replace('@', ' host ')} by live sandbox {holder}; "
-                    f"choose another (or tear {holder} down first)"
-                ) from None
+                raise InputError(_clash(scope, taken, holder)) from None
             raise
         return pos, refusals, candidates[pos][0]
 

@@ -100,12 +100,14 @@ class SandboxExtension(abc.ABC):
         return self.ProfileOptions.model_validate(profile.options)
 
     def resource_names(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> list[str]:
-        """Backend-side names the sandbox will take on ``host`` (project names, directories...).
+        """Backend-side names the sandbox will take if placed on ``host`` (project names, directories...).
 
         Called before admission with the same inputs :meth:`provision` gets. The state store
-        claims them atomically: two live sandboxes of one backend host never share a name, so
-        one's teardown can never destroy the other. Return names normalised the way the
-        backend compares them (case-folded where it folds case). Pure: no I/O.
+        claims them atomically among this backend's live sandboxes: two never share a name, so
+        one's teardown can never destroy the other. A name must say where it lives (the machine,
+        the engine: ``"workspace 10.0.0.5:22:/srv/sbx/x"``), since two router hosts may reach one
+        machine; and be normalised the way the backend compares it (case-folded where it folds
+        case). Pure: no I/O.
 
         Raises:
             InputError: an input is refused (nothing has been created yet).

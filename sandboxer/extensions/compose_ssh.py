@@ -362,9 +362,15 @@ class ComposeSSH(SandboxExtension):
             InputError: an input is refused (checked here, before any connection).
         """
         want = self._check_inputs(profile, inputs)
-        known = {h.name: h for h in self.cfg.hosts}
-        root = self._root(known[host]) if host in known else self.cfg.workspace_root
-        return [f"compose project {want['project']}", f"workspace {remote_path_ok(root, want['sandbox_id'])}"]
+        h = {h.name: h for h in self.cfg.hosts}.get(host or "")
+        if h is None:
+            return []  # no host chosen yet: provision picks one and checks there
+        machine = f"{h.address}:{h.port}"
+        # Two pool entries may share one engine (a remote DOCKER_HOST): projects are named per engine.
+        engine = h.docker_host if h.docker_host and not h.docker_host.startswith("unix://") else \
+            f"{machine}{(h.docker_host or '').removeprefix('unix://')}"
+        return [f"compose project {engine} {want['project']}",
+                f"workspace {machine}:{remote_path_ok(self._root(h), want['sandbox_id'])}"]
 
     def deadline(self, profile: Profile) -> float:
         """Connecting (each host of the pool in turn, at worst), the claim, clone and ``up``, then ready."""

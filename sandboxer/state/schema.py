@@ -85,7 +85,7 @@ snapshots = Table(
 claims = Table(
     "claims",
     metadata,
-    Column("scope", String(400), primary_key=True),  # "<extension>@<host>"
+    Column("scope", String(400), primary_key=True),  # the extension; each name says where it lives
     Column("name", String(400), primary_key=True),
     Column("sandbox_id", String(64), primary_key=True),
     Index("ix_claims_sandbox", "sandbox_id"),

@@ -34,7 +34,9 @@ def _dead_host(name: str, port: int = 1, **extra: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def offline_compose(tmp_path):
-    cfg = {"workspace_root": "/srv/compose", "hosts": [_dead_host("h0"), _dead_host("h1", workspace_root="/srv/other")]}
+    cfg = {"workspace_root": "/srv/compose", "hosts": [
+        _dead_host("h0"), _dead_host("h1", workspace_root="/srv/other"),  # one machine, entered twice
+        _dead_host("h2", port=2, docker_host="tcp://127.0.0.5:2375")]}  # another machine, a shared engine
     return load_backend(write_config(tmp_path / "cc", COMPOSE, "sandboxer.extensions.compose_ssh:ComposeSSH", cfg),
                         COMPOSE)
 
@@ -62,13 +64,18 @@ def test_compose_names_are_the_project_as_compose_compares_it_and_the_workspace(
     STATS.reset()
     b = offline_compose
     base = {"repo": "/srv/git/r", "sandbox_id": "abc"}
-    assert b.resource_names(cprofile(), base, "h0") == ["compose project sbx-abc", "workspace /srv/compose/abc"]
-    assert b.resource_names(cprofile(), base, "h1") == ["compose project sbx-abc", "workspace /srv/other/abc"]
+    # names say where they live: the engine for projects, the machine for directories
+    assert b.resource_names(cprofile(), base, "h0") == ["compose project 127.0.0.1:1 sbx-abc",
+                                                         "workspace 127.0.0.1:1:/srv/compose/abc"]
+    assert b.resource_names(cprofile(), base, "h1") == ["compose project 127.0.0.1:1 sbx-abc",
+                                                         "workspace 127.0.0.1:1:/srv/other/abc"]
+    assert b.resource_names(cprofile(), base, "h2") == ["compose project tcp://127.0.0.5:2375 sbx-abc",
+                                                         "workspace 127.0.0.1:2:/srv/compose/abc"]
     # another sandbox choosing the first one's default project, in any case, takes the same name
     for project in ("sbx-abc", "SBX-Abc"):
         names = b.resource_names(cprofile(), {**base, "sandbox_id": "other", "project": project}, "h0")
-        assert names[0] == "compose project sbx-abc"
-    assert b.resource_names(cprofile(project_prefix="t-"), base, "h0")[0] == "compose project t-abc"
+        assert names[0] == "compose project 127.0.0.1:1 sbx-abc"
+    assert b.resource_names(cprofile(project_prefix="t-"), base, "h0")[0] == "compose project 127.0.0.1:1 t-abc"
     with pytest.raises(InputError, match="project"):
         b.resource_names(cprofile(), {**base, "project": "proj\n"}, "h0")
     assert STATS.snapshot()["connections"] == 0
@@ -192,7 +199,7 @@ def test_a_second_sandbox_cannot_take_a_live_sandboxs_project(mgr, tmp_path):
     for project, holder in ((shared, first.id), (shared.upper(), first.id), (f"sbx-{other.id}", other.id)):
         STATS.reset()
         before = {p.name for p in (tmp_path / "c0").iterdir()}
-        with pytest.raises(InputError, match=f"already used on {COMPOSE} host h0 by live sandbox {holder}"):
+        with pytest.raises(InputError, match=f"on {COMPOSE} is already used by live sandbox {holder}"):
             mgr.create(SandboxCreateRequest(profile="test-compose", consumer="me", inputs={"project": project}))
         assert STATS.snapshot()["connections"] == 0, "a refused create reached a host"
         assert {p.name for p in (tmp_path / "c0").iterdir()} == before, "the refused sandbox left a workspace"

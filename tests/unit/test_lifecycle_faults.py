@@ -285,7 +285,7 @@ def test_two_live_sandboxes_never_share_a_backend_side_name(fake_mgr, monkeypatc
                         lambda self, profile, inputs, host: [str(inputs.get("project") or
                                                                  f"sbx-{inputs['sandbox_id']}").casefold()])
     first = fake_mgr.create(profile="fake", inputs={"project": "Web"})
-    with pytest.raises(InputError, match=f"'web' is already used on ext.fake host - by live sandbox {first.id}"):
+    with pytest.raises(InputError, match=f"'web' on ext.fake is already used by live sandbox {first.id}"):
         fake_mgr.create(profile="fake", inputs={"project": "WEB"})
     second = fake_mgr.create(profile="fake")  # takes its default name, sbx-<id>
     with pytest.raises(InputError, match=second.id):  # that default, chosen by a consumer
