@@ -44,10 +44,12 @@ from sandboxer.extensions.base import RESERVED_INPUTS, OutputCallback, SandboxEx
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
 from sandboxer.poll import poll
 from sandboxer.ssh import (
-    GIT_CLONE_SCRIPT,
     ConnectionCache,
     SSHConnection,
     SSHHostConfig,
+)
+from sandboxer.workspace import (
+    GIT_CLONE_SCRIPT,
     check_ref,
     check_repo,
     check_root,

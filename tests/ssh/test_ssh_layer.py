@@ -15,16 +15,18 @@ from pydantic import ValidationError
 from sandboxer.errors import AuthError, ExecError, HostKeyError, InputError, ProvisionError
 from sandboxer.ssh import (
     STATS,
-    GIT_CLONE_SCRIPT,
     LocalForward,
     SSHConnection,
     SSHHostConfig,
     build_command,
+    env_script,
+    local_ports_free,
+)
+from sandboxer.workspace import (
+    GIT_CLONE_SCRIPT,
     check_ref,
     check_repo,
     check_root,
-    env_script,
-    local_ports_free,
 )
 from tests.support.docker_fixtures import wait_gone
 from tests.support.sshd import SSHD, user_key
