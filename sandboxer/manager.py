@@ -457,8 +457,8 @@ class Manager(SnapshotsMixin, GcMixin):
                 "labels": labels, "resources": eff.resources.model_dump(), "created_at": now,
                 "expires_at": now + ttl, "attempts": 0, "last_error": None,
                 "ready_at": None, "terminated_at": None, "last_seen_at": None, "inputs": given or {},
-                "deadline_at": now + ext.deadline(eff), "teardown_started_at": None, "_claims": claims,
-            }, self._limits(profile, index, host)))
+                "deadline_at": now + ext.deadline(eff), "teardown_started_at": None,
+            }, self._limits(profile, index, host), claims))
         try:
             pos, refusals = self.state.admit(candidates, detail=detail)
         except OverCapacity as exc:

@@ -396,16 +396,16 @@ class StateStore:
         """Record one sandbox in state ``provisioning`` before any side effect (see :meth:`admit`)."""
         self.admit([(row, list(limits))], detail=detail)
 
-    def admit(self, candidates: list[tuple[dict[str, Any], list[tuple[str, int, dict[str, Any]]]]], *,
+    def admit(self, candidates: list[tuple[Any, ...]], *,
               detail: dict[str, Any] | None = None) -> tuple[int, list[tuple[int, str, int]]]:
         """Record the intent on the first candidate with room, in one locked transaction.
 
         Args:
-            candidates: ``(row, limits)`` in preference order; each limit is
+            candidates: ``(row, limits[, claims])`` in preference order; each limit is
                 ``(scope, limit, column filter)``: the candidate is refused if the live
-                sandboxes matching the filter already number ``limit``. A row may carry
-                ``"_claims": [(scope, name), ...]``: backend-side names it takes; the candidate
-                is refused if a live sandbox holds one, and they are recorded with it otherwise.
+                sandboxes matching the filter already number ``limit``. A third item, if
+                given, lists ``(scope, name)`` backend-side names the candidate takes: it is
+                refused if a live sandbox holds one, and they are recorded with it otherwise.
             detail: extra detail for the ``create_intent`` event.
 
         Returns:
@@ -425,7 +425,8 @@ class StateStore:
                     existing = conn.execute(_LIVE_BY_NAME, {"_name": name}).scalar()
                     if existing:
                         raise NameTaken(existing)
-                for pos, (row, limits) in enumerate(candidates):
+                for pos, (row, limits, *more) in enumerate(candidates):
+                    wanted: list[tuple[str, str]] = more[0] if more else []
                     full = None
                     for scope, limit, where in limits:
                         n = conn.execute(_count_live_stmt(frozenset(where)),
@@ -436,14 +437,12 @@ class StateStore:
                     if full is not None:
                         refusals.append(full)
                         continue
-                    wanted = row.get("_claims") or ()
                     clash = next(((pos, scope, name, holder) for scope, name in wanted
                                   for holder in [conn.execute(_CLAIM_HOLDER, {"_scope": scope, "_name": name}).scalar()]
                                   if holder), None)
                     if clash is not None:
                         clashes.append(clash)
                         continue
-                    row = {k: v for k, v in row.items() if k != "_claims"}
                     conn.execute(_INSERT_SANDBOX, row)
                     for scope, name in wanted:
                         conn.execute(_INSERT_CLAIM, {"scope": scope, "name": name, "sandbox_id": row["id"]})
