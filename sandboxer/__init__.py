@@ -16,6 +16,7 @@ from sandboxer.errors import (
     ConfigError,
     ExecError,
     ExtensionLoadError,
+    ExtensionTimeout,
     InputError,
     ManifestError,
     MissingExtra,
@@ -32,6 +33,7 @@ from sandboxer.errors import (
     SandboxStateError,
     SnapshotError,
     SnapshotNotFound,
+    StateStoreError,
     TeardownError,
     TTLError,
 )
@@ -55,6 +57,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthError", "BackendError", "BudgetExceeded", "CapabilityError", "CapacityUnavailable", "Catalog",
     "CleanupReport", "ConfigError", "ExecError", "ExecResult", "ExtensionLoadError", "ExtensionManifest",
+    "ExtensionTimeout", "StateStoreError",
     "InputError", "Manager", "ManifestError", "MeterQuote", "MissingExtra", "Profile", "ProfileError",
     "ProfileNotFound", "ProvisionError", "QuotaExceeded", "RateLimited", "ReadinessTimeout", "RequestError",
     "RoutingError", "SandboxCreateRequest", "SandboxExtension", "SandboxNotFound", "SandboxState",

@@ -31,7 +31,8 @@ context manager per backend); callers never need to match message text.
     │   ├── QuotaExceeded                an account quota is used up
     │   ├── RateLimited                  (.retry_after seconds, or None)
     │   ├── AuthError                    credentials refused; never carries the secret
-    │   └── HostKeyError                 an SSH host key did not verify
+    │   ├── HostKeyError                 an SSH host key did not verify
+    │   └── ExtensionTimeout             an extension call passed its deadline and was abandoned
     ├── MissingExtra                     an optional dependency (pip extra) is not installed
     └── RoutingError                     every backend failed; .attempts lists each one
 """
@@ -165,6 +166,17 @@ class AuthError(BackendError):
 
 class HostKeyError(BackendError):
     """An SSH host key was unknown or did not match; nothing was run."""
+
+
+class ExtensionTimeout(BackendError):
+    """An extension call did not return within its deadline; the manager abandoned it and went on.
+
+    ``timeout`` is the deadline in seconds.
+    """
+
+    def __init__(self, message: str, *, timeout: float | None = None, **kw: Any):
+        super().__init__(message, **kw)
+        self.timeout = timeout
 
 
 class MissingExtra(SandboxerError):

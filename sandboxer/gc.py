@@ -111,13 +111,21 @@ class GcMixin(_Base):
             Per extension that could be listed, the ids of the live sandboxes it still holds.
         """
         seen: dict[str, set[str]] = {}
+        # Every backend is asked at once, each under its own deadline: a hung one holds up no other.
+        asked = []
+        until = time.monotonic() + self.limits.list_owned
         for ext_id in self.state.extensions_used():
             loaded = self.catalog.extensions.get(ext_id)
             if loaded is None or loaded.missing_extra or "list_owned" not in loaded.manifest.capabilities.features:
                 continue
             ext = loaded.instance(self.home)
+            asked.append((ext, self._caller.start(ext.list_owned, self.owner_labels, what="list_owned",
+                                                  backend=ext.id)))
+        for ext, call in asked:
+            ext_id = ext.id
             try:
-                owned = ext.list_owned(self.owner_labels)
+                owned = self._caller.wait(call, until, timeout=self.limits.list_owned, what="list_owned",
+                                          backend=ext_id)
             except (BackendError, OSError) as exc:
                 report.errors[ext_id] = f"list_owned failed: {exc}"
                 continue
@@ -153,7 +161,7 @@ class GcMixin(_Base):
         if duplicate_of is not None:
             key = f"{sid} (duplicate {ext.handle_id(item['handle'])})"
         try:
-            ext.teardown(item["handle"])
+            self._teardown_call(ext, sid or "?", item["handle"])
         except Exception as exc:  # noqa: BLE001 - recorded, retried next gc
             report.errors[key] = f"orphan teardown on {ext.id} failed: {exc}"
             return

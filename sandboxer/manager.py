@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from sandboxer.deadline import Caller, CallLimits
 from sandboxer.errors import (
     AuthError,
     BackendError,
@@ -83,6 +84,8 @@ class Manager(SnapshotsMixin, GcMixin):
             ``provisioning`` record as abandoned by a crashed process.
         teardown_grace: seconds after a teardown started after which gc treats a
             ``tearing_down`` record as abandoned by a crashed process.
+        call_limits: deadlines of the extension calls a profile does not bound (teardown,
+            snapshot, list_owned, probe, exec...); a call past its deadline is abandoned.
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class Manager(SnapshotsMixin, GcMixin):
         catalog: Catalog | None = None,
         stale_grace: float = STALE_GRACE_S,
         teardown_grace: float = TEARDOWN_GRACE_S,
+        call_limits: CallLimits | None = None,
     ):
         self.catalog = catalog or load_catalog([Path(d) for d in config_dirs] if config_dirs is not None else None)
         self.home = Path(home) if home else default_home()
@@ -103,10 +107,22 @@ class Manager(SnapshotsMixin, GcMixin):
         self.router = Router()
         self.stale_grace = stale_grace
         self.teardown_grace = teardown_grace
+        self.limits = call_limits or CallLimits()
+        self._caller = Caller()
         self._inflight: set[str] = set()  # creates running in this process
         self._tearing: set[str] = set()  # teardowns running in this process
         self._lock = threading.Lock()
         self._effective: dict[tuple[str, int], Profile] = {}
+
+    def _call(self, ext: SandboxExtension, method: str, *args: Any, timeout: float | None, what: str,
+              late: Callable[[Any], None] | None = None, **kwargs: Any) -> Any:
+        """``ext.<method>(*args, **kwargs)`` under a deadline (see :mod:`sandboxer.deadline`).
+
+        Raises:
+            ExtensionTimeout: it did not return within ``timeout`` seconds and was abandoned.
+        """
+        return self._caller.call(getattr(ext, method), *args, timeout=timeout, what=what, backend=ext.id,
+                                 late=late, **kwargs)
 
     def _pricing(self, ext_id: str) -> Pricing | None:
         loaded = self.catalog.extensions.get(ext_id)
@@ -188,7 +204,7 @@ class Manager(SnapshotsMixin, GcMixin):
         Returns:
             The updated row if it was found lost, else None.
         """
-        alive = ext.probe(row["handle"])
+        alive = self._call(ext, "probe", row["handle"], timeout=self.limits.probe, what=f"probe of sandbox {row['id']}")
         now = time.time()
         if alive is None:
             return None
@@ -495,7 +511,10 @@ class Manager(SnapshotsMixin, GcMixin):
             self._inflight.add(sandbox_id)
         try:
             try:
-                handle = (start or (lambda e, p, i, h: e.provision(p, i, h)))(ext, eff, all_inputs, host)
+                begin = start or (lambda e, p, i, h: e.provision(p, i, h))
+                handle = self._caller.call(
+                    begin, ext, eff, all_inputs, host, timeout=ext.deadline(eff), backend=ext.id,
+                    what=f"provision of sandbox {sandbox_id}", late=lambda h: self._late_handle(ext, sandbox_id, h))
             except BaseException as exc:
                 self._after_failed_provision(ext, sandbox_id, exc)
                 raise
@@ -504,7 +523,10 @@ class Manager(SnapshotsMixin, GcMixin):
             if row is None:
                 self._abandon(ext, sandbox_id, handle)
             try:
-                reach = ext.wait_ready(handle, timeout=eff.ready_timeout)
+                # the handler's own timeout is positional: ``timeout=`` is the deadline here
+                reach = self._call(ext, "wait_ready", handle, eff.ready_timeout,
+                                   timeout=eff.ready_timeout + self.limits.ready_grace,
+                                   what=f"wait_ready of sandbox {sandbox_id}")
             except BaseException as exc:
                 self._teardown_after_failure(ext, sandbox_id, handle, exc)
                 raise
@@ -517,11 +539,23 @@ class Manager(SnapshotsMixin, GcMixin):
             with self._lock:
                 self._inflight.discard(sandbox_id)
 
+    def _teardown_call(self, ext: SandboxExtension, sandbox_id: str, handle: dict[str, Any]) -> dict[str, Any]:
+        return self._call(ext, "teardown", handle, timeout=self.limits.teardown, what=f"teardown of sandbox {sandbox_id}")
+
+    def _late_handle(self, ext: SandboxExtension, sandbox_id: str, handle: dict[str, Any]) -> None:
+        """A provision abandoned at its deadline returned after all: undo what it made."""
+        try:
+            ext.teardown(handle)
+        except Exception as exc:  # noqa: BLE001 - gc's list_owned finds it
+            log.warning("could not tear down what the abandoned provision of %s made late: %s", sandbox_id, exc)
+            return
+        self.state.record_event(sandbox_id, "late_provision_undone", extension=ext.id, detail={"handle": handle})
+
     def _abandon(self, ext: SandboxExtension, sandbox_id: str, handle: dict[str, Any]) -> None:
         """The record left ``provisioning`` under us (a teardown was asked for while we were
         creating, or gc judged the create abandoned): undo it, close the record, and stop."""
         try:
-            report = ext.teardown(handle)
+            report = self._teardown_call(ext, sandbox_id, handle)
         except Exception as exc:  # noqa: BLE001 - recorded; gc retries (list_owned finds it too)
             log.warning("could not tear down %s after its record was closed: %s", sandbox_id, exc)
             self.state.transition(sandbox_id, "teardown_failed", expect=("tearing_down",), state="teardown_failed",
@@ -537,12 +571,14 @@ class Manager(SnapshotsMixin, GcMixin):
         # A backend raises InputError only before it creates anything (the contract): no leftovers to look for.
         if ext.supports("list_owned") and not isinstance(exc, InputError):
             try:
-                leftovers = [o for o in ext.list_owned(self.owner_labels) if o.get("sandbox_id") == sandbox_id]
+                owned = self._call(ext, "list_owned", self.owner_labels, timeout=self.limits.list_owned,
+                                   what=f"list_owned (leftovers of sandbox {sandbox_id})")
+                leftovers = [o for o in owned if o.get("sandbox_id") == sandbox_id]
             except Exception as lexc:  # noqa: BLE001 - gc will retry; the original error matters more
                 log.warning("could not check %s for leftovers of %s: %s", ext.id, sandbox_id, lexc)
         for item in leftovers:
             try:
-                ext.teardown(item["handle"])
+                self._teardown_call(ext, sandbox_id, item["handle"])
             except Exception as texc:
                 self.state.transition(sandbox_id, "provision_failed", state="teardown_failed", handle=item["handle"],
                                       last_error=f"{short(exc)}; cleanup failed: {short(texc)}")
@@ -557,7 +593,7 @@ class Manager(SnapshotsMixin, GcMixin):
                                 exc: BaseException) -> None:
         self.state.transition(sandbox_id, "ready_failed", state="tearing_down", last_error=short(exc))
         try:
-            report = ext.teardown(handle)
+            report = self._teardown_call(ext, sandbox_id, handle)
         except Exception as texc:
             self.state.transition(sandbox_id, "teardown_failed", state="teardown_failed",
                                   last_error=f"{short(exc)}; teardown failed: {short(texc)}")
@@ -605,7 +641,11 @@ class Manager(SnapshotsMixin, GcMixin):
         ext = self.extension(row["extension"])
         if not ext.supports("exec"):
             raise CapabilityError(f"{ext.id} does not support exec (sandbox {sandbox_id})")
-        return ext.exec(row["handle"], list(argv), **kwargs)
+        limit = kwargs.get("timeout")
+        deadline = limit + self.limits.exec_grace if limit else self.limits.exec
+        # the command's own timeout is a keyword of exec: hand the call over as a closure
+        return self._caller.call(lambda: ext.exec(row["handle"], list(argv), **kwargs), timeout=deadline,
+                                 what=f"exec in sandbox {sandbox_id}", backend=ext.id)
 
     # ----------------------------------------------------------- teardown
 
@@ -696,11 +736,12 @@ class Manager(SnapshotsMixin, GcMixin):
         reported = None
         if ext.supports("metering"):
             try:
-                reported = ext.meter_actual(cur["handle"])
+                reported = self._call(ext, "meter_actual", cur["handle"], timeout=self.limits.meter,
+                                      what=f"meter_actual of sandbox {sandbox_id}")
             except SandboxerError as exc:  # the recorded interval still prices it
                 log.warning("meter_actual for %s failed: %s", sandbox_id, exc)
         try:
-            report = ext.teardown(cur["handle"])
+            report = self._teardown_call(ext, sandbox_id, cur["handle"])
         except Exception as exc:
             if forget:
                 now = time.time()

@@ -29,6 +29,7 @@ from sandboxer.errors import (
     BackendError,
     BudgetExceeded,
     CapacityUnavailable,
+    ExtensionTimeout,
     InputError,
     MissingExtra,
     ProvisionError,
@@ -63,6 +64,7 @@ FAILOVER: dict[type[BaseException], Action] = {
     RateLimited: Action.COOL_DOWN,
     AuthError: Action.COOL_DOWN,
     ReadinessTimeout: Action.NEXT_BACKEND,
+    ExtensionTimeout: Action.NEXT_BACKEND,  # a hung handler: this backend, not the request
     ProvisionError: Action.NEXT_BACKEND,  # when transient; a permanent one fails
     TeardownError: Action.STOP,
     BackendError: Action.FAIL,

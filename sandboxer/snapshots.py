@@ -46,7 +46,8 @@ class SnapshotsMixin(_Base):
             "inputs": row["inputs"] or {},
         })
         try:
-            out = ext.snapshot(row["handle"])
+            out = self._call(ext, "snapshot", row["handle"], timeout=self.limits.snapshot,
+                             what=f"snapshot of sandbox {sandbox_id}")
         except BaseException as exc:
             self.state.update_snapshot(snap_id, "snapshot_failed", state="failed", error=short(exc))
             if isinstance(exc, SnapshotError):
@@ -103,5 +104,7 @@ class SnapshotsMixin(_Base):
         if row is None:
             raise SnapshotNotFound(f"no snapshot with id {snapshot_id!r}")
         if row["state"] == "ready":
-            self.extension(row["extension"]).delete_snapshot(snapshot_meta(row))
+            ext = self.extension(row["extension"])
+            self._call(ext, "delete_snapshot", snapshot_meta(row), timeout=self.limits.snapshot,
+                       what=f"delete of snapshot {snapshot_id}")
         self.state.delete_snapshot(snapshot_id)
