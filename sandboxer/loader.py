@@ -29,7 +29,7 @@ from sandboxer.errors import (
     MissingExtra,
     ProfileError,
 )
-from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension
+from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension, check_features
 from sandboxer.extensions.registry import resolve_handler
 from sandboxer.models import ExtensionManifest, Profile, Settings
 
@@ -195,10 +195,11 @@ def load_manifest(path: Path, registry: Registry, data: dict[str, Any] | None = 
             )
     handler = resolve_handler(manifest.handler, where=f"{path}: field 'handler'")
     for feat in caps.features:
-        if feat not in handler.features:
+        problem = check_features(handler, [feat])
+        if problem:
             raise CapabilityError(
                 f"{path}: field 'capabilities.features' (value {feat!r}): handler "
-                f"{handler.__name__} does not implement it"
+                f"{handler.__name__} does not implement it: {problem}"
             )
     try:
         config = handler.Config.model_validate(manifest.config)

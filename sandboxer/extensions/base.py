@@ -24,9 +24,10 @@ Inputs convention: the manager adds four reserved inputs to every provision
 from __future__ import annotations
 
 import abc
+import inspect
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -38,6 +39,48 @@ RESERVED_INPUTS = frozenset({"sandbox_id", "owner_labels", "tags", "ttl"})
 
 #: Optional features a handler may implement (names also listed in registry/).
 OPTIONAL_FEATURES = frozenset({"exec", "snapshots", "metering", "list_owned"})
+
+#: The methods a class must override to have each optional feature.
+FEATURE_METHODS: dict[str, tuple[str, ...]] = {
+    "exec": ("exec",),
+    "snapshots": ("snapshot", "restore_from_snapshot"),
+    "metering": ("meter_actual",),
+    "list_owned": ("list_owned",),
+}
+
+
+def check_features(cls: type["SandboxExtension"], features: Iterable[str]) -> str | None:
+    """Why ``cls`` cannot serve ``features`` (a method not overridden, or one whose signature does
+    not accept the contract's arguments), or None. pluggy checks a hook implementation likewise."""
+    for feat in features:
+        if feat not in cls.features:
+            return f"{cls.__name__} does not list {feat!r} in its features"
+        for name in FEATURE_METHODS.get(feat, ()):
+            mine, base = getattr(cls, name, None), getattr(SandboxExtension, name)
+            if mine is None or mine is base:
+                return f"{cls.__name__} declares {feat!r} but does not implement {name}()"
+            problem = _incompatible(inspect.signature(base), inspect.signature(mine))
+            if problem:
+                return f"{cls.__name__}.{name}{inspect.signature(mine)} {problem} (the contract: {name}{inspect.signature(base)})"
+    return None
+
+
+def _incompatible(base: inspect.Signature, mine: inspect.Signature) -> str | None:
+    params = list(mine.parameters.values())
+    var_pos = any(p.kind is p.VAR_POSITIONAL for p in params)
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+    names = {p.name: p for p in params}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    for i, bp in enumerate(base.parameters.values()):
+        if bp.kind in (bp.POSITIONAL_ONLY, bp.POSITIONAL_OR_KEYWORD):
+            if i >= len(positional) and not var_pos:
+                return f"does not take the argument {bp.name!r}"
+        elif bp.kind is bp.KEYWORD_ONLY and bp.name not in names and not var_kw:
+            return f"does not take the keyword argument {bp.name!r}"
+    required = [p for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    extra = [p.name for p in required if p.name not in base.parameters]
+    return f"requires arguments the manager never passes: {', '.join(extra)}" if extra else None
+
 
 #: ``on_output(stream, text)`` where stream is ``"stdout"`` or ``"stderr"``.
 OutputCallback = Callable[[str, str], None]

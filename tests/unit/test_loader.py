@@ -299,3 +299,58 @@ def test_compose_ssh_pointed_at_my_hosts(cfg):
     path.write_text("id: ext.compose-ssh\noverride: config\nconfig:\n  hosts: [{name: b, address: 'h x', user: ci}]\n")
     with pytest.raises(ManifestError, match=r"ext.compose-ssh.yaml: field 'config.hosts.0.address' \(value 'h x'\)"):
         load_catalog([cfg.root])
+
+
+# ------------------------------------------------------------ features checked against the class (issue 9)
+
+def _handler(**methods):
+    from sandboxer.extensions.base import SandboxExtension
+
+    def _req(self, *a, **k):  # noqa: ANN001 - the required trio
+        return {}
+
+    body = {"provision": _req, "wait_ready": _req, "teardown": _req,
+            "features": frozenset({"exec", "snapshots", "list_owned", "metering"}), **methods}
+    return type("Broken", (SandboxExtension,), body)
+
+
+@pytest.mark.parametrize("methods, feature, message", [
+    ({}, "snapshots", "Broken declares 'snapshots' but does not implement snapshot()"),
+    ({"snapshot": lambda self, handle: {}}, "snapshots",
+     "Broken declares 'snapshots' but does not implement restore_from_snapshot()"),
+    ({"exec": lambda self, handle: None}, "exec", "does not take the argument 'argv'"),
+    ({"exec": lambda self, handle, argv, *, env=None, timeout=None: None}, "exec",
+     "does not take the keyword argument 'cwd'"),
+    ({"list_owned": lambda self, owner_labels, region: []}, "list_owned",
+     "requires arguments the manager never passes: region"),
+])
+def test_a_declared_feature_must_be_implemented_with_the_contracts_signature(methods, feature, message):
+    from sandboxer.extensions.base import check_features
+
+    assert message in check_features(_handler(**methods), [feature])
+
+
+def test_a_feature_implemented_with_kwargs_passes():
+    from sandboxer.extensions.base import check_features
+
+    cls = _handler(exec=lambda self, handle, argv, **kw: None, list_owned=lambda self, *a: [])
+    assert check_features(cls, ["exec", "list_owned"]) is None
+
+
+def test_loading_a_manifest_whose_class_lacks_a_declared_feature_names_both(cfg, monkeypatch):
+    import sandboxer.loader as loader
+
+    real = loader.resolve_handler
+    monkeypatch.setattr(loader, "resolve_handler",
+                        lambda spec, where: _handler() if "ext.broken" in where else real(spec, where=where))
+    cfg.write("ext.broken.yaml", """
+        id: ext.broken
+        title: broken
+        version: 1.0.0
+        handler: sandboxer.extensions.fake:FakeExtension
+        capabilities: {isolation_levels: [none], pricing_model: free, features: [snapshots]}
+    """)
+    with pytest.raises(CapabilityError, match=r"ext.broken.yaml: field 'capabilities.features' \(value 'snapshots'\): "
+                                              r"handler Broken does not implement it: Broken declares 'snapshots' but "
+                                              r"does not implement snapshot\(\)"):
+        load_catalog([cfg.root])
