@@ -103,20 +103,19 @@ class BudgetExceeded(RequestError):
 
 
 class BackendError(SandboxerError):
-    """A backend failed. ``backend`` and ``host`` say where, when known."""
+    """A backend failed. ``backend`` and ``host`` say where, when known; ``transient`` says
+    whether the same call may succeed later or elsewhere (the router reads it)."""
 
-    def __init__(self, message: str, *, backend: str | None = None, host: str | None = None):
+    def __init__(self, message: str, *, backend: str | None = None, host: str | None = None,
+                 transient: bool = False):
         super().__init__(message)
         self.backend = backend
         self.host = host
+        self.transient = transient
 
 
 class ProvisionError(BackendError):
     """Provisioning failed. ``transient`` says whether another backend may succeed."""
-
-    def __init__(self, message: str, *, transient: bool = False, **kw: Any):
-        super().__init__(message, **kw)
-        self.transient = transient
 
 
 class ReadinessTimeout(BackendError):
