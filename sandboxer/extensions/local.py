@@ -143,6 +143,7 @@ class LocalConfig(BaseModel):
     root: str | None = Field(default=None, description="workspace root; default <home>/local")
     tool: Literal["auto", "bwrap", "unshare"] = "auto"
     start_timeout_s: float = Field(default=10.0, gt=0)
+    max_output_bytes: int = Field(default=OUTPUT_CAP, gt=0, description="kept (and streamed) per stream of one exec")
 
 
 class LocalOptions(BaseModel):
@@ -521,7 +522,7 @@ class LocalExtension(SandboxExtension):
                 local_cgroup.kill_tree(proc.pid)
 
         try:
-            return _collect(proc, stdin, timeout, on_output, kill)
+            return _collect(proc, stdin, timeout, on_output, kill, self.config.max_output_bytes)
         finally:
             local_cgroup.drop_group(group)
 
@@ -650,7 +651,7 @@ class LocalExtension(SandboxExtension):
 
 
 def _collect(proc: subprocess.Popen, stdin: bytes | None, timeout: float | None,
-             on_output: OutputCallback | None, kill: Callable[[], None]) -> ExecResult:
+             on_output: OutputCallback | None, kill: Callable[[], None], cap: int = OUTPUT_CAP) -> ExecResult:
     """Stream a process's output to ``on_output`` and collect it (the exec convention of
     sandboxer/execution.py); at ``timeout`` call ``kill``, which ends the whole process tree."""
     if stdin:
@@ -659,7 +660,7 @@ def _collect(proc: subprocess.Popen, stdin: bytes | None, timeout: float | None,
             proc.stdin.close()  # type: ignore[union-attr]
         except BrokenPipeError:
             pass
-    out = OutputCollector(on_output, OUTPUT_CAP)
+    out = OutputCollector(on_output, cap)
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ, "stdout")  # type: ignore[arg-type]
     sel.register(proc.stderr, selectors.EVENT_READ, "stderr")  # type: ignore[arg-type]
