@@ -83,7 +83,8 @@ class DockerConfig(BaseModel):
     use_ssh_client: bool = Field(default=False, description="for ssh:// hosts, use the ssh binary instead of paramiko")
     name_prefix: str = Field(default="sandboxer-", pattern=r"^[a-z0-9][a-z0-9_.-]{0,30}$")
     snapshot_repository: str = Field(default="sandboxer-snapshot", pattern=r"^[a-z0-9]+(?:[._/-][a-z0-9]+)*$")
-    max_output_bytes: int = Field(default=10 * 1024 * 1024, gt=0, description="kept (and streamed) per stream of one exec")
+    max_output_bytes: int = Field(default=10 * 1024 * 1024, gt=0,
+                                  description="kept (and streamed) per stream of one exec")
 
 
 class DockerOptions(BaseModel):
