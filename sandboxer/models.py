@@ -228,10 +228,21 @@ class SandboxStatus(Strict):
 
 
 class ExecResult(Strict):
+    """What one exec did (the convention is sandboxer/execution.py's).
+
+    Attributes:
+        exit_code: the command's exit code; 124 when it was killed at its deadline.
+        stdout: its standard output, whole UTF-8 characters, up to the backend's output cap.
+        stderr: its standard error, likewise.
+        timed_out: the command was killed at its deadline (and nothing it started runs on).
+        truncated: output past the cap was cut (neither kept nor streamed); the command ran on.
+    """
+
     exit_code: int
     stdout: str = ""
     stderr: str = ""
     timed_out: bool = False
+    truncated: bool = False
 
 
 class MeterQuote(Strict):
