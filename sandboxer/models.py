@@ -94,6 +94,10 @@ class ExtensionManifest(Strict):
     capabilities: Capabilities
     pricing: Pricing | None = None
     config: dict[str, Any] = Field(default_factory=dict)
+    #: where the handler runs: in the manager's process, or in a worker process of its own
+    #: (docs/extension-host.md). Unset: ``process`` for a handler from an installed package's
+    #: entry point, ``in-process`` for a built-in one.
+    runtime: Literal["in-process", "process"] | None = None
 
     @property
     def name(self) -> str:
