@@ -18,9 +18,13 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from sandboxer.errors import ConfigError
+from sandboxer.errors import BackendError, ConfigError
 from sandboxer.host import protocol
 from sandboxer.models import ExecResult, ExtensionManifest, Profile, SnapshotMeta
+
+
+#: The worker this process runs (None until :func:`main` starts one).
+CURRENT: "Worker | None" = None
 
 
 class Worker:
@@ -110,7 +114,11 @@ class Worker:
             try:
                 line = protocol.response(msg_id, result)
             except (TypeError, ValueError) as exc:
-                raise TypeError(f"{msg.get('method')} returned a value that is not JSON: {exc}") from None
+                raise BackendError(f"{self.name}: {msg.get('method')} returned a value that is not JSON: {exc}",
+                                   backend=self.name) from None
+            if len(line) > protocol.MAX_LINE:
+                raise BackendError(f"{self.name}: the result of {msg.get('method')} is {len(line)} bytes as JSON, over the "
+                                 f"extension-host protocol's limit of {protocol.MAX_LINE}; the result was dropped", backend=self.name)
         except BaseException as exc:  # noqa: BLE001 - every failure is an answer, never a dead thread
             line = protocol.error_response(msg_id, exc, worker=self.name)
         self.send(line)
@@ -155,7 +163,8 @@ class Worker:
                                timeout=p.get("timeout"), stdin=protocol.unpack_bytes(p.get("stdin")),
                                on_output=on_output)
         if not isinstance(result, ExecResult):
-            raise TypeError(f"exec returned {type(result).__name__}, not an ExecResult")
+            raise BackendError(f"{self.name}: exec returned {type(result).__name__}, not an ExecResult",
+                               backend=self.name)
         return result.model_dump(mode="json")
 
     def _m_snapshot(self, _id: int, p: dict[str, Any]) -> Any:
@@ -205,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     os.set_inheritable(out_fd, False)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    worker = Worker(sys.stdin.buffer, out_fd, args.extension)
+    global CURRENT
+    worker = CURRENT = Worker(sys.stdin.buffer, out_fd, args.extension)
     code = worker.serve()
     sys.stderr.flush()
     os._exit(code)  # threads still running a hung call must not keep the worker alive

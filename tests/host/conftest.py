@@ -5,6 +5,10 @@ Every worker a test starts is stopped at its end (and checked gone), so no test 
 
 from __future__ import annotations
 
+import importlib
+import subprocess
+import sys
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -34,12 +38,13 @@ STUB_PROFILE = """
 
 
 @pytest.fixture
-def host_manager(make_manager) -> Callable[..., Manager]:  # type: ignore[no-untyped-def]
-    """``make(limits=None)``: a Manager whose process extensions are bound to its call limits."""
+def host_manager(cfg, home) -> Callable[..., Manager]:  # type: ignore[no-untyped-def]
+    """``make(limits=None, config_dirs=[cfg])``: a Manager whose process extensions are bound to its
+    call limits. At the end its sandboxes are torn down and every worker is stopped and checked gone."""
     made: list[Manager] = []
 
-    def make(limits: CallLimits | None = None) -> Manager:
-        mgr = make_manager(call_limits=limits) if limits else make_manager()
+    def make(limits: CallLimits | None = None, config_dirs=None) -> Manager:  # type: ignore[no-untyped-def]
+        mgr = Manager(config_dirs=config_dirs or [cfg.root], home=home, call_limits=limits)
         for loaded in mgr.catalog.extensions.values():
             if loaded.runtime == "process":
                 loaded.instance(mgr.home, limits=mgr.limits)
@@ -49,6 +54,12 @@ def host_manager(make_manager) -> Callable[..., Manager]:  # type: ignore[no-unt
     yield make
     pids = []
     for mgr in made:
+        for sb in mgr.list():
+            try:
+                mgr.teardown(sb.id)
+            except Exception:  # noqa: BLE001 - best effort; the test already reported
+                pass
+        mgr.close()
         for loaded in mgr.catalog.extensions.values():
             inst = loaded._instance
             if isinstance(inst, ProcessExtension):
@@ -57,3 +68,22 @@ def host_manager(make_manager) -> Callable[..., Manager]:  # type: ignore[no-unt
                 if pid:
                     pids.append(pid)
     assert all(wait_gone(pid) for pid in pids), f"workers still running: {pids}"
+
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = [REPO / "examples" / "sandboxer-workspace", REPO / "tests" / "host" / "misbehaving"]
+
+
+@pytest.fixture(scope="session")
+def installed_examples(tmp_path_factory) -> Path:
+    """The example package and the misbehaving one, pip-installed into a throwaway target dir
+    put on ``sys.path`` (the shared venv is not touched); workers inherit the import path."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), *map(str, PACKAGES)], check=True, timeout=240,
+                   cwd=target)
+    sys.path.insert(0, str(target))
+    importlib.invalidate_caches()
+    yield target
+    sys.path.remove(str(target))
+    importlib.invalidate_caches()
