@@ -128,6 +128,8 @@ class WorkerProcess:
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self.dead: str | None = None  # why it is no longer usable
+        self.ready = False  # handshake answered
+        self.closing = False
         private = ext.private_dir
         private.mkdir(parents=True, exist_ok=True)
         env = {
@@ -141,7 +143,7 @@ class WorkerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sandboxer.host", "--extension", ext.id],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=env, cwd=private, close_fds=True, start_new_session=True, bufsize=0,
+            env=env, cwd=private, close_fds=True, start_new_session=True,
         )
         self.stdin = self.proc.stdin
         threading.Thread(target=self._read_stdout, name=f"{ext.id}-out", daemon=True).start()
@@ -210,9 +212,12 @@ class WorkerProcess:
 
     def fail_all(self, why: str) -> None:
         with self._lock:
-            if self.dead is None:
+            first = self.dead is None
+            if first:
                 self.dead = why
             pending, self._pending = self._pending, {}
+        if first and self.ready:
+            self.ext.restart_soon(self)
         for pend in pending.values():
             pend.error = self.ext.crashed(f"during {pend.method}", self.dead, self.proc.pid)
             pend.done.set()
@@ -247,6 +252,7 @@ class WorkerProcess:
         try:
             with self._write_lock:
                 self.stdin.write(line)  # type: ignore[union-attr]
+                self.stdin.flush()  # type: ignore[union-attr]
         except (BrokenPipeError, OSError, ValueError):
             pass  # the stdout reader sees the exit and fails the call
         if not pend.done.wait(timeout):
@@ -265,9 +271,12 @@ class WorkerProcess:
     def handshake(self) -> dict[str, Any]:
         params = {"abi_version": self.ext.abi_version, "manifest": self.ext.manifest.model_dump(mode="json"),
                   "home": str(self.ext.private_dir)}
-        return self.call("handshake", params, HANDSHAKE_TIMEOUT)
+        out = self.call("handshake", params, HANDSHAKE_TIMEOUT)
+        self.ready = True
+        return out
 
     def close(self) -> None:
+        self.closing = True
         try:
             self.stdin.close()  # type: ignore[union-attr]
         except OSError:
@@ -315,6 +324,7 @@ class ProcessExtension(SandboxExtension):
         self._lock = threading.Lock()
         self._worker: WorkerProcess | None = None
         self._generation = 0
+        self._closed = False
         self.restarts = 0
 
     def __repr__(self) -> str:
@@ -336,9 +346,28 @@ class ProcessExtension(SandboxExtension):
             f"{self.id}: the extension worker (pid {pid}) {why} {when}; it will be restarted on the next call"
             f"{quoted}; {self.where_log()}", backend=self.id, log=str(self.stderr.path))
 
+    def restart_soon(self, dead: WorkerProcess) -> None:
+        """Start a replacement for ``dead`` in the background, so the next call does not wait for it.
+
+        Only a worker that had started properly is replaced eagerly; one that fails its start is
+        retried on the next call only, so a broken install cannot spin.
+        """
+        if self._closed or dead.closing:
+            return
+
+        def restart() -> None:
+            try:
+                self.worker()
+            except SandboxerError:
+                pass  # the next call starts one again and reports why it cannot
+
+        threading.Thread(target=restart, name=f"{self.id}-restart", daemon=True).start()
+
     def worker(self) -> WorkerProcess:
         """The running worker, started (and handshaken) if there is none or it died."""
         with self._lock:
+            if self._closed:
+                raise ExtensionCrashed(f"{self.id}: the extension host was closed", backend=self.id)
             w = self._worker
             if w is not None and w.dead is None and w.proc.poll() is None:
                 return w
@@ -363,6 +392,7 @@ class ProcessExtension(SandboxExtension):
     def close(self) -> None:
         """Stop the worker (it exits when its stdin closes)."""
         with self._lock:
+            self._closed = True
             w, self._worker = self._worker, None
         if w is not None:
             w.close()

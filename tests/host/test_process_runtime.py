@@ -66,3 +66,36 @@ def test_an_abi_mismatch_is_refused(mgr, monkeypatch) -> None:
     with pytest.raises(ExtensionLoadError, match=r"ext\.stubproc: the manager speaks extension-host ABI 99, "
                                                  r"this worker speaks 1"):
         ext.ping()
+
+
+def test_only_the_secrets_its_config_references_reach_the_worker(cfg, host_manager, monkeypatch) -> None:
+    monkeypatch.setenv("STUB_TEST_KEY", "key-for-the-stub")
+    monkeypatch.setenv("UNRELATED_TOKEN", "not-for-the-worker")
+    cfg.write("ext.stubproc.yaml", STUB_PROCESS.replace("config: {capacity: 5}",
+                                                        "config: {capacity: 5, api_key: {env: STUB_TEST_KEY}}"))
+    cfg.write("profile.stubproc.yaml", STUB_PROFILE)
+    mgr = host_manager()
+    sb = mgr.create(profile="stubproc")  # the stub refuses a create without its key
+    assert sb.state.value == "ready"
+    ext = mgr.extension("ext.stubproc")
+    with open(f"/proc/{ext.pid()}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if kv)
+    assert env[b"STUB_TEST_KEY"] == b"key-for-the-stub"
+    assert set(env) == {b"PATH", b"HOME", b"LANG", b"PYTHONPATH", b"STUB_TEST_KEY"}
+    assert "key-for-the-stub" not in repr(ext) and "key-for-the-stub" not in ext.stderr.tail()
+
+
+def test_an_unset_secret_is_refused_in_the_worker_naming_the_reference(cfg, host_manager, monkeypatch) -> None:
+    from sandboxer.errors import AuthError
+
+    monkeypatch.delenv("STUB_TEST_KEY", raising=False)
+    cfg.write("ext.stubproc.yaml", STUB_PROCESS.replace("config: {capacity: 5}",
+                                                        "config: {capacity: 5, api_key: {env: STUB_TEST_KEY}}"))
+    cfg.write("profile.stubproc.yaml", STUB_PROFILE)
+    mgr = host_manager()
+    ext = mgr.extension("ext.stubproc")
+    with pytest.raises(AuthError) as err:
+        ext.provision(mgr.profile("stubproc"), {"sandbox_id": "sb-x1", "owner_labels": {}, "tags": {}, "ttl": 60},
+                      None)
+    assert err.value.credential == "env STUB_TEST_KEY"
+    assert "STUB_TEST_KEY" in str(err.value)

@@ -3,7 +3,7 @@
 Sandboxes are files under its home (so a new worker still finds them). ``exec`` misbehaves by
 its ``argv[0]``: ``raise`` (a foreign exception), ``hang``, ``abort`` (``os.abort()``),
 ``garbage`` (a line that is not the protocol on the protocol stream), ``print`` (a stray print,
-which the worker keeps off the protocol stream), ``huge N`` (N MiB streamed and returned),
+which the worker keeps off the protocol stream), ``huge N [ascii]`` (N MiB streamed and returned),
 ``exit`` (``os._exit(3)``); anything else echoes its arguments. A teardown of a sandbox created
 with the input ``hang_teardown`` hangs.
 """
@@ -77,7 +77,7 @@ class MisbehavingExtension(SandboxExtension):
             return ExecResult(exit_code=0, stdout="printed\n")
         if what == "huge":
             mib = int(argv[1])
-            chunk = "é" * (512 * 1024)  # 1 MiB of UTF-8
+            chunk = "x" * (1024 * 1024) if argv[2:] == ["ascii"] else "é" * (512 * 1024)  # 1 MiB of UTF-8
             if on_output is not None:
                 for _ in range(mib):
                     on_output("stdout", chunk)
