@@ -1,11 +1,11 @@
 """The worker side of the extension host: one process serving one extension over NDJSON.
 
 Started by the manager as ``python -m sandboxer.host --extension ext.<name>``. It reads requests
-from stdin and answers on the protocol stream, one thread per request, so a call that hangs
-never blocks the others. The protocol stream is a private copy of the original stdout: file
-descriptor 1 (and ``sys.stdout``) are pointed at stderr before any handler code runs, so a
-stray ``print`` from an extension, or a child process it starts, lands in the operator's
-log instead of corrupting the protocol. The worker keeps no state of the manager's; it is
+from stdin and answers on the protocol stream, each request on a thread of its own (threads
+are reused), so a call that hangs never blocks the others. The protocol stream is a private
+copy of the original stdout: file descriptor 1 (and ``sys.stdout``) are pointed at stderr
+before any handler code runs, so a stray ``print`` from an extension, or a child process it
+starts, lands in the operator's log instead of corrupting the protocol. The worker keeps no state of the manager's; it is
 given its extension's manifest, config and a private home on the handshake.
 """
 
@@ -39,6 +39,11 @@ class Worker:
         # Profiles arrive as JSON on every call: validate each distinct one once.
         self._profiles: dict[str, Profile] = {}
         self._profiles_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._pool_lock = threading.Lock()
+        self._idle = 0
+        self._finished = threading.Event()
+        self._code = 0
 
     def send(self, data: bytes) -> None:
         with self._write_lock:
@@ -60,10 +65,34 @@ class Worker:
             return 2
         if not self._handshake(msg):
             return 2
+        self._spawn()
+        self._finished.wait()
+        return self._code
+
+    # Requests are served leader/follower style: the thread that reads a line serves it, after
+    # making sure another thread is waiting to read the next one (spawning one only when none
+    # is idle). A call that hangs holds its own thread only; in the steady state no thread is
+    # created per request and no hand-off sits between reading a request and serving it.
+
+    def _spawn(self) -> None:
+        threading.Thread(target=self._loop, name="sandboxer-host-req", daemon=True).start()
+
+    def _loop(self) -> None:
         while True:
-            line = self._in.readline()
-            if not line:
-                return 0
+            with self._pool_lock:
+                self._idle += 1
+            with self._read_lock:
+                with self._pool_lock:
+                    self._idle -= 1
+                    alone = self._idle == 0
+                if self._finished.is_set():
+                    return
+                line = self._in.readline()
+                if not line:
+                    self._finish(0)
+                    return
+                if alone:
+                    self._spawn()
             try:
                 msg = protocol.decode(line)
             except protocol.ProtocolError as exc:
@@ -71,8 +100,13 @@ class Worker:
                 continue
             if msg.get("method") == "shutdown":
                 self.send(protocol.response(msg["id"], None))
-                return 0
-            threading.Thread(target=self._serve_one, args=(msg,), name=f"req-{msg['id']}", daemon=True).start()
+                self._finish(0)
+                return
+            self._serve_one(msg)
+
+    def _finish(self, code: int) -> None:
+        self._code = code
+        self._finished.set()
 
     def _handshake(self, msg: dict[str, Any]) -> bool:
         params = msg.get("params") or {}
