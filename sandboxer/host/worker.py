@@ -161,7 +161,8 @@ class Worker:
 
     def _method(self, name: Any) -> Callable[[int, dict[str, Any]], Any]:
         if name not in protocol.METHODS:
-            raise ValueError(f"unknown method {name!r}")
+            raise BackendError(f"{self.name}: the worker has no method {name!r} (extension-host ABI "
+                               f"{protocol.ABI_VERSION})", backend=self.name)
         return getattr(self, f"_m_{name}")
 
     def _profile(self, data: dict[str, Any]) -> Profile:

@@ -99,3 +99,14 @@ def test_an_unset_secret_is_refused_in_the_worker_naming_the_reference(cfg, host
                       None)
     assert err.value.credential == "env STUB_TEST_KEY"
     assert "STUB_TEST_KEY" in str(err.value)
+
+
+def test_an_unknown_runtime_is_refused_at_load_naming_the_file(cfg) -> None:
+    from sandboxer.errors import ManifestError
+    from sandboxer.loader import load_catalog
+
+    path = cfg.write("ext.stubproc.yaml", STUB_PROCESS.replace("runtime: process", "runtime: thread"))
+    with pytest.raises(ManifestError) as err:
+        load_catalog([cfg.root])
+    assert str(err.value) == (f"{path}: field 'runtime' (value 'thread'): Input should be 'in-process' or "
+                              "'process'")
