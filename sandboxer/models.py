@@ -83,6 +83,14 @@ class Pricing(Strict):
     as_of: str | None = None
 
 
+class WorkerPolicy(Strict):
+    """How the worker of a ``runtime: process`` extension is confined (docs/extension-host.md)."""
+
+    sandbox: Literal["none", "namespace"] = Field(
+        default="none", description="namespace: run the worker under bubblewrap, the manager's home hidden")
+    network: bool = Field(default=False, description="a namespaced worker gets the host's network only if set")
+
+
 class ExtensionManifest(Strict):
     """One ``extensions/ext.<name>.yaml``."""
 
@@ -98,6 +106,7 @@ class ExtensionManifest(Strict):
     #: (docs/extension-host.md). Unset: ``process`` for a handler from an installed package's
     #: entry point, ``in-process`` for a built-in one.
     runtime: Literal["in-process", "process"] | None = None
+    worker: WorkerPolicy = Field(default_factory=WorkerPolicy)
 
     @property
     def name(self) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from sandboxer.deadline import CallLimits
-from sandboxer.errors import ExtensionCrashed, ExtensionTimeout, SandboxerError
+from sandboxer.errors import CapabilityError, ExtensionCrashed, ExtensionTimeout, SandboxerError
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.host import protocol
 from sandboxer.models import ExecResult, ExtensionManifest, Profile, SnapshotMeta
@@ -141,7 +142,7 @@ class WorkerProcess:
             **ext.secrets(),
         }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sandboxer.host", "--extension", ext.id],
+            ext.confine([sys.executable, "-m", "sandboxer.host", "--extension", ext.id]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=env, cwd=private, close_fds=True, start_new_session=True,
         )
@@ -201,6 +202,8 @@ class WorkerProcess:
             self.kill()
             code = self.proc.wait(timeout=5)
         if why is None:
+            if code > 128 and self.ext.manifest.worker.sandbox == "namespace":
+                code = 128 - code  # bubblewrap reports its child's death by signal N as 128 + N
             if code < 0:
                 try:
                     why = f"died of signal {signal.Signals(-code).name}"
@@ -331,6 +334,30 @@ class ProcessExtension(SandboxExtension):
         return f"<ProcessExtension {self.manifest.id} handler={self.handler.__name__}>"
 
     # ---------------------------------------------------------- the worker
+
+    def confine(self, argv: list[str]) -> list[str]:
+        """The worker's command line, under bubblewrap when the manifest's ``worker.sandbox`` says so.
+
+        Namespaced, the worker sees the filesystem read-only, the manager's home not at all
+        (an empty tmpfs) except its own private directory (writable), a /dev and /proc of its
+        own, and no network unless ``worker.network`` is set.
+
+        Raises:
+            CapabilityError: ``worker.sandbox: namespace`` and bubblewrap is not installed.
+        """
+        policy = self.manifest.worker
+        if policy.sandbox == "none":
+            return argv
+        bwrap = shutil.which("bwrap")
+        if bwrap is None:
+            raise CapabilityError(
+                f"{self.id}: the manifest asks for worker.sandbox 'namespace', but bubblewrap (bwrap) is not "
+                f"installed; install it, or set worker.sandbox: none to run the worker unconfined")
+        # No --die-with-parent: its death signal follows the *thread* that started bwrap (a restart
+        # thread ends at once); the worker exits anyway when its stdin closes with the manager.
+        return [bwrap, "--unshare-all", *(["--share-net"] if policy.network else []),
+                "--ro-bind", "/", "/", "--tmpfs", str(self.home), "--bind", str(self.private_dir), str(self.private_dir),
+                "--dev", "/dev", "--proc", "/proc", "--chdir", str(self.private_dir), "--", *argv]
 
     def secrets(self) -> dict[str, str]:
         """What the worker's environment gets beyond the minimum: its config's secret references."""
