@@ -130,6 +130,7 @@ class WorkerProcess:
         self._write_lock = threading.Lock()
         self.dead: str | None = None  # why it is no longer usable
         self.ready = False  # handshake answered
+        self.answered = 0  # responses received, the handshake's included
         self.closing = False
         private = ext.private_dir
         private.mkdir(parents=True, exist_ok=True)
@@ -186,6 +187,7 @@ class WorkerProcess:
                 continue
             with self._lock:
                 self._pending.pop(msg["id"], None)
+                self.answered += 1
             if "error" in msg:
                 pend.error = protocol.error_from_wire(msg["error"], worker=self.ext.id)
             else:
@@ -219,7 +221,9 @@ class WorkerProcess:
             if first:
                 self.dead = why
             pending, self._pending = self._pending, {}
-        if first and self.ready:
+        # Replaced at once only if it served a call: one that dies idle right after its start
+        # would otherwise be restarted in a loop; the next call starts it again instead.
+        if first and self.ready and self.answered > 1:
             self.ext.restart_soon(self)
         for pend in pending.values():
             pend.error = self.ext.crashed(f"during {pend.method}", self.dead, self.proc.pid)
@@ -376,8 +380,9 @@ class ProcessExtension(SandboxExtension):
     def restart_soon(self, dead: WorkerProcess) -> None:
         """Start a replacement for ``dead`` in the background, so the next call does not wait for it.
 
-        Only a worker that had started properly is replaced eagerly; one that fails its start is
-        retried on the next call only, so a broken install cannot spin.
+        Only a worker that started and answered a call is replaced eagerly; one that fails its
+        start, or dies before serving anything, is started again by the next call only, so a
+        broken extension cannot spin.
         """
         if self._closed or dead.closing:
             return
