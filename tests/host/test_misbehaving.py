@@ -197,3 +197,16 @@ def test_the_stderr_ring_is_bounded(mgr) -> None:
         ext.stderr.add(b"x" * 1000)
     assert sum(map(len, ext.stderr._ring)) <= 64 * 1024 + 1000
     assert protocol.ABI_VERSION == 1
+
+
+def test_the_stderr_log_file_is_rotated_at_its_bound(tmp_path, monkeypatch) -> None:
+    from sandboxer.host import client
+
+    monkeypatch.setattr(client, "STDERR_LOG_MAX", 10_000)
+    log = client.StderrLog(tmp_path / "worker.log")
+    for i in range(30):
+        log.add(f"line {i:04d} ".encode() * 100)  # 1 KB each
+    assert log.path.stat().st_size <= 10_000
+    assert (tmp_path / "worker.log.1").stat().st_size <= 10_000
+    assert log.path.read_text().endswith("line 0029 ")
+    assert not list(tmp_path.glob("worker.log.2"))
