@@ -32,7 +32,8 @@ context manager per backend); callers never need to match message text.
     │   ├── RateLimited                  (.retry_after seconds, or None)
     │   ├── AuthError                    credentials refused; never carries the secret
     │   ├── HostKeyError                 an SSH host key did not verify
-    │   └── ExtensionTimeout             an extension call passed its deadline and was abandoned
+    │   ├── ExtensionTimeout             an extension call passed its deadline and was abandoned
+    │   └── ExtensionCrashed             an out-of-process extension's worker died or broke the protocol
     ├── MissingExtra                     an optional dependency (pip extra) is not installed
     └── RoutingError                     every backend failed; .attempts lists each one
 """
@@ -176,6 +177,18 @@ class ExtensionTimeout(BackendError):
     def __init__(self, message: str, *, timeout: float | None = None, **kw: Any):
         super().__init__(message, **kw)
         self.timeout = timeout
+
+
+class ExtensionCrashed(BackendError):
+    """An out-of-process extension's worker died, or wrote what is not the protocol, during a call.
+
+    The worker was killed (if still running) and is started again on the next call. ``log``
+    is the file holding the worker's stderr, for the operator.
+    """
+
+    def __init__(self, message: str, *, log: str | None = None, **kw: Any):
+        super().__init__(message, **kw)
+        self.log = log
 
 
 class MissingExtra(SandboxerError):

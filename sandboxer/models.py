@@ -83,6 +83,14 @@ class Pricing(Strict):
     as_of: str | None = None
 
 
+class WorkerPolicy(Strict):
+    """How the worker of a ``runtime: process`` extension is confined (docs/extension-host.md)."""
+
+    sandbox: Literal["none", "namespace"] = Field(
+        default="none", description="namespace: run the worker under bubblewrap, the manager's home hidden")
+    network: bool = Field(default=False, description="a namespaced worker gets the host's network only if set")
+
+
 class ExtensionManifest(Strict):
     """One ``extensions/ext.<name>.yaml``."""
 
@@ -94,6 +102,11 @@ class ExtensionManifest(Strict):
     capabilities: Capabilities
     pricing: Pricing | None = None
     config: dict[str, Any] = Field(default_factory=dict)
+    #: where the handler runs: in the manager's process, or in a worker process of its own
+    #: (docs/extension-host.md). Unset: ``process`` for a handler from an installed package's
+    #: entry point, ``in-process`` for a built-in one.
+    runtime: Literal["in-process", "process"] | None = None
+    worker: WorkerPolicy = Field(default_factory=WorkerPolicy)
 
     @property
     def name(self) -> str:
