@@ -51,6 +51,7 @@ bench: venv
 	@$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/python bench/lifecycle.py
 	$(BIN)/python bench/burst.py
+	$(BIN)/python bench/extension_host.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -15,6 +15,7 @@ from sandboxer.errors import (
     CapacityUnavailable,
     ConfigError,
     ExecError,
+    ExtensionCrashed,
     ExtensionLoadError,
     ExtensionTimeout,
     InputError,
@@ -58,7 +59,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthError", "BackendError", "BudgetExceeded", "CallLimits", "CapabilityError", "CapacityUnavailable", "Catalog",
     "CleanupReport", "ConfigError", "ExecError", "ExecResult", "ExtensionLoadError", "ExtensionManifest",
-    "ExtensionTimeout", "StateStoreError",
+    "ExtensionCrashed", "ExtensionTimeout", "StateStoreError",
     "InputError", "Manager", "ManifestError", "MeterQuote", "MissingExtra", "Profile", "ProfileError",
     "ProfileNotFound", "ProvisionError", "QuotaExceeded", "RateLimited", "ReadinessTimeout", "RequestError",
     "RoutingError", "SandboxCreateRequest", "SandboxExtension", "SandboxNotFound", "SandboxState",

@@ -118,7 +118,7 @@ class GcMixin(_Base):
             loaded = self.catalog.extensions.get(ext_id)
             if loaded is None or loaded.missing_extra or "list_owned" not in loaded.manifest.capabilities.features:
                 continue
-            ext = loaded.instance(self.home)
+            ext = loaded.instance(self.home, limits=self.limits)
             asked.append((ext, self._caller.start(ext.list_owned, self.owner_labels, what="list_owned",
                                                   backend=ext.id)))
         for ext, call in asked:

@@ -100,6 +100,7 @@ class Manager(SnapshotsMixin, GcMixin):
         teardown_grace: float = TEARDOWN_GRACE_S,
         call_limits: CallLimits | None = None,
     ):
+        self._owns_catalog = catalog is None
         self.catalog = catalog or load_catalog([Path(d) for d in config_dirs] if config_dirs is not None else None)
         self.home = Path(home) if home else default_home()
         self.state = StateStore(state_url or os.environ.get("SANDBOXER_STATE_URL") or None, home=self.home)
@@ -133,6 +134,13 @@ class Manager(SnapshotsMixin, GcMixin):
         return f"<Manager state={self.state.url!r} owner={self.state.owner_id}>"
 
     def close(self) -> None:
+        """Close the state store and, for a catalog this manager loaded itself, stop its
+        out-of-process extensions' workers (a catalog passed in may serve other managers)."""
+        if self._owns_catalog:
+            for loaded in self.catalog.extensions.values():
+                inst = loaded._instance
+                if inst is not None and loaded.runtime == "process":
+                    inst.close()  # type: ignore[attr-defined]
         self.state.close()
 
     def __enter__(self) -> "Manager":
@@ -166,7 +174,7 @@ class Manager(SnapshotsMixin, GcMixin):
                 f"{whose} is not defined in this configuration (config dirs: {dirs}); run with the "
                 f"--config (or SANDBOXER_CONFIG) that defines it. Nothing was changed."
             ) from None
-        return loaded.instance(self.home)
+        return loaded.instance(self.home, limits=self.limits)
 
     def effective_profile(self, profile: Profile, index: int) -> Profile:
         """The profile as backend ``index`` sees it: that entry's options."""

@@ -61,7 +61,7 @@ def test_requests_events_and_responses_on_the_wire(tmp_path) -> None:
         assert done["id"] == 4 and done["result"]["stdout"] == "hé\n" and done["result"]["exit_code"] == 0
         assert _say(proc, {"id": 5, "method": "nope", "params": {}})["error"] == {
             "type": "BackendError", "message": "ext.stub: the worker has no method 'nope' (extension-host ABI 1)",
-            "backend": "ext.stub"}
+            "backend": "ext.stub", "transient": False}
         assert _say(proc, {"id": 6, "method": "shutdown"}) == {"id": 6, "result": None}
         assert proc.wait(10) == 0
     finally:
