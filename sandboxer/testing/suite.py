@@ -361,8 +361,10 @@ class Conformance:
                 res = self.call("exec", handle, ["cat", "sbx-conformance-kept.txt"], deadline=EXEC_LIMIT + TIMEOUT_SLACK_S)
                 _expect((res.exit_code, res.stdout), (0, "kept\n"), "the restored sandbox's file (exit code, content)")
         finally:
-            self.teardown(sid)
-            self.call("delete_snapshot", self.snap, deadline=self.manager.limits.snapshot)
+            try:
+                self.teardown(sid)
+            finally:  # the snapshot's stored data goes even if the restored sandbox's teardown failed
+                self.call("delete_snapshot", self.snap, deadline=self.manager.limits.snapshot)
 
     def step_teardown(self) -> None:
         if not getattr(self, "created", None):
