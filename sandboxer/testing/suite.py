@@ -41,6 +41,7 @@ STEPS: dict[str, str] = {
     "restore": "a restored sandbox is ready and holds the snapshot's files",
     "teardown": "teardown returns a report",
     "teardown_again": "a second teardown of the same handle succeeds (idempotent)",
+    "teardown_already_gone": "the first teardown report says already_gone false, the second true (billing stops right)",
     "probe_gone": "probe does not say a torn-down sandbox still exists",
     "list_owned": "list_owned finds an orphan with our owner labels, not a foreign resource nor a torn-down one",
     "manager_cycle": "through a Manager: create, exec, teardown twice ends terminated",
@@ -175,8 +176,11 @@ class Conformance:
         self._caller = Caller()
         self._made: dict[str, dict[str, Any]] = {}  # sandbox id -> handle, until torn down
         self._foreign: list[str] = []  # calls that raised something not from the tree
-        self.handle: dict[str, Any] | None = None
-        self.gone_handle: dict[str, Any] | None = None
+        self.sid = f"sbx-conf-{self.run_id}"
+        self.created: dict[str, Any] | None = None  # the main sandbox's handle, once provisioned
+        self.handle: dict[str, Any] | None = None  # the same, while it is ready
+        self.gone_handle: dict[str, Any] | None = None  # the same, once torn down
+        self.reports: list[dict[str, Any]] = []  # its teardown reports
         self.snap: SnapshotMeta | None = None
 
     # ------------------------------------------------------------ helpers
@@ -190,13 +194,18 @@ class Conformance:
             inputs["tags"] = {**inputs["tags"], **owner}
         return inputs
 
-    def call(self, method: str, *args: Any, deadline: float, **kwargs: Any) -> Any:
-        """``ext.<method>(...)`` under a deadline; a foreign exception is noted for errors_from_tree."""
+    def call(self, method: str, *args: Any, deadline: float, late: Callable[[Any], None] | None = None,
+             **kwargs: Any) -> Any:
+        """``ext.<method>(...)`` under a deadline; a foreign exception is noted for errors_from_tree.
+
+        ``late`` gets the result of a call that returns after its deadline (a handle to undo).
+        """
         what = f"{method} on {self.ext.id}"
         try:
             # a closure: the method's own keywords (exec's ``timeout``) are not the deadline's
             fn = getattr(self.ext, method)
-            return self._caller.call(lambda: fn(*args, **kwargs), timeout=deadline, what=what, backend=self.ext.id)
+            return self._caller.call(lambda: fn(*args, **kwargs), timeout=deadline, what=what, backend=self.ext.id,
+                                     late=late)
         except SandboxerError:
             raise
         except Exception as exc:
@@ -214,10 +223,17 @@ class Conformance:
 
     def provision(self, sandbox_id: str, owner: dict[str, str] | None = None) -> dict[str, Any]:
         handle = self.call("provision", self.eff, self._inputs(sandbox_id, owner), self.host,
-                           deadline=self.ext.deadline(self.eff))
+                           deadline=self.ext.deadline(self.eff), late=self._undo_late)
+        self._made[sandbox_id] = handle  # torn down at the end whatever the checks say
         _json_ok("handle", handle)
-        self._made[sandbox_id] = handle
         return handle
+
+    def _undo_late(self, handle: Any) -> None:
+        """A provision abandoned at its deadline returned after all: tear down what it made."""
+        try:
+            self.ext.teardown(handle)
+        except Exception:  # noqa: BLE001 - nothing_left reports what list_owned still finds
+            pass
 
     def teardown(self, sandbox_id: str) -> dict[str, Any]:
         report = self.call("teardown", self._made[sandbox_id], deadline=self.manager.limits.teardown)
@@ -236,9 +252,8 @@ class Conformance:
     # -------------------------------------------------------------- steps
 
     def step_provision(self) -> None:
-        self.sid = f"sbx-conf-{self.run_id}"
-        self.handle = self.provision(self.sid)
-        self.created = self.handle
+        self.created = self.provision(self.sid)
+        self.handle = self.created
 
     def step_wait_ready(self) -> None:
         if self.handle is None:
@@ -367,19 +382,27 @@ class Conformance:
                 self.call("delete_snapshot", self.snap, deadline=self.manager.limits.snapshot)
 
     def step_teardown(self) -> None:
-        if not getattr(self, "created", None):
+        if self.created is None:
             raise StepSkipped("provision failed")
         self.handle = None
         report = self.call("teardown", self.created, deadline=self.manager.limits.teardown)
         self._made.pop(self.sid, None)
         _json_ok("teardown report", report)
         self.gone_handle = self.created
+        self.reports.append(report)
 
     def step_teardown_again(self) -> None:
         if self.gone_handle is None:
             raise StepSkipped("teardown failed")
         report = self.call("teardown", self.gone_handle, deadline=self.manager.limits.teardown)
         _json_ok("teardown report", report)
+        self.reports.append(report)
+
+    def step_teardown_already_gone(self) -> None:
+        if len(self.reports) < 2:
+            raise StepSkipped("teardown or teardown_again failed")
+        got = [r.get("already_gone", "<missing>") for r in self.reports]
+        _expect(got, [False, True], "already_gone of the (first, second) teardown reports")
 
     def step_probe_gone(self) -> None:
         if self.gone_handle is None:
@@ -402,7 +425,7 @@ class Conformance:
             raise StepFailed(f"expected the orphan {orphan} (provisioned with owner labels {owner}) to be listed, got {ids}")
         if foreign in ids:
             raise StepFailed(f"expected {foreign} (other owner labels {self.foreign_labels}) not to be listed, got {ids}")
-        if getattr(self, "sid", None) in ids and self.gone_handle is not None:
+        if self.sid in ids and self.gone_handle is not None:
             raise StepFailed(f"expected the torn-down {self.sid} not to be listed, got {ids}")
         theirs = [o.get("sandbox_id") for o in self.call("list_owned", dict(self.foreign_labels),
                                                           deadline=self.manager.limits.list_owned)]
