@@ -81,7 +81,8 @@ class StepResult:
     @property
     def message(self) -> str:
         what = STEPS.get(self.name, self.name)
-        return f"{self.extension} / {self.name} ({what}): {self.detail}" if self.detail else f"{self.extension} / {self.name}"
+        where = f"{self.extension} / {self.name}"
+        return f"{where} ({what}): {self.detail}" if self.detail else where
 
 
 @dataclass
@@ -118,7 +119,8 @@ def default_profile(manager: Any, extension: str) -> Profile:
         prof = manager.catalog.profiles[slug]
         if any(c.extension == extension for c in prof.candidates):
             return prof
-    raise ConfigError(f"no profile uses extension {extension!r}; write one (profiles/profile.<slug>.yaml) or pass --profile")
+    raise ConfigError(f"no profile uses extension {extension!r}; write one (profiles/profile.<slug>.yaml) "
+                      "or pass --profile")
 
 
 def _show(value: Any, limit: int = 200) -> str:
@@ -132,7 +134,8 @@ def _json_ok(what: str, value: Any) -> None:
     try:
         json.dumps(value)
     except (TypeError, ValueError) as exc:
-        raise StepFailed(f"expected the {what} to be JSON-serialisable (it is stored), got {_show(value)}: {exc}") from None
+        raise StepFailed(f"expected the {what} to be JSON-serialisable (it is stored), "
+                         f"got {_show(value)}: {exc}") from None
 
 
 def _expect(got: Any, want: Any, what: str) -> None:
@@ -187,8 +190,9 @@ class Conformance:
 
     def _inputs(self, sandbox_id: str, owner: dict[str, str] | None = None) -> dict[str, Any]:
         """What provision gets from the manager, for ``sandbox_id`` (under ``owner`` labels, if given)."""
-        inputs = self.manager._provision_inputs(self.profile, self.index, sandbox_id, self.inputs, self.profile.ttl.default,
-                                                "conformance", {"sandboxer.conformance": self.run_id})
+        inputs = self.manager._provision_inputs(self.profile, self.index, sandbox_id, self.inputs,
+                                                self.profile.ttl.default, "conformance",
+                                                {"sandboxer.conformance": self.run_id})
         if owner is not None:
             inputs["owner_labels"] = dict(owner)
             inputs["tags"] = {**inputs["tags"], **owner}
@@ -373,7 +377,8 @@ class Conformance:
             self.call("wait_ready", handle, self.eff.ready_timeout,
                       deadline=self.eff.ready_timeout + self.manager.limits.ready_grace)
             if self.ext.supports("exec"):
-                res = self.call("exec", handle, ["cat", "sbx-conformance-kept.txt"], deadline=EXEC_LIMIT + TIMEOUT_SLACK_S)
+                res = self.call("exec", handle, ["cat", "sbx-conformance-kept.txt"],
+                                deadline=EXEC_LIMIT + TIMEOUT_SLACK_S)
                 _expect((res.exit_code, res.stdout), (0, "kept\n"), "the restored sandbox's file (exit code, content)")
         finally:
             try:
@@ -422,9 +427,11 @@ class Conformance:
             raise StepFailed(f"expected [{{'sandbox_id': ..., 'handle': {{...}}}}, ...], got {_show(owned)}")
         ids = [o.get("sandbox_id") for o in owned]
         if orphan not in ids:
-            raise StepFailed(f"expected the orphan {orphan} (provisioned with owner labels {owner}) to be listed, got {ids}")
+            raise StepFailed(f"expected the orphan {orphan} (provisioned with owner labels {owner}) to be listed, "
+                             f"got {ids}")
         if foreign in ids:
-            raise StepFailed(f"expected {foreign} (other owner labels {self.foreign_labels}) not to be listed, got {ids}")
+            raise StepFailed(f"expected {foreign} (other owner labels {self.foreign_labels}) not to be listed, "
+                             f"got {ids}")
         if self.sid in ids and self.gone_handle is not None:
             raise StepFailed(f"expected the torn-down {self.sid} not to be listed, got {ids}")
         theirs = [o.get("sandbox_id") for o in self.call("list_owned", dict(self.foreign_labels),
@@ -454,6 +461,9 @@ class Conformance:
         orphan = f"sbx-conf-{self.run_id}-o"
         if orphan not in self._made:
             raise StepSkipped("list_owned failed before its orphan was made")
+        if self.ext.id not in self.manager.state.extensions_used():
+            raise StepSkipped(f"gc asks only the backends its store has used; manager_cycle recorded nothing "
+                              f"on {self.ext.id}")
         report = self.manager.gc()
         if orphan not in report.orphans:
             raise StepFailed(f"expected gc to reap the orphan {orphan}, got orphans {report.orphans}, "
@@ -488,7 +498,8 @@ class Conformance:
         for labels in (self.manager.owner_labels, self.foreign_labels):
             left = self.call("list_owned", dict(labels), deadline=self.manager.limits.list_owned)
             if left:
-                raise StepFailed(f"expected nothing left under {labels}, got {_show([o.get('sandbox_id') for o in left])}")
+                ids = [o.get("sandbox_id") for o in left]
+                raise StepFailed(f"expected nothing left under {labels}, got {_show(ids)}")
 
     def _cleanup(self) -> None:
         """Tear down whatever the suite still holds (a failed step's leftovers)."""
