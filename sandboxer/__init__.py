@@ -39,6 +39,7 @@ from sandboxer.errors import (
 )
 from sandboxer.extensions.base import SandboxExtension
 from sandboxer.loader import Catalog, load_catalog
+from sandboxer.deadline import CallLimits
 from sandboxer.manager import Manager
 from sandboxer.models import (
     CleanupReport,
@@ -55,7 +56,7 @@ from sandboxer.models import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AuthError", "BackendError", "BudgetExceeded", "CapabilityError", "CapacityUnavailable", "Catalog",
+    "AuthError", "BackendError", "BudgetExceeded", "CallLimits", "CapabilityError", "CapacityUnavailable", "Catalog",
     "CleanupReport", "ConfigError", "ExecError", "ExecResult", "ExtensionLoadError", "ExtensionManifest",
     "ExtensionTimeout", "StateStoreError",
     "InputError", "Manager", "ManifestError", "MeterQuote", "MissingExtra", "Profile", "ProfileError",

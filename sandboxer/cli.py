@@ -211,12 +211,27 @@ def create(c: Ctx, profile: str, inputs: tuple[str, ...], consumer: str, ttl: st
 @click.option("--timeout", default=None, help="Kill the command after this long (e.g. 30s).")
 @pass_ctx
 def exec_cmd(c: Ctx, sandbox_id: str, argv: tuple[str, ...], timeout: str | None) -> None:
-    """Run a command in a sandbox: sandboxer exec ID -- CMD [ARG...]. Exits with its exit code."""
+    """Run a command in a sandbox: sandboxer exec ID -- CMD [ARG...]. Exits with its exit code.
+
+    Output streams as it arrives, as UTF-8 whatever the terminal's locale (the exec convention
+    hands over whole characters). A command killed at --timeout exits 124; output past the
+    backend's cap is cut, and stderr says so.
+    """
     def stream(kind: str, text: str) -> None:
-        (sys.stdout if kind == "stdout" else sys.stderr).write(text)
-        (sys.stdout if kind == "stdout" else sys.stderr).flush()
+        sink = sys.stdout if kind == "stdout" else sys.stderr
+        raw = getattr(sink, "buffer", None)
+        if raw is None:  # a text-only stream (e.g. under a test runner): its own encoding
+            sink.write(text)
+        else:
+            sink.flush()
+            raw.write(text.encode("utf-8", "surrogateescape"))
+            raw.flush()
+        sink.flush()
 
     res = c.manager().exec(sandbox_id, list(argv), timeout=parse_duration(timeout) if timeout else None, on_output=stream)
+    if res.truncated:
+        click.echo("warning: output was cut at the backend's output cap (the rest was not kept or shown);"
+                   " write large output to a file in the sandbox instead", err=True)
     if res.timed_out:
         click.echo(f"error: command timed out after {timeout}", err=True)
     sys.exit(res.exit_code)

@@ -50,15 +50,18 @@ class CallLimits:
 
 
 class _Call:
-    __slots__ = ("fn", "args", "kwargs", "done", "result", "error", "late", "lock", "abandoned")
+    __slots__ = ("fn", "args", "kwargs", "signal", "finished", "result", "error", "late", "lock", "abandoned")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                  late: Callable[[Any], None] | None):
         self.fn, self.args, self.kwargs, self.late = fn, args, kwargs, late
-        self.done = threading.Event()
+        # Held until the call ends; the caller waits by acquiring it (cheaper than an Event).
+        self.signal = threading.Lock()
+        self.signal.acquire()
+        self.finished = False
         self.result: Any = None
         self.error: BaseException | None = None
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # orders "finished" against "abandoned"
         self.abandoned = False
 
 
@@ -106,15 +109,14 @@ class Caller:
             ExtensionTimeout: not returned by then (abandoned); whatever the call raised otherwise.
         """
         try:
-            done = c.done.wait(max(0.0, until - time.monotonic()))
+            done = c.signal.acquire(timeout=max(0.0, until - time.monotonic()))
         except BaseException:  # interrupted (Ctrl-C): abandoned too, so a late result is still cleaned up
             with c.lock:
-                c.abandoned = not c.done.is_set()
+                c.abandoned = not c.finished
             raise
         if not done:
             with c.lock:
-                if not c.done.is_set():
-                    c.abandoned = True
+                c.abandoned = not c.finished
             if c.abandoned:
                 raise ExtensionTimeout(
                     f"{backend or 'extension'}: {what} did not return within {timeout:g}s; it was abandoned "
@@ -144,8 +146,9 @@ class Caller:
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 c.error = exc
             with c.lock:
-                c.done.set()
+                c.finished = True
                 late = c.abandoned
+            c.signal.release()
             if late:
                 self._late(c)
             c.fn = c.args = c.kwargs = None  # type: ignore[assignment] - drop references

@@ -32,7 +32,8 @@ context manager per backend); callers never need to match message text.
     │   ├── RateLimited                  (.retry_after seconds, or None)
     │   ├── AuthError                    credentials refused; never carries the secret
     │   ├── HostKeyError                 an SSH host key did not verify
-    │   └── ExtensionTimeout             an extension call passed its deadline and was abandoned
+    │   ├── ExtensionTimeout             an extension call passed its deadline and was abandoned
+    │   └── ExtensionCrashed             an out-of-process extension's worker died or broke the protocol
     ├── MissingExtra                     an optional dependency (pip extra) is not installed
     └── RoutingError                     every backend failed; .attempts lists each one
 """
@@ -103,20 +104,19 @@ class BudgetExceeded(RequestError):
 
 
 class BackendError(SandboxerError):
-    """A backend failed. ``backend`` and ``host`` say where, when known."""
+    """A backend failed. ``backend`` and ``host`` say where, when known; ``transient`` says
+    whether the same call may succeed later or elsewhere (the router reads it)."""
 
-    def __init__(self, message: str, *, backend: str | None = None, host: str | None = None):
+    def __init__(self, message: str, *, backend: str | None = None, host: str | None = None,
+                 transient: bool = False):
         super().__init__(message)
         self.backend = backend
         self.host = host
+        self.transient = transient
 
 
 class ProvisionError(BackendError):
     """Provisioning failed. ``transient`` says whether another backend may succeed."""
-
-    def __init__(self, message: str, *, transient: bool = False, **kw: Any):
-        super().__init__(message, **kw)
-        self.transient = transient
 
 
 class ReadinessTimeout(BackendError):
@@ -177,6 +177,18 @@ class ExtensionTimeout(BackendError):
     def __init__(self, message: str, *, timeout: float | None = None, **kw: Any):
         super().__init__(message, **kw)
         self.timeout = timeout
+
+
+class ExtensionCrashed(BackendError):
+    """An out-of-process extension's worker died, or wrote what is not the protocol, during a call.
+
+    The worker was killed (if still running) and is started again on the next call. ``log``
+    is the file holding the worker's stderr, for the operator.
+    """
+
+    def __init__(self, message: str, *, log: str | None = None, **kw: Any):
+        super().__init__(message, **kw)
+        self.log = log
 
 
 class MissingExtra(SandboxerError):

@@ -30,7 +30,9 @@ from sandboxer.errors import (
     ProfileError,
 )
 from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension, check_features
-from sandboxer.extensions.registry import resolve_handler
+from sandboxer.deadline import CallLimits
+from sandboxer.extensions.registry import builtin_modules, resolve_handler
+from sandboxer.state import default_home
 from sandboxer.models import ExtensionManifest, Profile, Settings
 
 _PKG_DIR = Path(__file__).resolve().parent
@@ -116,6 +118,13 @@ class Registry:
             raise ConfigError(f"{path}: capability registry is malformed: {exc}") from exc
 
 
+def is_builtin_handler(spec: str) -> bool:
+    """Whether a manifest's ``handler`` names a module shipped in ``sandboxer.extensions``."""
+    module, sep, _ = spec.partition(":")
+    return bool(sep) and module.startswith("sandboxer.extensions.") and \
+        module.removeprefix("sandboxer.extensions.") in builtin_modules()
+
+
 @dataclass
 class LoadedExtension:
     manifest: ExtensionManifest
@@ -127,15 +136,34 @@ class LoadedExtension:
     config_overrides: list[Path] = field(default_factory=list)
     _instance: SandboxExtension | None = field(default=None, repr=False)
 
-    def instance(self, home: Path | None = None) -> SandboxExtension:
-        """The shared handler instance (created on first use, bound to the manager's home)."""
+    @property
+    def runtime(self) -> str:
+        """Where the handler runs: the manifest's ``runtime``, else ``process`` for a handler
+        published by an installed package (an entry point) and ``in-process`` for a built-in."""
+        if self.manifest.runtime is not None:
+            return self.manifest.runtime
+        return "in-process" if is_builtin_handler(self.manifest.handler) else "process"
+
+    def instance(self, home: Path | None = None, limits: CallLimits | None = None) -> SandboxExtension:
+        """The shared handler instance (created on first use, bound to the manager's home).
+
+        For a ``runtime: process`` extension it is a :class:`~sandboxer.host.client.ProcessExtension`
+        proxy, whose worker process starts on the first call; ``limits`` are the manager's call
+        deadlines, past which (plus a grace) it kills a worker that has not answered.
+        """
         if self.missing_extra:
             raise MissingExtra(self.missing_extra)
         if self._instance is None:
-            inst = self.handler(self.manifest, self.config)
-            if home is not None:
-                inst.home = home
-            self._instance = inst
+            if self.runtime == "process":
+                from sandboxer.host.client import ProcessExtension  # the host sits above the loader
+
+                self._instance = ProcessExtension(self.manifest, self.config, self.handler,
+                                                  home=home if home is not None else default_home(), limits=limits)
+            else:
+                inst = self.handler(self.manifest, self.config)
+                if home is not None:
+                    inst.home = home
+                self._instance = inst
         return self._instance
 
 

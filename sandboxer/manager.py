@@ -38,6 +38,7 @@ from sandboxer.errors import (
     TeardownError,
     TTLError,
 )
+from sandboxer.execution import check_argv
 from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension
 from sandboxer.loader import Catalog, load_catalog
 from sandboxer.metering import Metering, price
@@ -635,8 +636,7 @@ class Manager(SnapshotsMixin, GcMixin):
         Raises:
             SandboxNotFound, SandboxStateError, CapabilityError, ExecError.
         """
-        if not argv or not all(isinstance(a, str) for a in argv):
-            raise InputError(f"exec needs a non-empty list of strings, got {argv!r}")
+        argv = check_argv(argv)  # before anything is looked up or run
         row = self._ready_row(sandbox_id, "exec in")
         ext = self.extension(row["extension"])
         if not ext.supports("exec"):

@@ -83,6 +83,14 @@ class Pricing(Strict):
     as_of: str | None = None
 
 
+class WorkerPolicy(Strict):
+    """How the worker of a ``runtime: process`` extension is confined (docs/extension-host.md)."""
+
+    sandbox: Literal["none", "namespace"] = Field(
+        default="none", description="namespace: run the worker under bubblewrap, the manager's home hidden")
+    network: bool = Field(default=False, description="a namespaced worker gets the host's network only if set")
+
+
 class ExtensionManifest(Strict):
     """One ``extensions/ext.<name>.yaml``."""
 
@@ -94,6 +102,11 @@ class ExtensionManifest(Strict):
     capabilities: Capabilities
     pricing: Pricing | None = None
     config: dict[str, Any] = Field(default_factory=dict)
+    #: where the handler runs: in the manager's process, or in a worker process of its own
+    #: (docs/extension-host.md). Unset: ``process`` for a handler from an installed package's
+    #: entry point, ``in-process`` for a built-in one.
+    runtime: Literal["in-process", "process"] | None = None
+    worker: WorkerPolicy = Field(default_factory=WorkerPolicy)
 
     @property
     def name(self) -> str:
@@ -228,10 +241,21 @@ class SandboxStatus(Strict):
 
 
 class ExecResult(Strict):
+    """What one exec did (the convention is sandboxer/execution.py's).
+
+    Attributes:
+        exit_code: the command's exit code; 124 when it was killed at its deadline.
+        stdout: its standard output, whole UTF-8 characters, up to the backend's output cap.
+        stderr: its standard error, likewise.
+        timed_out: the command was killed at its deadline (and nothing it started runs on).
+        truncated: output past the cap was cut (neither kept nor streamed); the command ran on.
+    """
+
     exit_code: int
     stdout: str = ""
     stderr: str = ""
     timed_out: bool = False
+    truncated: bool = False
 
 
 class MeterQuote(Strict):

@@ -52,6 +52,7 @@ from sandboxer.errors import (
     MissingExtra,
     ProvisionError,
 )
+from sandboxer.execution import TIMEOUT_EXIT_CODE, OutputCollector, check_argv
 from sandboxer.models import ExecResult
 from sandboxer.secrets import SecretRef
 
@@ -59,8 +60,8 @@ log = logging.getLogger(__name__)
 
 _FINGERPRINT = r"^SHA256:[A-Za-z0-9+/]{43}=?$"  # a pydantic pattern: Rust regex, where $ is the very end
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch only
-#: Exit code reported for a command killed at its deadline (as ``timeout`` does).
-TIMEOUT_EXIT = 124
+#: Exit code reported for a command killed at its deadline (the exec convention's).
+TIMEOUT_EXIT = TIMEOUT_EXIT_CODE
 _KILL_GRACE = 2
 
 
@@ -322,27 +323,6 @@ def env_script(env: dict[str, str]) -> bytes:
     return "".join(lines).encode()
 
 
-class _Capped:
-    """Keeps the first ``cap`` bytes of a stream; counts the rest."""
-
-    def __init__(self, cap: int, sink: IO[bytes] | None = None):
-        self.cap, self.sink, self.buf, self.dropped = cap, sink, bytearray(), 0
-
-    def add(self, data: bytes) -> None:
-        if self.sink is not None:
-            self.sink.write(data)
-            return
-        room = self.cap - len(self.buf)
-        self.buf += data[:max(room, 0)]
-        self.dropped += max(len(data) - max(room, 0), 0)
-
-    def text(self) -> str:
-        out = self.buf.decode("utf-8", errors="replace")
-        if self.dropped:
-            out += f"\n[sandboxer: output capped, {self.dropped} more bytes dropped]"
-        return out
-
-
 class SSHConnection:
     """One verified, authenticated transport to a host; many commands over it."""
 
@@ -441,13 +421,14 @@ class SSHConnection:
             check: raise ``fail`` when the exit code is not 0.
 
         Returns:
-            ExecResult; ``timed_out`` with exit code 124 when killed at the deadline.
+            ExecResult (sandboxer/execution.py's convention): ``timed_out`` with exit code 124
+            when killed at the deadline; ``truncated`` when a stream passed ``output_cap_bytes``.
         """
+        argv = check_argv(argv, backend=self.backend)
         deadline_s = timeout if timeout is not None else self.cfg.command_timeout
         prefix = env_script(env) if env else b""
         cmd = build_command(argv, cwd=cwd, env_bytes=len(prefix), timeout=deadline_s)
-        out = _Capped(self.cfg.output_cap_bytes, stdout_sink)
-        err = _Capped(self.cfg.output_cap_bytes)
+        out = OutputCollector(on_output, self.cfg.output_cap_bytes)
         self.round_trips += 1
         self.last_used = started = time.monotonic()
         STATS.add(round_trips=1)
@@ -456,15 +437,14 @@ class SSHConnection:
                 raise EOFError("connection is closed")
             chan = self.transport.open_session(timeout=self.cfg.connect_timeout)
             try:
-                timed_out = self._pump(chan, cmd, prefix, stdin, out, err, deadline_s, on_output)
+                timed_out = self._pump(chan, cmd, prefix, stdin, out, stdout_sink, deadline_s)
                 code = TIMEOUT_EXIT if timed_out else chan.recv_exit_status()
             finally:
                 chan.close()
         # the wrapper exits 124 when it killed the command at the deadline
         if code == TIMEOUT_EXIT and time.monotonic() - started >= deadline_s:
             timed_out, code = True, TIMEOUT_EXIT
-        result = ExecResult(exit_code=code, stdout="" if stdout_sink else out.text(), stderr=err.text(),
-                            timed_out=timed_out)
+        result = out.result(code, timed_out=timed_out)
         if check and code != 0:
             what = "timed out after %gs" % deadline_s if timed_out else f"exited {code}"
             raise fail(f"{self.cfg.target}: {shlex.join(argv[:3])}... {what}: {result.stderr.strip()[-800:]}",
@@ -472,8 +452,9 @@ class SSHConnection:
         return result
 
     def _pump(self, chan: Any, cmd: str, prefix: bytes, stdin: bytes | IO[bytes] | None,
-              out: _Capped, err: _Capped, deadline_s: float, on_output: Callable[[str, str], None] | None) -> bool:
-        """Send input, collect output until exit or deadline. True when timed out."""
+              out: OutputCollector, stdout_sink: IO[bytes] | None, deadline_s: float) -> bool:
+        """Send input, collect output until exit or deadline (stdout into ``stdout_sink``, raw and
+        uncapped, when given). True when timed out."""
         chan.settimeout(None)
         chan.exec_command(cmd)
         end = time.monotonic() + deadline_s + _KILL_GRACE + 3.0  # the host's sweep: grace + KILL retries
@@ -490,14 +471,15 @@ class SSHConnection:
                     return True
                 select.select([chan], [], [], min(left, 0.5))
                 got = False
-                for name, ready, recv, sink in (("stdout", chan.recv_ready, chan.recv, out),
-                                                ("stderr", chan.recv_stderr_ready, chan.recv_stderr, err)):
+                for name, ready, recv in (("stdout", chan.recv_ready, chan.recv),
+                                          ("stderr", chan.recv_stderr_ready, chan.recv_stderr)):
                     while ready():
                         data = recv(65536)
                         got = True
-                        sink.add(data)
-                        if on_output:
-                            on_output(name, data.decode("utf-8", errors="replace"))
+                        if name == "stdout" and stdout_sink is not None:
+                            stdout_sink.write(data)
+                        else:
+                            out.feed(name, data)
                 if not got and chan.exit_status_ready() and chan.eof_received:
                     return False
                 if not got and chan.closed:

@@ -40,6 +40,7 @@ from sandboxer.errors import (
     SnapshotError,
     TeardownError,
 )
+from sandboxer.execution import check_argv
 from sandboxer.extensions.base import RESERVED_INPUTS, OutputCallback, SandboxExtension
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
 from sandboxer.poll import poll
@@ -472,7 +473,9 @@ class ComposeSSH(SandboxExtension):
     def exec(self, handle: dict[str, Any], argv: list[str], *, env: dict[str, str] | None = None,
              cwd: str | None = None, timeout: float | None = None, stdin: bytes | None = None,
              on_output: OutputCallback | None = None) -> ExecResult:
-        """Run ``argv`` in the profile's ``exec_service``, or on the host in the workspace."""
+        """Run ``argv`` in the profile's ``exec_service``, or on the host in the workspace
+        (the exec convention of sandboxer/execution.py, through :meth:`SSHConnection.run`)."""
+        argv = check_argv(argv, backend=self.id)
         service = handle.get("exec_service")
         if service:
             return self.exec_in_service(handle, service, argv, env=env, cwd=cwd, timeout=timeout, stdin=stdin,

@@ -16,7 +16,6 @@ Rules this module keeps:
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import os
 import re
@@ -44,6 +43,7 @@ from sandboxer.errors import (
     SnapshotError,
     TeardownError,
 )
+from sandboxer.execution import OutputCollector, check_argv
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
 from sandboxer.poll import poll
@@ -59,7 +59,6 @@ LABEL_SNAPSHOT_OF = "sandboxer.snapshot_of"
 # fullmatch only: re.match(r"...$") would accept a trailing newline
 _SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_TIMED_OUT_EXIT = 124  # what timeout(1) reports, so scripts read it the same way
 #: Environment marker of one exec (``SANDBOXER_EXEC=<token>``): how its processes are found at its deadline.
 EXEC_MARKER = "SANDBOXER_EXEC"
 # $1 the marker: KILL every process inside the container carrying it (for engines on other machines).
@@ -84,7 +83,8 @@ class DockerConfig(BaseModel):
     use_ssh_client: bool = Field(default=False, description="for ssh:// hosts, use the ssh binary instead of paramiko")
     name_prefix: str = Field(default="sandboxer-", pattern=r"^[a-z0-9][a-z0-9_.-]{0,30}$")
     snapshot_repository: str = Field(default="sandboxer-snapshot", pattern=r"^[a-z0-9]+(?:[._/-][a-z0-9]+)*$")
-    max_output_bytes: int = Field(default=10 * 1024 * 1024, gt=0, description="kept per stream of one exec")
+    max_output_bytes: int = Field(default=10 * 1024 * 1024, gt=0,
+                                  description="kept (and streamed) per stream of one exec")
 
 
 class DockerOptions(BaseModel):
@@ -513,8 +513,7 @@ class DockerExtension(SandboxExtension):
             InputError: empty argv or an invalid environment variable name.
             ExecError: the container is gone or the engine failed.
         """
-        if not argv or not all(isinstance(a, str) for a in argv):
-            raise InputError(f"{self.id}: exec needs a non-empty list of strings, got {argv!r}")
+        argv = check_argv(argv, backend=self.id)
         sid = handle.get("sandbox_id")
         api = self.client().api
         mark = uuid.uuid4().hex  # inherited by everything the command starts, setsid children too
@@ -549,9 +548,7 @@ class DockerExtension(SandboxExtension):
             # The stream can end a moment before the engine records the exit code.
             info = poll(exited, 5.0 if finished else 2.0, 0.01, on_timeout=lambda: ExecError(
                 f"{self.id}: exec in sandbox {sid} did not report an exit code", backend=self.id, host=self.engine))
-        if not finished:
-            return ExecResult(exit_code=_TIMED_OUT_EXIT, stdout=out.text(1), stderr=out.text(2), timed_out=True)
-        return ExecResult(exit_code=int(info.get("ExitCode") or 0), stdout=out.text(1), stderr=out.text(2))
+        return out.out.result(int(info.get("ExitCode") or 0), timed_out=not finished)
 
     def _kill_exec(self, api, exec_id: str, container_id: str, mark: str) -> None:
         """Kill every process of a timed-out exec: its tree and whatever carries its marker.
@@ -666,31 +663,14 @@ class DockerExtension(SandboxExtension):
 
 
 class _Streams:
-    """Demultiplexes the engine's exec stream, keeping at most ``cap`` bytes per stream."""
+    """Demultiplexes the engine's exec stream into an :class:`OutputCollector` (the exec convention)."""
 
     def __init__(self, cap: int, on_output: OutputCallback | None):
-        self.cap = cap
-        self.on_output = on_output
-        self.kept = {1: bytearray(), 2: bytearray()}
-        self.dropped = {1: 0, 2: 0}
-        self.decoders = {n: codecs.getincrementaldecoder("utf-8")("replace") for n in (1, 2)}
+        self.out = OutputCollector(on_output, cap)
 
     def add(self, stream: int, data: bytes) -> None:
-        if stream not in self.kept:
-            return
-        room = self.cap - len(self.kept[stream])
-        self.kept[stream] += data[:room]
-        self.dropped[stream] += max(len(data) - room, 0)
-        if self.on_output is not None:
-            text = self.decoders[stream].decode(data)
-            if text:
-                self.on_output("stdout" if stream == 1 else "stderr", text)
-
-    def text(self, stream: int) -> str:
-        text = bytes(self.kept[stream]).decode("utf-8", "replace")
-        if self.dropped[stream]:
-            text += f"\n[sandboxer: {self.dropped[stream]} more bytes not kept]"
-        return text
+        if stream in (1, 2):  # 0 would be stdin echoed back; the engine sends none here
+            self.out.feed("stdout" if stream == 1 else "stderr", data)
 
     def read_frames(self, raw, deadline: float | None) -> bool:
         """Read frames until EOF (True) or the deadline (False).

@@ -49,6 +49,14 @@ from sandboxer.errors import (
     TeardownError,
     TTLError,
 )
+from sandboxer.execution import (
+    EXEC_MARKER,
+    KILL_MARKED_TIMEOUT,
+    OUTPUT_CAP,
+    OutputCollector,
+    check_argv,
+    kill_marked_argv,
+)
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration, parse_duration
 from sandboxer.poll import poll
@@ -59,30 +67,8 @@ KILL_ATTEMPTS = 3
 
 log = logging.getLogger("sandboxer.e2b")
 
-#: The exit code reported for a command stopped by its timeout (as coreutils' ``timeout``).
-TIMEOUT_EXIT_CODE = 124
 #: Most pages ``list_owned`` reads, so a misbehaving API cannot keep it looping.
 MAX_LIST_PAGES = 1000
-#: The environment variable that marks every process of one exec (see :func:`kill_marked_argv`).
-EXEC_MARKER = "SANDBOXER_EXEC_ID"
-#: Seconds the kill of a timed-out command's leftovers may take.
-KILL_MARKED_TIMEOUT = 30.0
-#: Kills, a bounded five rounds (a process may fork while the first round scans), every
-#: process whose environment holds the entry "$1"; zombies have an empty environ.
-KILL_MARKED_SCRIPT = """\
-for round in 1 2 3 4 5; do
-  n=0
-  for d in /proc/[0-9]*; do
-    p=${d#/proc/}
-    [ "$p" = "$$" ] && continue
-    if tr '\\000' '\\n' < "$d/environ" 2>/dev/null | grep -qxF -- "$1"; then
-      kill -9 "$p" 2>/dev/null && n=$((n + 1))
-    fi
-  done
-  [ "$n" -eq 0 ] && exit 0
-done
-"""
-
 T = TypeVar("T")
 
 
@@ -118,6 +104,7 @@ class E2BConfig(BaseModel):
     )
     request_timeout: Duration = Field(default=30.0, gt=0, description="seconds for one API request")
     exec_timeout: Duration = Field(default=600.0, gt=0, description="command timeout when exec gives none")
+    max_output_bytes: int = Field(default=OUTPUT_CAP, gt=0, description="kept (and streamed) per stream of one exec")
     retries: int = Field(
         default=0, ge=0, le=10,
         description="the SDK's own retries of 429/5xx; 0 reports them at once so the router can fall back",
@@ -486,54 +473,44 @@ class E2BExtension(SandboxExtension):
         At the deadline envd kills the process it started and nothing else; what that
         process forked carries the exec's marker variable, and is killed by it.
         """
-        if not argv:
-            raise ExecError("exec needs a non-empty argv", backend=self.id)
+        argv = check_argv(argv, backend=self.id)
         sid = handle["e2b_sandbox_id"]
         opts = dict(handle.get("exec") or {})
         sdk = _sdk()
-        out: list[str] = []
-        err: list[str] = []
-
-        def on_stdout(text: str) -> None:
-            out.append(text)
-            if on_output:
-                on_output("stdout", text)
-
-        def on_stderr(text: str) -> None:
-            err.append(text)
-            if on_output:
-                on_output("stderr", text)
-
         limit = float(timeout) if timeout is not None else self.config.exec_timeout
         marker = secrets.token_hex(12)
+        # The SDK decodes each stream incrementally itself; the collector caps and streams what it
+        # hands over, so the SDK is told not to keep a second, uncapped copy.
         run_kw = {"envs": {**(env or {}), EXEC_MARKER: marker}, "cwd": cwd or opts.get("cwd"),
                   "user": opts.get("user"), "timeout": limit}
 
         def run(sdk_opts: dict[str, Any]) -> ExecResult:
+            # a fresh collector per attempt: a retried call must not repeat output
+            out = OutputCollector(on_output, self.config.max_output_bytes)
+            streams = {"on_stdout": lambda text: out.feed_text("stdout", text),
+                       "on_stderr": lambda text: out.feed_text("stderr", text)}
             sbx = sdk.Sandbox.connect(sid, **sdk_opts)
             timed_out = False
             try:
                 if stdin is None:
-                    res = sbx.commands.run(shlex.join(argv), on_stdout=on_stdout, on_stderr=on_stderr, **run_kw)
+                    res = sbx.commands.run(shlex.join(argv), retain_output=False, **streams, **run_kw)
                 else:
-                    proc = sbx.commands.run(shlex.join(argv), background=True, stdin=True, **run_kw)
+                    proc = sbx.commands.run(shlex.join(argv), background=True, stdin=True, retain_output=False,
+                                            **run_kw)
                     if stdin:
                         proc.send_stdin(stdin)
                     proc.close_stdin()
-                    res = proc.wait(on_stdout=on_stdout, on_stderr=on_stderr)
+                    res = proc.wait(**streams)
             except sdk.CommandExitException as exc:
-                return ExecResult(exit_code=exc.exit_code, stdout="".join(out) or exc.stdout or "",
-                                  stderr="".join(err) or exc.stderr or "")
+                return out.result(exc.exit_code)
             except sdk.TimeoutException as exc:
                 if isinstance(exc, (sdk.SandboxNotRunningException, sdk.SandboxUnreachableException)):
                     raise
                 timed_out = True
             if timed_out:
                 self._kill_marked(sbx, marker, opts.get("user"))
-                return ExecResult(exit_code=TIMEOUT_EXIT_CODE, stdout="".join(out), stderr="".join(err),
-                                  timed_out=True)
-            return ExecResult(exit_code=res.exit_code, stdout="".join(out) or res.stdout or "",
-                              stderr="".join(err) or res.stderr or "")
+                return out.result(None, timed_out=True)
+            return out.result(res.exit_code)
 
         return self._call("exec", run, consumer=handle.get("consumer"), fallback=ExecError, sandbox=sid)
 
@@ -706,13 +683,3 @@ def parse_retry_after(value: str | None) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
-
-
-def kill_marked_argv(marker: str) -> list[str]:
-    """The argv that SIGKILLs, inside a sandbox, every process whose environment has ``EXEC_MARKER=marker``.
-
-    A command's descendants inherit the marker whatever process group or session
-    they move to (``setsid``), so this reaches what a kill of the command's process,
-    or of its group, leaves running. POSIX sh, ``tr`` and ``grep`` only (busybox will do).
-    """
-    return ["sh", "-c", KILL_MARKED_SCRIPT, "sh", f"{EXEC_MARKER}={marker}"]

@@ -14,6 +14,7 @@ from collections import defaultdict, deque
 from typing import Any, Callable
 
 from sandboxer.errors import ExecError
+from sandboxer.execution import OutputCollector, check_argv
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
 
@@ -67,12 +68,15 @@ class FakeExtension(SandboxExtension):
     def exec(self, handle: dict[str, Any], argv: list[str], *, env: dict[str, str] | None = None,
              cwd: str | None = None, timeout: float | None = None, stdin: bytes | None = None,
              on_output: OutputCallback | None = None) -> ExecResult:
+        argv = check_argv(argv, backend=self.id)
         done, out = self._step("exec", handle, argv)
         if done:
             return out
         if handle.get("fake_id") not in self.live:
             raise ExecError(f"{self.id}: {handle.get('fake_id')} is gone", backend=self.id)
-        return ExecResult(exit_code=0, stdout=" ".join(argv) + "\n")
+        collected = OutputCollector(on_output)
+        collected.feed_text("stdout", " ".join(argv) + "\n")
+        return collected.result(0)
 
     def probe(self, handle: dict[str, Any]) -> bool | None:
         done, out = self._step("probe", handle)

@@ -57,11 +57,14 @@ from sandboxer.errors import (
 )
 from sandboxer.extensions import local_cgroup
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
+from sandboxer.execution import OUTPUT_CAP as DEFAULT_OUTPUT_CAP
+from sandboxer.execution import OutputCollector, check_argv
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
 
 UID_BASE = 2_000_000
 UID_SPAN = 1_000_000
-OUTPUT_CAP = 16 * 1024 * 1024
+#: Bytes kept (and streamed) per stream of one exec.
+OUTPUT_CAP = DEFAULT_OUTPUT_CAP
 SYSTEM_ROOT = Path("/var/lib/sandboxer/local")
 TTL_GRACE_S = 60
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -140,6 +143,7 @@ class LocalConfig(BaseModel):
     root: str | None = Field(default=None, description="workspace root; default <home>/local")
     tool: Literal["auto", "bwrap", "unshare"] = "auto"
     start_timeout_s: float = Field(default=10.0, gt=0)
+    max_output_bytes: int = Field(default=OUTPUT_CAP, gt=0, description="kept (and streamed) per stream of one exec")
 
 
 class LocalOptions(BaseModel):
@@ -477,6 +481,7 @@ class LocalExtension(SandboxExtension):
     def exec(self, handle: dict[str, Any], argv: list[str], *, env: dict[str, str] | None = None,
              cwd: str | None = None, timeout: float | None = None, stdin: bytes | None = None,
              on_output: OutputCallback | None = None) -> ExecResult:
+        argv = check_argv(argv, backend=self.id)
         ws = handle["workspace"]
         wd = str(Path(ws) / cwd) if cwd else ws
         if cwd and not os.path.realpath(wd).startswith(os.path.realpath(ws)):
@@ -517,7 +522,7 @@ class LocalExtension(SandboxExtension):
                 local_cgroup.kill_tree(proc.pid)
 
         try:
-            return _collect(proc, stdin, timeout, on_output, kill)
+            return _collect(proc, stdin, timeout, on_output, kill, self.config.max_output_bytes)
         finally:
             local_cgroup.drop_group(group)
 
@@ -646,16 +651,16 @@ class LocalExtension(SandboxExtension):
 
 
 def _collect(proc: subprocess.Popen, stdin: bytes | None, timeout: float | None,
-             on_output: OutputCallback | None, kill: Callable[[], None]) -> ExecResult:
-    """Stream a process's output to ``on_output`` and collect it; at ``timeout`` call ``kill``,
-    which ends the whole process tree of the command."""
+             on_output: OutputCallback | None, kill: Callable[[], None], cap: int = OUTPUT_CAP) -> ExecResult:
+    """Stream a process's output to ``on_output`` and collect it (the exec convention of
+    sandboxer/execution.py); at ``timeout`` call ``kill``, which ends the whole process tree."""
     if stdin:
         try:
             proc.stdin.write(stdin)  # type: ignore[union-attr]
             proc.stdin.close()  # type: ignore[union-attr]
         except BrokenPipeError:
             pass
-    bufs = {"stdout": bytearray(), "stderr": bytearray()}
+    out = OutputCollector(on_output, cap)
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ, "stdout")  # type: ignore[arg-type]
     sel.register(proc.stderr, selectors.EVENT_READ, "stderr")  # type: ignore[arg-type]
@@ -675,14 +680,9 @@ def _collect(proc: subprocess.Popen, stdin: bytes | None, timeout: float | None,
                 sel.unregister(key.fileobj)
                 open_streams -= 1
                 continue
-            buf = bufs[key.data]
-            if len(buf) < OUTPUT_CAP:
-                buf.extend(chunk[: OUTPUT_CAP - len(buf)])
-            if on_output:
-                on_output(key.data, chunk.decode(errors="replace"))
+            out.feed(key.data, chunk)
     sel.close()
     code = proc.wait()
     for s in (proc.stdout, proc.stderr):
         s.close()  # type: ignore[union-attr]
-    return ExecResult(exit_code=124 if timed_out else code, stdout=bufs["stdout"].decode(errors="replace"),
-                      stderr=bufs["stderr"].decode(errors="replace"), timed_out=timed_out)
+    return out.result(code, timed_out=timed_out)

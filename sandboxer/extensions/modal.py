@@ -25,7 +25,6 @@ sandbox stats. A timed-out exec is exit 124 and leaves nothing it started runnin
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import importlib
 import logging
@@ -53,10 +52,15 @@ from sandboxer.errors import (
     TeardownError,
     TTLError,
 )
+from sandboxer.execution import (
+    EXEC_MARKER,
+    KILL_MARKED_TIMEOUT,
+    OUTPUT_CAP,
+    OutputCollector,
+    check_argv,
+    kill_marked_argv,
+)
 from sandboxer.extensions.base import RESERVED_INPUTS, OutputCallback, SandboxExtension
-# The one exec convention for cloud sandboxes (exit 124, kill the tree by a marker); it belongs in
-# sandboxer/execution.py once that module exists.
-from sandboxer.extensions.e2b import EXEC_MARKER, KILL_MARKED_TIMEOUT, TIMEOUT_EXIT_CODE, kill_marked_argv
 from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration, parse_duration
 from sandboxer.secrets import SecretRef, redact
 
@@ -109,6 +113,7 @@ class ModalConfig(_Strict):
         default=10.0, ge=0, description="seconds the SDK may wait out a throttle before we report RateLimited"
     )
     op_timeout: Duration = Field(default=120.0, gt=0, description="deadline of a snapshot call")
+    max_output_bytes: int = Field(default=OUTPUT_CAP, gt=0, description="kept (and streamed) per stream of one exec")
 
     @field_validator("server_url")
     @classmethod
@@ -520,8 +525,7 @@ class ModalExtension(SandboxExtension):
         the kill's signal); Modal kills the process it started, and what that process
         forked is killed by the exec's marker variable.
         """
-        if not argv or not all(isinstance(a, str) for a in argv):
-            raise InputError(f"{self.id}: exec needs a non-empty list of strings, got {argv!r}")
+        argv = check_argv(argv, backend=self.id)
         if cwd is not None and not cwd.startswith("/"):
             raise InputError(f"{self.id}: exec cwd must be an absolute path, got {cwd!r}")
         object_id = _object_id(handle)
@@ -529,22 +533,18 @@ class ModalExtension(SandboxExtension):
         marker = secrets.token_hex(12)
         full_env = {**(env or {}), EXEC_MARKER: marker}
 
-        def drain(stream: Any, name: str) -> tuple[str, bool]:
-            # Chunks may split a UTF-8 sequence; decode incrementally so none is mangled.
-            decoder = codecs.getincrementaldecoder("utf-8")("replace")
-            parts: list[str] = []
-            timed_out = False
+        def drain(stream: Any, name: str, out: OutputCollector) -> bool:
+            """Feed one stream's raw chunks to the collector; True when the SDK says the deadline passed."""
             try:
                 for chunk in stream:
-                    parts.append(decoder.decode(chunk))
-                    if on_output is not None and parts[-1]:
-                        on_output(name, parts[-1])
+                    out.feed(name, chunk)
             except modal_exc.ExecTimeoutError:
-                timed_out = True
-            parts.append(decoder.decode(b"", final=True))
-            return "".join(parts), timed_out
+                return True
+            return False
 
         def run(client: Any) -> ExecResult:
+            # a fresh collector per attempt: a retried call must not repeat output
+            out = OutputCollector(on_output, self.config.max_output_bytes)
             sb = self._sandbox(client, object_id)
             started = time.monotonic()
             proc = sb.exec(*argv, workdir=cwd, env=full_env, text=False,
@@ -553,18 +553,19 @@ class ModalExtension(SandboxExtension):
                 proc.stdin.write(stdin)
                 proc.stdin.write_eof()
                 proc.stdin.drain()
+            # one thread per stream (each stream has its own decoder in the collector)
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="modal-exec") as pool:
-                out_f = pool.submit(drain, proc.stdout, "stdout")
-                err_f = pool.submit(drain, proc.stderr, "stderr")
-                (out, out_to), (err, err_to) = out_f.result(), err_f.result()
+                out_f = pool.submit(drain, proc.stdout, "stdout", out)
+                err_f = pool.submit(drain, proc.stderr, "stderr", out)
+                out_to, err_to = out_f.result(), err_f.result()
             code = proc.wait()
             elapsed = time.monotonic() - started
             # The SDK reports a passed deadline as returncode -1; the worker kills at the
             # same deadline, so a late kill signal counts as a timeout too.
             if out_to or err_to or code == -1 or bool(timeout and elapsed >= timeout):
                 self._kill_marked(sb, object_id, marker)
-                return ExecResult(exit_code=TIMEOUT_EXIT_CODE, stdout=out, stderr=err, timed_out=True)
-            return ExecResult(exit_code=code, stdout=out, stderr=err)
+                return out.result(None, timed_out=True)
+            return out.result(code)
 
         return self._call("exec", run, consumer=handle.get("credentials"), sandbox=object_id, error=ExecError)
 

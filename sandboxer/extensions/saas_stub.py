@@ -33,6 +33,7 @@ from sandboxer.errors import (
     SnapshotError,
     TeardownError,
 )
+from sandboxer.execution import OutputCollector, check_argv
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
 from sandboxer.secrets import SecretRef
@@ -247,17 +248,15 @@ class SaasStubExtension(SandboxExtension):
     def exec(self, handle: dict[str, Any], argv: list[str], *, env: dict[str, str] | None = None,
              cwd: str | None = None, timeout: float | None = None, stdin: bytes | None = None,
              on_output: OutputCallback | None = None) -> ExecResult:
+        argv = check_argv(argv, backend=self.id)
         if self._record(handle["stub_id"]) is None:
             raise ExecError(f"{self.id}: {handle['stub_id']} is not running", backend=self.id)
+        out = OutputCollector(on_output)
         if argv[0] == "echo":
-            out = " ".join(argv[1:]) + "\n"
+            out.feed_text("stdout", " ".join(argv[1:]) + "\n")
         elif argv[0] == "cat" and stdin is not None:
-            out = stdin.decode(errors="replace")
-        else:
-            out = ""
-        if on_output and out:
-            on_output("stdout", out)
-        return ExecResult(exit_code=1 if argv[0] == "false" else 0, stdout=out)
+            out.feed("stdout", stdin)
+        return out.result(1 if argv[0] == "false" else 0)
 
     def probe(self, handle: dict[str, Any]) -> bool | None:
         return self._record(handle["stub_id"]) is not None

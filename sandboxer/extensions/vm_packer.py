@@ -34,6 +34,7 @@ from sandboxer.errors import (
     SnapshotError,
     TeardownError,
 )
+from sandboxer.execution import check_argv
 from sandboxer.extensions.base import RESERVED_INPUTS, OutputCallback, SandboxExtension
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
 from sandboxer.poll import poll
@@ -428,7 +429,9 @@ class VMPacker(SandboxExtension):
     def exec(self, handle: dict[str, Any], argv: list[str], *, env: dict[str, str] | None = None,
              cwd: str | None = None, timeout: float | None = None, stdin: bytes | None = None,
              on_output: OutputCallback | None = None) -> ExecResult:
-        """Run ``argv`` over SSH in the workspace (``cwd`` is relative to it)."""
+        """Run ``argv`` over SSH in the workspace (``cwd`` is relative to it), by the exec
+        convention of sandboxer/execution.py (:meth:`SSHConnection.run`)."""
+        argv = check_argv(argv, backend=self.id)
         where = workspace_cwd(handle["remote_dir"], handle["remote_dir"], cwd, handle["sandbox_id"])
         conn, _ = self._conn(handle, ExecError)
         return conn.run(list(argv), cwd=where, env=env, stdin=stdin, timeout=timeout, on_output=on_output,

@@ -122,6 +122,23 @@ def test_exec_exit_code_env_cwd_stdin_streaming_and_timeout(make_ext, standin: E
     ext.teardown(handle)
 
 
+def test_a_character_split_across_events_arrives_whole_and_output_is_capped(make_ext, standin: E2BStandIn):
+    from tests.unit.test_execution import check_split
+
+    ext, profile = make_ext(max_output_bytes=1000)
+    handle = ext.provision(profile, inputs("sbx-utf8"), None)
+    ext.wait_ready(handle, timeout=10)
+    check_split(lambda argv, on_output: ext.exec(handle, argv, on_output=on_output))
+    # the stdin path (a background command) streams the same way
+    res = ext.exec(handle, ["sh", "-c", "cat; printf '\\303'; sleep 0.2; printf '\\251'"], stdin=b"in:")
+    assert (res.stdout, res.truncated) == ("in:é", False)
+    # past the cap: cut on a character boundary, flagged, the exit code still the command's
+    res = ext.exec(handle, ["sh", "-c", "i=0; while [ $i -lt 400 ]; do printf '\\342\\202\\254'; i=$((i+1)); done;"
+                                        " exit 3"])
+    assert (res.exit_code, res.stdout, res.truncated) == (3, "€" * 333, True)
+    ext.teardown(handle)
+
+
 def test_wait_ready_times_out_while_envd_is_not_up(make_ext, standin: E2BStandIn):
     ext, profile = make_ext()
     standin.boot_delay = 30

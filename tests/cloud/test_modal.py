@@ -192,6 +192,20 @@ def test_exec_output_split_inside_a_utf8_character(backend):
     ext.teardown(handle)
 
 
+def test_every_utf8_length_split_across_chunks_arrives_whole_and_output_is_capped(tmp_path, standin, tokens):
+    from tests.unit.test_execution import check_split
+
+    ext, profile = load(write_config(tmp_path / "cfg", standin.url, "max_output_bytes: 1000\n"))
+    handle = ext.provision(profile, inputs(), None)
+    check_split(lambda argv, on_output: ext.exec(handle, argv, on_output=on_output))
+    res = ext.exec(handle, ["sh", "-c", "i=0; while [ $i -lt 400 ]; do printf '\\342\\202\\254'; i=$((i+1)); done;"
+                                        " exit 3"])
+    assert (res.exit_code, res.stdout, res.truncated, res.timed_out) == (3, "€" * 333, True, False)
+    res = ext.exec(handle, ["sleep", "30"], timeout=1)
+    assert (res.exit_code, res.timed_out, res.truncated) == (124, True, False)
+    ext.teardown(handle)
+
+
 def test_sandbox_that_ended_before_ready_fails_provisioning(backend, standin):
     ext, profile = backend
     handle = ext.provision(profile, inputs(), None)

@@ -186,7 +186,7 @@ def test_exec_stdin_timeout_and_output_cap(ext, profile, make, catalog):
 
     small = DockerExtension(catalog.extensions["ext.docker"].manifest, DockerConfig(max_output_bytes=1000))
     res = small.exec(handle, ["sh", "-c", "yes | head -c 100000"])
-    assert res.stdout.startswith("y\n" * 500) and "99000 more bytes not kept" in res.stdout
+    assert res.stdout == "y\n" * 500 and res.truncated and res.exit_code == 0
 
     # A quiet command outlasting the API call timeout is not an error; only `timeout` ends it.
     patient = DockerExtension(catalog.extensions["ext.docker"].manifest, DockerConfig(api_timeout=1))
@@ -325,3 +325,17 @@ def test_manifest_loads_without_the_docker_sdk():
     )
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+def test_a_character_split_across_frames_arrives_whole(ext, make):
+    from tests.unit.test_execution import check_split
+
+    handle = make()
+    ext.wait_ready(handle, timeout=30)
+    check_split(lambda argv, on_output: ext.exec(handle, argv, on_output=on_output))
+    # past the cap: cut on a character boundary (3-byte €, cap 1000 -> 333 whole), and flagged
+    small = DockerExtension(ext.manifest, DockerConfig(max_output_bytes=1000))
+    res = small.exec(handle, ["sh", "-c", "i=0; while [ $i -lt 400 ]; do printf '\\342\\202\\254'; i=$((i+1)); done"])
+    assert (res.exit_code, res.stdout, res.truncated) == (0, "€" * 333, True)
+    with pytest.raises(InputError, match=r"argv\[0\] must be a string"):
+        ext.exec(handle, [None])

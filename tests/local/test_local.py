@@ -221,3 +221,25 @@ def test_processes_end_at_the_ttl_even_without_gc(mgr, monkeypatch, tool):
     assert not Path(f"/proc/{init}").exists(), "the sandbox's init outlived its TTL"
     report = mgr.gc()
     assert report.expired == [sb.id] and not Path(sb.reachability["workspace"]).exists()
+
+
+def test_a_character_split_across_chunks_arrives_whole(mgr, sb):
+    from tests.unit.test_execution import check_split
+
+    check_split(lambda argv, on_output: mgr.exec(sb.id, argv, on_output=on_output))
+
+
+def test_output_over_the_cap_is_cut_and_flagged(mgr, sb, monkeypatch):
+    monkeypatch.setattr(mgr.extension("ext.local").config, "max_output_bytes", 4096)
+    seen = []
+    r = run(mgr, sb, "head -c 100000 /dev/zero | tr '\\0' y; echo err >&2", on_output=lambda k, t: seen.append(t))
+    assert r.exit_code == 0 and r.truncated and r.stdout == "y" * 4096 and r.stderr == "err\n"
+    assert "".join(seen) == "y" * 4096 + "err\n"
+    assert not run(mgr, sb, "echo small").truncated
+
+
+def test_argv_with_a_nul_byte_is_refused_by_name(mgr, sb):
+    from sandboxer.errors import InputError
+
+    with pytest.raises(InputError, match=r"argv\[1\] 'a\\x00b' holds a NUL byte"):
+        mgr.exec(sb.id, ["echo", "a\0b"])

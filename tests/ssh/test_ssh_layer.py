@@ -225,7 +225,20 @@ def test_deadline_wrapper_works_with_busybox(busybox_image):
 def test_output_is_capped(sshd_pool, known_hosts):
     with SSHConnection(cfg_for(sshd_pool[0], known_hosts, output_cap_bytes=1000)) as conn:
         res = conn.run(["head", "-c", "500000", "/dev/zero"])
-    assert res.exit_code == 0 and res.stdout.startswith("\0" * 1000) and "499000 more bytes dropped" in res.stdout
+    assert res.exit_code == 0 and res.stdout == "\0" * 1000 and res.truncated
+
+
+def test_a_character_split_across_packets_arrives_whole(sshd_pool, known_hosts):
+    from tests.unit.test_execution import check_split
+
+    with SSHConnection(cfg_for(sshd_pool[0], known_hosts, output_cap_bytes=1000)) as conn:
+        check_split(lambda argv, on_output: conn.run(argv, on_output=on_output))
+        # the cap falls inside a 3-byte character: the cut is before it, and flagged
+        res = conn.run(["sh", "-c", "i=0; while [ $i -lt 400 ]; do printf '\\342\\202\\254'; i=$((i+1)); done"])
+        assert (res.exit_code, res.stdout, res.truncated) == (0, "€" * 333, True)
+        assert not conn.run(["echo", "é"]).truncated
+        with pytest.raises(InputError, match=r"argv\[1\] 'a\\x00b' holds a NUL byte"):
+            conn.run(["echo", "a\0b"])
 
 
 def test_remote_git_refuses_ext_transport_even_if_validation_were_bypassed(sshd_pool, known_hosts, tmp_path, marker):

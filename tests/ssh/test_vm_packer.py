@@ -254,3 +254,16 @@ def test_exec_deadline_kills_every_process_of_the_command(backend):
         assert wait_gone("SBX_TEST_MARK", mark) == []
     finally:
         backend.teardown(handle)
+
+
+def test_a_character_split_across_packets_arrives_whole(backend):
+    from sandboxer.errors import InputError
+    from tests.unit.test_execution import check_split
+
+    handle = backend.provision(profile(), {"vm": "vm0", "sandbox_id": sid("utf8")}, None)
+    try:
+        check_split(lambda argv, on_output: backend.exec(handle, argv, on_output=on_output))
+        with pytest.raises(InputError, match=r"ext\.\S+: exec needs a non-empty argv"):
+            backend.exec(handle, [])
+    finally:
+        backend.teardown(handle)

@@ -159,8 +159,10 @@ def test_unknown_profile_and_sandbox(fake_mgr):
 
 def test_exec_after_teardown_and_bad_argv(fake_mgr):
     sb = fake_mgr.create(profile="fake")
-    with pytest.raises(InputError, match="non-empty list of strings"):
+    with pytest.raises(InputError, match="exec needs a non-empty argv"):
         fake_mgr.exec(sb.id, [])
+    with pytest.raises(InputError, match=r"exec argv\[1\] 'a\\x00b' holds a NUL byte"):
+        fake_mgr.exec(sb.id, ["echo", "a\x00b"])
     fake_mgr.teardown(sb.id)
     with pytest.raises(SandboxStateError, match=f"cannot exec in sandbox {sb.id}: it is terminated"):
         fake_mgr.exec(sb.id, ["true"])

@@ -1,0 +1,5 @@
+"""``python -m sandboxer.host``: the extension worker's entry point."""
+
+from sandboxer.host.worker import main
+
+main()

@@ -1,0 +1,508 @@
+"""The manager's side of the extension host: a SandboxExtension proxy over a worker process.
+
+:class:`ProcessExtension` is what the loader hands the manager for a ``runtime: process``
+extension. Every contract call becomes one protocol request to a worker process
+(``python -m sandboxer.host``) that it starts on first use, with a minimal environment (PATH,
+a private HOME, LANG, the import path, and the secrets the extension's config references,
+resolved here), a private working directory and no inherited descriptors.
+
+The rule it keeps: whatever the worker does, the manager goes on. A worker that dies, or
+writes a line that is not the protocol, fails the calls in flight with
+:class:`~sandboxer.errors.ExtensionCrashed`; one that does not answer a call in time is killed
+and the call fails with :class:`~sandboxer.errors.ExtensionTimeout`. Either way the next call
+starts a fresh worker. The worker's stderr is kept: the last :data:`STDERR_RING` bytes in memory
+(quoted in errors) and a size-bounded file under the manager's home (named in errors).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from sandboxer.deadline import CallLimits
+from sandboxer.errors import CapabilityError, ExtensionCrashed, ExtensionTimeout, SandboxerError
+from sandboxer.extensions.base import OutputCallback, SandboxExtension
+from sandboxer.host import protocol
+from sandboxer.models import ExecResult, ExtensionManifest, Profile, SnapshotMeta
+from sandboxer.secrets import SecretRef
+
+#: Bytes of a worker's most recent stderr kept in memory (quoted in errors).
+STDERR_RING = 64 * 1024
+#: Size at which the stderr log file is rotated (one older file, ``.1``, is kept).
+STDERR_LOG_MAX = 1024 * 1024
+#: Seconds a new worker has to answer the handshake.
+HANDSHAKE_TIMEOUT = 30.0
+#: Seconds past the manager's own deadline before the client kills a worker that has not
+#: answered: the manager gives up first (ExtensionTimeout), then the worker is replaced.
+KILL_GRACE = 1.0
+#: Deadline of the small calls the manager makes without one (resource_names, deadline, ...).
+QUICK_CALL = 30.0
+
+
+def secret_env(config: Any) -> dict[str, str]:
+    """The environment variables the ``{env: NAME}`` secret references in ``config`` name, that are set.
+
+    Walks the validated config model (nested models, dicts, lists). Only these cross to the
+    worker; a reference that is unset stays unset there, so the handler's own ``resolve()``
+    raises the AuthError naming it.
+    """
+    found: dict[str, str] = {}
+
+    def walk(value: Any) -> None:
+        if isinstance(value, SecretRef):
+            if value.env and os.environ.get(value.env):
+                found[value.env] = os.environ[value.env]
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name))
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            for v in value:
+                walk(v)
+
+    walk(config)
+    return found
+
+
+class _Pending:
+    __slots__ = ("done", "result", "error", "on_output", "method")
+
+    def __init__(self, method: str, on_output: OutputCallback | None):
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.on_output = on_output
+        self.method = method
+
+
+class StderrLog:
+    """A worker's stderr: a ring of the last :data:`STDERR_RING` bytes and a rotated file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._ring: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def add(self, data: bytes) -> None:
+        with self._lock:
+            self._ring.append(data)
+            self._size += len(data)
+            while self._size > STDERR_RING and len(self._ring) > 1:
+                self._size -= len(self._ring.popleft())
+            try:
+                if self.path.exists() and self.path.stat().st_size + len(data) > STDERR_LOG_MAX:
+                    os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+                with open(self.path, "ab") as f:
+                    f.write(data[-STDERR_LOG_MAX:])
+            except OSError:
+                pass  # the ring still holds it; a full disk must not fail the call
+
+    def tail(self, limit: int = 2000) -> str:
+        """The last ``limit`` bytes of stderr, as text."""
+        with self._lock:
+            data = b"".join(self._ring)[-limit:]
+        return data.decode("utf-8", "replace").strip()
+
+
+class WorkerProcess:
+    """One running worker: its process, its reader threads and the calls it has in flight."""
+
+    def __init__(self, ext: "ProcessExtension", generation: int):
+        self.ext = ext
+        self.generation = generation
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self.dead: str | None = None  # why it is no longer usable
+        self.ready = False  # handshake answered
+        self.answered = 0  # responses received, the handshake's included
+        self.closing = False
+        private = ext.private_dir
+        private.mkdir(parents=True, exist_ok=True)
+        env = {
+            "PATH": os.environ.get("PATH") or os.defpath,
+            "HOME": str(private),
+            "LANG": "C.UTF-8",
+            # the worker imports the same sand-boxer and the extension's package as the manager
+            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+            **ext.secrets(),
+        }
+        self.proc = subprocess.Popen(
+            ext.confine([sys.executable, "-m", "sandboxer.host", "--extension", ext.id]),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=env, cwd=private, close_fds=True, start_new_session=True,
+        )
+        self.stdin = self.proc.stdin
+        threading.Thread(target=self._read_stdout, name=f"{ext.id}-out", daemon=True).start()
+        threading.Thread(target=self._read_stderr, name=f"{ext.id}-err", daemon=True).start()
+
+    # ---------------------------------------------------------- readers
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        while True:
+            chunk = self.proc.stderr.read1(65536) if hasattr(self.proc.stderr, "read1") else self.proc.stderr.read(65536)
+            if not chunk:
+                return
+            self.ext.stderr.add(chunk)
+
+    def _read_stdout(self) -> None:
+        out = self.proc.stdout
+        assert out is not None
+        while True:
+            line = out.readline(protocol.MAX_LINE + 1)
+            if not line:
+                self._died(None)
+                return
+            try:
+                msg = protocol.decode(line)
+            except protocol.ProtocolError as exc:
+                self._died(f"wrote a line that is not the extension-host protocol ({exc})")
+                return
+            with self._lock:
+                pend = self._pending.get(msg["id"])
+            if pend is None:
+                continue  # the answer to a call already given up on
+            if "event" in msg:
+                if msg.get("event") == "output" and pend.on_output is not None:
+                    try:
+                        pend.on_output(str(msg.get("stream")), str(msg.get("text", "")))
+                    except Exception:  # noqa: BLE001 - a consumer's callback must not kill the reader
+                        pass
+                continue
+            with self._lock:
+                self._pending.pop(msg["id"], None)
+                self.answered += 1
+            if "error" in msg:
+                pend.error = protocol.error_from_wire(msg["error"], worker=self.ext.id)
+            else:
+                pend.result = msg.get("result")
+            pend.done.set()
+
+    def _died(self, why: str | None) -> None:
+        """The worker is unusable: kill it, and fail every call in flight with ExtensionCrashed."""
+        if why is not None:
+            self.kill()
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            code = self.proc.wait(timeout=5)
+        if why is None:
+            if code > 128 and self.ext.manifest.worker.sandbox == "namespace":
+                code = 128 - code  # bubblewrap reports its child's death by signal N as 128 + N
+            if code < 0:
+                try:
+                    why = f"died of signal {signal.Signals(-code).name}"
+                except ValueError:
+                    why = f"died of signal {-code}"
+            else:
+                why = f"exited with status {code}"
+        self.fail_all(why)
+
+    def fail_all(self, why: str) -> None:
+        with self._lock:
+            first = self.dead is None
+            if first:
+                self.dead = why
+            pending, self._pending = self._pending, {}
+        # Replaced at once only if it served a call: one that dies idle right after its start
+        # would otherwise be restarted in a loop; the next call starts it again instead.
+        if first and self.ready and self.answered > 1:
+            self.ext.restart_soon(self)
+        for pend in pending.values():
+            pend.error = self.ext.crashed(f"during {pend.method}", self.dead, self.proc.pid)
+            pend.done.set()
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: children go too
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+
+    # ---------------------------------------------------------- calls
+
+    def call(self, method: str, params: dict[str, Any], timeout: float,
+             on_output: OutputCallback | None = None) -> Any:
+        pend = _Pending(method, on_output)
+        with self._lock:
+            if self.dead is not None:
+                raise self.ext.crashed(f"before {method}", self.dead, self.proc.pid)
+            msg_id = next(self._ids)
+            self._pending[msg_id] = pend
+        try:
+            line = protocol.request(msg_id, method, params)
+        except (TypeError, ValueError) as exc:
+            with self._lock:
+                self._pending.pop(msg_id, None)
+            raise ExtensionCrashed(f"{self.ext.id}: the arguments of {method} are not JSON: {exc}",
+                                   backend=self.ext.id) from None
+        try:
+            with self._write_lock:
+                self.stdin.write(line)  # type: ignore[union-attr]
+                self.stdin.flush()  # type: ignore[union-attr]
+        except (BrokenPipeError, OSError, ValueError):
+            pass  # the stdout reader sees the exit and fails the call
+        if not pend.done.wait(timeout):
+            with self._lock:
+                self._pending.pop(msg_id, None)
+            self.kill()
+            self.fail_all(f"was killed: {method} did not answer within {timeout:g}s")
+            raise ExtensionTimeout(
+                f"{self.ext.id}: {method} did not answer within {timeout:g}s; the worker (pid {self.proc.pid}) "
+                f"was killed and will be restarted on the next call; {self.ext.where_log()}",
+                backend=self.ext.id, timeout=timeout)
+        if pend.error is not None:
+            raise pend.error
+        return pend.result
+
+    def handshake(self) -> dict[str, Any]:
+        params = {"abi_version": self.ext.abi_version, "manifest": self.ext.manifest.model_dump(mode="json"),
+                  "home": str(self.ext.private_dir)}
+        out = self.call("handshake", params, HANDSHAKE_TIMEOUT)
+        self.ready = True
+        return out
+
+    def close(self) -> None:
+        self.closing = True
+        try:
+            self.stdin.close()  # type: ignore[union-attr]
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+class ProcessExtension(SandboxExtension):
+    """A SandboxExtension whose handler runs in a worker process (``runtime: process``).
+
+    It has the handler class's ``Config``, ``ProfileOptions``, ``features`` and
+    ``exclusive_inputs`` (the loader checked them in the manager), so ``options()``,
+    ``supports()`` and pricing are answered here; every other call goes to the worker.
+
+    Args:
+        manifest: the extension's manifest (its ``config`` goes to the worker on the handshake).
+        config: the config the loader validated (searched for secret references).
+        handler: the handler class (for its class-level metadata only; never instantiated here).
+        home: the manager's home; the worker's private dir and stderr log live under
+            ``<home>/extension-host/<id>/``.
+        limits: the manager's call deadlines; a worker that has not answered a call
+            :data:`KILL_GRACE` seconds past the manager's deadline is killed.
+    """
+
+    #: The protocol version this client speaks (a test may change it to see a refusal).
+    abi_version = protocol.ABI_VERSION
+
+    def __init__(self, manifest: ExtensionManifest, config: BaseModel, handler: type[SandboxExtension], *,
+                 home: Path, limits: CallLimits | None = None):
+        super().__init__(manifest, config)
+        self.handler = handler
+        self.Config = handler.Config  # type: ignore[misc]
+        self.ProfileOptions = handler.ProfileOptions  # type: ignore[misc]
+        self.features = handler.features  # type: ignore[misc]
+        self.exclusive_inputs = handler.exclusive_inputs  # type: ignore[misc]
+        self.home = Path(home)
+        self.limits = limits or CallLimits()
+        base = self.home / "extension-host" / manifest.id
+        self.private_dir = base / "home"
+        base.mkdir(parents=True, exist_ok=True)
+        self.stderr = StderrLog(base / "worker.log")
+        self._lock = threading.Lock()
+        self._worker: WorkerProcess | None = None
+        self._generation = 0
+        self._closed = False
+        self.restarts = 0
+
+    def __repr__(self) -> str:
+        return f"<ProcessExtension {self.manifest.id} handler={self.handler.__name__}>"
+
+    # ---------------------------------------------------------- the worker
+
+    def confine(self, argv: list[str]) -> list[str]:
+        """The worker's command line, under bubblewrap when the manifest's ``worker.sandbox`` says so.
+
+        Namespaced, the worker sees the filesystem read-only, the manager's home not at all
+        (an empty tmpfs) except its own private directory (writable), a /dev and /proc of its
+        own, and no network unless ``worker.network`` is set.
+
+        Raises:
+            CapabilityError: ``worker.sandbox: namespace`` and bubblewrap is not installed.
+        """
+        policy = self.manifest.worker
+        if policy.sandbox == "none":
+            return argv
+        bwrap = shutil.which("bwrap")
+        if bwrap is None:
+            raise CapabilityError(
+                f"{self.id}: the manifest asks for worker.sandbox 'namespace', but bubblewrap (bwrap) is not "
+                f"installed; install it, or set worker.sandbox: none to run the worker unconfined")
+        # No --die-with-parent: its death signal follows the *thread* that started bwrap (a restart
+        # thread ends at once); the worker exits anyway when its stdin closes with the manager.
+        return [bwrap, "--unshare-all", *(["--share-net"] if policy.network else []),
+                "--ro-bind", "/", "/", "--tmpfs", str(self.home), "--bind", str(self.private_dir), str(self.private_dir),
+                "--dev", "/dev", "--proc", "/proc", "--chdir", str(self.private_dir), "--", *argv]
+
+    def secrets(self) -> dict[str, str]:
+        """What the worker's environment gets beyond the minimum: its config's secret references."""
+        return secret_env(self.config)
+
+    def where_log(self) -> str:
+        return f"its stderr is in {self.stderr.path}"
+
+    def crashed(self, when: str, why: str, pid: int) -> ExtensionCrashed:
+        tail = self.stderr.tail()
+        quoted = f"; last stderr: {tail[-800:]!r}" if tail else ""
+        return ExtensionCrashed(
+            f"{self.id}: the extension worker (pid {pid}) {why} {when}; it will be restarted on the next call"
+            f"{quoted}; {self.where_log()}", backend=self.id, log=str(self.stderr.path))
+
+    def restart_soon(self, dead: WorkerProcess) -> None:
+        """Start a replacement for ``dead`` in the background, so the next call does not wait for it.
+
+        Only a worker that started and answered a call is replaced eagerly; one that fails its
+        start, or dies before serving anything, is started again by the next call only, so a
+        broken extension cannot spin.
+        """
+        if self._closed or dead.closing:
+            return
+
+        def restart() -> None:
+            try:
+                self.worker()
+            except SandboxerError:
+                pass  # the next call starts one again and reports why it cannot
+
+        threading.Thread(target=restart, name=f"{self.id}-restart", daemon=True).start()
+
+    def worker(self) -> WorkerProcess:
+        """The running worker, started (and handshaken) if there is none or it died."""
+        with self._lock:
+            if self._closed:
+                raise ExtensionCrashed(f"{self.id}: the extension host was closed", backend=self.id)
+            w = self._worker
+            if w is not None and w.dead is None and w.proc.poll() is None:
+                return w
+            if w is not None:
+                w.kill()
+                self.restarts += 1
+            self._generation += 1
+            w = WorkerProcess(self, self._generation)
+            try:
+                w.handshake()
+            except SandboxerError:
+                w.kill()
+                raise
+            self._worker = w
+            return w
+
+    def pid(self) -> int | None:
+        """The running worker's pid, if any (for operators and tests)."""
+        w = self._worker
+        return w.proc.pid if w is not None and w.proc.poll() is None else None
+
+    def close(self) -> None:
+        """Stop the worker (it exits when its stdin closes)."""
+        with self._lock:
+            self._closed = True
+            w, self._worker = self._worker, None
+        if w is not None:
+            w.close()
+
+    def _call(self, method: str, limit: float, on_output: OutputCallback | None = None, /, **params: Any) -> Any:
+        return self.worker().call(method, params, limit + KILL_GRACE, on_output)
+
+    # ---------------------------------------------------------- contract
+
+    @staticmethod
+    def _profile(profile: Profile) -> dict[str, Any]:
+        return profile.model_dump(mode="json", exclude_defaults=True)
+
+    def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
+        limit = self.deadline(profile)
+        return self._call("provision", limit, profile=self._profile(profile), inputs=inputs, host=host)
+
+    def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        return self._call("wait_ready", timeout + self.limits.ready_grace, handle=handle, timeout=timeout)
+
+    def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
+        return self._call("teardown", self.limits.teardown, handle=handle)
+
+    def exec(self, handle: dict[str, Any], argv: list[str], *, env: dict[str, str] | None = None,
+             cwd: str | None = None, timeout: float | None = None, stdin: bytes | None = None,
+             on_output: OutputCallback | None = None) -> ExecResult:
+        limit = timeout + self.limits.exec_grace if timeout else self.limits.exec
+        out = self._call("exec", limit, on_output, handle=handle, argv=list(argv), env=env, cwd=cwd,
+                         timeout=timeout, stdin=protocol.pack_bytes(stdin), stream=on_output is not None)
+        return ExecResult.model_validate(out)
+
+    def snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
+        return self._call("snapshot", self.limits.snapshot, handle=handle)
+
+    def restore_from_snapshot(self, profile: Profile, snapshot_meta: SnapshotMeta, inputs: dict[str, Any],
+                              host: str | None) -> dict[str, Any]:
+        return self._call("restore_from_snapshot", self.deadline(profile), profile=self._profile(profile),
+                          snapshot=snapshot_meta.model_dump(mode="json"), inputs=inputs, host=host)
+
+    def delete_snapshot(self, snapshot_meta: SnapshotMeta) -> None:
+        self._call("delete_snapshot", self.limits.snapshot, snapshot=snapshot_meta.model_dump(mode="json"))
+
+    def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
+        return self._call("list_owned", self.limits.list_owned, owner_labels=owner_labels)
+
+    def meter_actual(self, handle: dict[str, Any]) -> dict[str, Any] | None:
+        return self._call("meter_actual", self.limits.meter, handle=handle)
+
+    def probe(self, handle: dict[str, Any]) -> bool | None:
+        return self._call("probe", self.limits.probe, handle=handle)
+
+    def handle_id(self, handle: dict[str, Any]) -> str | None:
+        return self._call("handle_id", QUICK_CALL, handle=handle)
+
+    def resource_names(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> list[str]:
+        return self._call("resource_names", QUICK_CALL, profile=self._profile(profile), inputs=inputs, host=host)
+
+    def deadline(self, profile: Profile) -> float:
+        return float(self._call("deadline", QUICK_CALL, profile=self._profile(profile)))
+
+    def credential_key(self, consumer: str | None) -> str | None:
+        return self._call("credential_key", QUICK_CALL, consumer=consumer)
+
+    def hosts(self) -> dict[str, int | None]:
+        return self._call("hosts", QUICK_CALL)
+
+    def ping(self) -> str:
+        """A round trip that runs no handler code (the benchmark's baseline)."""
+        return self._call("ping", QUICK_CALL)
+
+
+def wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    """Whether process ``pid`` is gone within ``timeout`` seconds (bounded poll; for tests and operators)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.02)
+    return False

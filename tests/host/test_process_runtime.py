@@ -1,0 +1,112 @@
+"""A ``runtime: process`` extension runs in a worker process and behaves like the same handler in-process."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sandboxer.errors import BackendError, ExecError, ExtensionLoadError
+from sandboxer.host.client import ProcessExtension
+from tests.host.conftest import STUB_PROCESS, STUB_PROFILE
+
+
+@pytest.fixture
+def mgr(cfg, host_manager):  # type: ignore[no-untyped-def]
+    cfg.write("ext.stubproc.yaml", STUB_PROCESS)
+    cfg.write("profile.stubproc.yaml", STUB_PROFILE)
+    return host_manager()
+
+
+def test_create_exec_teardown_through_a_worker(mgr) -> None:
+    ext = mgr.extension("ext.stubproc")
+    assert isinstance(ext, ProcessExtension)
+    sb = mgr.create(profile="stubproc")
+    assert sb.state.value == "ready"
+    pid = ext.pid()
+    assert pid and pid != os.getpid()
+    seen: list[tuple[str, str]] = []
+    res = mgr.exec(sb.id, ["echo", "hello"], on_output=lambda s, t: seen.append((s, t)))
+    assert res.exit_code == 0
+    assert "hello" in res.stdout
+    assert seen and seen[0][0] == "stdout"
+    assert mgr.teardown(sb.id).state.value == "terminated"
+    assert ext.pid() == pid  # one worker served every call
+
+
+def test_errors_cross_as_the_same_classes(mgr) -> None:
+    ext = mgr.extension("ext.stubproc")
+    with pytest.raises(ExecError, match=r"^ext\.stubproc: stub-gone is not running$") as err:
+        ext.exec({"stub_id": "stub-gone"}, ["true"])
+    assert err.value.backend == "ext.stubproc"
+    # a foreign exception in the handler (KeyError: no stub_id) becomes a BackendError naming the worker
+    with pytest.raises(BackendError) as err2:
+        ext.exec({"no": "stub_id"}, ["true"])
+    assert type(err2.value) is BackendError
+    assert str(err2.value) == ("ext.stubproc: the handler raised KeyError (not an error of sandboxer.errors): "
+                               "'stub_id'")
+
+
+def test_the_worker_gets_a_minimal_environment(mgr, monkeypatch) -> None:
+    monkeypatch.setenv("SANDBOXER_SECRET_OF_THE_MANAGER", "do-not-leak")
+    ext = mgr.extension("ext.stubproc")
+    ext.ping()
+    with open(f"/proc/{ext.pid()}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if kv)
+    assert set(env) == {b"PATH", b"HOME", b"LANG", b"PYTHONPATH"}
+    assert env[b"HOME"] == str(ext.private_dir).encode()
+    assert os.readlink(f"/proc/{ext.pid()}/cwd") == str(ext.private_dir)
+    fds = os.listdir(f"/proc/{ext.pid()}/fd")
+    assert sorted(int(f) for f in fds)[:3] == [0, 1, 2] and len(fds) <= 5  # stdio + the protocol copy
+
+
+def test_an_abi_mismatch_is_refused(mgr, monkeypatch) -> None:
+    ext = mgr.extension("ext.stubproc")
+    monkeypatch.setattr(ext, "abi_version", 99)
+    with pytest.raises(ExtensionLoadError, match=r"ext\.stubproc: the manager speaks extension-host ABI 99, "
+                                                 r"this worker speaks 1"):
+        ext.ping()
+
+
+def test_only_the_secrets_its_config_references_reach_the_worker(cfg, host_manager, monkeypatch) -> None:
+    monkeypatch.setenv("STUB_TEST_KEY", "key-for-the-stub")
+    monkeypatch.setenv("UNRELATED_TOKEN", "not-for-the-worker")
+    cfg.write("ext.stubproc.yaml", STUB_PROCESS.replace("config: {capacity: 5}",
+                                                        "config: {capacity: 5, api_key: {env: STUB_TEST_KEY}}"))
+    cfg.write("profile.stubproc.yaml", STUB_PROFILE)
+    mgr = host_manager()
+    sb = mgr.create(profile="stubproc")  # the stub refuses a create without its key
+    assert sb.state.value == "ready"
+    ext = mgr.extension("ext.stubproc")
+    with open(f"/proc/{ext.pid()}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if kv)
+    assert env[b"STUB_TEST_KEY"] == b"key-for-the-stub"
+    assert set(env) == {b"PATH", b"HOME", b"LANG", b"PYTHONPATH", b"STUB_TEST_KEY"}
+    assert "key-for-the-stub" not in repr(ext) and "key-for-the-stub" not in ext.stderr.tail()
+
+
+def test_an_unset_secret_is_refused_in_the_worker_naming_the_reference(cfg, host_manager, monkeypatch) -> None:
+    from sandboxer.errors import AuthError
+
+    monkeypatch.delenv("STUB_TEST_KEY", raising=False)
+    cfg.write("ext.stubproc.yaml", STUB_PROCESS.replace("config: {capacity: 5}",
+                                                        "config: {capacity: 5, api_key: {env: STUB_TEST_KEY}}"))
+    cfg.write("profile.stubproc.yaml", STUB_PROFILE)
+    mgr = host_manager()
+    ext = mgr.extension("ext.stubproc")
+    with pytest.raises(AuthError) as err:
+        ext.provision(mgr.profile("stubproc"), {"sandbox_id": "sb-x1", "owner_labels": {}, "tags": {}, "ttl": 60},
+                      None)
+    assert err.value.credential == "env STUB_TEST_KEY"
+    assert "STUB_TEST_KEY" in str(err.value)
+
+
+def test_an_unknown_runtime_is_refused_at_load_naming_the_file(cfg) -> None:
+    from sandboxer.errors import ManifestError
+    from sandboxer.loader import load_catalog
+
+    path = cfg.write("ext.stubproc.yaml", STUB_PROCESS.replace("runtime: process", "runtime: thread"))
+    with pytest.raises(ManifestError) as err:
+        load_catalog([cfg.root])
+    assert str(err.value) == (f"{path}: field 'runtime' (value 'thread'): Input should be 'in-process' or "
+                              "'process'")
