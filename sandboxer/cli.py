@@ -316,9 +316,12 @@ def schema(out_dir: str | None) -> None:
 @click.argument("extension")
 @click.option("--profile", default=None, help="A profile that uses EXTENSION (default: the first one, by slug).")
 @click.option("--input", "inputs", multiple=True, metavar="K=V", help="An input the profile needs (repeatable).")
+@click.option("--output-cap", type=click.IntRange(min=1), default=None, metavar="BYTES",
+              help="The per-stream exec output cap your config sets, to check it (skipped without).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def conformance(c: Ctx, extension: str, profile: str | None, inputs: tuple[str, ...], as_json: bool) -> None:
+def conformance(c: Ctx, extension: str, profile: str | None, inputs: tuple[str, ...], output_cap: int | None,
+                as_json: bool) -> None:
     """Run the contract suite against EXTENSION: a table of steps; exits 1 on any failure.
 
     The configuration is loaded as for every command; the state store is a throwaway one,
@@ -336,7 +339,7 @@ def conformance(c: Ctx, extension: str, profile: str | None, inputs: tuple[str, 
                 if not as_json and err.is_terminal:
                     err.print(f"  {step.name}: {step.status}", highlight=False)
 
-            report = run_conformance(mgr, extension, profile, given, on_step=progress)
+            report = run_conformance(mgr, extension, profile, given, on_step=progress, output_cap=output_cap)
     if as_json:
         _emit_json({"extension": report.extension, "profile": report.profile, "ok": report.ok,
                     "steps": [{"name": s.name, "status": s.status, "detail": s.detail, "seconds": round(s.seconds, 3)}

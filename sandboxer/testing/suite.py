@@ -37,6 +37,7 @@ STEPS: dict[str, str] = {
     "exec_streaming": "on_output gets output while the command runs, and all of it",
     "exec_timeout": "a command past its timeout ends with exit 124 and timed_out=True",
     "exec_utf8_chunks": "UTF-8 split across chunks is never corrupted (result and stream)",
+    "exec_output_cap": "output past the cap is cut on a character boundary and flagged truncated; the rest is kept",
     "snapshot": "snapshot returns a data reference",
     "restore": "a restored sandbox is ready and holds the snapshot's files",
     "teardown": "teardown returns a report",
@@ -152,6 +153,8 @@ class Conformance:
         extension: the extension id (``ext.<name>``).
         profile: a profile slug that uses it (default: the first one, by slug).
         inputs: inputs given as a consumer would give them (``--input``).
+        output_cap: the per-stream output cap, in bytes, that the backend's config sets; the
+            exec_output_cap step is skipped without it.
 
     Raises:
         ConfigError: the extension is not configured or no profile uses it.
@@ -160,8 +163,9 @@ class Conformance:
     """
 
     def __init__(self, manager: Any, extension: str, profile: str | None = None,
-                 inputs: dict[str, Any] | None = None):
+                 inputs: dict[str, Any] | None = None, output_cap: int | None = None):
         self.manager = manager
+        self.output_cap = output_cap
         self.ext = manager.extension(extension)
         self.profile = manager.profile(profile) if profile else default_profile(manager, extension)
         index = next((i for i, c in enumerate(self.profile.candidates) if c.extension == extension), None)
@@ -282,6 +286,7 @@ class Conformance:
         res = self.exec(["sh", "-c", "exit 3"])
         _expect(res.exit_code, 3, "the exit code of `exit 3`")
         _expect(res.timed_out, False, "timed_out of a command that exited")
+        _expect(res.truncated, False, "truncated of a command with little output")
 
     def step_exec_stderr(self) -> None:
         self._need_exec()
@@ -335,9 +340,11 @@ class Conformance:
 
     def step_exec_utf8_chunks(self) -> None:
         self._need_exec()
-        want = (UTF8_WORD + "\n") * UTF8_LINES
+        line = UTF8_WORD + "\n"
+        lines = min(UTF8_LINES, (self.output_cap or 1 << 62) // len(line.encode()))  # all of it under the cap
+        want = line * lines
         streamed: dict[str, list[str]] = {"stdout": [], "stderr": []}
-        res = self.exec(["sh", "-c", f"yes '{UTF8_WORD}' | head -n {UTF8_LINES}; yes '{UTF8_WORD}' | head -n 100 >&2"],
+        res = self.exec(["sh", "-c", f"yes '{UTF8_WORD}' | head -n {lines}; yes '{UTF8_WORD}' | head -n 100 >&2"],
                         on_output=lambda stream, text: streamed[stream].append(text))
         for what, got, expected in (("stdout", res.stdout, want), ("stderr", res.stderr, want[: 100 * 10]),
                                     ("streamed stdout", "".join(streamed["stdout"]), want)):
@@ -347,6 +354,26 @@ class Conformance:
                                  f"characters with {bad} U+FFFD (a character split between chunks was corrupted)"
                                  if bad else f"expected {what} to be {len(expected)} characters of 'é' lines, "
                                  f"got {len(got)}: {_show(got[:80])}")
+
+    def step_exec_output_cap(self) -> None:
+        self._need_exec()
+        cap = self.output_cap
+        if cap is None:
+            raise StepSkipped("no output cap given (the cap your config sets: --output-cap BYTES, or "
+                              "Target(output_cap=...))")
+        line = UTF8_WORD + "\n"  # 19 bytes: a cut anywhere but a line's end splits a character
+        lines = 2 * cap // len(line.encode()) + 1
+        full = line * lines
+        streamed: list[str] = []
+        res = self.exec(["sh", "-c", f"yes '{UTF8_WORD}' | head -n {lines}; echo done >&2"],
+                        on_output=lambda stream, text: streamed.append(text) if stream == "stdout" else None)
+        kept = len(res.stdout.encode())
+        _expect((res.exit_code, res.truncated, res.stderr), (0, True, "done\n"),
+                f"(exit_code, truncated, stderr) of {len(full.encode())} bytes of stdout past a {cap}-byte cap")
+        if not (cap - 4 < kept <= cap) or not full.startswith(res.stdout):
+            raise StepFailed(f"expected the first {cap} bytes of stdout (less at most one split character), "
+                             f"got {kept} bytes{'' if full.startswith(res.stdout) else ' that are not its start'}")
+        _expect("".join(streamed), res.stdout, "the stdout streamed to on_output (the kept part, no more)")
 
     def step_snapshot(self) -> None:
         self._need("snapshots")
@@ -558,21 +585,23 @@ class Target:
     extension: str
     profile: str | None = None
     inputs: dict[str, Any] = field(default_factory=dict)
+    output_cap: int | None = None
 
     @classmethod
     def from_config(cls, config_dirs: list[Any], extension: str, home: Any, profile: str | None = None,
-                    inputs: dict[str, Any] | None = None) -> "Target":
+                    inputs: dict[str, Any] | None = None, output_cap: int | None = None) -> "Target":
         """A target over a new Manager: ``config_dirs`` (plus the built-ins) and a state store in ``home``."""
         from sandboxer.manager import Manager  # the manager sits above this module's other imports
 
-        return cls(Manager(config_dirs=list(config_dirs), home=home), extension, profile, dict(inputs or {}))
+        return cls(Manager(config_dirs=list(config_dirs), home=home), extension, profile, dict(inputs or {}),
+                   output_cap)
 
     def run(self, on_step: Callable[[StepResult], None] | None = None) -> Report:
-        return run_conformance(self.manager, self.extension, self.profile, self.inputs, on_step)
+        return run_conformance(self.manager, self.extension, self.profile, self.inputs, on_step, self.output_cap)
 
 
 def run_conformance(manager: Any, extension: str, profile: str | None = None,
                     inputs: dict[str, Any] | None = None,
-                    on_step: Callable[[StepResult], None] | None = None) -> Report:
+                    on_step: Callable[[StepResult], None] | None = None, output_cap: int | None = None) -> Report:
     """Run the whole suite against ``extension`` (see :class:`Conformance`); returns its report."""
-    return Conformance(manager, extension, profile, inputs).run(on_step)
+    return Conformance(manager, extension, profile, inputs, output_cap).run(on_step)

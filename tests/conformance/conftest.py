@@ -23,21 +23,19 @@ from sandboxer.testing.plugin import conformance_report, conformance_step  # noq
 from tests.support.docker_fixtures import busybox_image, docker_host  # noqa: F401 - fixtures
 from tests.ssh.conftest import compose_repo, known_hosts, ssh_home, sshd_pool  # noqa: F401 - fixtures
 
+#: The per-stream exec output cap every backend is configured with here (the kit checks it).
+CAP = 1 << 20
+
 #: Every built-in backend, in the order they run.
 BACKENDS = ["ext.local", "ext.saas-stub", "ext.docker", "ext.compose-ssh", "ext.vm-packer", "ext.e2b", "ext.modal"]
 
 _STUB_EXEC = "exec convention: ext.saas-stub's exec runs no command (it answers echo/cat only)"
-_UTF8 = "exec convention: a UTF-8 character split between streamed chunks comes out as U+FFFD"
 _NO_GONE = "teardown contract: the teardown report has no already_gone (issue 9, section 1)"
 _STANDIN_CWD = "stand-in: an absolute cwd is re-rooted under the sandbox's host directory but pwd reports the host path"
 
-#: (backend, step) -> why it fails today: checks of the exec convention, which the exec-convention
-#: branch (sandboxer/execution.py) fixes, teardown reports without already_gone, and one limit of
-#: the cloud stand-ins. Strict, so a fix shows up as XPASS and its entry must go.
+#: (backend, step) -> why it fails today: the stub's exec, teardown reports without already_gone,
+#: and one limit of the cloud stand-ins. Strict, so a fix shows up as XPASS and its entry must go.
 XFAIL: dict[tuple[str, str], str] = {
-    ("ext.local", "exec_utf8_chunks"): _UTF8,
-    ("ext.compose-ssh", "exec_utf8_chunks"): _UTF8,
-    ("ext.vm-packer", "exec_utf8_chunks"): _UTF8,
     # Not the exec convention: teardown reports (issue 9 section 1, the typed contract)
     ("ext.compose-ssh", "teardown_already_gone"): _NO_GONE,
     ("ext.vm-packer", "teardown_already_gone"): _NO_GONE,
@@ -72,14 +70,19 @@ def override(cfg: Path, ext_id: str, config: dict[str, Any]) -> None:
 
 
 def _local(req: pytest.FixtureRequest, cfg: Path) -> dict[str, Any]:
-    return {}
+    override(cfg, "ext.local", {"max_output_bytes": CAP})
+    return {"output_cap": CAP}
+
+
+def _stub(req: pytest.FixtureRequest, cfg: Path) -> dict[str, Any]:
+    return {}  # no output cap of its own: the kit skips that step
 
 
 def _docker(req: pytest.FixtureRequest, cfg: Path) -> dict[str, Any]:
     pytest.importorskip("docker", reason="the docker extra is not installed")
     req.getfixturevalue("busybox_image")
-    override(cfg, "ext.docker", {"docker_host": req.getfixturevalue("docker_host")})
-    return {}
+    override(cfg, "ext.docker", {"docker_host": req.getfixturevalue("docker_host"), "max_output_bytes": CAP})
+    return {"output_cap": CAP}
 
 
 def _compose(req: pytest.FixtureRequest, cfg: Path) -> dict[str, Any]:
@@ -89,8 +92,9 @@ def _compose(req: pytest.FixtureRequest, cfg: Path) -> dict[str, Any]:
         "workspace_root": str(root), "snapshot_dir": str(cfg.parent / "compose-snaps"),
         "helper_image": req.getfixturevalue("busybox_image"),
         "hosts": [{**server.host_config(req.getfixturevalue("known_hosts")), "name": "h0", "capacity": 8,
-                   "workspace_root": str(root), "docker_host": req.getfixturevalue("docker_host")}]})
-    return {"inputs": {"repo": str(req.getfixturevalue("compose_repo"))}}
+                   "workspace_root": str(root), "docker_host": req.getfixturevalue("docker_host"),
+                   "output_cap_bytes": CAP}]})
+    return {"inputs": {"repo": str(req.getfixturevalue("compose_repo"))}, "output_cap": CAP}
 
 
 def _vm(req: pytest.FixtureRequest, cfg: Path) -> dict[str, Any]:
@@ -99,12 +103,12 @@ def _vm(req: pytest.FixtureRequest, cfg: Path) -> dict[str, Any]:
     override(cfg, "ext.vm-packer", {
         "workspace_root": str(cfg.parent / "vm"), "snapshot_dir": str(cfg.parent / "vm-snaps"),
         "target_defaults": {"known_hosts": str(known), "key_file": str(server.user_key), "use_agent": False},
-        "vms": {"vm0": server.host_config(known)}})
+        "vms": {"vm0": server.host_config(known, output_cap_bytes=CAP)}})
     # the shipped vm-haskell-build profile needs ghc and cabal, which the test host lacks
     (cfg / "profiles" / "profile.conformance-vm.yaml").write_text(yaml.safe_dump({
         "slug": "conformance-vm", "extension": "ext.vm-packer", "inputs": {"defaults": {"vm": "vm0"}},
         "ready_timeout": "60s"}))
-    return {"profile": "conformance-vm"}
+    return {"profile": "conformance-vm", "output_cap": CAP}
 
 
 def _e2b(req: pytest.FixtureRequest, cfg: Path) -> dict[str, Any]:
@@ -117,8 +121,8 @@ def _e2b(req: pytest.FixtureRequest, cfg: Path) -> dict[str, Any]:
     req.addfinalizer(server.stop)
     _env(req, {KEY_ENV: key})
     override(cfg, "ext.e2b", {"api_key": {"env": KEY_ENV}, "api_url": server.url, "sandbox_url": server.url,
-                              "request_timeout": 10})
-    return {}
+                              "request_timeout": 10, "max_output_bytes": CAP})
+    return {"output_cap": CAP}
 
 
 def _modal(req: pytest.FixtureRequest, cfg: Path) -> dict[str, Any]:
@@ -130,8 +134,8 @@ def _modal(req: pytest.FixtureRequest, cfg: Path) -> dict[str, Any]:
     req.addfinalizer(server.stop)
     _env(req, {"SBX_CONFORMANCE_MODAL_ID": TOKEN_ID, "SBX_CONFORMANCE_MODAL_SECRET": SENTINEL})
     override(cfg, "ext.modal", {"server_url": server.url, "token_id": {"env": "SBX_CONFORMANCE_MODAL_ID"},
-                                "token_secret": {"env": "SBX_CONFORMANCE_MODAL_SECRET"}})
-    return {}
+                                "token_secret": {"env": "SBX_CONFORMANCE_MODAL_SECRET"}, "max_output_bytes": CAP})
+    return {"output_cap": CAP}
 
 
 def _env(req: pytest.FixtureRequest, values: dict[str, str]) -> None:
@@ -142,7 +146,7 @@ def _env(req: pytest.FixtureRequest, values: dict[str, str]) -> None:
 
 
 SETUP: dict[str, Callable[[pytest.FixtureRequest, Path], dict[str, Any]]] = {
-    "ext.local": _local, "ext.saas-stub": _local, "ext.docker": _docker, "ext.compose-ssh": _compose,
+    "ext.local": _local, "ext.saas-stub": _stub, "ext.docker": _docker, "ext.compose-ssh": _compose,
     "ext.vm-packer": _vm, "ext.e2b": _e2b, "ext.modal": _modal,
 }
 
@@ -158,6 +162,6 @@ def conformance_target(request: pytest.FixtureRequest, tmp_path_factory: pytest.
     extra = SETUP[ext_id](request, cfg)
     mgr = Manager(config_dirs=[cfg], home=root / "home")
     try:
-        yield Target(mgr, ext_id, extra.get("profile"), extra.get("inputs", {}))
+        yield Target(mgr, ext_id, extra.get("profile"), extra.get("inputs", {}), extra.get("output_cap"))
     finally:
         mgr.close()

@@ -226,3 +226,20 @@ def test_an_authors_tests_get_the_plugin_from_the_installed_package(wheel, tmp_p
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *picked],
                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path / "author")
     assert res.returncode == 0 and "3 passed" in res.stdout, res.stdout + res.stderr
+
+
+def test_cli_output_cap_is_checked_against_the_cap_the_config_sets(tmp_path):
+    cfg = tmp_path / "cfg"
+    write(cfg, "ext.local", {"id": "ext.local", "override": "config", "config": {"max_output_bytes": 4096}})
+    right = sbx("conformance", "ext.local", "--output-cap", "4096", "--json", home=tmp_path / "h1", config=cfg)
+    steps = {s["name"]: s for s in json.loads(right.stdout)["steps"]}
+    assert steps["exec_output_cap"]["status"] == "pass", steps["exec_output_cap"]
+    wrong = sbx("conformance", "ext.local", "--output-cap", "8192", "--json", home=tmp_path / "h2", config=cfg)
+    assert wrong.returncode == 1
+    step = {s["name"]: s for s in json.loads(wrong.stdout)["steps"]}["exec_output_cap"]
+    assert (step["status"], step["detail"]) == (
+        # 4095: cut on a character boundary
+        "fail", "expected the first 8192 bytes of stdout (less at most one split character), got 4095 bytes")
+    without = sbx("conformance", "ext.saas-stub", "--json", home=tmp_path / "h3")
+    step = {s["name"]: s for s in json.loads(without.stdout)["steps"]}["exec_output_cap"]
+    assert step["status"] == "skip" and step["detail"].startswith("no output cap given")
