@@ -311,6 +311,50 @@ def schema(out_dir: str | None) -> None:
         click.echo(str(Path(out_dir) / name))
 
 
+
+@cli.command()
+@click.argument("extension")
+@click.option("--profile", default=None, help="A profile that uses EXTENSION (default: the first one, by slug).")
+@click.option("--input", "inputs", multiple=True, metavar="K=V", help="An input the profile needs (repeatable).")
+@click.option("--output-cap", type=click.IntRange(min=1), default=None, metavar="BYTES",
+              help="The per-stream exec output cap your config sets, to check it (skipped without).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def conformance(c: Ctx, extension: str, profile: str | None, inputs: tuple[str, ...], output_cap: int | None,
+                as_json: bool) -> None:
+    """Run the contract suite against EXTENSION: a table of steps; exits 1 on any failure.
+
+    The configuration is loaded as for every command; the state store is a throwaway one,
+    so the suite's gc step never touches your sandboxes.
+    """
+    import tempfile
+
+    from sandboxer.manager import Manager
+    from sandboxer.testing import run_conformance
+
+    given = _pairs(inputs, "--input")
+    with tempfile.TemporaryDirectory(prefix="sandboxer-conformance-") as tmp:
+        with Manager(config_dirs=c.config, home=tmp) as mgr:
+            def progress(step: Any) -> None:
+                if not as_json and err.is_terminal:
+                    err.print(f"  {step.name}: {step.status}", highlight=False)
+
+            report = run_conformance(mgr, extension, profile, given, on_step=progress, output_cap=output_cap)
+    if as_json:
+        _emit_json({"extension": report.extension, "profile": report.profile, "ok": report.ok,
+                    "steps": [{"name": s.name, "status": s.status, "detail": s.detail, "seconds": round(s.seconds, 3)}
+                              for s in report.steps]})
+    else:
+        t = Table("STEP", "RESULT", "SECONDS", "DETAIL", title=f"{report.extension} (profile {report.profile})")
+        for s in report.steps:
+            t.add_row(s.name, s.status, f"{s.seconds:.2f}", s.detail or "-")
+        out.print(t)
+        counts = {k: sum(1 for s in report.steps if s.status == k) for k in ("pass", "fail", "skip")}
+        click.echo(f"{counts['pass']} passed, {counts['fail']} failed, {counts['skip']} skipped")
+    if not report.ok:
+        sys.exit(1)
+
+
 # ------------------------------------------------------------------- snapshots
 
 @cli.command()
