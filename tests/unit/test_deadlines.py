@@ -16,6 +16,14 @@ from tests.conftest import FAKE_EXT
 QUICK = CallLimits(teardown=0.5, snapshot=0.5, list_owned=0.5, probe=0.5, meter=0.5, exec=0.5, exec_grace=0.3,
                    ready_grace=0.2)
 
+STUB = """
+    id: ext.stub
+    title: stub
+    version: 1.0.0
+    handler: sandboxer.extensions.saas_stub:SaasStubExtension
+    capabilities: {isolation_levels: [microvm], pricing_model: free, features: [exec, list_owned]}
+"""
+
 PROFILE = """
     slug: quick
     extension: ext.fake
@@ -95,13 +103,7 @@ def test_a_hung_teardown_is_a_failed_teardown_and_gc_goes_on_with_the_others(mgr
 
 
 def test_one_hung_backend_does_not_keep_gc_from_reaping_another(cfg, mgr, release):
-    cfg.write("ext.stub.yaml", """
-        id: ext.stub
-        title: stub
-        version: 1.0.0
-        handler: sandboxer.extensions.saas_stub:SaasStubExtension
-        capabilities: {isolation_levels: [microvm], pricing_model: free, features: [exec, list_owned]}
-    """)
+    cfg.write("ext.stub.yaml", STUB)
     cfg.write("profile.stub.yaml", "slug: stub\nextension: ext.stub\n")
     m = Manager(config_dirs=[cfg.root], home=mgr.home, call_limits=QUICK)
     try:
@@ -132,13 +134,7 @@ def test_a_hung_exec_returns_at_its_deadline(mgr, release):
 
 def test_a_hung_backend_falls_back_to_the_next(cfg, make_manager, release):
     cfg.write("ext.fake.yaml", FAKE_EXT)
-    cfg.write("ext.stub.yaml", """
-        id: ext.stub
-        title: stub
-        version: 1.0.0
-        handler: sandboxer.extensions.saas_stub:SaasStubExtension
-        capabilities: {isolation_levels: [microvm], pricing_model: free, features: [exec, list_owned]}
-    """)
+    cfg.write("ext.stub.yaml", STUB)
     cfg.write("profile.two.yaml", """
         slug: two
         ready_timeout: 0.5s
