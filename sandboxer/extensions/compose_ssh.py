@@ -130,17 +130,19 @@ if [ -z "$ids" ]; then echo '[]'; else docker inspect $ids; fi
 # $1 dir, $2 project, $3 v, $4 compose file. Compose down, then sweep by label, then verify.
 _DOWN = _DC + r"""
 dir=$1; project=$2; v=$3; file=$4
+f="label=com.docker.compose.project=$project"
+state=gone
+if [ -e "$dir" ] || [ -n "$(docker ps -aq --filter "$f")$(docker volume ls -q --filter "$f")" ]; then state=removed; fi
 if [ -f "$dir/repo/${file:-docker-compose.yml}" ] || [ -f "$dir/repo/compose.yaml" ]; then
   (cd "$dir/repo" && dc down -v --remove-orphans -t 5) >/dev/null 2>&1 || echo "compose down failed; sweeping by label" >&2
 fi
-f="label=com.docker.compose.project=$project"
 ids=$(docker ps -aq --filter "$f"); [ -z "$ids" ] || docker rm -f -v $ids >/dev/null
 vols=$(docker volume ls -q --filter "$f"); [ -z "$vols" ] || docker volume rm -f $vols >/dev/null
 nets=$(docker network ls -q --filter "$f"); [ -z "$nets" ] || docker network rm $nets >/dev/null
 rm -rf -- "$dir"
 left="$(docker ps -aq --filter "$f")$(docker volume ls -q --filter "$f")"
 if [ -n "$left" ] || [ -e "$dir" ]; then echo "left behind: $left $dir" >&2; exit 1; fi
-echo removed
+echo "$state"
 """
 
 # $1 project. "<volume name> <compose short name>" per named volume of the project.
@@ -466,7 +468,9 @@ class ComposeSSH(SandboxExtension):
         if res.exit_code != 0:
             raise TeardownError(f"{self.id}: sandbox {handle['sandbox_id']} on {h.name}: teardown incomplete: "
                                 f"{res.stderr.strip()[-800:]}", backend=self.id, host=h.name)
-        return {"host": h.name, "removed": [ws], "compose_project": handle["project"]}
+        gone = res.stdout.strip().endswith("gone")
+        return {"host": h.name, "removed": [] if gone else [ws], "compose_project": handle["project"],
+                "already_gone": gone}
 
     # ------------------------------------------------------------ exec
 

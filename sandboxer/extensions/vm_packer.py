@@ -95,9 +95,11 @@ if [ -d "$1/$2" ] && [ ! -L "$1/$2" ] && [ -f "$1/.sandboxer-$2.json" ]; then ec
 # $1 root, $2 name: remove the workspace (a symlink only as a link) and its meta file
 _DETACH = r"""
 ws="$1/$2"
+state=gone
+if [ -e "$ws" ] || [ -L "$ws" ] || [ -e "$1/.sandboxer-$2.json" ]; then state=removed; fi
 rm -rf -- "$ws" "$1/.sandboxer-$2.json"
 if [ -e "$ws" ] || [ -L "$ws" ]; then echo "could not remove $ws" >&2; exit 1; fi
-echo removed
+echo "$state"
 """
 
 
@@ -399,8 +401,9 @@ class VMPacker(SandboxExtension):
     def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
         closed = self._close_tunnel(handle["sandbox_id"])
         conn, _ = self._conn(handle, TeardownError)
-        self._detach(conn, handle, fail=TeardownError)
-        return {"host": handle["host"], "removed": [handle["remote_dir"]], "tunnel_closed": closed}
+        removed = self._detach(conn, handle, fail=TeardownError)
+        return {"host": handle["host"], "removed": [handle["remote_dir"]] if removed else [], "tunnel_closed": closed,
+                "already_gone": not removed}
 
     def _close_tunnel(self, sid: str) -> bool:
         with self._lock:
@@ -410,7 +413,8 @@ class VMPacker(SandboxExtension):
         return fwd is not None
 
     def _detach(self, conn: SSHConnection, handle: dict[str, Any], *, fail: type[BackendError],
-                quiet: bool = False) -> None:
+                quiet: bool = False) -> bool:
+        """Remove the workspace; True if there was one to remove."""
         name = handle["name"]
         if not _WS_NAME.fullmatch(name):
             raise fail(f"{self.id}: refusing to remove workspace {name!r}", backend=self.id, host=handle["host"])
@@ -418,11 +422,12 @@ class VMPacker(SandboxExtension):
             res = conn.run(["sh", "-c", _DETACH, "sh", handle["root"], name], timeout=120, fail=fail)
         except BackendError:
             if quiet:
-                return
+                return False
             raise
         if res.exit_code != 0 and not quiet:
             raise fail(f"{self.id}: sandbox {handle['sandbox_id']} on {handle['host']}: {res.stderr.strip()}",
                        backend=self.id, host=handle["host"])
+        return res.stdout.strip().endswith("removed")
 
     # ------------------------------------------------------------ exec
 

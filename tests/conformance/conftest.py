@@ -30,15 +30,12 @@ CAP = 1 << 20
 BACKENDS = ["ext.local", "ext.saas-stub", "ext.docker", "ext.compose-ssh", "ext.vm-packer", "ext.e2b", "ext.modal"]
 
 _STUB_EXEC = "exec convention: ext.saas-stub's exec runs no command (it answers echo/cat only)"
-_NO_GONE = "teardown contract: the teardown report has no already_gone (issue 9, section 1)"
 _STANDIN_CWD = "stand-in: an absolute cwd is re-rooted under the sandbox's host directory but pwd reports the host path"
 
 #: (backend, step) -> why it fails today: the stub's exec, teardown reports without already_gone,
 #: and one limit of the cloud stand-ins. Strict, so a fix shows up as XPASS and its entry must go.
 XFAIL: dict[tuple[str, str], str] = {
     # Not the exec convention: teardown reports (issue 9 section 1, the typed contract)
-    ("ext.compose-ssh", "teardown_already_gone"): _NO_GONE,
-    ("ext.vm-packer", "teardown_already_gone"): _NO_GONE,
     ("ext.modal", "teardown_already_gone"): "teardown contract: terminating a sandbox Modal already ended reports "
                                             "already_gone false (only NotFound counts as gone)",
     # Not the backends: the stand-ins run commands as host processes, re-rooting an absolute cwd under
