@@ -27,10 +27,11 @@ import abc
 import inspect
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
+from sandboxer.errors import SandboxerError
 from sandboxer.state import default_home
 from sandboxer.models import ExecResult, ExtensionManifest, MeterQuote, Profile, SnapshotMeta
 
@@ -39,6 +40,26 @@ RESERVED_INPUTS = frozenset({"sandbox_id", "owner_labels", "tags", "ttl"})
 
 #: Optional features a handler may implement (names also listed in registry/).
 OPTIONAL_FEATURES = frozenset({"exec", "snapshots", "metering", "list_owned"})
+
+T = TypeVar("T")
+
+
+def translated(call: Callable[[], T], translate: Callable[[Exception], "SandboxerError | None"]) -> T:
+    """Run ``call``; a foreign exception becomes ``translate(exc)``, raised *outside* the ``except``
+    block, so neither its ``__cause__`` nor its ``__context__`` (nor a frame's locals) keeps the
+    provider's exception, which may hold a key. ``translate`` returns None for an exception that
+    is not the SDK's: it is re-raised as it is. Our own errors pass through untouched.
+    """
+    try:
+        return call()
+    except SandboxerError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - translated below, or re-raised untouched
+        mapped = translate(exc)
+        if mapped is None:
+            raise
+    raise mapped
+
 
 #: The methods a class must override to have each optional feature.
 FEATURE_METHODS: dict[str, tuple[str, ...]] = {

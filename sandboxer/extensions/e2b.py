@@ -57,7 +57,7 @@ from sandboxer.execution import (
     check_argv,
     kill_marked_argv,
 )
-from sandboxer.extensions.base import OutputCallback, SandboxExtension
+from sandboxer.extensions.base import OutputCallback, SandboxExtension, translated
 from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration, parse_duration
 from sandboxer.poll import poll
 from sandboxer.secrets import SecretRef, redact
@@ -223,15 +223,8 @@ class E2BExtension(SandboxExtension):
             sandbox: the E2B sandbox id, named in messages when known.
             gone: the class a "sandbox not found" becomes (default: ``fallback``).
         """
-        try:
-            return fn(self._opts(consumer))
-        except BackendError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - translated below, or re-raised untouched
-            mapped = self._map(exc, op, consumer=consumer, fallback=fallback, sandbox=sandbox, gone=gone)
-            if mapped is None:
-                raise
-        raise mapped
+        return translated(lambda: fn(self._opts(consumer)), lambda exc: self._map(
+            exc, op, consumer=consumer, fallback=fallback, sandbox=sandbox, gone=gone))
 
     def _map(
         self,

@@ -60,7 +60,7 @@ from sandboxer.execution import (
     check_argv,
     kill_marked_argv,
 )
-from sandboxer.extensions.base import RESERVED_INPUTS, OutputCallback, SandboxExtension
+from sandboxer.extensions.base import RESERVED_INPUTS, OutputCallback, SandboxExtension, translated
 from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration, parse_duration
 from sandboxer.secrets import SecretRef, redact
 
@@ -263,15 +263,8 @@ class ModalExtension(SandboxExtension):
             error: the error for failures with no more specific meaning.
             timeout_error: the error for deadlines (default: ``error``).
         """
-        try:
-            return fn(self._client(consumer))
-        except BackendError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - translated below, or re-raised untouched
-            mapped = self._map(exc, op, consumer, sandbox, error, timeout_error)
-            if mapped is None:
-                raise
-        raise mapped
+        return translated(lambda: fn(self._client(consumer)),
+                          lambda exc: self._map(exc, op, consumer, sandbox, error, timeout_error))
 
     def _map(
         self,
