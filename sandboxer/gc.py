@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from sandboxer.contract import OwnedSandbox, dump
 from sandboxer.errors import BackendError, ConfigError, SandboxerError
 from sandboxer.extensions.base import SandboxExtension
 from sandboxer.models import CleanupReport
@@ -119,8 +120,8 @@ class GcMixin(_Base):
             if loaded is None or loaded.missing_extra or "list_owned" not in loaded.manifest.capabilities.features:
                 continue
             ext = loaded.instance(self.home, limits=self.limits)
-            asked.append((ext, self._caller.start(ext.list_owned, self.owner_labels, what="list_owned",
-                                                  backend=ext.id)))
+            asked.append((ext, self._caller.start(self._bound(ext, "list_owned", "list_owned"), self.owner_labels,
+                                                  what="list_owned", backend=ext.id)))
         for ext, call in asked:
             ext_id = ext.id
             try:
@@ -131,7 +132,7 @@ class GcMixin(_Base):
                 continue
             alive: set[str] = set()
             for item in owned:
-                sid = item.get("sandbox_id")
+                sid = item.sandbox_id
                 row = self.state.get(sid) if sid else None
                 if row is not None and row["state"] in ("ready", "tearing_down", "teardown_failed"):
                     if self._same_resource(ext, row, item):
@@ -147,26 +148,26 @@ class GcMixin(_Base):
             seen[ext_id] = alive
         return seen
 
-    @staticmethod
-    def _same_resource(ext: SandboxExtension, row: dict[str, Any], item: dict[str, Any]) -> bool:
+    def _same_resource(self, ext: SandboxExtension, row: dict[str, Any], item: OwnedSandbox) -> bool:
         if not row["handle"]:
             return True
-        mine = ext.handle_id(row["handle"])
-        return mine is None or mine == ext.handle_id(item["handle"])
+        ident = self._bound(ext, "handle_id", f"gc of sandbox {row['id']}")
+        mine = ident(row["handle"])
+        return mine is None or mine == ident(item.handle)
 
-    def _reap(self, ext: SandboxExtension, item: dict[str, Any], row: dict[str, Any] | None, report: CleanupReport,
+    def _reap(self, ext: SandboxExtension, item: OwnedSandbox, row: dict[str, Any] | None, report: CleanupReport,
               duplicate_of: dict[str, Any] | None = None) -> None:
-        sid = item.get("sandbox_id")
-        key = sid or repr(item.get("handle"))
+        sid = item.sandbox_id
+        key = sid or repr(dump(item.handle))
         if duplicate_of is not None:
-            key = f"{sid} (duplicate {ext.handle_id(item['handle'])})"
+            key = f"{sid} (duplicate {self._bound(ext, 'handle_id', 'gc')(item.handle)})"
         try:
-            self._teardown_call(ext, sid or "?", item["handle"])
+            self._teardown_call(ext, sid or "?", item.handle)
         except Exception as exc:  # noqa: BLE001 - recorded, retried next gc
             report.errors[key] = f"orphan teardown on {ext.id} failed: {exc}"
             return
         report.orphans.append(key)
-        detail = {"handle": item["handle"], **({"duplicate_of": duplicate_of["handle"]} if duplicate_of else {})}
+        detail = {"handle": dump(item.handle), **({"duplicate_of": duplicate_of["handle"]} if duplicate_of else {})}
         if row is not None:
             self.state.transition(sid, "orphan_reaped", state="terminated" if row["state"] != "failed" else "failed",
                                   terminated_at=row["terminated_at"] or time.time(), detail=detail)

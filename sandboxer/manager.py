@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from sandboxer.contract import (HANDLE_METHODS, Handle, OwnedSandbox, ProvisionRequest, TeardownReport, checked, dump,
+                                load_handle)
 from sandboxer.deadline import Caller, CallLimits
 from sandboxer.errors import (
     AuthError,
@@ -123,8 +125,22 @@ class Manager(SnapshotsMixin, GcMixin):
         Raises:
             ExtensionTimeout: it did not return within ``timeout`` seconds and was abandoned.
         """
-        return self._caller.call(getattr(ext, method), *args, timeout=timeout, what=what, backend=ext.id,
-                                 late=late, **kwargs)
+        return self._caller.call(self._bound(ext, method, what), *args, timeout=timeout, what=what,
+                                 backend=ext.id, late=late, **kwargs)
+
+    @staticmethod
+    def _bound(ext: SandboxExtension, method: str, what: str) -> Callable[..., Any]:
+        """``ext.<method>`` at the typed boundary: a stored handle argument becomes the backend's
+        ``Handle`` model, and the result is checked against the contract (a wrong type is a
+        BackendError naming the backend and the method)."""
+        fn = getattr(ext, method)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if args and method in HANDLE_METHODS:
+                args = (load_handle(ext.Handle, args[0], what=what, backend=ext.id), *args[1:])
+            return checked(method, fn(*args, **kwargs), backend=ext.id, handle_cls=ext.Handle)
+
+        return call
 
     def _pricing(self, ext_id: str) -> Pricing | None:
         loaded = self.catalog.extensions.get(ext_id)
@@ -429,14 +445,15 @@ class Manager(SnapshotsMixin, GcMixin):
             "sandboxer.sandbox_id": sandbox_id, "sandboxer.consumer": consumer, "sandboxer.profile": profile.slug,
         }
 
-    def _provision_inputs(self, profile: Profile, index: int, sandbox_id: str, inputs: dict[str, Any], ttl: float,
-                          consumer: str, labels: dict[str, str]) -> dict[str, Any]:
-        """What backend ``index``'s provision gets: its own inputs, the request's, and the reserved ones."""
-        return {
-            **self._merge_inputs(profile, profile.candidates[index].inputs, inputs), "sandbox_id": sandbox_id,
-            "owner_labels": dict(self.owner_labels), "tags": self._tags(sandbox_id, labels, consumer, profile),
-            "ttl": ttl,
-        }
+    def _request(self, profile: Profile, index: int, sandbox_id: str, inputs: dict[str, Any], ttl: float,
+                 consumer: str, labels: dict[str, str], host: str | None) -> ProvisionRequest:
+        """What backend ``index``'s provision gets: its own inputs and the request's, and the reserved fields."""
+        return ProvisionRequest(
+            profile=self.effective_profile(profile, index),
+            inputs=self._merge_inputs(profile, profile.candidates[index].inputs, inputs), sandbox_id=sandbox_id,
+            owner_labels=dict(self.owner_labels), tags=self._tags(sandbox_id, labels, consumer, profile), ttl=ttl,
+            host=host,
+        )
 
     def admit(
         self,
@@ -473,9 +490,10 @@ class Manager(SnapshotsMixin, GcMixin):
             eff = self.effective_profile(profile, index)
             ext = self.extension(eff.extension or "")
             claims: list[tuple[str, str]] = []
-            if type(ext).resource_names is not SandboxExtension.resource_names:
-                prov = self._provision_inputs(profile, index, sandbox_id, inputs or {}, ttl, consumer, labels)
-                claims = [(ext.id, n) for n in dict.fromkeys(ext.resource_names(eff, prov, host))]
+            if ext.names_resources():
+                req = self._request(profile, index, sandbox_id, inputs or {}, ttl, consumer, labels, host)
+                names = checked("resource_names", ext.resource_names(req), backend=ext.id)
+                claims = [(ext.id, n) for n in dict.fromkeys(names)]
             candidates.append(({
                 "id": sandbox_id, "name": name, "profile": profile.slug, "extension": eff.extension, "host": host,
                 "state": "provisioning", "handle": None, "reachability": None, "consumer": consumer,
@@ -505,7 +523,7 @@ class Manager(SnapshotsMixin, GcMixin):
         consumer: str,
         labels: dict[str, str],
         row: dict[str, Any],
-        start: Callable[[SandboxExtension, Profile, dict[str, Any], str | None], dict[str, Any]] | None = None,
+        start: Callable[[SandboxExtension, ProvisionRequest], Handle] | None = None,
     ) -> SandboxStatus:
         """Provision an admitted sandbox, record its handle, wait until ready; clean up on failure.
 
@@ -515,20 +533,21 @@ class Manager(SnapshotsMixin, GcMixin):
         """
         eff = self.effective_profile(profile, index)
         ext = self.extension(eff.extension or "")
-        all_inputs = self._provision_inputs(profile, index, sandbox_id, inputs, ttl, consumer, labels)
+        req = self._request(profile, index, sandbox_id, inputs, ttl, consumer, labels, host)
         with self._lock:
             self._inflight.add(sandbox_id)
         try:
             try:
-                begin = start or (lambda e, p, i, h: e.provision(p, i, h))
+                begin = start or (lambda e, r: e.provision(r))
                 handle = self._caller.call(
-                    begin, ext, eff, all_inputs, host, timeout=ext.deadline(eff), backend=ext.id,
-                    what=f"provision of sandbox {sandbox_id}", late=lambda h: self._late_handle(ext, sandbox_id, h))
+                    lambda: checked("provision", begin(ext, req), backend=ext.id, handle_cls=ext.Handle),
+                    timeout=ext.deadline(eff), backend=ext.id, what=f"provision of sandbox {sandbox_id}",
+                    late=lambda h: self._late_handle(ext, sandbox_id, h))
             except BaseException as exc:
                 self._after_failed_provision(ext, sandbox_id, exc)
                 raise
             row = self.state.transition(sandbox_id, "provisioned", expect=("provisioning",), known=row,
-                                        handle=handle, host=handle.get("host", host))
+                                        handle=dump(handle), host=handle.host or host)
             if row is None:
                 self._abandon(ext, sandbox_id, handle)
             try:
@@ -540,7 +559,7 @@ class Manager(SnapshotsMixin, GcMixin):
                 self._teardown_after_failure(ext, sandbox_id, handle, exc)
                 raise
             row = self.state.transition(sandbox_id, "ready", expect=("provisioning",), known=row, state="ready",
-                                        reachability=reach, ready_at=time.time(), also=self.metering.started)
+                                        reachability=dump(reach), ready_at=time.time(), also=self.metering.started)
             if row is None:
                 self._abandon(ext, sandbox_id, handle)
             return status_of(row)
@@ -548,19 +567,19 @@ class Manager(SnapshotsMixin, GcMixin):
             with self._lock:
                 self._inflight.discard(sandbox_id)
 
-    def _teardown_call(self, ext: SandboxExtension, sandbox_id: str, handle: dict[str, Any]) -> dict[str, Any]:
+    def _teardown_call(self, ext: SandboxExtension, sandbox_id: str, handle: Handle | dict[str, Any]) -> TeardownReport:
         return self._call(ext, "teardown", handle, timeout=self.limits.teardown, what=f"teardown of sandbox {sandbox_id}")
 
-    def _late_handle(self, ext: SandboxExtension, sandbox_id: str, handle: dict[str, Any]) -> None:
+    def _late_handle(self, ext: SandboxExtension, sandbox_id: str, handle: Handle) -> None:
         """A provision abandoned at its deadline returned after all: undo what it made."""
         try:
-            ext.teardown(handle)
+            self._bound(ext, "teardown", f"teardown of sandbox {sandbox_id}")(handle)
         except Exception as exc:  # noqa: BLE001 - gc's list_owned finds it
             log.warning("could not tear down what the abandoned provision of %s made late: %s", sandbox_id, exc)
             return
-        self.state.record_event(sandbox_id, "late_provision_undone", extension=ext.id, detail={"handle": handle})
+        self.state.record_event(sandbox_id, "late_provision_undone", extension=ext.id, detail={"handle": dump(handle)})
 
-    def _abandon(self, ext: SandboxExtension, sandbox_id: str, handle: dict[str, Any]) -> None:
+    def _abandon(self, ext: SandboxExtension, sandbox_id: str, handle: Handle) -> None:
         """The record left ``provisioning`` under us (a teardown was asked for while we were
         creating, or gc judged the create abandoned): undo it, close the record, and stop."""
         try:
@@ -568,28 +587,28 @@ class Manager(SnapshotsMixin, GcMixin):
         except Exception as exc:  # noqa: BLE001 - recorded; gc retries (list_owned finds it too)
             log.warning("could not tear down %s after its record was closed: %s", sandbox_id, exc)
             self.state.transition(sandbox_id, "teardown_failed", expect=("tearing_down",), state="teardown_failed",
-                                  handle=handle, last_error=short(exc))
+                                  handle=dump(handle), last_error=short(exc))
         else:
             self.state.transition(sandbox_id, "terminated", expect=("tearing_down",), state="terminated",
-                                  handle=handle, terminated_at=time.time(), detail=report)
+                                  handle=dump(handle), terminated_at=time.time(), detail=dump(report))
         raise SandboxStateError(f"sandbox {sandbox_id} was torn down while it was still provisioning")
 
     def _after_failed_provision(self, ext: SandboxExtension, sandbox_id: str, exc: BaseException) -> None:
         """Provision raised: make sure nothing of it is left, then mark the record failed."""
-        leftovers: list[dict[str, Any]] = []
+        leftovers: list[OwnedSandbox] = []
         # A backend raises InputError only before it creates anything (the contract): no leftovers to look for.
         if ext.supports("list_owned") and not isinstance(exc, InputError):
             try:
                 owned = self._call(ext, "list_owned", self.owner_labels, timeout=self.limits.list_owned,
                                    what=f"list_owned (leftovers of sandbox {sandbox_id})")
-                leftovers = [o for o in owned if o.get("sandbox_id") == sandbox_id]
+                leftovers = [o for o in owned if o.sandbox_id == sandbox_id]
             except Exception as lexc:  # noqa: BLE001 - gc will retry; the original error matters more
                 log.warning("could not check %s for leftovers of %s: %s", ext.id, sandbox_id, lexc)
         for item in leftovers:
             try:
-                self._teardown_call(ext, sandbox_id, item["handle"])
+                self._teardown_call(ext, sandbox_id, item.handle)
             except Exception as texc:
-                self.state.transition(sandbox_id, "provision_failed", state="teardown_failed", handle=item["handle"],
+                self.state.transition(sandbox_id, "provision_failed", state="teardown_failed", handle=dump(item.handle),
                                       last_error=f"{short(exc)}; cleanup failed: {short(texc)}")
                 raise TeardownError(
                     f"sandbox {sandbox_id}: provision on {ext.id} failed ({exc}) and cleaning up what it left "
@@ -598,7 +617,7 @@ class Manager(SnapshotsMixin, GcMixin):
         self.state.transition(sandbox_id, "provision_failed", state="failed", last_error=short(exc),
                               terminated_at=time.time(), detail={"error": short(exc), "cleaned": len(leftovers)})
 
-    def _teardown_after_failure(self, ext: SandboxExtension, sandbox_id: str, handle: dict[str, Any],
+    def _teardown_after_failure(self, ext: SandboxExtension, sandbox_id: str, handle: Handle,
                                 exc: BaseException) -> None:
         self.state.transition(sandbox_id, "ready_failed", state="tearing_down", last_error=short(exc))
         try:
@@ -610,7 +629,7 @@ class Manager(SnapshotsMixin, GcMixin):
                 f"sandbox {sandbox_id}: not ready ({exc}) and teardown failed ({texc}); gc will retry",
                 backend=ext.id,
             ) from texc
-        self.state.transition(sandbox_id, "terminated", state="failed", terminated_at=time.time(), detail=report)
+        self.state.transition(sandbox_id, "terminated", state="failed", terminated_at=time.time(), detail=dump(report))
 
     @contextmanager
     def sandbox(self, profile: str, **kwargs: Any) -> Iterator[SandboxStatus]:
@@ -652,8 +671,10 @@ class Manager(SnapshotsMixin, GcMixin):
         limit = kwargs.get("timeout")
         deadline = limit + self.limits.exec_grace if limit else self.limits.exec
         # the command's own timeout is a keyword of exec: hand the call over as a closure
-        return self._caller.call(lambda: ext.exec(row["handle"], list(argv), **kwargs), timeout=deadline,
-                                 what=f"exec in sandbox {sandbox_id}", backend=ext.id)
+        what = f"exec in sandbox {sandbox_id}"
+        run = self._bound(ext, "exec", what)
+        return self._caller.call(lambda: run(row["handle"], list(argv), **kwargs), timeout=deadline,
+                                 what=what, backend=ext.id)
 
     # ----------------------------------------------------------- teardown
 
@@ -765,9 +786,9 @@ class Manager(SnapshotsMixin, GcMixin):
             raise TeardownError(f"teardown of sandbox {sandbox_id} on {ext.id} failed: {exc}", backend=ext.id) from exc
         now = time.time()
         # A sandbox the backend had already lost was last alive when we last saw it (or at its expiry).
-        stop = (cur["last_seen_at"] or min(now, cur["expires_at"])) if report.get("already_gone") else now
+        stop = (cur["last_seen_at"] or min(now, cur["expires_at"])) if report.already_gone else now
         done = self.state.transition(sandbox_id, "terminated", expect=("tearing_down",), known=cur,
-                                     state="terminated", terminated_at=now, detail=report,
+                                     state="terminated", terminated_at=now, detail=dump(report),
                                      also=lambda conn, row: self.metering.stopped(conn, sandbox_id, stop, reported))
         return status_of(done or self._row(sandbox_id))
 

@@ -53,8 +53,8 @@ class SnapshotsMixin(_Base):
             if isinstance(exc, SnapshotError):
                 raise
             raise SnapshotError(f"snapshot of sandbox {sandbox_id} on {ext.id} failed: {exc}", backend=ext.id) from exc
-        self.state.update_snapshot(snap_id, "snapshot_ready", state="ready", data=out.get("data") or {},
-                                   size_bytes=out.get("size_bytes"), checksum=out.get("checksum"))
+        self.state.update_snapshot(snap_id, "snapshot_ready", state="ready", data=out.data,
+                                   size_bytes=out.size_bytes, checksum=out.checksum)
         return snapshot_meta(self.state.get_snapshot(snap_id) or {})
 
     def get_snapshot(self, snapshot_id: str) -> SnapshotMeta:
@@ -97,7 +97,7 @@ class SnapshotsMixin(_Base):
             raise CapacityUnavailable(f"cannot restore {snapshot_id}: {exc}", backend=meta.extension) from None
         return self.launch(sandbox_id=sandbox_id, profile=prof, index=index, host=host, inputs=merged, ttl=ttl_s,
                            consumer=who, labels=labels or {}, row=row,
-                           start=lambda e, p, i, h: e.restore_from_snapshot(p, meta, i, h))
+                           start=lambda e, r: e.restore_from_snapshot(r, meta))
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         row = self.state.get_snapshot(snapshot_id)

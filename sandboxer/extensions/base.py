@@ -6,19 +6,14 @@ declares in :attr:`SandboxExtension.features` *and* in its manifest's
 ``capabilities.features``; the manager checks :meth:`supports` before it
 calls, so an unsupported call is refused before any work is done.
 
-Inputs convention: the manager adds four reserved inputs to every provision
-(a consumer may not set them):
-
-* ``sandbox_id``: the manager's id for the sandbox;
-* ``owner_labels``: ``dict[str, str]`` naming this manager's state store
-  (``{"sandboxer.owner": ...}``); :meth:`list_owned` is asked for these;
-* ``tags``: ``dict[str, str]`` to attach to whatever the backend creates
-  (labels, metadata, tags): the owner labels plus ``sandboxer.sandbox_id``,
-  ``sandboxer.consumer``, ``sandboxer.profile`` and the request's labels.
-  A backend that cannot attach tags must still record ``sandbox_id`` and
-  ``owner_labels`` where :meth:`list_owned` can read them;
-* ``ttl``: the sandbox's effective lifetime in seconds (already checked against
-  the profile's maximum), for backends that can expire sandboxes themselves.
+What crosses the boundary is typed (:mod:`sandboxer.contract`): ``provision`` gets a
+:class:`~sandboxer.contract.ProvisionRequest` (the reserved ``sandbox_id``, ``owner_labels``,
+``tags`` and ``ttl`` are its fields) and returns the backend's :attr:`SandboxExtension.Handle`;
+``wait_ready`` returns a :class:`~sandboxer.contract.Reachability`, ``teardown`` a
+:class:`~sandboxer.contract.TeardownReport`, ``snapshot`` a
+:class:`~sandboxer.contract.SnapshotResult`, ``list_owned`` a list of
+:class:`~sandboxer.contract.OwnedSandbox`. Every method that takes a handle gets the backend's
+own ``Handle`` model, rebuilt from the state store.
 """
 
 from __future__ import annotations
@@ -27,39 +22,20 @@ import abc
 import inspect
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, TypeVar
+from typing import Any, Callable, ClassVar, Iterable
 
 from pydantic import BaseModel, ConfigDict
 
-from sandboxer.errors import SandboxerError
+from sandboxer.contract import (RESERVED_INPUTS, Handle, OwnedSandbox, ProvisionRequest, Reachability,
+                                SnapshotResult, TeardownReport, translated)
 from sandboxer.state import default_home
 from sandboxer.models import ExecResult, ExtensionManifest, MeterQuote, Profile, SnapshotMeta
 
-#: Inputs the manager sets; a consumer may not.
-RESERVED_INPUTS = frozenset({"sandbox_id", "owner_labels", "tags", "ttl"})
+__all__ = ["RESERVED_INPUTS", "OPTIONAL_FEATURES", "FEATURE_METHODS", "SandboxExtension", "NoConfig",
+           "check_features", "translated", "OutputCallback"]
 
 #: Optional features a handler may implement (names also listed in registry/).
 OPTIONAL_FEATURES = frozenset({"exec", "snapshots", "metering", "list_owned"})
-
-T = TypeVar("T")
-
-
-def translated(call: Callable[[], T], translate: Callable[[Exception], "SandboxerError | None"]) -> T:
-    """Run ``call``; a foreign exception becomes ``translate(exc)``, raised *outside* the ``except``
-    block, so neither its ``__cause__`` nor its ``__context__`` (nor a frame's locals) keeps the
-    provider's exception, which may hold a key. ``translate`` returns None for an exception that
-    is not the SDK's: it is re-raised as it is. Our own errors pass through untouched.
-    """
-    try:
-        return call()
-    except SandboxerError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - translated below, or re-raised untouched
-        mapped = translate(exc)
-        if mapped is None:
-            raise
-    raise mapped
-
 
 #: The methods a class must override to have each optional feature.
 FEATURE_METHODS: dict[str, tuple[str, ...]] = {
@@ -121,14 +97,15 @@ class SandboxExtension(abc.ABC):
     :attr:`features`. Instances are shared by every thread of a manager, so
     methods must be thread-safe.
 
-    Handles and reachability are JSON-serialisable dicts: the handle is what
-    the backend needs to find the sandbox again (stored in the state store,
-    so never a secret); reachability is what a consumer needs to reach it.
+    A handle is the backend's :attr:`Handle` model: what it needs to find the sandbox again.
+    The manager stores it as JSON (so never a secret) and rebuilds it before every call.
     """
 
     Config: ClassVar[type[BaseModel]] = NoConfig
     ProfileOptions: ClassVar[type[BaseModel]] = NoConfig
     features: ClassVar[frozenset[str]] = frozenset()
+    #: The model of this backend's handles (a subclass of :class:`~sandboxer.contract.Handle`).
+    Handle: ClassVar[type[Handle]] = Handle
     #: ``(module, pip extra)`` of an optional SDK this backend needs. The
     #: handler module must import that SDK lazily, so a core-only install
     #: still loads every built-in manifest; using the backend then raises
@@ -163,10 +140,10 @@ class SandboxExtension(abc.ABC):
         """The profile's ``options`` validated by :attr:`ProfileOptions`."""
         return self.ProfileOptions.model_validate(profile.options)
 
-    def resource_names(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> list[str]:
-        """Backend-side names the sandbox will take if placed on ``host`` (project names, directories...).
+    def resource_names(self, request: ProvisionRequest) -> list[str]:
+        """Backend-side names the sandbox will take if placed on ``request.host`` (project names, directories...).
 
-        Called before admission with the same inputs :meth:`provision` gets. The state store
+        Called before admission with the request :meth:`provision` would get. The state store
         claims them atomically among this backend's live sandboxes: two never share a name, so
         one's teardown can never destroy the other. A name must say where it lives (the machine,
         the engine: ``"workspace 10.0.0.5:22:/srv/sbx/x"``), since two router hosts may reach one
@@ -178,6 +155,10 @@ class SandboxExtension(abc.ABC):
         """
         return []
 
+    def names_resources(self) -> bool:
+        """Whether this backend names resources (overrides :meth:`resource_names`): admission asks it."""
+        return type(self).resource_names is not SandboxExtension.resource_names
+
     def deadline(self, profile: Profile) -> float:
         """Most seconds a create may take from :meth:`provision` to ready.
 
@@ -187,7 +168,7 @@ class SandboxExtension(abc.ABC):
         """
         return float(profile.ready_timeout)
 
-    def probe(self, handle: dict[str, Any]) -> bool | None:
+    def probe(self, handle: Handle) -> bool | None:
         """Whether the sandbox still exists at the backend: True, False (gone), or None (cannot tell).
 
         Must be cheap (one lookup) and must not raise for a sandbox that is gone; raise a
@@ -196,7 +177,7 @@ class SandboxExtension(abc.ABC):
         """
         return None
 
-    def handle_id(self, handle: dict[str, Any]) -> str | None:
+    def handle_id(self, handle: Handle) -> str | None:
         """The backend's own identity of the resource a handle names (a container id, a VM id).
 
         gc compares it between the recorded handle and what :meth:`list_owned` finds: a resource
@@ -224,42 +205,41 @@ class SandboxExtension(abc.ABC):
     # ------------------------------------------------------------ required
 
     @abc.abstractmethod
-    def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
+    def provision(self, request: ProvisionRequest) -> Handle:
         """Start creating a sandbox.
 
         Args:
-            profile: the effective profile (its ``options`` are this backend's).
-            inputs: the profile's defaults merged with the request's inputs,
-                plus the reserved ``sandbox_id`` and ``owner_labels``.
-            host: the host the router chose, or None to let the backend pick.
+            request: the effective profile, the merged inputs, the manager's reserved fields
+                (``sandbox_id``, ``owner_labels``, ``tags``, ``ttl``) and the chosen host.
 
         Returns:
-            The handle: a JSON-serialisable dict, with ``host`` when known.
+            The handle (an instance of :attr:`Handle`), with ``host`` when known.
 
         Raises:
-            InputError: an input is missing or refused.
+            InputError: an input is missing or refused (before anything is created).
             CapacityUnavailable, QuotaExceeded, RateLimited, AuthError,
             ProvisionError: the backend could not create it. Partial work is
             cleaned up before raising.
         """
 
     @abc.abstractmethod
-    def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    def wait_ready(self, handle: Handle, timeout: float = 60.0) -> Reachability:
         """Block until the sandbox is reachable.
 
         Returns:
-            The reachability dict (how a consumer reaches the sandbox).
+            How a consumer reaches the sandbox.
 
         Raises:
             ReadinessTimeout: not ready within ``timeout`` seconds.
         """
 
     @abc.abstractmethod
-    def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
+    def teardown(self, handle: Handle) -> TeardownReport:
         """Destroy the sandbox. Idempotent: a sandbox already gone is a success.
 
         Returns:
-            A cleanup report dict (what was removed).
+            What was removed; ``already_gone=True`` when the sandbox was gone before this call
+            (billing then stops when the manager last saw it alive).
 
         Raises:
             TeardownError: the backend could not confirm the sandbox is gone.
@@ -269,7 +249,7 @@ class SandboxExtension(abc.ABC):
 
     def exec(
         self,
-        handle: dict[str, Any],
+        handle: Handle,
         argv: list[str],
         *,
         env: dict[str, str] | None = None,
@@ -280,36 +260,29 @@ class SandboxExtension(abc.ABC):
     ) -> ExecResult:
         """Run ``argv`` inside the sandbox (feature ``exec``).
 
-        ``on_output`` receives output as it arrives; the result holds all of it.
+        ``on_output`` receives output as it arrives; the result holds all of it. Use
+        :mod:`sandboxer.execution` for the convention (exit 124 on timeout, the output cap,
+        incremental UTF-8 decoding).
         """
         raise NotImplementedError  # pragma: no cover - guarded by supports()
 
-    def snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
-        """Capture the sandbox (feature ``snapshots``).
-
-        Returns:
-            ``{"data": {...backend reference...}, "size_bytes": int|None, "checksum": str|None}``.
-        """
+    def snapshot(self, handle: Handle) -> SnapshotResult:
+        """Capture the sandbox (feature ``snapshots``)."""
         raise NotImplementedError  # pragma: no cover
 
-    def restore_from_snapshot(
-        self, profile: Profile, snapshot_meta: SnapshotMeta, inputs: dict[str, Any], host: str | None
-    ) -> dict[str, Any]:
-        """Provision a new sandbox from a snapshot; returns a handle like :meth:`provision`."""
+    def restore_from_snapshot(self, request: ProvisionRequest, snapshot: SnapshotMeta) -> Handle:
+        """Provision a new sandbox from ``snapshot`` (its ``data`` is what :meth:`snapshot` returned);
+        returns a handle like :meth:`provision`."""
         raise NotImplementedError  # pragma: no cover
 
-    def delete_snapshot(self, snapshot_meta: SnapshotMeta) -> None:
+    def delete_snapshot(self, snapshot: SnapshotMeta) -> None:
         """Forget a snapshot's stored data. Idempotent."""
 
     def supports_snapshots(self) -> bool:
         return self.supports("snapshots")
 
-    def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
-        """Every live sandbox carrying ``owner_labels`` (feature ``list_owned``).
-
-        Returns:
-            ``[{"sandbox_id": str, "handle": dict}, ...]``.
-        """
+    def list_owned(self, owner_labels: dict[str, str]) -> list[OwnedSandbox]:
+        """Every live sandbox carrying ``owner_labels`` (feature ``list_owned``), with its handle."""
         raise NotImplementedError  # pragma: no cover
 
     def estimate_cost(self, profile: Profile, duration: float | timedelta) -> MeterQuote:
@@ -319,6 +292,6 @@ class SandboxExtension(abc.ABC):
         seconds = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
         return price(self.manifest, profile, seconds)
 
-    def meter_actual(self, handle: dict[str, Any]) -> dict[str, Any] | None:
+    def meter_actual(self, handle: Handle) -> dict[str, Any] | None:
         """What the backend itself reports of a sandbox's usage, if anything (feature ``metering``)."""
         return None

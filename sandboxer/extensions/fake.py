@@ -2,7 +2,7 @@
 
 Like httpx's MockTransport: a test scripts what each verb does next and reads
 back every call. ``script(verb, *steps)`` queues steps; a step is an exception
-(raised), a callable (called with the verb's arguments, its result used), or
+(raised), a callable (called with the verb's arguments, a ProvisionRequest for ``provision``; its result used), or
 None (default behaviour). State lives in the instance, so it is per process.
 """
 
@@ -15,12 +15,19 @@ from typing import Any, Callable
 
 from sandboxer.errors import ExecError
 from sandboxer.execution import OutputCollector, check_argv
+from sandboxer.contract import Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
-from sandboxer.models import ExecResult, Profile, SnapshotMeta
+from sandboxer.models import ExecResult, SnapshotMeta
+
+
+class FakeHandle(Handle):
+    fake_id: str
+    sandbox_id: str | None = None
 
 
 class FakeExtension(SandboxExtension):
     features = frozenset({"exec", "snapshots", "metering", "list_owned"})
+    Handle = FakeHandle
 
     def __init__(self, manifest, config):  # type: ignore[no-untyped-def]
         super().__init__(manifest, config)
@@ -44,62 +51,61 @@ class FakeExtension(SandboxExtension):
             return True, step(*args)
         return False, None
 
-    def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
-        done, out = self._step("provision", profile, inputs, host)
+    def provision(self, request: ProvisionRequest) -> FakeHandle:
+        done, out = self._step("provision", request)
         if done:
             return out
         fid = "fake-" + uuid.uuid4().hex[:8]
         with self._lock:
-            self.live[fid] = {"sandbox_id": inputs["sandbox_id"], "owner_labels": inputs["owner_labels"]}
-        return {"fake_id": fid, "sandbox_id": inputs["sandbox_id"], "host": host or "fake"}
+            self.live[fid] = {"sandbox_id": request.sandbox_id, "owner_labels": request.owner_labels}
+        return FakeHandle(fake_id=fid, sandbox_id=request.sandbox_id, host=request.host or "fake")
 
-    def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    def wait_ready(self, handle: FakeHandle, timeout: float = 60.0) -> Reachability:
         done, out = self._step("wait_ready", handle, timeout)
-        return out if done else {"fake_id": handle.get("fake_id")}
+        return out if done else Reachability(host=handle.host, url=f"fake://{handle.fake_id}")
 
-    def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
+    def teardown(self, handle: FakeHandle) -> TeardownReport:
         done, out = self._step("teardown", handle)
         if done:
             return out
         with self._lock:
-            gone = self.live.pop(handle.get("fake_id", ""), None) is None
-        return {"already_gone": gone}
+            gone = self.live.pop(handle.fake_id, None) is None
+        return TeardownReport(already_gone=gone, removed=[] if gone else [handle.fake_id])
 
-    def exec(self, handle: dict[str, Any], argv: list[str], *, env: dict[str, str] | None = None,
+    def exec(self, handle: FakeHandle, argv: list[str], *, env: dict[str, str] | None = None,
              cwd: str | None = None, timeout: float | None = None, stdin: bytes | None = None,
              on_output: OutputCallback | None = None) -> ExecResult:
         argv = check_argv(argv, backend=self.id)
         done, out = self._step("exec", handle, argv)
         if done:
             return out
-        if handle.get("fake_id") not in self.live:
-            raise ExecError(f"{self.id}: {handle.get('fake_id')} is gone", backend=self.id)
+        if handle.fake_id not in self.live:
+            raise ExecError(f"{self.id}: {handle.fake_id} is gone", backend=self.id)
         collected = OutputCollector(on_output)
         collected.feed_text("stdout", " ".join(argv) + "\n")
         return collected.result(0)
 
-    def probe(self, handle: dict[str, Any]) -> bool | None:
+    def probe(self, handle: FakeHandle) -> bool | None:
         done, out = self._step("probe", handle)
         if done:
             return out
         with self._lock:
-            return handle.get("fake_id") in self.live
+            return handle.fake_id in self.live
 
-    def handle_id(self, handle: dict[str, Any]) -> str | None:
-        return handle.get("fake_id")
+    def handle_id(self, handle: FakeHandle) -> str | None:
+        return handle.fake_id
 
-    def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
+    def list_owned(self, owner_labels: dict[str, str]) -> list[OwnedSandbox]:
         self._step("list_owned", owner_labels)
         with self._lock:
-            return [{"sandbox_id": v["sandbox_id"], "handle": {"fake_id": k, "sandbox_id": v["sandbox_id"]}}
+            return [OwnedSandbox(sandbox_id=v["sandbox_id"], handle=FakeHandle(fake_id=k, sandbox_id=v["sandbox_id"]))
                     for k, v in self.live.items()
                     if all(v["owner_labels"].get(a) == b for a, b in owner_labels.items())]
 
-    def snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
+    def snapshot(self, handle: FakeHandle) -> SnapshotResult:
         done, out = self._step("snapshot", handle)
-        return out if done else {"data": {"of": handle.get("fake_id")}, "size_bytes": 1, "checksum": "sha256:0"}
+        return out if done else SnapshotResult(data={"of": handle.fake_id}, size_bytes=1, checksum="sha256:0")
 
-    def restore_from_snapshot(self, profile: Profile, snapshot_meta: SnapshotMeta, inputs: dict[str, Any],
-                              host: str | None) -> dict[str, Any]:
-        self._step("restore", snapshot_meta)
-        return self.provision(profile, inputs, host)
+    def restore_from_snapshot(self, request: ProvisionRequest, snapshot: SnapshotMeta) -> FakeHandle:
+        self._step("restore", snapshot)
+        return self.provision(request)

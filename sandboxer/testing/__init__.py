@@ -24,7 +24,8 @@ from sandboxer.testing.suite import (
     default_profile,
     run_conformance,
 )
+from sandboxer.testing.requests import request
 
 __all__ = ["FAIL", "PASS", "SKIP", "STEPS", "Conformance", "Report", "StepResult", "default_profile",
-           "run_conformance", "Target"]
+           "request", "run_conformance", "Target"]
 
