@@ -29,7 +29,7 @@ from sandboxer.errors import (
     MissingExtra,
     ProfileError,
 )
-from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension, check_features
+from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension, check_features, check_signatures
 from sandboxer.deadline import CallLimits
 from sandboxer.extensions.registry import builtin_modules, resolve_handler
 from sandboxer.state import default_home
@@ -229,6 +229,9 @@ def load_manifest(path: Path, registry: Registry, data: dict[str, Any] | None = 
                 f"{path}: field 'capabilities.features' (value {feat!r}): handler "
                 f"{handler.__name__} does not implement it: {problem}"
             )
+    problem = check_signatures(handler)
+    if problem:
+        raise CapabilityError(f"{path}: field 'handler' (value {manifest.handler!r}): {problem}")
     try:
         config = handler.Config.model_validate(manifest.config)
     except ValidationError as exc:

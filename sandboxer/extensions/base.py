@@ -62,6 +62,27 @@ def check_features(cls: type["SandboxExtension"], features: Iterable[str]) -> st
     return None
 
 
+#: Contract methods a handler may override besides the feature methods; each is checked too.
+CONTRACT_METHODS = ("provision", "wait_ready", "teardown", "resource_names", "deadline", "probe", "handle_id",
+                    "credential_key", "hosts", "delete_snapshot", "options")
+
+
+def check_signatures(cls: type["SandboxExtension"]) -> str | None:
+    """Why one of the contract methods ``cls`` overrides cannot be called as the manager calls it, or None.
+
+    Every method, not only the declared features' ones: a ``resource_names`` written for an
+    older contract fails at load, naming the method, instead of on the first create.
+    """
+    for name in CONTRACT_METHODS:
+        mine, base = getattr(cls, name, None), getattr(SandboxExtension, name)
+        if mine is None or mine is base or not callable(mine):
+            continue
+        problem = _incompatible(inspect.signature(base), inspect.signature(mine))
+        if problem:
+            return f"{cls.__name__}.{name}{inspect.signature(mine)} {problem} (the contract: {name}{inspect.signature(base)})"
+    return None
+
+
 def _incompatible(base: inspect.Signature, mine: inspect.Signature) -> str | None:
     params = list(mine.parameters.values())
     var_pos = any(p.kind is p.VAR_POSITIONAL for p in params)

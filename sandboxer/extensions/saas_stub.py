@@ -34,8 +34,9 @@ from sandboxer.errors import (
     TeardownError,
 )
 from sandboxer.execution import OutputCollector, check_argv
+from sandboxer.contract import Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
-from sandboxer.models import ExecResult, Profile, SnapshotMeta
+from sandboxer.models import ExecResult, SnapshotMeta
 from sandboxer.secrets import SecretRef
 
 
@@ -51,6 +52,16 @@ class Fault(BaseModel):
     retry_after: float | None = Field(default=None, ge=0)
     late_success: bool = Field(default=False, description="provision raises, yet the sandbox appears anyway")
     late_after_s: float = Field(default=0.0, ge=0, description="how long after the error the late sandbox appears")
+
+
+class StubHandle(Handle):
+    """A stub sandbox: its row in the stub's table."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    stub_id: str
+    sandbox_id: str | None = None
+    restored_from: str | None = None
 
 
 class StubConfig(BaseModel):
@@ -70,6 +81,7 @@ class StubConfig(BaseModel):
 class SaasStubExtension(SandboxExtension):
     Config = StubConfig
     features = frozenset({"exec", "snapshots", "metering", "list_owned"})
+    Handle = StubHandle
 
     def __init__(self, manifest, config):  # type: ignore[no-untyped-def]
         super().__init__(manifest, config)
@@ -172,10 +184,10 @@ class SaasStubExtension(SandboxExtension):
             raise SnapshotError(msg, **kw)
         raise ProvisionError(msg, transient=f.error == "transient", **kw)
 
-    def _add(self, inputs: dict[str, Any], profile: Profile, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _add(self, request: ProvisionRequest, extra: dict[str, Any] | None = None) -> StubHandle:
         stub_id = "stub-" + uuid.uuid4().hex[:12]
-        record = {"sandbox_id": inputs.get("sandbox_id"), "owner_labels": inputs.get("owner_labels", {}),
-                  "tags": inputs.get("tags", {}), "created": time.time(), "profile": profile.slug, **(extra or {})}
+        record = {"sandbox_id": request.sandbox_id, "owner_labels": request.owner_labels,
+                  "tags": request.tags, "created": time.time(), "profile": request.profile.slug, **(extra or {})}
         with self._db() as db:
             n = db.execute("SELECT count(*) FROM live").fetchone()[0]
             if n >= self.config.capacity:
@@ -185,7 +197,7 @@ class SaasStubExtension(SandboxExtension):
                        (stub_id, record["sandbox_id"], json.dumps(record)))
             self._set_counter(db, "created", self._counter(db, "created") + 1)
             self._set_counter(db, "peak", max(self._counter(db, "peak"), n + 1))
-        return {"stub_id": stub_id, "sandbox_id": inputs.get("sandbox_id"), "host": "stub"}
+        return StubHandle(stub_id=stub_id, sandbox_id=request.sandbox_id, host="stub")
 
     def _key_ref(self, consumer: str | None) -> SecretRef | None:
         return self.config.consumer_keys.get(consumer or "", self.config.api_key)
@@ -211,46 +223,46 @@ class SaasStubExtension(SandboxExtension):
 
     # ------------------------------------------------------------ contract
 
-    def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
+    def provision(self, request: ProvisionRequest) -> StubHandle:
         if self.config.latency_s:
             time.sleep(self.config.latency_s)
-        self._check_key(inputs.get("tags", {}).get("sandboxer.consumer"))
+        self._check_key(request.tags.get("sandboxer.consumer"))
         if self.config.duplicate_creates:
-            self._add(inputs, profile, {"duplicate": True})  # a retried create the provider did not dedupe
-        fault = self._fault("provision", inputs)
+            self._add(request, {"duplicate": True})  # a retried create the provider did not dedupe
+        fault = self._fault("provision", request.inputs)
         if fault is not None:
             if fault.late_success:
                 if fault.late_after_s:
-                    timer = threading.Timer(fault.late_after_s, self._add, (inputs, profile, {"late": True}))
+                    timer = threading.Timer(fault.late_after_s, self._add, (request, {"late": True}))
                     timer.daemon = True
                     timer.start()
                 else:
-                    self._add(inputs, profile, {"late": True})
+                    self._add(request, {"late": True})
             self._raise(fault, "provision")
-        return self._add(inputs, profile)
+        return self._add(request)
 
-    def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    def wait_ready(self, handle: StubHandle, timeout: float = 60.0) -> Reachability:
         fault = self._fault("ready")
         if fault is not None:
             self._raise(fault, "ready")
-        if self._record(handle["stub_id"]) is None:
-            raise ReadinessTimeout(f"{self.id}: {handle['stub_id']} vanished", backend=self.id)
-        return {"host": "stub", "url": f"stub://{handle['stub_id']}"}
+        if self._record(handle.stub_id) is None:
+            raise ReadinessTimeout(f"{self.id}: {handle.stub_id} vanished", backend=self.id)
+        return Reachability(host="stub", url=f"stub://{handle.stub_id}")
 
-    def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
+    def teardown(self, handle: StubHandle) -> TeardownReport:
         fault = self._fault("teardown")
         if fault is not None:
             self._raise(fault, "teardown")
         with self._db() as db:
-            gone = db.execute("DELETE FROM live WHERE stub_id = ?", (handle["stub_id"],)).rowcount == 0
-        return {"already_gone": gone}
+            gone = db.execute("DELETE FROM live WHERE stub_id = ?", (handle.stub_id,)).rowcount == 0
+        return TeardownReport(already_gone=gone, removed=[] if gone else [handle.stub_id])
 
-    def exec(self, handle: dict[str, Any], argv: list[str], *, env: dict[str, str] | None = None,
+    def exec(self, handle: StubHandle, argv: list[str], *, env: dict[str, str] | None = None,
              cwd: str | None = None, timeout: float | None = None, stdin: bytes | None = None,
              on_output: OutputCallback | None = None) -> ExecResult:
         argv = check_argv(argv, backend=self.id)
-        if self._record(handle["stub_id"]) is None:
-            raise ExecError(f"{self.id}: {handle['stub_id']} is not running", backend=self.id)
+        if self._record(handle.stub_id) is None:
+            raise ExecError(f"{self.id}: {handle.stub_id} is not running", backend=self.id)
         out = OutputCollector(on_output)
         if argv[0] == "echo":
             out.feed_text("stdout", " ".join(argv[1:]) + "\n")
@@ -258,31 +270,31 @@ class SaasStubExtension(SandboxExtension):
             out.feed("stdout", stdin)
         return out.result(1 if argv[0] == "false" else 0)
 
-    def probe(self, handle: dict[str, Any]) -> bool | None:
-        return self._record(handle["stub_id"]) is not None
+    def probe(self, handle: StubHandle) -> bool | None:
+        return self._record(handle.stub_id) is not None
 
-    def handle_id(self, handle: dict[str, Any]) -> str | None:
-        return handle.get("stub_id")
+    def handle_id(self, handle: StubHandle) -> str | None:
+        return handle.stub_id
 
-    def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
+    def list_owned(self, owner_labels: dict[str, str]) -> list[OwnedSandbox]:
         return [
-            {"sandbox_id": rec["sandbox_id"], "handle": {"stub_id": sid, "sandbox_id": rec["sandbox_id"], "host": "stub"}}
+            OwnedSandbox(sandbox_id=rec["sandbox_id"],
+                         handle=StubHandle(stub_id=sid, sandbox_id=rec["sandbox_id"], host="stub"))
             for sid, rec in self.live()["live"].items()
             if all(rec.get("owner_labels", {}).get(k) == v for k, v in owner_labels.items())
         ]
 
-    def snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
+    def snapshot(self, handle: StubHandle) -> SnapshotResult:
         fault = self._fault("snapshot")
         if fault is not None:
             self._raise(fault, "snapshot")
-        return {"data": {"stub_snapshot": "ss-" + uuid.uuid4().hex[:10], "source": handle["stub_id"]},
-                "size_bytes": 0, "checksum": None}
+        return SnapshotResult(data={"stub_snapshot": "ss-" + uuid.uuid4().hex[:10], "source": handle.stub_id},
+                              size_bytes=0)
 
-    def restore_from_snapshot(self, profile: Profile, snapshot_meta: SnapshotMeta, inputs: dict[str, Any],
-                              host: str | None) -> dict[str, Any]:
-        handle = self.provision(profile, inputs, host)
-        return {**handle, "restored_from": snapshot_meta.data.get("stub_snapshot")}
+    def restore_from_snapshot(self, request: ProvisionRequest, snapshot: SnapshotMeta) -> StubHandle:
+        handle = self.provision(request)
+        return handle.model_copy(update={"restored_from": snapshot.data.get("stub_snapshot")})
 
-    def meter_actual(self, handle: dict[str, Any]) -> dict[str, Any] | None:
-        rec = self._record(handle["stub_id"])
+    def meter_actual(self, handle: StubHandle) -> dict[str, Any] | None:
+        rec = self._record(handle.stub_id)
         return {"seconds": time.time() - rec["created"]} if rec else None

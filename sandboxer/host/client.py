@@ -30,6 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from sandboxer.contract import Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
 from sandboxer.deadline import CallLimits
 from sandboxer.errors import CapabilityError, ExtensionCrashed, ExtensionTimeout, SandboxerError
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
@@ -438,49 +439,60 @@ class ProcessExtension(SandboxExtension):
     def _profile(profile: Profile) -> dict[str, Any]:
         return profile.model_dump(mode="json", exclude_defaults=True)
 
-    def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
-        limit = self.deadline(profile)
-        return self._call("provision", limit, profile=self._profile(profile), inputs=inputs, host=host)
+    def _request(self, request: ProvisionRequest) -> dict[str, Any]:
+        return {"profile": self._profile(request.profile), **request.model_dump(mode="json", exclude={"profile"})}
 
-    def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
-        return self._call("wait_ready", timeout + self.limits.ready_grace, handle=handle, timeout=timeout)
+    @staticmethod
+    def _h(handle: Handle) -> dict[str, Any]:
+        return handle.model_dump(mode="json")
 
-    def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
-        return self._call("teardown", self.limits.teardown, handle=handle)
+    # Results come back as JSON; the manager's boundary (contract.checked) makes them models again,
+    # with the base Handle (which keeps every field) standing in for the handler's own class.
 
-    def exec(self, handle: dict[str, Any], argv: list[str], *, env: dict[str, str] | None = None,
+    def provision(self, request: ProvisionRequest) -> Handle:
+        return self._call("provision", self.deadline(request.profile), request=self._request(request))
+
+    def wait_ready(self, handle: Handle, timeout: float = 60.0) -> Reachability:
+        return self._call("wait_ready", timeout + self.limits.ready_grace, handle=self._h(handle), timeout=timeout)
+
+    def teardown(self, handle: Handle) -> TeardownReport:
+        return self._call("teardown", self.limits.teardown, handle=self._h(handle))
+
+    def exec(self, handle: Handle, argv: list[str], *, env: dict[str, str] | None = None,
              cwd: str | None = None, timeout: float | None = None, stdin: bytes | None = None,
              on_output: OutputCallback | None = None) -> ExecResult:
         limit = timeout + self.limits.exec_grace if timeout else self.limits.exec
-        out = self._call("exec", limit, on_output, handle=handle, argv=list(argv), env=env, cwd=cwd,
+        out = self._call("exec", limit, on_output, handle=self._h(handle), argv=list(argv), env=env, cwd=cwd,
                          timeout=timeout, stdin=protocol.pack_bytes(stdin), stream=on_output is not None)
         return ExecResult.model_validate(out)
 
-    def snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
-        return self._call("snapshot", self.limits.snapshot, handle=handle)
+    def snapshot(self, handle: Handle) -> SnapshotResult:
+        return self._call("snapshot", self.limits.snapshot, handle=self._h(handle))
 
-    def restore_from_snapshot(self, profile: Profile, snapshot_meta: SnapshotMeta, inputs: dict[str, Any],
-                              host: str | None) -> dict[str, Any]:
-        return self._call("restore_from_snapshot", self.deadline(profile), profile=self._profile(profile),
-                          snapshot=snapshot_meta.model_dump(mode="json"), inputs=inputs, host=host)
+    def restore_from_snapshot(self, request: ProvisionRequest, snapshot: SnapshotMeta) -> Handle:
+        return self._call("restore_from_snapshot", self.deadline(request.profile), request=self._request(request),
+                          snapshot=snapshot.model_dump(mode="json"))
 
-    def delete_snapshot(self, snapshot_meta: SnapshotMeta) -> None:
-        self._call("delete_snapshot", self.limits.snapshot, snapshot=snapshot_meta.model_dump(mode="json"))
+    def delete_snapshot(self, snapshot: SnapshotMeta) -> None:
+        self._call("delete_snapshot", self.limits.snapshot, snapshot=snapshot.model_dump(mode="json"))
 
-    def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
+    def list_owned(self, owner_labels: dict[str, str]) -> list[OwnedSandbox]:
         return self._call("list_owned", self.limits.list_owned, owner_labels=owner_labels)
 
-    def meter_actual(self, handle: dict[str, Any]) -> dict[str, Any] | None:
-        return self._call("meter_actual", self.limits.meter, handle=handle)
+    def meter_actual(self, handle: Handle) -> dict[str, Any] | None:
+        return self._call("meter_actual", self.limits.meter, handle=self._h(handle))
 
-    def probe(self, handle: dict[str, Any]) -> bool | None:
-        return self._call("probe", self.limits.probe, handle=handle)
+    def probe(self, handle: Handle) -> bool | None:
+        return self._call("probe", self.limits.probe, handle=self._h(handle))
 
-    def handle_id(self, handle: dict[str, Any]) -> str | None:
-        return self._call("handle_id", QUICK_CALL, handle=handle)
+    def handle_id(self, handle: Handle) -> str | None:
+        return self._call("handle_id", QUICK_CALL, handle=self._h(handle))
 
-    def resource_names(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> list[str]:
-        return self._call("resource_names", QUICK_CALL, profile=self._profile(profile), inputs=inputs, host=host)
+    def resource_names(self, request: ProvisionRequest) -> list[str]:
+        return self._call("resource_names", QUICK_CALL, request=self._request(request))
+
+    def names_resources(self) -> bool:
+        return self.handler.resource_names is not SandboxExtension.resource_names
 
     def deadline(self, profile: Profile) -> float:
         return float(self._call("deadline", QUICK_CALL, profile=self._profile(profile)))

@@ -23,7 +23,7 @@ from sandboxer import errors as _errors
 from sandboxer.errors import BackendError, SandboxerError
 
 #: The protocol's version. A change a peer of the old version would misread bumps it.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 #: Longest line either side accepts (a line past it is a protocol violation, not a result).
 MAX_LINE = 64 * 1024 * 1024

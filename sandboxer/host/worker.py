@@ -18,9 +18,21 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+from pydantic import BaseModel
+
+from sandboxer.contract import ProvisionRequest, checked, load_handle
 from sandboxer.errors import BackendError, ConfigError
 from sandboxer.host import protocol
-from sandboxer.models import ExecResult, ExtensionManifest, Profile, SnapshotMeta
+from sandboxer.models import ExtensionManifest, Profile, SnapshotMeta
+
+
+def _jsonable(value: Any) -> Any:
+    """A contract result as JSON: models dumped (lists of them too)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 #: The worker this process runs (None until :func:`main` starts one).
@@ -143,8 +155,11 @@ class Worker:
     def _serve_one(self, msg: dict[str, Any]) -> None:
         msg_id = msg["id"]
         try:
-            fn = self._method(msg.get("method"))
+            method = msg.get("method")
+            fn = self._method(method)
             result = fn(msg_id, msg.get("params") or {})
+            # the handler's answer is checked here, where its class is known: a lie is reported by name
+            result = _jsonable(checked(method, result, backend=self.name, handle_cls=self.ext.Handle))
             try:
                 line = protocol.response(msg_id, result)
             except (TypeError, ValueError) as exc:
@@ -180,34 +195,36 @@ class Worker:
     def _m_ping(self, _id: int, p: dict[str, Any]) -> Any:
         return "pong"
 
+    def _request(self, p: dict[str, Any]) -> ProvisionRequest:
+        data = dict(p["request"])
+        return ProvisionRequest(profile=self._profile(data.pop("profile")), **data)
+
+    def _handle(self, p: dict[str, Any]) -> Any:
+        return load_handle(self.ext.Handle, p["handle"], what=self.name, backend=self.name)
+
     def _m_provision(self, _id: int, p: dict[str, Any]) -> Any:
-        return self.ext.provision(self._profile(p["profile"]), p["inputs"], p.get("host"))
+        return self.ext.provision(self._request(p))
 
     def _m_wait_ready(self, _id: int, p: dict[str, Any]) -> Any:
-        return self.ext.wait_ready(p["handle"], p.get("timeout", 60.0))
+        return self.ext.wait_ready(self._handle(p), p.get("timeout", 60.0))
 
     def _m_teardown(self, _id: int, p: dict[str, Any]) -> Any:
-        return self.ext.teardown(p["handle"])
+        return self.ext.teardown(self._handle(p))
 
     def _m_exec(self, msg_id: int, p: dict[str, Any]) -> Any:
         on_output = None
         if p.get("stream"):
             def on_output(stream: str, text: str) -> None:
                 self.send(protocol.output_event(msg_id, stream, text))
-        result = self.ext.exec(p["handle"], list(p["argv"]), env=p.get("env"), cwd=p.get("cwd"),
-                               timeout=p.get("timeout"), stdin=protocol.unpack_bytes(p.get("stdin")),
-                               on_output=on_output)
-        if not isinstance(result, ExecResult):
-            raise BackendError(f"{self.name}: exec returned {type(result).__name__}, not an ExecResult",
-                               backend=self.name)
-        return result.model_dump(mode="json")
+        return self.ext.exec(self._handle(p), list(p["argv"]), env=p.get("env"), cwd=p.get("cwd"),
+                             timeout=p.get("timeout"), stdin=protocol.unpack_bytes(p.get("stdin")),
+                             on_output=on_output)
 
     def _m_snapshot(self, _id: int, p: dict[str, Any]) -> Any:
-        return self.ext.snapshot(p["handle"])
+        return self.ext.snapshot(self._handle(p))
 
     def _m_restore_from_snapshot(self, _id: int, p: dict[str, Any]) -> Any:
-        return self.ext.restore_from_snapshot(self._profile(p["profile"]), SnapshotMeta.model_validate(p["snapshot"]),
-                                              p["inputs"], p.get("host"))
+        return self.ext.restore_from_snapshot(self._request(p), SnapshotMeta.model_validate(p["snapshot"]))
 
     def _m_delete_snapshot(self, _id: int, p: dict[str, Any]) -> Any:
         return self.ext.delete_snapshot(SnapshotMeta.model_validate(p["snapshot"]))
@@ -216,16 +233,16 @@ class Worker:
         return self.ext.list_owned(p["owner_labels"])
 
     def _m_meter_actual(self, _id: int, p: dict[str, Any]) -> Any:
-        return self.ext.meter_actual(p["handle"])
+        return self.ext.meter_actual(self._handle(p))
 
     def _m_probe(self, _id: int, p: dict[str, Any]) -> Any:
-        return self.ext.probe(p["handle"])
+        return self.ext.probe(self._handle(p))
 
     def _m_handle_id(self, _id: int, p: dict[str, Any]) -> Any:
-        return self.ext.handle_id(p["handle"])
+        return self.ext.handle_id(self._handle(p))
 
     def _m_resource_names(self, _id: int, p: dict[str, Any]) -> Any:
-        return list(self.ext.resource_names(self._profile(p["profile"]), p["inputs"], p.get("host")))
+        return self.ext.resource_names(self._request(p))
 
     def _m_deadline(self, _id: int, p: dict[str, Any]) -> Any:
         return float(self.ext.deadline(self._profile(p["profile"])))

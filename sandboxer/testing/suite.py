@@ -1,8 +1,8 @@
 """The conformance suite: one contract, checked the same way against any backend.
 
-:class:`Conformance` drives a loaded extension directly, with the reserved inputs
-(``sandbox_id``, ``owner_labels``, ``tags``, ``ttl``) exactly as the manager passes them,
-and goes through a :class:`~sandboxer.manager.Manager` for the lifecycle checks that are
+:class:`Conformance` drives a loaded extension directly, with the
+:class:`~sandboxer.contract.ProvisionRequest` the manager would build, checks that every
+result is the contract's model (and survives the state store's JSON), and goes through a :class:`~sandboxer.manager.Manager` for the lifecycle checks that are
 the manager's (create, teardown twice, gc of an orphan). Every check is a named step
 (:data:`STEPS`) whose failure says which backend, which step, what was expected and what
 came back. Every extension call runs under a deadline, so a hung backend fails a step
@@ -20,13 +20,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from pydantic import BaseModel, ValidationError
+
+from sandboxer.contract import Handle, ProvisionRequest, Reachability, SnapshotResult, TeardownReport, checked
 from sandboxer.deadline import Caller
-from sandboxer.errors import ConfigError, ProfileNotFound, SandboxerError
+from sandboxer.errors import BackendError, ConfigError, ProfileNotFound, SandboxerError
 from sandboxer.models import ExecResult, Profile, SandboxCreateRequest, SnapshotMeta
 
 #: Every step, in the order it runs, with what it checks.
 STEPS: dict[str, str] = {
-    "provision": "provision returns a JSON-serialisable handle",
+    "provision": "provision returns the backend's Handle model, the same once read back from JSON",
     "wait_ready": "wait_ready returns JSON-serialisable reachability",
     "probe_alive": "probe does not say a ready sandbox is gone",
     "exec_exit_codes": "exit codes 0 and 3 come back, with stdout",
@@ -38,7 +41,7 @@ STEPS: dict[str, str] = {
     "exec_timeout": "a command past its timeout ends with exit 124 and timed_out=True",
     "exec_utf8_chunks": "UTF-8 split across chunks is never corrupted (result and stream)",
     "exec_output_cap": "output past the cap is cut on a character boundary and flagged truncated; the rest is kept",
-    "snapshot": "snapshot returns a data reference",
+    "snapshot": "snapshot returns a SnapshotResult (a data reference)",
     "restore": "a restored sandbox is ready and holds the snapshot's files",
     "teardown": "teardown returns a report",
     "teardown_again": "a second teardown of the same handle succeeds (idempotent)",
@@ -129,14 +132,20 @@ def _show(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
-def _json_ok(what: str, value: Any) -> None:
-    if not isinstance(value, dict):
-        raise StepFailed(f"expected a dict, got {type(value).__name__}: {_show(value)}")
+def _json_ok(what: str, value: Any, model: type[BaseModel] | None = None) -> None:
+    """The value survives the state store: dumped to JSON and read back into ``model``, it is the same."""
     try:
-        json.dumps(value)
+        text = json.dumps(value.model_dump(mode="json"))
     except (TypeError, ValueError) as exc:
         raise StepFailed(f"expected the {what} to be JSON-serialisable (it is stored), "
                          f"got {_show(value)}: {exc}") from None
+    if model is not None:
+        try:
+            back = model.model_validate(json.loads(text))
+        except ValidationError as exc:
+            raise StepFailed(f"the {what} read back from JSON does not fit {model.__name__}: {exc}") from None
+        if back != value:
+            raise StepFailed(f"the {what} read back from JSON is not the same: {_show(back)} != {_show(value)}")
 
 
 def _expect(got: Any, want: Any, what: str) -> None:
@@ -181,26 +190,24 @@ class Conformance:
         self.foreign_labels = {"sandboxer.owner": f"conformance-foreign-{self.run_id}"}
         self.report = Report(extension, self.profile.slug)
         self._caller = Caller()
-        self._made: dict[str, dict[str, Any]] = {}  # sandbox id -> handle, until torn down
+        self._made: dict[str, Handle] = {}  # sandbox id -> handle, until torn down
         self._foreign: list[str] = []  # calls that raised something not from the tree
         self.sid = f"sbx-conf-{self.run_id}"
-        self.created: dict[str, Any] | None = None  # the main sandbox's handle, once provisioned
-        self.handle: dict[str, Any] | None = None  # the same, while it is ready
-        self.gone_handle: dict[str, Any] | None = None  # the same, once torn down
-        self.reports: list[dict[str, Any]] = []  # its teardown reports
+        self.created: Handle | None = None  # the main sandbox's handle, once provisioned
+        self.handle: Handle | None = None  # the same, while it is ready
+        self.gone_handle: Handle | None = None  # the same, once torn down
+        self.reports: list[TeardownReport] = []  # its teardown reports
         self.snap: SnapshotMeta | None = None
 
     # ------------------------------------------------------------ helpers
 
-    def _inputs(self, sandbox_id: str, owner: dict[str, str] | None = None) -> dict[str, Any]:
+    def _request(self, sandbox_id: str, owner: dict[str, str] | None = None) -> ProvisionRequest:
         """What provision gets from the manager, for ``sandbox_id`` (under ``owner`` labels, if given)."""
-        inputs = self.manager._provision_inputs(self.profile, self.index, sandbox_id, self.inputs,
-                                                self.profile.ttl.default, "conformance",
-                                                {"sandboxer.conformance": self.run_id})
+        req = self.manager._request(self.profile, self.index, sandbox_id, self.inputs, self.profile.ttl.default,
+                                    "conformance", {"sandboxer.conformance": self.run_id}, self.host)
         if owner is not None:
-            inputs["owner_labels"] = dict(owner)
-            inputs["tags"] = {**inputs["tags"], **owner}
-        return inputs
+            req = req.model_copy(update={"owner_labels": dict(owner), "tags": {**req.tags, **owner}})
+        return req
 
     def call(self, method: str, *args: Any, deadline: float, late: Callable[[Any], None] | None = None,
              **kwargs: Any) -> Any:
@@ -212,13 +219,17 @@ class Conformance:
         try:
             # a closure: the method's own keywords (exec's ``timeout``) are not the deadline's
             fn = getattr(self.ext, method)
-            return self._caller.call(lambda: fn(*args, **kwargs), timeout=deadline, what=what, backend=self.ext.id,
-                                     late=late)
+            out = self._caller.call(lambda: fn(*args, **kwargs), timeout=deadline, what=what, backend=self.ext.id,
+                                    late=late)
         except SandboxerError:
             raise
         except Exception as exc:
             self._foreign.append(f"{method} raised {type(exc).__module__}.{type(exc).__name__}: {exc}")
             raise
+        try:  # typed out: what the manager's boundary would accept, as the contract's model
+            return checked(method, out, backend=self.ext.id, handle_cls=self.ext.Handle)
+        except BackendError as exc:
+            raise StepFailed(str(exc)) from None
 
     def exec(self, argv: list[str], **kwargs: Any) -> ExecResult:
         if self.handle is None:
@@ -229,11 +240,11 @@ class Conformance:
             raise StepFailed(f"expected exec to return an ExecResult, got {_show(res)}")
         return res
 
-    def provision(self, sandbox_id: str, owner: dict[str, str] | None = None) -> dict[str, Any]:
-        handle = self.call("provision", self.eff, self._inputs(sandbox_id, owner), self.host,
-                           deadline=self.ext.deadline(self.eff), late=self._undo_late)
+    def provision(self, sandbox_id: str, owner: dict[str, str] | None = None) -> Handle:
+        handle = self.call("provision", self._request(sandbox_id, owner), deadline=self.ext.deadline(self.eff),
+                           late=self._undo_late)
         self._made[sandbox_id] = handle  # torn down at the end whatever the checks say
-        _json_ok("handle", handle)
+        _json_ok("handle", handle, self.ext.Handle)
         return handle
 
     def _undo_late(self, handle: Any) -> None:
@@ -243,7 +254,7 @@ class Conformance:
         except Exception:  # noqa: BLE001 - nothing_left reports what list_owned still finds
             pass
 
-    def teardown(self, sandbox_id: str) -> dict[str, Any]:
+    def teardown(self, sandbox_id: str) -> TeardownReport:
         report = self.call("teardown", self._made[sandbox_id], deadline=self.manager.limits.teardown)
         self._made.pop(sandbox_id, None)
         return report
@@ -269,7 +280,7 @@ class Conformance:
         handle, self.handle = self.handle, None  # exec steps run only on a ready sandbox
         reach = self.call("wait_ready", handle, self.eff.ready_timeout,
                           deadline=self.eff.ready_timeout + self.manager.limits.ready_grace)
-        _json_ok("reachability", reach)
+        _json_ok("reachability", reach, Reachability)
         self.handle = handle
 
     def step_probe_alive(self) -> None:
@@ -383,22 +394,19 @@ class Conformance:
             res = self.exec(["sh", "-c", "echo kept > sbx-conformance-kept.txt"])
             _expect(res.exit_code, 0, "the exit code of writing a file to snapshot")
         out = self.call("snapshot", self.handle, deadline=self.manager.limits.snapshot)
-        _json_ok("snapshot result", out)
-        if not isinstance(out.get("data"), dict):
-            raise StepFailed(f"expected {{'data': {{...}}, ...}}, got {_show(out)}")
+        _json_ok("snapshot result", out, SnapshotResult)
         self.snap = SnapshotMeta(id=f"snap-conf-{self.run_id}", sandbox_id=self.sid, extension=self.ext.id,
                                  profile=self.profile.slug, consumer="conformance",
-                                 created_at=datetime.now(timezone.utc), size_bytes=out.get("size_bytes"),
-                                 checksum=out.get("checksum"), data=out["data"], inputs=self.inputs)
+                                 created_at=datetime.now(timezone.utc), size_bytes=out.size_bytes,
+                                 checksum=out.checksum, data=out.data, inputs=self.inputs)
 
     def step_restore(self) -> None:
         self._need("snapshots")
         if self.snap is None:
             raise StepSkipped("snapshot failed")
         sid = f"sbx-conf-{self.run_id}-r"
-        handle = self.call("restore_from_snapshot", self.eff, self.snap, self._inputs(sid), self.host,
-                           deadline=self.ext.deadline(self.eff))
-        _json_ok("handle", handle)
+        handle = self.call("restore_from_snapshot", self._request(sid), self.snap, deadline=self.ext.deadline(self.eff))
+        _json_ok("handle", handle, self.ext.Handle)
         self._made[sid] = handle
         try:
             self.call("wait_ready", handle, self.eff.ready_timeout,
@@ -419,7 +427,7 @@ class Conformance:
         self.handle = None
         report = self.call("teardown", self.created, deadline=self.manager.limits.teardown)
         self._made.pop(self.sid, None)
-        _json_ok("teardown report", report)
+        _json_ok("teardown report", report, TeardownReport)
         self.gone_handle = self.created
         self.reports.append(report)
 
@@ -427,13 +435,13 @@ class Conformance:
         if self.gone_handle is None:
             raise StepSkipped("teardown failed")
         report = self.call("teardown", self.gone_handle, deadline=self.manager.limits.teardown)
-        _json_ok("teardown report", report)
+        _json_ok("teardown report", report, TeardownReport)
         self.reports.append(report)
 
     def step_teardown_already_gone(self) -> None:
         if len(self.reports) < 2:
             raise StepSkipped("teardown or teardown_again failed")
-        got = [r.get("already_gone", "<missing>") for r in self.reports]
+        got = [r.already_gone for r in self.reports]
         _expect(got, [False, True], "already_gone of the (first, second) teardown reports")
 
     def step_probe_gone(self) -> None:
@@ -450,9 +458,7 @@ class Conformance:
         self.provision(orphan, owner)
         self.provision(foreign, self.foreign_labels)
         owned = self.call("list_owned", dict(owner), deadline=self.manager.limits.list_owned)
-        if not isinstance(owned, list) or not all(isinstance(o, dict) and "handle" in o for o in owned):
-            raise StepFailed(f"expected [{{'sandbox_id': ..., 'handle': {{...}}}}, ...], got {_show(owned)}")
-        ids = [o.get("sandbox_id") for o in owned]
+        ids = [o.sandbox_id for o in owned]
         if orphan not in ids:
             raise StepFailed(f"expected the orphan {orphan} (provisioned with owner labels {owner}) to be listed, "
                              f"got {ids}")
@@ -461,7 +467,7 @@ class Conformance:
                              f"got {ids}")
         if self.sid in ids and self.gone_handle is not None:
             raise StepFailed(f"expected the torn-down {self.sid} not to be listed, got {ids}")
-        theirs = [o.get("sandbox_id") for o in self.call("list_owned", dict(self.foreign_labels),
+        theirs = [o.sandbox_id for o in self.call("list_owned", dict(self.foreign_labels),
                                                           deadline=self.manager.limits.list_owned)]
         _expect(theirs, [foreign], "list_owned of the foreign owner labels")
 

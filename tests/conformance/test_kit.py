@@ -125,9 +125,9 @@ def test_a_teardown_that_is_not_idempotent_fails_two_steps_with_what_came_back(s
     real, gone = ext.teardown, set()
 
     def teardown(handle):
-        if handle["stub_id"] in gone:
-            raise KeyError(handle["stub_id"])  # a foreign exception, as a careless backend lets out
-        gone.add(handle["stub_id"])
+        if handle.stub_id in gone:
+            raise KeyError(handle.stub_id)  # a foreign exception, as a careless backend lets out
+        gone.add(handle.stub_id)
         return real(handle)
 
     monkeypatch.setattr(ext, "teardown", teardown)

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from sandboxer.contract import Handle
+
 from sandboxer import Manager
 from sandboxer.deadline import CallLimits
 from sandboxer.errors import BackendError, ExtensionCrashed, ExtensionTimeout, TeardownError
@@ -132,7 +134,7 @@ def test_a_direct_client_call_that_hangs_raises_extension_timeout_naming_the_wor
     sb = mgr.create(profile="bad")
     ext = _worker(mgr)
     pid = ext.pid()
-    handle = {"sandbox_id": sb.id, "hang_teardown": False}
+    handle = Handle(sandbox_id=sb.id, hang_teardown=False)
     with pytest.raises(ExtensionTimeout) as err:
         ext.exec(handle, ["hang"])
     assert str(err.value) == (
@@ -196,7 +198,7 @@ def test_the_stderr_ring_is_bounded(mgr) -> None:
     for _ in range(200):
         ext.stderr.add(b"x" * 1000)
     assert sum(map(len, ext.stderr._ring)) <= 64 * 1024 + 1000
-    assert protocol.ABI_VERSION == 1
+    assert protocol.ABI_VERSION == 2
 
 
 def test_the_stderr_log_file_is_rotated_at_its_bound(tmp_path, monkeypatch) -> None:

@@ -6,6 +6,9 @@ import os
 
 import pytest
 
+from sandboxer.contract import Handle
+from sandboxer.testing import request
+
 from sandboxer.errors import BackendError, ExecError, ExtensionLoadError
 from sandboxer.host.client import ProcessExtension
 from tests.host.conftest import STUB_PROCESS, STUB_PROFILE
@@ -37,14 +40,14 @@ def test_create_exec_teardown_through_a_worker(mgr) -> None:
 def test_errors_cross_as_the_same_classes(mgr) -> None:
     ext = mgr.extension("ext.stubproc")
     with pytest.raises(ExecError, match=r"^ext\.stubproc: stub-gone is not running$") as err:
-        ext.exec({"stub_id": "stub-gone"}, ["true"])
+        ext.exec(Handle(stub_id="stub-gone"), ["true"])
     assert err.value.backend == "ext.stubproc"
-    # a foreign exception in the handler (KeyError: no stub_id) becomes a BackendError naming the worker
+    # a handle that does not fit the handler's model is refused in the worker, naming both
     with pytest.raises(BackendError) as err2:
-        ext.exec({"no": "stub_id"}, ["true"])
+        ext.exec(Handle(no="stub_id"), ["true"])
     assert type(err2.value) is BackendError
-    assert str(err2.value) == ("ext.stubproc: the handler raised KeyError (not an error of sandboxer.errors): "
-                               "'stub_id'")
+    assert str(err2.value) == ("ext.stubproc: the recorded handle does not fit ext.stubproc's StubHandle: stub_id: "
+                               "Field required; the record was written by another version of ext.stubproc")
 
 
 def test_the_worker_gets_a_minimal_environment(mgr, monkeypatch) -> None:
@@ -64,7 +67,7 @@ def test_an_abi_mismatch_is_refused(mgr, monkeypatch) -> None:
     ext = mgr.extension("ext.stubproc")
     monkeypatch.setattr(ext, "abi_version", 99)
     with pytest.raises(ExtensionLoadError, match=r"ext\.stubproc: the manager speaks extension-host ABI 99, "
-                                                 r"this worker speaks 1"):
+                                                 r"this worker speaks 2"):
         ext.ping()
 
 
@@ -95,8 +98,7 @@ def test_an_unset_secret_is_refused_in_the_worker_naming_the_reference(cfg, host
     mgr = host_manager()
     ext = mgr.extension("ext.stubproc")
     with pytest.raises(AuthError) as err:
-        ext.provision(mgr.profile("stubproc"), {"sandbox_id": "sb-x1", "owner_labels": {}, "tags": {}, "ttl": 60},
-                      None)
+        ext.provision(request(mgr.profile("stubproc"), sandbox_id="sb-x1", ttl=60))
     assert err.value.credential == "env STUB_TEST_KEY"
     assert "STUB_TEST_KEY" in str(err.value)
 

@@ -35,10 +35,10 @@ def _say(proc, msg):  # type: ignore[no-untyped-def]
 
 def test_a_handshake_of_another_abi_is_refused_and_the_worker_exits(tmp_path) -> None:
     proc = _worker(tmp_path)
-    answer = _say(proc, {"id": 1, "method": "handshake", "params": {"abi_version": 2, "manifest": MANIFEST,
+    answer = _say(proc, {"id": 1, "method": "handshake", "params": {"abi_version": 1, "manifest": MANIFEST,
                                                                      "home": str(tmp_path)}})
     assert answer == {"id": 1, "error": {"type": "ExtensionLoadError", "message": (
-        "ext.stub: the manager speaks extension-host ABI 2, this worker speaks 1; install the same "
+        "ext.stub: the manager speaks extension-host ABI 1, this worker speaks 2; install the same "
         "sand-boxer version for both")}}
     assert proc.wait(10) == 2
 
@@ -46,21 +46,22 @@ def test_a_handshake_of_another_abi_is_refused_and_the_worker_exits(tmp_path) ->
 def test_requests_events_and_responses_on_the_wire(tmp_path) -> None:
     proc = _worker(tmp_path)
     try:
-        hello = _say(proc, {"id": 1, "method": "handshake", "params": {"abi_version": 1, "manifest": MANIFEST,
+        hello = _say(proc, {"id": 1, "method": "handshake", "params": {"abi_version": 2, "manifest": MANIFEST,
                                                                         "home": str(tmp_path)}})
-        assert hello["result"]["abi_version"] == 1 and hello["result"]["pid"] == proc.pid
+        assert hello["result"]["abi_version"] == 2 and hello["result"]["pid"] == proc.pid
         assert _say(proc, {"id": 2, "method": "ping", "params": {}}) == {"id": 2, "result": "pong"}
         profile = {"slug": "p", "extension": "ext.stub"}
-        handle = _say(proc, {"id": 3, "method": "provision", "params": {
-            "profile": profile, "inputs": {"sandbox_id": "sb-1", "owner_labels": {}, "tags": {}, "ttl": 60},
-            "host": None}})["result"]
+        handle = _say(proc, {"id": 3, "method": "provision", "params": {"request": {
+            "profile": profile, "inputs": {}, "sandbox_id": "sb-1", "owner_labels": {}, "tags": {}, "ttl": 60,
+            "host": None}}})["result"]
+        assert handle == {"host": "stub", "stub_id": handle["stub_id"], "sandbox_id": "sb-1", "restored_from": None}
         event = _say(proc, {"id": 4, "method": "exec", "params": {"handle": handle, "argv": ["echo", "hé"],
                                                                   "stream": True}})
         assert event == {"id": 4, "event": "output", "stream": "stdout", "text": "hé\n"}
         done = json.loads(proc.stdout.readline())
         assert done["id"] == 4 and done["result"]["stdout"] == "hé\n" and done["result"]["exit_code"] == 0
         assert _say(proc, {"id": 5, "method": "nope", "params": {}})["error"] == {
-            "type": "BackendError", "message": "ext.stub: the worker has no method 'nope' (extension-host ABI 1)",
+            "type": "BackendError", "message": "ext.stub: the worker has no method 'nope' (extension-host ABI 2)",
             "backend": "ext.stub", "transient": False}
         assert _say(proc, {"id": 6, "method": "shutdown"}) == {"id": 6, "result": None}
         assert proc.wait(10) == 0

@@ -71,10 +71,10 @@ def test_a_provision_that_returns_after_its_deadline_is_undone_when_it_does(mgr,
     monkeypatch.setattr(FakeExtension, "deadline", lambda self, profile: 0.3)
     ext = fake(mgr)
 
-    def late(profile, inputs, host):
+    def late(req):
         release.wait(30)
-        ext.live["late"] = {"sandbox_id": inputs["sandbox_id"], "owner_labels": inputs["owner_labels"]}
-        return {"fake_id": "late", "sandbox_id": inputs["sandbox_id"]}
+        ext.live["late"] = {"sandbox_id": req.sandbox_id, "owner_labels": req.owner_labels}
+        return {"fake_id": "late", "sandbox_id": req.sandbox_id}
 
     ext.script("provision", late)
     with pytest.raises(ExtensionTimeout, match="provision of sandbox"):

@@ -105,9 +105,9 @@ def test_gc_in_another_process_waits_for_the_backends_own_deadline(fake_mgr, mak
     monkeypatch.setattr(FakeExtension, "deadline", lambda self, profile: 60.0)
     release = threading.Event()
 
-    def slow_provision(profile, inputs, host):
+    def slow_provision(req):
         release.wait(10)
-        return {"fake_id": "slow", "sandbox_id": inputs["sandbox_id"]}
+        return {"fake_id": "slow", "sandbox_id": req.sandbox_id}
 
     fake(fake_mgr).script("provision", slow_provision)
     out: list = []
@@ -134,11 +134,11 @@ def test_teardown_during_an_inflight_create_waits_and_the_sandbox_ends_absent(fa
     ext = fake(fake_mgr)
     provisioning, release = threading.Event(), threading.Event()
 
-    def provision(profile, inputs, host):
+    def provision(req):
         provisioning.set()
         release.wait(10)
-        ext.live["fx"] = {"sandbox_id": inputs["sandbox_id"], "owner_labels": inputs["owner_labels"]}
-        return {"fake_id": "fx", "sandbox_id": inputs["sandbox_id"]}
+        ext.live["fx"] = {"sandbox_id": req.sandbox_id, "owner_labels": req.owner_labels}
+        return {"fake_id": "fx", "sandbox_id": req.sandbox_id}
 
     ext.script("provision", provision)
     errors: list[BaseException] = []
@@ -249,10 +249,12 @@ def test_restore_uses_the_inputs_the_snapshot_was_made_with(cfg, make_manager):
     snap = mgr.snapshot(sb.id)
     assert snap.inputs == {"repo": "https://git.example/r.git"}
     back = mgr.restore(snap.id, ttl=120, labels={"k": "v"})
-    (_, (_, inputs, _)) = [c for c in fake(mgr).calls if c[0] == "provision"][-1]
+    (_, (req,)) = [c for c in fake(mgr).calls if c[0] == "provision"][-1]
+    inputs = req.inputs
     assert inputs["repo"] == "https://git.example/r.git" and back.labels == {"k": "v"}
     over = mgr.restore(snap.id, inputs={"repo": "https://git.example/other.git"})
-    (_, (_, inputs, _)) = [c for c in fake(mgr).calls if c[0] == "provision"][-1]
+    (_, (req,)) = [c for c in fake(mgr).calls if c[0] == "provision"][-1]
+    inputs = req.inputs
     assert inputs["repo"] == "https://git.example/other.git" and over.state is SandboxState.READY
 
 
@@ -262,10 +264,12 @@ def test_an_input_replaces_a_default_it_excludes(cfg, make_manager, monkeypatch)
     cfg.write("profile.needs-repo.yaml", REQ_PROFILE)
     mgr = make_manager()
     mgr.create(profile="needs-repo", inputs={"repo": "r", "ssh_target": "me@127.0.0.1"})
-    (_, (_, inputs, _)) = [c for c in fake(mgr).calls if c[0] == "provision"][-1]
+    (_, (req,)) = [c for c in fake(mgr).calls if c[0] == "provision"][-1]
+    inputs = req.inputs
     assert inputs["ssh_target"] == "me@127.0.0.1" and "vm" not in inputs
     mgr.create(profile="needs-repo", inputs={"repo": "r"})
-    (_, (_, inputs, _)) = [c for c in fake(mgr).calls if c[0] == "provision"][-1]
+    (_, (req,)) = [c for c in fake(mgr).calls if c[0] == "provision"][-1]
+    inputs = req.inputs
     assert inputs["vm"] == "builder"
 
 
@@ -282,8 +286,7 @@ def test_a_refused_input_does_not_search_the_backend_for_leftovers(fake_mgr):
 
 def test_two_live_sandboxes_never_share_a_backend_side_name(fake_mgr, monkeypatch):
     monkeypatch.setattr(FakeExtension, "resource_names",
-                        lambda self, profile, inputs, host: [str(inputs.get("project") or
-                                                                 f"sbx-{inputs['sandbox_id']}").casefold()])
+                        lambda self, req: [str(req.inputs.get("project") or f"sbx-{req.sandbox_id}").casefold()])
     first = fake_mgr.create(profile="fake", inputs={"project": "Web"})
     with pytest.raises(InputError, match=f"'web' on ext.fake is already used by live sandbox {first.id}"):
         fake_mgr.create(profile="fake", inputs={"project": "WEB"})

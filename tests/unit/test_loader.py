@@ -354,3 +354,25 @@ def test_loading_a_manifest_whose_class_lacks_a_declared_feature_names_both(cfg,
                                               r"handler Broken does not implement it: Broken declares 'snapshots' but "
                                               r"does not implement snapshot\(\)"):
         load_catalog([cfg.root])
+
+
+def test_a_contract_method_written_for_the_old_contract_fails_the_load_naming_it(cfg, monkeypatch):
+    """Not only feature methods: resource_names(profile, inputs, host) used to load, then fail on the first create."""
+    import sandboxer.loader as loader
+
+    old = _handler(resource_names=lambda self, profile, inputs, host: [])
+    real = loader.resolve_handler
+    monkeypatch.setattr(loader, "resolve_handler",
+                        lambda spec, where: old if "ext.old" in where else real(spec, where=where))
+    cfg.write("ext.old.yaml", """
+        id: ext.old
+        title: old
+        version: 1.0.0
+        handler: sandboxer.extensions.fake:FakeExtension
+        capabilities: {isolation_levels: [none], pricing_model: free}
+    """)
+    with pytest.raises(CapabilityError, match=r"ext.old.yaml: field 'handler' \(value 'sandboxer.extensions.fake:"
+                                              r"FakeExtension'\): Broken.resource_names\(self, profile, inputs, host\) "
+                                              r"requires arguments the manager never passes: profile, inputs, host \(the contract: "
+                                              r"resource_names\(self, request: 'ProvisionRequest'\)"):
+        load_catalog([cfg.root])

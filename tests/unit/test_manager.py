@@ -22,7 +22,7 @@ from sandboxer import (
     TTLError,
 )
 from sandboxer.models import SandboxState
-from sandboxer.errors import StateStoreError
+from sandboxer.errors import BackendError, StateStoreError
 from sandboxer.state import SCHEMA_VERSION
 from tests.conftest import run_threads
 
@@ -53,19 +53,19 @@ def test_full_lifecycle_records_every_transition(fake_mgr):
 
 def test_provision_gets_merged_inputs_and_reserved_keys(fake_mgr):
     sb = fake_mgr.create(profile="fake", inputs={"size": "L"}, consumer="bob")
-    (_, (profile, inputs, host)) = next(c for c in fake(fake_mgr).calls if c[0] == "provision")
-    assert inputs["color"] == "blue" and inputs["size"] == "L" and inputs["sandbox_id"] == sb.id
-    assert inputs["owner_labels"] == fake_mgr.owner_labels
-    assert inputs["tags"]["sandboxer.consumer"] == "bob" and inputs["tags"]["sandboxer.sandbox_id"] == sb.id
-    assert "consumer" not in inputs
+    (_, (req,)) = next(c for c in fake(fake_mgr).calls if c[0] == "provision")
+    assert req.inputs == {"color": "blue", "size": "L"}  # no reserved names among the inputs
+    assert req.sandbox_id == sb.id and req.owner_labels == fake_mgr.owner_labels
+    assert req.tags["sandboxer.consumer"] == "bob" and req.tags["sandboxer.sandbox_id"] == sb.id
+    assert req.ttl == 600 and req.profile.slug == "fake"
 
 
 def test_intent_is_recorded_before_provision(fake_mgr):
     seen = {}
 
-    def provision(profile, inputs, host):
-        seen["row"] = fake_mgr.state.get(inputs["sandbox_id"])
-        return {"fake_id": "x", "sandbox_id": inputs["sandbox_id"]}
+    def provision(req):
+        seen["row"] = fake_mgr.state.get(req.sandbox_id)
+        return {"fake_id": "x", "sandbox_id": req.sandbox_id}
 
     fake(fake_mgr).script("provision", provision)
     fake_mgr.create(profile="fake")
@@ -85,8 +85,8 @@ def test_readiness_failure_tears_down_before_raising(fake_mgr):
 def test_provision_failure_cleans_leftovers_found_by_list_owned(fake_mgr):
     ext = fake(fake_mgr)
 
-    def half_then_fail(profile, inputs, host):
-        ext.live["half"] = {"sandbox_id": inputs["sandbox_id"], "owner_labels": inputs["owner_labels"]}
+    def half_then_fail(req):
+        ext.live["half"] = {"sandbox_id": req.sandbox_id, "owner_labels": req.owner_labels}
         raise ProvisionError("boom after creating something")
 
     ext.script("provision", half_then_fail)
@@ -241,9 +241,9 @@ def test_fifty_threads_create_and_teardown(fake_mgr):
 
 
 def test_twenty_racing_creates_with_one_name_yield_one_sandbox(fake_mgr):
-    def slow(profile, inputs, host):
+    def slow(req):
         time.sleep(0.05)
-        return {"fake_id": inputs["sandbox_id"], "sandbox_id": inputs["sandbox_id"]}
+        return {"fake_id": req.sandbox_id, "sandbox_id": req.sandbox_id}
 
     fake(fake_mgr).script("provision", *([slow] * 20))
     results, errors = [], []
@@ -267,13 +267,54 @@ def test_twenty_racing_creates_with_one_name_yield_one_sandbox(fake_mgr):
 def test_create_stops_if_gc_closed_its_record_meanwhile(fake_mgr):
     ext = fake(fake_mgr)
 
-    def provision(profile, inputs, host):
+    def provision(req):
         # another process's gc judged this record abandoned and closed it
-        fake_mgr.state.transition(inputs["sandbox_id"], "terminated", state="failed")
-        ext.live["late"] = {"sandbox_id": inputs["sandbox_id"], "owner_labels": inputs["owner_labels"]}
-        return {"fake_id": "late", "sandbox_id": inputs["sandbox_id"]}
+        fake_mgr.state.transition(req.sandbox_id, "terminated", state="failed")
+        ext.live["late"] = {"sandbox_id": req.sandbox_id, "owner_labels": req.owner_labels}
+        return {"fake_id": "late", "sandbox_id": req.sandbox_id}
 
     ext.script("provision", provision)
     with pytest.raises(SandboxStateError, match="torn down while it was still provisioning"):
         fake_mgr.create(profile="fake")
     assert ext.live == {} and fake_mgr.list() == []
+
+
+# ------------------------------------------------------------ the typed boundary (issue 9)
+
+def test_a_handle_that_is_not_the_backends_model_fails_the_create_naming_backend_and_method(fake_mgr):
+    fake(fake_mgr).script("provision", lambda req: "sb-handle-as-a-string")
+    with pytest.raises(BackendError, match=r"^ext\.fake\.provision returned str, not a FakeHandle: \(the whole value\): "
+                                           r"Input should be a valid dictionary or instance of FakeHandle"):
+        fake_mgr.create(profile="fake")
+    (row,) = fake_mgr.state.list(states=None)
+    assert row["state"] == "failed" and "ext.fake.provision returned str" in row["last_error"]
+
+
+def test_a_teardown_report_that_does_not_fit_is_a_failed_teardown_not_a_terminated_sandbox(fake_mgr):
+    sb = fake_mgr.create(profile="fake")
+    fake(fake_mgr).script("teardown", lambda handle: {"already_gone": "perhaps", "freed": 3})
+    with pytest.raises(TeardownError, match=r"ext\.fake\.teardown returned dict, not a TeardownReport: "
+                                            r"already_gone: Input should be a valid boolean"):
+        fake_mgr.teardown(sb.id)
+    assert fake_mgr.get(sb.id).state is SandboxState.TEARDOWN_FAILED
+    assert fake_mgr.teardown(sb.id).state is SandboxState.TERMINATED  # the next, honest teardown ends it
+
+
+def test_the_backend_gets_its_own_handle_model_back_and_the_store_keeps_json(fake_mgr):
+    from sandboxer.extensions.fake import FakeHandle
+
+    sb = fake_mgr.create(profile="fake")
+    stored = fake_mgr.state.get(sb.id)["handle"]
+    assert stored == {"host": "fake", "fake_id": stored["fake_id"], "sandbox_id": sb.id}
+    fake_mgr.exec(sb.id, ["true"])
+    (_, (handle, argv)) = next(c for c in fake(fake_mgr).calls if c[0] == "exec")
+    assert type(handle) is FakeHandle and handle.fake_id == stored["fake_id"]
+
+
+def test_a_recorded_handle_that_no_longer_fits_is_an_error_naming_the_sandbox(fake_mgr):
+    sb = fake_mgr.create(profile="fake")
+    fake_mgr.state.transition(sb.id, "tampered", handle={"fake_id": None})
+    with pytest.raises(BackendError, match=rf"^exec in sandbox {sb.id}: the recorded handle does not fit ext\.fake's "
+                                           r"FakeHandle: fake_id: Input should be a valid string; the record was "
+                                           r"written by another version of ext\.fake"):
+        fake_mgr.exec(sb.id, ["true"])

@@ -205,7 +205,8 @@ def test_usage_interval_closes_at_last_seen_after_downtime(cfg, make_manager):
     sb = mgr.create(profile="p")
     mgr.gc()  # sees it alive
     seen = mgr.state.get(sb.id)["last_seen_at"]
-    mgr.extension("ext.a").teardown(mgr.state.get(sb.id)["handle"])  # it dies while we are "down"
+    ext = mgr.extension("ext.a")
+    ext.teardown(ext.Handle.model_validate(mgr.state.get(sb.id)["handle"]))  # it dies while we are "down"
     time.sleep(0.3)
     mgr.teardown(sb.id)
     (rec,) = mgr.metering.records()

@@ -6,14 +6,16 @@ directory per sandbox, with a ``.sandboxer.json`` naming the sandbox and its own
 ``list_owned`` finds what a crashed manager left behind. It offers no isolation: it declares
 ``isolation_levels: [none]``.
 
-The exec convention every backend keeps: exit 124 and ``timed_out`` when the timeout kills the
-command, output streamed to ``on_output`` as it arrives, UTF-8 decoded incrementally (a
-character split between two reads is never corrupted).
+It shows the typed contract (``sandboxer.contract``): ``provision`` takes a ``ProvisionRequest``
+and returns this backend's own ``WorkspaceHandle``; every other method gets that handle back as
+the same model. Its exec keeps the convention every backend keeps through
+``sandboxer.execution``: argv checked by ``check_argv``, output through an ``OutputCollector``
+(streamed as it arrives, UTF-8 decoded incrementally, capped), and exit 124 with ``timed_out``
+when the timeout kills the command.
 """
 
 from __future__ import annotations
 
-import codecs
 import json
 import os
 import re
@@ -26,9 +28,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sandboxer.contract import Handle, OwnedSandbox, ProvisionRequest, Reachability, TeardownReport
 from sandboxer.errors import CapacityUnavailable, ExecError, InputError, ProvisionError, ReadinessTimeout, TeardownError
+from sandboxer.execution import OutputCollector, check_argv
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
-from sandboxer.models import ExecResult, Profile
+from sandboxer.models import ExecResult
 
 _META = ".sandboxer.json"
 _ID = re.compile(r"sb-[a-z0-9]{1,64}")
@@ -51,12 +55,20 @@ class WorkspaceOptions(BaseModel):
     files: dict[str, str] = Field(default_factory=dict, description="files to write into a new workspace")
 
 
+class WorkspaceHandle(Handle):
+    """What finds a workspace again: the sandbox id names its directory (stored by the manager)."""
+
+    sandbox_id: str
+    host: str | None = "localhost"
+
+
 class WorkspaceExtension(SandboxExtension):
     """Each sandbox is ``<root>/<sandbox_id>``; exec runs ``argv`` there as a subprocess."""
 
     Config = WorkspaceConfig
     ProfileOptions = WorkspaceOptions
     features = frozenset({"exec", "list_owned"})
+    Handle = WorkspaceHandle
 
     def __init__(self, manifest, config):  # type: ignore[no-untyped-def]
         super().__init__(manifest, config)
@@ -66,21 +78,19 @@ class WorkspaceExtension(SandboxExtension):
     def root(self) -> Path:
         return Path(self.config.root) if self.config.root else self.home / "workspaces"
 
-    def _dir(self, handle: dict[str, Any]) -> Path:
-        sid = handle.get("sandbox_id")
-        if not isinstance(sid, str) or not _ID.fullmatch(sid):
-            raise InputError(f"{self.id}: handle names no valid sandbox id: {sid!r}")
-        return self.root / sid
+    def _dir(self, sandbox_id: str) -> Path:
+        if not _ID.fullmatch(sandbox_id):
+            raise InputError(f"{self.id}: not a valid sandbox id for a workspace: {sandbox_id!r}")
+        return self.root / sandbox_id
 
-    def resource_names(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> list[str]:
-        return [f"workspace {self.root / str(inputs['sandbox_id'])}"]
+    def resource_names(self, request: ProvisionRequest) -> list[str]:
+        return [f"workspace {self._dir(request.sandbox_id)}"]
 
     # ------------------------------------------------------------ lifecycle
 
-    def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
-        handle = {"sandbox_id": inputs["sandbox_id"], "host": "localhost"}
-        path = self._dir(handle)
-        opts = self.options(profile)
+    def provision(self, request: ProvisionRequest) -> WorkspaceHandle:
+        path = self._dir(request.sandbox_id)
+        opts = self.options(request.profile)
         with self._lock:
             self.root.mkdir(parents=True, exist_ok=True)
             if sum(1 for p in self.root.iterdir() if (p / _META).is_file()) >= self.config.max_workspaces:
@@ -94,34 +104,37 @@ class WorkspaceExtension(SandboxExtension):
                         raise InputError(f"{self.id}: profile option files.{name}: path leaves the workspace")
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_text(text, encoding="utf-8")
-                (path / _META).write_text(json.dumps({"sandbox_id": inputs["sandbox_id"],
-                                                      "owner_labels": inputs["owner_labels"]}))
+                (path / _META).write_text(json.dumps({"sandbox_id": request.sandbox_id,
+                                                      "owner_labels": request.owner_labels}))
             except FileExistsError:
                 raise ProvisionError(f"{self.id}: workspace {path} exists already", backend=self.id) from None
             except BaseException:
                 shutil.rmtree(path, ignore_errors=True)
                 raise
-        return handle
+        return WorkspaceHandle(sandbox_id=request.sandbox_id)
 
-    def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
-        path = self._dir(handle)
+    def wait_ready(self, handle: WorkspaceHandle, timeout: float = 60.0) -> Reachability:
+        path = self._dir(handle.sandbox_id)
         if not (path / _META).is_file():
             raise ReadinessTimeout(f"{self.id}: workspace {path} is gone", backend=self.id)
-        return {"host": "localhost", "path": str(path)}
+        return Reachability(host="localhost", path=str(path))
 
-    def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
-        path = self._dir(handle)
+    def teardown(self, handle: WorkspaceHandle) -> TeardownReport:
+        path = self._dir(handle.sandbox_id)
         if not path.exists():
-            return {"already_gone": True}
+            return TeardownReport(already_gone=True)
         shutil.rmtree(path, ignore_errors=True)
         if path.exists():
             raise TeardownError(f"{self.id}: could not remove workspace {path}", backend=self.id)
-        return {"already_gone": False, "removed": str(path)}
+        return TeardownReport(removed=[str(path)])
 
-    def probe(self, handle: dict[str, Any]) -> bool | None:
-        return (self._dir(handle) / _META).is_file()
+    def probe(self, handle: WorkspaceHandle) -> bool | None:
+        return (self._dir(handle.sandbox_id) / _META).is_file()
 
-    def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
+    def handle_id(self, handle: WorkspaceHandle) -> str | None:
+        return None  # the directory is the sandbox id: a retried create cannot make a second one
+
+    def list_owned(self, owner_labels: dict[str, str]) -> list[OwnedSandbox]:
         found = []
         for meta in sorted(self.root.glob(f"*/{_META}")) if self.root.is_dir() else []:
             try:
@@ -129,20 +142,19 @@ class WorkspaceExtension(SandboxExtension):
             except (OSError, ValueError):
                 continue
             if all(rec.get("owner_labels", {}).get(k) == v for k, v in owner_labels.items()):
-                found.append({"sandbox_id": rec["sandbox_id"],
-                              "handle": {"sandbox_id": rec["sandbox_id"], "host": "localhost"}})
+                found.append(OwnedSandbox(sandbox_id=rec["sandbox_id"],
+                                          handle=WorkspaceHandle(sandbox_id=rec["sandbox_id"])))
         return found
 
     # ------------------------------------------------------------ exec
 
-    def exec(self, handle: dict[str, Any], argv: list[str], *, env: dict[str, str] | None = None,
+    def exec(self, handle: WorkspaceHandle, argv: list[str], *, env: dict[str, str] | None = None,
              cwd: str | None = None, timeout: float | None = None, stdin: bytes | None = None,
              on_output: OutputCallback | None = None) -> ExecResult:
-        path = self._dir(handle)
+        argv = check_argv(argv, backend=self.id)
+        path = self._dir(handle.sandbox_id)
         if not (path / _META).is_file():
             raise ExecError(f"{self.id}: workspace {path} is gone", backend=self.id)
-        if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):
-            raise InputError(f"{self.id}: exec needs a non-empty list of strings without NUL, got {argv!r}")
         workdir = (path / cwd).resolve() if cwd else path
         if not workdir.is_relative_to(path.resolve()):
             raise InputError(f"{self.id}: cwd {cwd!r} leaves the workspace")
@@ -152,21 +164,13 @@ class WorkspaceExtension(SandboxExtension):
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         except OSError as exc:
             return ExecResult(exit_code=127, stderr=f"{argv[0]}: {exc.strerror}\n")
-        parts: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        out = OutputCollector(on_output)
 
         def pump(stream: str, pipe: Any) -> None:
-            decoder = codecs.getincrementaldecoder("utf-8")("replace")
-            while True:
-                chunk = pipe.read1(65536)
-                text = decoder.decode(chunk, final=not chunk)
-                if text:
-                    parts[stream].append(text)
-                    if on_output is not None:
-                        on_output(stream, text)
-                if not chunk:
-                    return
+            while chunk := pipe.read1(65536):
+                out.feed(stream, chunk)
 
-        pumps = [threading.Thread(target=pump, args=(s, getattr(proc, s)), daemon=True) for s in parts]
+        pumps = [threading.Thread(target=pump, args=(s, getattr(proc, s)), daemon=True) for s in ("stdout", "stderr")]
         for t in pumps:
             t.start()
         try:
@@ -180,9 +184,8 @@ class WorkspaceExtension(SandboxExtension):
             code = proc.wait(timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole session: nothing it started runs on
             code = proc.wait()
         for t in pumps:
             t.join(10)
-        return ExecResult(exit_code=124 if timed_out else code, stdout="".join(parts["stdout"]),
-                          stderr="".join(parts["stderr"]), timed_out=timed_out)
+        return out.result(code, timed_out=timed_out)

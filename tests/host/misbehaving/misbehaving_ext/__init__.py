@@ -15,7 +15,6 @@ import os
 import sys
 import threading
 import time
-from typing import Any
 
 from sandboxer.extensions.base import SandboxExtension
 from sandboxer.models import ExecResult
@@ -26,22 +25,24 @@ RELEASE = threading.Event()  # never set inside a worker: a hang lasts until the
 class MisbehavingExtension(SandboxExtension):
     features = frozenset({"exec", "list_owned"})
 
-    def _path(self, handle: dict[str, Any]):  # type: ignore[no-untyped-def]
-        return self.home / "boxes" / f"{handle['sandbox_id']}.json"
+    # Sloppy on purpose: it returns dicts, which the host's boundary validates into the contract's models.
 
-    def provision(self, profile, inputs, host):  # type: ignore[no-untyped-def]
+    def _path(self, sandbox_id: str):  # type: ignore[no-untyped-def]
+        return self.home / "boxes" / f"{sandbox_id}.json"
+
+    def provision(self, request):  # type: ignore[no-untyped-def]
         (self.home / "boxes").mkdir(parents=True, exist_ok=True)
-        handle = {"sandbox_id": inputs["sandbox_id"], "hang_teardown": bool(inputs.get("hang_teardown"))}
-        self._path(handle).write_text(json.dumps({"owner_labels": inputs["owner_labels"], **handle}))
+        handle = {"sandbox_id": request.sandbox_id, "hang_teardown": bool(request.inputs.get("hang_teardown"))}
+        self._path(request.sandbox_id).write_text(json.dumps({"owner_labels": request.owner_labels, **handle}))
         return handle
 
     def wait_ready(self, handle, timeout=60.0):  # type: ignore[no-untyped-def]
         return {"pid": os.getpid()}
 
     def teardown(self, handle):  # type: ignore[no-untyped-def]
-        if handle.get("hang_teardown"):
+        if getattr(handle, "hang_teardown", False):
             RELEASE.wait(3600)
-        path = self._path(handle)
+        path = self._path(handle.sandbox_id)
         gone = not path.exists()
         path.unlink(missing_ok=True)
         return {"already_gone": gone}
