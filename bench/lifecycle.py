@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import pct, write_config  # noqa: E402
 from sandboxer import Manager, SandboxCreateRequest  # noqa: E402
+from sandboxer.testing import request  # noqa: E402
 
 STUB = """
 id: ext.bench-stub
@@ -55,9 +56,9 @@ def raw(mgr: Manager, profile: str) -> tuple[float, float]:
     eff = mgr.effective_profile(prof, 0)
     ext = mgr.extension(eff.extension)
     sid = "raw-" + uuid.uuid4().hex[:12]
-    inputs = {"sandbox_id": sid, "owner_labels": {"sandboxer.owner": "bench-raw"}, "tags": {}, "ttl": 600.0}
+    req = request(eff, {}, None, sandbox_id=sid, owner_labels={"sandboxer.owner": "bench-raw"}, tags={}, ttl=600.0)
     t0 = time.perf_counter()
-    h = ext.provision(eff, inputs, None)
+    h = ext.provision(req)
     ext.wait_ready(h, timeout=eff.ready_timeout)
     out = ext.exec(h, ["echo", "hi"])
     t1 = time.perf_counter()

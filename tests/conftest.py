@@ -89,8 +89,8 @@ def make_manager(cfg: ConfigDir, home: Path) -> Callable[..., Manager]:
         # still there is a leak, which fails the test (after cleaning it up).
         local = m.extension("ext.local") if "ext.local" in m.catalog.extensions else None
         for item in local.list_owned(m.owner_labels) if local else []:
-            leaked.append(item["sandbox_id"])
-            local.teardown(item["handle"])
+            leaked.append(item.sandbox_id)
+            local.teardown(item.handle)
         m.close()
     assert not leaked, f"local sandboxes leaked by this test: {leaked}"
 

@@ -24,6 +24,10 @@ root inside its user namespace), so rlimits on processes count per sandbox
 and sandboxes cannot touch each other's workspaces.
 
 Isolation level ``none`` (an explicit insecure-dev tier) skips namespaces.
+
+What a sandbox is, for the manager, is a :class:`LocalHandle` (workspace, tool, uid, the init's
+pid and start time, cgroups, the limits account); it is also written to ``<root>/.meta`` before
+anything is made, so ``list_owned`` finds even a half-made sandbox.
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sandboxer.contract import Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
 from sandboxer.errors import (
     ExecError,
     InputError,
@@ -59,7 +64,7 @@ from sandboxer.extensions import local_cgroup
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.execution import OUTPUT_CAP as DEFAULT_OUTPUT_CAP
 from sandboxer.execution import OutputCollector, check_argv
-from sandboxer.models import ExecResult, Profile, SnapshotMeta
+from sandboxer.models import ExecResult, Resources, SnapshotMeta
 
 UID_BASE = 2_000_000
 UID_SPAN = 1_000_000
@@ -155,6 +160,50 @@ class LocalOptions(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
 
 
+class LocalHandle(Handle):
+    """One local sandbox: where it lives and what holds it (stored; never a secret).
+
+    Attributes:
+        sandbox_id: the manager's id, also the workspace's name.
+        workspace: the workspace directory on this machine.
+        tool: what started the init: ``bwrap``, ``unshare``, or ``none`` (no namespaces).
+        uid: the sandbox's own unprivileged uid (when run as root), else None.
+        resources: the profile's resources (its rlimits come from them).
+        options: the profile's ``ext.local`` options.
+        cgroup: the sandbox's cgroup directories, or None without cgroups.
+        ws_mount: the workspace is a size-limited tmpfs mounted on the host (root only).
+        limits: what is enforced for each limit, and how (shown in the reachability).
+        pid: the init's pid on the host (None until started, and with isolation ``none``).
+        starttime: the init's start time (``/proc/<pid>/stat``), so a reused pid is not ours.
+        outer_pid: bwrap's or unshare's pid on the host side.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    host: str | None = "localhost"
+    sandbox_id: str
+    workspace: str
+    tool: Literal["bwrap", "unshare", "none"]
+    uid: int | None = None
+    resources: Resources = Field(default_factory=Resources)
+    options: LocalOptions = Field(default_factory=LocalOptions)
+    cgroup: local_cgroup.CgroupPlan | None = None
+    ws_mount: bool = False
+    limits: dict[str, str] = Field(default_factory=dict)
+    pid: int | None = None
+    starttime: str | None = None
+    outer_pid: int | None = None
+
+
+class LocalReachability(Reachability):
+    """Where a local sandbox is and how it is confined."""
+
+    workspace: str
+    isolation: str = Field(description="bwrap, unshare or none")
+    network: bool = False
+    limits: dict[str, str] = Field(default_factory=dict, description="per limit: how it is enforced, or why not")
+
+
 def _starttime(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
@@ -207,6 +256,7 @@ def _children(pid: int) -> list[int]:
 class LocalExtension(SandboxExtension):
     Config = LocalConfig
     ProfileOptions = LocalOptions
+    Handle = LocalHandle
     features = frozenset({"exec", "snapshots", "list_owned"})
 
     def __init__(self, manifest, config):  # type: ignore[no-untyped-def]
@@ -308,16 +358,24 @@ class LocalExtension(SandboxExtension):
             raise InputError(f"{self.id}: bad sandbox id {sandbox_id!r}")
         return self.root / sandbox_id
 
-    def _rlimits(self, profile_res: dict[str, Any], opts: dict[str, Any], uid: int | None) -> list[str]:
-        lim = [f"--cpu={opts.get('cpu_time_s', 3600)}", f"--as={int(profile_res.get('memory_mb', 512)) * 1024 * 1024}"]
+    @staticmethod
+    def _rlimits(res: Resources, opts: LocalOptions, uid: int | None) -> list[str]:
+        lim = [f"--cpu={opts.cpu_time_s}", f"--as={res.memory_mb * 1024 * 1024}"]
         if uid is not None:  # RLIMIT_NPROC counts per real uid: only meaningful with a uid of its own
-            lim.append(f"--nproc={int(profile_res.get('pids', 256))}")
+            lim.append(f"--nproc={res.pids}")
         return ["prlimit", *lim, "--"]
 
     # ----------------------------------------------------------- provision
 
-    def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
-        sandbox_id = inputs["sandbox_id"]
+    def provision(self, request: ProvisionRequest) -> LocalHandle:
+        """Make the workspace, its cgroups and mounts, and start the init that holds its namespaces.
+
+        Raises:
+            ProvisionError: no isolation tool works here, a limit cannot be set up, or the
+                init did not start (what it said is in the message); nothing is left behind.
+        """
+        profile = request.profile
+        sandbox_id = request.sandbox_id
         opts = self.options(profile)
         tool = self._tool_for(profile.isolation)
         ws = self._workspace(sandbox_id)
@@ -326,26 +384,29 @@ class LocalExtension(SandboxExtension):
         meta_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         uid = self._alloc_uid() if tool != "none" else None
         hier = self._hierarchies() if tool != "none" else None
-        handle: dict[str, Any] = {
-            "host": "localhost", "workspace": str(ws), "tool": tool, "uid": uid, "sandbox_id": sandbox_id,
-            "resources": profile.resources.model_dump(), "options": opts.model_dump(),
-            "cgroup": local_cgroup.plan(hier, sandbox_id) if hier else None,
-            "ws_mount": tool != "none" and os.geteuid() == 0,
-        }
-        meta = {"sandbox_id": sandbox_id, "owner_labels": inputs.get("owner_labels", {}), "handle": handle}
+        handle = LocalHandle(
+            workspace=str(ws), tool=tool, uid=uid, sandbox_id=sandbox_id, resources=profile.resources,
+            options=opts, cgroup=local_cgroup.plan(hier, sandbox_id) if hier else None,
+            ws_mount=tool != "none" and os.geteuid() == 0,
+        )
         meta_path = meta_dir / f"{sandbox_id}.json"
-        meta_path.write_text(json.dumps(meta))  # recorded first, so list_owned finds even a half-made sandbox
+
+        def record() -> None:
+            meta_path.write_text(json.dumps({"sandbox_id": sandbox_id, "owner_labels": request.owner_labels,
+                                             "handle": handle.model_dump(mode="json")}))
+
+        record()  # first, so list_owned finds even a half-made sandbox
         try:
             ws.mkdir(parents=True, mode=0o700)
             res = profile.resources
             try:
-                if handle["ws_mount"]:
+                if handle.ws_mount:
                     # The disk quota: the workspace (and /tmp, its .tmp) is a tmpfs of disk_mb, mounted
                     # on the host so snapshots read it where it always was.
                     _mount_tmpfs(ws, f"size={res.disk_mb}m,mode=0700,uid={uid},gid={uid}")
                 enforced = {}
-                if hier is not None and handle["cgroup"]["dirs"]:
-                    enforced = local_cgroup.apply(hier, handle["cgroup"], memory_mb=res.memory_mb,
+                if hier is not None and handle.cgroup is not None and handle.cgroup.dirs:
+                    enforced = local_cgroup.apply(hier, handle.cgroup, memory_mb=res.memory_mb,
                                                   pids=res.pids, cpu=res.cpu)
             except OSError as exc:
                 raise ProvisionError(f"{self.id}: sandbox {sandbox_id}: cannot set up its limits: {exc}",
@@ -354,20 +415,21 @@ class LocalExtension(SandboxExtension):
             if uid is not None:
                 os.chown(ws, uid, uid)
                 os.chown(ws / ".tmp", uid, uid)
-            handle["limits"] = self._limits_account(tool, res, opts, uid, hier, enforced, handle["ws_mount"])
+            handle.limits = self._limits_account(tool, res, opts, uid, hier, enforced, handle.ws_mount)
             if tool != "none":
                 # The init exits at the TTL (plus a grace for gc to tear down first), so a sandbox's
                 # processes end on time even if no manager is left to run gc.
-                life = int(float(inputs.get("ttl") or profile.ttl.default)) + TTL_GRACE_S
-                handle.update(self._start_init(tool, ws, uid, opts, sandbox_id, life, handle["cgroup"]))
-            meta_path.write_text(json.dumps({**meta, "handle": handle}))
+                life = int(float(request.ttl)) + TTL_GRACE_S
+                handle.pid, handle.starttime, handle.outer_pid = self._start_init(
+                    tool, ws, uid, opts, sandbox_id, life, handle.cgroup)
+            record()
             return handle
         except BaseException:
             self.teardown(handle)
             raise
 
     @staticmethod
-    def _limits_account(tool: str, res: Any, opts: LocalOptions, uid: int | None,
+    def _limits_account(tool: str, res: Resources, opts: LocalOptions, uid: int | None,
                         hier: local_cgroup.Hierarchies | None, enforced: dict[str, str],
                         ws_mount: bool) -> dict[str, str]:
         """Exactly what is enforced for each limit, and how; "not enforced: <why>" otherwise."""
@@ -409,7 +471,8 @@ class LocalExtension(SandboxExtension):
         return out
 
     def _start_init(self, tool: str, ws: Path, uid: int | None, opts: LocalOptions, sandbox_id: str,
-                    life: int, cg: dict[str, Any] | None) -> dict[str, Any]:
+                    life: int, cg: local_cgroup.CgroupPlan | None) -> tuple[int, str | None, int]:
+        """Start the init; (its pid on the host, its start time, bwrap's or unshare's pid)."""
         shm = f"{opts.shm_mb}m"
         # With the host's network, name resolution must keep working even when /etc/resolv.conf
         # points into /run (systemd-resolved): that one file is bound into the private /run.
@@ -459,55 +522,55 @@ class LocalExtension(SandboxExtension):
                 time.sleep(0.001)
         if not child:
             raise ProvisionError(f"{self.id}: cannot find the sandbox's init process", backend=self.id)
-        return {"pid": child[0], "starttime": _starttime(child[0]), "outer_pid": proc.pid}
+        return child[0], _starttime(child[0]), proc.pid
 
-    def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
-        if handle.get("tool") != "none" and not _alive(handle.get("pid"), handle.get("starttime")):
-            raise ReadinessTimeout(f"{self.id}: sandbox {handle.get('sandbox_id')} init process is gone", backend=self.id)
-        if not Path(handle["workspace"]).is_dir():
-            raise ReadinessTimeout(f"{self.id}: workspace {handle['workspace']} is missing", backend=self.id)
-        return {"host": "localhost", "workspace": handle["workspace"], "isolation": handle["tool"],
-                "network": bool(handle.get("options", {}).get("network")), "limits": handle.get("limits", {})}
+    def wait_ready(self, handle: LocalHandle, timeout: float = 60.0) -> LocalReachability:
+        if handle.tool != "none" and not _alive(handle.pid, handle.starttime):
+            raise ReadinessTimeout(f"{self.id}: sandbox {handle.sandbox_id} init process is gone", backend=self.id)
+        if not Path(handle.workspace).is_dir():
+            raise ReadinessTimeout(f"{self.id}: workspace {handle.workspace} is missing", backend=self.id)
+        return LocalReachability(host="localhost", workspace=handle.workspace, isolation=handle.tool,
+                                 network=handle.options.network, limits=handle.limits)
 
-    def probe(self, handle: dict[str, Any]) -> bool | None:
+    def probe(self, handle: LocalHandle) -> bool | None:
         """True while the sandbox's init (same pid, same start time) runs; False once it is gone.
         With isolation ``none`` there is no init: the workspace existing is the sandbox."""
-        if handle.get("tool") == "none":
-            return Path(handle.get("workspace", "")).is_dir()
-        return _alive(handle.get("pid"), handle.get("starttime"))
+        if handle.tool == "none":
+            return Path(handle.workspace).is_dir()
+        return _alive(handle.pid, handle.starttime)
 
     # ---------------------------------------------------------------- exec
 
-    def exec(self, handle: dict[str, Any], argv: list[str], *, env: dict[str, str] | None = None,
+    def exec(self, handle: LocalHandle, argv: list[str], *, env: dict[str, str] | None = None,
              cwd: str | None = None, timeout: float | None = None, stdin: bytes | None = None,
              on_output: OutputCallback | None = None) -> ExecResult:
         argv = check_argv(argv, backend=self.id)
-        ws = handle["workspace"]
+        ws = handle.workspace
         wd = str(Path(ws) / cwd) if cwd else ws
         if cwd and not os.path.realpath(wd).startswith(os.path.realpath(ws)):
             raise InputError(f"{self.id}: cwd {cwd!r} is outside the workspace")
-        opts = handle.get("options", {})
+        opts = handle.options
         # /tmp is private (the workspace's .tmp) in a namespace; without one it is the host's.
-        tmpdir = f"{ws}/.tmp" if handle["tool"] == "none" else "/tmp"
-        full_env = {**_base_env(ws, tmpdir), **opts.get("env", {}), **(env or {})}
-        uid = handle.get("uid")
-        prefix = self._rlimits(handle.get("resources", {}), opts, uid)
+        tmpdir = f"{ws}/.tmp" if handle.tool == "none" else "/tmp"
+        full_env = {**_base_env(ws, tmpdir), **opts.env, **(env or {})}
+        uid = handle.uid
+        prefix = self._rlimits(handle.resources, opts, uid)
         group = None
-        if handle["tool"] == "none":
+        if handle.tool == "none":
             cmd = self._as_user(uid) + prefix + list(argv)
             kw: dict[str, Any] = {"cwd": wd}
         else:
-            if not _alive(handle.get("pid"), handle.get("starttime")):
-                raise ExecError(f"{self.id}: sandbox {handle.get('sandbox_id')} is not running", backend=self.id)
-            ns = ["--user", "--pid", "--mount", "--ipc", "--uts", "--cgroup", *([] if opts.get("network") else ["--net"])]
+            if not _alive(handle.pid, handle.starttime):
+                raise ExecError(f"{self.id}: sandbox {handle.sandbox_id} is not running", backend=self.id)
+            ns = ["--user", "--pid", "--mount", "--ipc", "--uts", "--cgroup", *([] if opts.network else ["--net"])]
             # Root enters the sandbox's user namespace and becomes its root (= the sandbox uid
             # outside); anyone else enters as the namespace's owner. Either way the command then
             # loses every capability, so it cannot undo the read-only mounts from inside.
             who = ["-S", "0", "-G", "0"] if uid is not None else ["--preserve-credentials"]
             # The exec's own cgroup (when there are cgroups): its deadline ends all it started.
-            group = local_cgroup.exec_group(handle.get("cgroup"))
-            cmd = (local_cgroup.join_argv(local_cgroup.procs_files(handle.get("cgroup"), group)) + prefix
-                   + ["nsenter", f"--target={handle['pid']}", *ns, *who, f"--wd={wd}", "--", *_DROP_CAPS, *argv])
+            group = local_cgroup.exec_group(handle.cgroup)
+            cmd = (local_cgroup.join_argv(local_cgroup.procs_files(handle.cgroup, group)) + prefix
+                   + ["nsenter", f"--target={handle.pid}", *ns, *who, f"--wd={wd}", "--", *_DROP_CAPS, *argv])
             kw = {"cwd": "/"}
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
@@ -528,17 +591,25 @@ class LocalExtension(SandboxExtension):
 
     # ------------------------------------------------------------ teardown
 
-    def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
-        sandbox_id = handle.get("sandbox_id", "")
-        ws = Path(handle.get("workspace") or self._workspace(sandbox_id))
+    def teardown(self, handle: LocalHandle) -> TeardownReport:
+        """Kill every process of the sandbox, remove its cgroups, mounts and workspace.
+
+        The report's ``removed`` lists the cgroup directories and the workspace removed;
+        ``detail`` says whether any process was still running (``killed``).
+
+        Raises:
+            TeardownError: a process survived SIGKILL, or a cgroup or the workspace cannot be removed.
+        """
+        sandbox_id = handle.sandbox_id
+        ws = Path(handle.workspace)
         killed = False
-        if _alive(handle.get("pid"), handle.get("starttime")):
+        if handle.pid and _alive(handle.pid, handle.starttime):
             try:
-                os.kill(handle["pid"], signal.SIGKILL)  # pid 1 of the namespace: the kernel kills the rest
+                os.kill(handle.pid, signal.SIGKILL)  # pid 1 of the namespace: the kernel kills the rest
                 killed = True
             except ProcessLookupError:
                 pass
-        for pg in self._session_pids(ws) if handle.get("tool") == "none" else []:
+        for pg in self._session_pids(ws) if handle.tool == "none" else []:
             try:
                 os.killpg(pg, signal.SIGKILL)
                 killed = True
@@ -553,29 +624,31 @@ class LocalExtension(SandboxExtension):
                 proc.kill()
         # Whatever is left in the sandbox's cgroups (an exec's helpers outside the pid
         # namespace, say) dies with them; then the cgroups go.
-        left = local_cgroup.remove(handle.get("cgroup"))
-        if handle.get("pid"):
+        cgroups = [d for d in handle.cgroup.dirs if os.path.isdir(d)] if handle.cgroup else []
+        left = local_cgroup.remove(handle.cgroup)
+        if handle.pid:
             deadline = time.monotonic() + 5
-            while _alive(handle["pid"], handle.get("starttime")) and time.monotonic() < deadline:
+            while _alive(handle.pid, handle.starttime) and time.monotonic() < deadline:
                 time.sleep(0.005)
-            if _alive(handle["pid"], handle.get("starttime")):
-                raise TeardownError(f"{self.id}: sandbox {sandbox_id} init {handle['pid']} survived SIGKILL", backend=self.id)
+            if _alive(handle.pid, handle.starttime):
+                raise TeardownError(f"{self.id}: sandbox {sandbox_id} init {handle.pid} survived SIGKILL", backend=self.id)
         if left:
-            left = local_cgroup.remove(handle.get("cgroup"))  # once the init is surely gone
+            left = local_cgroup.remove(handle.cgroup)  # once the init is surely gone
         if left:
             raise TeardownError(f"{self.id}: sandbox {sandbox_id}: cannot remove cgroups: {'; '.join(left)}",
                                 backend=self.id)
         existed = ws.exists()
         try:
-            if existed and handle.get("ws_mount"):
+            if existed and handle.ws_mount:
                 _unmount(ws)
             shutil.rmtree(ws, ignore_errors=False) if existed else None
         except OSError as exc:
             raise TeardownError(f"{self.id}: cannot remove workspace {ws}: {exc.strerror}", backend=self.id) from exc
         for suffix in (".json", ".err"):
             (self.root / ".meta" / f"{sandbox_id}{suffix}").unlink(missing_ok=True)
-        self._free_uid(handle.get("uid"))
-        return {"killed": killed, "workspace_removed": existed, "already_gone": not (killed or existed)}
+        self._free_uid(handle.uid)
+        return TeardownReport(already_gone=not (killed or existed), removed=[*cgroups, *([str(ws)] if existed else [])],
+                              detail={"killed": killed, "workspace_removed": existed})
 
     @staticmethod
     def _session_pids(ws: Path) -> list[int]:
@@ -594,8 +667,10 @@ class LocalExtension(SandboxExtension):
 
     # ----------------------------------------------------------- list_owned
 
-    def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
-        out = []
+    def list_owned(self, owner_labels: dict[str, str]) -> list[OwnedSandbox]:
+        """Every sandbox recorded under this root whose owner labels include ``owner_labels``
+        (a record that cannot be read is skipped)."""
+        out: list[OwnedSandbox] = []
         meta_dir = self.root / ".meta"
         if not meta_dir.is_dir():
             return out
@@ -604,50 +679,60 @@ class LocalExtension(SandboxExtension):
                 meta = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            labels = meta.get("owner_labels", {})
-            if all(labels.get(k) == v for k, v in owner_labels.items()):
-                out.append({"sandbox_id": meta["sandbox_id"], "handle": meta["handle"]})
+            labels = meta.get("owner_labels", {}) if isinstance(meta, dict) else {}
+            if isinstance(meta, dict) and all(labels.get(k) == v for k, v in owner_labels.items()):
+                try:
+                    out.append(OwnedSandbox(sandbox_id=meta["sandbox_id"],
+                                            handle=LocalHandle.model_validate(meta["handle"])))
+                except (KeyError, ValidationError):
+                    continue
         return out
 
     # ------------------------------------------------------------ snapshots
 
-    def snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
+    def snapshot(self, handle: LocalHandle) -> SnapshotResult:
+        """Archive the workspace (but its ``.tmp``) as a tar.gz under ``<home>/snapshots/local``."""
         store = self.home / "snapshots" / "local"
         store.mkdir(parents=True, exist_ok=True, mode=0o700)
-        name = f"{handle['sandbox_id']}-{int(time.time() * 1000)}.tar.gz"
+        name = f"{handle.sandbox_id}-{int(time.time() * 1000)}.tar.gz"
         path = store / name
         try:
             with tarfile.open(path, "w:gz") as tar:
-                tar.add(handle["workspace"], arcname=".", filter=lambda ti: None if ti.name.startswith("./.tmp/") else ti)
+                tar.add(handle.workspace, arcname=".", filter=lambda ti: None if ti.name.startswith("./.tmp/") else ti)
         except OSError as exc:
             path.unlink(missing_ok=True)
-            raise SnapshotError(f"{self.id}: cannot archive {handle['workspace']}: {exc}", backend=self.id) from exc
+            raise SnapshotError(f"{self.id}: cannot archive {handle.workspace}: {exc}", backend=self.id) from exc
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        return {"data": {"path": str(path)}, "size_bytes": path.stat().st_size, "checksum": f"sha256:{digest}"}
+        return SnapshotResult(data={"path": str(path)}, size_bytes=path.stat().st_size, checksum=f"sha256:{digest}")
 
-    def restore_from_snapshot(self, profile: Profile, snapshot_meta: SnapshotMeta, inputs: dict[str, Any],
-                              host: str | None) -> dict[str, Any]:
-        path = Path(snapshot_meta.data["path"])
+    def restore_from_snapshot(self, request: ProvisionRequest, snapshot: SnapshotMeta) -> LocalHandle:
+        """A new sandbox for ``request`` whose workspace is the snapshot's.
+
+        Raises:
+            SnapshotError: the archive is missing, its checksum differs, or it cannot be
+                unpacked (over the workspace's disk quota, say); the new sandbox is then torn down.
+        """
+        path = Path(snapshot.data["path"])
         if not path.is_file():
             raise SnapshotError(f"{self.id}: snapshot file {path} is missing", backend=self.id)
         digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-        if snapshot_meta.checksum and digest != snapshot_meta.checksum:
-            raise SnapshotError(f"{self.id}: snapshot {snapshot_meta.id} checksum mismatch", backend=self.id)
-        handle = self.provision(profile, inputs, host)
+        if snapshot.checksum and digest != snapshot.checksum:
+            raise SnapshotError(f"{self.id}: snapshot {snapshot.id} checksum mismatch", backend=self.id)
+        handle = self.provision(request)
         try:
             with tarfile.open(path, "r:gz") as tar:
-                tar.extractall(handle["workspace"], filter="data")
-            if handle.get("uid") is not None:
-                for dirpath, dirs, files in os.walk(handle["workspace"]):
+                tar.extractall(handle.workspace, filter="data")
+            if handle.uid is not None:
+                for dirpath, dirs, files in os.walk(handle.workspace):
                     for n in [dirpath, *(os.path.join(dirpath, f) for f in dirs + files)]:
-                        os.lchown(n, handle["uid"], handle["uid"])
+                        os.lchown(n, handle.uid, handle.uid)
         except (OSError, tarfile.TarError) as exc:
             self.teardown(handle)
-            raise SnapshotError(f"{self.id}: cannot restore snapshot {snapshot_meta.id}: {exc}", backend=self.id) from exc
+            raise SnapshotError(f"{self.id}: cannot restore snapshot {snapshot.id}: {exc}", backend=self.id) from exc
         return handle
 
-    def delete_snapshot(self, snapshot_meta: SnapshotMeta) -> None:
-        Path(snapshot_meta.data.get("path", "")).unlink(missing_ok=True)
+    def delete_snapshot(self, snapshot: SnapshotMeta) -> None:
+        Path(snapshot.data.get("path", "")).unlink(missing_ok=True)
 
 
 def _collect(proc: subprocess.Popen, stdin: bytes | None, timeout: float | None,

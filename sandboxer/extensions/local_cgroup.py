@@ -5,7 +5,8 @@ What this host offers is discovered once (:func:`discover`): a cgroup v2 hierarc
 those controllers that v2 lacks, a cgroup v1 hierarchy (hybrid hosts mount memory, pids and
 cpu as v1 and leave cgroup2 at ``/sys/fs/cgroup/unified`` with no controllers).
 
-A sandbox gets one directory per hierarchy used (:func:`plan`, then :func:`apply`, which
+A sandbox gets one directory per hierarchy used (:func:`plan`, a :class:`CgroupPlan` the
+sandbox's handle keeps; then :func:`apply`, which
 writes the limits and returns an exact account of what is enforced). Every process of the
 sandbox is started through :func:`join_argv`, a shell that moves itself into the sandbox's
 cgroups before it execs the real command, so nothing runs outside them even for an instant.
@@ -24,7 +25,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 CONTROLLERS = ("memory", "pids", "cpu")
 CPU_PERIOD_US = 100_000
@@ -67,6 +69,16 @@ class Hierarchies:
         if self.v2 and (self.v2_controllers or "pids" not in self.v1):
             return self.v2
         return self.v1.get("pids") or next(iter(self.v1.values()), None)
+
+
+class CgroupPlan(BaseModel):
+    """The cgroup directories of one sandbox (stored in its handle)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    dirs: list[str] = Field(default_factory=list, description="one directory per hierarchy used")
+    track: str | None = Field(default=None, description="the one that holds a child cgroup per exec")
+    v2: str | None = Field(default=None, description="the one in the cgroup2 hierarchy, if any")
 
 
 def _mounts() -> list[tuple[str, str, list[str]]]:
@@ -138,7 +150,7 @@ def discover() -> Hierarchies:
     return Hierarchies(v2=v2, v2_controllers=v2c, v1=v1, reasons=reasons)
 
 
-def plan(hier: Hierarchies, sandbox_id: str) -> dict[str, Any]:
+def plan(hier: Hierarchies, sandbox_id: str) -> CgroupPlan:
     """The directories a sandbox's cgroups will take (pure: record it before :func:`apply`)."""
     track = hier.track
     v2 = f"{hier.v2}/{sandbox_id}" if hier.v2 and (hier.v2_controllers or track == hier.v2) else None
@@ -146,18 +158,18 @@ def plan(hier: Hierarchies, sandbox_id: str) -> dict[str, Any]:
     for base in hier.v1.values():
         if f"{base}/{sandbox_id}" not in dirs:
             dirs.append(f"{base}/{sandbox_id}")
-    return {"dirs": dirs, "track": f"{track}/{sandbox_id}" if track else None, "v2": v2}
+    return CgroupPlan(dirs=dirs, track=f"{track}/{sandbox_id}" if track else None, v2=v2)
 
 
-def apply(hier: Hierarchies, cg: dict[str, Any], *, memory_mb: int, pids: int, cpu: float) -> dict[str, str]:
+def apply(hier: Hierarchies, cg: CgroupPlan, *, memory_mb: int, pids: int, cpu: float) -> dict[str, str]:
     """Create a sandbox's cgroups and write its limits; return what is enforced, by limit.
 
     Raises:
         OSError: a directory or a limit could not be written (the caller tears down).
     """
-    for d in cg["dirs"]:
+    for d in cg.dirs:
         Path(d).mkdir()
-    sid = Path(cg["dirs"][0]).name if cg["dirs"] else ""
+    sid = Path(cg.dirs[0]).name if cg.dirs else ""
     done: dict[str, str] = {}
 
     def where(c: str) -> tuple[str, Path] | None:
@@ -204,26 +216,25 @@ def join_argv(procs_files: list[str]) -> list[str]:
     return ["sh", "-c", _JOIN, "join", *procs_files, "--"] if procs_files else []
 
 
-def procs_files(cg: dict[str, Any] | None, exec_dir: str | None = None) -> list[str]:
+def procs_files(cg: CgroupPlan | None, exec_dir: str | None = None) -> list[str]:
     """Membership files to join: every sandbox cgroup, the exec's own in the tracking one
     (``tasks`` in v1, ``cgroup.procs`` in v2)."""
     if not cg:
         return []
-    v2 = cg.get("v2")
-    return [f"{exec_dir if exec_dir and d == cg.get('track') else d}/{'cgroup.procs' if d == v2 else 'tasks'}"
-            for d in cg["dirs"]]
+    return [f"{exec_dir if exec_dir and d == cg.track else d}/{'cgroup.procs' if d == cg.v2 else 'tasks'}"
+            for d in cg.dirs]
 
 
-def exec_group(cg: dict[str, Any] | None) -> str | None:
+def exec_group(cg: CgroupPlan | None) -> str | None:
     """Create a child cgroup for one exec in the tracking hierarchy; None without cgroups."""
-    if not cg or not cg.get("track"):
+    if not cg or not cg.track:
         return None
-    d = f"{cg['track']}/e-{uuid.uuid4().hex[:12]}"
+    d = f"{cg.track}/e-{uuid.uuid4().hex[:12]}"
     try:
         os.mkdir(d)
     except OSError:
         return None  # the sandbox's cgroup is gone (torn down): the exec fails on its own
-    _prune(cg["track"])
+    _prune(cg.track)
     return d
 
 
@@ -288,10 +299,10 @@ def kill_group(d: str, timeout: float = 5.0) -> bool:
         time.sleep(0.002)
 
 
-def remove(cg: dict[str, Any] | None) -> list[str]:
+def remove(cg: CgroupPlan | None) -> list[str]:
     """Kill everything in a sandbox's cgroups and remove them; returns what could not be removed."""
     failed = []
-    for d in (cg or {}).get("dirs", []):
+    for d in cg.dirs if cg else []:
         path = Path(d)
         if not path.exists():
             continue

@@ -320,10 +320,11 @@ def test_probe_tells_live_from_gone(make_manager, monkeypatch, tool):
     _tool(mgr, monkeypatch, tool)
     ext = mgr.extension("ext.local")
     sb = mgr.create(profile="local")
-    handle = mgr.state.get(sb.id)["handle"]
+    stored = mgr.state.get(sb.id)["handle"]
+    handle = local.LocalHandle.model_validate(stored)
     assert ext.probe(handle) is True
-    assert ext.probe({**handle, "starttime": "1"}) is False  # same pid, another process: not ours
-    os.kill(handle["pid"], signal.SIGKILL)
+    assert ext.probe(handle.model_copy(update={"starttime": "1"})) is False  # same pid, another process: not ours
+    os.kill(handle.pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
     while ext.probe(handle) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -336,7 +337,7 @@ def test_probe_with_isolation_none(cfg, make_manager):
     mgr = make_manager()
     ext = mgr.extension("ext.local")
     sb = mgr.create(profile="insecure")
-    handle = mgr.state.get(sb.id)["handle"]
+    handle = local.LocalHandle.model_validate(mgr.state.get(sb.id)["handle"])
     assert ext.probe(handle) is True
     mgr.teardown(sb.id)
     assert ext.probe(handle) is False
