@@ -279,3 +279,23 @@ def test_probe_of_an_unreachable_host_raises_a_backend_error(offline_compose, of
     with pytest.raises(BackendError, match="127.0.0.1"):
         offline_vm.probe(VmHandle(host="vm0", vm="vm0", sandbox_id="s1", root="/srv/ws", name="s1",
                                   remote_dir="/srv/ws/s1"))
+
+
+# ------------------------------------------------------------------ handles as stored
+
+
+def test_handles_recorded_by_the_dict_version_load_as_models():
+    """The JSON the previous (dict-handle) version stored, an extra key included, loads unchanged."""
+    compose = {"host": "h0", "address": "10.0.0.5", "port": 22, "user": "u", "sandbox_id": "abc",
+               "remote_dir": "/srv/compose/abc", "repo_dir": "/srv/compose/abc/repo", "project": "sbx-abc",
+               "compose": "v2", "compose_file": "", "services": ["app"], "exec_service": None,
+               "repo": "/srv/git/r", "ref": "", "dropped_key": 1}
+    h = ComposeHandle.model_validate(compose)
+    assert (h.project, h.services, h.repo_dir) == ("sbx-abc", ["app"], "/srv/compose/abc/repo")
+    assert h.model_dump(mode="json") == {k: v for k, v in compose.items() if k != "dropped_key"}
+    vm = {"host": "vm0", "vm": "vm0", "ssh_target": None, "ssh_port": None, "sandbox_id": "s1", "root": "/srv/ws",
+          "name": "s1", "remote_dir": "/srv/ws/s1", "repo": "", "ref": "", "tunnel_port": 8080,
+          "readiness": {"require_commands": ["sh"], "readiness_command": None}, "tunnel_local_port": 40001}
+    v = VmHandle.model_validate(vm)
+    assert (v.readiness.require_commands, v.tunnel_port, v.tunnel_local_port) == (["sh"], 8080, 40001)
+    assert v.model_dump(mode="json") == vm
