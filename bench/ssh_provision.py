@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sandboxer.extensions.compose_ssh import ComposeSSH  # noqa: E402
 from sandboxer.models import ExtensionManifest, Profile  # noqa: E402
 from sandboxer.ssh import STATS  # noqa: E402
+from sandboxer.testing import request  # noqa: E402
 from tests.support.dockerd import ensure_busybox_image, ensure_dockerd  # noqa: E402
 from tests.support.sshd import start_sshd  # noqa: E402
 
@@ -117,7 +118,7 @@ def main() -> int:
             sid = f"b{i}-{run}"
             STATS.reset()
             t0 = time.perf_counter()
-            handle = backend.provision(profile, {"repo": str(repo), "sandbox_id": sid}, None)
+            handle = backend.provision(request(profile, {"repo": str(repo)}, None, sandbox_id=sid))
             backend.wait_ready(handle, timeout=120)
             ours.append(time.perf_counter() - t0)
             snap = STATS.snapshot()

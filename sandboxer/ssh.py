@@ -20,14 +20,14 @@ Rules it keeps:
   lines), never on the command line.
 * **Reuse.** One transport per host, shared across the steps of a provision;
   :data:`STATS` counts connections and round trips (one per remote command).
-* **Errors.** paramiko and socket exceptions become the error tree in one
-  place, :func:`ssh_errors`.
+* **Errors.** paramiko and socket exceptions become the error tree through one
+  table, :func:`ssh_error_table`, applied by :func:`sandboxer.contract.translated`
+  (outside the ``except`` block, so no paramiko exception rides on ours).
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import logging
 import re
@@ -39,10 +39,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sandboxer.contract import ErrorTable, translated
 from sandboxer.errors import (
     AuthError,
     BackendError,
@@ -149,7 +150,7 @@ def fingerprint(key_bytes: bytes) -> str:
 
 
 class _HostKeyRejected(Exception):
-    """Raised by our policy; mapped to HostKeyError by :func:`ssh_errors`."""
+    """Raised by our policy; mapped to HostKeyError by :func:`ssh_error_table`."""
 
 
 def _policy(cfg: SSHHostConfig) -> Any:
@@ -179,15 +180,19 @@ def _policy(cfg: SSHHostConfig) -> Any:
     return Policy()
 
 
-@contextlib.contextmanager
-def ssh_errors(
+def ssh_error_table(
     cfg: SSHHostConfig,
     *,
     backend: str | None = None,
     host: str | None = None,
     fail: type[BackendError] = ProvisionError,
-) -> Iterator[None]:
-    """Translate paramiko/socket exceptions into the error tree.
+) -> ErrorTable:
+    """The one map from paramiko's and the socket layer's exceptions to the error tree.
+
+    Used with :func:`sandboxer.contract.translated` around every step that talks to a host.
+    Looked up along each exception's MRO, so the most specific row wins (a
+    ``PasswordRequiredException`` is an ``AuthenticationException``, a ``BadHostKeyException``
+    an ``SSHException``, ``TimeoutError`` (``socket.timeout``) an ``OSError``).
 
     Args:
         cfg: the host, named in messages.
@@ -196,41 +201,67 @@ def ssh_errors(
             (ProvisionError is raised as ``transient=True``).
     """
     paramiko = _paramiko()
-    where = dict(backend=backend, host=host or cfg.address)
+    where: dict[str, Any] = dict(backend=backend, host=host or cfg.address)
 
-    def lost(msg: str, exc: BaseException) -> BackendError:
+    def lost(msg: str) -> BackendError:
         if fail is ProvisionError:
             return ProvisionError(msg, transient=True, **where)
         return fail(msg, **where)
 
-    try:
-        yield
-    except _HostKeyRejected as exc:
-        raise HostKeyError(f"{cfg.target}: {exc}; nothing was run", **where) from None
-    except paramiko.BadHostKeyException as exc:
-        raise HostKeyError(
-            f"{cfg.target}: host key {fingerprint(exc.key.asbytes())} does not match the known key "
-            f"{fingerprint(exc.expected_key.asbytes())}; nothing was run", **where) from None
-    except paramiko.AuthenticationException:
+    def refused(exc: BaseException) -> AuthError:
         how = f"key file {cfg.key_file}" if cfg.key_file else "the SSH agent"
-        raise AuthError(f"{cfg.target}: authentication with {how} was refused", **where) from None
-    except paramiko.PasswordRequiredException:
-        raise AuthError(f"{cfg.target}: key file {cfg.key_file} is encrypted; set key_passphrase", **where) from None
-    except (socket.timeout, TimeoutError) as exc:
-        raise lost(f"{cfg.target}: timed out ({exc or 'no answer'})", exc) from exc
-    except (paramiko.SSHException, EOFError, OSError) as exc:
-        raise lost(f"{cfg.target}: SSH connection failed: {type(exc).__name__}: {exc}", exc) from exc
+        return AuthError(f"{cfg.target}: authentication with {how} was refused", **where)
+
+    def mismatch(exc: Any) -> HostKeyError:
+        return HostKeyError(f"{cfg.target}: host key {fingerprint(exc.key.asbytes())} does not match the known key "
+                            f"{fingerprint(exc.expected_key.asbytes())}; nothing was run", **where)
+
+    def timed_out(exc: BaseException) -> BackendError:
+        return lost(f"{cfg.target}: timed out ({exc or 'no answer'})")
+
+    def failed(exc: BaseException) -> BackendError:
+        return lost(f"{cfg.target}: SSH connection failed: {type(exc).__name__}: {exc}")
+
+    return ErrorTable({
+        _HostKeyRejected: lambda exc: HostKeyError(f"{cfg.target}: {exc}; nothing was run", **where),
+        paramiko.BadHostKeyException: mismatch,
+        paramiko.AuthenticationException: refused,
+        paramiko.PasswordRequiredException: lambda exc: AuthError(
+            f"{cfg.target}: key file {cfg.key_file} is encrypted; set key_passphrase", **where),
+        _KeyUnusable: lambda exc: AuthError(f"{cfg.target}: {exc}", **where),
+        TimeoutError: timed_out,  # socket.timeout is its alias
+        paramiko.SSHException: failed,
+        EOFError: failed,
+        OSError: failed,
+    })
+
+
+class _KeyUnusable(Exception):
+    """Raised by :func:`_load_key` (the message names the file, never the passphrase); mapped to
+    AuthError by :func:`ssh_error_table`."""
 
 
 def _load_key(cfg: SSHHostConfig, backend: str | None) -> Any:
+    """The private key of ``cfg.key_file`` (None: use the agent).
+
+    paramiko lets the ``cryptography`` loader's own errors through (a TypeError when an
+    encrypted key gets no passphrase, a ValueError for a wrong one): they are named here,
+    where nothing else can raise them, and the one table turns them into an AuthError.
+    """
     if cfg.key_file is None:
         return None
     paramiko = _paramiko()
     passphrase = cfg.key_passphrase.resolve(backend=backend) if cfg.key_passphrase else None
     try:
-        return paramiko.PKey.from_path(cfg.key_file, password=passphrase)
+        # bytes: the cryptography loader refuses a str passphrase with a TypeError
+        return paramiko.PKey.from_path(cfg.key_file, password=None if passphrase is None else passphrase.encode())
     except OSError as exc:
-        raise AuthError(f"{cfg.target}: cannot read key file {cfg.key_file}: {exc.strerror}", backend=backend) from None
+        problem = f"cannot read key file {cfg.key_file}: {exc.strerror}"
+    except (TypeError, ValueError, paramiko.SSHException):
+        problem = (f"key file {cfg.key_file} is encrypted; set key_passphrase" if passphrase is None else
+                   f"key file {cfg.key_file} cannot be loaded with key_passphrase ({cfg.key_passphrase}): "
+                   "a wrong passphrase, or not a private key")
+    raise _KeyUnusable(problem)
 
 
 #: Runs ``$4...`` with a deadline of ``$2`` seconds and ``$3`` seconds' grace; ``$1`` is a fresh
@@ -335,8 +366,9 @@ class SSHConnection:
     def __repr__(self) -> str:
         return f"<SSHConnection {self.cfg.target} {'open' if self.alive else 'closed'}>"
 
-    def errors(self, fail: type[BackendError] = ProvisionError) -> contextlib.AbstractContextManager[None]:
-        return ssh_errors(self.cfg, backend=self.backend, host=self.host, fail=fail)
+    def errors(self, fail: type[BackendError] = ProvisionError) -> ErrorTable:
+        """This host's :func:`ssh_error_table`, a lost connection becoming ``fail``."""
+        return ssh_error_table(self.cfg, backend=self.backend, host=self.host, fail=fail)
 
     @property
     def alive(self) -> bool:
@@ -353,7 +385,7 @@ class SSHConnection:
         cfg = self.cfg
         client = paramiko.SSHClient()
         known = cfg.known_hosts or Path("~/.ssh/known_hosts").expanduser()
-        with self.errors(fail):
+        def connect() -> None:
             if known.exists():
                 client.load_host_keys(str(known))
             elif cfg.known_hosts is not None and not (cfg.host_key_fingerprint
@@ -363,16 +395,18 @@ class SSHConnection:
             client.set_missing_host_key_policy(_policy(cfg))
             pkey = _load_key(cfg, self.backend)
             STATS.add(connections=1)
-            try:
-                client.connect(
-                    cfg.address, port=cfg.port, username=cfg.user, pkey=pkey,
-                    allow_agent=cfg.use_agent and pkey is None, look_for_keys=False,
-                    timeout=cfg.connect_timeout, banner_timeout=cfg.banner_timeout,
-                    auth_timeout=cfg.auth_timeout, channel_timeout=cfg.connect_timeout,
-                )
-            except BaseException:
-                client.close()
-                raise
+            client.connect(
+                cfg.address, port=cfg.port, username=cfg.user, pkey=pkey,
+                allow_agent=cfg.use_agent and pkey is None, look_for_keys=False,
+                timeout=cfg.connect_timeout, banner_timeout=cfg.banner_timeout,
+                auth_timeout=cfg.auth_timeout, channel_timeout=cfg.connect_timeout,
+            )
+
+        try:
+            translated(connect, self.errors(fail))
+        except BaseException:
+            client.close()
+            raise
         self._client = client
         return self
 
@@ -432,15 +466,17 @@ class SSHConnection:
         self.round_trips += 1
         self.last_used = started = time.monotonic()
         STATS.add(round_trips=1)
-        with self.errors(fail):
+        def execute() -> tuple[bool, int]:
             if not self.alive:
                 raise EOFError("connection is closed")
             chan = self.transport.open_session(timeout=self.cfg.connect_timeout)
             try:
                 timed_out = self._pump(chan, cmd, prefix, stdin, out, stdout_sink, deadline_s)
-                code = TIMEOUT_EXIT if timed_out else chan.recv_exit_status()
+                return timed_out, TIMEOUT_EXIT if timed_out else chan.recv_exit_status()
             finally:
                 chan.close()
+
+        timed_out, code = translated(execute, self.errors(fail))
         # the wrapper exits 124 when it killed the command at the deadline
         if code == TIMEOUT_EXIT and time.monotonic() - started >= deadline_s:
             timed_out, code = True, TIMEOUT_EXIT
@@ -632,5 +668,5 @@ def local_ports_free(port: int) -> bool:
 __all__ = [
     "DEADLINE_WRAPPER", "STATS", "TIMEOUT_EXIT", "ConnectionCache", "LocalForward",
     "SSHConnection", "SSHHostConfig", "SSHStats", "build_command", "env_script", "fingerprint", "local_ports_free",
-    "ssh_errors",
+    "ssh_error_table",
 ]

@@ -1,4 +1,5 @@
-"""Remote workspaces of the SSH backends: path, repo and ref checks, the clone script, snapshot archives.
+"""Remote workspaces of the SSH backends: their handle's base, path, repo and ref checks, the clone
+script, snapshot archives.
 
 Rules kept here: every value that reaches a remote shell or path is checked with ``re.fullmatch``
 (a trailing newline is refused) and refused as an InputError naming the field; archives are
@@ -14,8 +15,27 @@ import re
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict, Field
+
+from sandboxer.contract import Handle, OwnedSandbox
 from sandboxer.errors import InputError, SnapshotError
 from sandboxer.models import SnapshotMeta
+
+
+class WorkspaceHandle(Handle):
+    """What every SSH backend's handle holds: a workspace directory on a host, maybe a clone in it.
+
+    Stored in the state store and in the workspace's ``.sandboxer`` meta file (so never a secret).
+    Unknown keys are dropped, so a record written by an older version still loads.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    host: str = Field(description="the pool host or VM (or user@address target) the workspace is on")
+    sandbox_id: str = Field(min_length=1)
+    remote_dir: str = Field(min_length=1, description="the workspace directory on the host")
+    repo: str = Field(default="", description="what was cloned into it ('' none)")
+    ref: str = Field(default="", description="the ref checked out ('' the default branch)")
 
 
 def remote_path_ok(root: str, name: str) -> str:
@@ -119,17 +139,19 @@ def workspace_cwd(remote_dir: str, base: str, cwd: str | None, sandbox_id: str) 
     return where
 
 
-def owned_from_meta(text: str, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
-    """Parse one ``{"handle": ..., "owner_labels": ...}`` JSON per line; keep those carrying ``owner_labels``."""
+def owned_from_meta(text: str, owner_labels: dict[str, str], handle_cls: type[WorkspaceHandle]) -> list[OwnedSandbox]:
+    """Parse one ``{"handle": ..., "owner_labels": ...}`` JSON per line; keep those carrying
+    ``owner_labels`` whose handle fits ``handle_cls``."""
     found = []
     for line in text.splitlines():
         try:
             meta = json.loads(line)
             labels = meta.get("owner_labels") or {}
             if all(labels.get(k) == v for k, v in owner_labels.items()):
-                found.append({"sandbox_id": meta["handle"]["sandbox_id"], "handle": meta["handle"]})
+                handle = handle_cls.model_validate(meta["handle"])
+                found.append(OwnedSandbox(sandbox_id=handle.sandbox_id, handle=handle))
         except (ValueError, KeyError, TypeError, AttributeError):
-            continue  # a foreign or damaged file is not ours
+            continue  # a foreign or damaged file is not ours (pydantic's ValidationError is a ValueError)
     return found
 
 

@@ -1,7 +1,7 @@
 """``ext.compose-ssh``: one docker compose project per sandbox, on a pool of SSH hosts.
 
 A sandbox is ``<workspace_root>/<sandbox id>`` on one host: ``.sandboxer.json``
-(the handle plus owner labels, read back by :meth:`ComposeSSH.list_owned`)
+(the :class:`ComposeHandle` plus owner labels, read back by :meth:`ComposeSSH.list_owned`)
 and ``repo/`` (the clone), brought up as project ``<prefix><sandbox id>``.
 
 Rules it keeps: every remote step is a fixed script whose data arrive as
@@ -40,8 +40,9 @@ from sandboxer.errors import (
     SnapshotError,
     TeardownError,
 )
+from sandboxer.contract import OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
 from sandboxer.execution import check_argv
-from sandboxer.extensions.base import RESERVED_INPUTS, OutputCallback, SandboxExtension
+from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
 from sandboxer.poll import poll
 from sandboxer.ssh import (
@@ -51,6 +52,7 @@ from sandboxer.ssh import (
 )
 from sandboxer.workspace import (
     GIT_CLONE_SCRIPT,
+    WorkspaceHandle,
     check_ref,
     check_repo,
     check_root,
@@ -68,7 +70,7 @@ _NAME = r"[a-z0-9][a-z0-9_-]*"
 _SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SERVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _COMPOSE_FILE = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_./-]{0,199}")
-_INPUTS = {"repo", "ref", "compose_file", "services", "project"} | RESERVED_INPUTS
+_INPUTS = {"repo", "ref", "compose_file", "services", "project"}
 _PROJECT_LABEL = "com.docker.compose.project"
 
 _EXIT_FULL, _EXIT_CLONE, _EXIT_REF, _EXIT_UP, _EXIT_NO_COMPOSE = 75, 81, 82, 83, 84
@@ -215,6 +217,46 @@ class ComposeProfileOptions(BaseModel):
     command_timeout: float = Field(default=600.0, gt=0, description="deadline of clone and compose up")
 
 
+class ComposeHandle(WorkspaceHandle):
+    """One compose stack in its workspace (``repo_dir`` is the clone, brought up as ``project``)."""
+
+    address: str | None = Field(default=None, description="the host's SSH address, for operators")
+    port: int | None = None
+    user: str | None = None
+    repo_dir: str = Field(min_length=1)
+    project: str = Field(min_length=1, description="the compose project, lower case as compose compares it")
+    compose: Literal["v1", "v2"] = Field(description="docker-compose (v1) or docker compose (v2) on the host")
+    compose_file: str = Field(default="", description="relative to repo_dir; '' compose's default")
+    services: list[str] = Field(default_factory=list, description="what readiness waits for")
+    exec_service: str | None = Field(default=None, description="exec runs there; None: a shell in the workspace")
+
+
+class ServicePort(BaseModel):
+    """One published port of a service's container."""
+
+    host_ip: str | None = None
+    host_port: int
+
+
+class ServiceStatus(BaseModel):
+    """One service as ``docker inspect`` saw it at readiness."""
+
+    state: str | None = None
+    health: str | None = None
+    ports: dict[str, list[ServicePort]] = Field(default_factory=dict, description="by container port ('8080/tcp')")
+    container: str = ""
+    exit_code: int | None = None
+    restarts: bool = False
+
+
+class ComposeReachability(Reachability):
+    """How to reach a ready stack: its host over SSH, and each service's published ports."""
+
+    remote_dir: str
+    compose_project: str
+    services: dict[str, ServiceStatus] = Field(default_factory=dict)
+
+
 def _input_error(sandbox: str, msg: str) -> InputError:
     return InputError(f"sandbox {sandbox}: {msg}")
 
@@ -224,6 +266,7 @@ class ComposeSSH(SandboxExtension):
 
     Config = ComposeSSHConfig
     ProfileOptions = ComposeProfileOptions
+    Handle = ComposeHandle
     features = frozenset({"exec", "snapshots", "list_owned"})
     requires = ("paramiko", "ssh")
 
@@ -255,8 +298,11 @@ class ComposeSSH(SandboxExtension):
         env = ["env", f"DOCKER_HOST={host.docker_host}"] if host.docker_host else []
         return [*env, "sh", "-c", script, "sh", *args]
 
-    def _check_inputs(self, profile: Profile, inputs: dict[str, Any]) -> dict[str, Any]:
-        sid = str(inputs.get("sandbox_id") or "")
+    def _check_inputs(self, request: ProvisionRequest, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The request's inputs (or ``inputs`` in their place) checked and normalised."""
+        inputs = request.inputs if inputs is None else inputs
+        profile = request.profile
+        sid = request.sandbox_id
         if not _SANDBOX_ID.fullmatch(sid):
             raise InputError(f"{self.id}: sandbox_id {sid!r} must match {_SANDBOX_ID.pattern}")
         unknown = sorted(set(inputs) - _INPUTS)
@@ -288,7 +334,7 @@ class ComposeSSH(SandboxExtension):
         project = project.lower()
         return {"sandbox_id": sid, "repo": repo, "ref": ref, "compose_file": cfile, "services": list(services),
                 "project": project, "exec_service": opts.exec_service, "timeout": opts.command_timeout,
-                "owner_labels": dict(inputs.get("owner_labels") or {})}
+                "owner_labels": dict(request.owner_labels)}
 
     def _claim(self, want: dict[str, Any], host: str | None) -> tuple[ComposeHost, SSHConnection, str]:
         """Connect to the first host with room and create the workspace there."""
@@ -321,26 +367,26 @@ class ComposeSSH(SandboxExtension):
         raise ProvisionError(f"{self.id}: no host could take sandbox {want['sandbox_id']}: {'; '.join(seen)}",
                              backend=self.id, transient=True)
 
-    def _handle(self, h: ComposeHost, want: dict[str, Any], v: str) -> dict[str, Any]:
+    def _handle(self, h: ComposeHost, want: dict[str, Any], v: str) -> ComposeHandle:
         ws = remote_path_ok(self._root(h), want["sandbox_id"])
-        return {"host": h.name, "address": h.address, "port": h.port, "user": h.user,
-                "sandbox_id": want["sandbox_id"], "remote_dir": ws, "repo_dir": ws + "/repo",
-                "project": want["project"], "compose": v, "compose_file": want["compose_file"],
-                "services": want["services"], "exec_service": want["exec_service"], "repo": want["repo"],
-                "ref": want["ref"]}
+        return ComposeHandle(host=h.name, address=h.address, port=h.port, user=h.user,
+                             sandbox_id=want["sandbox_id"], remote_dir=ws, repo_dir=ws + "/repo",
+                             project=want["project"], compose=v, compose_file=want["compose_file"],
+                             services=want["services"], exec_service=want["exec_service"], repo=want["repo"],
+                             ref=want["ref"])
 
-    def _up(self, h: ComposeHost, conn: SSHConnection, handle: dict[str, Any], want: dict[str, Any],
-            clone: bool, fail: type[BackendError]) -> dict[str, Any]:
-        meta = json.dumps({"handle": handle, "owner_labels": want["owner_labels"]}, separators=(",", ":"))
-        res = conn.run(self._argv(h, _UP, handle["remote_dir"], want["repo"] if clone else "", want["ref"],
-                                  handle["compose_file"], handle["project"], meta, handle["compose"],
-                                  *handle["services"]), timeout=want["timeout"], fail=fail)
+    def _up(self, h: ComposeHost, conn: SSHConnection, handle: ComposeHandle, want: dict[str, Any],
+            clone: bool, fail: type[BackendError]) -> ComposeHandle:
+        meta = json.dumps({"handle": handle.model_dump(mode="json"), "owner_labels": want["owner_labels"]},
+                          separators=(",", ":"))
+        res = conn.run(self._argv(h, _UP, handle.remote_dir, want["repo"] if clone else "", want["ref"],
+                                  handle.compose_file, handle.project, meta, handle.compose,
+                                  *handle.services), timeout=want["timeout"], fail=fail)
         if res.exit_code != 0:
-            self._cleanup(h, conn, handle["remote_dir"], handle["project"], handle["compose"],
-                          handle["compose_file"])
+            self._cleanup(h, conn, handle.remote_dir, handle.project, handle.compose, handle.compose_file)
             what = {_EXIT_CLONE: f"git clone of {want['repo']!r} failed",
                     _EXIT_REF: f"ref {want['ref']!r} not found in the repo",
-                    _EXIT_UP: f"docker compose up of project {handle['project']} failed"}.get(
+                    _EXIT_UP: f"docker compose up of project {handle.project} failed"}.get(
                         res.exit_code, f"setup exited {res.exit_code}")
             detail = res.stderr.strip()[-1500:]
             if res.timed_out:
@@ -348,9 +394,9 @@ class ComposeSSH(SandboxExtension):
             kw: dict[str, Any] = {"backend": self.id, "host": h.name}
             if fail is ProvisionError:
                 kw["transient"] = res.exit_code == _EXIT_UP
-            raise fail(f"{self.id}: sandbox {handle['sandbox_id']} on {h.name}: {what}: {detail}", **kw)
-        if not handle["services"]:
-            handle["services"] = res.stdout.split("@@services", 1)[-1].split()
+            raise fail(f"{self.id}: sandbox {handle.sandbox_id} on {h.name}: {what}: {detail}", **kw)
+        if not handle.services:
+            handle.services = res.stdout.split("@@services", 1)[-1].split()
         return handle
 
     def _cleanup(self, h: ComposeHost, conn: SSHConnection, ws: str, project: str, v: str, cfile: str) -> None:
@@ -360,14 +406,14 @@ class ComposeSSH(SandboxExtension):
 
     # ------------------------------------------------------------ contract
 
-    def resource_names(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> list[str]:
+    def resource_names(self, request: ProvisionRequest) -> list[str]:
         """The compose project (lower case, as compose compares it) and the workspace directory.
 
         Raises:
             InputError: an input is refused (checked here, before any connection).
         """
-        want = self._check_inputs(profile, inputs)
-        h = {h.name: h for h in self.cfg.hosts}.get(host or "")
+        want = self._check_inputs(request)
+        h = {h.name: h for h in self.cfg.hosts}.get(request.host or "")
         if h is None:
             return []  # no host chosen yet: provision picks one and checks there
         machine = f"{h.address}:{h.port}"
@@ -382,33 +428,33 @@ class ComposeSSH(SandboxExtension):
         connect = sum(h.connect_timeout + h.banner_timeout + h.auth_timeout for h in self.cfg.hosts)
         return connect + _CLAIM_TIMEOUT + self.options(profile).command_timeout + float(profile.ready_timeout)
 
-    def probe(self, handle: dict[str, Any]) -> bool | None:
+    def probe(self, handle: ComposeHandle) -> bool | None:
         """True while the workspace exists and the project has a running container (one SSH command).
 
         Raises:
             BackendError: the host or its Docker engine cannot be asked.
         """
-        h = self._host(handle["host"])
+        h = self._host(handle.host)
         res = self._conn(h, BackendError).run(
-            self._argv(h, _PROBE, handle["remote_dir"], handle["project"]), timeout=60, fail=BackendError)
+            self._argv(h, _PROBE, handle.remote_dir, handle.project), timeout=60, fail=BackendError)
         if res.exit_code != 0 or res.stdout.strip() not in ("present", "gone"):
-            raise BackendError(f"{self.id}: cannot ask {h.name} about sandbox {handle['sandbox_id']}: "
+            raise BackendError(f"{self.id}: cannot ask {h.name} about sandbox {handle.sandbox_id}: "
                                f"{(res.stderr or res.stdout).strip()[-500:]}", backend=self.id, host=h.name)
         return res.stdout.strip() == "present"
 
-    def handle_id(self, handle: dict[str, Any]) -> str | None:
+    def handle_id(self, handle: ComposeHandle) -> str | None:
         """``<host>/<project>``: a retried create on another host is another stack."""
-        return f"{handle['host']}/{handle['project']}"
+        return f"{handle.host}/{handle.project}"
 
-    def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
-        want = self._check_inputs(profile, inputs)
-        h, conn, v = self._claim(want, host)
+    def provision(self, request: ProvisionRequest) -> ComposeHandle:
+        want = self._check_inputs(request)
+        h, conn, v = self._claim(want, request.host)
         handle = self._handle(h, want, v)
         return self._up(h, conn, handle, want, clone=True, fail=ProvisionError)
 
-    def _containers(self, h: ComposeHost, handle: dict[str, Any], fail: type[BackendError]) -> list[dict]:
+    def _containers(self, h: ComposeHost, handle: ComposeHandle, fail: type[BackendError]) -> list[dict]:
         conn = self._conn(h, fail)
-        res = conn.run(self._argv(h, _INSPECT, handle["project"]), timeout=60, fail=fail, check=True)
+        res = conn.run(self._argv(h, _INSPECT, handle.project), timeout=60, fail=fail, check=True)
         try:
             return json.loads(res.stdout or "[]")
         except ValueError as exc:
@@ -432,8 +478,8 @@ class ComposeSSH(SandboxExtension):
                 "exit_code": state.get("ExitCode"), "restarts": restart != "no"}
         return out
 
-    def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
-        h = self._host(handle["host"])
+    def wait_ready(self, handle: ComposeHandle, timeout: float = 60.0) -> ComposeReachability:
+        h = self._host(handle.host)
         waiting: list[str] = []
 
         def check() -> dict[str, Any] | None:
@@ -441,55 +487,55 @@ class ComposeSSH(SandboxExtension):
             dead = [f"{s} exited with code {v['exit_code']}" for s, v in services.items()
                     if v["state"] in ("exited", "dead") and not v["restarts"]]
             if dead:  # no restart policy: it will not come back by waiting
-                raise ReadinessTimeout(f"{self.id}: sandbox {handle['sandbox_id']} on {h.name} will not become "
+                raise ReadinessTimeout(f"{self.id}: sandbox {handle.sandbox_id} on {h.name} will not become "
                                        f"ready: {', '.join(dead)}", backend=self.id, host=h.name)
             waiting[:] = [
                 f"{s}: {services[s]['state']}{'/' + services[s]['health'] if services[s]['health'] else ''}"
                 if s in services else f"{s}: no container"
-                for s in handle["services"]
+                for s in handle.services
                 if s not in services or services[s]["state"] != "running"
                 or services[s]["health"] not in (None, "healthy")]
             return None if waiting else services
 
         services = poll(check, timeout, self.cfg.poll_interval, transient=(ProvisionError,), max_interval=0.5,
                         on_timeout=lambda: ReadinessTimeout(
-                            f"{self.id}: sandbox {handle['sandbox_id']} on {h.name} not ready within {timeout:g}s; "
+                            f"{self.id}: sandbox {handle.sandbox_id} on {h.name} not ready within {timeout:g}s; "
                             f"waiting for {', '.join(waiting) or 'the host to answer'}",
                             backend=self.id, host=h.name))
-        return {"ssh": h.ssh_command(), "host": h.name, "address": h.address, "remote_dir": handle["remote_dir"],
-                "compose_project": handle["project"], "services": services}
+        return ComposeReachability(ssh=h.ssh_command(), host=h.name, address=h.address, remote_dir=handle.remote_dir,
+                                   compose_project=handle.project, services=services)
 
-    def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
-        h = self._host(handle["host"])
-        ws = remote_path_ok(self._root(h), handle["sandbox_id"])
+    def teardown(self, handle: ComposeHandle) -> TeardownReport:
+        h = self._host(handle.host)
+        ws = remote_path_ok(self._root(h), handle.sandbox_id)
         conn = self._conn(h, TeardownError)
-        res = conn.run(self._argv(h, _DOWN, ws, handle["project"], handle["compose"], handle.get("compose_file", "")),
+        res = conn.run(self._argv(h, _DOWN, ws, handle.project, handle.compose, handle.compose_file),
                        timeout=180, fail=TeardownError)
         if res.exit_code != 0:
-            raise TeardownError(f"{self.id}: sandbox {handle['sandbox_id']} on {h.name}: teardown incomplete: "
+            raise TeardownError(f"{self.id}: sandbox {handle.sandbox_id} on {h.name}: teardown incomplete: "
                                 f"{res.stderr.strip()[-800:]}", backend=self.id, host=h.name)
         gone = res.stdout.strip().endswith("gone")
-        return {"host": h.name, "removed": [] if gone else [ws], "compose_project": handle["project"],
-                "already_gone": gone}
+        return TeardownReport(already_gone=gone, removed=[] if gone else [ws],
+                              detail={"host": h.name, "compose_project": handle.project})
 
     # ------------------------------------------------------------ exec
 
-    def exec(self, handle: dict[str, Any], argv: list[str], *, env: dict[str, str] | None = None,
+    def exec(self, handle: ComposeHandle, argv: list[str], *, env: dict[str, str] | None = None,
              cwd: str | None = None, timeout: float | None = None, stdin: bytes | None = None,
              on_output: OutputCallback | None = None) -> ExecResult:
         """Run ``argv`` in the profile's ``exec_service``, or on the host in the workspace
         (the exec convention of sandboxer/execution.py, through :meth:`SSHConnection.run`)."""
         argv = check_argv(argv, backend=self.id)
-        service = handle.get("exec_service")
+        service = handle.exec_service
         if service:
             return self.exec_in_service(handle, service, argv, env=env, cwd=cwd, timeout=timeout, stdin=stdin,
                                         on_output=on_output)
-        h = self._host(handle["host"])
-        where = workspace_cwd(handle["remote_dir"], handle["repo_dir"], cwd, handle["sandbox_id"])
+        h = self._host(handle.host)
+        where = workspace_cwd(handle.remote_dir, handle.repo_dir, cwd, handle.sandbox_id)
         return self._conn(h, ExecError).run(list(argv), cwd=where, env=env, stdin=stdin, timeout=timeout,
                                             on_output=on_output, fail=ExecError)
 
-    def exec_in_service(self, handle: dict[str, Any], service: str, argv: list[str], *,
+    def exec_in_service(self, handle: ComposeHandle, service: str, argv: list[str], *,
                         env: dict[str, str] | None = None, cwd: str | None = None, timeout: float | None = None,
                         stdin: bytes | None = None, on_output: OutputCallback | None = None) -> ExecResult:
         """``docker exec`` into the first running container of ``service``.
@@ -501,8 +547,8 @@ class ComposeSSH(SandboxExtension):
         SSH user to be allowed to signal them (root, or a rootless engine of its own).
         """
         if not _SERVICE.fullmatch(service):
-            raise InputError(f"sandbox {handle['sandbox_id']}: {service!r} is not a service name")
-        h = self._host(handle["host"])
+            raise InputError(f"sandbox {handle.sandbox_id}: {service!r} is not a service name")
+        h = self._host(handle.host)
         opts = ["-i"] if stdin is not None else []
         opts += ["-w", cwd] if cwd else []
         # the deadline marker: the host's sweep finds the container's processes by it (killing the
@@ -514,12 +560,12 @@ class ComposeSSH(SandboxExtension):
                   '--filter "label=com.docker.compose.service=$2" | head -n 1)\n'
                   '[ -n "$cid" ] || { echo "no running container for service $2" >&2; exit 125; }\n'
                   'shift 2\nexec docker exec ' + " ".join(shlex.quote(o) for o in opts) + ' "$cid" "$@"')
-        return self._conn(h, ExecError).run(self._argv(h, script, handle["project"], service, *argv), env=env,
+        return self._conn(h, ExecError).run(self._argv(h, script, handle.project, service, *argv), env=env,
                                             stdin=stdin, timeout=timeout, on_output=on_output, fail=ExecError)
 
     # ------------------------------------------------------------ list_owned
 
-    def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
+    def list_owned(self, owner_labels: dict[str, str]) -> list[OwnedSandbox]:
         found = []
         script = 'for f in "$1"/*/.sandboxer.json; do [ -f "$f" ] && head -n 1 "$f"; done; true'
         for h in self.cfg.hosts:
@@ -527,30 +573,30 @@ class ComposeSSH(SandboxExtension):
                 res = self._conn(h).run(["sh", "-c", script, "sh", self._root(h)], timeout=60, fail=ProvisionError)
             except ProvisionError:
                 continue  # an unreachable host cannot tell; gc asks again next time
-            found += owned_from_meta(res.stdout, owner_labels)
+            found += owned_from_meta(res.stdout, owner_labels, ComposeHandle)
         return found
 
     # ------------------------------------------------------------ snapshots
 
-    def snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
+    def snapshot(self, handle: ComposeHandle) -> SnapshotResult:
         """Tar the workspace and each named volume of the project into one local archive."""
-        h = self._host(handle["host"])
+        h = self._host(handle.host)
         conn = self._conn(h, SnapshotError)
-        key = f"{handle['sandbox_id']}-{time.strftime('%Y%m%dT%H%M%S')}-{_secrets.token_hex(4)}"
+        key = f"{handle.sandbox_id}-{time.strftime('%Y%m%dT%H%M%S')}-{_secrets.token_hex(4)}"
         self.cfg.snapshot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         archive = self.cfg.snapshot_dir / f"{key}.tar"
-        res = conn.run(self._argv(h, _VOLUMES, handle["project"]), timeout=60, fail=SnapshotError, check=True)
+        res = conn.run(self._argv(h, _VOLUMES, handle.project), timeout=60, fail=SnapshotError, check=True)
         volumes = [line.split() for line in res.stdout.splitlines() if len(line.split()) == 2]
         if volumes and not self.cfg.helper_image:
-            raise SnapshotError(f"{self.id}: project {handle['project']} has named volumes; set config "
+            raise SnapshotError(f"{self.id}: project {handle.project} has named volumes; set config "
                                 f"'helper_image' (an image with tar) to snapshot them", backend=self.id, host=h.name)
         with tempfile.TemporaryDirectory(prefix="sbx-snap-") as tmp:
-            parts = [("workspace.tar", ["tar", "-C", handle["remote_dir"], "-cf", "-", "."])]
+            parts = [("workspace.tar", ["tar", "-C", handle.remote_dir, "-cf", "-", "."])]
             for name, short in volumes:
                 parts.append((f"volumes/{short}.tar", self._argv(
                     h, 'docker run --rm --network none -v "$1:/v:ro" "$2" tar -C /v -cf - .',
                     name, self.cfg.helper_image or "")))
-            meta = {"format": 1, "handle": handle, "volumes": [s for _, s in volumes]}
+            meta = {"format": 1, "handle": handle.model_dump(mode="json"), "volumes": [s for _, s in volumes]}
             try:
                 with tarfile.open(archive, "w") as out:
                     _add_bytes(out, "meta.json", json.dumps(meta).encode())
@@ -563,45 +609,48 @@ class ComposeSSH(SandboxExtension):
                 archive.unlink(missing_ok=True)
                 raise
         digest = sha256_file(archive)
-        return {"data": {"archive": str(archive), "source_host": h.name, "project": handle["project"],
-                         "volumes": meta["volumes"]},
-                "size_bytes": archive.stat().st_size, "checksum": f"sha256:{digest}"}
+        return SnapshotResult(data={"archive": str(archive), "source_host": h.name, "project": handle.project,
+                                    "volumes": meta["volumes"]},
+                              size_bytes=archive.stat().st_size, checksum=f"sha256:{digest}")
 
-    def restore_from_snapshot(self, profile: Profile, snapshot_meta: SnapshotMeta, inputs: dict[str, Any],
-                              host: str | None) -> dict[str, Any]:
-        """Recreate a sandbox from a snapshot archive, on ``host`` or any host with room."""
-        archive = checked_archive(snapshot_meta, self.id)
+    def restore_from_snapshot(self, request: ProvisionRequest, snapshot: SnapshotMeta) -> ComposeHandle:
+        """Recreate a sandbox from a snapshot archive, on ``request.host`` or any host with room."""
+        archive = checked_archive(snapshot, self.id)
         with tarfile.open(archive) as tar:
             meta = json.loads(tar.extractfile("meta.json").read())  # type: ignore[union-attr]
-            old = meta["handle"]
-            merged = {"repo": old["repo"], "ref": old.get("ref") or None, "compose_file": old["compose_file"],
-                      "services": old["services"], **inputs}
-            want = self._check_inputs(profile, merged)
+            try:
+                old = ComposeHandle.model_validate(meta["handle"])
+            except (KeyError, TypeError, ValueError):
+                raise SnapshotError(f"{self.id}: snapshot {snapshot.id}: archive {archive} does not record the "
+                                    "stack it was taken of (meta.json has no valid handle)", backend=self.id) from None
+            merged = {"repo": old.repo, "ref": old.ref or None, "compose_file": old.compose_file,
+                      "services": old.services, **request.inputs}
+            want = self._check_inputs(request, merged)
             if (meta.get("volumes") and not self.cfg.helper_image):
                 raise SnapshotError(f"{self.id}: snapshot has volumes; set config 'helper_image'", backend=self.id)
-            h, conn, v = self._claim(want, host)
+            h, conn, v = self._claim(want, request.host)
             handle = self._handle(h, want, v)
             try:
                 self._restore_parts(h, conn, tar, handle, meta)
             except BaseException:
-                self._cleanup(h, conn, handle["remote_dir"], handle["project"], v, handle["compose_file"])
+                self._cleanup(h, conn, handle.remote_dir, handle.project, v, handle.compose_file)
                 raise
         return self._up(h, conn, handle, want, clone=False, fail=SnapshotError)
 
-    def _restore_parts(self, h: ComposeHost, conn: SSHConnection, tar: tarfile.TarFile, handle: dict[str, Any],
+    def _restore_parts(self, h: ComposeHost, conn: SSHConnection, tar: tarfile.TarFile, handle: ComposeHandle,
                        meta: dict[str, Any]) -> None:
         ws_tar = tar.extractfile("workspace.tar")
-        conn.run(["tar", "-C", handle["remote_dir"], "-xf", "-"], stdin=ws_tar, timeout=600, fail=SnapshotError,
+        conn.run(["tar", "-C", handle.remote_dir, "-xf", "-"], stdin=ws_tar, timeout=600, fail=SnapshotError,
                  check=True)
         for short in meta.get("volumes", []):
             if not _SERVICE.fullmatch(short):
                 raise SnapshotError(f"{self.id}: snapshot names a bad volume {short!r}", backend=self.id)
-            conn.run(self._argv(h, _VOLUME_RESTORE, f"{handle['project']}_{short}", handle["project"], short,
+            conn.run(self._argv(h, _VOLUME_RESTORE, f"{handle.project}_{short}", handle.project, short,
                                 self.cfg.helper_image or ""),
                      stdin=tar.extractfile(f"volumes/{short}.tar"), timeout=600, fail=SnapshotError, check=True)
 
-    def delete_snapshot(self, snapshot_meta: SnapshotMeta) -> None:
-        delete_archive(snapshot_meta, self.cfg.snapshot_dir)
+    def delete_snapshot(self, snapshot: SnapshotMeta) -> None:
+        delete_archive(snapshot, self.cfg.snapshot_dir)
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -3,7 +3,7 @@
 A sandbox is a directory ``<workspace_root>/<workspace_dir>`` on a VM named in
 the extension's inventory (input ``vm``) or given as ``ssh_target``
 (``user@host[:port]``), with ``<workspace_root>/.sandboxer-<name>.json`` next to
-it (the handle and owner labels, read back by :meth:`VMPacker.list_owned`).
+it (the :class:`VmHandle` and owner labels, read back by :meth:`VMPacker.list_owned`).
 An optional ``tunnel_port`` keeps a local port forward open while the sandbox
 lives (in this process).
 
@@ -34,8 +34,9 @@ from sandboxer.errors import (
     SnapshotError,
     TeardownError,
 )
+from sandboxer.contract import OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
 from sandboxer.execution import check_argv
-from sandboxer.extensions.base import RESERVED_INPUTS, OutputCallback, SandboxExtension
+from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
 from sandboxer.poll import poll
 from sandboxer.ssh import (
@@ -46,6 +47,7 @@ from sandboxer.ssh import (
 )
 from sandboxer.workspace import (
     GIT_CLONE_SCRIPT,
+    WorkspaceHandle,
     check_ref,
     check_repo,
     check_root,
@@ -61,7 +63,7 @@ from sandboxer.workspace import (
 _WS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _TARGET = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.-]*)@([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:]+\])(?::(\d{1,5}))?")
 _COMMAND = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
-_INPUTS = {"vm", "ssh_target", "repo", "ref", "tunnel_port", "ssh_port", "workspace_dir"} | RESERVED_INPUTS
+_INPUTS = {"vm", "ssh_target", "repo", "ref", "tunnel_port", "ssh_port", "workspace_dir"}
 _EXIT_SYMLINK, _EXIT_EXISTS, _EXIT_OUTSIDE, _EXIT_NO_WS, _EXIT_MISSING = 86, 87, 88, 90, 91
 
 # $1 root, $2 name, $3 meta json, $4 repo ('' none), $5 ref ('' none)
@@ -155,14 +157,13 @@ class VMPackerConfig(BaseModel):
         return v.expanduser()
 
 
-class VMProfileOptions(BaseModel):
-    """``options:`` of a profile served by ``ext.vm-packer``."""
+class VMReadiness(BaseModel):
+    """What makes a workspace ready: the profile's readiness options, kept in the handle."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     require_commands: list[str] = Field(default_factory=list, description="must be on PATH; checked once")
     readiness_command: list[str] | None = Field(default=None, description="retried until it exits 0")
-    command_timeout: float = Field(default=600.0, gt=0, description="deadline of the clone")
 
     @field_validator("require_commands")
     @classmethod
@@ -173,11 +174,52 @@ class VMProfileOptions(BaseModel):
         return v
 
 
+class VMProfileOptions(VMReadiness):
+    """``options:`` of a profile served by ``ext.vm-packer``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command_timeout: float = Field(default=600.0, gt=0, description="deadline of the clone")
+
+
+class VmHandle(WorkspaceHandle):
+    """One workspace ``root/name`` on a VM of the inventory (``vm``) or an ad-hoc ``ssh_target``.
+
+    ``host`` is the vm's name or ``user@address``; how to reach it is looked up again from
+    ``vm``/``ssh_target``/``ssh_port`` (the inventory holds the keys), never stored here.
+    """
+
+    vm: str | None = None
+    ssh_target: str | None = Field(default=None, description="user@host[:port], when not an inventory VM")
+    ssh_port: int | None = Field(default=None, description="overrides the VM's or target's port")
+    root: str = Field(min_length=1, description="the workspace root on the VM")
+    name: str = Field(min_length=1, description="the workspace's directory name under root")
+    tunnel_port: int | None = Field(default=None, description="remote port forwarded while the sandbox lives")
+    tunnel_local_port: int | None = Field(default=None, description="the local end, once the tunnel is open")
+    readiness: VMReadiness = Field(default_factory=VMReadiness)
+
+
+class VmTunnel(BaseModel):
+    """The local end of a sandbox's port forward."""
+
+    local: str = Field(description="127.0.0.1:<port>")
+    local_port: int
+    remote_port: int
+
+
+class VmReachability(Reachability):
+    """How to reach a ready workspace: SSH to its VM, and its tunnel when it has one."""
+
+    remote_dir: str
+    tunnel: VmTunnel | None = None
+
+
 class VMPacker(SandboxExtension):
     """Workspaces attached to pre-built VMs (see the module docstring)."""
 
     Config = VMPackerConfig
     ProfileOptions = VMProfileOptions
+    Handle = VmHandle
     features = frozenset({"exec", "snapshots", "list_owned"})
     requires = ("paramiko", "ssh")
     #: a sandbox is on one VM of the inventory or on one ad-hoc target: an ssh_target given
@@ -196,10 +238,8 @@ class VMPacker(SandboxExtension):
 
     # ------------------------------------------------------------ targets
 
-    def _target(self, handle_or_inputs: dict[str, Any], sid: str) -> tuple[SSHHostConfig, str, str]:
-        """``(ssh config, host label, workspace root)`` for a ``vm`` or ``ssh_target``."""
-        vm, target = handle_or_inputs.get("vm"), handle_or_inputs.get("ssh_target")
-        port = handle_or_inputs.get("ssh_port")
+    def _target(self, vm: Any, target: Any, port: Any, sid: str) -> tuple[SSHHostConfig, str, str]:
+        """``(ssh config, host label, workspace root)`` for a ``vm`` or ``ssh_target`` (inputs or a handle's)."""
         if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536):
             raise InputError(f"sandbox {sid}: ssh_port {port!r} must be a port number")
         if vm and target:
@@ -226,8 +266,9 @@ class VMPacker(SandboxExtension):
         cfg = SSHHostConfig(address=host, user=user, port=port or tport, **self.cfg.target_defaults)
         return cfg, f"{user}@{host}", self.cfg.workspace_root
 
-    def _check_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        sid = str(inputs.get("sandbox_id") or "")
+    def _check_inputs(self, request: ProvisionRequest, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``inputs`` (the request's, placed on its host) checked and normalised."""
+        sid = request.sandbox_id
         if not _WS_NAME.fullmatch(sid):
             raise InputError(f"{self.id}: sandbox_id {sid!r} must match {_WS_NAME.pattern}")
         unknown = sorted(set(inputs) - _INPUTS)
@@ -246,13 +287,16 @@ class VMPacker(SandboxExtension):
         tunnel = inputs.get("tunnel_port")
         if tunnel is not None and (not isinstance(tunnel, int) or isinstance(tunnel, bool) or not 0 < tunnel < 65536):
             raise InputError(f"sandbox {sid}: input tunnel_port {tunnel!r} must be a port number")
-        self._target(inputs, sid)
+        self._target(inputs.get("vm"), inputs.get("ssh_target"), inputs.get("ssh_port"), sid)
         return {"sandbox_id": sid, "name": name, "repo": repo, "ref": ref, "tunnel_port": tunnel,
                 "vm": inputs.get("vm"), "ssh_target": inputs.get("ssh_target"), "ssh_port": inputs.get("ssh_port"),
-                "owner_labels": dict(inputs.get("owner_labels") or {})}
+                "owner_labels": dict(request.owner_labels)}
 
-    def _conn(self, handle: dict[str, Any], fail: type[BackendError]) -> tuple[SSHConnection, SSHHostConfig]:
-        cfg, label, _ = self._target(handle, handle["sandbox_id"])
+    def _handle_target(self, handle: VmHandle) -> tuple[SSHHostConfig, str, str]:
+        return self._target(handle.vm, handle.ssh_target, handle.ssh_port, handle.sandbox_id)
+
+    def _conn(self, handle: VmHandle, fail: type[BackendError]) -> tuple[SSHConnection, SSHHostConfig]:
+        cfg, label, _ = self._handle_target(handle)
         return self._cache.get(cfg, host=label, fail=fail), cfg
 
     # ------------------------------------------------------------ contract
@@ -264,15 +308,15 @@ class VMPacker(SandboxExtension):
             return {"vm": host, **inputs}
         return inputs
 
-    def resource_names(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> list[str]:
+    def resource_names(self, request: ProvisionRequest) -> list[str]:
         """The workspace directory, named by the target's address and port (a vm and an ssh_target
         reaching the same machine name the same directory the same way).
 
         Raises:
             InputError: an input is refused (checked here, before any connection).
         """
-        want = self._check_inputs(self._placed(inputs, host))
-        cfg, _, root = self._target(want, want["sandbox_id"])
+        want = self._check_inputs(request, self._placed(request.inputs, request.host))
+        cfg, _, root = self._target(want["vm"], want["ssh_target"], want["ssh_port"], want["sandbox_id"])
         return [f"workspace {cfg.address}:{cfg.port}:{remote_path_ok(root, want['name'])}"]
 
     def deadline(self, profile: Profile) -> float:
@@ -281,37 +325,40 @@ class VMPacker(SandboxExtension):
         connect = max(h.connect_timeout + h.banner_timeout + h.auth_timeout for h in hosts)
         return connect + self.options(profile).command_timeout + float(profile.ready_timeout)
 
-    def probe(self, handle: dict[str, Any]) -> bool | None:
+    def probe(self, handle: VmHandle) -> bool | None:
         """Whether the workspace and its meta file are still on the VM (one SSH command).
 
         Raises:
             BackendError: the VM cannot be asked.
         """
         conn, _ = self._conn(handle, BackendError)
-        res = conn.run(["sh", "-c", _PROBE, "sh", handle["root"], handle["name"]], timeout=60, fail=BackendError)
+        res = conn.run(["sh", "-c", _PROBE, "sh", handle.root, handle.name], timeout=60, fail=BackendError)
         if res.exit_code != 0 or res.stdout.strip() not in ("present", "gone"):
-            raise BackendError(f"{self.id}: cannot ask {handle['host']} about sandbox {handle['sandbox_id']}: "
-                               f"{(res.stderr or res.stdout).strip()[-500:]}", backend=self.id, host=handle["host"])
+            raise BackendError(f"{self.id}: cannot ask {handle.host} about sandbox {handle.sandbox_id}: "
+                               f"{(res.stderr or res.stdout).strip()[-500:]}", backend=self.id, host=handle.host)
         return res.stdout.strip() == "present"
 
-    def handle_id(self, handle: dict[str, Any]) -> str | None:
+    def handle_id(self, handle: VmHandle) -> str | None:
         """``<vm or target>:<workspace>``: a retried create on another VM is another workspace."""
-        return f"{handle['host']}:{handle['remote_dir']}"
+        return f"{handle.host}:{handle.remote_dir}"
 
-    def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
-        want = self._check_inputs(self._placed(inputs, host))
-        return self._attach(profile, want, None)
+    def provision(self, request: ProvisionRequest) -> VmHandle:
+        want = self._check_inputs(request, self._placed(request.inputs, request.host))
+        return self._attach(request.profile, want, None)
 
-    def _attach(self, profile: Profile, want: dict[str, Any], archive: Path | None) -> dict[str, Any]:
-        cfg, label, root = self._target(want, want["sandbox_id"])
+    def _attach(self, profile: Profile, want: dict[str, Any], archive: Path | None) -> VmHandle:
+        cfg, label, root = self._target(want["vm"], want["ssh_target"], want["ssh_port"], want["sandbox_id"])
         ws = remote_path_ok(root, want["name"])
-        handle = {"host": label, "vm": want["vm"], "ssh_target": want["ssh_target"], "ssh_port": want["ssh_port"],
-                  "sandbox_id": want["sandbox_id"], "root": root, "name": want["name"], "remote_dir": ws,
-                  "repo": want["repo"], "ref": want["ref"], "tunnel_port": want["tunnel_port"],
-                  "readiness": self.options(profile).model_dump(include={"require_commands", "readiness_command"})}
+        opts = self.options(profile)
+        handle = VmHandle(host=label, vm=want["vm"], ssh_target=want["ssh_target"], ssh_port=want["ssh_port"],
+                          sandbox_id=want["sandbox_id"], root=root, name=want["name"], remote_dir=ws,
+                          repo=want["repo"], ref=want["ref"], tunnel_port=want["tunnel_port"],
+                          readiness=VMReadiness(require_commands=opts.require_commands,
+                                                readiness_command=opts.readiness_command))
         fail = SnapshotError if archive else ProvisionError
         conn = self._cache.get(cfg, host=label, fail=fail)
-        meta = json.dumps({"handle": handle, "owner_labels": want["owner_labels"]}, separators=(",", ":"))
+        meta = json.dumps({"handle": handle.model_dump(mode="json"), "owner_labels": want["owner_labels"]},
+                          separators=(",", ":"))
         res = conn.run(["sh", "-c", _ATTACH, "sh", root, want["name"], meta, "" if archive else want["repo"],
                         want["ref"]], timeout=self.options(profile).command_timeout, fail=fail)
         if res.exit_code in (_EXIT_SYMLINK, _EXIT_EXISTS, _EXIT_OUTSIDE):
@@ -332,35 +379,37 @@ class VMPacker(SandboxExtension):
             raise
         return handle
 
-    def _open_tunnel(self, handle: dict[str, Any], cfg: SSHHostConfig, fail: type[BackendError],
+    def _open_tunnel(self, handle: VmHandle, cfg: SSHHostConfig, fail: type[BackendError],
                      local_port: int = 0) -> LocalForward:
+        if handle.tunnel_port is None:
+            raise fail(f"{self.id}: sandbox {handle.sandbox_id} has no tunnel_port", backend=self.id, host=handle.host)
         with self._lock:
-            fwd = self._tunnels.get(handle["sandbox_id"])
+            fwd = self._tunnels.get(handle.sandbox_id)
             if fwd is not None and fwd.open:
                 return fwd
             # its own connection: the cache may close idle ones, a tunnel must outlive them
-            conn = SSHConnection(cfg, backend=self.id, host=handle["host"]).open(fail)
+            conn = SSHConnection(cfg, backend=self.id, host=handle.host).open(fail)
             try:
-                fwd = LocalForward(conn, int(handle["tunnel_port"]), local_port=local_port)
+                fwd = LocalForward(conn, handle.tunnel_port, local_port=local_port)
             except OSError:
                 conn.close()
-                fwd = LocalForward(SSHConnection(cfg, backend=self.id, host=handle["host"]).open(fail),
-                                   int(handle["tunnel_port"]))
-            self._tunnels[handle["sandbox_id"]] = fwd
-            handle["tunnel_local_port"] = fwd.local_port
+                fwd = LocalForward(SSHConnection(cfg, backend=self.id, host=handle.host).open(fail),
+                                   handle.tunnel_port)
+            self._tunnels[handle.sandbox_id] = fwd
+            handle.tunnel_local_port = fwd.local_port
             return fwd
 
-    def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    def wait_ready(self, handle: VmHandle, timeout: float = 60.0) -> VmReachability:
         """SSH answers and the workspace exists; then the profile's ``require_commands`` (at once)
         and ``readiness_command`` (retried until the deadline)."""
-        sid, label = handle["sandbox_id"], handle["host"]
-        opts = VMProfileOptions.model_validate(handle.get("readiness") or {})
+        sid, label = handle.sandbox_id, handle.host
+        opts = handle.readiness
         deadline = time.monotonic() + timeout
         seen: list[str] = [f"waiting for SSH to {label}"]
 
         def reachable() -> bool:
             conn, _ = self._conn(handle, ProvisionError)
-            res = conn.run(["sh", "-c", _CHECK, "sh", handle["remote_dir"], *opts.require_commands],
+            res = conn.run(["sh", "-c", _CHECK, "sh", handle.remote_dir, *opts.require_commands],
                            timeout=30, fail=ProvisionError)
             if res.exit_code == _EXIT_MISSING:
                 missing = res.stdout.split(":", 1)[1].split()
@@ -380,7 +429,7 @@ class VMPacker(SandboxExtension):
         if opts.readiness_command:
             def command_ok() -> bool:
                 conn, _ = self._conn(handle, ProvisionError)
-                res = conn.run(list(opts.readiness_command), cwd=handle["remote_dir"],
+                res = conn.run(list(opts.readiness_command), cwd=handle.remote_dir,
                                timeout=max(deadline - time.monotonic(), 1), fail=ProvisionError)
                 seen[:] = [f"readiness command {opts.readiness_command} exited {res.exit_code}: "
                            f"{(res.stderr or res.stdout).strip()[-500:]}"]
@@ -388,22 +437,21 @@ class VMPacker(SandboxExtension):
 
             poll(command_ok, max(deadline - time.monotonic(), 0.1), self.cfg.poll_interval,
                  transient=(ProvisionError,), max_interval=1.0, on_timeout=timeout_error)
+        cfg, _, _ = self._handle_target(handle)
         tunnel = None
-        if handle.get("tunnel_port"):
-            cfg, _, _ = self._target(handle, sid)
-            fwd = self._open_tunnel(handle, cfg, ProvisionError, handle.get("tunnel_local_port") or 0)
-            tunnel = {"local": f"127.0.0.1:{fwd.local_port}", "local_port": fwd.local_port,
-                      "remote_port": handle["tunnel_port"]}
-        cfg, _, _ = self._target(handle, sid)
-        return {"ssh": cfg.ssh_command(), "host": label, "address": cfg.address, "remote_dir": handle["remote_dir"],
-                "tunnel": tunnel}
+        if handle.tunnel_port:
+            fwd = self._open_tunnel(handle, cfg, ProvisionError, handle.tunnel_local_port or 0)
+            tunnel = VmTunnel(local=f"127.0.0.1:{fwd.local_port}", local_port=fwd.local_port,
+                              remote_port=handle.tunnel_port)
+        return VmReachability(ssh=cfg.ssh_command(), host=label, address=cfg.address, remote_dir=handle.remote_dir,
+                              tunnel=tunnel)
 
-    def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
-        closed = self._close_tunnel(handle["sandbox_id"])
+    def teardown(self, handle: VmHandle) -> TeardownReport:
+        closed = self._close_tunnel(handle.sandbox_id)
         conn, _ = self._conn(handle, TeardownError)
         removed = self._detach(conn, handle, fail=TeardownError)
-        return {"host": handle["host"], "removed": [handle["remote_dir"]] if removed else [], "tunnel_closed": closed,
-                "already_gone": not removed}
+        return TeardownReport(already_gone=not removed, removed=[handle.remote_dir] if removed else [],
+                              detail={"host": handle.host, "tunnel_closed": closed})
 
     def _close_tunnel(self, sid: str) -> bool:
         with self._lock:
@@ -412,39 +460,39 @@ class VMPacker(SandboxExtension):
             fwd.close()
         return fwd is not None
 
-    def _detach(self, conn: SSHConnection, handle: dict[str, Any], *, fail: type[BackendError],
+    def _detach(self, conn: SSHConnection, handle: VmHandle, *, fail: type[BackendError],
                 quiet: bool = False) -> bool:
         """Remove the workspace; True if there was one to remove."""
-        name = handle["name"]
+        name = handle.name
         if not _WS_NAME.fullmatch(name):
-            raise fail(f"{self.id}: refusing to remove workspace {name!r}", backend=self.id, host=handle["host"])
+            raise fail(f"{self.id}: refusing to remove workspace {name!r}", backend=self.id, host=handle.host)
         try:
-            res = conn.run(["sh", "-c", _DETACH, "sh", handle["root"], name], timeout=120, fail=fail)
+            res = conn.run(["sh", "-c", _DETACH, "sh", handle.root, name], timeout=120, fail=fail)
         except BackendError:
             if quiet:
                 return False
             raise
         if res.exit_code != 0 and not quiet:
-            raise fail(f"{self.id}: sandbox {handle['sandbox_id']} on {handle['host']}: {res.stderr.strip()}",
-                       backend=self.id, host=handle["host"])
+            raise fail(f"{self.id}: sandbox {handle.sandbox_id} on {handle.host}: {res.stderr.strip()}",
+                       backend=self.id, host=handle.host)
         return res.stdout.strip().endswith("removed")
 
     # ------------------------------------------------------------ exec
 
-    def exec(self, handle: dict[str, Any], argv: list[str], *, env: dict[str, str] | None = None,
+    def exec(self, handle: VmHandle, argv: list[str], *, env: dict[str, str] | None = None,
              cwd: str | None = None, timeout: float | None = None, stdin: bytes | None = None,
              on_output: OutputCallback | None = None) -> ExecResult:
         """Run ``argv`` over SSH in the workspace (``cwd`` is relative to it), by the exec
         convention of sandboxer/execution.py (:meth:`SSHConnection.run`)."""
         argv = check_argv(argv, backend=self.id)
-        where = workspace_cwd(handle["remote_dir"], handle["remote_dir"], cwd, handle["sandbox_id"])
+        where = workspace_cwd(handle.remote_dir, handle.remote_dir, cwd, handle.sandbox_id)
         conn, _ = self._conn(handle, ExecError)
         return conn.run(list(argv), cwd=where, env=env, stdin=stdin, timeout=timeout, on_output=on_output,
                         fail=ExecError)
 
     # ------------------------------------------------------------ list_owned
 
-    def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
+    def list_owned(self, owner_labels: dict[str, str]) -> list[OwnedSandbox]:
         found = []
         script = 'for f in "$1"/.sandboxer-*.json; do [ -f "$f" ] && head -n 1 "$f"; done; true'
         for name, entry in self.cfg.vms.items():
@@ -454,39 +502,40 @@ class VMPacker(SandboxExtension):
                     fail=ProvisionError)
             except ProvisionError:
                 continue  # unreachable now; gc asks again next time
-            found += owned_from_meta(res.stdout, owner_labels)
+            found += owned_from_meta(res.stdout, owner_labels, VmHandle)
         return found
 
     # ------------------------------------------------------------ snapshots
 
-    def snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
+    def snapshot(self, handle: VmHandle) -> SnapshotResult:
         """A gzip'd tar of the workspace, stored locally with its sha256."""
         conn, _ = self._conn(handle, SnapshotError)
         self.cfg.snapshot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        archive = self.cfg.snapshot_dir / (f"{handle['sandbox_id']}-{time.strftime('%Y%m%dT%H%M%S')}-"
+        archive = self.cfg.snapshot_dir / (f"{handle.sandbox_id}-{time.strftime('%Y%m%dT%H%M%S')}-"
                                            f"{_secrets.token_hex(4)}.tar.gz")
         try:
             with open(archive, "wb") as fh:
-                conn.run(["tar", "-C", handle["remote_dir"], "-czf", "-", "."], stdout_sink=fh, timeout=600,
+                conn.run(["tar", "-C", handle.remote_dir, "-czf", "-", "."], stdout_sink=fh, timeout=600,
                          fail=SnapshotError, check=True)
         except BaseException:
             archive.unlink(missing_ok=True)
             raise
-        source = {k: handle.get(k) for k in ("vm", "ssh_target", "ssh_port", "repo", "ref", "tunnel_port")}
-        return {"data": {"archive": str(archive), "source": source}, "size_bytes": archive.stat().st_size,
-                "checksum": f"sha256:{sha256_file(archive)}"}
+        source = handle.model_dump(mode="json", include={"vm", "ssh_target", "ssh_port", "repo", "ref", "tunnel_port"})
+        return SnapshotResult(data={"archive": str(archive), "source": source}, size_bytes=archive.stat().st_size,
+                              checksum=f"sha256:{sha256_file(archive)}")
 
-    def restore_from_snapshot(self, profile: Profile, snapshot_meta: SnapshotMeta, inputs: dict[str, Any],
-                              host: str | None) -> dict[str, Any]:
-        """Attach a new workspace (same VM unless ``vm``/``ssh_target`` say otherwise) and unpack the archive."""
-        archive = checked_archive(snapshot_meta, self.id)
-        source = {k: v for k, v in (snapshot_meta.data.get("source") or {}).items() if v is not None}
+    def restore_from_snapshot(self, request: ProvisionRequest, snapshot: SnapshotMeta) -> VmHandle:
+        """Attach a new workspace (same VM unless ``vm``/``ssh_target`` or ``request.host`` say otherwise)
+        and unpack the archive."""
+        archive = checked_archive(snapshot, self.id)
+        inputs, host = request.inputs, request.host
+        source = {k: v for k, v in (snapshot.data.get("source") or {}).items() if v is not None}
         if inputs.get("vm") or inputs.get("ssh_target") or host:
             source.pop("vm", None), source.pop("ssh_target", None), source.pop("ssh_port", None)
         if host and not inputs.get("vm") and not inputs.get("ssh_target"):
             source["vm"] = host
-        want = self._check_inputs({**source, **inputs})
-        return self._attach(profile, want, archive)
+        want = self._check_inputs(request, {**source, **inputs})
+        return self._attach(request.profile, want, archive)
 
-    def delete_snapshot(self, snapshot_meta: SnapshotMeta) -> None:
-        delete_archive(snapshot_meta, self.cfg.snapshot_dir)
+    def delete_snapshot(self, snapshot: SnapshotMeta) -> None:
+        delete_archive(snapshot, self.cfg.snapshot_dir)

@@ -15,6 +15,7 @@ import pytest
 
 from sandboxer.errors import CapacityUnavailable, HostKeyError, InputError, ProvisionError
 from sandboxer.models import Profile, SnapshotMeta
+from sandboxer.testing import request
 from tests.ssh.conftest import load_backend, write_config
 from tests.support.docker_fixtures import wait_gone
 
@@ -68,16 +69,16 @@ def inputs(repo: Path, name: str, **more: Any) -> dict[str, Any]:
 
 
 def test_full_cycle_provision_ready_exec_snapshot_restore_teardown(backend, compose_repo, tmp_path, marker):
-    handle = backend.provision(profile(), inputs(compose_repo, "cyc1", ref="v1"), None)
+    handle = backend.provision(request(profile(), inputs(compose_repo, "cyc1", ref="v1"), None))
     restored = None
     try:
-        assert handle["host"] == "h0" and handle["project"] == f"sbx-{sid('cyc1')}"
-        assert sorted(handle["services"]) == ["app", "web"]
+        assert handle.host == "h0" and handle.project == f"sbx-{sid('cyc1')}"
+        assert sorted(handle.services) == ["app", "web"]
         reach = backend.wait_ready(handle, timeout=60)
-        assert reach["compose_project"] == handle["project"] and reach["remote_dir"] == handle["remote_dir"]
-        assert reach["ssh"].startswith("ssh -p ") and reach["host"] == "h0"
-        assert reach["services"]["app"]["health"] == "healthy"
-        port = reach["services"]["web"]["ports"]["8080/tcp"][0]["host_port"]
+        assert reach.compose_project == handle.project and reach.remote_dir == handle.remote_dir
+        assert reach.ssh.startswith("ssh -p ") and reach.host == "h0"
+        assert reach.services["app"].health == "healthy"
+        port = reach.services["web"].ports["8080/tcp"][0].host_port
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
             assert r.read() == b"hello-web\n"
 
@@ -91,38 +92,39 @@ def test_full_cycle_provision_ready_exec_snapshot_restore_teardown(backend, comp
         assert backend.exec_in_service(handle, "app", ["cat"], stdin=b"via stdin").stdout == "via stdin"
 
         snap = backend.snapshot(handle)
-        assert snap["checksum"].startswith("sha256:") and snap["size_bytes"] > 0
+        assert snap.checksum.startswith("sha256:") and snap.size_bytes > 0
         meta = SnapshotMeta(id="s1", sandbox_id=sid("cyc1"), extension=EXT, profile="test-compose",
-                            created_at=datetime.now(timezone.utc), **snap)
+                            created_at=datetime.now(timezone.utc), **snap.model_dump())
         # restore on the other host
-        restored = backend.restore_from_snapshot(profile(), meta, {"sandbox_id": sid("cyc2"), "owner_labels": OWNER}, "h1")
-        assert restored["host"] == "h1" and restored["project"] == f"sbx-{sid('cyc2')}"
+        restored = backend.restore_from_snapshot(
+            request(profile(), {"sandbox_id": sid("cyc2"), "owner_labels": OWNER}, "h1"), meta)
+        assert restored.host == "h1" and restored.project == f"sbx-{sid('cyc2')}"
         backend.wait_ready(restored, timeout=60)
         res = backend.exec_in_service(restored, "app", ["cat", "/data/note"])
         assert res.stdout == env["V"], "the named volume did not come back"
         assert backend.exec(restored, ["cat", "README"]).stdout == "test stack\n"
 
-        owned = {o["sandbox_id"] for o in backend.list_owned(OWNER)}
+        owned = {o.sandbox_id for o in backend.list_owned(OWNER)}
         assert owned == {sid("cyc1"), sid("cyc2")}
         assert backend.list_owned({"sandboxer.owner": "someone-else"}) == []
 
         backend.delete_snapshot(meta)
-        assert not Path(snap["data"]["archive"]).exists()
+        assert not Path(snap.data["archive"]).exists()
     finally:
         for h in (handle, restored):
             if h:
                 report = backend.teardown(h)
-                assert report["removed"] == [h["remote_dir"]]
-                assert not Path(h["remote_dir"]).exists() and leftovers(h["project"]) == ""
+                assert report.removed == [h.remote_dir] and not report.already_gone
+                assert not Path(h.remote_dir).exists() and leftovers(h.project) == ""
     # idempotent
     backend.teardown(handle)
 
 
 def test_teardown_succeeds_when_the_host_lost_the_workspace(backend, compose_repo):
-    handle = backend.provision(profile(), inputs(compose_repo, "lost1"), None)
-    subprocess.run(["rm", "-rf", handle["remote_dir"]], check=True, timeout=30)
+    handle = backend.provision(request(profile(), inputs(compose_repo, "lost1"), None))
+    subprocess.run(["rm", "-rf", handle.remote_dir], check=True, timeout=30)
     backend.teardown(handle)
-    assert leftovers(handle["project"]) == ""
+    assert leftovers(handle.project) == ""
 
 
 def test_capacity_exhausted_on_every_host(tmp_path, pool_cfg, compose_repo):
@@ -132,7 +134,7 @@ def test_capacity_exhausted_on_every_host(tmp_path, pool_cfg, compose_repo):
     b = load_backend(write_config(tmp_path / "cfg", EXT, "sandboxer.extensions.compose_ssh:ComposeSSH", pool_cfg),
                      EXT)
     with pytest.raises(CapacityUnavailable, match=r"every host is at capacity: h0: full \(1/1\); h1: full"):
-        b.provision(profile(), inputs(compose_repo, "cap1"), None)
+        b.provision(request(profile(), inputs(compose_repo, "cap1"), None))
     for h in pool_cfg["hosts"]:
         assert [p.name for p in Path(h["workspace_root"]).iterdir() if p.is_dir()] == ["occupied"]
 
@@ -143,9 +145,9 @@ def test_unreachable_host_is_skipped_for_the_next_one(tmp_path, pool_cfg, compos
     b = load_backend(write_config(tmp_path / "cfg", EXT, "sandboxer.extensions.compose_ssh:ComposeSSH", pool_cfg),
                      EXT)
     start = time.monotonic()
-    handle = b.provision(profile(), inputs(compose_repo, "skip1"), None)
+    handle = b.provision(request(profile(), inputs(compose_repo, "skip1"), None))
     try:
-        assert handle["host"] == "h1" and time.monotonic() - start < 60
+        assert handle.host == "h1" and time.monotonic() - start < 60
     finally:
         b.teardown(handle)
 
@@ -157,7 +159,7 @@ def test_host_key_mismatch_refused_before_any_command(tmp_path, pool_cfg, sshd_p
     b = load_backend(write_config(tmp_path / "cfg", EXT, "sandboxer.extensions.compose_ssh:ComposeSSH", pool_cfg),
                      EXT)
     with pytest.raises(HostKeyError, match="nothing was run"):
-        b.provision(profile(), inputs(compose_repo, "hk1"), "h0")
+        b.provision(request(profile(), inputs(compose_repo, "hk1"), "h0"))
     assert not Path(pool_cfg["hosts"][0]["workspace_root"]).exists(), "a command ran on an unverified host"
 
 
@@ -184,7 +186,7 @@ def test_hostile_inputs_are_refused_and_run_nothing(backend, compose_repo, pool_
     values = {k: (v.replace("{marker}", str(marker)) if isinstance(v, str) else
                   [x.replace("{marker}", str(marker)) for x in v]) for k, v in bad.items()}
     with pytest.raises(InputError) as info:
-        backend.provision(profile(), {**inputs(compose_repo, "hostile1"), **values}, None)
+        backend.provision(request(profile(), {**inputs(compose_repo, "hostile1"), **values}, None))
     assert list(bad)[0] in str(info.value) or "sandbox_id" in str(info.value) or "project" in str(info.value)
     for h in pool_cfg["hosts"]:
         assert not Path(h["workspace_root"]).exists() or not any(Path(h["workspace_root"]).iterdir())
@@ -192,13 +194,13 @@ def test_hostile_inputs_are_refused_and_run_nothing(backend, compose_repo, pool_
 
 def test_clone_failure_cleans_up_and_is_not_transient(backend, tmp_path, pool_cfg):
     with pytest.raises(ProvisionError, match="git clone") as info:
-        backend.provision(profile(), inputs(tmp_path / "no-such-repo", "nr1"), None)
+        backend.provision(request(profile(), inputs(tmp_path / "no-such-repo", "nr1"), None))
     assert not info.value.transient
     assert not Path(pool_cfg["hosts"][0]["workspace_root"], "nr1").exists()
 
 
 def test_hung_exec_is_killed_at_its_deadline(backend, compose_repo):
-    handle = backend.provision(profile(), inputs(compose_repo, "hang1", services=["web"]), None)
+    handle = backend.provision(request(profile(), inputs(compose_repo, "hang1", services=["web"]), None))
     try:
         start = time.monotonic()
         res = backend.exec(handle, ["sleep", "300"], timeout=1)

@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 
 from sandboxer.errors import InputError
-from sandboxer.extensions.vm_packer import VMPacker
+from sandboxer.extensions.compose_ssh import ComposeHandle
+from sandboxer.extensions.vm_packer import VMPacker, VmHandle
 from sandboxer.loader import load_catalog
 from sandboxer.models import Profile
 from sandboxer.ssh import STATS
+from sandboxer.testing import request
 from tests.ssh.conftest import load_backend, write_config
 
 COMPOSE = "ext.test-compose"
@@ -65,41 +67,43 @@ def test_compose_names_are_the_project_as_compose_compares_it_and_the_workspace(
     b = offline_compose
     base = {"repo": "/srv/git/r", "sandbox_id": "abc"}
     # names say where they live: the engine for projects, the machine for directories
-    assert b.resource_names(cprofile(), base, "h0") == ["compose project 127.0.0.1:1 sbx-abc",
+    assert b.resource_names(request(cprofile(), base, "h0")) == ["compose project 127.0.0.1:1 sbx-abc",
                                                          "workspace 127.0.0.1:1:/srv/compose/abc"]
-    assert b.resource_names(cprofile(), base, "h1") == ["compose project 127.0.0.1:1 sbx-abc",
+    assert b.resource_names(request(cprofile(), base, "h1")) == ["compose project 127.0.0.1:1 sbx-abc",
                                                          "workspace 127.0.0.1:1:/srv/other/abc"]
-    assert b.resource_names(cprofile(), base, "h2") == ["compose project tcp://127.0.0.5:2375 sbx-abc",
+    assert b.resource_names(request(cprofile(), base, "h2")) == ["compose project tcp://127.0.0.5:2375 sbx-abc",
                                                          "workspace 127.0.0.1:2:/srv/compose/abc"]
     # another sandbox choosing the first one's default project, in any case, takes the same name
     for project in ("sbx-abc", "SBX-Abc"):
-        names = b.resource_names(cprofile(), {**base, "sandbox_id": "other", "project": project}, "h0")
+        names = b.resource_names(request(cprofile(), {**base, "sandbox_id": "other", "project": project}, "h0"))
         assert names[0] == "compose project 127.0.0.1:1 sbx-abc"
-    assert b.resource_names(cprofile(project_prefix="t-"), base, "h0")[0] == "compose project 127.0.0.1:1 t-abc"
+    assert b.resource_names(request(cprofile(project_prefix="t-"), base, "h0"))[0] == \
+        "compose project 127.0.0.1:1 t-abc"
     with pytest.raises(InputError, match="project"):
-        b.resource_names(cprofile(), {**base, "project": "proj\n"}, "h0")
+        b.resource_names(request(cprofile(), {**base, "project": "proj\n"}, "h0"))
     assert STATS.snapshot()["connections"] == 0
 
 
 def test_compose_passes_the_normalised_project_to_compose(offline_compose):
-    want = offline_compose._check_inputs(cprofile(), {"repo": "/srv/git/r", "sandbox_id": "abc", "project": "My-Proj"})
+    want = offline_compose._check_inputs(request(cprofile(), {"repo": "/srv/git/r", "sandbox_id": "abc",
+                                                               "project": "My-Proj"}))
     assert want["project"] == "my-proj"
 
 
 def test_vm_names_are_the_workspace_on_its_target(offline_vm):
     STATS.reset()
     b = offline_vm
-    assert b.resource_names(vprofile(), {"vm": "vm0", "sandbox_id": "s1"}, "vm0") == [
+    assert b.resource_names(request(vprofile(), {"vm": "vm0", "sandbox_id": "s1"}, "vm0")) == [
         "workspace 127.0.0.1:2222:/srv/ws/s1"]
     # a chosen workspace_dir is the name; the same directory through ssh_target is the same name
-    named = b.resource_names(vprofile(), {"vm": "vm0", "sandbox_id": "s2", "workspace_dir": "shared"}, "vm0")
-    via_target = b.resource_names(vprofile(), {"ssh_target": "u@127.0.0.1:2222", "sandbox_id": "s3",
-                                               "workspace_dir": "shared"}, "vm0")
+    named = b.resource_names(request(vprofile(), {"vm": "vm0", "sandbox_id": "s2", "workspace_dir": "shared"}, "vm0"))
+    via_target = b.resource_names(request(vprofile(), {"ssh_target": "u@127.0.0.1:2222", "sandbox_id": "s3",
+                                                       "workspace_dir": "shared"}, "vm0"))
     assert named == via_target == ["workspace 127.0.0.1:2222:/srv/ws/shared"]
-    assert b.resource_names(vprofile(), {"vm": "vm1", "sandbox_id": "s1"}, "vm1") == [
+    assert b.resource_names(request(vprofile(), {"vm": "vm1", "sandbox_id": "s1"}, "vm1")) == [
         "workspace 127.0.0.1:2223:/srv/v1/s1"]
     with pytest.raises(InputError, match="workspace_dir"):
-        b.resource_names(vprofile(), {"vm": "vm0", "sandbox_id": "s1", "workspace_dir": "ws\n"}, "vm0")
+        b.resource_names(request(vprofile(), {"vm": "vm0", "sandbox_id": "s1", "workspace_dir": "ws\n"}, "vm0"))
     assert STATS.snapshot()["connections"] == 0
 
 
@@ -132,7 +136,8 @@ def test_vm_and_ssh_target_are_exclusive(offline_vm):
     STATS.reset()
     both = r"inputs 'vm' \('vm0'\) and 'ssh_target' \('u@127.0.0.1:2222'\) are exclusive; give one"
     with pytest.raises(InputError, match=both):
-        offline_vm.provision(vprofile(), {"vm": "vm0", "ssh_target": "u@127.0.0.1:2222", "sandbox_id": "s1"}, None)
+        offline_vm.provision(request(vprofile(), {"vm": "vm0", "ssh_target": "u@127.0.0.1:2222",
+                                                  "sandbox_id": "s1"}, None))
     assert STATS.snapshot()["connections"] == 0
 
 
@@ -237,12 +242,12 @@ def test_compose_probe_sees_a_stack_removed_behind_its_back(mgr):
 
     sb = mgr.create(SandboxCreateRequest(profile="test-compose", consumer="me"))
     ext = mgr.extension(COMPOSE)
-    handle = mgr.state.get(sb.id)["handle"]
+    handle = ComposeHandle.model_validate(mgr.state.get(sb.id)["handle"])
     assert ext.probe(handle) is True
-    assert ext.handle_id(handle) == f"h0/{handle['project']}"
-    owned = [o for o in ext.list_owned(mgr.owner_labels) if o["sandbox_id"] == sb.id]
-    assert [ext.handle_id(o["handle"]) for o in owned] == [ext.handle_id(handle)]
-    project = handle["project"]
+    assert ext.handle_id(handle) == f"h0/{handle.project}"
+    owned = [o for o in ext.list_owned(mgr.owner_labels) if o.sandbox_id == sb.id]
+    assert [ext.handle_id(o.handle) for o in owned] == [ext.handle_id(handle)]
+    project = handle.project
     subprocess.run(["docker", "rm", "-f", *_containers(project)], capture_output=True, timeout=60, check=True)
     assert ext.probe(handle) is False
     assert mgr.get(sb.id, refresh=True).state.value == "lost"
@@ -255,12 +260,12 @@ def test_vm_probe_sees_a_workspace_removed_behind_its_back(mgr):
 
     sb = mgr.create(SandboxCreateRequest(profile="test-vm", consumer="me"))
     ext = mgr.extension(VM)
-    handle = mgr.state.get(sb.id)["handle"]
+    handle = VmHandle.model_validate(mgr.state.get(sb.id)["handle"])
     assert ext.probe(handle) is True
-    assert ext.handle_id(handle) == f"vm0:{handle['remote_dir']}"
-    owned = [o for o in ext.list_owned(mgr.owner_labels) if o["sandbox_id"] == sb.id]
-    assert [ext.handle_id(o["handle"]) for o in owned] == [ext.handle_id(handle)]
-    shutil.rmtree(handle["remote_dir"])
+    assert ext.handle_id(handle) == f"vm0:{handle.remote_dir}"
+    owned = [o for o in ext.list_owned(mgr.owner_labels) if o.sandbox_id == sb.id]
+    assert [ext.handle_id(o.handle) for o in owned] == [ext.handle_id(handle)]
+    shutil.rmtree(handle.remote_dir)
     assert ext.probe(handle) is False
     assert mgr.get(sb.id, refresh=True).state.value == "lost"
 
@@ -269,8 +274,28 @@ def test_probe_of_an_unreachable_host_raises_a_backend_error(offline_compose, of
     from sandboxer.errors import BackendError
 
     with pytest.raises(BackendError, match="127.0.0.1"):
-        offline_compose.probe({"host": "h0", "sandbox_id": "abc", "project": "sbx-abc",
-                               "remote_dir": "/srv/compose/abc"})
+        offline_compose.probe(ComposeHandle(host="h0", sandbox_id="abc", project="sbx-abc", compose="v2",
+                                            remote_dir="/srv/compose/abc", repo_dir="/srv/compose/abc/repo"))
     with pytest.raises(BackendError, match="127.0.0.1"):
-        offline_vm.probe({"host": "vm0", "vm": "vm0", "ssh_target": None, "ssh_port": None, "sandbox_id": "s1",
-                          "root": "/srv/ws", "name": "s1", "remote_dir": "/srv/ws/s1"})
+        offline_vm.probe(VmHandle(host="vm0", vm="vm0", sandbox_id="s1", root="/srv/ws", name="s1",
+                                  remote_dir="/srv/ws/s1"))
+
+
+# ------------------------------------------------------------------ handles as stored
+
+
+def test_handles_recorded_by_the_dict_version_load_as_models():
+    """The JSON the previous (dict-handle) version stored, an extra key included, loads unchanged."""
+    compose = {"host": "h0", "address": "10.0.0.5", "port": 22, "user": "u", "sandbox_id": "abc",
+               "remote_dir": "/srv/compose/abc", "repo_dir": "/srv/compose/abc/repo", "project": "sbx-abc",
+               "compose": "v2", "compose_file": "", "services": ["app"], "exec_service": None,
+               "repo": "/srv/git/r", "ref": "", "dropped_key": 1}
+    h = ComposeHandle.model_validate(compose)
+    assert (h.project, h.services, h.repo_dir) == ("sbx-abc", ["app"], "/srv/compose/abc/repo")
+    assert h.model_dump(mode="json") == {k: v for k, v in compose.items() if k != "dropped_key"}
+    vm = {"host": "vm0", "vm": "vm0", "ssh_target": None, "ssh_port": None, "sandbox_id": "s1", "root": "/srv/ws",
+          "name": "s1", "remote_dir": "/srv/ws/s1", "repo": "", "ref": "", "tunnel_port": 8080,
+          "readiness": {"require_commands": ["sh"], "readiness_command": None}, "tunnel_local_port": 40001}
+    v = VmHandle.model_validate(vm)
+    assert (v.readiness.require_commands, v.tunnel_port, v.tunnel_local_port) == (["sh"], 8080, 40001)
+    assert v.model_dump(mode="json") == vm

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from sandboxer import Manager, SandboxCreateRequest
+from sandboxer.testing import request
 from tests.ssh.conftest import write_config
 
 RUN = uuid.uuid4().hex[:6]
@@ -72,8 +73,8 @@ def test_gc_finds_and_removes_an_orphan(mgr, compose_repo):
     mgr.teardown(mgr.create(SandboxCreateRequest(profile="test-vm", consumer="me")).id)
     ext = mgr.extension("ext.test-vm")
     prof = mgr.catalog.profiles["test-vm"]
-    handle = ext.provision(prof, {"vm": "vm0", "sandbox_id": f"orphan-{RUN}", "owner_labels": mgr.owner_labels},
-                           None)
+    handle = ext.provision(request(prof, {"vm": "vm0", "sandbox_id": f"orphan-{RUN}",
+                                          "owner_labels": mgr.owner_labels}, None))
     report = mgr.gc()
     assert f"orphan-{RUN}" in report.orphans
-    assert not Path(handle["remote_dir"]).exists()
+    assert not Path(handle.remote_dir).exists()

@@ -104,6 +104,48 @@ def test_a_key_the_server_does_not_know_is_an_auth_error(sshd_pool, known_hosts,
     assert "PRIVATE KEY" not in str(info.value)
 
 
+def test_an_encrypted_key_without_its_passphrase_says_to_set_it(sshd_pool, known_hosts, tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    locked = tmp_path / "locked"
+    shutil.copy(sshd_pool[0].user_key, locked)
+    locked.chmod(0o600)
+    subprocess.run(["ssh-keygen", "-q", "-p", "-P", "", "-N", "sesame-42", "-f", str(locked)], check=True,
+                   timeout=30, stdin=subprocess.DEVNULL, capture_output=True)
+    with pytest.raises(AuthError, match=f"key file {locked} is encrypted; set key_passphrase") as info:
+        SSHConnection(cfg_for(sshd_pool[0], known_hosts, key_file=str(locked))).open()
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    cfg = cfg_for(sshd_pool[0], known_hosts, key_file=str(locked), key_passphrase={"env": "SBX_TEST_KEY_PASS"})
+    monkeypatch.setenv("SBX_TEST_KEY_PASS", "wrong-one")
+    with pytest.raises(AuthError, match=r"cannot be loaded with key_passphrase \(SecretRef\(environment variable "
+                                        r"SBX_TEST_KEY_PASS\)\): a wrong passphrase") as info:
+        SSHConnection(cfg).open()
+    assert "wrong-one" not in str(info.value)
+    monkeypatch.setenv("SBX_TEST_KEY_PASS", "sesame-42")
+    with SSHConnection(cfg) as conn:
+        assert conn.run(["true"]).exit_code == 0
+
+
+@pytest.mark.parametrize("case", ["refused-key", "unreachable"])
+def test_no_paramiko_or_socket_exception_rides_on_our_error(sshd_pool, known_hosts, tmp_path, case):
+    """Translated outside the except block (contract.translated): neither __cause__ nor __context__."""
+    if case == "refused-key":
+        cfg = cfg_for(sshd_pool[0], known_hosts, key_file=str(user_key(tmp_path / "stranger")))
+        want: type[Exception] = AuthError
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cfg = SSHHostConfig(address="127.0.0.1", port=port, user="u", connect_timeout=2,
+                            insecure_accept_unknown_host_keys=True)
+        want = ProvisionError
+    with pytest.raises(want) as info:
+        SSHConnection(cfg).open()
+    assert info.value.__cause__ is None and info.value.__context__ is None, (
+        info.value.__cause__, info.value.__context__)
+
+
 def test_unreachable_host_fails_within_its_budget(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

@@ -16,6 +16,7 @@ import pytest
 from sandboxer.errors import HostKeyError, InputError, ProvisionError, ReadinessTimeout
 from sandboxer.loader import load_catalog
 from sandboxer.models import Profile, SnapshotMeta
+from sandboxer.testing import request
 from sandboxer.ssh import local_ports_free
 from tests.ssh.conftest import load_backend, write_config
 from tests.support.docker_fixtures import wait_gone
@@ -89,15 +90,15 @@ def through(port: int) -> bytes:
 def test_full_cycle_with_repo_tunnel_snapshot_restore(backend, compose_repo, tmp_path, echo_port, marker):
     inputs = {"vm": "vm0", "repo": str(compose_repo), "ref": "v1", "tunnel_port": echo_port,
               "sandbox_id": sid("full"), "owner_labels": OWNER}
-    handle = backend.provision(profile(require_commands=["sh", "git"], readiness_command=["test", "-f", "README"]),
-                               inputs, None)
+    handle = backend.provision(request(
+        profile(require_commands=["sh", "git"], readiness_command=["test", "-f", "README"]), inputs, None))
     restored = None
     try:
-        ws = Path(handle["remote_dir"])
+        ws = Path(handle.remote_dir)
         assert ws == tmp_path / "vm0" / sid("full") and (ws / "README").read_text() == "test stack\n"
         reach = backend.wait_ready(handle, timeout=30)
-        assert reach["remote_dir"] == str(ws) and reach["host"] == "vm0" and reach["ssh"].startswith("ssh -p ")
-        local_port = reach["tunnel"]["local_port"]
+        assert reach.remote_dir == str(ws) and reach.host == "vm0" and reach.ssh.startswith("ssh -p ")
+        local_port = reach.tunnel.local_port
         assert through(local_port) == b"PING"
 
         env = {"V": f"$(touch {marker})\n'\"x"}
@@ -108,32 +109,32 @@ def test_full_cycle_with_repo_tunnel_snapshot_restore(backend, compose_repo, tmp
 
         snap = backend.snapshot(handle)
         meta = SnapshotMeta(id="s", sandbox_id=sid("full"), extension=EXT, profile="test-vm",
-                            created_at=datetime.now(timezone.utc), **snap)
-        restored = backend.restore_from_snapshot(profile(), meta, {"sandbox_id": sid("back"), "owner_labels": OWNER},
-                                                 "vm1")
-        assert restored["host"] == "vm1"
+                            created_at=datetime.now(timezone.utc), **snap.model_dump())
+        restored = backend.restore_from_snapshot(
+            request(profile(), {"sandbox_id": sid("back"), "owner_labels": OWNER}, "vm1"), meta)
+        assert restored.host == "vm1"
         backend.wait_ready(restored, timeout=30)
         assert backend.exec(restored, ["cat", "note"]).stdout == env["V"]
-        assert {o["sandbox_id"] for o in backend.list_owned(OWNER)} == {sid("full"), sid("back")}
+        assert {o.sandbox_id for o in backend.list_owned(OWNER)} == {sid("full"), sid("back")}
     finally:
         for h in (handle, restored):
             if h:
                 report = backend.teardown(h)
-                assert not Path(h["remote_dir"]).exists()
-                assert not Path(h["root"], f".sandboxer-{h['name']}.json").exists()
-    assert report["removed"] == [restored["remote_dir"]]
+                assert not Path(h.remote_dir).exists()
+                assert not Path(h.root, f".sandboxer-{h.name}.json").exists()
+    assert report.removed == [restored.remote_dir] and not report.already_gone
     assert local_ports_free(local_port), "the tunnel outlived its sandbox"
     assert backend.list_owned(OWNER) == []
-    backend.teardown(handle)  # idempotent
+    assert backend.teardown(handle).already_gone  # idempotent
 
 
 def test_ssh_target_input(backend, sshd_pool, vm_cfg):
     target = f"{sshd_pool[1].user}@127.0.0.1:{sshd_pool[1].port}"
-    handle = backend.provision(profile(), {"ssh_target": target, "sandbox_id": sid("tgt")}, None)
+    handle = backend.provision(request(profile(), {"ssh_target": target, "sandbox_id": sid("tgt")}, None))
     try:
-        assert handle["remote_dir"] == f"{vm_cfg['workspace_root']}/{sid('tgt')}"
-        assert backend.wait_ready(handle, timeout=20)["address"] == "127.0.0.1"
-        assert backend.exec(handle, ["pwd"]).stdout.strip() == handle["remote_dir"]
+        assert handle.remote_dir == f"{vm_cfg['workspace_root']}/{sid('tgt')}"
+        assert backend.wait_ready(handle, timeout=20).address == "127.0.0.1"
+        assert backend.exec(handle, ["pwd"]).stdout.strip() == handle.remote_dir
     finally:
         backend.teardown(handle)
 
@@ -144,7 +145,7 @@ def test_haskell_profile_names_missing_tools_then_passes_when_present(tmp_path, 
     # the built-in profile's options, served by the test inventory
     prof = Profile(slug="test-hs", extension=EXT, options=builtin.options)
     b = cat.extensions[EXT].instance()
-    handle = b.provision(prof, {"vm": "vm0", "sandbox_id": sid("hs")}, None)
+    handle = b.provision(request(prof, {"vm": "vm0", "sandbox_id": sid("hs")}, None))
     try:
         start = time.monotonic()
         with pytest.raises(ReadinessTimeout, match="missing on PATH: ghc, cabal"):
@@ -154,7 +155,7 @@ def test_haskell_profile_names_missing_tools_then_passes_when_present(tmp_path, 
             path = ssh_home / "bin" / tool
             path.write_text("#!/bin/sh\necho 9.4.8\n")
             path.chmod(0o755)
-        assert b.wait_ready(handle, timeout=20)["remote_dir"] == handle["remote_dir"]
+        assert b.wait_ready(handle, timeout=20).remote_dir == handle.remote_dir
     finally:
         for tool in ("ghc", "cabal"):
             (ssh_home / "bin" / tool).unlink(missing_ok=True)
@@ -163,8 +164,8 @@ def test_haskell_profile_names_missing_tools_then_passes_when_present(tmp_path, 
 
 
 def test_failing_readiness_command_times_out_with_its_output(backend):
-    handle = backend.provision(profile(readiness_command=["sh", "-c", "echo not yet >&2; exit 3"]),
-                               {"vm": "vm0", "sandbox_id": sid("rc")}, None)
+    handle = backend.provision(request(profile(readiness_command=["sh", "-c", "echo not yet >&2; exit 3"]),
+                                       {"vm": "vm0", "sandbox_id": sid("rc")}, None))
     try:
         with pytest.raises(ReadinessTimeout, match="exited 3: not yet"):
             backend.wait_ready(handle, timeout=2)
@@ -173,17 +174,17 @@ def test_failing_readiness_command_times_out_with_its_output(backend):
 
 
 def test_workspace_lost_before_teardown(backend):
-    handle = backend.provision(profile(), {"vm": "vm0", "sandbox_id": sid("lost")}, None)
-    shutil.rmtree(handle["remote_dir"])
+    handle = backend.provision(request(profile(), {"vm": "vm0", "sandbox_id": sid("lost")}, None))
+    shutil.rmtree(handle.remote_dir)
     backend.teardown(handle)
-    assert not Path(handle["root"], f".sandboxer-{handle['name']}.json").exists()
+    assert not Path(handle.root, f".sandboxer-{handle.name}.json").exists()
 
 
 def test_teardown_never_touches_the_rest_of_the_vm(backend, tmp_path):
     root = tmp_path / "vm0"
     root.mkdir()
     (root / "keep").write_text("other tenant")
-    handle = backend.provision(profile(), {"vm": "vm0", "sandbox_id": sid("keep")}, None)
+    handle = backend.provision(request(profile(), {"vm": "vm0", "sandbox_id": sid("keep")}, None))
     backend.teardown(handle)
     assert (root / "keep").read_text() == "other tenant" and [p.name for p in root.iterdir()] == ["keep"]
 
@@ -208,7 +209,7 @@ def test_hostile_inputs_are_refused_and_run_nothing(backend, tmp_path, marker, b
     values = {k: v.replace("{marker}", str(marker)) if isinstance(v, str) else v for k, v in bad.items()}
     inputs = {"vm": "vm0", "sandbox_id": sid("bad"), **values}
     with pytest.raises(InputError):
-        backend.provision(profile(), {k: v for k, v in inputs.items() if v is not None}, None)
+        backend.provision(request(profile(), {k: v for k, v in inputs.items() if v is not None}, None))
     assert not (tmp_path / "vm0").exists(), "something ran on the VM"
 
 
@@ -219,8 +220,8 @@ def test_symlink_out_of_the_root_is_refused(backend, tmp_path):
     root.mkdir()
     (root / "evil").symlink_to(outside)
     with pytest.raises(InputError, match="symlink"):
-        backend.provision(profile(), {"vm": "vm0", "sandbox_id": sid("sym"), "workspace_dir": "evil",
-                                      "repo": "/nonexistent"}, None)
+        backend.provision(request(profile(), {"vm": "vm0", "sandbox_id": sid("sym"), "workspace_dir": "evil",
+                                              "repo": "/nonexistent"}, None))
     assert list(outside.iterdir()) == [] and (root / "evil").is_symlink()
     assert not (root / ".sandboxer-evil.json").exists()
 
@@ -231,7 +232,7 @@ def test_host_key_mismatch_is_refused_before_any_command(tmp_path, vm_cfg, sshd_
     vm_cfg["vms"]["vm0"]["known_hosts"] = str(bad)
     b = load_backend(write_config(tmp_path / "cfg", EXT, HANDLER, vm_cfg), EXT)
     with pytest.raises(HostKeyError):
-        b.provision(profile(), {"vm": "vm0", "sandbox_id": sid("hk")}, None)
+        b.provision(request(profile(), {"vm": "vm0", "sandbox_id": sid("hk")}, None))
     assert not (tmp_path / "vm0").exists()
 
 
@@ -240,12 +241,12 @@ def test_unreachable_vm_fails_fast_and_transient(tmp_path, vm_cfg):
     b = load_backend(write_config(tmp_path / "cfg", EXT, HANDLER, vm_cfg), EXT)
     start = time.monotonic()
     with pytest.raises(ProvisionError) as info:
-        b.provision(profile(), {"vm": "vm0", "sandbox_id": sid("down")}, None)
+        b.provision(request(profile(), {"vm": "vm0", "sandbox_id": sid("down")}, None))
     assert info.value.transient and time.monotonic() - start < 3
 
 
 def test_exec_deadline_kills_every_process_of_the_command(backend):
-    handle = backend.provision(profile(), {"vm": "vm0", "sandbox_id": sid("dl")}, None)
+    handle = backend.provision(request(profile(), {"vm": "vm0", "sandbox_id": sid("dl")}, None))
     try:
         mark = uuid.uuid4().hex
         res = backend.exec(handle, ["sh", "-c", "trap '' TERM; (setsid sleep 60 &); sleep 60"],
@@ -260,7 +261,7 @@ def test_a_character_split_across_packets_arrives_whole(backend):
     from sandboxer.errors import InputError
     from tests.unit.test_execution import check_split
 
-    handle = backend.provision(profile(), {"vm": "vm0", "sandbox_id": sid("utf8")}, None)
+    handle = backend.provision(request(profile(), {"vm": "vm0", "sandbox_id": sid("utf8")}, None))
     try:
         check_split(lambda argv, on_output: backend.exec(handle, argv, on_output=on_output))
         with pytest.raises(InputError, match=r"ext\.\S+: exec needs a non-empty argv"):
