@@ -525,21 +525,33 @@ class ModalExtension(SandboxExtension):
         return ModalReachability(sandbox_id=object_id, app_id=handle.app_id)
 
     def teardown(self, handle: ModalHandle) -> TeardownReport:
-        """Terminate the sandbox; one that Modal no longer knows counts as gone."""
+        """Terminate the sandbox. One Modal already ended (its timeout passed, it was terminated
+        elsewhere) or no longer knows is already gone: billing stops when it was last seen.
+
+        ``Sandbox.from_id`` reads the sandbox's result (``SandboxWaitV2``); its ``returncode`` is
+        None while it runs, else what it ended with (124 at its timeout, 137 when terminated),
+        kept in the report. Modal's terminate of an ended sandbox is a no-op, so it is not sent.
+        """
         object_id = handle.object_id
         modal_exc = importlib.import_module("modal.exception")
 
-        def terminate(client: Any) -> bool:
+        def terminate(client: Any) -> tuple[bool, int | None]:
             try:
-                self._sdk().Sandbox.from_id(object_id, client=client).terminate()
+                sb = self._sdk().Sandbox.from_id(object_id, client=client)
+                if sb.returncode is not None:
+                    return True, sb.returncode
+                sb.terminate()
             except modal_exc.NotFoundError:
-                return True
-            return False
+                return True, None
+            return False, None
 
-        gone = self._call("teardown", terminate, consumer=handle.credentials, sandbox=object_id,
-                          error=TeardownError)
+        gone, returncode = self._call("teardown", terminate, consumer=handle.credentials, sandbox=object_id,
+                                      error=TeardownError)
         self._forget(object_id)
-        return TeardownReport(already_gone=gone, removed=[] if gone else [object_id], detail={"object_id": object_id})
+        detail: dict[str, Any] = {"object_id": object_id}
+        if returncode is not None:
+            detail["returncode"] = returncode
+        return TeardownReport(already_gone=gone, removed=[] if gone else [object_id], detail=detail)
 
     def probe(self, handle: ModalHandle) -> bool | None:
         """Whether Modal still runs the sandbox: one ``poll`` (False once it finished or is unknown)."""

@@ -184,7 +184,8 @@ class ModalStandIn:
             self._lose_create += 1
 
     def kill(self, sandbox_id: str) -> None:
-        """Kill a sandbox behind the SDK's back (its worker died, an operator stopped it)."""
+        """Kill a sandbox behind the SDK's back (its worker died, an operator stopped it): it stays known
+        with a TERMINATED result (the SDK's ``returncode`` 137) until it is purged."""
         sb = self.sandboxes[sandbox_id]
         sb.status, sb.finished_at = _GENERIC.GENERIC_STATUS_TERMINATED, time.time()
         asyncio.run_coroutine_threadsafe(self._kill_execs(sb), self._loop).result(timeout=10)
@@ -195,9 +196,11 @@ class ModalStandIn:
         asyncio.run_coroutine_threadsafe(self._kill_execs(sb), self._loop).result(timeout=10)
 
     def finish(self, sandbox_id: str) -> None:
-        """Mark a sandbox terminated behind the client's back (its TTL ran out, say)."""
+        """End a sandbox at its timeout, as Modal does: its container goes (everything it ran with it),
+        and it stays known with a TIMEOUT result (the SDK's ``returncode`` 124) until it is purged."""
         sb = self.sandboxes[sandbox_id]
         sb.status, sb.finished_at = _GENERIC.GENERIC_STATUS_TIMEOUT, time.time()
+        asyncio.run_coroutine_threadsafe(self._kill_execs(sb), self._loop).result(timeout=10)
 
     def called(self, method: str) -> list[Any]:
         return [req for name, req in self.calls if name == method]

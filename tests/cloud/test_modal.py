@@ -435,3 +435,23 @@ def test_core_imports_without_the_modal_sdk(tmp_path):
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+
+@pytest.mark.parametrize(("ended", "returncode"), [("finish", 124), ("kill", 137)])
+def test_teardown_of_a_sandbox_modal_already_ended_says_already_gone(backend, standin, ended, returncode):
+    """Its timeout passed (finish) or it was terminated elsewhere (kill): the report says already gone, so
+    billing stops when the sandbox was last seen, not at this teardown."""
+    from tests.cloud.modal_standin import SANDBOX_MARKER
+    from tests.cloud.procs import marked
+
+    ext, profile = backend
+    handle = ext.provision(request(profile, inputs(), None))
+    ext.wait_ready(handle, timeout=10)
+    assert ext.exec(handle, ["sh", "-c", "setsid sleep 300 > /dev/null 2>&1 & echo started"]).stdout == "started\n"
+    getattr(standin, ended)(handle.object_id)
+    assert marked(SANDBOX_MARKER, handle.object_id) == []  # its container is gone, and all it ran
+    report = ext.teardown(handle)
+    assert (report.already_gone, report.removed) == (True, [])
+    assert report.detail == {"object_id": handle.object_id, "returncode": returncode}  # as Modal reported it
+    assert ext.teardown(handle).already_gone is True  # and again
