@@ -386,3 +386,18 @@ def test_exec_on_a_sandbox_gone_at_e2b_is_exec_error(make_ext, standin: E2BStand
         ext.exec(handle, ["true"])
     with pytest.raises(ReadinessTimeout, match="gone"):
         ext.wait_ready(handle, timeout=2)
+
+
+
+def test_exec_cwd_round_trips_the_directory_pwd_reports(make_ext, standin: E2BStandIn):
+    """The conformance kit's exec_cwd step: a directory the sandbox's own pwd named is where cwd runs."""
+    ext, profile = make_ext()
+    handle = ext.provision(request(profile, inputs("sbx-cwd"), None))
+    ext.wait_ready(handle, timeout=10)
+    res = ext.exec(handle, ["sh", "-c", "mkdir -p sbx-conformance-dir && cd sbx-conformance-dir && pwd -P"])
+    target = res.stdout.strip()
+    assert res.exit_code == 0 and target
+    assert ext.exec(handle, ["pwd", "-P"], cwd=target).stdout.strip() == target
+    start = [c for c in standin.calls if c["path"] == "/process.Process/Start"][-1]
+    assert target.encode() in start["body"]  # the cwd went on the wire as given (in a Connect envelope)
+    ext.teardown(handle)

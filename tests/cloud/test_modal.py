@@ -455,3 +455,17 @@ def test_teardown_of_a_sandbox_modal_already_ended_says_already_gone(backend, st
     assert (report.already_gone, report.removed) == (True, [])
     assert report.detail == {"object_id": handle.object_id, "returncode": returncode}  # as Modal reported it
     assert ext.teardown(handle).already_gone is True  # and again
+
+
+
+def test_exec_cwd_round_trips_the_directory_pwd_reports(backend, standin):
+    """The conformance kit's exec_cwd step: a directory the sandbox's own pwd named is where cwd runs."""
+    ext, profile = backend
+    handle = ext.provision(request(profile, inputs(), None))
+    ext.wait_ready(handle, timeout=10)
+    res = ext.exec(handle, ["sh", "-c", "mkdir -p sbx-conformance-dir && cd sbx-conformance-dir && pwd -P"])
+    target = res.stdout.strip()
+    assert res.exit_code == 0 and target
+    assert ext.exec(handle, ["pwd", "-P"], cwd=target).stdout.strip() == target
+    assert standin.called("TaskExecStart")[-1].workdir == target  # the workdir went on the wire as given
+    ext.teardown(handle)
