@@ -713,6 +713,7 @@ class ModalExtension(SandboxExtension):
 
         def stats_of(client: Any) -> Any:
             try:
+                # the SDK's only usage API: documented, but named experimental (no public equivalent yet)
                 return self._sdk().Sandbox.from_id(object_id, client=client)._experimental_stats()
             except (modal_exc.NotFoundError, modal_exc.UnimplementedError):
                 return None
