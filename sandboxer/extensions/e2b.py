@@ -11,9 +11,10 @@ Rules kept here:
 * the API key is given only by reference (:class:`~sandboxer.secrets.SecretRef`),
   resolved at each call, and never stored in a handle, a log line, an
   exception message or a ``repr``; provider messages are redacted;
-* every SDK call runs through :meth:`E2BExtension._call`, the one place that
-  decides which sand-boxer error an SDK exception becomes, by exception type
-  and HTTP status, never by message text; ours is raised outside the SDK's
+* every SDK call runs through :meth:`E2BExtension._call`, which maps the SDK's
+  exceptions through this backend's one :class:`~sandboxer.contract.ErrorTable`
+  (by exception type and HTTP status, never by message text) with
+  :func:`~sandboxer.contract.translated`: ours is raised outside the SDK's
   ``except`` block, so the SDK's exception (which may echo the key) is not
   reachable from it, and no frame of ours holds the key;
 * a timed-out command is exit 124 with ``timed_out``, and nothing it started
@@ -30,11 +31,15 @@ import re
 import secrets
 import shlex
 import time
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sandboxer.contract import (ErrorTable, Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult,
+                                TeardownReport, translated)
 from sandboxer.errors import (
     AuthError,
     BackendError,
@@ -57,8 +62,8 @@ from sandboxer.execution import (
     check_argv,
     kill_marked_argv,
 )
-from sandboxer.extensions.base import OutputCallback, SandboxExtension, translated
-from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration, parse_duration
+from sandboxer.extensions.base import OutputCallback, SandboxExtension
+from sandboxer.models import Duration, ExecResult, SnapshotMeta, format_duration
 from sandboxer.poll import poll
 from sandboxer.secrets import SecretRef, redact
 
@@ -144,6 +149,62 @@ class E2BOptions(BaseModel):
     cwd: str | None = Field(default=None, description="working directory of commands when exec gives none")
 
 
+class E2BExecDefaults(BaseModel):
+    """What a sandbox's commands run with when exec gives none (from the profile's options)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    user: str | None = None
+    cwd: str | None = None
+
+
+class E2BHandle(Handle):
+    """An E2B sandbox, as the state store keeps it: ids and times, never the key or envd's token.
+
+    ``consumer`` names whose key the sandbox was made with (so every later call uses that key),
+    by the consumer's name only.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    e2b_sandbox_id: str = Field(min_length=1)
+    template: str | None = None
+    consumer: str | None = None
+    timeout_s: int | None = Field(default=None, description="the E2B timeout it was created with")
+    started_at: float | None = None
+    exec: E2BExecDefaults = Field(default_factory=E2BExecDefaults)
+    ttl_clamped: bool = False
+    restored_from: str | None = Field(default=None, description="the snapshot it was restored from")
+
+
+class E2BReachability(Reachability):
+    """How a ready E2B sandbox is reached (through the SDK, with the key: never a URL alone)."""
+
+    provider: Literal["e2b"] = "e2b"
+    e2b_sandbox_id: str
+    template: str | None = None
+    envd_url: str
+
+
+@dataclass(frozen=True)
+class _Call:
+    """The SDK call being made, which the error table's makers name in their messages."""
+
+    op: str
+    consumer: str | None
+    fallback: type[BackendError]
+    sandbox: str | None
+    gone: type[BackendError] | None
+
+    @property
+    def where(self) -> str:
+        return f"E2B {self.op}" + (f" of sandbox {self.sandbox}" if self.sandbox else "")
+
+
+#: The call :meth:`E2BExtension._call` is making in this thread (read by the error table's makers).
+_CALL: ContextVar[_Call] = ContextVar("sandboxer_e2b_call")
+
+
 def _iso(value: Any) -> str | None:
     if isinstance(value, datetime):
         return value.astimezone(timezone.utc).isoformat()
@@ -166,8 +227,13 @@ class E2BExtension(SandboxExtension):
     ProfileOptions: ClassVar[type[BaseModel]] = E2BOptions
     features: ClassVar[frozenset[str]] = frozenset({"exec", "snapshots", "metering", "list_owned"})
     requires: ClassVar[tuple[str, str] | None] = ("e2b", "e2b")
+    Handle = E2BHandle
 
     config: E2BConfig
+
+    def __init__(self, manifest: Any, config: BaseModel):
+        super().__init__(manifest, config)
+        self._table: ErrorTable | None = None
 
     # ------------------------------------------------------------ credentials
 
@@ -208,7 +274,7 @@ class E2BExtension(SandboxExtension):
         sandbox: str | None = None,
         gone: type[BackendError] | None = None,
     ) -> T:
-        """Run ``fn(sdk_opts)`` with ``consumer``'s key; SDK exceptions become sand-boxer errors.
+        """Run ``fn(sdk_opts)`` with ``consumer``'s key; SDK exceptions become ours through :attr:`errors`.
 
         The key is resolved here and lives only in ``fn``'s frames, which belong to the
         SDK exception's traceback, never to ours. Ours is raised after the ``except``
@@ -223,67 +289,84 @@ class E2BExtension(SandboxExtension):
             sandbox: the E2B sandbox id, named in messages when known.
             gone: the class a "sandbox not found" becomes (default: ``fallback``).
         """
-        return translated(lambda: fn(self._opts(consumer)), lambda exc: self._map(
-            exc, op, consumer=consumer, fallback=fallback, sandbox=sandbox, gone=gone))
+        token = _CALL.set(_Call(op, consumer, fallback, sandbox, gone))
+        try:
+            return translated(lambda: fn(self._opts(consumer)), self.errors)
+        finally:
+            _CALL.reset(token)
 
-    def _map(
-        self,
-        exc: Exception,
-        op: str,
-        *,
-        consumer: str | None,
-        fallback: type[BackendError],
-        sandbox: str | None,
-        gone: type[BackendError] | None,
-    ) -> BackendError | None:
-        """The sand-boxer error for an SDK exception, by type and HTTP status only (None: not the SDK's)."""
-        sdk = _sdk()
-        httpx = importlib.import_module("httpx")  # the SDK's own HTTP client, present whenever the SDK is
-        where = f"E2B {op}" + (f" of sandbox {sandbox}" if sandbox else "")
-        detail = self._detail(exc, consumer)
-        if isinstance(exc, sdk.AuthenticationException):
-            return AuthError(
-                f"{where}: E2B refused the API key from {self._key_ref(consumer).describe()} (HTTP 401); "
-                "check the key or rotate it (see docs/byok.md)",
-                backend=self.id, credential=self.credential(consumer),
-            )
-        if isinstance(exc, sdk.RateLimitException):
-            return RateLimited(f"{where}: rate limited by E2B (HTTP 429): {detail}",
-                               retry_after=self._retry_after(exc), backend=self.id)
-        if isinstance(exc, sdk.ServiceBusyException):
-            return CapacityUnavailable(f"{where}: E2B has no capacity right now (HTTP 503): {detail}",
-                                       backend=self.id)
-        if isinstance(exc, (sdk.SandboxNotFoundException, sdk.SandboxNotRunningException)):
-            return self._make(gone or fallback, f"{where}: the sandbox is gone at E2B: {detail}")
-        if isinstance(exc, sdk.TimeoutException):
-            cls = ReadinessTimeout if fallback is ReadinessTimeout else fallback
-            return self._make(cls, f"{where}: timed out: {detail}", transient=True)
-        if isinstance(exc, sdk.SandboxException):
-            status = getattr(exc, "status_code", None)
-            msg = f"{where} failed (HTTP {status or '-'}): {detail}"
-            if status == 429:
-                return RateLimited(msg, retry_after=self._retry_after(exc), backend=self.id)
-            if status == 403:
-                return QuotaExceeded(msg, backend=self.id)
-            if status == 503:
-                return CapacityUnavailable(msg, backend=self.id)
-            return self._make(fallback, msg, transient=status is None or status >= 500)
-        if isinstance(exc, httpx.TimeoutException):
-            return self._make(fallback, f"{where}: timed out: {detail}", transient=True)
-        if isinstance(exc, (httpx.TransportError, OSError)):
-            # REST calls surface httpx's errors; envd RPCs the builtin ConnectionError/TimeoutError (pyqwest)
-            return self._make(fallback, f"{where}: cannot reach E2B: {type(exc).__name__}: {detail}", transient=True)
-        return None
+    @property
+    def errors(self) -> ErrorTable:
+        """This backend's one map from the SDK's exceptions to ours, by type and HTTP status only.
+
+        Built on first use, since the SDK is imported lazily. Each maker reads the call being
+        made (what, whose key, which sandbox, the fallback class) from :meth:`_call`.
+        """
+        if self._table is None:
+            sdk = _sdk()
+            httpx = importlib.import_module("httpx")  # the SDK's own HTTP client, present whenever the SDK is
+            self._table = ErrorTable({
+                sdk.AuthenticationException: self._refused,
+                sdk.RateLimitException: lambda e: RateLimited(
+                    f"{_CALL.get().where}: rate limited by E2B (HTTP 429): {self._detail(e)}",
+                    retry_after=self._retry_after(e), backend=self.id),
+                sdk.ServiceBusyException: lambda e: CapacityUnavailable(
+                    f"{_CALL.get().where}: E2B has no capacity right now (HTTP 503): {self._detail(e)}",
+                    backend=self.id),
+                sdk.SandboxNotFoundException: self._gone,
+                sdk.SandboxNotRunningException: self._gone,
+                sdk.TimeoutException: self._timed_out,
+                sdk.SandboxException: self._by_status,
+                httpx.TimeoutException: self._timed_out,
+                # REST calls surface httpx's errors; envd RPCs the builtin ConnectionError/TimeoutError (pyqwest)
+                httpx.TransportError: self._unreachable,
+                OSError: self._unreachable,
+            })
+        return self._table
+
+    def _refused(self, exc: BaseException) -> AuthError:
+        call = _CALL.get()
+        return AuthError(
+            f"{call.where}: E2B refused the API key from {self._key_ref(call.consumer).describe()} (HTTP 401); "
+            "check the key or rotate it (see docs/byok.md)",
+            backend=self.id, credential=self.credential(call.consumer),
+        )
+
+    def _gone(self, exc: BaseException) -> BackendError:
+        call = _CALL.get()
+        return self._make(call.gone or call.fallback, f"{call.where}: the sandbox is gone at E2B: {self._detail(exc)}")
+
+    def _timed_out(self, exc: BaseException) -> BackendError:
+        call = _CALL.get()
+        return self._make(call.fallback, f"{call.where}: timed out: {self._detail(exc)}", transient=True)
+
+    def _unreachable(self, exc: BaseException) -> BackendError:
+        call = _CALL.get()
+        return self._make(call.fallback, f"{call.where}: cannot reach E2B: {type(exc).__name__}: {self._detail(exc)}",
+                          transient=True)
+
+    def _by_status(self, exc: BaseException) -> BackendError:
+        """Any other API error, by its HTTP status (the SDK's public ``status_code``)."""
+        call = _CALL.get()
+        status = getattr(exc, "status_code", None)
+        msg = f"{call.where} failed (HTTP {status or '-'}): {self._detail(exc)}"
+        if status == 429:
+            return RateLimited(msg, retry_after=self._retry_after(exc), backend=self.id)
+        if status == 403:
+            return QuotaExceeded(msg, backend=self.id)
+        if status == 503:
+            return CapacityUnavailable(msg, backend=self.id)
+        return self._make(call.fallback, msg, transient=status is None or status >= 500)
 
     def _make(self, cls: type[BackendError], message: str, *, transient: bool = False) -> BackendError:
         if cls is ProvisionError:
             return ProvisionError(message, transient=transient, backend=self.id)
         return cls(message, backend=self.id)
 
-    def _detail(self, exc: BaseException, consumer: str | None) -> str:
+    def _detail(self, exc: BaseException) -> str:
         """The provider's text of ``exc`` with every configured key scrubbed from it."""
         keys: list[str | None] = []
-        for ref in {self._key_ref(consumer), self.config.api_key, *self.config.consumer_keys.values()}:
+        for ref in {self._key_ref(_CALL.get().consumer), self.config.api_key, *self.config.consumer_keys.values()}:
             try:
                 keys.append(ref.resolve())
             except AuthError:
@@ -311,13 +394,9 @@ class E2BExtension(SandboxExtension):
 
     # ------------------------------------------------------------ lifecycle
 
-    def _ttl(self, profile: Profile, inputs: dict[str, Any], sandbox_id: str) -> tuple[int, bool]:
-        """The E2B timeout for a new sandbox, and whether it was clamped."""
-        raw = inputs.get("ttl", profile.ttl.default)
-        try:
-            ttl = parse_duration(raw)
-        except ValueError as exc:
-            raise TTLError(f"sandbox {sandbox_id}: input 'ttl' (value {raw!r}): {exc}") from None
+    def _ttl(self, request: ProvisionRequest) -> tuple[int, bool]:
+        """The E2B timeout for a new sandbox (the request's TTL), and whether it was clamped."""
+        ttl, sandbox_id = request.ttl, request.sandbox_id
         limit = self.config.plan_max_ttl
         if ttl > limit:
             if self.config.ttl_over_max == "refuse":
@@ -333,22 +412,20 @@ class E2BExtension(SandboxExtension):
             return max(1, int(limit)), True
         return max(1, int(round(ttl))), False
 
-    def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
+    def provision(self, request: ProvisionRequest) -> E2BHandle:
         """Create an E2B sandbox from the profile's template (see the base class)."""
-        opts = self.options(profile)
-        return self._create(profile, inputs, template=opts.template or self.config.template, restored_from=None)
+        opts: E2BOptions = self.options(request.profile)
+        return self._create(request, template=opts.template or self.config.template, restored_from=None)
 
-    def _create(
-        self, profile: Profile, inputs: dict[str, Any], *, template: str, restored_from: str | None
-    ) -> dict[str, Any]:
-        opts: E2BOptions = self.options(profile)
-        sandbox_id = str(inputs["sandbox_id"])
-        tags = {str(k): str(v) for k, v in (inputs.get("tags") or {}).items()}
-        for k, v in (inputs.get("owner_labels") or {}).items():
+    def _create(self, request: ProvisionRequest, *, template: str, restored_from: str | None) -> E2BHandle:
+        opts: E2BOptions = self.options(request.profile)
+        sandbox_id = request.sandbox_id
+        tags = {str(k): str(v) for k, v in request.tags.items()}
+        for k, v in request.owner_labels.items():
             tags.setdefault(str(k), str(v))
         tags["sandboxer.sandbox_id"] = sandbox_id
         consumer = tags.get("sandboxer.consumer")
-        timeout, clamped = self._ttl(profile, inputs, sandbox_id)
+        timeout, clamped = self._ttl(request)
         sdk = _sdk()
         started = time.time()
         e2b_id = self._call("create", lambda sdk_opts: sdk.Sandbox.create(
@@ -360,26 +437,14 @@ class E2BExtension(SandboxExtension):
             idempotency_key=_idempotency_key(sandbox_id),
             **sdk_opts,
         ).sandbox_id, consumer=consumer, fallback=ProvisionError)
-        handle: dict[str, Any] = {
-            "e2b_sandbox_id": e2b_id,
-            "template": template,
-            "consumer": consumer,
-            "timeout_s": timeout,
-            "started_at": started,
-            "host": None,
-        }
-        exec_defaults = {k: v for k, v in (("user", opts.user), ("cwd", opts.cwd)) if v}
-        if exec_defaults:
-            handle["exec"] = exec_defaults
-        if clamped:
-            handle["ttl_clamped"] = True
-        if restored_from:
-            handle["restored_from"] = restored_from
-        return handle
+        return E2BHandle(
+            e2b_sandbox_id=e2b_id, template=template, consumer=consumer, timeout_s=timeout, started_at=started,
+            exec=E2BExecDefaults(user=opts.user, cwd=opts.cwd), ttl_clamped=clamped, restored_from=restored_from,
+        )
 
-    def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    def wait_ready(self, handle: E2BHandle, timeout: float = 60.0) -> E2BReachability:
         """Wait until E2B reports the sandbox running and its envd answers its health check."""
-        sid = handle["e2b_sandbox_id"]
+        sid = handle.e2b_sandbox_id
         sdk = _sdk()
         deadline = time.monotonic() + timeout
 
@@ -395,18 +460,13 @@ class E2BExtension(SandboxExtension):
             )
             return str(sbx.envd_api_url)
 
-        envd_url = self._call("readiness check", ready, consumer=handle.get("consumer"), fallback=ReadinessTimeout,
+        envd_url = self._call("readiness check", ready, consumer=handle.consumer, fallback=ReadinessTimeout,
                               sandbox=sid)
-        return {
-            "provider": "e2b",
-            "e2b_sandbox_id": sid,
-            "template": handle.get("template"),
-            "envd_url": envd_url,
-        }
+        return E2BReachability(e2b_sandbox_id=sid, template=handle.template, envd_url=envd_url)
 
-    def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
-        """Kill the sandbox; one already gone (404) counts as torn down."""
-        sid = handle["e2b_sandbox_id"]
+    def teardown(self, handle: E2BHandle) -> TeardownReport:
+        """Kill the sandbox; one already gone (404: killed, or past its timeout) counts as torn down."""
+        sid = handle.e2b_sandbox_id
         failure: str | None = None
         killed = False
         for attempt in range(KILL_ATTEMPTS):
@@ -414,7 +474,7 @@ class E2BExtension(SandboxExtension):
             try:
                 # ProvisionError as the fallback only to learn whether the failure was transient
                 killed = bool(self._call("kill", lambda sdk_opts: _sdk().Sandbox.kill(sid, **sdk_opts),
-                                         consumer=handle.get("consumer"), fallback=ProvisionError, sandbox=sid))
+                                         consumer=handle.consumer, fallback=ProvisionError, sandbox=sid))
             except ProvisionError as exc:
                 failure = str(exc)
                 if not exc.transient:
@@ -428,11 +488,12 @@ class E2BExtension(SandboxExtension):
                 time.sleep(0.2 * (attempt + 1))  # kill is idempotent: a dropped connection is worth another try
         if failure is not None:
             raise TeardownError(failure, backend=self.id)
-        return {"e2b_sandbox_id": sid, "killed": killed, "already_gone": not killed}
+        return TeardownReport(already_gone=not killed, removed=[sid] if killed else [],
+                              detail={"e2b_sandbox_id": sid, "killed": killed})
 
-    def probe(self, handle: dict[str, Any]) -> bool | None:
+    def probe(self, handle: E2BHandle) -> bool | None:
         """Whether E2B still has the sandbox (running or paused): one ``get_info``."""
-        sid = handle["e2b_sandbox_id"]
+        sid = handle.e2b_sandbox_id
         sdk = _sdk()
 
         def look(sdk_opts: dict[str, Any]) -> bool:
@@ -442,17 +503,17 @@ class E2BExtension(SandboxExtension):
                 return False
             return str(getattr(info.state, "value", info.state)) in ("running", "paused")
 
-        return self._call("probe", look, consumer=handle.get("consumer"), fallback=BackendError, sandbox=sid)
+        return self._call("probe", look, consumer=handle.consumer, fallback=BackendError, sandbox=sid)
 
-    def handle_id(self, handle: dict[str, Any]) -> str | None:
+    def handle_id(self, handle: E2BHandle) -> str | None:
         """The E2B sandbox id: a create retried past a lost response may have made another."""
-        return str(handle.get("e2b_sandbox_id") or "") or None
+        return handle.e2b_sandbox_id
 
     # ------------------------------------------------------------ exec
 
     def exec(
         self,
-        handle: dict[str, Any],
+        handle: E2BHandle,
         argv: list[str],
         *,
         env: dict[str, str] | None = None,
@@ -467,15 +528,15 @@ class E2BExtension(SandboxExtension):
         process forked carries the exec's marker variable, and is killed by it.
         """
         argv = check_argv(argv, backend=self.id)
-        sid = handle["e2b_sandbox_id"]
-        opts = dict(handle.get("exec") or {})
+        sid = handle.e2b_sandbox_id
+        defaults = handle.exec
         sdk = _sdk()
         limit = float(timeout) if timeout is not None else self.config.exec_timeout
         marker = secrets.token_hex(12)
         # The SDK decodes each stream incrementally itself; the collector caps and streams what it
         # hands over, so the SDK is told not to keep a second, uncapped copy.
-        run_kw = {"envs": {**(env or {}), EXEC_MARKER: marker}, "cwd": cwd or opts.get("cwd"),
-                  "user": opts.get("user"), "timeout": limit}
+        run_kw = {"envs": {**(env or {}), EXEC_MARKER: marker}, "cwd": cwd or defaults.cwd,
+                  "user": defaults.user, "timeout": limit}
 
         def run(sdk_opts: dict[str, Any]) -> ExecResult:
             # a fresh collector per attempt: a retried call must not repeat output
@@ -501,11 +562,11 @@ class E2BExtension(SandboxExtension):
                     raise
                 timed_out = True
             if timed_out:
-                self._kill_marked(sbx, marker, opts.get("user"))
+                self._kill_marked(sbx, marker, defaults.user)
                 return out.result(None, timed_out=True)
             return out.result(res.exit_code)
 
-        return self._call("exec", run, consumer=handle.get("consumer"), fallback=ExecError, sandbox=sid)
+        return self._call("exec", run, consumer=handle.consumer, fallback=ExecError, sandbox=sid)
 
     def _kill_marked(self, sbx: Any, marker: str, user: str | None) -> None:
         """Kill what a timed-out command left (its group, ``setsid`` children) by the exec's marker."""
@@ -523,35 +584,29 @@ class E2BExtension(SandboxExtension):
 
     # ------------------------------------------------------------ snapshots
 
-    def snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
+    def snapshot(self, handle: E2BHandle) -> SnapshotResult:
         """Take an E2B snapshot (the SDK's snapshot API: the sandbox pauses while it is taken, then runs on)."""
-        sid = handle["e2b_sandbox_id"]
-        consumer = handle.get("consumer")
+        sid = handle.e2b_sandbox_id
+        consumer = handle.consumer
         snapshot_id, names = self._call(
             "snapshot",
             lambda sdk_opts: (lambda info: (info.snapshot_id, list(info.names)))(
                 _sdk().Sandbox.create_snapshot(sid, **sdk_opts)),
             consumer=consumer, fallback=SnapshotError, sandbox=sid,
         )
-        return {
-            "data": {"snapshot_id": snapshot_id, "names": names, "source": sid, "consumer": consumer},
-            "size_bytes": None,
-            "checksum": None,
-        }
+        return SnapshotResult(data={"snapshot_id": snapshot_id, "names": names, "source": sid, "consumer": consumer})
 
-    def restore_from_snapshot(
-        self, profile: Profile, snapshot_meta: SnapshotMeta, inputs: dict[str, Any], host: str | None
-    ) -> dict[str, Any]:
+    def restore_from_snapshot(self, request: ProvisionRequest, snapshot: SnapshotMeta) -> E2BHandle:
         """Create a new sandbox from the snapshot (E2B starts it from the snapshot's template id)."""
-        snap = snapshot_meta.data.get("snapshot_id")
+        snap = snapshot.data.get("snapshot_id")
         if not snap:
-            raise SnapshotError(f"snapshot {snapshot_meta.id} has no E2B snapshot id", backend=self.id)
+            raise SnapshotError(f"snapshot {snapshot.id} has no E2B snapshot id", backend=self.id)
         failure: str | None = None
         try:
-            return self._create(profile, inputs, template=str(snap), restored_from=snapshot_meta.id)
+            return self._create(request, template=str(snap), restored_from=snapshot.id)
         except ProvisionError as exc:
             failure = str(exc)
-        raise SnapshotError(f"restore of snapshot {snapshot_meta.id}: {failure}", backend=self.id)
+        raise SnapshotError(f"restore of snapshot {snapshot.id}: {failure}", backend=self.id)
 
     def delete_snapshot(self, snapshot_meta: SnapshotMeta) -> None:
         """Delete the E2B snapshot; one already gone is fine."""
@@ -563,7 +618,7 @@ class E2BExtension(SandboxExtension):
 
     # ------------------------------------------------------------ gc
 
-    def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
+    def list_owned(self, owner_labels: dict[str, str]) -> list[OwnedSandbox]:
         """Every E2B sandbox (running or paused) whose metadata carries ``owner_labels``.
 
         Asks with each configured key (the operator's and each consumer's), so
@@ -573,7 +628,7 @@ class E2BExtension(SandboxExtension):
         one revoked key does not hide the other keys' orphans from gc; when every
         key is refused, the operator's key's AuthError is raised.
         """
-        found: dict[str, dict[str, Any]] = {}
+        found: dict[str, OwnedSandbox] = {}
         refused: list[AuthError] = []
         listed = 0
         seen_refs: set[SecretRef] = set()
@@ -596,7 +651,7 @@ class E2BExtension(SandboxExtension):
         return list(found.values())
 
     def _list_pages(self, sdk_opts: dict[str, Any], owner_labels: dict[str, str],
-                    found: dict[str, dict[str, Any]]) -> None:
+                    found: dict[str, OwnedSandbox]) -> None:
         sdk = _sdk()
         pager = sdk.Sandbox.list(query=sdk.SandboxQuery(metadata=dict(owner_labels)), limit=100, **sdk_opts)
         for _ in range(MAX_LIST_PAGES):
@@ -609,28 +664,23 @@ class E2BExtension(SandboxExtension):
                 ours = meta.get("sandboxer.sandbox_id")
                 if not ours:
                     continue
-                found[info.sandbox_id] = {
-                    "sandbox_id": ours,
-                    "handle": {
-                        "e2b_sandbox_id": info.sandbox_id,
-                        "template": info.template_id,
-                        "consumer": meta.get("sandboxer.consumer"),
-                        "started_at": info.started_at.timestamp() if info.started_at else None,
-                        "host": None,
-                    },
-                    "state": str(getattr(info.state, "value", info.state)),
-                }
+                found[info.sandbox_id] = OwnedSandbox(sandbox_id=ours, handle=E2BHandle(
+                    e2b_sandbox_id=info.sandbox_id,
+                    template=info.template_id,
+                    consumer=meta.get("sandboxer.consumer"),
+                    started_at=info.started_at.timestamp() if info.started_at else None,
+                ))
 
     # ------------------------------------------------------------ metering
 
-    def meter_actual(self, handle: dict[str, Any]) -> dict[str, Any] | None:
+    def meter_actual(self, handle: E2BHandle) -> dict[str, Any] | None:
         """What E2B reports of the sandbox: its size and times (None once it is gone).
 
         The manager prices the recorded start and stop; this refines them with
         the vCPUs and memory E2B actually gave the sandbox, as
         ``rate_per_second`` (the manifest's prices applied to that size).
         """
-        sid = handle["e2b_sandbox_id"]
+        sid = handle.e2b_sandbox_id
         sdk = _sdk()
 
         def info_of(sdk_opts: dict[str, Any]) -> Any:
@@ -640,7 +690,7 @@ class E2BExtension(SandboxExtension):
                 return None
 
         try:
-            info = self._call("info", info_of, consumer=handle.get("consumer"), fallback=ProvisionError, sandbox=sid)
+            info = self._call("info", info_of, consumer=handle.consumer, fallback=ProvisionError, sandbox=sid)
         except BackendError as exc:
             log.warning("meter_actual: %s", exc)
             return None

@@ -9,18 +9,20 @@ It owns the mapping of sand-boxer's verbs onto the official ``modal`` SDK
   at call time; a handle holds only ids, never a token, and every provider
   message is passed through :func:`~sandboxer.secrets.redact`;
 * the SDK's exceptions become sand-boxer errors in one place,
-  :meth:`ModalExtension._call`, by exception type and gRPC status detail,
-  never by message text; ours is raised outside the SDK's ``except`` block, so
-  the SDK's exception (which may echo the token) is not reachable from it, and
-  no frame of ours holds a token.
+  :meth:`ModalExtension._call`, through this backend's one
+  :class:`~sandboxer.contract.ErrorTable` (by exception type and gRPC status
+  detail, never by message text) and :func:`~sandboxer.contract.translated`:
+  ours is raised outside the SDK's ``except`` block, so the SDK's exception
+  (which may echo the token) is not reachable from it, and no frame of ours
+  holds a token.
 
 Verbs: provision = ``App.lookup`` + ``Sandbox.create`` (image, timeout = TTL,
 idle_timeout, cpu, memory, tags, readiness probe); wait_ready =
-``wait_until_ready``; exec = ``Sandbox.exec``; teardown = ``terminate``
-(already gone is success); snapshot = ``snapshot_filesystem``; restore =
-``Sandbox.create`` from the snapshot image; reattach = ``Sandbox.from_id``;
-list_owned = ``Sandbox.list`` by tags; probe = ``poll``; meter_actual = the SDK's
-sandbox stats. A timed-out exec is exit 124 and leaves nothing it started running.
+``wait_until_ready``; exec = ``Sandbox.exec``; teardown = ``terminate`` (a
+sandbox Modal already ended, or no longer knows, is already gone); snapshot =
+``snapshot_filesystem``; restore = ``Sandbox.create`` from the snapshot image;
+reattach = ``Sandbox.from_id``; list_owned = ``Sandbox.list`` by tags; probe =
+``poll``; meter_actual = the SDK's sandbox stats. A timed-out exec is exit 124 and leaves nothing it started running.
 """
 
 from __future__ import annotations
@@ -33,11 +35,16 @@ import os
 import secrets
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sandboxer.contract import (ErrorTable, Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult,
+                                TeardownReport, translated)
 from sandboxer.errors import (
     AuthError,
     BackendError,
@@ -47,7 +54,6 @@ from sandboxer.errors import (
     ProvisionError,
     RateLimited,
     ReadinessTimeout,
-    SandboxerError,
     SnapshotError,
     TeardownError,
     TTLError,
@@ -60,8 +66,8 @@ from sandboxer.execution import (
     check_argv,
     kill_marked_argv,
 )
-from sandboxer.extensions.base import RESERVED_INPUTS, OutputCallback, SandboxExtension, translated
-from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration, parse_duration
+from sandboxer.extensions.base import OutputCallback, SandboxExtension
+from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration
 from sandboxer.secrets import SecretRef, redact
 
 log = logging.getLogger(__name__)
@@ -72,8 +78,8 @@ VCPUS_PER_MODAL_CORE = 2.0
 MIN_MODAL_CORES = 0.125
 #: Loggers below the SDK that write request headers (the token pair among them) at DEBUG.
 HEADER_LOGGERS = ("hpack", "h2")
-#: Inputs this backend reads besides the reserved ones.
-KNOWN_INPUTS = frozenset({"image", "env", "ttl"})
+#: The inputs this backend reads.
+KNOWN_INPUTS = frozenset({"image", "env"})
 
 T = TypeVar("T")
 
@@ -148,6 +154,47 @@ class ModalOptions(_Strict):
     readiness_probe: ModalProbe = ModalProbe(exec=["true"])
 
 
+class ModalHandle(Handle):
+    """A Modal sandbox, as the state store keeps it: ids, never a token.
+
+    ``credentials`` names the consumer whose token pair made it (None: the default pair),
+    by the consumer's name only.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    object_id: str = Field(min_length=1, description="the Modal sandbox id (sb-...)")
+    app_id: str | None = None
+    credentials: str | None = None
+    started_at: float | None = None
+    ttl_s: float | None = None
+    cpu: float | None = None
+    memory_mb: int | None = None
+    image: str | None = Field(default=None, description="the image id or registry tag it started from")
+
+
+class ModalReachability(Reachability):
+    """How a ready Modal sandbox is reached (through the SDK, with the token pair)."""
+
+    provider: Literal["modal"] = "modal"
+    sandbox_id: str = Field(description="the Modal sandbox id")
+    app_id: str | None = None
+
+
+@dataclass(frozen=True)
+class _Call:
+    """The SDK call being made, which the error table's makers name in their messages."""
+
+    where: str
+    consumer: str | None
+    error: type[BackendError]
+    timeout_error: type[BackendError] | None
+
+
+#: The call :meth:`ModalExtension._call` is making in this thread (read by the error table's makers).
+_CALL: ContextVar[_Call] = ContextVar("sandboxer_modal_call")
+
+
 # ------------------------------------------------------------------ backend
 
 class ModalExtension(SandboxExtension):
@@ -157,6 +204,7 @@ class ModalExtension(SandboxExtension):
     ProfileOptions: ClassVar[type[BaseModel]] = ModalOptions
     features: ClassVar[frozenset[str]] = frozenset({"exec", "snapshots", "metering", "list_owned"})
     requires: ClassVar[tuple[str, str] | None] = ("modal", "modal")
+    Handle = ModalHandle
 
     config: ModalConfig
 
@@ -167,6 +215,7 @@ class ModalExtension(SandboxExtension):
         # new client, and no plain secret is kept as a dictionary key.
         self._clients: dict[str, Any] = {}
         self._sandboxes: dict[tuple[int, str], Any] = {}
+        self._table: ErrorTable | None = None
 
     # -------------------------------------------------------------- plumbing
 
@@ -248,7 +297,7 @@ class ModalExtension(SandboxExtension):
         error: type[BackendError],
         timeout_error: type[BackendError] | None = None,
     ) -> T:
-        """Run ``fn(client)`` with ``consumer``'s token pair; SDK exceptions become sand-boxer errors.
+        """Run ``fn(client)`` with ``consumer``'s token pair; SDK exceptions become ours through :attr:`errors`.
 
         The tokens are resolved here and live only in frames of the SDK exception's
         traceback, never of ours. Ours is raised after the ``except`` block has ended,
@@ -263,62 +312,85 @@ class ModalExtension(SandboxExtension):
             error: the error for failures with no more specific meaning.
             timeout_error: the error for deadlines (default: ``error``).
         """
-        return translated(lambda: fn(self._client(consumer)),
-                          lambda exc: self._map(exc, op, consumer, sandbox, error, timeout_error))
-
-    def _map(
-        self,
-        exc: Exception,
-        op: str,
-        consumer: str | None,
-        sandbox: str | None,
-        error: type[BackendError],
-        timeout_error: type[BackendError] | None,
-    ) -> SandboxerError | None:
-        """The sand-boxer error for an SDK exception, by type and gRPC status detail (None: not the SDK's)."""
-        modal_exc = importlib.import_module("modal.exception")
-        grpc_utils = importlib.import_module("modal._utils.grpc_utils")
-        api_pb2 = importlib.import_module("modal_proto.api_pb2")
         where = f"{self.id}: {op}" + (f" {sandbox}" if sandbox else "")
-        if isinstance(exc, modal_exc.Error):
-            cause: Exception = exc
-            if isinstance(exc, grpc_utils.RetryTimeoutError):
-                cause = exc.final_exception
-            text = redact(f"{type(cause).__name__}: {cause}", self._secrets())
-            details = getattr(cause, "_grpc_details", None) or []
-            if isinstance(cause, (modal_exc.AuthError, modal_exc.PermissionDeniedError)):
-                creds = self._credentials(consumer)
-                return AuthError(
-                    f"{where}: Modal refused the token pair in {creds.token_id.describe()} and "
-                    f"{creds.token_secret.describe()} ({type(cause).__name__}); check it or rotate it "
-                    "(see docs/byok.md)",
-                    backend=self.id, credential=self.credential(consumer),
-                )
-            if isinstance(cause, modal_exc.ResourceExhaustedError):
-                return self._exhausted(where, text, details, api_pb2)
-            if isinstance(cause, (modal_exc.TimeoutError, grpc_utils.RetryTimeoutError)) or (
-                isinstance(cause, modal_exc.ServiceError) and _is_deadline(cause)
-            ):
-                return _make(timeout_error or error, f"{where}: timed out: {text}", self.id, transient=True)
-            if isinstance(cause, modal_exc.NotFoundError):
-                return _make(error, f"{where}: not found (gone from Modal): {text}", self.id, transient=False)
-            if isinstance(cause, modal_exc.InvalidError) and not isinstance(cause, modal_exc.ConflictError):
-                return InputError(f"{where}: Modal refused the request: {text}")
-            transient = isinstance(cause, (modal_exc.ServiceError, modal_exc.InternalError,
-                                           modal_exc.ConnectionError))
-            return _make(error, f"{where}: {text}", self.id, transient=transient)
-        if isinstance(exc, (ConnectionError, OSError)):
-            text = redact(f"{type(exc).__name__}: {exc}", self._secrets())
-            return _make(error, f"{where}: cannot reach Modal: {text}", self.id, transient=True)
-        return None
+        token = _CALL.set(_Call(where, consumer, error, timeout_error))
+        try:
+            return translated(lambda: fn(self._client(consumer)), self.errors)
+        finally:
+            _CALL.reset(token)
 
-    def _exhausted(self, where: str, text: str, details: list[Any], api_pb2: Any) -> BackendError:
+    @property
+    def errors(self) -> ErrorTable:
+        """This backend's one map from the SDK's exceptions to ours, by type and gRPC status detail only.
+
+        Built on first use, since the SDK is imported lazily. Each maker reads the call being
+        made (what, whose token pair, the fallback classes) from :meth:`_call`.
+        """
+        if self._table is None:
+            modal_exc = importlib.import_module("modal.exception")
+            self._table = ErrorTable({
+                modal_exc.Error: lambda e: self._failed(e, transient=False),
+                modal_exc.AuthError: self._refused,
+                modal_exc.PermissionDeniedError: self._refused,
+                modal_exc.ResourceExhaustedError: self._exhausted,
+                modal_exc.TimeoutError: self._timed_out,
+                modal_exc.ServiceError: lambda e: (self._timed_out(e) if _grpc(e)[0] == _deadline()
+                                                   else self._failed(e, transient=True)),
+                modal_exc.InternalError: lambda e: self._failed(e, transient=True),
+                modal_exc.ConnectionError: lambda e: self._failed(e, transient=True),
+                modal_exc.NotFoundError: self._not_found,
+                modal_exc.InvalidError: lambda e: InputError(f"{_CALL.get().where}: Modal refused the request: "
+                                                             f"{self._text(e)}"),
+                modal_exc.ConflictError: lambda e: self._failed(e, transient=False),  # not a bad request
+                OSError: self._unreachable,  # the builtin ConnectionError among them
+            })
+        return self._table
+
+    def _text(self, exc: BaseException) -> str:
+        """The provider's text of ``exc``, every configured token scrubbed from it."""
+        return redact(f"{type(exc).__name__}: {exc}", self._secrets())
+
+    def _failed(self, exc: BaseException, *, transient: bool) -> BackendError:
+        call = _CALL.get()
+        return _make(call.error, f"{call.where}: {self._text(exc)}", self.id, transient=transient)
+
+    def _timed_out(self, exc: BaseException) -> BackendError | None:
+        final = getattr(exc, "final_exception", None)
+        if isinstance(final, Exception):
+            # the SDK's retry budget ran out (its RetryTimeoutError): what the last attempt met decides
+            return self.errors.translate(final)
+        call = _CALL.get()
+        return _make(call.timeout_error or call.error, f"{call.where}: timed out: {self._text(exc)}", self.id,
+                     transient=True)
+
+    def _not_found(self, exc: BaseException) -> BackendError:
+        call = _CALL.get()
+        return _make(call.error, f"{call.where}: not found (gone from Modal): {self._text(exc)}", self.id,
+                     transient=False)
+
+    def _unreachable(self, exc: BaseException) -> BackendError:
+        call = _CALL.get()
+        return _make(call.error, f"{call.where}: cannot reach Modal: {self._text(exc)}", self.id, transient=True)
+
+    def _refused(self, exc: BaseException) -> AuthError:
+        call = _CALL.get()
+        creds = self._credentials(call.consumer)
+        return AuthError(
+            f"{call.where}: Modal refused the token pair in {creds.token_id.describe()} and "
+            f"{creds.token_secret.describe()} ({type(exc).__name__}); check it or rotate it "
+            "(see docs/byok.md)",
+            backend=self.id, credential=self.credential(call.consumer),
+        )
+
+    def _exhausted(self, exc: BaseException) -> BackendError:
         """RESOURCE_EXHAUSTED: a throttle (retry policy / rate limit detail) or a full account.
 
         Modal sends its wait as a status detail (``RPCRetryPolicy.retry_after_secs``, or
         a ``RateLimit`` interval), never as a header or trailing metadata.
         """
-        for d in details:
+        api_pb2 = importlib.import_module("modal_proto.api_pb2")
+        where, text = _CALL.get().where, self._text(exc)
+        for d in _grpc(exc)[1]:
             if isinstance(d, api_pb2.RPCRetryPolicy):
                 return RateLimited(f"{where}: rate limited by Modal: {text}",
                                    retry_after=max(d.retry_after_secs, 0.1), backend=self.id)
@@ -348,32 +420,31 @@ class ModalExtension(SandboxExtension):
 
     # -------------------------------------------------------------- required
 
-    def provision(self, profile: Profile, inputs: dict[str, Any], host: str | None) -> dict[str, Any]:
+    def provision(self, request: ProvisionRequest) -> ModalHandle:
         """Create a Modal sandbox: ``App.lookup``, then ``Sandbox.create`` (see module docstring)."""
-        return self._create(profile, inputs, image_id=None)
+        return self._create(request, image_id=None)
 
-    def restore_from_snapshot(
-        self, profile: Profile, snapshot_meta: SnapshotMeta, inputs: dict[str, Any], host: str | None
-    ) -> dict[str, Any]:
+    def restore_from_snapshot(self, request: ProvisionRequest, snapshot: SnapshotMeta) -> ModalHandle:
         """Create a new sandbox whose image is the snapshot's filesystem image."""
-        image_id = snapshot_meta.data.get("image_id")
+        image_id = snapshot.data.get("image_id")
         if not isinstance(image_id, str) or not image_id:
             raise SnapshotError(
-                f"{self.id}: snapshot {snapshot_meta.id} has no Modal image id in its data", backend=self.id
+                f"{self.id}: snapshot {snapshot.id} has no Modal image id in its data", backend=self.id
             )
-        return self._create(profile, inputs, image_id=image_id)
+        return self._create(request, image_id=image_id)
 
-    def _create(self, profile: Profile, inputs: dict[str, Any], *, image_id: str | None) -> dict[str, Any]:
+    def _create(self, request: ProvisionRequest, *, image_id: str | None) -> ModalHandle:
+        profile, inputs = request.profile, request.inputs
         opts: ModalOptions = self.options(profile)
-        unknown = sorted(set(inputs) - KNOWN_INPUTS - RESERVED_INPUTS)
+        unknown = sorted(set(inputs) - KNOWN_INPUTS)
         if unknown:
             raise InputError(
                 f"{self.id}: profile {profile.slug!r}: unknown input(s) {unknown}; "
                 f"this backend reads {sorted(KNOWN_INPUTS)}"
             )
-        tags = {str(k): str(v) for k, v in (inputs.get("tags") or {}).items()}
+        tags = {str(k): str(v) for k, v in request.tags.items()}
         consumer = tags.get("sandboxer.consumer")
-        ttl = self._ttl(profile, inputs)
+        ttl = self._ttl(request)
         cpu, memory = self._resources(profile)
         env = inputs.get("env") or {}
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
@@ -409,29 +480,17 @@ class ModalExtension(SandboxExtension):
 
         object_id, app_id = self._call("create", create, consumer=consumer, sandbox=None, error=ProvisionError)
         log.info("%s: created Modal sandbox %s for %s (ttl %s)", self.id, object_id,
-                 inputs.get("sandbox_id"), format_duration(ttl))
-        return {
-            "object_id": object_id,
-            "app_id": app_id,
-            "credentials": consumer if consumer in self.config.consumer_tokens else None,
-            "started_at": started,
-            "ttl_s": ttl,
-            "cpu": profile.resources.cpu,
-            "memory_mb": profile.resources.memory_mb,
-            "image": image_id or image_ref,
-            "host": None,
-        }
+                 request.sandbox_id, format_duration(ttl))
+        return ModalHandle(
+            object_id=object_id, app_id=app_id,
+            credentials=consumer if consumer in self.config.consumer_tokens else None,
+            started_at=started, ttl_s=ttl, cpu=profile.resources.cpu, memory_mb=profile.resources.memory_mb,
+            image=image_id or image_ref,
+        )
 
-    def _ttl(self, profile: Profile, inputs: dict[str, Any]) -> float:
-        """The sandbox timeout: input ``ttl`` (the manager's effective TTL) or the profile default."""
-        sandbox = inputs.get("sandbox_id", "?")
-        raw = inputs.get("ttl", profile.ttl.default)
-        try:
-            ttl = parse_duration(raw)
-        except ValueError as exc:
-            raise TTLError(f"sandbox {sandbox}: input 'ttl' (value {raw!r}): {exc}") from None
-        if ttl <= 0:
-            raise TTLError(f"sandbox {sandbox}: input 'ttl' (value {raw!r}): must be positive")
+    def _ttl(self, request: ProvisionRequest) -> float:
+        """The sandbox timeout: the request's TTL (the manager's effective TTL), within the plan's maximum."""
+        sandbox, ttl = request.sandbox_id, request.ttl
         plan_max = self.config.plan_max_ttl
         if ttl > plan_max:
             if self.config.ttl_over_max == "refuse":
@@ -455,36 +514,48 @@ class ModalExtension(SandboxExtension):
                              f"the plan maximum {self.config.max_memory_mb} (config 'max_memory_mb')")
         return max(res.cpu / VCPUS_PER_MODAL_CORE, MIN_MODAL_CORES), res.memory_mb
 
-    def wait_ready(self, handle: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    def wait_ready(self, handle: ModalHandle, timeout: float = 60.0) -> ModalReachability:
         """Block on Modal's readiness probe (the sandbox is scheduled and the probe passed)."""
-        object_id = _object_id(handle)
+        object_id = handle.object_id
         self._call("wait_ready",
                    lambda client: self._sandbox(client, object_id).wait_until_ready(
                        timeout=max(1, int(math.ceil(timeout)))),
-                   consumer=handle.get("credentials"), sandbox=object_id, error=ProvisionError,
+                   consumer=handle.credentials, sandbox=object_id, error=ProvisionError,
                    timeout_error=ReadinessTimeout)
-        return {"provider": "modal", "sandbox_id": object_id, "app_id": handle.get("app_id")}
+        return ModalReachability(sandbox_id=object_id, app_id=handle.app_id)
 
-    def teardown(self, handle: dict[str, Any]) -> dict[str, Any]:
-        """Terminate the sandbox; one that Modal no longer knows counts as gone."""
-        object_id = _object_id(handle)
+    def teardown(self, handle: ModalHandle) -> TeardownReport:
+        """Terminate the sandbox. One Modal already ended (its timeout passed, it was terminated
+        elsewhere) or no longer knows is already gone: billing stops when it was last seen.
+
+        ``Sandbox.from_id`` reads the sandbox's result (``SandboxWaitV2``); its ``returncode`` is
+        None while it runs, else what it ended with (124 at its timeout, 137 when terminated),
+        kept in the report. Modal's terminate of an ended sandbox is a no-op, so it is not sent.
+        """
+        object_id = handle.object_id
         modal_exc = importlib.import_module("modal.exception")
 
-        def terminate(client: Any) -> bool:
+        def terminate(client: Any) -> tuple[bool, int | None]:
             try:
-                self._sdk().Sandbox.from_id(object_id, client=client).terminate()
+                sb = self._sdk().Sandbox.from_id(object_id, client=client)
+                if sb.returncode is not None:
+                    return True, sb.returncode
+                sb.terminate()
             except modal_exc.NotFoundError:
-                return True
-            return False
+                return True, None
+            return False, None
 
-        gone = self._call("teardown", terminate, consumer=handle.get("credentials"), sandbox=object_id,
-                          error=TeardownError)
+        gone, returncode = self._call("teardown", terminate, consumer=handle.credentials, sandbox=object_id,
+                                      error=TeardownError)
         self._forget(object_id)
-        return {"terminated": object_id, "already_gone": gone}
+        detail: dict[str, Any] = {"object_id": object_id}
+        if returncode is not None:
+            detail["returncode"] = returncode
+        return TeardownReport(already_gone=gone, removed=[] if gone else [object_id], detail=detail)
 
-    def probe(self, handle: dict[str, Any]) -> bool | None:
+    def probe(self, handle: ModalHandle) -> bool | None:
         """Whether Modal still runs the sandbox: one ``poll`` (False once it finished or is unknown)."""
-        object_id = _object_id(handle)
+        object_id = handle.object_id
         modal_exc = importlib.import_module("modal.exception")
 
         def look(client: Any) -> bool:
@@ -493,17 +564,17 @@ class ModalExtension(SandboxExtension):
             except modal_exc.NotFoundError:
                 return False
 
-        return self._call("probe", look, consumer=handle.get("credentials"), sandbox=object_id, error=BackendError)
+        return self._call("probe", look, consumer=handle.credentials, sandbox=object_id, error=BackendError)
 
-    def handle_id(self, handle: dict[str, Any]) -> str | None:
+    def handle_id(self, handle: ModalHandle) -> str | None:
         """The Modal sandbox id: Modal's create has no idempotency key, so a retried create makes another."""
-        return _object_id(handle)
+        return handle.object_id
 
     # -------------------------------------------------------------- optional
 
     def exec(
         self,
-        handle: dict[str, Any],
+        handle: ModalHandle,
         argv: list[str],
         *,
         env: dict[str, str] | None = None,
@@ -521,7 +592,7 @@ class ModalExtension(SandboxExtension):
         argv = check_argv(argv, backend=self.id)
         if cwd is not None and not cwd.startswith("/"):
             raise InputError(f"{self.id}: exec cwd must be an absolute path, got {cwd!r}")
-        object_id = _object_id(handle)
+        object_id = handle.object_id
         modal_exc = importlib.import_module("modal.exception")
         marker = secrets.token_hex(12)
         full_env = {**(env or {}), EXEC_MARKER: marker}
@@ -560,7 +631,7 @@ class ModalExtension(SandboxExtension):
                 return out.result(None, timed_out=True)
             return out.result(code)
 
-        return self._call("exec", run, consumer=handle.get("credentials"), sandbox=object_id, error=ExecError)
+        return self._call("exec", run, consumer=handle.credentials, sandbox=object_id, error=ExecError)
 
     def _kill_marked(self, sb: Any, object_id: str, marker: str) -> None:
         """Kill what a timed-out command left (its group, ``setsid`` children) by the exec's marker."""
@@ -575,25 +646,24 @@ class ModalExtension(SandboxExtension):
             log.warning("%s: sandbox %s: could not kill what a timed-out command left running (%s)",
                         self.id, object_id, failed)
 
-    def snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
+    def snapshot(self, handle: ModalHandle) -> SnapshotResult:
         """Capture the filesystem with ``snapshot_filesystem``; the data is the image id."""
-        object_id = _object_id(handle)
+        object_id = handle.object_id
         ttl = self.config.snapshot_ttl
         image_id = self._call(
             "snapshot",
             lambda client: self._sandbox(client, object_id).snapshot_filesystem(
                 timeout=int(math.ceil(self.config.op_timeout)), ttl=int(ttl) if ttl else None).object_id,
-            consumer=handle.get("credentials"), sandbox=object_id, error=SnapshotError,
+            consumer=handle.credentials, sandbox=object_id, error=SnapshotError,
         )
-        return {"data": {"image_id": image_id, "source": object_id, "credentials": handle.get("credentials")},
-                "size_bytes": None, "checksum": None}
+        return SnapshotResult(data={"image_id": image_id, "source": object_id, "credentials": handle.credentials})
 
     def delete_snapshot(self, snapshot_meta: SnapshotMeta) -> None:
         """Nothing to call: the pinned SDK has no image delete; Modal drops it after ``snapshot_ttl``."""
         log.info("%s: snapshot %s (image %s) expires on Modal after its TTL", self.id, snapshot_meta.id,
                  snapshot_meta.data.get("image_id"))
 
-    def list_owned(self, owner_labels: dict[str, str]) -> list[dict[str, Any]]:
+    def list_owned(self, owner_labels: dict[str, str]) -> list[OwnedSandbox]:
         """Live sandboxes in this backend's app carrying ``owner_labels`` as tags, under every configured token.
 
         A token pair that is unset or refused is skipped with a warning naming its
@@ -601,7 +671,7 @@ class ModalExtension(SandboxExtension):
         orphans from gc; when every pair is refused, the default pair's AuthError
         is raised.
         """
-        found: dict[str, dict[str, Any]] = {}
+        found: dict[str, OwnedSandbox] = {}
         refused: list[AuthError] = []
         listed = 0
         for credentials in [None, *sorted(self.config.consumer_tokens)]:
@@ -620,7 +690,7 @@ class ModalExtension(SandboxExtension):
         return list(found.values())
 
     def _list_with(self, client: Any, credentials: str | None, owner_labels: dict[str, str],
-                   found: dict[str, dict[str, Any]]) -> None:
+                   found: dict[str, OwnedSandbox]) -> None:
         modal = self._sdk()
         modal_exc = importlib.import_module("modal.exception")
         try:
@@ -631,25 +701,25 @@ class ModalExtension(SandboxExtension):
             if sb.object_id in found:
                 continue
             tags = sb.get_tags()
-            found[sb.object_id] = {
-                "sandbox_id": tags.get("sandboxer.sandbox_id", ""),
-                "handle": {"object_id": sb.object_id, "app_id": app.app_id,
-                           "credentials": credentials, "host": None},
-            }
+            found[sb.object_id] = OwnedSandbox(
+                sandbox_id=tags.get("sandboxer.sandbox_id") or None,
+                handle=ModalHandle(object_id=sb.object_id, app_id=app.app_id, credentials=credentials),
+            )
 
-    def meter_actual(self, handle: dict[str, Any]) -> dict[str, Any] | None:
+    def meter_actual(self, handle: ModalHandle) -> dict[str, Any] | None:
         """Modal's own usage figures for the sandbox (billed core- and GiB-seconds, cost), if it has any."""
-        object_id = _object_id(handle)
+        object_id = handle.object_id
         modal_exc = importlib.import_module("modal.exception")
 
         def stats_of(client: Any) -> Any:
             try:
+                # the SDK's only usage API: documented, but named experimental (no public equivalent yet)
                 return self._sdk().Sandbox.from_id(object_id, client=client)._experimental_stats()
             except (modal_exc.NotFoundError, modal_exc.UnimplementedError):
                 return None
 
         try:
-            stats = self._call("meter_actual", stats_of, consumer=handle.get("credentials"), sandbox=object_id,
+            stats = self._call("meter_actual", stats_of, consumer=handle.credentials, sandbox=object_id,
                                error=ProvisionError)
         except (ProvisionError, CapacityUnavailable, RateLimited) as exc:
             # Metering refines the recorded start/stop; its failure must not fail a teardown.
@@ -680,16 +750,22 @@ def _quiet_header_loggers() -> None:
             logger.setLevel(logging.INFO)
 
 
-def _object_id(handle: dict[str, Any]) -> str:
-    object_id = handle.get("object_id")
-    if not isinstance(object_id, str) or not object_id:
-        raise InputError(f"ext.modal: handle has no Modal sandbox id (object_id): keys {sorted(handle)}")
-    return object_id
+def _grpc(exc: BaseException) -> tuple[Any, list[Any]]:
+    """The gRPC status and status details of a Modal error: the public ``status`` and ``details``
+    it keeps from ``grpclib.GRPCError`` (None and [] on an error that did not come from a status).
+
+    Modal warns at each read of them that it means to stop deriving its errors from grpclib's;
+    that warning (which blames this caller) is kept out of an operator's terminal here.
+    """
+    if not isinstance(exc, importlib.import_module("grpclib").GRPCError):
+        return None, []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", importlib.import_module("modal.exception").DeprecationError)
+        return getattr(exc, "status", None), list(getattr(exc, "details", None) or [])
 
 
-def _is_deadline(exc: Exception) -> bool:
-    grpclib = importlib.import_module("grpclib")
-    return getattr(exc, "_grpc_status", None) == grpclib.Status.DEADLINE_EXCEEDED
+def _deadline() -> Any:
+    return importlib.import_module("grpclib").Status.DEADLINE_EXCEEDED
 
 
 def _interval_seconds(interval: int, api_pb2: Any) -> float | None:

@@ -75,8 +75,10 @@ def make_ext(config_dir):
 
 
 def inputs(sandbox_id: str, consumer: str = "bob", **extra: Any) -> dict[str, Any]:
+    """What the manager gives provision (reserved keys mixed in, for sandboxer.testing.request):
+    the TTL is the test profile's default, 10m."""
     return {
-        "sandbox_id": sandbox_id, "owner_labels": dict(OWNER),
+        "sandbox_id": sandbox_id, "owner_labels": dict(OWNER), "ttl": 600.0,
         "tags": {**OWNER, "sandboxer.sandbox_id": sandbox_id, "sandboxer.consumer": consumer,
                  "sandboxer.profile": "test-e2b"},
         **extra,

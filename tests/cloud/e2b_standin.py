@@ -13,7 +13,9 @@ One real HTTP/1.1 server that the unmodified ``e2b`` SDK talks to (point
 
 A "sandbox" is a scratch directory: commands run as real local processes in
 it, and a snapshot is a copy of it, so a file written before a snapshot is
-there after a restore. Each API key is its own team: a key sees only the
+there after a restore. A command's cwd is honoured as the SDK sends it: a path
+the box's own commands reported (a host path inside its directory) is that
+directory, any other absolute path is taken from the box's directory. Each API key is its own team: a key sees only the
 sandboxes it created. Every process of a box carries ``E2B_STANDIN_BOX=<id>``
 in its environment (see tests/cloud/procs.py): killing the box kills them all,
 as a microVM going away would.
@@ -135,7 +137,7 @@ class _Process:
             raise ConnectError(Code.INVALID_ARGUMENT, "process.cmd is required")
         cwd = box.workdir
         if cfg.cwd:
-            cwd = (box.workdir / cfg.cwd.lstrip("/")).resolve()
+            cwd = _in_sandbox(box.workdir, cfg.cwd)
             if not cwd.is_dir() or not cwd.is_relative_to(box.workdir.resolve()):
                 raise ConnectError(Code.INVALID_ARGUMENT, f"cwd {cfg.cwd!r} does not exist")
         env = {"PATH": _PATH, "HOME": str(box.workdir), **box.env, **dict(cfg.envs or {}), BOX_MARKER: box.id}
@@ -634,6 +636,19 @@ class _Handler(BaseHTTPRequestHandler):
                 close()
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _handle
+
+
+def _in_sandbox(root: Path, path: str) -> Path:
+    """Where a path the SDK sent (a command's cwd) is, in a box whose files live under ``root``.
+
+    Its commands are host processes, so what they report (``pwd``) is a host path under
+    ``root``: such a path names that very directory, and round-trips. Any other path is the
+    box's own: an absolute one is taken from the box's root, a relative one from its home.
+    """
+    given = Path(path)
+    if given.is_absolute() and given.resolve().is_relative_to(root.resolve()):
+        return given.resolve()
+    return (root / path.lstrip("/")).resolve()
 
 
 def _kill(pid: int) -> None:

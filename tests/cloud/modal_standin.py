@@ -10,7 +10,10 @@ which the unmodified ``modal`` SDK talks to over plaintext HTTP/2:
 
 A "sandbox" here is a scratch directory; exec runs the argv as a real local
 process in it, and a filesystem snapshot is a copy of it, so a file written
-before a snapshot is really there after a restore. Every process of a sandbox
+before a snapshot is really there after a restore. An exec's workdir is
+honoured as the SDK sends it: a path the sandbox's own commands reported (a
+host path inside its directory) is that directory, any other absolute path is
+taken from the sandbox's directory. Every process of a sandbox
 carries ``MODAL_STANDIN_SANDBOX=<id>`` in its environment (tests/cloud/procs.py):
 terminating the sandbox kills them all, as its container going away would. An
 exec's ``timeout_secs`` ends in SIGKILL to the process the exec started, and
@@ -184,7 +187,8 @@ class ModalStandIn:
             self._lose_create += 1
 
     def kill(self, sandbox_id: str) -> None:
-        """Kill a sandbox behind the SDK's back (its worker died, an operator stopped it)."""
+        """Kill a sandbox behind the SDK's back (its worker died, an operator stopped it): it stays known
+        with a TERMINATED result (the SDK's ``returncode`` 137) until it is purged."""
         sb = self.sandboxes[sandbox_id]
         sb.status, sb.finished_at = _GENERIC.GENERIC_STATUS_TERMINATED, time.time()
         asyncio.run_coroutine_threadsafe(self._kill_execs(sb), self._loop).result(timeout=10)
@@ -195,9 +199,11 @@ class ModalStandIn:
         asyncio.run_coroutine_threadsafe(self._kill_execs(sb), self._loop).result(timeout=10)
 
     def finish(self, sandbox_id: str) -> None:
-        """Mark a sandbox terminated behind the client's back (its TTL ran out, say)."""
+        """End a sandbox at its timeout, as Modal does: its container goes (everything it ran with it),
+        and it stays known with a TIMEOUT result (the SDK's ``returncode`` 124) until it is purged."""
         sb = self.sandboxes[sandbox_id]
         sb.status, sb.finished_at = _GENERIC.GENERIC_STATUS_TIMEOUT, time.time()
+        asyncio.run_coroutine_threadsafe(self._kill_execs(sb), self._loop).result(timeout=10)
 
     def called(self, method: str) -> list[Any]:
         return [req for name, req in self.calls if name == method]
@@ -264,6 +270,19 @@ class ModalStandIn:
 
     def result(self, sb: Sbx) -> api_pb2.GenericResult:
         return api_pb2.GenericResult(status=sb.status) if sb.status else api_pb2.GenericResult()
+
+
+def _in_sandbox(root: Path, path: str) -> Path:
+    """Where a path the SDK sent (an exec's workdir) is, in a sandbox whose files live under ``root``.
+
+    Its commands are host processes, so what they report (``pwd``) is a host path under
+    ``root``: such a path names that very directory, and round-trips. Any other absolute
+    path is the sandbox's own, taken from its root.
+    """
+    given = Path(path)
+    if given.is_absolute() and given.resolve().is_relative_to(root.resolve()):
+        return given.resolve()
+    return root / path.lstrip("/")
 
 
 def _recording(cls: type, base: type, *, control: bool) -> type:
@@ -452,7 +471,7 @@ class _Router(TaskCommandRouterBase):
         env[SANDBOX_MARKER] = sb.id
         cwd = sb.root
         if request.workdir:
-            cwd = sb.root / request.workdir.lstrip("/")
+            cwd = _in_sandbox(sb.root, request.workdir)
             cwd.mkdir(parents=True, exist_ok=True)
         proc = await asyncio.create_subprocess_exec(
             *request.command_args, cwd=cwd, env=env, start_new_session=True,

@@ -19,6 +19,7 @@ from sandboxer import Manager, SandboxCreateRequest  # noqa: E402
 from sandboxer.errors import AuthError, BackendError, ProvisionError, RateLimited  # noqa: E402
 from sandboxer.extensions.e2b import KILL_ATTEMPTS  # noqa: E402
 from sandboxer.models import SnapshotMeta  # noqa: E402
+from sandboxer.testing import request  # noqa: E402
 
 from tests.cloud.conftest_e2b import (  # noqa: E402,F401 - fixtures
     ALICE_ENV,
@@ -53,18 +54,18 @@ PATHS = {
 @pytest.mark.parametrize("path", sorted(PATHS))
 def test_a_key_the_provider_echoes_is_not_reachable_from_our_error(make_ext, standin: E2BStandIn, sentinel, path):
     ext, profile = make_ext()
-    handle = ext.provision(profile, inputs("sbx-leak"), None)
+    handle = ext.provision(request(profile, inputs("sbx-leak"), None))
     meta = SnapshotMeta(id="snap-1", sandbox_id="sbx-leak", extension=ext.id, profile="test-e2b",
                         created_at="2026-11-21T00:00:00Z", data={"snapshot_id": "snapXYZ"})
     calls = {
-        "provision": lambda: ext.provision(profile, inputs("sbx-leak2"), None),
+        "provision": lambda: ext.provision(request(profile, inputs("sbx-leak2"), None)),
         "wait_ready": lambda: ext.wait_ready(handle, timeout=5),
         "exec": lambda: ext.exec(handle, ["true"]),
         "teardown": lambda: ext.teardown(handle),
         "list_owned": lambda: ext.list_owned(OWNER),
         "snapshot": lambda: ext.snapshot(handle),
         "snapshot_delete": lambda: ext.delete_snapshot(meta),
-        "refused_key": lambda: ext.provision(profile, inputs("sbx-leak3"), None),
+        "refused_key": lambda: ext.provision(request(profile, inputs("sbx-leak3"), None)),
     }
     method, route, status, times = PATHS[path]
     standin.fail(method, route, status, "scripted failure", times=times, echo_key=True)
@@ -84,14 +85,14 @@ def test_auth_error_names_the_refused_reference(make_ext, standin: E2BStandIn, m
     alice_file.write_text("e2b_REVOKED" + secrets.token_hex(8) + "\n")
     ext, profile = make_ext(consumer_keys={"alice": {"file": str(alice_file)}})
     monkeypatch.setenv(KEY_ENV, "e2b_WRONG" + secrets.token_hex(8))
-    err = caught(lambda: ext.provision(profile, inputs("sbx-a", consumer="bob"), None))
+    err = caught(lambda: ext.provision(request(profile, inputs("sbx-a", consumer="bob"), None)))
     assert isinstance(err, AuthError) and err.credential == f"env {KEY_ENV}"
-    err = caught(lambda: ext.provision(profile, inputs("sbx-b", consumer="alice"), None))
+    err = caught(lambda: ext.provision(request(profile, inputs("sbx-b", consumer="alice"), None)))
     assert isinstance(err, AuthError) and err.credential == f"file {alice_file}"
     assert str(alice_file) in str(err)
     assert (ext.credential("alice"), ext.credential("bob")) == (f"file {alice_file}", f"env {KEY_ENV}")
     monkeypatch.delenv(KEY_ENV)  # unset: refused before any request, the same reference named
-    err = caught(lambda: ext.provision(profile, inputs("sbx-c", consumer="bob"), None))
+    err = caught(lambda: ext.provision(request(profile, inputs("sbx-c", consumer="bob"), None)))
     assert isinstance(err, AuthError) and err.credential == f"env {KEY_ENV}"
 
 
@@ -101,18 +102,18 @@ def test_list_owned_with_a_refused_key_still_lists_the_other_keys(make_ext, stan
     standin.keys.add(alice_key)
     monkeypatch.setenv(ALICE_ENV, alice_key)
     ext, profile = make_ext(consumer_keys={"alice": {"env": ALICE_ENV}})
-    h_bob = ext.provision(profile, inputs("sbx-bob", consumer="bob"), None)
-    h_alice = ext.provision(profile, inputs("sbx-alice", consumer="alice"), None)
+    h_bob = ext.provision(request(profile, inputs("sbx-bob", consumer="bob"), None))
+    h_alice = ext.provision(request(profile, inputs("sbx-alice", consumer="alice"), None))
 
     standin.keys.discard(alice_key)  # alice's key is revoked at E2B
     with caplog.at_level(logging.WARNING, logger="sandboxer"):
         owned = ext.list_owned(OWNER)
-    assert [o["sandbox_id"] for o in owned] == ["sbx-bob"]
+    assert [o.sandbox_id for o in owned] == ["sbx-bob"]
     assert f"env {ALICE_ENV}" in caplog.text and alice_key not in caplog.text
 
     standin.keys.add(alice_key)
     standin.keys.discard(sentinel)  # now the operator's key is the refused one: alice's still lists
-    assert [o["sandbox_id"] for o in ext.list_owned(OWNER)] == ["sbx-alice"]
+    assert [o.sandbox_id for o in ext.list_owned(OWNER)] == ["sbx-alice"]
     standin.keys.discard(alice_key)
     err = caught(lambda: ext.list_owned(OWNER))  # every key refused: nothing can be listed, say so
     assert isinstance(err, AuthError) and err.credential == f"env {KEY_ENV}"
@@ -134,14 +135,14 @@ def test_gc_reaps_orphans_of_the_other_keys_while_one_key_is_refused(config_dir,
         orphans = {}
         for consumer in ("bob", "alice"):
             sid = f"sb-orphan-{consumer}"
-            orphans[consumer] = ext.provision(profile, {
+            orphans[consumer] = ext.provision(request(profile, {
                 "sandbox_id": sid, "owner_labels": dict(mgr.owner_labels),
                 "tags": {**mgr.owner_labels, "sandboxer.sandbox_id": sid, "sandboxer.consumer": consumer},
-            }, None)
+            }, None))
         standin.keys.discard(alice_key)
         mgr.gc()
-        assert standin.boxes[orphans["bob"]["e2b_sandbox_id"]].state == "killed"  # reaped despite alice's key
-        assert standin.boxes[orphans["alice"]["e2b_sandbox_id"]].state == "running"  # not reachable: left
+        assert standin.boxes[orphans["bob"].e2b_sandbox_id].state == "killed"  # reaped despite alice's key
+        assert standin.boxes[orphans["alice"].e2b_sandbox_id].state == "running"  # not reachable: left
         standin.keys.add(alice_key)
         mgr.gc()
         assert [b.id for b in standin.live()] == [kept.reachability["e2b_sandbox_id"]]
@@ -155,9 +156,9 @@ def test_gc_reaps_orphans_of_the_other_keys_while_one_key_is_refused(config_dir,
 
 def test_a_timed_out_command_is_124_and_leaves_nothing_running(make_ext, standin: E2BStandIn, tmp_path):
     ext, profile = make_ext()
-    handle = ext.provision(profile, inputs("sbx-deadline"), None)
+    handle = ext.provision(request(profile, inputs("sbx-deadline"), None))
     ext.wait_ready(handle, timeout=10)
-    box = standin.boxes[handle["e2b_sandbox_id"]]
+    box = standin.boxes[handle.e2b_sandbox_id]
     script = "trap '' TERM; setsid sh -c 'echo $$ > escaped.pid; exec sleep 300' & echo $$ > main.pid; sleep 300"
     t0 = time.monotonic()
     res = ext.exec(handle, ["sh", "-c", script], timeout=2)
@@ -176,10 +177,10 @@ def test_a_timed_out_command_is_124_and_leaves_nothing_running(make_ext, standin
 def test_retry_after_header_sets_retry_after(make_ext, standin: E2BStandIn):
     ext, profile = make_ext(rate_limit_retry_after=5)
     standin.fail("POST", "/v2/sandboxes", 429, "slow down", headers={"Retry-After": "42"})
-    err = caught(lambda: ext.provision(profile, inputs("sbx-r"), None))
+    err = caught(lambda: ext.provision(request(profile, inputs("sbx-r"), None)))
     assert isinstance(err, RateLimited) and err.retry_after == 42
     standin.fail("POST", "/v2/sandboxes", 429, "slow down")  # no header: the configured fallback
-    err = caught(lambda: ext.provision(profile, inputs("sbx-r"), None))
+    err = caught(lambda: ext.provision(request(profile, inputs("sbx-r"), None)))
     assert isinstance(err, RateLimited) and err.retry_after == 5
     standin.fail("GET", "/v2/sandboxes", 429, "slow down", headers={"Retry-After": "3"})
     err = caught(lambda: ext.list_owned(OWNER))
@@ -191,11 +192,11 @@ def test_retry_after_header_sets_retry_after(make_ext, standin: E2BStandIn):
 
 def test_probe_says_whether_the_sandbox_still_exists(make_ext, standin: E2BStandIn):
     ext, profile = make_ext()
-    handle = ext.provision(profile, inputs("sbx-p"), None)
+    handle = ext.provision(request(profile, inputs("sbx-p"), None))
     ext.wait_ready(handle, timeout=10)
     assert ext.probe(handle) is True
-    assert ext.handle_id(handle) == handle["e2b_sandbox_id"]
-    standin.kill(handle["e2b_sandbox_id"])  # killed by its provider
+    assert ext.handle_id(handle) == handle.e2b_sandbox_id
+    standin.kill(handle.e2b_sandbox_id)  # killed by its provider
     assert ext.probe(handle) is False
     standin.fail("GET", "/sandboxes/.*", 500, "boom")
     err = caught(lambda: ext.probe(handle))  # the backend cannot be asked: an error, not an answer
@@ -205,21 +206,21 @@ def test_probe_says_whether_the_sandbox_still_exists(make_ext, standin: E2BStand
 def test_a_retried_create_is_one_sandbox_unless_the_provider_ignores_the_key(make_ext, standin: E2BStandIn):
     ext, profile = make_ext()
     standin.lose_next_create_response()
-    err = caught(lambda: ext.provision(profile, inputs("sbx-twice"), None))
+    err = caught(lambda: ext.provision(request(profile, inputs("sbx-twice"), None)))
     assert isinstance(err, ProvisionError) and err.transient
-    handle = ext.provision(profile, inputs("sbx-twice"), None)  # the retry: same idempotency key
-    assert [o["sandbox_id"] for o in ext.list_owned(OWNER)] == ["sbx-twice"]
+    handle = ext.provision(request(profile, inputs("sbx-twice"), None))  # the retry: same idempotency key
+    assert [o.sandbox_id for o in ext.list_owned(OWNER)] == ["sbx-twice"]
 
     standin.ignore_idempotency = True
     standin.lose_next_create_response()
-    caught(lambda: ext.provision(profile, inputs("sbx-dup"), None))
-    kept = ext.provision(profile, inputs("sbx-dup"), None)
-    dups = [o for o in ext.list_owned(OWNER) if o["sandbox_id"] == "sbx-dup"]
+    caught(lambda: ext.provision(request(profile, inputs("sbx-dup"), None)))
+    kept = ext.provision(request(profile, inputs("sbx-dup"), None))
+    dups = [o for o in ext.list_owned(OWNER) if o.sandbox_id == "sbx-dup"]
     assert len(dups) == 2
-    ids = {ext.handle_id(o["handle"]) for o in dups}
+    ids = {ext.handle_id(o.handle) for o in dups}
     assert len(ids) == 2 and ext.handle_id(kept) in ids  # gc can tell the duplicate from the recorded one
     for o in ext.list_owned(OWNER):
-        ext.teardown(o["handle"])
+        ext.teardown(o.handle)
     del handle
 
 
@@ -227,13 +228,13 @@ def test_the_sdks_own_retry_of_a_lost_create_makes_a_duplicate_when_the_key_is_i
     ext, profile = make_ext(retries=1)  # the SDK retries a 502 itself
     standin.ignore_idempotency = True
     standin.lose_next_create_response()
-    handle = ext.provision(profile, inputs("sbx-dup"), None)
+    handle = ext.provision(request(profile, inputs("sbx-dup"), None))
     assert standin.routes().count("POST /v2/sandboxes") == 2
     dups = ext.list_owned(OWNER)
-    assert [o["sandbox_id"] for o in dups] == ["sbx-dup", "sbx-dup"]
-    assert {ext.handle_id(o["handle"]) for o in dups} - {ext.handle_id(handle)} != set()
+    assert [o.sandbox_id for o in dups] == ["sbx-dup", "sbx-dup"]
+    assert {ext.handle_id(o.handle) for o in dups} - {ext.handle_id(handle)} != set()
     for o in dups:
-        ext.teardown(o["handle"])
+        ext.teardown(o.handle)
 
 
 # ---------------------------------------------------------------- through the Manager (core items of issue 8)

@@ -19,6 +19,7 @@ pytest.importorskip("e2b", reason="the e2b extra is not installed: pip install '
 from sandboxer import Manager, SandboxCreateRequest  # noqa: E402
 from sandboxer.errors import SandboxerError, TTLError  # noqa: E402
 from sandboxer.models import SandboxState  # noqa: E402
+from sandboxer.testing import request  # noqa: E402
 
 from tests.cloud.e2b_standin import E2BStandIn  # noqa: E402
 from tests.cloud.conftest_e2b import config_dir, sentinel, standin  # noqa: E402,F401 - fixtures
@@ -69,21 +70,21 @@ def test_gc_reaps_an_orphan_found_through_list_owned(manager, standin: E2BStandI
     # a sandbox the state store never heard of (e.g. the DB was restored from a backup), carrying our owner label
     ext = mgr.extension("ext.test-e2b")
     profile = mgr.effective_profile(mgr.profile("test-e2b"), 0)
-    lost = ext.provision(profile, {
+    lost = ext.provision(request(profile, {
         "sandbox_id": "sb-lost", "owner_labels": dict(mgr.owner_labels),
         "tags": {**mgr.owner_labels, "sandboxer.sandbox_id": "sb-lost", "sandboxer.consumer": "bob"},
-    }, None)
+    }, None))
     # and one that belongs to another manager: never touched
-    stranger = ext.provision(profile, {
+    stranger = ext.provision(request(profile, {
         "sandbox_id": "sb-theirs", "owner_labels": {"sandboxer.owner": "another-manager"},
         "tags": {"sandboxer.owner": "another-manager", "sandboxer.sandbox_id": "sb-theirs"},
-    }, None)
+    }, None))
     standin.page_limit = 1  # make gc follow x-next-token
 
     report = mgr.gc()
     assert report.orphans == ["sb-lost"]
-    assert standin.boxes[lost["e2b_sandbox_id"]].state == "killed"
-    assert standin.boxes[stranger["e2b_sandbox_id"]].state == "running"
+    assert standin.boxes[lost.e2b_sandbox_id].state == "killed"
+    assert standin.boxes[stranger.e2b_sandbox_id].state == "running"
     assert mgr.get(kept.id).state is SandboxState.READY
     lists = [c for c in standin.calls if c["method"] == "GET" and c["path"] == "/v2/sandboxes"]
     assert len(lists) >= 2 and any(c["query"].get("nextToken") for c in lists)

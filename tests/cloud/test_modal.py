@@ -25,6 +25,7 @@ pytest.importorskip("modal", reason="the modal extra is not installed (pip insta
 from grpclib import Status  # noqa: E402
 from modal_proto import api_pb2  # noqa: E402
 
+from sandboxer.contract import TeardownReport  # noqa: E402
 from sandboxer.errors import (  # noqa: E402
     AuthError,
     CapacityUnavailable,
@@ -36,7 +37,9 @@ from sandboxer.errors import (  # noqa: E402
     TTLError,
 )
 from sandboxer.loader import load_catalog  # noqa: E402
+from sandboxer.extensions.modal import ModalHandle  # noqa: E402
 from sandboxer.models import SnapshotMeta  # noqa: E402
+from sandboxer.testing import request  # noqa: E402
 from tests.cloud.modal_standin import ModalStandIn  # noqa: E402
 
 TOKEN_ID = "ak-sandboxertest0001"
@@ -112,9 +115,11 @@ def backend(tmp_path, standin, tokens):
 
 
 def inputs(sandbox_id: str = "sbx-1", consumer: str = "me", **extra):
+    """What the manager gives provision (reserved keys mixed in, for sandboxer.testing.request):
+    the TTL is the test profile's default, 10m."""
     tags = {**OWNER, "sandboxer.sandbox_id": sandbox_id, "sandboxer.consumer": consumer,
             "sandboxer.profile": "test-modal"}
-    return {"sandbox_id": sandbox_id, "owner_labels": dict(OWNER), "tags": tags, **extra}
+    return {"sandbox_id": sandbox_id, "owner_labels": dict(OWNER), "tags": tags, "ttl": 600.0, **extra}
 
 
 def assert_no_secret(*texts: str) -> None:
@@ -126,9 +131,9 @@ def assert_no_secret(*texts: str) -> None:
 
 def test_create_ready_exec_snapshot_restore_teardown(backend, standin):
     ext, profile = backend
-    handle = ext.provision(profile, inputs(), None)
-    assert json.loads(json.dumps(handle)) == handle
-    assert_no_secret(json.dumps(handle))
+    handle = ext.provision(request(profile, inputs(), None))
+    assert ModalHandle.model_validate(json.loads(handle.model_dump_json())) == handle
+    assert_no_secret(handle.model_dump_json())
 
     names = [name for name, _ in standin.calls]
     # The SDK caches the environment per process, so EnvironmentGetOrCreate comes once per test run.
@@ -144,7 +149,7 @@ def test_create_ready_exec_snapshot_restore_teardown(backend, standin):
     assert d.readiness_probe.exec_command.argv == ["true"]
 
     reach = ext.wait_ready(handle, timeout=10)
-    assert reach["sandbox_id"] == handle["object_id"]
+    assert reach.sandbox_id == handle.object_id
 
     seen: list[tuple[str, str]] = []
     res = ext.exec(handle, ["sh", "-c", 'echo "hi $WHO"; echo oops >&2; pwd; exit 3'],
@@ -158,25 +163,26 @@ def test_create_ready_exec_snapshot_restore_teardown(backend, standin):
     assert res.exit_code == 0 and res.stdout.strip() == "19"
 
     snap = ext.snapshot(handle)
-    image_id = snap["data"]["image_id"]
+    image_id = snap.data["image_id"]
     assert image_id.startswith("im-")
     meta = SnapshotMeta(id="snap-1", sandbox_id="sbx-1", extension=ext.id, profile=profile.slug,
-                        created_at="2026-11-21T00:00:00Z", data=snap["data"])
-    restored = ext.restore_from_snapshot(profile, meta, inputs("sbx-2"), None)
-    assert restored["object_id"] != handle["object_id"]
+                        created_at="2026-11-21T00:00:00Z", data=snap.data)
+    restored = ext.restore_from_snapshot(request(profile, inputs("sbx-2"), None), meta)
+    assert restored.object_id != handle.object_id
     assert standin.called("SandboxCreateV2")[-1].definition.image_id == image_id
     ext.wait_ready(restored, timeout=10)
     assert ext.exec(restored, ["cat", "note.txt"]).stdout == "kept across restore"
 
     for h in (handle, restored):
-        assert ext.teardown(h) == {"terminated": h["object_id"], "already_gone": False}
-        assert standin.sandboxes[h["object_id"]].status == api_pb2.GenericResult.GENERIC_STATUS_TERMINATED
+        assert ext.teardown(h) == TeardownReport(already_gone=False, removed=[h.object_id],
+                                                 detail={"object_id": h.object_id})
+        assert standin.sandboxes[h.object_id].status == api_pb2.GenericResult.GENERIC_STATUS_TERMINATED
     ext.delete_snapshot(meta)  # nothing to call; must not raise
 
 
 def test_exec_timeout_is_reported(backend):
     ext, profile = backend
-    handle = ext.provision(profile, inputs(), None)
+    handle = ext.provision(request(profile, inputs(), None))
     res = ext.exec(handle, ["sleep", "30"], timeout=1)
     assert res.timed_out
     ext.teardown(handle)
@@ -184,7 +190,7 @@ def test_exec_timeout_is_reported(backend):
 
 def test_exec_output_split_inside_a_utf8_character(backend):
     ext, profile = backend
-    handle = ext.provision(profile, inputs(), None)
+    handle = ext.provision(request(profile, inputs(), None))
     chunks: list[str] = []
     res = ext.exec(handle, ["sh", "-c", r"printf '\303'; sleep 0.3; printf '\251\n'"],
                    on_output=lambda s, t: chunks.append(t))
@@ -196,7 +202,7 @@ def test_every_utf8_length_split_across_chunks_arrives_whole_and_output_is_cappe
     from tests.unit.test_execution import check_split
 
     ext, profile = load(write_config(tmp_path / "cfg", standin.url, "max_output_bytes: 1000\n"))
-    handle = ext.provision(profile, inputs(), None)
+    handle = ext.provision(request(profile, inputs(), None))
     check_split(lambda argv, on_output: ext.exec(handle, argv, on_output=on_output))
     res = ext.exec(handle, ["sh", "-c", "i=0; while [ $i -lt 400 ]; do printf '\\342\\202\\254'; i=$((i+1)); done;"
                                         " exit 3"])
@@ -208,35 +214,36 @@ def test_every_utf8_length_split_across_chunks_arrives_whole_and_output_is_cappe
 
 def test_sandbox_that_ended_before_ready_fails_provisioning(backend, standin):
     ext, profile = backend
-    handle = ext.provision(profile, inputs(), None)
-    standin.finish(handle["object_id"])
+    handle = ext.provision(request(profile, inputs(), None))
+    standin.finish(handle.object_id)
     with pytest.raises(ProvisionError) as info:
         ext.wait_ready(handle, timeout=5)
     assert not isinstance(info.value, ReadinessTimeout) and not info.value.transient
-    assert handle["object_id"] in str(info.value)
+    assert handle.object_id in str(info.value)
 
 
 def test_from_id_reattaches_after_restart(tmp_path, standin, tokens):
     cfg = write_config(tmp_path / "cfg", standin.url)
     ext, profile = load(cfg)
-    handle = json.loads(json.dumps(ext.provision(profile, inputs(), None)))
+    # as the manager keeps it: JSON in the state store, rebuilt as the backend's model
+    handle = ModalHandle.model_validate(json.loads(ext.provision(request(profile, inputs(), None)).model_dump_json()))
     fresh, _ = load(cfg)  # a new manager process: nothing cached
     assert fresh is not ext
     assert fresh.exec(handle, ["echo", "again"]).stdout == "again\n"
-    assert standin.called("SandboxWaitV2")[-1].sandbox_id == handle["object_id"]
-    assert fresh.teardown(handle)["already_gone"] is False
+    assert standin.called("SandboxWaitV2")[-1].sandbox_id == handle.object_id
+    assert fresh.teardown(handle).already_gone is False
 
 
 def test_teardown_of_a_gone_sandbox_succeeds(backend, standin):
     ext, profile = backend
-    handle = ext.provision(profile, inputs(), None)
-    standin.forget(handle["object_id"])
-    assert ext.teardown(handle) == {"terminated": handle["object_id"], "already_gone": True}
-    assert ext.teardown(handle)["already_gone"] is True  # idempotent
+    handle = ext.provision(request(profile, inputs(), None))
+    standin.forget(handle.object_id)
+    assert ext.teardown(handle) == TeardownReport(already_gone=True, removed=[], detail={"object_id": handle.object_id})
+    assert ext.teardown(handle).already_gone is True  # idempotent
 
-    finished = ext.provision(profile, inputs("sbx-2"), None)
-    standin.finish(finished["object_id"])  # its TTL ran out on Modal's side
-    assert ext.teardown(finished)["terminated"] == finished["object_id"]
+    finished = ext.provision(request(profile, inputs("sbx-2"), None))
+    standin.finish(finished.object_id)  # its TTL ran out on Modal's side
+    assert ext.teardown(finished).detail["object_id"] == finished.object_id
 
 
 # ---------------------------------------------------------------- errors
@@ -245,7 +252,7 @@ def test_bad_token_raises_auth_error_without_the_secret(tmp_path, standin, token
     monkeypatch.setenv("SBX_TEST_MODAL_TOKEN_ID", "ak-wrong")
     ext, profile = load(write_config(tmp_path / "cfg", standin.url))
     with pytest.raises(AuthError) as info:
-        ext.provision(profile, inputs(), None)
+        ext.provision(request(profile, inputs(), None))
     # The stand-in echoed the secret back in its UNAUTHENTICATED message.
     assert "Invalid token" not in str(info.value)
     assert_no_secret(str(info.value), repr(info.value), "".join(traceback.format_exception(info.value)))
@@ -257,7 +264,7 @@ def test_missing_token_names_the_reference(tmp_path, standin, tokens, monkeypatc
     monkeypatch.delenv("SBX_TEST_MODAL_TOKEN_SECRET")
     ext, profile = load(write_config(tmp_path / "cfg", standin.url))
     with pytest.raises(AuthError, match="SBX_TEST_MODAL_TOKEN_SECRET"):
-        ext.provision(profile, inputs(), None)
+        ext.provision(request(profile, inputs(), None))
     assert not standin.calls
 
 
@@ -266,14 +273,14 @@ def test_rate_limit_raises_rate_limited_with_retry_after(backend, standin):
     standin.fail_next("SandboxCreateV2", Status.RESOURCE_EXHAUSTED, f"slow down {SENTINEL}",
                       [api_pb2.RPCRetryPolicy(retry_after_secs=30)])
     with pytest.raises(RateLimited) as info:
-        ext.provision(profile, inputs(), None)
+        ext.provision(request(profile, inputs(), None))
     assert info.value.retry_after == 30
     assert_no_secret(str(info.value))
 
     standin.fail_next("SandboxCreateV2", Status.RESOURCE_EXHAUSTED, "too many creates",
                       [api_pb2.RateLimit(limit=5, interval=api_pb2.RATE_LIMIT_INTERVAL_MINUTE)])
     with pytest.raises(RateLimited) as info:
-        ext.provision(profile, inputs(), None)
+        ext.provision(request(profile, inputs(), None))
     assert info.value.retry_after == 60
 
 
@@ -281,7 +288,7 @@ def test_quota_limit_raises_capacity_unavailable(backend, standin):
     ext, profile = backend
     standin.fail_next("SandboxCreateV2", Status.RESOURCE_EXHAUSTED, "concurrent sandbox limit reached")
     with pytest.raises(CapacityUnavailable, match="quota/concurrency limit"):
-        ext.provision(profile, inputs(), None)
+        ext.provision(request(profile, inputs(), None))
     assert len(standin.called("SandboxCreateV2")) == 1  # not retried by the SDK, so the router can fall back
 
 
@@ -289,11 +296,11 @@ def test_deadlines_map_to_provision_error_and_readiness_timeout(backend, standin
     ext, profile = backend
     standin.fail_next("SandboxCreateV2", Status.DEADLINE_EXCEEDED, "deadline", times=10)
     with pytest.raises(ProvisionError) as info:
-        ext.provision(profile, inputs(), None)
+        ext.provision(request(profile, inputs(), None))
     assert info.value.transient
     standin._faults.clear()
 
-    handle = ext.provision(profile, inputs(), None)
+    handle = ext.provision(request(profile, inputs(), None))
     standin.fail_next("SandboxWaitUntilReady", Status.DEADLINE_EXCEEDED, "probe never passed")
     with pytest.raises(ReadinessTimeout):
         ext.wait_ready(handle, timeout=2)
@@ -303,12 +310,12 @@ def test_deadlines_map_to_provision_error_and_readiness_timeout(backend, standin
 def test_ttl_above_plan_max_is_refused_or_clamped(tmp_path, backend, standin, tokens, caplog):
     ext, profile = backend
     with pytest.raises(TTLError, match="over the Modal plan's maximum sandbox timeout 1d"):
-        ext.provision(profile, inputs(ttl=2 * 86400), None)
+        ext.provision(request(profile, inputs(ttl=2 * 86400), None))
     assert not standin.called("SandboxCreateV2")
 
     clamping, profile = load(write_config(tmp_path / "clamp", standin.url, "ttl_over_max: clamp\n"))
     with caplog.at_level(logging.WARNING, logger="sandboxer"):
-        handle = clamping.provision(profile, inputs(ttl=2 * 86400), None)
+        handle = clamping.provision(request(profile, inputs(ttl=2 * 86400), None))
     assert standin.called("SandboxCreateV2")[-1].definition.timeout_secs == 86400
     assert "clamped" in caplog.text
     clamping.teardown(handle)
@@ -317,11 +324,11 @@ def test_ttl_above_plan_max_is_refused_or_clamped(tmp_path, backend, standin, to
 def test_bad_inputs_are_refused_before_any_call(backend, standin):
     ext, profile = backend
     with pytest.raises(InputError, match=r"unknown input\(s\) \['colour'\]"):
-        ext.provision(profile, inputs(colour="red"), None)
+        ext.provision(request(profile, inputs(colour="red"), None))
     with pytest.raises(InputError, match="'env'"):
-        ext.provision(profile, inputs(env={"A": 1}), None)
+        ext.provision(request(profile, inputs(env={"A": 1}), None))
     assert not standin.calls
-    handle = ext.provision(profile, inputs(), None)
+    handle = ext.provision(request(profile, inputs(), None))
     with pytest.raises(InputError, match="absolute"):
         ext.exec(handle, ["ls"], cwd="relative/dir")
     ext.teardown(handle)
@@ -331,32 +338,32 @@ def test_bad_inputs_are_refused_before_any_call(backend, standin):
 
 def test_consumer_override_uses_that_consumers_token(backend, standin):
     ext, profile = backend
-    handle = ext.provision(profile, inputs(consumer="alice"), None)
-    assert handle["credentials"] == "alice"
+    handle = ext.provision(request(profile, inputs(consumer="alice"), None))
+    assert handle.credentials == "alice"
     assert {tid for name, tid in standin.callers if name == "SandboxCreateV2"} == {ALICE_ID}
     ext.teardown(handle)
     assert standin.callers[-1] == ("SandboxTerminateV2", ALICE_ID)
 
-    other = ext.provision(profile, inputs("sbx-2", consumer="bob"), None)
-    assert other["credentials"] is None
+    other = ext.provision(request(profile, inputs("sbx-2", consumer="bob"), None))
+    assert other.credentials is None
     assert standin.callers[-1] == ("SandboxCreateV2", TOKEN_ID)
     ext.teardown(other)
 
 
 def test_list_owned_finds_orphans_by_tags_across_pages(backend, standin):
     ext, profile = backend
-    mine = [ext.provision(profile, inputs(f"sbx-{i}"), None) for i in range(3)]
-    alice = ext.provision(profile, inputs("sbx-a", consumer="alice"), None)
+    mine = [ext.provision(request(profile, inputs(f"sbx-{i}"), None)) for i in range(3)]
+    alice = ext.provision(request(profile, inputs("sbx-a", consumer="alice"), None))
     stranger = dict(inputs("sbx-x"))
     stranger["tags"] = {**stranger["tags"], "sandboxer.owner": "someone-else"}
-    theirs = ext.provision(profile, stranger, None)
+    theirs = ext.provision(request(profile, stranger, None))
     ext.teardown(mine[2])  # terminated ones are not live
 
     owned = ext.list_owned(OWNER)
-    assert sorted(o["sandbox_id"] for o in owned) == ["sbx-0", "sbx-1", "sbx-a"]
+    assert sorted(o.sandbox_id for o in owned) == ["sbx-0", "sbx-1", "sbx-a"]
     assert len(standin.called("SandboxListV2")) >= 3  # page size 2: the SDK paged
-    by_id = {o["sandbox_id"]: o["handle"] for o in owned}
-    assert by_id["sbx-0"]["object_id"] == mine[0]["object_id"]
+    by_id = {o.sandbox_id: o.handle for o in owned}
+    assert by_id["sbx-0"].object_id == mine[0].object_id
     for h in [*by_id.values(), theirs]:
         ext.teardown(h)
     assert ext.list_owned(OWNER) == []
@@ -365,13 +372,13 @@ def test_list_owned_finds_orphans_by_tags_across_pages(backend, standin):
 
 def test_list_owned_skips_a_consumer_whose_token_is_unset(backend, monkeypatch, caplog):
     ext, profile = backend
-    handle = ext.provision(profile, inputs(), None)
+    handle = ext.provision(request(profile, inputs(), None))
     monkeypatch.delenv("SBX_TEST_ALICE_TOKEN_SECRET")
     with caplog.at_level(logging.WARNING, logger="sandboxer"):
-        assert [o["sandbox_id"] for o in ext.list_owned(OWNER)] == ["sbx-1"]
+        assert [o.sandbox_id for o in ext.list_owned(OWNER)] == ["sbx-1"]
     assert "skips consumer alice" in caplog.text and "SBX_TEST_ALICE_TOKEN_SECRET" in caplog.text
     monkeypatch.setenv("SBX_TEST_ALICE_TOKEN_SECRET", "as-revoked")  # set, but refused by Modal
-    assert [o["sandbox_id"] for o in ext.list_owned(OWNER)] == ["sbx-1"]
+    assert [o.sandbox_id for o in ext.list_owned(OWNER)] == ["sbx-1"]
     monkeypatch.setenv("SBX_TEST_MODAL_TOKEN_SECRET", "as-revoked")
     with pytest.raises(AuthError):
         ext.list_owned(OWNER)  # the default token failing is not skipped
@@ -381,13 +388,13 @@ def test_list_owned_skips_a_consumer_whose_token_is_unset(backend, monkeypatch, 
 
 def test_meter_actual_reports_modal_usage(backend, standin):
     ext, profile = backend
-    handle = ext.provision(profile, inputs(), None)
+    handle = ext.provision(request(profile, inputs(), None))
     ext.teardown(handle)
     usage = ext.meter_actual(handle)
     assert usage is not None and usage["source"] == "modal sandbox stats"
     assert usage["vcpu_seconds"] > 0 and usage["gib_seconds"] > 0
     assert usage["vcpu_seconds"] == pytest.approx(usage["gib_seconds"] * 2 / 1.5, rel=1e-6)
-    standin.forget(handle["object_id"])
+    standin.forget(handle.object_id)
     assert ext.meter_actual(handle) is None
     quote = ext.estimate_cost(profile, 3600)
     assert quote.breakdown == {"cpu": pytest.approx(0.141912), "memory": pytest.approx(0.036288)}
@@ -397,8 +404,8 @@ def test_secret_never_reaches_logs_handles_or_errors(backend, standin, caplog, m
     ext, profile = backend
     texts: list[str] = []
     with caplog.at_level(logging.DEBUG):
-        handle = ext.provision(profile, inputs(), None)
-        texts.append(json.dumps(handle))
+        handle = ext.provision(request(profile, inputs(), None))
+        texts.append(handle.model_dump_json())
         texts.append(ext.exec(handle, ["sh", "-c", "echo $HOME"]).stdout)
         standin.fail_next("TaskSnapshotFilesystem", Status.FAILED_PRECONDITION, f"disk full for {SENTINEL}")
         with pytest.raises(SnapshotError) as info:
@@ -428,3 +435,37 @@ def test_core_imports_without_the_modal_sdk(tmp_path):
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+
+@pytest.mark.parametrize(("ended", "returncode"), [("finish", 124), ("kill", 137)])
+def test_teardown_of_a_sandbox_modal_already_ended_says_already_gone(backend, standin, ended, returncode):
+    """Its timeout passed (finish) or it was terminated elsewhere (kill): the report says already gone, so
+    billing stops when the sandbox was last seen, not at this teardown."""
+    from tests.cloud.modal_standin import SANDBOX_MARKER
+    from tests.cloud.procs import marked
+
+    ext, profile = backend
+    handle = ext.provision(request(profile, inputs(), None))
+    ext.wait_ready(handle, timeout=10)
+    assert ext.exec(handle, ["sh", "-c", "setsid sleep 300 > /dev/null 2>&1 & echo started"]).stdout == "started\n"
+    getattr(standin, ended)(handle.object_id)
+    assert marked(SANDBOX_MARKER, handle.object_id) == []  # its container is gone, and all it ran
+    report = ext.teardown(handle)
+    assert (report.already_gone, report.removed) == (True, [])
+    assert report.detail == {"object_id": handle.object_id, "returncode": returncode}  # as Modal reported it
+    assert ext.teardown(handle).already_gone is True  # and again
+
+
+
+def test_exec_cwd_round_trips_the_directory_pwd_reports(backend, standin):
+    """The conformance kit's exec_cwd step: a directory the sandbox's own pwd named is where cwd runs."""
+    ext, profile = backend
+    handle = ext.provision(request(profile, inputs(), None))
+    ext.wait_ready(handle, timeout=10)
+    res = ext.exec(handle, ["sh", "-c", "mkdir -p sbx-conformance-dir && cd sbx-conformance-dir && pwd -P"])
+    target = res.stdout.strip()
+    assert res.exit_code == 0 and target
+    assert ext.exec(handle, ["pwd", "-P"], cwd=target).stdout.strip() == target
+    assert standin.called("TaskExecStart")[-1].workdir == target  # the workdir went on the wire as given
+    ext.teardown(handle)

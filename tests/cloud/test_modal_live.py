@@ -30,4 +30,4 @@ def test_live_modal_create_exec_teardown(tmp_path):
             assert (res.exit_code, res.stdout.strip()) == (0, "42")
         finally:
             assert mgr.teardown(sb.id).state == SandboxState.TERMINATED
-        assert all(o["sandbox_id"] != sb.id for o in mgr.extension("ext.modal").list_owned(mgr.owner_labels))
+        assert all(o.sandbox_id != sb.id for o in mgr.extension("ext.modal").list_owned(mgr.owner_labels))

@@ -23,6 +23,7 @@ from modal_proto import api_pb2  # noqa: E402
 from sandboxer import Manager, SandboxCreateRequest  # noqa: E402
 from sandboxer.errors import AuthError, RateLimited, RoutingError, SandboxerError  # noqa: E402
 from sandboxer.models import SandboxState  # noqa: E402
+from sandboxer.testing import request  # noqa: E402
 
 _TERMINATED = api_pb2.GenericResult.GENERIC_STATUS_TERMINATED
 
@@ -70,11 +71,11 @@ def test_manager_gc_reaps_an_orphan_found_by_list_owned(manager, standin):
     ext = manager.extension("ext.test-modal")
     profile = manager.profile("test-modal")
     tags = {**manager.owner_labels, "sandboxer.sandbox_id": "sbx-lost", "sandboxer.consumer": "me"}
-    lost = ext.provision(profile, {"sandbox_id": "sbx-lost", "owner_labels": dict(manager.owner_labels),
-                                   "tags": tags}, None)
+    lost = ext.provision(request(profile, {"sandbox_id": "sbx-lost", "owner_labels": dict(manager.owner_labels),
+                                   "tags": tags}, None))
     report = manager.gc()
     assert report.orphans == ["sbx-lost"]
-    assert standin.sandboxes[lost["object_id"]].status == _TERMINATED
+    assert standin.sandboxes[lost.object_id].status == _TERMINATED
     assert live_on_modal(standin) == [standin_id(standin, kept.id)]
     manager.teardown(kept.id)
 

@@ -30,18 +30,13 @@ CAP = 1 << 20
 BACKENDS = ["ext.local", "ext.saas-stub", "ext.docker", "ext.compose-ssh", "ext.vm-packer", "ext.e2b", "ext.modal"]
 
 _STUB_EXEC = "exec convention: ext.saas-stub's exec runs no command (it answers echo/cat only)"
-_STANDIN_CWD = "stand-in: an absolute cwd is re-rooted under the sandbox's host directory but pwd reports the host path"
 
-#: (backend, step) -> why it fails today: the stub's exec, teardown reports without already_gone,
-#: and one limit of the cloud stand-ins. Strict, so a fix shows up as XPASS and its entry must go.
+#: (backend, step) -> why it fails today: the stub's exec and teardown reports without already_gone.
+#: Strict, so a fix shows up as XPASS and its entry must go.
 XFAIL: dict[tuple[str, str], str] = {
     # Not the exec convention: teardown reports (issue 9 section 1, the typed contract)
     ("ext.modal", "teardown_already_gone"): "teardown contract: terminating a sandbox Modal already ended reports "
                                             "already_gone false (only NotFound counts as gone)",
-    # Not the backends: the stand-ins run commands as host processes, re-rooting an absolute cwd under
-    # the sandbox's directory while `pwd` reports the host path, so no path round-trips (tests/cloud).
-    ("ext.e2b", "exec_cwd"): _STANDIN_CWD,
-    ("ext.modal", "exec_cwd"): _STANDIN_CWD,
     **{("ext.saas-stub", step): _STUB_EXEC for step in (
         "exec_exit_codes", "exec_stderr", "exec_env", "exec_cwd", "exec_streaming", "exec_timeout",
         "exec_utf8_chunks", "restore", "manager_cycle")},
