@@ -144,7 +144,7 @@ def _json_ok(what: str, value: Any, model: type[BaseModel] | None = None) -> Non
             back = model.model_validate(json.loads(text))
         except ValidationError as exc:
             raise StepFailed(f"the {what} read back from JSON does not fit {model.__name__}: {exc}") from None
-        if back != value:
+        if back.model_dump(mode="json") != json.loads(text):
             raise StepFailed(f"the {what} read back from JSON is not the same: {_show(back)} != {_show(value)}")
 
 

@@ -35,8 +35,6 @@ _STUB_EXEC = "exec convention: ext.saas-stub's exec runs no command (it answers 
 #: Strict, so a fix shows up as XPASS and its entry must go.
 XFAIL: dict[tuple[str, str], str] = {
     # Not the exec convention: teardown reports (issue 9 section 1, the typed contract)
-    ("ext.modal", "teardown_already_gone"): "teardown contract: terminating a sandbox Modal already ended reports "
-                                            "already_gone false (only NotFound counts as gone)",
     **{("ext.saas-stub", step): _STUB_EXEC for step in (
         "exec_exit_codes", "exec_stderr", "exec_env", "exec_cwd", "exec_streaming", "exec_timeout",
         "exec_utf8_chunks", "restore", "manager_cycle")},

@@ -54,10 +54,10 @@ def test_gc_reaps_sandbox_created_by_a_process_that_crashed(cfg, home, tmp_path,
         row = mgr.state.get(sandbox_id)
         assert row["state"] == "provisioning" and row["handle"] is None
         ext = mgr.extension(row["extension"])
-        owned = [o for o in ext.list_owned(mgr.owner_labels) if o["sandbox_id"] == sandbox_id]
+        owned = [o for o in ext.list_owned(mgr.owner_labels) if o.sandbox_id == sandbox_id]
         assert len(owned) == 1, "the backend really holds a sandbox the store has no handle for"
         if profile == "crash-local":
-            pid = owned[0]["handle"]["pid"]
+            pid = owned[0].handle.pid
             assert Path(f"/proc/{pid}").exists()
 
         assert mgr.gc().orphans == []  # not stale yet: a creating process may still own it
@@ -65,11 +65,11 @@ def test_gc_reaps_sandbox_created_by_a_process_that_crashed(cfg, home, tmp_path,
         report = mgr.gc()
         assert report.stale_provisioning == [sandbox_id]
         assert report.orphans == [sandbox_id]
-        assert [o for o in ext.list_owned(mgr.owner_labels) if o["sandbox_id"] == sandbox_id] == []
+        assert [o for o in ext.list_owned(mgr.owner_labels) if o.sandbox_id == sandbox_id] == []
         assert mgr.state.get(sandbox_id)["state"] in ("failed", "terminated")
         if profile == "crash-local":
             assert not Path(f"/proc/{pid}").exists()
-            assert not Path(owned[0]["handle"]["workspace"]).exists()
+            assert not Path(owned[0].handle.workspace).exists()
         assert [e["kind"] for e in mgr.events(sandbox_id)][-1] == "orphan_reaped"
     finally:
         mgr.close()
