@@ -13,6 +13,8 @@ Rules this module keeps:
   tags, and :meth:`DockerExtension.list_owned` finds containers by them;
 * no network unless the profile asks for one, and never the host's network;
 * a failed provision removes the container it created before raising.
+
+An exec's output stream and its kill at the deadline are :mod:`sandboxer.extensions.docker_exec`'s.
 """
 
 from __future__ import annotations
@@ -21,9 +23,7 @@ import contextlib
 import functools
 import os
 import re
-import select
 import socket
-import struct
 import threading
 import time
 import urllib.parse
@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from sandboxer.contract import (ErrorTable, Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult,
+                                TeardownReport, translated)
 from sandboxer.errors import (
     AuthError,
     BackendError,
@@ -47,10 +49,9 @@ from sandboxer.errors import (
     SnapshotError,
     TeardownError,
 )
-from sandboxer.contract import (ErrorTable, Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult,
-                                TeardownReport, translated)
-from sandboxer.execution import OutputCollector, check_argv
+from sandboxer.execution import EXEC_MARKER, check_argv
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
+from sandboxer.extensions.docker_exec import FrameReader, kill_exec
 from sandboxer.models import ExecResult, SnapshotMeta
 from sandboxer.poll import poll
 
@@ -67,16 +68,6 @@ LABEL_SNAPSHOT_OF = "sandboxer.snapshot_of"
 # fullmatch only: re.match(r"...$") would accept a trailing newline
 _SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-#: Environment marker of one exec (``SANDBOXER_EXEC=<token>``): how its processes are found at its deadline.
-EXEC_MARKER = "SANDBOXER_EXEC"
-# $1 the marker: KILL every process inside the container carrying it (for engines on other machines).
-# One file at a time through tr: busybox grep stops reading a line at its first NUL.
-_SWEEP = r"""for i in 1 2 3 4 5; do
-  for f in /proc/[0-9]*/environ; do
-    if tr '\0' '\n' < "$f" | grep -qxF -e "$1"; then p=${f#/proc/}; kill -s KILL "${p%/environ}"; fi
-  done
-  sleep 0.05
-done 2>/dev/null; true"""
 
 
 class DockerConfig(BaseModel):
@@ -632,13 +623,13 @@ class DockerExtension(SandboxExtension):
                 # Half-close: the command sees EOF on stdin, we keep reading.
                 with contextlib.suppress(OSError):
                     raw.shutdown(socket.SHUT_WR)
-            out = _Streams(self.config.max_output_bytes, on_output)
+            out = FrameReader(self.config.max_output_bytes, on_output)
             finished = out.read_frames(raw, None if timeout is None else time.monotonic() + timeout)
         finally:
             with contextlib.suppress(Exception):
                 sock.close()
         if not finished:
-            self._kill_exec(api, exec_id, handle.container_id, mark)
+            kill_exec(api, exec_id, handle.container_id, mark)
 
         def exited() -> dict[str, Any] | None:
             info = api.exec_inspect(exec_id)
@@ -649,33 +640,6 @@ class DockerExtension(SandboxExtension):
             f"{self.id}: exec in sandbox {handle.sandbox_id} did not report an exit code",
             backend=self.id, host=self.engine))
         return out.out.result(int(info.get("ExitCode") or 0), timed_out=not finished)
-
-    def _kill_exec(self, api, exec_id: str, container_id: str, mark: str) -> None:
-        """Kill every process of a timed-out exec: its tree and whatever carries its marker.
-
-        The Engine API has no "kill exec". When the engine runs on this machine the exec's
-        host pid (from its inspect data) and the marked processes are signalled from here,
-        after checking each belongs to the container (pid reuse); a ``setsid`` child whose
-        parent already exited is no longer in the tree, but still carries the marker.
-        Otherwise (a remote engine) a second exec sweeps the marked processes inside the
-        container, which needs ``sh`` in the image.
-        """
-        pid = 0
-        with contextlib.suppress(Exception):
-            pid = int(api.exec_inspect(exec_id).get("Pid") or 0)
-        if pid > 0 and _in_container(pid, container_id):
-            for _ in range(20):  # bounded: a command forking as we kill gets a few more rounds
-                victims = {p for p in _descendants(pid) + [pid] + _marked(mark) if _in_container(p, container_id)}
-                if not victims:
-                    return
-                for victim in victims:
-                    with contextlib.suppress(OSError):
-                        os.kill(victim, 9)
-                time.sleep(0.05)
-            return
-        with contextlib.suppress(Exception):
-            sweep = api.exec_create(container_id, ["sh", "-c", _SWEEP, "sh", f"{EXEC_MARKER}={mark}"])["Id"]
-            api.exec_start(sweep)
 
     # ------------------------------------------------------------ snapshots
 
@@ -776,89 +740,3 @@ class DockerExtension(SandboxExtension):
                 owned.append(OwnedSandbox(sandbox_id=sid, handle=DockerHandle(
                     container_id=c["Id"], container=name, sandbox_id=sid, host=self.engine, image=c.get("Image"))))
         return owned
-
-
-class _Streams:
-    """Demultiplexes the engine's exec stream into an :class:`OutputCollector` (the exec convention)."""
-
-    def __init__(self, cap: int, on_output: OutputCallback | None):
-        self.out = OutputCollector(on_output, cap)
-
-    def add(self, stream: int, data: bytes) -> None:
-        if stream in (1, 2):  # 0 would be stdin echoed back; the engine sends none here
-            self.out.feed("stdout" if stream == 1 else "stderr", data)
-
-    def read_frames(self, raw, deadline: float | None) -> bool:
-        """Read frames until EOF (True) or the deadline (False).
-
-        Frames are ``[stream, 0, 0, 0, size (4 bytes, big-endian)]`` + payload.
-        """
-        buf = b""
-        while True:
-            # Wait in select, never in recv: the socket carries the API call
-            # timeout, which a quiet long-running command must not trip.
-            wait = 1.0
-            if deadline is not None:
-                wait = min(deadline - time.monotonic(), wait)
-                if wait <= 0:
-                    return False
-            pending = getattr(raw, "pending", None)  # TLS may hold decrypted bytes select cannot see
-            if not (pending and pending()) and not select.select([raw], [], [], wait)[0]:
-                continue
-            chunk = raw.recv(65536)
-            if not chunk:
-                return True
-            buf += chunk
-            while len(buf) >= 8:
-                stream, size = buf[0], struct.unpack(">L", buf[4:8])[0]
-                if len(buf) < 8 + size:
-                    break
-                self.add(stream, buf[8 : 8 + size])
-                buf = buf[8 + size :]
-
-
-def _in_container(pid: int, container_id: str) -> bool:
-    """Whether host pid ``pid`` runs in that container (its cgroup path names the container id)."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as fh:
-            return container_id in fh.read()
-    except OSError:
-        return False
-
-
-def _marked(mark: str) -> list[int]:
-    """Host pids whose environment carries this exec's marker."""
-    needle = f"{EXEC_MARKER}={mark}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as fh:
-                    if needle in fh.read().split(b"\0"):
-                        found.append(int(entry))
-            except OSError:
-                continue
-    return found
-
-
-def _descendants(pid: int) -> list[int]:
-    """Pids below ``pid`` in the host's process tree (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses; fields resume after the last ')'.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out

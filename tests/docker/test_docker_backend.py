@@ -220,9 +220,9 @@ def test_deadline_kills_every_process_of_the_exec(ext, make, script):
 
 def test_deadline_kills_inside_the_container_when_the_engine_is_elsewhere(ext, make, monkeypatch):
     """An engine on another machine: its pids are not ours to signal, so a sweep runs inside the container."""
-    import sandboxer.extensions.docker as mod
+    import sandboxer.extensions.docker_exec as mod
 
-    monkeypatch.setattr(mod, "_in_container", lambda pid, container_id: False)
+    monkeypatch.setattr(mod, "in_container", lambda pid, container_id: False)
     handle = make()
     ext.wait_ready(handle, timeout=30)
     mark = uuid.uuid4().hex
