@@ -42,6 +42,9 @@ def test_full_cycle_leaves_nothing_behind(ext, profile, make, owner, dclient):
     handle = make()
     reach = ext.wait_ready(handle, timeout=30)
     assert reach.container == handle.container and reach.network == "none"
+    assert (reach.host, reach.docker_host, reach.address) == (ext.engine, ext.engine, None)
+    # what the state store keeps comes back as the same handle (a key a later version dropped is ignored)
+    assert DockerHandle.model_validate({**handle.model_dump(mode="json"), "dropped": 1}) == handle
 
     res = ext.exec(handle, ["sh", "-c", "echo state > /work/kept; pwd; echo oops >&2; exit 7"])
     assert (res.exit_code, res.stdout, res.stderr) == (7, "/work\n", "oops\n")
