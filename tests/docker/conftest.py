@@ -7,8 +7,10 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from sandboxer.extensions.docker import DockerHandle
 from sandboxer.loader import Catalog, load_catalog
 from sandboxer.models import Profile
+from sandboxer.testing import request
 from tests.support.docker_fixtures import busybox_image, docker_host  # noqa: F401 - fixtures
 
 docker = pytest.importorskip("docker", reason="the docker extra is not installed")
@@ -51,13 +53,14 @@ def owner() -> dict[str, str]:
 
 
 @pytest.fixture
-def make(ext, profile: Profile, owner: dict[str, str], dclient) -> Iterator[Callable[..., dict[str, Any]]]:
+def make(ext, profile: Profile, owner: dict[str, str], dclient) -> Iterator[Callable[..., DockerHandle]]:
     """``make(profile=None, **inputs)`` provisions a sandbox owned by this test; all are removed at the end."""
 
-    def _make(prof: Profile | None = None, **inputs: Any) -> dict[str, Any]:
+    def _make(prof: Profile | None = None, **inputs: Any) -> DockerHandle:
         sid = inputs.pop("sandbox_id", None) or f"t-{uuid.uuid4().hex[:10]}"
         tags = {**owner, "sandboxer.sandbox_id": sid, **inputs.pop("tags", {})}
-        return ext.provision(prof or profile, {"sandbox_id": sid, "owner_labels": owner, "tags": tags, **inputs}, None)
+        return ext.provision(request(prof or profile, {"sandbox_id": sid, "owner_labels": owner, "tags": tags,
+                                                       **inputs}, None))
 
     yield _make
     for c in dclient.containers.list(all=True, filters={"label": [f"{k}={v}" for k, v in owner.items()]}):

@@ -11,10 +11,13 @@ import uuid
 
 import pytest
 
-from sandboxer.errors import ExecError, InputError, ProfileError, ProvisionError, ReadinessTimeout, SnapshotError
-from sandboxer.extensions.docker import DockerConfig, DockerExtension
+from sandboxer.contract import TeardownReport
+from sandboxer.errors import (AuthError, ExecError, InputError, ProfileError, ProvisionError, RateLimited,
+                              ReadinessTimeout, SnapshotError)
+from sandboxer.extensions.docker import DockerConfig, DockerExtension, DockerHandle
 from sandboxer.loader import load_catalog
 from sandboxer.models import SnapshotMeta
+from sandboxer.testing import request
 from tests.docker.conftest import containers_of, variant
 from tests.support.docker_fixtures import wait_gone
 
@@ -30,46 +33,49 @@ HOSTILE = {
 
 def _meta(ext, handle, out) -> SnapshotMeta:
     return SnapshotMeta(
-        id="snap-test", sandbox_id=handle["sandbox_id"], extension=ext.id, profile="docker",
-        created_at="2026-11-21T00:00:00Z", size_bytes=out["size_bytes"], checksum=out["checksum"], data=out["data"],
+        id="snap-test", sandbox_id=handle.sandbox_id, extension=ext.id, profile="docker",
+        created_at="2026-11-21T00:00:00Z", size_bytes=out.size_bytes, checksum=out.checksum, data=out.data,
     )
 
 
 def test_full_cycle_leaves_nothing_behind(ext, profile, make, owner, dclient):
     handle = make()
     reach = ext.wait_ready(handle, timeout=30)
-    assert reach["container"] == handle["container"] and reach["network"] == "none"
+    assert reach.container == handle.container and reach.network == "none"
+    assert (reach.host, reach.docker_host, reach.address) == (ext.engine, ext.engine, None)
+    # what the state store keeps comes back as the same handle (a key a later version dropped is ignored)
+    assert DockerHandle.model_validate({**handle.model_dump(mode="json"), "dropped": 1}) == handle
 
     res = ext.exec(handle, ["sh", "-c", "echo state > /work/kept; pwd; echo oops >&2; exit 7"])
     assert (res.exit_code, res.stdout, res.stderr) == (7, "/work\n", "oops\n")
 
     out = ext.snapshot(handle)
-    image = dclient.images.get(out["data"]["image"])
-    assert out["checksum"] == image.id and out["size_bytes"] > 0
+    image = dclient.images.get(out.data["image"])
+    assert out.checksum == image.id and out.size_bytes > 0
     meta = _meta(ext, handle, out)
 
     restored = ext.restore_from_snapshot(
-        profile, meta, {"sandbox_id": f"r-{uuid.uuid4().hex[:8]}", "owner_labels": owner, "tags": owner}, None
+        request(profile, {"sandbox_id": f"r-{uuid.uuid4().hex[:8]}", "owner_labels": owner, "tags": owner}, None), meta
     )
     ext.wait_ready(restored, timeout=30)
     assert ext.exec(restored, ["cat", "/work/kept"]).stdout == "state\n"
-    assert restored["container_id"] != handle["container_id"]
+    assert restored.container_id != handle.container_id
 
     for h in (handle, restored):
-        assert ext.teardown(h)["removed"] is True
-        assert containers_of(dclient, h["sandbox_id"]) == []
+        assert ext.teardown(h).removed == [h.container_id]
+        assert containers_of(dclient, h.sandbox_id) == []
     ext.delete_snapshot(meta)
     ext.delete_snapshot(meta)  # idempotent
-    assert not dclient.images.list(name=out["data"]["image"])
+    assert not dclient.images.list(name=out.data["image"])
     with pytest.raises(SnapshotError, match="no longer on the Docker engine"):
-        ext.restore_from_snapshot(profile, meta, {"sandbox_id": "gone-snap", "owner_labels": owner}, None)
+        ext.restore_from_snapshot(request(profile, {"sandbox_id": "gone-snap", "owner_labels": owner}, None), meta)
 
 
 def test_no_network_by_default(ext, make, dclient):
     handle = make()
     ext.wait_ready(handle, timeout=30)
     assert ext.exec(handle, ["ls", "/sys/class/net"]).stdout.split() == ["lo"]
-    assert dclient.api.inspect_container(handle["container_id"])["HostConfig"]["NetworkMode"] == "none"
+    assert dclient.api.inspect_container(handle.container_id)["HostConfig"]["NetworkMode"] == "none"
 
 
 def test_named_network_when_the_profile_allows_it(ext, profile, make, dclient):
@@ -78,7 +84,7 @@ def test_named_network_when_the_profile_allows_it(ext, profile, make, dclient):
         handle = make(variant(profile, network=net.name))
         reach = ext.wait_ready(handle, timeout=30)
         assert "eth0" in ext.exec(handle, ["ls", "/sys/class/net"]).stdout.split()
-        assert reach["ip_address"] is None or reach["network"] == net.name
+        assert reach.ip_address is None or reach.network == net.name
         ext.teardown(handle)
     finally:
         net.remove()
@@ -96,13 +102,13 @@ def test_host_network_is_refused_at_load_time(tmp_path):
 def test_resource_limits_and_labels_visible_in_inspect(ext, profile, make, owner, dclient):
     prof = variant(profile, resources={"cpu": 0.5, "memory_mb": 64, "pids": 32})
     handle = make(prof, tags={"team": "blue"})
-    info = dclient.api.inspect_container(handle["container_id"])
+    info = dclient.api.inspect_container(handle.container_id)
     host = info["HostConfig"]
     assert (host["NanoCpus"], host["Memory"], host["MemorySwap"], host["PidsLimit"]) == (
         500_000_000, 64 * 2**20, 64 * 2**20, 32)
     assert host["CapDrop"] == ["ALL"] and "no-new-privileges" in host["SecurityOpt"]
     labels = info["Config"]["Labels"]
-    assert labels["sandboxer.sandbox_id"] == handle["sandbox_id"]
+    assert labels["sandboxer.sandbox_id"] == handle.sandbox_id
     assert labels["sandboxer.owner"] == owner["sandboxer.owner"]
     assert labels["team"] == "blue" and labels["sandboxer.extension"] == "ext.docker"
 
@@ -116,16 +122,17 @@ def test_pids_limit_is_enforced(ext, profile, make):
 
 def test_teardown_of_an_already_removed_container_succeeds(ext, make, dclient):
     handle = make()
-    dclient.containers.get(handle["container_id"]).remove(force=True)
-    assert ext.teardown(handle) == {"container": handle["container"], "removed": False, "already_gone": True}
-    assert ext.teardown({}) ["already_gone"] is True
+    dclient.containers.get(handle.container_id).remove(force=True)
+    assert ext.teardown(handle) == TeardownReport(already_gone=True, removed=[], detail={"container": handle.container})
+    never = DockerHandle(container_id="0" * 64, container="sandboxer-never-made", sandbox_id="never-made")
+    assert ext.teardown(never).already_gone is True
 
 
 def test_teardown_removes_anonymous_volumes(ext, profile, make, dclient, busybox_image):
     tag = "sandboxer-busybox-volume:test"
     dclient.images.build(fileobj=io.BytesIO(f"FROM {busybox_image}\nVOLUME /data\n".encode()), tag=tag, rm=True)
     handle = make(variant(profile, image=tag))
-    mounts = dclient.api.inspect_container(handle["container_id"])["Mounts"]
+    mounts = dclient.api.inspect_container(handle.container_id)["Mounts"]
     volume = next(m["Name"] for m in mounts if m["Destination"] == "/data")
     ext.teardown(handle)
     assert not [v for v in dclient.volumes.list() if v.name == volume]
@@ -135,9 +142,9 @@ def test_list_owned_finds_an_orphan_and_only_ours(ext, make, owner):
     handle = make()
     other = {"sandboxer.owner": "someone-else"}
     found = ext.list_owned(owner)
-    assert [o["sandbox_id"] for o in found] == [handle["sandbox_id"]]
+    assert [o.sandbox_id for o in found] == [handle.sandbox_id]
     assert ext.list_owned(other) == []
-    ext.teardown(found[0]["handle"])  # the handle list_owned gives is enough to reap it
+    ext.teardown(found[0].handle)  # the handle list_owned gives is enough to reap it
     assert ext.list_owned(owner) == []
 
 
@@ -196,7 +203,7 @@ def test_exec_stdin_timeout_and_output_cap(ext, profile, make, catalog):
     with pytest.raises(InputError):
         ext.exec(handle, [])
     ext.teardown(handle)
-    with pytest.raises(ExecError, match=handle["sandbox_id"]):
+    with pytest.raises(ExecError, match=handle.sandbox_id):
         ext.exec(handle, ["true"])
 
 
@@ -216,9 +223,9 @@ def test_deadline_kills_every_process_of_the_exec(ext, make, script):
 
 def test_deadline_kills_inside_the_container_when_the_engine_is_elsewhere(ext, make, monkeypatch):
     """An engine on another machine: its pids are not ours to signal, so a sweep runs inside the container."""
-    import sandboxer.extensions.docker as mod
+    import sandboxer.extensions.docker_exec as mod
 
-    monkeypatch.setattr(mod, "_in_container", lambda pid, container_id: False)
+    monkeypatch.setattr(mod, "in_container", lambda pid, container_id: False)
     handle = make()
     ext.wait_ready(handle, timeout=30)
     mark = uuid.uuid4().hex
@@ -231,15 +238,15 @@ def test_probe_sees_a_container_removed_or_stopped_behind_its_back(ext, make, ow
     handle = make()
     ext.wait_ready(handle, timeout=30)
     assert ext.probe(handle) is True
-    assert ext.handle_id(handle) == handle["container_id"]
-    owned = [o for o in ext.list_owned(owner) if o["sandbox_id"] == handle["sandbox_id"]]
-    assert [ext.handle_id(o["handle"]) for o in owned] == [handle["container_id"]]
-    dclient.containers.get(handle["container_id"]).remove(force=True)
+    assert ext.handle_id(handle) == handle.container_id
+    owned = [o for o in ext.list_owned(owner) if o.sandbox_id == handle.sandbox_id]
+    assert [ext.handle_id(o.handle) for o in owned] == [handle.container_id]
+    dclient.containers.get(handle.container_id).remove(force=True)
     assert ext.probe(handle) is False
 
     stopped = make()
     ext.wait_ready(stopped, timeout=30)
-    dclient.containers.get(stopped["container_id"]).kill()
+    dclient.containers.get(stopped.container_id).kill()
     assert ext.probe(stopped) is False, "a container that no longer runs cannot serve its sandbox"
 
 
@@ -249,7 +256,7 @@ def test_probe_of_an_unreachable_engine_raises(catalog, tmp_path):
     ext = DockerExtension(catalog.extensions["ext.docker"].manifest,
                           DockerConfig(docker_host=f"unix://{tmp_path}/no.sock", api_timeout=5))
     with pytest.raises(BackendError, match="cannot reach the Docker engine"):
-        ext.probe({"container_id": "0" * 64, "container": "x", "sandbox_id": "x"})
+        ext.probe(DockerHandle(container_id="0" * 64, container="x", sandbox_id="x"))
 
 
 def test_missing_image_is_an_input_error_and_leaves_nothing(ext, profile, make, owner):
@@ -278,7 +285,7 @@ def test_ready_command_must_pass(ext, profile, make):
     with pytest.raises(ReadinessTimeout):
         ext.wait_ready(handle, timeout=1.5)
     ext.exec(handle, ["touch", "/tmp/go"])
-    assert ext.wait_ready(handle, timeout=10)["container"] == handle["container"]
+    assert ext.wait_ready(handle, timeout=10).container == handle.container
 
 
 def test_same_sandbox_id_twice_is_a_non_transient_conflict(ext, make):
@@ -293,26 +300,67 @@ def test_unreachable_engine_is_transient_and_fast(catalog, profile, tmp_path):
     ext = DockerExtension(manifest, DockerConfig(docker_host=f"unix://{tmp_path}/no.sock", api_timeout=5))
     start = time.monotonic()
     with pytest.raises(ProvisionError, match="cannot reach the Docker engine") as err:
-        ext.provision(profile, {"sandbox_id": "x1"}, None)
+        ext.provision(request(profile, {"sandbox_id": "x1"}, None))
     assert err.value.transient and time.monotonic() - start < 5
 
 
-def test_engine_5xx_is_transient_and_409_is_not(catalog):
-    """Fault injection at the SDK seam: the translation, not the engine, is under test."""
+def _api_error(status: int):
     import docker.errors
     import requests
 
-    from sandboxer.extensions.docker import _translate
+    resp = requests.Response()
+    resp.status_code = status
+    return docker.errors.APIError("boom", response=resp, explanation="engine trouble")
 
-    def api_error(status: int) -> docker.errors.APIError:
-        resp = requests.Response()
-        resp.status_code = status
-        return docker.errors.APIError("boom", response=resp, explanation="engine trouble")
 
-    for status, transient in ((500, True), (503, True), (409, False), (400, False)):
-        with pytest.raises(ProvisionError) as err, _translate("ext.docker", "unix:///x", "creating", ProvisionError):
-            raise api_error(status)
-        assert err.value.transient is transient and "engine trouble" in str(err.value)
+def _failing_engine(ext: DockerExtension, monkeypatch, exc: Exception) -> None:
+    """Fault injection at the SDK seam: the client finds every image, and every other call raises ``exc``."""
+    from types import SimpleNamespace
+
+    def boom(*args, **kwargs):
+        raise exc
+
+    client = SimpleNamespace(images=SimpleNamespace(get=lambda ref: object()),
+                             containers=SimpleNamespace(create=boom),
+                             api=SimpleNamespace(exec_create=boom, remove_container=boom, inspect_container=boom))
+    monkeypatch.setattr(ext, "client", lambda: client)
+
+
+@pytest.mark.parametrize("status, transient", [(500, True), (503, True), (409, False), (400, False)])
+def test_engine_5xx_is_transient_and_409_is_not(catalog, profile, monkeypatch, status, transient):
+    """The translation, not the engine, is under test: by the SDK's public status_code and explanation."""
+    ext = DockerExtension(catalog.extensions["ext.docker"].manifest, DockerConfig(docker_host="unix:///x"))
+    _failing_engine(ext, monkeypatch, _api_error(status))
+    with pytest.raises(ProvisionError) as err:
+        ext.provision(request(profile, {"sandbox_id": "sdk-fault"}))
+    assert err.value.transient is transient
+    assert str(err.value) == (f"ext.docker on unix:///x: creating the container for sandbox sdk-fault failed: "
+                              f"engine answered {status}: engine trouble")
+    # raised outside the except block: the SDK's exception travels neither as cause nor as context
+    assert err.value.__cause__ is None and err.value.__context__ is None
+
+
+def test_engine_errors_keep_the_class_of_what_was_being_done(catalog, profile, monkeypatch):
+    import requests
+
+    ext = DockerExtension(catalog.extensions["ext.docker"].manifest, DockerConfig(docker_host="unix:///x"))
+    handle = DockerHandle(container_id="c" * 64, container="sandboxer-sdk-fault", sandbox_id="sdk-fault")
+    _failing_engine(ext, monkeypatch, _api_error(401))
+    with pytest.raises(AuthError, match=r"^ext.docker on unix:///x: exec 'true' for sandbox sdk-fault: the Docker "
+                                        r"engine refused the credentials \(401\)$"):
+        ext.exec(handle, ["true"])
+    _failing_engine(ext, monkeypatch, _api_error(429))
+    with pytest.raises(RateLimited, match="removing the container for sandbox sdk-fault: the Docker engine asked"):
+        ext.teardown(handle)
+    _failing_engine(ext, monkeypatch, requests.exceptions.ConnectionError("refused"))
+    with pytest.raises(ExecError, match=r"exec 'true' for sandbox sdk-fault failed: cannot reach the Docker engine "
+                                        r"\(ConnectionError: refused\)") as err:
+        ext.exec(handle, ["true"])
+    assert err.value.transient
+    import docker.errors
+
+    _failing_engine(ext, monkeypatch, docker.errors.NotFound("No such container"))
+    assert ext.probe(handle) is False  # NotFound: the container is gone, which is an answer
 
 
 def test_manifest_loads_without_the_docker_sdk():

@@ -6,6 +6,7 @@ import pytest
 
 from sandboxer import Manager, SandboxCreateRequest
 from sandboxer.errors import InputError
+from sandboxer.testing import request
 from tests.docker.conftest import containers_of
 
 pytestmark = pytest.mark.root
@@ -83,15 +84,15 @@ def test_gc_reaps_an_orphan_container(mgr, dclient):
     mgr.teardown(sb.id)
     ext = mgr.extension("ext.test-docker")
     # A container the store never heard of, as a crash between create and record would leave.
-    orphan = ext.provision(
+    orphan = ext.provision(request(
         mgr.profile("test-docker"),
         {"sandbox_id": "sb-orphan1", "owner_labels": mgr.owner_labels, "tags": dict(mgr.owner_labels)},
         None,
-    )
+    ))
     report = mgr.gc()
     assert "sb-orphan1" in report.orphans
     assert containers_of(dclient, "sb-orphan1") == []
-    assert orphan["container"] == "sbtest-sb-orphan1"
+    assert orphan.container == "sbtest-sb-orphan1"
 
 
 def test_create_with_a_missing_image_leaves_nothing(mgr, dclient):

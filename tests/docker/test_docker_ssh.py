@@ -12,6 +12,7 @@ import pytest
 
 from sandboxer.errors import HostKeyError, ProvisionError
 from sandboxer.extensions.docker import DockerConfig, DockerExtension
+from sandboxer.testing import request
 from tests.docker.conftest import containers_of
 from tests.support.sshd import sshd_or_skip
 
@@ -43,13 +44,13 @@ def _ext(catalog, sshd) -> DockerExtension:
 def test_full_cycle_over_ssh(catalog, profile, sshd, ssh_home, owner, dclient, busybox_image):
     (ssh_home / ".ssh" / "known_hosts").write_text(sshd.known_hosts_line())
     ext = _ext(catalog, sshd)
-    handle = ext.provision(profile, {"sandbox_id": "over-ssh-1", "owner_labels": owner, "tags": owner}, None)
+    handle = ext.provision(request(profile, {"sandbox_id": "over-ssh-1", "owner_labels": owner, "tags": owner}, None))
     try:
-        assert handle["host"] == f"ssh://{sshd.user}@127.0.0.1:{sshd.port}"
+        assert handle.host == f"ssh://{sshd.user}@127.0.0.1:{sshd.port}"
         ext.wait_ready(handle, timeout=30)
         res = ext.exec(handle, ["sh", "-c", "cat; echo ok >&2"], stdin=b"via ssh\n", timeout=20)
         assert (res.exit_code, res.stdout, res.stderr) == (0, "via ssh\n", "ok\n")
-        assert [o["sandbox_id"] for o in ext.list_owned(owner)] == ["over-ssh-1"]
+        assert [o.sandbox_id for o in ext.list_owned(owner)] == ["over-ssh-1"]
     finally:
         ext.teardown(handle)
     assert containers_of(dclient, "over-ssh-1") == []
@@ -63,7 +64,7 @@ def test_mismatched_host_key_is_refused_before_anything_runs(catalog, profile, s
     ext = _ext(catalog, sshd)
     start = time.monotonic()
     with pytest.raises(HostKeyError, match="SSH key does not match known_hosts; nothing was run"):
-        ext.provision(profile, {"sandbox_id": "over-ssh-2", "owner_labels": owner}, None)
+        ext.provision(request(profile, {"sandbox_id": "over-ssh-2", "owner_labels": owner}, None))
     assert time.monotonic() - start < 20
     assert containers_of(dclient, "over-ssh-2") == []
 
@@ -71,6 +72,6 @@ def test_mismatched_host_key_is_refused_before_anything_runs(catalog, profile, s
 def test_host_missing_from_known_hosts_is_refused(catalog, profile, sshd, ssh_home, owner, dclient):
     (ssh_home / ".ssh" / "known_hosts").write_text("")
     with pytest.raises(ProvisionError, match="known_hosts") as err:
-        _ext(catalog, sshd).provision(profile, {"sandbox_id": "over-ssh-3", "owner_labels": owner}, None)
+        _ext(catalog, sshd).provision(request(profile, {"sandbox_id": "over-ssh-3", "owner_labels": owner}, None))
     assert not err.value.transient
     assert containers_of(dclient, "over-ssh-3") == []
