@@ -608,13 +608,13 @@ class E2BExtension(SandboxExtension):
             failure = str(exc)
         raise SnapshotError(f"restore of snapshot {snapshot.id}: {failure}", backend=self.id)
 
-    def delete_snapshot(self, snapshot_meta: SnapshotMeta) -> None:
+    def delete_snapshot(self, snapshot: SnapshotMeta) -> None:
         """Delete the E2B snapshot; one already gone is fine."""
-        snap = snapshot_meta.data.get("snapshot_id")
+        snap = snapshot.data.get("snapshot_id")
         if not snap:
             return
         self._call("snapshot delete", lambda sdk_opts: _sdk().Sandbox.delete_snapshot(str(snap), **sdk_opts),
-                   consumer=snapshot_meta.data.get("consumer"), fallback=SnapshotError)
+                   consumer=snapshot.data.get("consumer"), fallback=SnapshotError)
 
     # ------------------------------------------------------------ gc
 

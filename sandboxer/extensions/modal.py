@@ -658,10 +658,10 @@ class ModalExtension(SandboxExtension):
         )
         return SnapshotResult(data={"image_id": image_id, "source": object_id, "credentials": handle.credentials})
 
-    def delete_snapshot(self, snapshot_meta: SnapshotMeta) -> None:
+    def delete_snapshot(self, snapshot: SnapshotMeta) -> None:
         """Nothing to call: the pinned SDK has no image delete; Modal drops it after ``snapshot_ttl``."""
-        log.info("%s: snapshot %s (image %s) expires on Modal after its TTL", self.id, snapshot_meta.id,
-                 snapshot_meta.data.get("image_id"))
+        log.info("%s: snapshot %s (image %s) expires on Modal after its TTL", self.id, snapshot.id,
+                 snapshot.data.get("image_id"))
 
     def list_owned(self, owner_labels: dict[str, str]) -> list[OwnedSandbox]:
         """Live sandboxes in this backend's app carrying ``owner_labels`` as tags, under every configured token.
