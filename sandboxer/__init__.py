@@ -38,10 +38,8 @@ from sandboxer.errors import (
     TeardownError,
     TTLError,
 )
-from sandboxer.extensions.base import SandboxExtension
-from sandboxer.loader import Catalog, load_catalog
 from sandboxer.deadline import CallLimits
-from sandboxer.manager import Manager
+from sandboxer.extensions.base import SandboxExtension
 from sandboxer.models import (
     CleanupReport,
     ExecResult,
@@ -55,6 +53,21 @@ from sandboxer.models import (
 )
 
 __version__ = "0.1.0"
+
+# The manager and the loader (SQLAlchemy, YAML) load on first use: ``import sandboxer.testing``
+# (the pytest plugin every test run of an author's gets) and a worker process stay light.
+_LAZY = {"Manager": "sandboxer.manager", "Catalog": "sandboxer.loader", "load_catalog": "sandboxer.loader"}
+
+
+def __getattr__(name: str):  # noqa: ANN202 - PEP 562
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sandboxer' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "AuthError", "BackendError", "BudgetExceeded", "CallLimits", "CapabilityError", "CapacityUnavailable", "Catalog",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,47 @@ def builtin_dir(kind: str) -> Path:
     """
     packaged = _PKG_DIR / "_data" / kind
     return packaged if packaged.is_dir() else _PKG_DIR.parent / kind
+
+
+#: The entry-point group through which an installed package ships manifests and profiles.
+CONFIG_GROUP = "sandboxer.config"
+_CONFIG_VALUE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*):([A-Za-z0-9_][A-Za-z0-9_-]*)")
+
+
+def package_config_dirs() -> list[Path]:
+    """Config directories shipped by installed packages, in entry-point name order.
+
+    A package declares ``[project.entry-points."sandboxer.config"] NAME = "package:dir"``: the
+    directory ``dir`` inside the top-level package ``package`` holds ``extensions/`` and
+    ``profiles/``, loaded after the built-ins and before the user's config dirs. The package is
+    found, not imported (no code of it runs here). ``SANDBOXER_PACKAGE_CONFIG=0`` turns this off.
+
+    Raises:
+        ConfigError: an entry point is malformed, its package is missing, or the directory is not there.
+    """
+    if os.environ.get("SANDBOXER_PACKAGE_CONFIG", "1").strip().lower() in ("0", "no", "false", "off"):
+        return []
+    from importlib.metadata import entry_points
+
+    out: list[Path] = []
+    for ep in sorted(entry_points(group=CONFIG_GROUP), key=lambda e: e.name):
+        dist = getattr(ep, "dist", None)
+        where = (f"entry point {ep.name!r} = {ep.value!r} of group {CONFIG_GROUP}"
+                 + (f" (distribution {dist.name} {dist.version})" if dist is not None else ""))
+        m = _CONFIG_VALUE.fullmatch(ep.value.strip())
+        if m is None:
+            raise ConfigError(f"{where}: expected 'package:directory' (a top-level package and a directory in it)")
+        try:
+            spec = importlib.util.find_spec(m.group(1))  # a top-level package: located, never imported
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"{where}: no installed package {m.group(1)!r}")
+        d = Path(next(iter(spec.submodule_search_locations))) / m.group(2)
+        if not d.is_dir():
+            raise ConfigError(f"{where}: directory {str(d)!r} does not exist")
+        out.append(d)
+    return out
 
 
 def config_dirs_from_env() -> list[Path]:
@@ -177,6 +219,8 @@ class Catalog:
     profile_sources: dict[str, Path]
     dirs: list[Path]
     settings: Settings = field(default_factory=Settings)
+    #: Config dirs shipped by installed packages (entry-point group ``sandboxer.config``).
+    package_dirs: list[Path] = field(default_factory=list)
 
 
 def _files(dirs: list[Path], sub: str, pattern: str) -> list[Path]:
@@ -241,10 +285,7 @@ def load_manifest(path: Path, registry: Registry, data: dict[str, Any] | None = 
     if req is not None:
         module, extra = req
         if importlib.util.find_spec(module) is None:
-            missing = (
-                f"{manifest.id} needs the Python package {module!r}; "
-                f"install it with: pip install 'sand-boxer[{extra}]'"
-            )
+            missing = f"{manifest.id} needs the Python package {module!r}; {_install_hint(handler, module, extra)}"
     return LoadedExtension(manifest=manifest, source=path, handler=handler, config=config, missing_extra=missing)
 
 
@@ -306,6 +347,18 @@ def apply_override(path: Path, data: dict[str, Any], extensions: dict[str, Loade
     loaded.config_overrides.append(path)
 
 
+def _install_hint(handler: type, module: str, extra: str) -> str:
+    """How to install an optional SDK: the extra of the distribution that ships ``handler``
+    (``sand-boxer[ssh]`` for a built-in, ``my-backend[sdk]`` for a third party's)."""
+    from importlib.metadata import packages_distributions
+
+    top = handler.__module__.split(".")[0]
+    dists = packages_distributions().get(top) or (["sand-boxer"] if top == "sandboxer" else [])
+    if not dists:  # a handler not installed as a distribution (a source tree on the path)
+        return f"install it (pip install {module}), or the extra {extra!r} of the package that ships {handler.__module__}"
+    return f"install it with: pip install '{dists[0]}[{extra}]'"
+
+
 def load_profile(path: Path, extensions: dict[str, LoadedExtension]) -> Profile:
     data = read_yaml(path, ProfileError)
     try:
@@ -340,18 +393,25 @@ def load_profile(path: Path, extensions: dict[str, LoadedExtension]) -> Profile:
     return profile
 
 
-def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True) -> Catalog:
-    """Load and validate the built-in config plus ``config_dirs`` (default: ``SANDBOXER_CONFIG``).
+def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True,
+                 packages: bool | None = None) -> Catalog:
+    """Load and validate the built-in config, installed packages' config, then ``config_dirs``.
+
+    Args:
+        config_dirs: the user's config dirs (default: ``SANDBOXER_CONFIG``).
+        builtins: include the built-in manifests and profiles.
+        packages: include what installed packages ship (:func:`package_config_dirs`); default: with the built-ins.
 
     Raises:
         ConfigError: (a subclass naming file, field and value) on the first problem.
     """
     registry = Registry.load()
     user_dirs = list(config_dirs) if config_dirs is not None else config_dirs_from_env()
+    pkg_dirs = package_config_dirs() if (builtins if packages is None else packages) else []
     ext_files = (sorted(builtin_dir("extensions").glob("ext.*.yaml")) if builtins else [])
-    ext_files += _files(user_dirs, "extensions", "ext.*.yaml")
+    ext_files += _files(pkg_dirs + user_dirs, "extensions", "ext.*.yaml")
     prof_files = (sorted(builtin_dir("profiles").glob("profile.*.yaml")) if builtins else [])
-    prof_files += _files(user_dirs, "profiles", "profile.*.yaml")
+    prof_files += _files(pkg_dirs + user_dirs, "profiles", "profile.*.yaml")
 
     extensions: dict[str, LoadedExtension] = {}
     overrides: list[tuple[Path, dict[str, Any]]] = []
@@ -383,7 +443,8 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
             )
         profiles[profile.slug] = profile
         sources[profile.slug] = path
-    return Catalog(registry, extensions, profiles, sources, user_dirs, load_settings(user_dirs))
+    # settings (budgets, sinks) are the operator's: never from a package
+    return Catalog(registry, extensions, profiles, sources, user_dirs, load_settings(user_dirs), pkg_dirs)
 
 
 def load_settings(dirs: list[Path]) -> Settings:

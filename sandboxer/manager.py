@@ -185,7 +185,7 @@ class Manager(SnapshotsMixin, GcMixin):
             loaded = self.catalog.extensions[ext_id]
         except KeyError:
             whose = f"sandbox {sandbox_id} runs on extension {ext_id!r}, which" if sandbox_id else f"extension {ext_id!r}"
-            dirs = ", ".join(str(d) for d in self.catalog.dirs) or "the built-ins only"
+            dirs = ", ".join(str(d) for d in [*self.catalog.package_dirs, *self.catalog.dirs]) or "the built-ins only"
             raise ConfigError(
                 f"{whose} is not defined in this configuration (config dirs: {dirs}); run with the "
                 f"--config (or SANDBOXER_CONFIG) that defines it. Nothing was changed."

@@ -28,7 +28,6 @@ from pydantic import BaseModel, ConfigDict
 
 from sandboxer.contract import (RESERVED_INPUTS, Handle, OwnedSandbox, ProvisionRequest, Reachability,
                                 SnapshotResult, TeardownReport, translated)
-from sandboxer.state import default_home
 from sandboxer.models import ExecResult, ExtensionManifest, MeterQuote, Profile, SnapshotMeta
 
 __all__ = ["RESERVED_INPUTS", "OPTIONAL_FEATURES", "FEATURE_METHODS", "SandboxExtension", "NoConfig",
@@ -138,9 +137,21 @@ class SandboxExtension(abc.ABC):
     #: ``ssh_target`` given on the command line replaces a profile's default ``vm``).
     exclusive_inputs: ClassVar[tuple[frozenset[str], ...]] = ()
 
-    #: Where a backend may keep local files (workspaces, snapshot stores, its own
-    #: tables): the manager's home. The manager sets it after construction.
-    home: Path = default_home()
+    _home: Path | None = None
+
+    @property
+    def home(self) -> Path:
+        """Where a backend may keep local files (workspaces, snapshot stores, its own tables):
+        the manager's home. The manager sets it after construction."""
+        if self._home is None:
+            from sandboxer.state import default_home  # the state store's module is heavy: only when needed
+
+            return default_home()
+        return self._home
+
+    @home.setter
+    def home(self, value: Path) -> None:
+        self._home = Path(value)
 
     def __init__(self, manifest: ExtensionManifest, config: BaseModel):
         self.manifest = manifest

@@ -74,10 +74,11 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGES = [REPO / "examples" / "sandboxer-workspace", REPO / "tests" / "host" / "misbehaving"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def installed_examples(tmp_path_factory) -> Path:
     """The example package and the misbehaving one, pip-installed into a throwaway target dir
-    put on ``sys.path`` (the shared venv is not touched); workers inherit the import path."""
+    put on ``sys.path`` for the tests of this package only (the shared venv is not touched, and
+    no later test sees the example's shipped config); workers inherit the import path."""
     target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--no-index", "--target", str(target), *map(str, PACKAGES)], check=True, timeout=240,

@@ -50,3 +50,46 @@ def test_create_exec_teardown_out_of_process(ws_mgr) -> None:
 
     assert ws_mgr.teardown(sb.id).state.value == "terminated"
     assert not path.exists()
+
+
+def test_the_packages_own_manifest_and_profile_are_found_without_config(installed_examples, home, tmp_path) -> None:
+    """pip install is enough: no --config, no SANDBOXER_CONFIG (entry-point group sandboxer.config)."""
+    import subprocess
+    import sys
+
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": os.pathsep.join(
+        [str(installed_examples), str(Path(__file__).resolve().parents[2])])}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "sandboxer", "--home", str(home), *a],  # noqa: E731
+                                    capture_output=True, text=True, env=env, timeout=120)
+    listed = run("extensions", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "ext.workspace" in listed.stdout
+    made = run("create", "workspace", "--json")
+    assert made.returncode == 0, made.stderr
+    import json
+
+    sid = json.loads(made.stdout)["id"]
+    out = run("exec", sid, "--", "cat", "README.txt")
+    assert (out.returncode, out.stdout) == (0, "a sandbox made by the sandboxer-workspace example\n")
+    assert run("teardown", sid).returncode == 0
+    # and it can be switched off
+    env["SANDBOXER_PACKAGE_CONFIG"] = "0"
+    off = run("create", "workspace")
+    assert off.returncode == 1 and off.stderr.startswith("error: unknown profile 'workspace'")
+
+
+def test_a_third_partys_optional_sdk_hint_names_its_own_distribution(installed_examples, cfg, home) -> None:
+    from sandboxer.errors import MissingExtra
+
+    cfg.write("ext.needs-sdk.yaml", """
+        id: ext.needs-sdk
+        title: needs an SDK
+        version: 0.1.0
+        handler: needs-sdk
+        capabilities: {isolation_levels: [none], pricing_model: free}
+    """)
+    with Manager(config_dirs=[cfg.root], home=home) as mgr:  # it loads: the SDK is needed only to use it
+        with pytest.raises(MissingExtra) as err:
+            mgr.extension("ext.needs-sdk")
+    assert str(err.value) == ("ext.needs-sdk needs the Python package 'sandboxer_test_sdk_that_is_not_installed'; "
+                              "install it with: pip install 'sandboxer-misbehaving-test-ext[cloud]'")

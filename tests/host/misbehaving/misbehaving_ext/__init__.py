@@ -84,3 +84,9 @@ class MisbehavingExtension(SandboxExtension):
                     on_output("stdout", chunk)
             return ExecResult(exit_code=0, stdout=chunk * mib)
         return ExecResult(exit_code=0, stdout=" ".join(argv) + "\n")
+
+
+class NeedsSdkExtension(MisbehavingExtension):
+    """Needs an SDK that is never installed, from this distribution's extra ``cloud``."""
+
+    requires = ("sandboxer_test_sdk_that_is_not_installed", "cloud")
