@@ -33,7 +33,6 @@ from sandboxer.errors import (
 from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension, check_features, check_signatures
 from sandboxer.deadline import CallLimits
 from sandboxer.extensions.registry import builtin_modules, resolve_handler
-from sandboxer.state import default_home
 from sandboxer.models import ExtensionManifest, Profile, Settings
 
 _PKG_DIR = Path(__file__).resolve().parent
@@ -167,24 +166,75 @@ def is_builtin_handler(spec: str) -> bool:
         module.removeprefix("sandboxer.extensions.") in builtin_modules()
 
 
+def _is_process(manifest: ExtensionManifest) -> bool:
+    if manifest.runtime is not None:
+        return manifest.runtime == "process"
+    return not is_builtin_handler(manifest.handler)
+
+
+@dataclass(frozen=True)
+class HandlerInfo:
+    """What the manager knows of a handler class without holding it.
+
+    For an in-process extension it is read from the class; for a ``runtime: process`` one it
+    comes from a short-lived worker (``python -m sandboxer.host --describe``), so the handler's
+    module is never imported into the manager.
+    """
+
+    name: str
+    features: frozenset[str]
+    exclusive_inputs: tuple[frozenset[str], ...] = ()
+    names_resources: bool = False
+    #: environment variables the config's secret references name (they alone reach a worker)
+    secret_envs: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, handler: type[SandboxExtension], config: BaseModel) -> "HandlerInfo":
+        from sandboxer.secrets import secret_env_names
+
+        return cls(name=f"{handler.__module__}:{handler.__qualname__}", features=frozenset(handler.features),
+                   exclusive_inputs=tuple(frozenset(g) for g in handler.exclusive_inputs),
+                   names_resources=handler.resource_names is not SandboxExtension.resource_names,
+                   secret_envs=tuple(secret_env_names(config)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "features": sorted(self.features),
+                "exclusive_inputs": [sorted(g) for g in self.exclusive_inputs],
+                "names_resources": self.names_resources, "secret_envs": list(self.secret_envs)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "HandlerInfo":
+        return cls(name=str(data["name"]), features=frozenset(data["features"]),
+                   exclusive_inputs=tuple(frozenset(g) for g in data["exclusive_inputs"]),
+                   names_resources=bool(data["names_resources"]), secret_envs=tuple(data["secret_envs"]))
+
+
 @dataclass
 class LoadedExtension:
     manifest: ExtensionManifest
     source: Path
-    handler: type[SandboxExtension]
-    config: BaseModel
+    #: the handler class; None for a ``runtime: process`` extension (never imported here)
+    handler: type[SandboxExtension] | None
+    #: the config as the handler's model validated it (a plain mapping for a process extension,
+    #: validated by its describe worker)
+    config: Any
     missing_extra: str | None = None
     #: override files whose ``config:`` was merged over the manifest's, in the order applied
     config_overrides: list[Path] = field(default_factory=list)
+    info: HandlerInfo | None = None
+    #: a process extension's profile options, validated together by its describe worker
+    pending_options: list[dict[str, Any]] = field(default_factory=list, repr=False)
     _instance: SandboxExtension | None = field(default=None, repr=False)
+
+    @property
+    def exclusive_inputs(self) -> tuple[frozenset[str], ...]:
+        return self.info.exclusive_inputs if self.info is not None else ()
 
     @property
     def runtime(self) -> str:
         """Where the handler runs: the manifest's ``runtime``, else ``process`` for a handler
         published by an installed package (an entry point) and ``in-process`` for a built-in."""
-        if self.manifest.runtime is not None:
-            return self.manifest.runtime
-        return "in-process" if is_builtin_handler(self.manifest.handler) else "process"
+        return "process" if _is_process(self.manifest) else "in-process"
 
     def instance(self, home: Path | None = None, limits: CallLimits | None = None) -> SandboxExtension:
         """The shared handler instance (created on first use, bound to the manager's home).
@@ -199,9 +249,13 @@ class LoadedExtension:
             if self.runtime == "process":
                 from sandboxer.host.client import ProcessExtension  # the host sits above the loader
 
-                self._instance = ProcessExtension(self.manifest, self.config, self.handler,
+                assert self.info is not None, "described at load"
+                from sandboxer.state import default_home  # the state store's module is heavy: only here
+
+                self._instance = ProcessExtension(self.manifest, self.info,
                                                   home=home if home is not None else default_home(), limits=limits)
             else:
+                assert self.handler is not None
                 inst = self.handler(self.manifest, self.config)
                 if home is not None:
                     inst.home = home
@@ -265,28 +319,59 @@ def load_manifest(path: Path, registry: Registry, data: dict[str, Any] | None = 
                 f"{path}: field 'capabilities.features' (value {feat!r}): unknown capability; "
                 f"allowed: {', '.join(registry.features)}"
             )
+    if _is_process(manifest):  # never imported here: its describe worker checks it (describe_process)
+        return LoadedExtension(manifest=manifest, source=path, handler=None, config=dict(manifest.config))
     handler = resolve_handler(manifest.handler, where=f"{path}: field 'handler'")
-    for feat in caps.features:
+    config, missing = check_handler(str(path), manifest, handler)
+    return LoadedExtension(manifest=manifest, source=path, handler=handler, config=config, missing_extra=missing,
+                           info=HandlerInfo.of(handler, config))
+
+
+def check_handler(source: str, manifest: ExtensionManifest, handler: type[SandboxExtension],
+                  config_source: str | None = None) -> tuple[BaseModel, str | None]:
+    """Check ``handler`` against its manifest: declared features implemented, every overridden contract
+    method callable as the manager calls it, the config valid for its ``Config``.
+
+    Returns:
+        The validated config, and the MissingExtra message if its optional SDK is not installed.
+
+    Raises:
+        CapabilityError, ManifestError: naming ``source`` (``config_source`` for config errors:
+            the override file that last changed it).
+    """
+    for feat in manifest.capabilities.features:
         problem = check_features(handler, [feat])
         if problem:
             raise CapabilityError(
-                f"{path}: field 'capabilities.features' (value {feat!r}): handler "
+                f"{source}: field 'capabilities.features' (value {feat!r}): handler "
                 f"{handler.__name__} does not implement it: {problem}"
             )
     problem = check_signatures(handler)
     if problem:
-        raise CapabilityError(f"{path}: field 'handler' (value {manifest.handler!r}): {problem}")
+        raise CapabilityError(f"{source}: field 'handler' (value {manifest.handler!r}): {problem}")
     try:
         config = handler.Config.model_validate(manifest.config)
     except ValidationError as exc:
-        raise ManifestError(describe_validation(str(path), exc, prefix="config")) from None
+        raise ManifestError(describe_validation(config_source or source, exc, prefix="config")) from None
     missing = None
     req = getattr(handler, "requires", None)
     if req is not None:
         module, extra = req
         if importlib.util.find_spec(module) is None:
             missing = f"{manifest.id} needs the Python package {module!r}; {_install_hint(handler, module, extra)}"
-    return LoadedExtension(manifest=manifest, source=path, handler=handler, config=config, missing_extra=missing)
+    return config, missing
+
+
+def check_options(handler: type[SandboxExtension], where: str, field_name: str, options: dict[str, Any]) -> None:
+    """A profile's options for ``handler``, validated by its ``ProfileOptions``.
+
+    Raises:
+        ProfileError: naming the profile file (``where``) and ``field_name``.
+    """
+    try:
+        handler.ProfileOptions.model_validate(options)
+    except ValidationError as exc:
+        raise ProfileError(describe_validation(where, exc, prefix=field_name)) from None
 
 
 def _check_id_matches_name(path: Path, ext_id: Any) -> None:
@@ -339,10 +424,14 @@ def apply_override(path: Path, data: dict[str, Any], extensions: dict[str, Loade
     if not isinstance(change, dict):
         raise ManifestError(f"{path}: field 'config': expected a mapping of config keys, got {type(change).__name__}")
     merged = {**loaded.manifest.config, **change}
-    try:
-        loaded.config = loaded.handler.Config.model_validate(merged)
-    except ValidationError as exc:
-        raise ManifestError(describe_validation(str(path), exc, prefix="config")) from None
+    if loaded.handler is None:
+        loaded.config = merged  # a process extension's: validated by its describe worker, naming this file
+    else:
+        try:
+            loaded.config = loaded.handler.Config.model_validate(merged)
+        except ValidationError as exc:
+            raise ManifestError(describe_validation(str(path), exc, prefix="config")) from None
+        loaded.info = HandlerInfo.of(loaded.handler, loaded.config)
     loaded.manifest = loaded.manifest.model_copy(update={"config": merged})
     loaded.config_overrides.append(path)
 
@@ -386,10 +475,10 @@ def load_profile(path: Path, extensions: dict[str, LoadedExtension]) -> Profile:
                 f"{', '.join(levels)}"
             )
         opts_field = "options" if profile.backends is None else f"backends.{i}.options"
-        try:
-            loaded.handler.ProfileOptions.model_validate(choice.options)
-        except ValidationError as exc:
-            raise ProfileError(describe_validation(str(path), exc, prefix=opts_field)) from None
+        if loaded.handler is None:
+            loaded.pending_options.append({"where": str(path), "field": opts_field, "options": choice.options})
+        else:
+            check_options(loaded.handler, str(path), opts_field, choice.options)
     return profile
 
 
@@ -443,6 +532,12 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
             )
         profiles[profile.slug] = profile
         sources[profile.slug] = path
+    pending = [x for x in extensions.values() if x.handler is None]
+    if pending:
+        from sandboxer.host.client import describe_process  # the host sits above the loader
+
+        for loaded in pending:
+            describe_process(loaded)
     # settings (budgets, sinks) are the operator's: never from a package
     return Catalog(registry, extensions, profiles, sources, user_dirs, load_settings(user_dirs), pkg_dirs)
 

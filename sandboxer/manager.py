@@ -276,7 +276,7 @@ class Manager(SnapshotsMixin, GcMixin):
         dropped: set[str] = set()
         for choice in profile.candidates:
             loaded = self.catalog.extensions.get(choice.extension)
-            for group in loaded.handler.exclusive_inputs if loaded else ():
+            for group in loaded.exclusive_inputs if loaded else ():
                 if group & given.keys():
                     dropped |= group - given.keys()
         return {**{k: v for k, v in defaults.items() if k not in dropped}, **given}

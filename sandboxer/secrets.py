@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -101,3 +101,28 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
         if s and len(s) >= 4:
             text = text.replace(s, "***")
     return text
+
+
+def secret_env_names(config: Any) -> list[str]:
+    """The environment variables named by the ``{env: NAME}`` secret references in ``config``.
+
+    Walks a validated config model (nested models, dicts, lists), in order, without duplicates.
+    """
+    found: dict[str, None] = {}
+
+    def walk(value: Any) -> None:
+        if isinstance(value, SecretRef):
+            if value.env:
+                found[value.env] = None
+        elif isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(getattr(value, name))
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            for v in value:
+                walk(v)
+
+    walk(config)
+    return list(found)

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from pydantic import BaseModel
 
@@ -51,31 +51,107 @@ KILL_GRACE = 1.0
 QUICK_CALL = 30.0
 
 
-def secret_env(config: Any) -> dict[str, str]:
-    """The environment variables the ``{env: NAME}`` secret references in ``config`` name, that are set.
+def secret_env(names: Iterable[str]) -> dict[str, str]:
+    """The environment variables among ``names`` (a config's ``{env: NAME}`` secret references) that are set.
 
-    Walks the validated config model (nested models, dicts, lists). Only these cross to the
-    worker; a reference that is unset stays unset there, so the handler's own ``resolve()``
-    raises the AuthError naming it.
+    Only these cross to the worker; a reference that is unset stays unset there, so the
+    handler's own ``resolve()`` raises the AuthError naming it.
     """
-    found: dict[str, str] = {}
+    return {n: os.environ[n] for n in names if os.environ.get(n)}
 
-    def walk(value: Any) -> None:
-        if isinstance(value, SecretRef):
-            if value.env and os.environ.get(value.env):
-                found[value.env] = os.environ[value.env]
-        elif isinstance(value, BaseModel):
-            for name in type(value).model_fields:
-                walk(getattr(value, name))
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, (list, tuple, set, frozenset)):
-            for v in value:
-                walk(v)
 
-    walk(config)
-    return found
+def worker_env(private: Path, secrets: dict[str, str]) -> dict[str, str]:
+    """A worker's whole environment: nothing of the manager's but PATH and the import path."""
+    return {
+        "PATH": os.environ.get("PATH") or os.defpath,
+        "HOME": str(private),
+        "LANG": "C.UTF-8",
+        # the worker imports the same sand-boxer and the extension's package as the manager
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        **secrets,
+    }
+
+
+def confine(manifest: ExtensionManifest, hidden: Path, private: Path, argv: list[str]) -> list[str]:
+    """A worker's command line, under bubblewrap when the manifest's ``worker.sandbox`` says so.
+
+    Namespaced, the worker sees the filesystem read-only, ``hidden`` (the manager's home) not at
+    all (an empty tmpfs) except its own ``private`` directory (writable), a /dev and /proc of its
+    own, and no network unless ``worker.network`` is set.
+
+    Raises:
+        CapabilityError: ``worker.sandbox: namespace`` and bubblewrap is not installed.
+    """
+    policy = manifest.worker
+    if policy.sandbox == "none":
+        return argv
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise CapabilityError(
+            f"{manifest.id}: the manifest asks for worker.sandbox 'namespace', but bubblewrap (bwrap) is not "
+            f"installed; install it, or set worker.sandbox: none to run the worker unconfined")
+    # No --die-with-parent: its death signal follows the *thread* that started bwrap (a restart
+    # thread ends at once); the worker exits anyway when its stdin closes with the manager.
+    return [bwrap, "--unshare-all", *(["--share-net"] if policy.network else []),
+            "--ro-bind", "/", "/", "--tmpfs", str(hidden), "--bind", str(private), str(private),
+            "--dev", "/dev", "--proc", "/proc", "--chdir", str(private), "--", *argv]
+
+
+def describe_process(loaded: Any) -> None:
+    """Check a ``runtime: process`` extension's handler in a short-lived worker, never importing it here.
+
+    The worker (``python -m sandboxer.host --describe``, started like any worker: minimal
+    environment, no secrets, confined as its manifest says) loads the handler, checks its
+    features and signatures, validates the merged config and every profile's options for it,
+    and returns its metadata, which is set on ``loaded`` (``info``, ``config``, ``missing_extra``).
+
+    Raises:
+        ConfigError (the subclass the worker named): the handler or its config is refused.
+        ExtensionLoadError: the worker crashed, hung, or answered garbage.
+    """
+    import json
+    import tempfile
+
+    from sandboxer import errors
+    from sandboxer.loader import HandlerInfo
+
+    manifest = loaded.manifest
+    source = str(loaded.source)
+    payload = {"manifest": manifest.model_dump(mode="json"), "source": source,
+               "config_source": str(loaded.config_overrides[-1]) if loaded.config_overrides else source,
+               "options": loaded.pending_options}
+    with tempfile.TemporaryDirectory(prefix="sandboxer-describe-") as tmp:
+        private = Path(tmp)
+        argv = confine(manifest, Path(os.environ.get("SANDBOXER_HOME") or private), private,
+                       [sys.executable, "-m", "sandboxer.host", "--describe", "--extension", manifest.id])
+        try:
+            done = subprocess.run(argv, input=json.dumps(payload).encode(), capture_output=True, env=worker_env(
+                private, {}), cwd=private, timeout=HANDSHAKE_TIMEOUT, close_fds=True, start_new_session=True)
+        except subprocess.TimeoutExpired as exc:
+            raise errors.ExtensionLoadError(
+                f"{source}: field 'handler' (value {manifest.handler!r}): loading the handler in a worker did not "
+                f"finish within {HANDSHAKE_TIMEOUT:g}s; last stderr: {_tail(exc.stderr)!r}") from None
+    try:
+        answer = json.loads(done.stdout.decode("utf-8", "replace").strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        why = f"exited with status {done.returncode}" if done.returncode >= 0 else \
+            f"died of signal {signal.Signals(-done.returncode).name}"
+        raise errors.ExtensionLoadError(
+            f"{source}: field 'handler' (value {manifest.handler!r}): the worker loading the handler {why} without "
+            f"an answer; last stderr: {_tail(done.stderr)!r}") from None
+    if "error" in answer:
+        cls = getattr(errors, str(answer["error"].get("type")), None)
+        if not (isinstance(cls, type) and issubclass(cls, errors.ConfigError)):
+            cls = errors.ExtensionLoadError
+        raise cls(str(answer["error"].get("message")))
+    ok = answer["ok"]
+    loaded.info = HandlerInfo.from_json(ok)
+    loaded.missing_extra = ok.get("missing_extra")
+    loaded.pending_options = []
+
+
+def _tail(data: bytes | None, limit: int = 800) -> str:
+    return (data or b"").decode("utf-8", "replace")[-limit:]
 
 
 class _Pending:
@@ -135,14 +211,7 @@ class WorkerProcess:
         self.closing = False
         private = ext.private_dir
         private.mkdir(parents=True, exist_ok=True)
-        env = {
-            "PATH": os.environ.get("PATH") or os.defpath,
-            "HOME": str(private),
-            "LANG": "C.UTF-8",
-            # the worker imports the same sand-boxer and the extension's package as the manager
-            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-            **ext.secrets(),
-        }
+        env = worker_env(private, ext.secrets())
         self.proc = subprocess.Popen(
             ext.confine([sys.executable, "-m", "sandboxer.host", "--extension", ext.id]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -298,14 +367,14 @@ class WorkerProcess:
 class ProcessExtension(SandboxExtension):
     """A SandboxExtension whose handler runs in a worker process (``runtime: process``).
 
-    It has the handler class's ``Config``, ``ProfileOptions``, ``features`` and
-    ``exclusive_inputs`` (the loader checked them in the manager), so ``options()``,
-    ``supports()`` and pricing are answered here; every other call goes to the worker.
+    The handler's module is never imported into the manager: what the manager needs of the class
+    (its features, exclusive inputs, whether it names resources, its secret references) comes
+    from :class:`~sandboxer.loader.HandlerInfo`, read at load by a describe worker. ``supports()``
+    and pricing are answered here; every other call goes to the worker.
 
     Args:
         manifest: the extension's manifest (its ``config`` goes to the worker on the handshake).
-        config: the config the loader validated (searched for secret references).
-        handler: the handler class (for its class-level metadata only; never instantiated here).
+        info: what the describe worker said of the handler class.
         home: the manager's home; the worker's private dir and stderr log live under
             ``<home>/extension-host/<id>/``.
         limits: the manager's call deadlines; a worker that has not answered a call
@@ -315,14 +384,11 @@ class ProcessExtension(SandboxExtension):
     #: The protocol version this client speaks (a test may change it to see a refusal).
     abi_version = protocol.ABI_VERSION
 
-    def __init__(self, manifest: ExtensionManifest, config: BaseModel, handler: type[SandboxExtension], *,
-                 home: Path, limits: CallLimits | None = None):
-        super().__init__(manifest, config)
-        self.handler = handler
-        self.Config = handler.Config  # type: ignore[misc]
-        self.ProfileOptions = handler.ProfileOptions  # type: ignore[misc]
-        self.features = handler.features  # type: ignore[misc]
-        self.exclusive_inputs = handler.exclusive_inputs  # type: ignore[misc]
+    def __init__(self, manifest: ExtensionManifest, info: Any, *, home: Path, limits: CallLimits | None = None):
+        super().__init__(manifest, dict(manifest.config))
+        self.info = info
+        self.features = info.features  # type: ignore[misc]
+        self.exclusive_inputs = info.exclusive_inputs  # type: ignore[misc]
         self.home = Path(home)
         self.limits = limits or CallLimits()
         base = self.home / "extension-host" / manifest.id
@@ -336,37 +402,17 @@ class ProcessExtension(SandboxExtension):
         self.restarts = 0
 
     def __repr__(self) -> str:
-        return f"<ProcessExtension {self.manifest.id} handler={self.handler.__name__}>"
+        return f"<ProcessExtension {self.manifest.id} handler={self.info.name}>"
 
     # ---------------------------------------------------------- the worker
 
     def confine(self, argv: list[str]) -> list[str]:
-        """The worker's command line, under bubblewrap when the manifest's ``worker.sandbox`` says so.
-
-        Namespaced, the worker sees the filesystem read-only, the manager's home not at all
-        (an empty tmpfs) except its own private directory (writable), a /dev and /proc of its
-        own, and no network unless ``worker.network`` is set.
-
-        Raises:
-            CapabilityError: ``worker.sandbox: namespace`` and bubblewrap is not installed.
-        """
-        policy = self.manifest.worker
-        if policy.sandbox == "none":
-            return argv
-        bwrap = shutil.which("bwrap")
-        if bwrap is None:
-            raise CapabilityError(
-                f"{self.id}: the manifest asks for worker.sandbox 'namespace', but bubblewrap (bwrap) is not "
-                f"installed; install it, or set worker.sandbox: none to run the worker unconfined")
-        # No --die-with-parent: its death signal follows the *thread* that started bwrap (a restart
-        # thread ends at once); the worker exits anyway when its stdin closes with the manager.
-        return [bwrap, "--unshare-all", *(["--share-net"] if policy.network else []),
-                "--ro-bind", "/", "/", "--tmpfs", str(self.home), "--bind", str(self.private_dir), str(self.private_dir),
-                "--dev", "/dev", "--proc", "/proc", "--chdir", str(self.private_dir), "--", *argv]
+        """The worker's command line (see :func:`confine`): the manager's home hidden but for its private dir."""
+        return confine(self.manifest, self.home, self.private_dir, argv)
 
     def secrets(self) -> dict[str, str]:
         """What the worker's environment gets beyond the minimum: its config's secret references."""
-        return secret_env(self.config)
+        return secret_env(self.info.secret_envs)
 
     def where_log(self) -> str:
         return f"its stderr is in {self.stderr.path}"
@@ -492,7 +538,7 @@ class ProcessExtension(SandboxExtension):
         return self._call("resource_names", QUICK_CALL, request=self._request(request))
 
     def names_resources(self) -> bool:
-        return self.handler.resource_names is not SandboxExtension.resource_names
+        return self.info.names_resources
 
     def deadline(self, profile: Profile) -> float:
         return float(self._call("deadline", QUICK_CALL, profile=self._profile(profile)))

@@ -254,11 +254,42 @@ class Worker:
         return dict(self.ext.hosts())
 
 
+def describe(payload: dict[str, Any]) -> dict[str, Any]:
+    """Load a handler the way the manager's loader would, and say what the manager needs to know.
+
+    The manager never imports a ``runtime: process`` handler: this runs in a short-lived worker
+    (``python -m sandboxer.host --describe``), with the worker's minimal environment. It checks the
+    declared features and every contract method's signature, validates the (merged) config and the
+    profiles' options with the handler's own models, and answers ``{"ok": {...}}`` (the metadata)
+    or ``{"error": {"type", "message"}}`` naming the file and field, as the in-process loader does.
+    """
+    from sandboxer.loader import HandlerInfo, check_handler, check_options
+
+    try:
+        from sandboxer.extensions.registry import resolve_handler
+
+        manifest = ExtensionManifest.model_validate(payload["manifest"])
+        source = payload["source"]
+        cls = resolve_handler(manifest.handler, where=f"{source}: field 'handler'")
+        config, missing = check_handler(source, manifest, cls, payload.get("config_source") or source)
+        for item in payload.get("options") or ():
+            check_options(cls, item["where"], item["field"], item["options"])
+        info = HandlerInfo.of(cls, config)
+    except ConfigError as exc:
+        return {"error": {"type": type(exc).__name__, "message": str(exc)}}
+    except Exception as exc:  # noqa: BLE001 - the handler's import or class is broken: say so, by name
+        return {"error": {"type": "ExtensionLoadError", "message": (
+            f"{payload.get('source')}: field 'handler': the handler could not be loaded: {type(exc).__name__}: {exc}")}}
+    return {"ok": {**info.to_json(), "missing_extra": missing}}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m sandboxer.host --extension ext.<name>``: serve one extension on stdin/stdout."""
     parser = argparse.ArgumentParser(prog="python -m sandboxer.host",
                                      description="Serve one sand-boxer extension over the extension-host protocol.")
     parser.add_argument("--extension", default="extension", help="the extension's id (for messages)")
+    parser.add_argument("--describe", action="store_true",
+                        help="read one JSON request on stdin, describe the handler on stdout, and exit")
     args = parser.parse_args(argv)
     # The protocol keeps the original stdout; everything else that writes to fd 1 goes to stderr.
     sys.stdout.flush()
@@ -266,6 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     os.set_inheritable(out_fd, False)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    if args.describe:
+        import json
+
+        answer = describe(json.loads(sys.stdin.buffer.read() or b"{}"))
+        os.write(out_fd, json.dumps(answer).encode("utf-8") + b"\n")
+        sys.stderr.flush()
+        os._exit(0)
     global CURRENT
     worker = CURRENT = Worker(sys.stdin.buffer, out_fd, args.extension)
     code = worker.serve()

@@ -98,9 +98,10 @@ def test_the_worker_exits_when_the_manager_process_dies(tmp_path) -> None:
         from sandboxer.extensions.base import NoConfig
         from sandboxer.extensions.saas_stub import SaasStubExtension, StubConfig
         from sandboxer.host.client import ProcessExtension
+        from sandboxer.loader import HandlerInfo
         from sandboxer.models import ExtensionManifest
         m = ExtensionManifest.model_validate({MANIFEST!r})
-        ext = ProcessExtension(m, StubConfig(), SaasStubExtension, home=Path({str(tmp_path)!r}))
+        ext = ProcessExtension(m, HandlerInfo.of(SaasStubExtension, StubConfig()), home=Path({str(tmp_path)!r}))
         ext.ping()
         print(ext.pid(), flush=True)
         os._exit(0)
