@@ -93,3 +93,10 @@ def test_a_third_partys_optional_sdk_hint_names_its_own_distribution(installed_e
             mgr.extension("ext.needs-sdk")
     assert str(err.value) == ("ext.needs-sdk needs the Python package 'sandboxer_test_sdk_that_is_not_installed'; "
                               "install it with: pip install 'sandboxer-misbehaving-test-ext[cloud]'")
+
+
+def test_the_example_passes_the_conformance_kit_out_of_process(ws_mgr) -> None:
+    from sandboxer.testing import run_conformance
+
+    report = run_conformance(ws_mgr, "ext.workspace")
+    assert [r.message for r in report.failures] == [] and report.ok

@@ -35,7 +35,7 @@ from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.models import ExecResult
 
 _META = ".sandboxer.json"
-_ID = re.compile(r"sb-[a-z0-9]{1,64}")
+_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,79}")  # the manager's ids (sb-...) and the conformance kit's
 
 
 class WorkspaceConfig(BaseModel):
