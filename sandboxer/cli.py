@@ -16,7 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from sandboxer.errors import SandboxerError
+from sandboxer.errors import ProfileNotFound, SandboxerError
 from sandboxer.models import ExtensionManifest, Profile, SandboxCreateRequest, parse_duration
 
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
@@ -102,8 +102,22 @@ def _print_status(s: Any) -> None:
                          ("expires", s.expires_at), ("terminated", s.terminated_at), ("last error", s.last_error)):
         if value is not None:
             out.print(f"{label + ':':<13} {value}")
+    if s.policy:
+        out.print(f"{'policy:':<13} {_describe_policy(s.policy)}")
     if s.reachability:
         out.print("reachability: " + json.dumps(s.reachability, sort_keys=True))
+
+
+def _describe_policy(policy: dict[str, Any]) -> str:
+    from sandboxer.policy import NetworkPolicy
+
+    text = "network: " + NetworkPolicy.model_validate(policy.get("network") or {}).describe()
+    if policy.get("secrets"):
+        text += "; secrets: " + ", ".join(policy["secrets"])
+    gpu = policy.get("gpu")
+    if gpu:
+        text += f"; gpu: {gpu['count']} x {gpu.get('type') or 'any'}"
+    return text
 
 
 @cli.command()
@@ -117,6 +131,8 @@ def validate(c: Ctx) -> None:
             click.echo(f"note: {ext.manifest.id}: config overridden by {path}")
         if ext.missing_extra:
             click.echo(f"note: {ext.missing_extra}")
+    for warning in cat.warnings:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @cli.group("extensions")
@@ -132,14 +148,16 @@ def extensions_list(c: Ctx, as_json: bool) -> None:
     cat = c.catalog()
     rows = [{"id": e.manifest.id, "title": e.manifest.title, "version": e.manifest.version,
              "isolation": e.manifest.capabilities.isolation_levels, "pricing": e.manifest.capabilities.pricing_model,
-             "features": e.manifest.capabilities.features, "available": e.missing_extra is None,
+             "features": e.manifest.capabilities.features, "enforces": sorted(e.enforces),
+             "available": e.missing_extra is None,
              "source": str(e.source), "config_overrides": [str(p) for p in e.config_overrides]}
             for e in cat.extensions.values()]
     if as_json:
         return _emit_json(rows)
-    t = Table("ID", "TITLE", "ISOLATION", "PRICING", "FEATURES", "AVAILABLE", "CONFIG")
+    t = Table("ID", "TITLE", "ISOLATION", "PRICING", "FEATURES", "ENFORCES", "AVAILABLE", "CONFIG")
     for r in rows:
         t.add_row(r["id"], r["title"], ",".join(r["isolation"]), r["pricing"], ",".join(r["features"]),
+                  ",".join(r["enforces"]) or "-",
                   "yes" if r["available"] else "needs extra",
                   "overridden" if r["config_overrides"] else "manifest")
     out.print(t)
@@ -166,6 +184,37 @@ def profiles_list(c: Ctx, as_json: bool) -> None:
         t.add_row(p.slug, ",".join(ch.extension for ch in p.candidates), f"{p.ttl.default:g}s/{p.ttl.max:g}s",
                   ",".join(p.inputs.required) or "-", p.description)
     out.print(t)
+
+
+@profiles_group.command("explain")
+@click.argument("slug")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def profiles_explain(c: Ctx, slug: str, as_json: bool) -> None:
+    """What PROFILE's policy needs, and for each backend what it will enforce and what it lacks."""
+    from sandboxer.policy import ENFORCEMENTS, lacking
+
+    cat = c.catalog()
+    prof = cat.profiles.get(slug)
+    if prof is None:
+        raise ProfileNotFound(f"unknown profile {slug!r}; known profiles: {', '.join(sorted(cat.profiles)) or 'none'}")
+    need = prof.enforcements()
+    rows = []
+    for ch in prof.candidates:
+        ext = cat.extensions[ch.extension]
+        lacks = lacking(need, ext.enforces)
+        rows.append({"backend": ch.extension, "qualifies": not lacks, "enforces": [e for e in need if e not in lacks],
+                     "lacks": lacks, "keeps_besides": sorted(ext.enforces - set(need))})
+    if as_json:
+        _emit_json({"profile": slug, "policy": prof.policy(), "needs": need, "backends": rows})
+    else:
+        click.echo(f"profile {slug}: {_describe_policy(prof.policy())}")
+        click.echo("needs: " + "; ".join(f"{e} ({ENFORCEMENTS[e]})" for e in need))
+        for r in rows:
+            verdict = "qualifies" if r["qualifies"] else "never chosen: it does not enforce " + ", ".join(r["lacks"])
+            click.echo(f"  {r['backend']}: {verdict}")
+    if not any(r["qualifies"] for r in rows):
+        raise click.ClickException(f"no backend of profile {slug!r} can keep its policy")
 
 
 @cli.command()

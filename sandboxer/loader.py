@@ -34,6 +34,7 @@ from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension, check_f
 from sandboxer.deadline import CallLimits
 from sandboxer.extensions.registry import builtin_modules, resolve_handler
 from sandboxer.models import ExtensionManifest, Profile, Settings
+from sandboxer.policy import ENFORCEMENTS, lacking
 
 _PKG_DIR = Path(__file__).resolve().parent
 
@@ -187,26 +188,33 @@ class HandlerInfo:
     names_resources: bool = False
     #: environment variables the config's secret references name (they alone reach a worker)
     secret_envs: tuple[str, ...] = ()
+    #: the parts of the sandbox policy it keeps: the manifest's ``capabilities.enforces``, else the class's
+    enforces: frozenset[str] = frozenset()
 
     @classmethod
-    def of(cls, handler: type[SandboxExtension], config: BaseModel) -> "HandlerInfo":
+    def of(cls, handler: type[SandboxExtension], config: BaseModel,
+           manifest: ExtensionManifest | None = None) -> "HandlerInfo":
         from sandboxer.secrets import secret_env_names
 
+        declared = manifest.capabilities.enforces if manifest is not None else None
         return cls(name=f"{handler.__module__}:{handler.__qualname__}", features=frozenset(handler.features),
                    exclusive_inputs=tuple(frozenset(g) for g in handler.exclusive_inputs),
                    names_resources=handler.resource_names is not SandboxExtension.resource_names,
-                   secret_envs=tuple(secret_env_names(config)))
+                   secret_envs=tuple(secret_env_names(config)),
+                   enforces=frozenset(handler.enforces if declared is None else declared))
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "features": sorted(self.features),
                 "exclusive_inputs": [sorted(g) for g in self.exclusive_inputs],
-                "names_resources": self.names_resources, "secret_envs": list(self.secret_envs)}
+                "names_resources": self.names_resources, "secret_envs": list(self.secret_envs),
+                "enforces": sorted(self.enforces)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "HandlerInfo":
         return cls(name=str(data["name"]), features=frozenset(data["features"]),
                    exclusive_inputs=tuple(frozenset(g) for g in data["exclusive_inputs"]),
-                   names_resources=bool(data["names_resources"]), secret_envs=tuple(data["secret_envs"]))
+                   names_resources=bool(data["names_resources"]), secret_envs=tuple(data["secret_envs"]),
+                   enforces=frozenset(data.get("enforces") or ()))
 
 
 @dataclass
@@ -229,6 +237,11 @@ class LoadedExtension:
     @property
     def exclusive_inputs(self) -> tuple[frozenset[str], ...]:
         return self.info.exclusive_inputs if self.info is not None else ()
+
+    @property
+    def enforces(self) -> frozenset[str]:
+        """The parts of the sandbox policy this extension keeps (see :mod:`sandboxer.policy`)."""
+        return self.info.enforces if self.info is not None else frozenset()
 
     @property
     def runtime(self) -> str:
@@ -275,6 +288,8 @@ class Catalog:
     settings: Settings = field(default_factory=Settings)
     #: Config dirs shipped by installed packages (entry-point group ``sandboxer.config``).
     package_dirs: list[Path] = field(default_factory=list)
+    #: What is valid but cannot work: a profile backend that can never keep the profile's policy.
+    warnings: list[str] = field(default_factory=list)
 
 
 def _files(dirs: list[Path], sub: str, pattern: str) -> list[Path]:
@@ -313,6 +328,11 @@ def load_manifest(path: Path, registry: Registry, data: dict[str, Any] | None = 
             f"{path}: field 'capabilities.pricing_model' (value {caps.pricing_model!r}): unknown pricing model; "
             f"allowed: {', '.join(registry.pricing_models)}"
         )
+    for what in caps.enforces or ():
+        if what not in ENFORCEMENTS:
+            raise CapabilityError(
+                f"{path}: field 'capabilities.enforces' (value {what!r}): not a part of the sandbox policy; "
+                f"allowed: {', '.join(ENFORCEMENTS)}")
     for feat in caps.features:
         if feat not in registry.features:
             raise CapabilityError(
@@ -324,7 +344,7 @@ def load_manifest(path: Path, registry: Registry, data: dict[str, Any] | None = 
     handler = resolve_handler(manifest.handler, where=f"{path}: field 'handler'")
     config, missing = check_handler(str(path), manifest, handler)
     return LoadedExtension(manifest=manifest, source=path, handler=handler, config=config, missing_extra=missing,
-                           info=HandlerInfo.of(handler, config))
+                           info=HandlerInfo.of(handler, config, manifest))
 
 
 def check_handler(source: str, manifest: ExtensionManifest, handler: type[SandboxExtension],
@@ -349,6 +369,12 @@ def check_handler(source: str, manifest: ExtensionManifest, handler: type[Sandbo
     problem = check_signatures(handler)
     if problem:
         raise CapabilityError(f"{source}: field 'handler' (value {manifest.handler!r}): {problem}")
+    for what in manifest.capabilities.enforces or ():
+        if what not in handler.enforces:
+            keeps = ", ".join(sorted(handler.enforces)) or "nothing"
+            raise CapabilityError(
+                f"{source}: field 'capabilities.enforces' (value {what!r}): handler {handler.__name__} does not "
+                f"enforce it (it keeps: {keeps}); a manifest may declare fewer enforcements than its class, never more")
     try:
         config = handler.Config.model_validate(manifest.config)
     except ValidationError as exc:
@@ -362,16 +388,28 @@ def check_handler(source: str, manifest: ExtensionManifest, handler: type[Sandbo
     return config, missing
 
 
-def check_options(handler: type[SandboxExtension], where: str, field_name: str, options: dict[str, Any]) -> None:
-    """A profile's options for ``handler``, validated by its ``ProfileOptions``.
+def check_options(handler: type[SandboxExtension], where: str, field_name: str, options: dict[str, Any],
+                  profile: Profile | None = None) -> None:
+    """A profile's options for ``handler``, validated by its ``ProfileOptions``; with the ``profile``,
+    also that they only narrow its sandbox policy (:meth:`~SandboxExtension.policy_conflicts`).
 
     Raises:
-        ProfileError: naming the profile file (``where``) and ``field_name``.
+        ProfileError: naming the profile file (``where``) and ``field_name`` (and the policy field).
     """
     try:
-        handler.ProfileOptions.model_validate(options)
+        model = handler.ProfileOptions.model_validate(options)
     except ValidationError as exc:
         raise ProfileError(describe_validation(where, exc, prefix=field_name)) from None
+    if profile is None:
+        return
+    for option, policy_field in handler.policy_conflicts(profile, model):
+        value: Any = profile
+        for part in policy_field.split("."):
+            value = getattr(value, part)
+        raise ProfileError(
+            f"{where}: field '{field_name}.{option}' (value {options.get(option)!r}) widens field {policy_field!r} "
+            f"(value {value!r}): backend options may narrow the profile's policy, never widen it; change the "
+            f"policy field, or drop the option")
 
 
 def _check_id_matches_name(path: Path, ext_id: Any) -> None:
@@ -431,7 +469,7 @@ def apply_override(path: Path, data: dict[str, Any], extensions: dict[str, Loade
             loaded.config = loaded.handler.Config.model_validate(merged)
         except ValidationError as exc:
             raise ManifestError(describe_validation(str(path), exc, prefix="config")) from None
-        loaded.info = HandlerInfo.of(loaded.handler, loaded.config)
+        loaded.info = HandlerInfo.of(loaded.handler, loaded.config, loaded.manifest)
     loaded.manifest = loaded.manifest.model_copy(update={"config": merged})
     loaded.config_overrides.append(path)
 
@@ -476,9 +514,10 @@ def load_profile(path: Path, extensions: dict[str, LoadedExtension]) -> Profile:
             )
         opts_field = "options" if profile.backends is None else f"backends.{i}.options"
         if loaded.handler is None:
-            loaded.pending_options.append({"where": str(path), "field": opts_field, "options": choice.options})
+            loaded.pending_options.append({"where": str(path), "field": opts_field, "options": choice.options,
+                                           "profile": profile.model_dump(mode="json")})
         else:
-            check_options(loaded.handler, str(path), opts_field, choice.options)
+            check_options(loaded.handler, str(path), opts_field, choice.options, profile)
     return profile
 
 
@@ -538,8 +577,22 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
 
         for loaded in pending:
             describe_process(loaded)
+    warnings = [w for slug, prof in profiles.items() for w in _never_qualifies(sources[slug], prof, extensions)]
     # settings (budgets, sinks) are the operator's: never from a package
-    return Catalog(registry, extensions, profiles, sources, user_dirs, load_settings(user_dirs), pkg_dirs)
+    return Catalog(registry, extensions, profiles, sources, user_dirs, load_settings(user_dirs), pkg_dirs, warnings)
+
+
+def _never_qualifies(path: Path, profile: Profile, extensions: dict[str, LoadedExtension]) -> list[str]:
+    need = profile.enforcements()
+    out = []
+    for i, choice in enumerate(profile.candidates):
+        missing = lacking(need, extensions[choice.extension].enforces)
+        if missing:
+            field_name = "extension" if profile.backends is None else f"backends.{i}.extension"
+            out.append(f"{path}: field {field_name!r} (value {choice.extension!r}): it can never run this profile's "
+                       f"sandboxes: it does not enforce {', '.join(missing)} (the profile's policy needs "
+                       f"{', '.join(need)}); `sandboxer profiles explain {profile.slug}` says more")
+    return out
 
 
 def load_settings(dirs: list[Path]) -> Settings:

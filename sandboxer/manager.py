@@ -343,6 +343,7 @@ class Manager(SnapshotsMixin, GcMixin):
             quote=lambda i: self._quote(profile, i, ttl),
             check_budget=(lambda q: self.metering.check_budget(req.consumer, q)) if budgeted else None,
             credential_key=lambda i: self._credential_key(profile.candidates[i].extension, req.consumer),
+            enforces=lambda i: self.catalog.extensions[profile.candidates[i].extension].enforces,
         )
         placements = plan.placements
         pos = 0
@@ -500,7 +501,7 @@ class Manager(SnapshotsMixin, GcMixin):
                 "labels": labels, "resources": eff.resources.model_dump(), "created_at": now,
                 "expires_at": now + ttl, "attempts": 0, "last_error": None,
                 "ready_at": None, "terminated_at": None, "last_seen_at": None, "inputs": given or {},
-                "deadline_at": now + ext.deadline(eff), "teardown_started_at": None,
+                "deadline_at": now + ext.deadline(eff), "teardown_started_at": None, "policy": eff.policy(),
             }, self._limits(profile, index, host), claims))
         try:
             pos, refusals = self.state.admit(candidates, detail=detail)

@@ -20,7 +20,8 @@ from pydantic import (
     model_validator,
 )
 
-from sandboxer.secrets import HeaderSecret
+from sandboxer.policy import GpuRequest, NetworkPolicy, check_secret_names, required
+from sandboxer.secrets import HeaderSecret, SecretRef
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -70,6 +71,9 @@ class Capabilities(Strict):
     isolation_levels: list[str] = Field(min_length=1)
     pricing_model: str
     features: list[str] = Field(default_factory=list)
+    enforces: list[str] | None = Field(
+        default=None, description="which parts of the sandbox policy it keeps (sandboxer.policy.ENFORCEMENTS); "
+        "default: all its class implements; listing fewer narrows that (a host without nftables, say)")
 
 
 class Pricing(Strict):
@@ -120,6 +124,7 @@ class Resources(Strict):
     memory_mb: int = Field(default=512, gt=0)
     disk_mb: int = Field(default=1024, gt=0)
     pids: int = Field(default=256, gt=0, description="most processes at once")
+    gpu: GpuRequest | None = Field(default=None, description="GPUs; a backend without them does not qualify")
 
 
 class ProfileInputs(Strict):
@@ -173,6 +178,25 @@ class Profile(Strict):
     resources: Resources = Field(default_factory=Resources)
     labels: dict[str, str] = Field(default_factory=dict)
     options: dict[str, Any] = Field(default_factory=dict)
+    network: NetworkPolicy = Field(default_factory=NetworkPolicy,
+                                   description="what the sandbox may reach and serve; default: no network")
+    secrets: dict[str, SecretRef] = Field(
+        default_factory=dict, description="environment variables for the sandbox, from secret references")
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, v: dict[str, SecretRef]) -> dict[str, SecretRef]:
+        return check_secret_names(v)
+
+    def policy(self) -> dict[str, Any]:
+        """The sandbox policy as recorded with a sandbox: secrets by name only, never a reference."""
+        gpu = self.resources.gpu
+        return {"network": self.network.model_dump(mode="json"), "secrets": sorted(self.secrets),
+                "gpu": gpu.model_dump(mode="json") if gpu else None}
+
+    def enforcements(self) -> list[str]:
+        """What a backend must enforce to run this profile's sandboxes (sandboxer.policy.required)."""
+        return required(self.network, self.secrets, self.resources.gpu)
 
     @model_validator(mode="after")
     def _one_way_to_name_backends(self) -> "Profile":
@@ -238,6 +262,8 @@ class SandboxStatus(Strict):
     expires_at: datetime
     terminated_at: datetime | None = None
     last_error: str | None = None
+    #: the sandbox policy it was created under: network, the names of its secrets, GPUs
+    policy: dict[str, Any] = Field(default_factory=dict)
 
 
 class ExecResult(Strict):

@@ -18,6 +18,7 @@ def status_of(row: dict[str, Any]) -> SandboxStatus:
         state=SandboxState(row["state"]), reachability=row["reachability"] or {}, consumer=row["consumer"],
         labels=row["labels"] or {}, created_at=dt(row["created_at"]), ready_at=dt(row["ready_at"]),
         expires_at=dt(row["expires_at"]), terminated_at=dt(row["terminated_at"]), last_error=row["last_error"],
+        policy=row.get("policy") or {},
     )
 
 

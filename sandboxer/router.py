@@ -11,8 +11,9 @@ Policy ``priority`` keeps a profile's order; ``cheapest`` orders backends by quo
 the requested TTL. A backend over its cost ceiling or over the consumer's budget is
 skipped; one cooling down is skipped (``RateLimited`` cools the backend down,
 ``AuthError`` only the refused credential, so another consumer's key, or the same
-reference once its value is rotated, is tried at once). The final error lists every
-attempt: backend, host, error.
+reference once its value is rotated, is tried at once). A backend that cannot keep
+the profile's sandbox policy (:mod:`sandboxer.policy`) is never placed, on any fallback. The final
+error lists every attempt: backend, host, error.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sandboxer.errors import (
     AuthError,
     BackendError,
     BudgetExceeded,
+    CapabilityError,
     CapacityUnavailable,
     ExtensionTimeout,
     InputError,
@@ -40,6 +42,7 @@ from sandboxer.errors import (
     TeardownError,
 )
 from sandboxer.models import MeterQuote, Profile
+from sandboxer.policy import lacking
 
 #: How long a credential is skipped after a backend refused it.
 AUTH_COOLDOWN_S = 300.0
@@ -149,6 +152,7 @@ class Router:
         quote: Callable[[int], MeterQuote],
         check_budget: Callable[[MeterQuote], None] | None = None,
         credential_key: Callable[[int], str | None] = lambda i: None,
+        enforces: Callable[[int], frozenset[str]] | None = None,
     ) -> Plan:
         """The placements to try for ``profile``, in policy order.
 
@@ -160,16 +164,31 @@ class Router:
                 (None: the consumer has no budget).
             credential_key: backend index -> the credential a create would use (asked only
                 while some backend is cooling down).
+            enforces: backend index -> the parts of the sandbox policy it keeps; a backend
+                that lacks one the profile needs is skipped, the reason in the attempts
+                (None: every backend qualifies).
 
         Raises:
+            CapabilityError: a one-backend profile's backend cannot keep its policy.
             MissingExtra: a one-backend profile's SDK is not installed.
             BudgetExceeded: every backend is over the consumer's budget (nothing was created).
         """
         plan = Plan()
         single = len(profile.candidates) == 1
+        need = profile.enforcements() if enforces is not None else []
         for index in self.order(profile, quote):
             choice = profile.candidates[index]
             ext_id = choice.extension
+            if need:
+                lacks = lacking(need, enforces(index))  # type: ignore[misc]
+                if lacks:
+                    exc = CapabilityError(
+                        f"{ext_id} does not enforce {', '.join(lacks)}, which the policy of profile "
+                        f"{profile.slug!r} needs ({profile.network.describe()})")
+                    if single:
+                        raise exc
+                    plan.skip(ext_id, None, exc, f"CapabilityError: {exc}")
+                    continue
             missing = missing_extra(index)
             if missing:
                 if single:

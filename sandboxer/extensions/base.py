@@ -124,6 +124,10 @@ class SandboxExtension(abc.ABC):
     Config: ClassVar[type[BaseModel]] = NoConfig
     ProfileOptions: ClassVar[type[BaseModel]] = NoConfig
     features: ClassVar[frozenset[str]] = frozenset()
+    #: The parts of the sandbox policy this class truly keeps (:data:`sandboxer.policy.ENFORCEMENTS`).
+    #: A manifest may declare fewer (its host lacks a tool), never more. Declare only what a
+    #: determined process in the sandbox cannot get around: the router trusts it.
+    enforces: ClassVar[frozenset[str]] = frozenset()
     #: The model of this backend's handles (a subclass of :class:`~sandboxer.contract.Handle`).
     Handle: ClassVar[type[Handle]] = Handle
     #: ``(module, pip extra)`` of an optional SDK this backend needs. The
@@ -184,6 +188,18 @@ class SandboxExtension(abc.ABC):
 
         Raises:
             InputError: an input is refused (nothing has been created yet).
+        """
+        return []
+
+    @classmethod
+    def policy_conflicts(cls, profile: Profile, options: BaseModel) -> list[tuple[str, str]]:
+        """Where this backend's profile ``options`` would widen the profile's policy.
+
+        Options may narrow the policy (no network where the profile allows some), never widen it.
+
+        Returns:
+            ``(option field, policy field)`` pairs that conflict, e.g. ``("network", "network.egress")``;
+            the loader refuses the profile naming both.
         """
         return []
 

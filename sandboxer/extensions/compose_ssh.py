@@ -268,6 +268,8 @@ class ComposeSSH(SandboxExtension):
     ProfileOptions = ComposeProfileOptions
     Handle = ComposeHandle
     features = frozenset({"exec", "snapshots", "list_owned"})
+    # the remote host's network is the sandbox's: nothing narrower can be promised
+    enforces = frozenset({"network:internet"})
     requires = ("paramiko", "ssh")
 
     def __init__(self, manifest: Any, config: ComposeSSHConfig):

@@ -52,7 +52,7 @@ from sandboxer.errors import (
 from sandboxer.execution import EXEC_MARKER, check_argv
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.extensions.docker_exec import FrameReader, kill_exec
-from sandboxer.models import ExecResult, SnapshotMeta
+from sandboxer.models import ExecResult, Profile, SnapshotMeta
 from sandboxer.poll import poll
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -298,6 +298,8 @@ class DockerExtension(SandboxExtension):
     Handle = DockerHandle
     features = frozenset({"exec", "snapshots", "list_owned"})
     requires = ("docker", "docker")
+    # none is network_mode none (loopback only); the internet is a bridge (or the operator's named network)
+    enforces = frozenset({"network:none", "network:internet"})
 
     def __init__(self, manifest, config):
         super().__init__(manifest, config)
@@ -361,6 +363,20 @@ class DockerExtension(SandboxExtension):
             return None
 
     # ------------------------------------------------------------ required
+
+    def options(self, profile: Profile) -> DockerOptions:
+        """The profile's options with the network its policy allows: ``none`` unless
+        ``network.egress: internet``, then ``options.network`` (default ``bridge``)."""
+        opts = super().options(profile)
+        if profile.network.egress != "internet":
+            return opts.model_copy(update={"network": "none"})
+        return opts if "network" in opts.model_fields_set else opts.model_copy(update={"network": "bridge"})
+
+    @classmethod
+    def policy_conflicts(cls, profile: Profile, options: BaseModel) -> list[tuple[str, str]]:
+        if getattr(options, "network", "none") != "none" and profile.network.egress != "internet":
+            return [("network", "network.egress")]
+        return []
 
     def provision(self, request: ProvisionRequest) -> DockerHandle:
         """Create and start the sandbox's container, named ``name_prefix`` + ``request.sandbox_id``.

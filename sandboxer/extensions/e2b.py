@@ -63,7 +63,7 @@ from sandboxer.execution import (
     kill_marked_argv,
 )
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
-from sandboxer.models import Duration, ExecResult, SnapshotMeta, format_duration
+from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration
 from sandboxer.poll import poll
 from sandboxer.secrets import SecretRef, redact
 
@@ -226,6 +226,8 @@ class E2BExtension(SandboxExtension):
     Config: ClassVar[type[BaseModel]] = E2BConfig
     ProfileOptions: ClassVar[type[BaseModel]] = E2BOptions
     features: ClassVar[frozenset[str]] = frozenset({"exec", "snapshots", "metering", "list_owned"})
+    # none: allow_internet_access=False (E2B denies all outbound traffic, 0.0.0.0/0)
+    enforces: ClassVar[frozenset[str]] = frozenset({"network:none", "network:internet"})
     requires: ClassVar[tuple[str, str] | None] = ("e2b", "e2b")
     Handle = E2BHandle
 
@@ -411,6 +413,20 @@ class E2BExtension(SandboxExtension):
             )
             return max(1, int(limit)), True
         return max(1, int(round(ttl))), False
+
+    def options(self, profile: Profile) -> E2BOptions:
+        """The profile's options with the network its policy allows: outbound traffic only for
+        ``network.egress: internet``, and only if ``allow_internet_access`` (when given) does not narrow it."""
+        opts = super().options(profile)
+        allowed = profile.network.egress == "internet"
+        wanted = opts.allow_internet_access if opts.allow_internet_access is not None else allowed
+        return opts.model_copy(update={"allow_internet_access": allowed and wanted})
+
+    @classmethod
+    def policy_conflicts(cls, profile: Profile, options: BaseModel) -> list[tuple[str, str]]:
+        if getattr(options, "allow_internet_access", None) and profile.network.egress != "internet":
+            return [("allow_internet_access", "network.egress")]
+        return []
 
     def provision(self, request: ProvisionRequest) -> E2BHandle:
         """Create an E2B sandbox from the profile's template (see the base class)."""

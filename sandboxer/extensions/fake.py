@@ -18,6 +18,7 @@ from sandboxer.execution import OutputCollector, check_argv
 from sandboxer.contract import Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.models import ExecResult, SnapshotMeta
+from sandboxer.policy import ENFORCEMENTS
 
 
 class FakeHandle(Handle):
@@ -27,6 +28,8 @@ class FakeHandle(Handle):
 
 class FakeExtension(SandboxExtension):
     features = frozenset({"exec", "snapshots", "metering", "list_owned"})
+    # it runs nothing: every promise is vacuously kept (a test's manifest narrows it to what it needs)
+    enforces = frozenset(ENFORCEMENTS)
     Handle = FakeHandle
 
     def __init__(self, manifest, config):  # type: ignore[no-untyped-def]

@@ -64,7 +64,7 @@ from sandboxer.extensions import local_cgroup
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.execution import OUTPUT_CAP as DEFAULT_OUTPUT_CAP
 from sandboxer.execution import OutputCollector, check_argv
-from sandboxer.models import ExecResult, Resources, SnapshotMeta
+from sandboxer.models import ExecResult, Profile, Resources, SnapshotMeta
 
 UID_BASE = 2_000_000
 UID_SPAN = 1_000_000
@@ -258,6 +258,8 @@ class LocalExtension(SandboxExtension):
     ProfileOptions = LocalOptions
     Handle = LocalHandle
     features = frozenset({"exec", "snapshots", "list_owned"})
+    # no network is a network namespace of its own (loopback only); the internet is the host's network
+    enforces = frozenset({"network:none", "network:internet"})
 
     def __init__(self, manifest, config):  # type: ignore[no-untyped-def]
         super().__init__(manifest, config)
@@ -366,6 +368,20 @@ class LocalExtension(SandboxExtension):
         return ["prlimit", *lim, "--"]
 
     # ----------------------------------------------------------- provision
+
+    def options(self, profile: Profile) -> LocalOptions:
+        """The profile's options with the network its policy allows: the host's network only for
+        ``network.egress: internet``, and only if ``options.network`` (when given) does not narrow it."""
+        opts = super().options(profile)
+        allowed = profile.network.egress == "internet"
+        wanted = opts.network if "network" in opts.model_fields_set else allowed
+        return opts.model_copy(update={"network": allowed and wanted})
+
+    @classmethod
+    def policy_conflicts(cls, profile: Profile, options: BaseModel) -> list[tuple[str, str]]:
+        if getattr(options, "network", False) and profile.network.egress != "internet":
+            return [("network", "network.egress")]
+        return []
 
     def provision(self, request: ProvisionRequest) -> LocalHandle:
         """Make the workspace, its cgroups and mounts, and start the init that holds its namespaces.

@@ -203,6 +203,8 @@ class ModalExtension(SandboxExtension):
     Config: ClassVar[type[BaseModel]] = ModalConfig
     ProfileOptions: ClassVar[type[BaseModel]] = ModalOptions
     features: ClassVar[frozenset[str]] = frozenset({"exec", "snapshots", "metering", "list_owned"})
+    # none: block_network=True (Modal gives the sandbox no network interface to the outside)
+    enforces: ClassVar[frozenset[str]] = frozenset({"network:none", "network:internet"})
     requires: ClassVar[tuple[str, str] | None] = ("modal", "modal")
     Handle = ModalHandle
 
@@ -419,6 +421,21 @@ class ModalExtension(SandboxExtension):
                 del self._sandboxes[key]
 
     # -------------------------------------------------------------- required
+
+    def options(self, profile: Profile) -> ModalOptions:
+        """The profile's options with the network its policy allows: blocked unless
+        ``network.egress: internet`` (and then blocked still if ``block_network`` says so)."""
+        opts = super().options(profile)
+        if profile.network.egress != "internet":
+            return opts.model_copy(update={"block_network": True})
+        return opts
+
+    @classmethod
+    def policy_conflicts(cls, profile: Profile, options: BaseModel) -> list[tuple[str, str]]:
+        if "block_network" in options.model_fields_set and not getattr(options, "block_network", True) \
+                and profile.network.egress != "internet":
+            return [("block_network", "network.egress")]
+        return []
 
     def provision(self, request: ProvisionRequest) -> ModalHandle:
         """Create a Modal sandbox: ``App.lookup``, then ``Sandbox.create`` (see module docstring)."""

@@ -81,6 +81,8 @@ class StubConfig(BaseModel):
 class SaasStubExtension(SandboxExtension):
     Config = StubConfig
     features = frozenset({"exec", "snapshots", "metering", "list_owned"})
+    # its "machine" has no network (a stand-in: nothing it runs reaches out)
+    enforces = frozenset({"network:none"})
     Handle = StubHandle
 
     def __init__(self, manifest, config):  # type: ignore[no-untyped-def]

@@ -221,6 +221,8 @@ class VMPacker(SandboxExtension):
     ProfileOptions = VMProfileOptions
     Handle = VmHandle
     features = frozenset({"exec", "snapshots", "list_owned"})
+    # the remote host's network is the sandbox's: nothing narrower can be promised
+    enforces = frozenset({"network:internet"})
     requires = ("paramiko", "ssh")
     #: a sandbox is on one VM of the inventory or on one ad-hoc target: an ssh_target given
     #: by the consumer replaces a profile's default vm (and vice versa)

@@ -273,8 +273,9 @@ def describe(payload: dict[str, Any]) -> dict[str, Any]:
         cls = resolve_handler(manifest.handler, where=f"{source}: field 'handler'")
         config, missing = check_handler(source, manifest, cls, payload.get("config_source") or source)
         for item in payload.get("options") or ():
-            check_options(cls, item["where"], item["field"], item["options"])
-        info = HandlerInfo.of(cls, config)
+            prof = Profile.model_validate(item["profile"]) if item.get("profile") else None
+            check_options(cls, item["where"], item["field"], item["options"], prof)
+        info = HandlerInfo.of(cls, config, manifest)
     except ConfigError as exc:
         return {"error": {"type": type(exc).__name__, "message": str(exc)}}
     except Exception as exc:  # noqa: BLE001 - the handler's import or class is broken: say so, by name

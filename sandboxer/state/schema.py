@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import JSON, Column, Float, Index, Integer, MetaData, String, Table, Text, text
 from sqlalchemy.engine import Connection
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LIVE_STATES = ("provisioning", "ready", "tearing_down", "teardown_failed")
 
 metadata = MetaData()
@@ -36,6 +36,7 @@ sandboxes = Table(
     # Migration 3 (issue 8):
     Column("inputs", JSON),  # the inputs the consumer set (never secrets); a snapshot remembers them
     Column("deadline_at", Float),  # a create not ready by then (plus a grace) was abandoned
+    Column("policy", JSON),  # migration 4: the sandbox policy it was created under (secret names, never values)
     Column("teardown_started_at", Float),
     Index("ix_sandboxes_state", "state"),
     Index("ix_sandboxes_admission", "extension", "state", "host"),  # live counts per backend/host
@@ -144,4 +145,11 @@ def _migrate_3(conn: Connection) -> None:
                 conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {name} {col.type.compile(conn.dialect)}"))
 
 
-MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3}
+def _migrate_4(conn: Connection) -> None:
+    from sqlalchemy import inspect
+
+    if "policy" not in {c["name"] for c in inspect(conn).get_columns(sandboxes.name)}:
+        conn.execute(text(f"ALTER TABLE {sandboxes.name} ADD COLUMN policy {sandboxes.c.policy.type.compile(conn.dialect)}"))
+
+
+MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3, 4: _migrate_4}

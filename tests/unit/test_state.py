@@ -88,7 +88,7 @@ def test_migration_from_version_2_adds_claims_and_columns(cfg, home):
     db = sqlite3.connect(home / "state.db")
     db.execute("DROP TABLE claims")
     for table, col in (("sandboxes", "inputs"), ("sandboxes", "deadline_at"), ("sandboxes", "teardown_started_at"),
-                       ("snapshots", "inputs")):
+                       ("snapshots", "inputs"), ("sandboxes", "policy")):
         db.execute(f"ALTER TABLE {table} DROP COLUMN {col}")
     db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     db.commit()
@@ -96,8 +96,9 @@ def test_migration_from_version_2_adds_claims_and_columns(cfg, home):
     stub(cfg, "m3", capacity=5)
     mgr = Manager(config_dirs=[cfg.root], home=home)
     try:
-        assert mgr.state.schema_version() == 3
+        assert mgr.state.schema_version() == SCHEMA_VERSION == 4
         sb = mgr.create(profile="m3", inputs={"x": "1"})
+        assert sb.policy["network"]["egress"] == "none"  # migration 4: the policy it was created under
         assert mgr.snapshot(sb.id).inputs == {"x": "1"} and mgr.teardown(sb.id).state.value == "terminated"
     finally:
         mgr.close()

@@ -69,6 +69,8 @@ class WorkspaceExtension(SandboxExtension):
     ProfileOptions = WorkspaceOptions
     features = frozenset({"exec", "list_owned"})
     Handle = WorkspaceHandle
+    # subprocesses on the host, with its network: the only network promise it can keep is "internet"
+    enforces = frozenset({"network:internet"})
 
     def __init__(self, manifest, config):  # type: ignore[no-untyped-def]
         super().__init__(manifest, config)

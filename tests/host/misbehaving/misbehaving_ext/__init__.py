@@ -24,6 +24,7 @@ RELEASE = threading.Event()  # never set inside a worker: a hang lasts until the
 
 class MisbehavingExtension(SandboxExtension):
     features = frozenset({"exec", "list_owned"})
+    enforces = frozenset({"network:none"})  # it runs nothing that could reach out
 
     # Sloppy on purpose: it returns dicts, which the host's boundary validates into the contract's models.
 
