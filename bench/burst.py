@@ -18,6 +18,9 @@ Reported:
 
     python bench/burst.py [--requests 1000] [--hold 10]
 
+- the sandbox-policy check's share of a routing decision: the router's plan with and
+  without it, interleaved, in the same run (issue 15: at most 0.1 ms at p50).
+
 Targets (issue 5): no over-admission ever; makespan <= 1.2x ideal; decision
 overhead <= 1 ms at p99.
 """
@@ -57,6 +60,25 @@ backends:
 
 
 
+def policy_check_cost(mgr: Manager, slug: str, n: int = 5000) -> dict[str, float]:
+    """The router's plan for ``slug`` with and without the sandbox-policy check, interleaved (p50, µs)."""
+    prof = mgr.profile(slug)
+    kw = dict(hosts=lambda i: mgr._hosts(prof, i),
+              missing_extra=lambda i: mgr.catalog.extensions[prof.candidates[i].extension].missing_extra,
+              quote=lambda i: mgr._quote(prof, i, 60.0))
+    enforces = lambda i: mgr.catalog.extensions[prof.candidates[i].extension].enforces  # noqa: E731
+    with_check, without = [], []
+    for _ in range(n):
+        t = time.perf_counter()
+        mgr.router.plan(prof, 60.0, **kw)
+        without.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        mgr.router.plan(prof, 60.0, enforces=enforces, **kw)
+        with_check.append(time.perf_counter() - t)
+    a, b = statistics.median(with_check) * 1e6, statistics.median(without) * 1e6
+    return {"plan_p50_us": round(a, 1), "plan_without_check_p50_us": round(b, 1), "policy_check_added_p50_us": round(a - b, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=1000)
@@ -81,6 +103,7 @@ def main() -> None:
         # fall back exactly as in the burst.
         kept = [mgr.create(profile="burst", consumer="burst") for _ in range(args.requests)]
         decisions = list(mgr.router.decision_times)
+        policy = policy_check_cost(mgr, "burst")
         for sb in kept:
             mgr.teardown(sb.id)
         mgr.router.decision_times.clear()
@@ -131,7 +154,7 @@ def main() -> None:
             "burst_admission_p99_ms": round(pct(admissions, 99) * 1000, 1),
             "peak_live": peaks, "capacity": {"primary": args.primary_cap, "fallback": args.fallback_cap},
             "over_admitted": peaks["primary"] > args.primary_cap or peaks["fallback"] > args.fallback_cap,
-            "leftovers": leftovers, "live_records_after": len(mgr.list()),
+            "leftovers": leftovers, "live_records_after": len(mgr.list()), **policy,
         }
         mgr.close()
     if args.json:
@@ -141,6 +164,9 @@ def main() -> None:
           f"{result['refused']}, errors {result['errors']}")
     print(f"makespan {result['makespan_s']} s vs ideal {result['ideal_s']} s: ratio {result['ratio']}")
     print(f"router decision overhead (sequential): p50 {result['decision_p50_ms']} ms, p99 {result['decision_p99_ms']} ms")
+    print(f"sandbox-policy check in the router's plan: p50 {result['plan_p50_us']} us with it, "
+          f"{result['plan_without_check_p50_us']} us without: adds {result['policy_check_added_p50_us']} us "
+          f"(target <= 100 us)")
     print(f"time to admission in the burst (queueing included): p50 {result['burst_admission_p50_ms']} ms, "
           f"p99 {result['burst_admission_p99_ms']} ms")
     print(f"peak live: {peaks} (capacity {result['capacity']}), over-admitted: {result['over_admitted']}, "
