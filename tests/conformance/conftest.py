@@ -97,7 +97,7 @@ def _vm(req: pytest.FixtureRequest, cfg: Path) -> dict[str, Any]:
     # the shipped vm-haskell-build profile needs ghc and cabal, which the test host lacks
     (cfg / "profiles" / "profile.conformance-vm.yaml").write_text(yaml.safe_dump({
         "slug": "conformance-vm", "extension": "ext.vm-packer", "inputs": {"defaults": {"vm": "vm0"}},
-        "ready_timeout": "60s"}))
+        "ready_timeout": "60s", "network": {"egress": "internet"}}))
     return {"profile": "conformance-vm", "output_cap": CAP}
 
 
