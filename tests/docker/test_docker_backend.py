@@ -11,6 +11,8 @@ import uuid
 
 import pytest
 
+from sandboxer.policy import NetworkPolicy
+
 from sandboxer.contract import TeardownReport
 from sandboxer.errors import (AuthError, ExecError, InputError, ProfileError, ProvisionError, RateLimited,
                               ReadinessTimeout, SnapshotError)
@@ -81,7 +83,8 @@ def test_no_network_by_default(ext, make, dclient):
 def test_named_network_when_the_profile_allows_it(ext, profile, make, dclient):
     net = dclient.networks.create(f"sbtest-{uuid.uuid4().hex[:8]}", driver="bridge")
     try:
-        handle = make(variant(profile, network=net.name))
+        allowed = variant(profile, network=net.name).model_copy(update={"network": NetworkPolicy(egress="internet")})
+        handle = make(allowed)
         reach = ext.wait_ready(handle, timeout=30)
         assert "eth0" in ext.exec(handle, ["ls", "/sys/class/net"]).stdout.split()
         assert reach.ip_address is None or reach.network == net.name

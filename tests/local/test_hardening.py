@@ -352,7 +352,8 @@ def test_network_sandbox_keeps_a_resolv_conf_that_lives_in_run(cfg, make_manager
     link = tmp_path / "resolv.conf"
     link.symlink_to(run_dir / "resolv.conf")
     monkeypatch.setattr(local, "RESOLV_CONF", str(link))
-    cfg.write("profile.net.yaml", "slug: net\nextension: ext.local\nisolation: process\noptions: {network: true}\n")
+    cfg.write("profile.net.yaml", "slug: net\nextension: ext.local\nisolation: process\noptions: {network: true}\n"
+                                  "network: {egress: internet}\n")
     mgr = make_manager()
     _tool(mgr, monkeypatch, tool)
     sb = mgr.create(profile="net")

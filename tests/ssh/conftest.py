@@ -69,6 +69,8 @@ def write_config(cfg_dir: Path, ext_id: str, handler: str, config: dict[str, Any
                 "config": config}
     (cfg_dir / "extensions" / f"{ext_id}.yaml").write_text(yaml.safe_dump(manifest))
     for slug, body in (profiles or {}).items():
+        # an SSH backend runs with its host's network: the only policy it can keep (docs/policy.md)
+        body = {"network": {"egress": "internet"}, **body}
         (cfg_dir / "profiles" / f"profile.{slug}.yaml").write_text(yaml.safe_dump({"slug": slug, **body}))
     return cfg_dir
 

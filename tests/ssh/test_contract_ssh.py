@@ -52,11 +52,11 @@ def offline_vm(tmp_path):
 
 
 def cprofile(**options: Any) -> Profile:
-    return Profile(slug="c", extension=COMPOSE, options=options)
+    return Profile(slug="c", extension=COMPOSE, options=options, network={"egress": "internet"})
 
 
 def vprofile(**options: Any) -> Profile:
-    return Profile(slug="v", extension=VM, options=options)
+    return Profile(slug="v", extension=VM, options=options, network={"egress": "internet"})
 
 
 # ------------------------------------------------------------------ resource_names
