@@ -379,7 +379,11 @@ class SaasStubExtension(SandboxExtension):
         out = OutputCollector(on_output, self.config.output_cap)
         try:
             timed_out = _pump(proc, stdin, timeout, out)
-            code = proc.wait(timeout=30)
+            try:
+                code = proc.wait(timeout=30)  # its output ended: it is exiting
+            except subprocess.TimeoutExpired:
+                _kill(proc)
+                code = proc.wait(timeout=30)
             started = b"child-pid" in _read_all(status_r)
         finally:
             os.close(status_r)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from sandboxer.contract import ProvisionRequest
-from sandboxer.errors import CapabilityError, InputError
+from sandboxer.errors import CapabilityError, ExecError, InputError
 from sandboxer.extensions import saas_stub
 from sandboxer.extensions.saas_stub import SaasStubExtension, StubConfig
 from sandboxer.models import ExtensionManifest, Profile, SnapshotMeta
@@ -149,4 +149,12 @@ def test_without_bwrap_exec_refuses_rather_than_run_unconfined(ext, monkeypatch)
     real = shutil.which
     monkeypatch.setattr(saas_stub.shutil, "which", lambda name, *a, **k: None if name == "bwrap" else real(name))
     with pytest.raises(CapabilityError, match="needs bubblewrap .bwrap. to confine exec.*install"):
+        ext.exec(h, ["true"])
+
+
+def test_a_bwrap_that_cannot_start_the_command_is_an_exec_error_not_an_exit_code(ext, monkeypatch):
+    h = provision(ext)
+    real = shutil.which
+    monkeypatch.setattr(saas_stub.shutil, "which", lambda name, *a, **k: real("false") if name == "bwrap" else real(name))
+    with pytest.raises(ExecError, match="bubblewrap could not start the command in sandbox sb-1: exit code 1"):
         ext.exec(h, ["true"])
