@@ -15,6 +15,11 @@ directory its only writable place and its working directory, a private /tmp, /ru
 and /dev, the manager's home (hence every other sandbox's directory and the stub's table)
 and the user's home covered by an empty tmpfs, no capability, and an environment of PATH,
 HOME and LANG only. Without bwrap, exec refuses (CapabilityError): it never runs unconfined.
+
+When the manager runs as root, each sandbox has an unprivileged uid of its own (taken from
+ext.local's uid registry, so no two sandboxes of either extension share one) which owns its
+directory and runs its commands: a root-only host file that shows through the read-only root
+it still cannot read, nor another sandbox's directory.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from sandboxer.errors import (
 from sandboxer.execution import OUTPUT_CAP, OutputCollector, check_argv
 from sandboxer.contract import Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
+from sandboxer.extensions.local import UID_REGISTRY, alloc_uid, chown_tree, free_uid
 from sandboxer.extensions.local_cgroup import kill_tree
 from sandboxer.models import ExecResult, SnapshotMeta
 from sandboxer.secrets import SecretRef
@@ -92,6 +98,7 @@ class StubHandle(Handle):
 
     stub_id: str
     sandbox_id: str | None = None
+    uid: int | None = Field(default=None, description="the sandbox's own uid (manager run as root), else None")
     restored_from: str | None = None
 
 
@@ -240,20 +247,27 @@ class SaasStubExtension(SandboxExtension):
 
     def _add(self, request: ProvisionRequest, extra: dict[str, Any] | None = None) -> StubHandle:
         stub_id = "stub-" + uuid.uuid4().hex[:12]
-        record = {"sandbox_id": request.sandbox_id, "owner_labels": request.owner_labels,
+        uid = alloc_uid(UID_REGISTRY, self.id) if os.geteuid() == 0 else None
+        record = {"sandbox_id": request.sandbox_id, "owner_labels": request.owner_labels, "uid": uid,
                   "tags": request.tags, "created": time.time(), "profile": request.profile.slug, **(extra or {})}
-        with self._db() as db:
-            n = db.execute("SELECT count(*) FROM live").fetchone()[0]
-            if n >= self.config.capacity:
-                raise CapacityUnavailable(
-                    f"{self.id}: at capacity ({self.config.capacity} live sandboxes)", backend=self.id)
-            db.execute("INSERT INTO live (stub_id, sandbox_id, record) VALUES (?, ?, ?)",
-                       (stub_id, record["sandbox_id"], json.dumps(record)))
-            self._set_counter(db, "created", self._counter(db, "created") + 1)
-            self._set_counter(db, "peak", max(self._counter(db, "peak"), n + 1))
-        handle = StubHandle(stub_id=stub_id, sandbox_id=request.sandbox_id, host="stub")
+        try:
+            with self._db() as db:
+                n = db.execute("SELECT count(*) FROM live").fetchone()[0]
+                if n >= self.config.capacity:
+                    raise CapacityUnavailable(
+                        f"{self.id}: at capacity ({self.config.capacity} live sandboxes)", backend=self.id)
+                db.execute("INSERT INTO live (stub_id, sandbox_id, record) VALUES (?, ?, ?)",
+                           (stub_id, record["sandbox_id"], json.dumps(record)))
+                self._set_counter(db, "created", self._counter(db, "created") + 1)
+                self._set_counter(db, "peak", max(self._counter(db, "peak"), n + 1))
+        except BaseException:
+            free_uid(UID_REGISTRY, uid)
+            raise
+        handle = StubHandle(stub_id=stub_id, sandbox_id=request.sandbox_id, host="stub", uid=uid)
         try:
             os.makedirs(self.sandbox_dir(handle), mode=0o700)
+            if uid is not None:  # the command (as that uid) writes its own files there
+                os.chown(self.sandbox_dir(handle), uid, uid)
         except OSError as exc:
             self.kill(stub_id)
             raise ProvisionError(f"{self.id}: cannot make sandbox {request.sandbox_id}'s directory "
@@ -280,11 +294,19 @@ class SaasStubExtension(SandboxExtension):
     def kill(self, stub_id: str) -> None:
         """Drill: the "provider" ends a sandbox behind the manager's back (its machine goes too)."""
         with self._db() as db:
-            db.execute("DELETE FROM live WHERE stub_id = ?", (stub_id,))
-        self._end_machine(StubHandle(stub_id=stub_id))
+            rec = self._take(db, stub_id)
+        self._end_machine(StubHandle(stub_id=stub_id), rec)
 
-    def _end_machine(self, handle: StubHandle) -> bool:
-        """Kill the sandbox's running commands and remove its directory; True if it existed."""
+    @staticmethod
+    def _take(db: sqlite3.Connection, stub_id: str) -> dict[str, Any] | None:
+        """Delete the sandbox's row; its record, or None if it had none."""
+        row = db.execute("SELECT record FROM live WHERE stub_id = ?", (stub_id,)).fetchone()
+        db.execute("DELETE FROM live WHERE stub_id = ?", (stub_id,))
+        return json.loads(row[0]) if row else None
+
+    def _end_machine(self, handle: StubHandle, record: dict[str, Any] | None) -> bool:
+        """Kill the sandbox's running commands, remove its directory and give back its uid
+        (the record's, else the handle's); True if the directory existed."""
         with self._lock:
             running = list(self._running.pop(handle.stub_id, ()))
         for proc in running:
@@ -298,6 +320,7 @@ class SaasStubExtension(SandboxExtension):
         except OSError as exc:
             raise TeardownError(f"{self.id}: cannot remove sandbox {handle.sandbox_id or handle.stub_id}'s "
                                 f"directory {box}: {exc.strerror}", backend=self.id) from None
+        free_uid(UID_REGISTRY, (record or {}).get("uid", handle.uid))  # only once nothing of it is left
         return existed
 
     # ------------------------------------------------------------ contract
@@ -333,8 +356,9 @@ class SaasStubExtension(SandboxExtension):
         if fault is not None:
             self._raise(fault, "teardown")
         with self._db() as db:
-            gone = db.execute("DELETE FROM live WHERE stub_id = ?", (handle.stub_id,)).rowcount == 0
-        had_dir = self._end_machine(handle)
+            rec = self._take(db, handle.stub_id)
+        gone = rec is None
+        had_dir = self._end_machine(handle, rec)
         return TeardownReport(already_gone=gone, removed=([] if gone else [handle.stub_id])
                               + ([self.sandbox_dir(handle)] if had_dir else []))
 
@@ -350,7 +374,8 @@ class SaasStubExtension(SandboxExtension):
         """
         argv = check_argv(argv, backend=self.id)
         who = handle.sandbox_id or handle.stub_id
-        if self._record(handle.stub_id) is None:
+        rec = self._record(handle.stub_id)
+        if rec is None:
             raise ExecError(f"{self.id}: {handle.stub_id} is not running", backend=self.id)
         box = self.sandbox_dir(handle)
         if not os.path.isdir(box):
@@ -362,7 +387,7 @@ class SaasStubExtension(SandboxExtension):
                                   "not installed; install it (package bubblewrap): the stub never runs a command "
                                   "unconfined")
         status_r, status_w = os.pipe()  # bwrap's --json-status-fd: did the command start at all?
-        cmd = [*self._confinement(bwrap, box, wd, status_w), "--", *argv]
+        cmd = [*self._confinement(bwrap, box, wd, status_w, rec.get("uid")), *argv]
         run_env = {"PATH": PATH, "HOME": box, "LANG": "C.UTF-8", **(env or {})}
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
@@ -423,20 +448,40 @@ class SaasStubExtension(SandboxExtension):
             out.append(d)
         return out
 
-    def _confinement(self, bwrap: str, box: str, wd: str, status_fd: int) -> list[str]:
-        """The bwrap argv that runs a command in ``box`` (the part before ``--``).
+    def _confinement(self, bwrap: str, box: str, wd: str, status_fd: int, uid: int | None) -> list[str]:
+        """The argv that runs a command in ``box``: the command's own argv follows it.
 
         Like ext.local's init and the extension host's worker (host/client.py ``confine``), but
         for one command: it dies with its bwrap (--die-with-parent), so killing that ends it all.
+
+        With ``uid`` (the manager is root): bwrap runs as root without a user namespace (a user
+        namespace made by root maps the command to real root, which reads every root-only file
+        the read-only root shows), sets up the mounts, and the command starts through setpriv
+        as ``uid``: a real unprivileged uid on the host, no capability, no group, no new
+        privileges (a setuid binary gains nothing). It owns only its sandbox directory.
+
+        Without (the manager is not root): bwrap's user namespace maps the command's uid to the
+        manager's own uid, so outside it is the manager's user: it can read (not write: the root
+        is read-only) any visible file that user can, and every sandbox of this manager has that
+        same uid. What keeps it from the manager's secrets and from other sandboxes is the mount
+        namespace alone: the manager's home (the table, every other sandbox's directory) and the
+        user's home are covered by empty tmpfs, /tmp and /run are private.
         """
-        argv = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-                "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+        if uid is None:
+            argv = [bwrap, "--unshare-all", "--cap-drop", "ALL"]
+        else:
+            argv = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
+        argv += ["--die-with-parent", "--new-session", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
         for d in _PRIVATE_DIRS:
             if os.path.isdir(d) and not os.path.islink(d):
-                argv += ["--tmpfs", d]
+                argv += ["--perms", "1777" if d.endswith("/tmp") else "0755", "--tmpfs", d]
         for d in self._hidden_dirs():
             argv += ["--perms", "0555", "--size", "65536", "--tmpfs", d]
-        return [*argv, "--bind", box, box, "--chdir", wd, "--json-status-fd", str(status_fd)]
+        argv += ["--bind", box, box, "--chdir", wd, "--json-status-fd", str(status_fd), "--"]
+        if uid is not None:
+            argv += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--bounding-set=-all",
+                     "--inh-caps=-all", "--no-new-privs", "--"]
+        return argv
 
     def probe(self, handle: StubHandle) -> bool | None:
         return self._record(handle.stub_id) is not None
@@ -447,7 +492,7 @@ class SaasStubExtension(SandboxExtension):
     def list_owned(self, owner_labels: dict[str, str]) -> list[OwnedSandbox]:
         return [
             OwnedSandbox(sandbox_id=rec["sandbox_id"],
-                         handle=StubHandle(stub_id=sid, sandbox_id=rec["sandbox_id"], host="stub"))
+                         handle=StubHandle(stub_id=sid, sandbox_id=rec["sandbox_id"], host="stub", uid=rec.get("uid")))
             for sid, rec in self.live()["live"].items()
             if all(rec.get("owner_labels", {}).get(k) == v for k, v in owner_labels.items())
         ]
@@ -490,6 +535,8 @@ class SaasStubExtension(SandboxExtension):
         if src is not None:
             try:
                 shutil.copytree(src, self.sandbox_dir(handle), symlinks=True, dirs_exist_ok=True)
+                if handle.uid is not None:  # the copy is root's: the new sandbox's uid must own it
+                    chown_tree(self.sandbox_dir(handle), handle.uid)
             except OSError as exc:
                 self.teardown(handle)
                 raise SnapshotError(f"{self.id}: cannot restore snapshot {snapshot.id}: {exc}",

@@ -17,6 +17,7 @@ import yaml
 from sandboxer.contract import ProvisionRequest
 from sandboxer.errors import CapabilityError, ExecError, InputError
 from sandboxer.extensions import saas_stub
+from sandboxer.extensions.local import UID_REGISTRY
 from sandboxer.extensions.saas_stub import SaasStubExtension, StubConfig
 from sandboxer.models import ExtensionManifest, Profile, SnapshotMeta
 
@@ -105,9 +106,11 @@ def test_a_timeout_is_exit_124_and_kills_every_process_it_started(ext):
 def test_files_outside_the_sandbox_dir_are_not_writable(ext):
     # A host directory the sandbox does see (a private /tmp would hide one made under /tmp).
     seen = Path(tempfile.mkdtemp(prefix=".sbx-stub-test-", dir=Path(__file__).parent))
+    os.chmod(seen, 0o755)  # readable by anyone (the sandbox's own uid, when root)
     try:
         outside = seen / "outside.txt"
         outside.write_text("host\n")
+        os.chmod(outside, 0o666)  # only the read-only mount refuses a write
         h = provision(ext)
         res = ext.exec(h, ["sh", "-c", f"cat {outside}; echo x >> {outside}; echo y > /etc/sbx-stub-test; "
                                        "echo z > kept.txt"])
@@ -158,3 +161,42 @@ def test_a_bwrap_that_cannot_start_the_command_is_an_exec_error_not_an_exit_code
     monkeypatch.setattr(saas_stub.shutil, "which", lambda name, *a, **k: real("false") if name == "bwrap" else real(name))
     with pytest.raises(ExecError, match="bubblewrap could not start the command in sandbox sb-1: exit code 1"):
         ext.exec(h, ["true"])
+
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="the manager runs as root only in this test")
+
+
+@as_root
+def test_as_root_a_command_runs_unprivileged_and_cannot_read_root_only_host_files(ext):
+    # A root-only file in a host directory the sandbox does see (not hidden, not under the private /tmp).
+    seen = Path(tempfile.mkdtemp(prefix=".sbx-stub-test-", dir=Path(__file__).parent))
+    os.chmod(seen, 0o755)  # the directory lets anyone in: only the file's own mode refuses
+    try:
+        secret = seen / "root-only.txt"
+        secret.write_text("root's secret\n")
+        os.chmod(secret, 0o600)
+        os.chown(secret, 0, 0)
+        h = provision(ext)
+        res = ext.exec(h, ["sh", "-c", f"cat {secret}; cat /etc/shadow; id -u; echo mine > own.txt; "
+                                       "mkdir -p d && echo deep > d/f && cat d/f; echo t > /tmp/t && cat /tmp/t"])
+        assert "root's secret" not in res.stdout and "root:" not in res.stdout
+        assert res.stderr.count("Permission denied") == 2, res.stderr
+        uid = int(res.stdout.split()[0])
+        assert uid != 0 and os.stat(ext.sandbox_dir(h)).st_uid == uid  # the dir is the command's own
+        assert res.stdout.split()[1:] == ["deep", "t"]  # its own files and its private /tmp stay writable
+        assert (Path(ext.sandbox_dir(h)) / "own.txt").read_text() == "mine\n"
+    finally:
+        shutil.rmtree(seen)
+
+
+@as_root
+def test_as_root_two_sandboxes_get_distinct_uids_freed_at_teardown(ext):
+    a, b = provision(ext, "sb-a"), provision(ext, "sb-b")
+    ids = [int(ext.exec(h, ["id", "-u"]).stdout) for h in (a, b)]
+    assert ids[0] != ids[1] and 0 not in ids
+    assert [os.stat(ext.sandbox_dir(h)).st_uid for h in (a, b)] == ids
+    assert ext.exec(a, ["sh", "-c", "echo x > f; mkdir -p d/e && chmod 000 d"]).exit_code == 0
+    for h, uid in zip((a, b), ids):
+        ext.teardown(h)
+        assert not Path(ext.sandbox_dir(h)).exists()  # its 000 directory too
+        assert not (UID_REGISTRY / str(uid)).exists()  # the uid is free for another sandbox
