@@ -475,8 +475,18 @@ class SaasStubExtension(SandboxExtension):
         for d in _PRIVATE_DIRS:
             if os.path.isdir(d) and not os.path.islink(d):
                 argv += ["--perms", "1777" if d.endswith("/tmp") else "0755", "--tmpfs", d]
+        covers = [d for d in _PRIVATE_DIRS if os.path.isdir(d) and not os.path.islink(d)]
         for d in self._hidden_dirs():
             argv += ["--perms", "0555", "--size", "65536", "--tmpfs", d]
+            covers.append(d)
+        # The directories between a covering tmpfs and the box are made by bwrap with the host
+        # directories' modes (0700 for a mkdtemp): the box's uid could not pass them by path.
+        # Made here first, they let anyone through (0711) and list nothing.
+        parts = Path(box).parts
+        for i in range(2, len(parts)):
+            above = str(Path(*parts[:i]))
+            if any(above.startswith(c + "/") for c in covers):
+                argv += ["--perms", "0711", "--dir", above]
         argv += ["--bind", box, box, "--chdir", wd, "--json-status-fd", str(status_fd), "--"]
         if uid is not None:
             argv += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--bounding-set=-all",

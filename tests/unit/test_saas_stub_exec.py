@@ -185,6 +185,10 @@ def test_as_root_a_command_runs_unprivileged_and_cannot_read_root_only_host_file
         assert uid != 0 and os.stat(ext.sandbox_dir(h)).st_uid == uid  # the dir is the command's own
         assert res.stdout.split()[1:] == ["deep", "t"]  # its own files and its private /tmp stay writable
         assert (Path(ext.sandbox_dir(h)) / "own.txt").read_text() == "mine\n"
+        # Its directory is reachable by its absolute path (a shell's `cd d` goes by it): the
+        # directories above it, made by bwrap inside the covering tmpfs, let its uid through.
+        res = ext.exec(h, ["sh", "-c", "mkdir -p sub && cd sub && pwd -P"])
+        assert (res.exit_code, res.stdout) == (0, os.path.realpath(ext.sandbox_dir(h)) + "/sub\n"), res
     finally:
         shutil.rmtree(seen)
 
