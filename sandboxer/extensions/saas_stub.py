@@ -247,7 +247,7 @@ class SaasStubExtension(SandboxExtension):
 
     def _add(self, request: ProvisionRequest, extra: dict[str, Any] | None = None) -> StubHandle:
         stub_id = "stub-" + uuid.uuid4().hex[:12]
-        uid = alloc_uid(UID_REGISTRY, self.id) if os.geteuid() == 0 else None
+        uid = alloc_uid(UID_REGISTRY, self.id) if _real_root() else None
         record = {"sandbox_id": request.sandbox_id, "owner_labels": request.owner_labels, "uid": uid,
                   "tags": request.tags, "created": time.time(), "profile": request.profile.slug, **(extra or {})}
         try:
@@ -471,7 +471,12 @@ class SaasStubExtension(SandboxExtension):
             argv = [bwrap, "--unshare-all", "--cap-drop", "ALL"]
         else:
             argv = [bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
-        argv += ["--die-with-parent", "--new-session", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+        # In a user namespace of someone else's making (a namespaced extension worker), the
+        # kernel refuses a new proc mount (the outer bwrap's read-only covers under /proc make it
+        # "too revealing"); binding the outer /proc would show the worker's processes and their
+        # environments, so the command gets an empty /proc instead.
+        proc = ["--proc", "/proc"] if not _nested_userns() else ["--perms", "0555", "--tmpfs", "/proc"]
+        argv += ["--die-with-parent", "--new-session", "--ro-bind", "/", "/", "--dev", "/dev", *proc]
         for d in _PRIVATE_DIRS:
             if os.path.isdir(d) and not os.path.islink(d):
                 argv += ["--perms", "1777" if d.endswith("/tmp") else "0755", "--tmpfs", d]
@@ -561,6 +566,26 @@ class SaasStubExtension(SandboxExtension):
     def meter_actual(self, handle: StubHandle) -> dict[str, Any] | None:
         rec = self._record(handle.stub_id)
         return {"seconds": time.time() - rec["created"]} if rec else None
+
+
+def _nested_userns() -> bool:
+    """Whether this process is inside a user namespace (not the host's own)."""
+    try:
+        with open("/proc/self/uid_map") as fh:
+            return fh.read().split()[1:] != ["0", "4294967295"]
+    except (OSError, IndexError):
+        return False
+
+
+def _real_root() -> bool:
+    """Whether this process is root of the host's own user namespace, so it can hand out uids.
+
+    Root inside a user namespace (a ``worker.sandbox: namespace`` extension worker) has no other
+    uid mapped to switch to, nor the uid registry to write: its sandboxes get no uid of their own,
+    and their commands are, outside, whatever that namespace maps its root to (real root for a
+    worker bwrap started as root), as before.
+    """
+    return os.geteuid() == 0 and not _nested_userns()
 
 
 def _kill(proc: subprocess.Popen) -> None:
