@@ -31,7 +31,9 @@ def ext(tmp_path: Path):
     manifest = ExtensionManifest.model_validate(yaml.safe_load(MANIFEST.read_text()))
     e = SaasStubExtension(manifest, StubConfig(latency_s=0, output_cap=4096))
     e.home = tmp_path / "home"
-    return e
+    yield e
+    for stub_id in e.live()["live"]:  # what a test left: its directory and its uid (as root) go
+        e.kill(stub_id)
 
 
 def provision(ext: SaasStubExtension, sandbox_id: str = "sb-1"):
