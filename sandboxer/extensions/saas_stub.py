@@ -98,7 +98,6 @@ class StubHandle(Handle):
 
     stub_id: str
     sandbox_id: str | None = None
-    uid: int | None = Field(default=None, description="the sandbox's own uid (manager run as root), else None")
     restored_from: str | None = None
 
 
@@ -263,7 +262,8 @@ class SaasStubExtension(SandboxExtension):
         except BaseException:
             free_uid(UID_REGISTRY, uid)
             raise
-        handle = StubHandle(stub_id=stub_id, sandbox_id=request.sandbox_id, host="stub", uid=uid)
+        # The uid is kept in the stub's table only (the "provider side"), not in the handle.
+        handle = StubHandle(stub_id=stub_id, sandbox_id=request.sandbox_id, host="stub")
         try:
             os.makedirs(self.sandbox_dir(handle), mode=0o700)
             if uid is not None:  # the command (as that uid) writes its own files there
@@ -306,7 +306,7 @@ class SaasStubExtension(SandboxExtension):
 
     def _end_machine(self, handle: StubHandle, record: dict[str, Any] | None) -> bool:
         """Kill the sandbox's running commands, remove its directory and give back its uid
-        (the record's, else the handle's); True if the directory existed."""
+        (its record's); True if the directory existed."""
         with self._lock:
             running = list(self._running.pop(handle.stub_id, ()))
         for proc in running:
@@ -320,7 +320,7 @@ class SaasStubExtension(SandboxExtension):
         except OSError as exc:
             raise TeardownError(f"{self.id}: cannot remove sandbox {handle.sandbox_id or handle.stub_id}'s "
                                 f"directory {box}: {exc.strerror}", backend=self.id) from None
-        free_uid(UID_REGISTRY, (record or {}).get("uid", handle.uid))  # only once nothing of it is left
+        free_uid(UID_REGISTRY, (record or {}).get("uid"))  # only once nothing of it is left
         return existed
 
     # ------------------------------------------------------------ contract
@@ -507,7 +507,7 @@ class SaasStubExtension(SandboxExtension):
     def list_owned(self, owner_labels: dict[str, str]) -> list[OwnedSandbox]:
         return [
             OwnedSandbox(sandbox_id=rec["sandbox_id"],
-                         handle=StubHandle(stub_id=sid, sandbox_id=rec["sandbox_id"], host="stub", uid=rec.get("uid")))
+                         handle=StubHandle(stub_id=sid, sandbox_id=rec["sandbox_id"], host="stub"))
             for sid, rec in self.live()["live"].items()
             if all(rec.get("owner_labels", {}).get(k) == v for k, v in owner_labels.items())
         ]
@@ -550,8 +550,9 @@ class SaasStubExtension(SandboxExtension):
         if src is not None:
             try:
                 shutil.copytree(src, self.sandbox_dir(handle), symlinks=True, dirs_exist_ok=True)
-                if handle.uid is not None:  # the copy is root's: the new sandbox's uid must own it
-                    chown_tree(self.sandbox_dir(handle), handle.uid)
+                uid = (self._record(handle.stub_id) or {}).get("uid")
+                if uid is not None:  # the copy is root's: the new sandbox's uid must own it
+                    chown_tree(self.sandbox_dir(handle), uid)
             except OSError as exc:
                 self.teardown(handle)
                 raise SnapshotError(f"{self.id}: cannot restore snapshot {snapshot.id}: {exc}",

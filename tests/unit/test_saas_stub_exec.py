@@ -143,6 +143,7 @@ def test_teardown_removes_the_dir_and_snapshot_restore_brings_it_back(ext):
     r = ext.restore_from_snapshot(ProvisionRequest(profile=Profile(slug="stub", extension=ext.id),
                                                    sandbox_id="sb-2"), meta)
     assert ext.exec(r, ["cat", "d/f"]).stdout == "kept\n"
+    assert ext.exec(r, ["sh", "-c", "echo more >> d/f && touch d/g"]).exit_code == 0  # its own (its uid's, as root)
     ext.delete_snapshot(meta)
     assert not Path(snap.data["path"]).exists()
     ext.teardown(r)
