@@ -71,6 +71,8 @@ UID_SPAN = 1_000_000
 #: Bytes kept (and streamed) per stream of one exec.
 OUTPUT_CAP = DEFAULT_OUTPUT_CAP
 SYSTEM_ROOT = Path("/var/lib/sandboxer/local")
+#: ext.local's default uid registry (see :func:`alloc_uid`).
+UID_REGISTRY = SYSTEM_ROOT / ".uids"
 TTL_GRACE_S = 60
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RUN_TMPFS = "size=8m,mode=755,nosuid,nodev"
@@ -82,6 +84,42 @@ _PRIVATE_PREFIXES = ("/tmp/", "/var/tmp/", "/run/", "/var/run/", "/dev/", "/proc
 # Under bwrap, pid 1 is bwrap's own init, which waits for every process in the namespace;
 # so at the TTL the holder kills them all (kill -1 spares only itself and pid 1).
 _BWRAP_INIT = 'echo ready; sleep "$0"; kill -KILL -1'
+
+
+
+def alloc_uid(registry: Path, backend: str) -> int:
+    """Take an unprivileged uid of the sandbox range for one sandbox: a marker file in
+    ``registry`` made with O_EXCL, so no two sandboxes (of any process) get one uid at once.
+
+    Extensions that give sandboxes uids share :data:`UID_REGISTRY` by default, so a sandbox of
+    one never shares a uid with a sandbox of another.
+
+    Raises:
+        ProvisionError: no free uid was found.
+    """
+    registry.mkdir(parents=True, exist_ok=True)
+    for _ in range(200):
+        uid = UID_BASE + random.randrange(UID_SPAN - 1)
+        try:
+            os.close(os.open(registry / str(uid), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            return uid
+        except FileExistsError:
+            continue
+    raise ProvisionError(f"{backend}: could not allocate a sandbox uid in {registry}", backend=backend)
+
+
+def free_uid(registry: Path, uid: int | None) -> None:
+    """Give back a uid taken by :func:`alloc_uid` (None: nothing was taken)."""
+    if uid is not None:
+        (registry / str(uid)).unlink(missing_ok=True)
+
+
+def chown_tree(path: str | os.PathLike[str], uid: int) -> None:
+    """Make ``path`` and everything under it (symlinks themselves, not their targets) ``uid``'s."""
+    for dirpath, dirs, files in os.walk(path):
+        for n in [dirpath, *(os.path.join(dirpath, f) for f in dirs + files)]:
+            os.lchown(n, uid, uid)
+
 
 _DROP_CAPS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs", "--"]
 
@@ -338,22 +376,10 @@ class LocalExtension(SandboxExtension):
         return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if uid is not None else []
 
     def _alloc_uid(self) -> int | None:
-        if os.geteuid() != 0:
-            return None
-        d = self.root / ".uids"
-        d.mkdir(parents=True, exist_ok=True)
-        for _ in range(200):
-            uid = UID_BASE + random.randrange(UID_SPAN - 1)
-            try:
-                os.close(os.open(d / str(uid), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-                return uid
-            except FileExistsError:
-                continue
-        raise ProvisionError(f"{self.id}: could not allocate a sandbox uid", backend=self.id)
+        return alloc_uid(self.root / ".uids", self.id) if os.geteuid() == 0 else None
 
     def _free_uid(self, uid: int | None) -> None:
-        if uid is not None:
-            (self.root / ".uids" / str(uid)).unlink(missing_ok=True)
+        free_uid(self.root / ".uids", uid)
 
     def _workspace(self, sandbox_id: str) -> Path:
         if not sandbox_id or "/" in sandbox_id or sandbox_id.startswith("."):
@@ -739,9 +765,7 @@ class LocalExtension(SandboxExtension):
             with tarfile.open(path, "r:gz") as tar:
                 tar.extractall(handle.workspace, filter="data")
             if handle.uid is not None:
-                for dirpath, dirs, files in os.walk(handle.workspace):
-                    for n in [dirpath, *(os.path.join(dirpath, f) for f in dirs + files)]:
-                        os.lchown(n, handle.uid, handle.uid)
+                chown_tree(handle.workspace, handle.uid)
         except (OSError, tarfile.TarError) as exc:
             self.teardown(handle)
             raise SnapshotError(f"{self.id}: cannot restore snapshot {snapshot.id}: {exc}", backend=self.id) from exc

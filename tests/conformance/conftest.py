@@ -29,16 +29,8 @@ CAP = 1 << 20
 #: Every built-in backend, in the order they run.
 BACKENDS = ["ext.local", "ext.saas-stub", "ext.docker", "ext.compose-ssh", "ext.vm-packer", "ext.e2b", "ext.modal"]
 
-_STUB_EXEC = "exec convention: ext.saas-stub's exec runs no command (it answers echo/cat only)"
-
-#: (backend, step) -> why it fails today: the stub's exec and teardown reports without already_gone.
-#: Strict, so a fix shows up as XPASS and its entry must go.
-XFAIL: dict[tuple[str, str], str] = {
-    # Not the exec convention: teardown reports (issue 9 section 1, the typed contract)
-    **{("ext.saas-stub", step): _STUB_EXEC for step in (
-        "exec_exit_codes", "exec_stderr", "exec_env", "exec_cwd", "exec_streaming", "exec_timeout",
-        "exec_utf8_chunks", "restore", "manager_cycle")},
-}
+#: (backend, step) -> why it fails today. Strict, so a fix shows up as XPASS and its entry must go.
+XFAIL: dict[tuple[str, str], str] = {}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -65,7 +57,8 @@ def _local(req: pytest.FixtureRequest, cfg: Path) -> dict[str, Any]:
 
 
 def _stub(req: pytest.FixtureRequest, cfg: Path) -> dict[str, Any]:
-    return {}  # no output cap of its own: the kit skips that step
+    override(cfg, "ext.saas-stub", {"output_cap": CAP})
+    return {"output_cap": CAP}
 
 
 def _docker(req: pytest.FixtureRequest, cfg: Path) -> dict[str, Any]:
