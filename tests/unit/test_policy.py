@@ -190,3 +190,26 @@ def test_a_restore_keeps_the_policy_of_the_profile_it_is_restored_under(cfg, hom
                                                   r"not enforce network:internet"):
             mgr.restore(snap.id, "wide")
         mgr.teardown(sb.id)
+
+
+def test_the_stubs_no_network_reaches_not_even_the_hosts_loopback(cfg, home):
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    probe = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), 2)\n    print('reached')\n"
+             f"except OSError as e:\n    print('refused', e.errno)")
+    try:
+        with Manager(config_dirs=[cfg.root], home=home) as mgr:
+            sb = mgr.create(profile="saas-stub")
+            try:
+                res = mgr.exec(sb.id, ["/usr/bin/python3", "-c", probe])  # the system one: homes are hidden
+                assert res.exit_code == 0 and res.stdout.startswith("refused"), res
+                devs = mgr.exec(sb.id, ["cat", "/proc/net/dev"]).stdout
+                assert [ln.split(":")[0].strip() for ln in devs.splitlines()[2:]] == ["lo"]
+            finally:
+                mgr.teardown(sb.id)
+    finally:
+        listener.close()
