@@ -13,6 +13,7 @@ Rule kept here: a handle is stored in the state store, so it never holds a secre
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any, Callable, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
@@ -21,6 +22,7 @@ from sandboxer.errors import BackendError, SandboxerError
 from sandboxer.models import ExecResult, Profile
 
 T = TypeVar("T")
+C = TypeVar("C")
 
 #: Names a consumer may not use as inputs: the manager sets them as :class:`ProvisionRequest` fields.
 RESERVED_INPUTS = frozenset({"sandbox_id", "owner_labels", "tags", "ttl"})
@@ -219,6 +221,17 @@ def translated(call: Callable[[], T], table: "ErrorTable | Callable[[Exception],
         if mapped is None:
             raise
     raise mapped
+
+
+def translated_with(var: "ContextVar[C]", value: C, call: Callable[[], T],
+                    table: "ErrorTable | Callable[[Exception], SandboxerError | None]") -> T:
+    """:func:`translated`, with ``value`` set in ``var`` while it runs: what the call is, whose key,
+    the fallback class, for the table's makers, which are given only the exception."""
+    token = var.set(value)
+    try:
+        return translated(call, table)
+    finally:
+        var.reset(token)
 
 
 class ErrorTable:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sandboxer.contract import (ErrorTable, Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult,
-                                TeardownReport, translated)
+                                TeardownReport, translated_with)
 from sandboxer.errors import (
     AuthError,
     BackendError,
@@ -321,11 +321,7 @@ class DockerExtension(SandboxExtension):
         ``error`` is the class for failures of ``action`` (a provision's ``ProvisionError`` also
         says whether another engine may succeed); ours raised inside ``call`` pass untouched.
         """
-        token = _AT.set(_At(self.id, self.engine, action, error, sandbox))
-        try:
-            return translated(call, engine_errors())
-        finally:
-            _AT.reset(token)
+        return translated_with(_AT, _At(self.id, self.engine, action, error, sandbox), call, engine_errors())
 
     def client(self) -> "docker.DockerClient":
         """The shared SDK client, connected on first use."""

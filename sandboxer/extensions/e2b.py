@@ -39,7 +39,7 @@ from typing import Any, Callable, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sandboxer.contract import (ErrorTable, Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult,
-                                TeardownReport, translated)
+                                TeardownReport, translated_with)
 from sandboxer.errors import (
     AuthError,
     BackendError,
@@ -291,11 +291,8 @@ class E2BExtension(SandboxExtension):
             sandbox: the E2B sandbox id, named in messages when known.
             gone: the class a "sandbox not found" becomes (default: ``fallback``).
         """
-        token = _CALL.set(_Call(op, consumer, fallback, sandbox, gone))
-        try:
-            return translated(lambda: fn(self._opts(consumer)), self.errors)
-        finally:
-            _CALL.reset(token)
+        return translated_with(_CALL, _Call(op, consumer, fallback, sandbox, gone),
+                               lambda: fn(self._opts(consumer)), self.errors)
 
     @property
     def errors(self) -> ErrorTable:

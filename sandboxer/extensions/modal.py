@@ -44,7 +44,7 @@ from typing import Any, Callable, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sandboxer.contract import (ErrorTable, Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult,
-                                TeardownReport, translated)
+                                TeardownReport, translated_with)
 from sandboxer.errors import (
     AuthError,
     BackendError,
@@ -315,11 +315,8 @@ class ModalExtension(SandboxExtension):
             timeout_error: the error for deadlines (default: ``error``).
         """
         where = f"{self.id}: {op}" + (f" {sandbox}" if sandbox else "")
-        token = _CALL.set(_Call(where, consumer, error, timeout_error))
-        try:
-            return translated(lambda: fn(self._client(consumer)), self.errors)
-        finally:
-            _CALL.reset(token)
+        return translated_with(_CALL, _Call(where, consumer, error, timeout_error),
+                               lambda: fn(self._client(consumer)), self.errors)
 
     @property
     def errors(self) -> ErrorTable:

@@ -105,9 +105,16 @@ def test_a_timeout_is_exit_124_and_kills_every_process_it_started(ext):
     assert _running(token) == []
 
 
+def _visible_dir() -> Path:
+    """A fresh host directory the sandbox does see, wherever the repository was cloned: not under
+    /tmp, /var/tmp, /run or a home, which the stub hides (a clone may live under any of them)."""
+    base = Path("/var/lib") if os.access("/var/lib", os.W_OK) else Path(__file__).parent
+    return Path(tempfile.mkdtemp(prefix=".sbx-stub-test-", dir=base))
+
+
 def test_files_outside_the_sandbox_dir_are_not_writable(ext):
     # A host directory the sandbox does see (a private /tmp would hide one made under /tmp).
-    seen = Path(tempfile.mkdtemp(prefix=".sbx-stub-test-", dir=Path(__file__).parent))
+    seen = _visible_dir()
     os.chmod(seen, 0o755)  # readable by anyone (the sandbox's own uid, when root)
     try:
         outside = seen / "outside.txt"
@@ -172,7 +179,7 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="the manager runs as root
 @as_root
 def test_as_root_a_command_runs_unprivileged_and_cannot_read_root_only_host_files(ext):
     # A root-only file in a host directory the sandbox does see (not hidden, not under the private /tmp).
-    seen = Path(tempfile.mkdtemp(prefix=".sbx-stub-test-", dir=Path(__file__).parent))
+    seen = _visible_dir()
     os.chmod(seen, 0o755)  # the directory lets anyone in: only the file's own mode refuses
     try:
         secret = seen / "root-only.txt"
