@@ -16,7 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from sandboxer.errors import ProfileNotFound, SandboxerError
+from sandboxer.errors import CapabilityError, ProfileNotFound, SandboxerError
 from sandboxer.models import ExtensionManifest, Profile, SandboxCreateRequest, parse_duration
 
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
@@ -214,7 +214,7 @@ def profiles_explain(c: Ctx, slug: str, as_json: bool) -> None:
             verdict = "qualifies" if r["qualifies"] else "never chosen: it does not enforce " + ", ".join(r["lacks"])
             click.echo(f"  {r['backend']}: {verdict}")
     if not any(r["qualifies"] for r in rows):
-        raise click.ClickException(f"no backend of profile {slug!r} can keep its policy")
+        raise CapabilityError(f"no backend of profile {slug!r} can keep its policy")
 
 
 @cli.command()

@@ -75,6 +75,14 @@ class NetworkPolicy(_Strict):
     deny: list[str] = Field(default_factory=list, description="CIDRs never reached, whatever egress allows")
     expose: list[int] = Field(default_factory=list, description="ports the sandbox serves")
 
+    @field_validator("egress", mode="before")
+    @classmethod
+    def _egress_shape(cls, v: object) -> object:
+        if isinstance(v, str) and v not in ("none", "internet"):
+            raise ValueError(f"expected 'none', 'internet' or a list of destinations; to allow only {v!r}, "
+                             f"write [{v!r}]")
+        return v
+
     @field_validator("egress")
     @classmethod
     def _egress(cls, v: object) -> object:

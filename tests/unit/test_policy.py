@@ -49,7 +49,9 @@ def test_the_default_is_no_network_and_an_allow_list_says_what_it_needs():
 @pytest.mark.parametrize("network, message", [
     ("{egress: [not a host!]}", "'not a host!' is neither a CIDR, an IP address nor a domain"),
     ("{egress: []}", "field 'network.egress' (value []): an empty allow-list allows nothing: say 'none'"),
-    ("{egress: everything}", "field 'network.egress"),
+    ("{egress: everything}", "expected 'none', 'internet' or a list of destinations"),
+    ("{egress: '*.example.com'}", "field 'network.egress' (value '*.example.com'): expected 'none', 'internet' or a "
+                                  "list of destinations; to allow only '*.example.com', write ['*.example.com']"),
     ("{egress: internet, deny: [example.com]}", "'example.com' is not a CIDR or an IP address"),
     ("{expose: [0]}", "port 0 is not between 1 and 65535"),
 ])
@@ -160,7 +162,7 @@ def test_validate_warns_about_a_backend_that_can_never_qualify(cfg, home):
     explained = subprocess.run([sys.executable, "-m", "sandboxer", "--config", str(cfg.root), "--home", str(home),
                                 "profiles", "explain", "agent", "--json"], capture_output=True, text=True, env=env,
                                timeout=60)
-    assert explained.returncode == 1 and "no backend of profile 'agent' can keep its policy" in explained.stderr
+    assert explained.returncode == 1 and explained.stderr == "error: no backend of profile 'agent' can keep its policy\n"
     body = json.loads(explained.stdout)
     assert body["needs"] == ["network:none"]
     assert body["backends"] == [{"backend": "ext.open", "qualifies": False, "enforces": [], "lacks": ["network:none"],
