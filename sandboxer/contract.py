@@ -203,6 +203,20 @@ def checked(method: str, value: Any, *, backend: str, handle_cls: type[Handle] =
     return value
 
 
+def bound(ext: Any, method: str, what: str) -> Callable[..., Any]:
+    """``ext.<method>`` at the typed boundary: a stored handle argument becomes the backend's
+    ``Handle`` model, and the result is checked against the contract (a wrong type is a
+    BackendError naming the backend and the method). ``what`` names the call in errors."""
+    fn = getattr(ext, method)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if args and method in HANDLE_METHODS:
+            args = (load_handle(ext.Handle, args[0], what=what, backend=ext.id), *args[1:])
+        return checked(method, fn(*args, **kwargs), backend=ext.id, handle_cls=ext.Handle)
+
+    return call
+
+
 def translated(call: Callable[[], T], table: "ErrorTable | Callable[[Exception], SandboxerError | None]") -> T:
     """Run ``call``; a foreign exception becomes our error, raised *outside* the ``except`` block.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from sandboxer.contract import OwnedSandbox, dump
+from sandboxer.contract import OwnedSandbox, bound, dump
 from sandboxer.errors import BackendError, ConfigError, SandboxerError
 from sandboxer.extensions.base import SandboxExtension
 from sandboxer.models import CleanupReport
@@ -120,7 +120,7 @@ class GcMixin(_Base):
             if loaded is None or loaded.missing_extra or "list_owned" not in loaded.manifest.capabilities.features:
                 continue
             ext = loaded.instance(self.home, limits=self.limits)
-            asked.append((ext, self._caller.start(self._bound(ext, "list_owned", "list_owned"), self.owner_labels,
+            asked.append((ext, self._caller.start(bound(ext, "list_owned", "list_owned"), self.owner_labels,
                                                   what="list_owned", backend=ext.id)))
         for ext, call in asked:
             ext_id = ext.id
@@ -151,7 +151,7 @@ class GcMixin(_Base):
     def _same_resource(self, ext: SandboxExtension, row: dict[str, Any], item: OwnedSandbox) -> bool:
         if not row["handle"]:
             return True
-        ident = self._bound(ext, "handle_id", f"gc of sandbox {row['id']}")
+        ident = bound(ext, "handle_id", f"gc of sandbox {row['id']}")
         mine = ident(row["handle"])
         return mine is None or mine == ident(item.handle)
 
@@ -160,7 +160,7 @@ class GcMixin(_Base):
         sid = item.sandbox_id
         key = sid or repr(dump(item.handle))
         if duplicate_of is not None:
-            key = f"{sid} (duplicate {self._bound(ext, 'handle_id', 'gc')(item.handle)})"
+            key = f"{sid} (duplicate {bound(ext, 'handle_id', 'gc')(item.handle)})"
         try:
             self._teardown_call(ext, sid or "?", item.handle)
         except Exception as exc:  # noqa: BLE001 - recorded, retried next gc

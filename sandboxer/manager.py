@@ -23,8 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from sandboxer.contract import (HANDLE_METHODS, Handle, OwnedSandbox, ProvisionRequest, TeardownReport, checked, dump,
-                                load_handle)
+from sandboxer.contract import Handle, OwnedSandbox, ProvisionRequest, TeardownReport, bound, checked, dump
 from sandboxer.deadline import Caller, CallLimits
 from sandboxer.errors import (
     AuthError,
@@ -125,22 +124,8 @@ class Manager(SnapshotsMixin, GcMixin):
         Raises:
             ExtensionTimeout: it did not return within ``timeout`` seconds and was abandoned.
         """
-        return self._caller.call(self._bound(ext, method, what), *args, timeout=timeout, what=what,
+        return self._caller.call(bound(ext, method, what), *args, timeout=timeout, what=what,
                                  backend=ext.id, late=late, **kwargs)
-
-    @staticmethod
-    def _bound(ext: SandboxExtension, method: str, what: str) -> Callable[..., Any]:
-        """``ext.<method>`` at the typed boundary: a stored handle argument becomes the backend's
-        ``Handle`` model, and the result is checked against the contract (a wrong type is a
-        BackendError naming the backend and the method)."""
-        fn = getattr(ext, method)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if args and method in HANDLE_METHODS:
-                args = (load_handle(ext.Handle, args[0], what=what, backend=ext.id), *args[1:])
-            return checked(method, fn(*args, **kwargs), backend=ext.id, handle_cls=ext.Handle)
-
-        return call
 
     def _pricing(self, ext_id: str) -> Pricing | None:
         loaded = self.catalog.extensions.get(ext_id)
@@ -574,7 +559,7 @@ class Manager(SnapshotsMixin, GcMixin):
     def _late_handle(self, ext: SandboxExtension, sandbox_id: str, handle: Handle) -> None:
         """A provision abandoned at its deadline returned after all: undo what it made."""
         try:
-            self._bound(ext, "teardown", f"teardown of sandbox {sandbox_id}")(handle)
+            bound(ext, "teardown", f"teardown of sandbox {sandbox_id}")(handle)
         except Exception as exc:  # noqa: BLE001 - gc's list_owned finds it
             log.warning("could not tear down what the abandoned provision of %s made late: %s", sandbox_id, exc)
             return
@@ -673,7 +658,7 @@ class Manager(SnapshotsMixin, GcMixin):
         deadline = limit + self.limits.exec_grace if limit else self.limits.exec
         # the command's own timeout is a keyword of exec: hand the call over as a closure
         what = f"exec in sandbox {sandbox_id}"
-        run = self._bound(ext, "exec", what)
+        run = bound(ext, "exec", what)
         return self._caller.call(lambda: run(row["handle"], list(argv), **kwargs), timeout=deadline,
                                  what=what, backend=ext.id)
 
