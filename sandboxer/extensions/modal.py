@@ -426,9 +426,8 @@ class ModalExtension(SandboxExtension):
     # -------------------------------------------------------------- required
 
     def options(self, profile: Profile) -> ModalOptions:
-        """The profile's options with the network its policy allows: blocked for ``network.egress:
-        none`` (and for any egress when ``block_network`` says so); an allow-list is
-        :meth:`_network_args`'s."""
+        """The profile's options, the network blocked for ``network.egress: none`` (for any egress if
+        ``block_network`` says so); an allow-list is :meth:`_network_args`'s."""
         opts = super().options(profile)
         if profile.network.egress == "none":
             return opts.model_copy(update={"block_network": True})
@@ -440,8 +439,7 @@ class ModalExtension(SandboxExtension):
         allow = profile.network.allow
         if opts.block_network or not allow:
             return {"block_network": opts.block_network}
-        return {"block_network": False,
-                "outbound_cidr_allowlist": [e for e in allow if not is_domain(e)],
+        return {"block_network": False, "outbound_cidr_allowlist": [e for e in allow if not is_domain(e)],
                 "outbound_domain_allowlist": [e for e in allow if is_domain(e)]}
 
     @classmethod
