@@ -26,6 +26,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import importlib
+import ipaddress
 import logging
 import re
 import secrets
@@ -64,6 +65,7 @@ from sandboxer.execution import (
 )
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration
+from sandboxer.policy import NetworkPolicy, is_domain
 from sandboxer.poll import poll
 from sandboxer.secrets import SecretRef, redact
 
@@ -226,8 +228,15 @@ class E2BExtension(SandboxExtension):
     Config: ClassVar[type[BaseModel]] = E2BConfig
     ProfileOptions: ClassVar[type[BaseModel]] = E2BOptions
     features: ClassVar[frozenset[str]] = frozenset({"exec", "snapshots", "metering", "list_owned"})
-    # none: allow_internet_access=False (E2B denies all outbound traffic, 0.0.0.0/0)
-    enforces: ClassVar[frozenset[str]] = frozenset({"network:none", "network:internet"})
+    # What e2b 2.63 sends and E2B documents (see _network_args for the mapping):
+    # none: allow_internet_access=False, "it works the same as setting network `deny_out` to `[0.0.0.0/0]`";
+    # allow-lists: network.allow_out, "a CIDR block (e.g. "8.8.8.8/32"), a bare IP address (e.g.
+    #   "8.8.8.8"), or a domain name (e.g. "example.com", "*.example.com")", with deny_out [0.0.0.0/0]
+    #   ("If allow_out is not specified, all outbound traffic is allowed");
+    # deny-list: network.deny_out, "List of denied CIDR blocks or IP addresses for egress traffic".
+    enforces: ClassVar[frozenset[str]] = frozenset({
+        "network:none", "network:internet", "network:cidr-allowlist", "network:domain-allowlist",
+        "network:cidr-denylist"})
     requires: ClassVar[tuple[str, str] | None] = ("e2b", "e2b")
     Handle = E2BHandle
 
@@ -412,12 +421,46 @@ class E2BExtension(SandboxExtension):
         return max(1, int(round(ttl))), False
 
     def options(self, profile: Profile) -> E2BOptions:
-        """The profile's options with the network its policy allows: outbound traffic only for
-        ``network.egress: internet``, and only if ``allow_internet_access`` (when given) does not narrow it."""
+        """The profile's options with the network its policy allows: ``allow_internet_access`` is
+        True only for ``network.egress: internet``, False for ``none`` or when the option narrows the
+        policy to none, and None (left to the allow-list) for an allow-list."""
         opts = super().options(profile)
-        allowed = profile.network.egress == "internet"
-        wanted = opts.allow_internet_access if opts.allow_internet_access is not None else allowed
-        return opts.model_copy(update={"allow_internet_access": allowed and wanted})
+        egress = profile.network.egress
+        if egress == "none" or opts.allow_internet_access is False:
+            access: bool | None = False
+        else:
+            access = True if egress == "internet" else None
+        return opts.model_copy(update={"allow_internet_access": access})
+
+    def _network_args(self, profile: Profile, opts: E2BOptions) -> dict[str, Any]:
+        """``Sandbox.create``'s ``allow_internet_access`` and ``network`` for the profile's policy.
+
+        E2B: "Allowed entries always take precedence over denied entries", so a deny-list cannot
+        be sent beside an allow-list: the denied CIDRs are cut out of the allowed ones instead,
+        and a deny-list beside an allowed domain (which may resolve into it) is refused.
+
+        Raises:
+            ProvisionError: the policy allows domains and denies CIDRs (not transient).
+        """
+        policy: NetworkPolicy = profile.network
+        if opts.allow_internet_access is False:
+            return {"allow_internet_access": False}
+        if opts.allow_internet_access:
+            return {"allow_internet_access": True, **({"network": {"deny_out": list(policy.deny)}} if policy.deny
+                                                      else {})}
+        domains = [e for e in policy.allow if is_domain(e)]
+        if domains and policy.deny:
+            raise ProvisionError(
+                f"{self.id}: profile {profile.slug!r}: network.deny cannot be kept with domain names in "
+                f"network.egress ({', '.join(domains)}): E2B lets an allowed domain through whatever deny_out says "
+                "(allowed entries take precedence); allow addresses or CIDRs instead of those domains, or drop "
+                "network.deny", transient=False, backend=self.id)
+        cidrs = _without([e for e in policy.allow if not is_domain(e)], policy.deny)
+        if not cidrs and not domains:
+            return {"allow_internet_access": False}  # the deny-list takes away all that was allowed
+        all_traffic = importlib.import_module("e2b.sandbox.network").ALL_TRAFFIC
+        return {"allow_internet_access": None,
+                "network": {"allow_out": sorted(cidrs + domains), "deny_out": [all_traffic]}}
 
     @classmethod
     def policy_conflicts(cls, profile: Profile, options: BaseModel) -> list[tuple[str, str]]:
@@ -439,6 +482,7 @@ class E2BExtension(SandboxExtension):
         tags["sandboxer.sandbox_id"] = sandbox_id
         consumer = tags.get("sandboxer.consumer")
         timeout, clamped = self._ttl(request)
+        network = self._network_args(request.profile, opts)
         sdk = _sdk()
         started = time.time()
         e2b_id = self._call("create", lambda sdk_opts: sdk.Sandbox.create(
@@ -446,7 +490,7 @@ class E2BExtension(SandboxExtension):
             timeout=timeout,
             metadata=tags,
             envs=dict(opts.envs) or None,
-            allow_internet_access=opts.allow_internet_access,
+            **network,
             idempotency_key=_idempotency_key(sandbox_id),
             **sdk_opts,
         ).sandbox_id, consumer=consumer, fallback=ProvisionError)
@@ -723,6 +767,21 @@ class E2BExtension(SandboxExtension):
             "end_at": _iso(info.end_at),
             "state": str(getattr(info.state, "value", info.state)),
         }
+
+
+def _without(allowed: list[str], denied: list[str]) -> list[str]:
+    """The CIDRs ``allowed`` with every address of ``denied`` taken out (collapsed, as strings)."""
+    nets: list[Any] = [ipaddress.ip_network(a) for a in allowed]
+    for d in (ipaddress.ip_network(x) for x in denied):
+        out: list[Any] = []
+        for n in nets:
+            if n.version != d.version or not n.overlaps(d):
+                out.append(n)
+            elif not n.subnet_of(d):
+                out.extend(n.address_exclude(d))
+        nets = out
+    return [str(n) for version in (4, 6)
+            for n in ipaddress.collapse_addresses(n for n in nets if n.version == version)]
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -68,6 +68,7 @@ from sandboxer.execution import (
 )
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration
+from sandboxer.policy import is_domain
 from sandboxer.secrets import SecretRef, redact
 
 log = logging.getLogger(__name__)
@@ -203,8 +204,13 @@ class ModalExtension(SandboxExtension):
     Config: ClassVar[type[BaseModel]] = ModalConfig
     ProfileOptions: ClassVar[type[BaseModel]] = ModalOptions
     features: ClassVar[frozenset[str]] = frozenset({"exec", "snapshots", "metering", "list_owned"})
-    # none: block_network=True (Modal gives the sandbox no network interface to the outside)
-    enforces: ClassVar[frozenset[str]] = frozenset({"network:none", "network:internet"})
+    # What modal 1.6.4's Sandbox.create sends (as the definition's network_access) and documents:
+    # none: block_network=True, "Whether to block network access";
+    # allow-lists: outbound_cidr_allowlist, "List of CIDRs the sandbox is allowed to access", and
+    #   outbound_domain_allowlist, "List of domain names the sandbox is allowed to access. Supports
+    #   wildcard prefixes (``*.``)". Modal has no deny-list: network:cidr-denylist is not kept.
+    enforces: ClassVar[frozenset[str]] = frozenset({
+        "network:none", "network:internet", "network:cidr-allowlist", "network:domain-allowlist"})
     requires: ClassVar[tuple[str, str] | None] = ("modal", "modal")
     Handle = ModalHandle
 
@@ -420,17 +426,27 @@ class ModalExtension(SandboxExtension):
     # -------------------------------------------------------------- required
 
     def options(self, profile: Profile) -> ModalOptions:
-        """The profile's options with the network its policy allows: blocked unless
-        ``network.egress: internet`` (and then blocked still if ``block_network`` says so)."""
+        """The profile's options, the network blocked for ``network.egress: none`` (for any egress if
+        ``block_network`` says so); an allow-list is :meth:`_network_args`'s."""
         opts = super().options(profile)
-        if profile.network.egress != "internet":
+        if profile.network.egress == "none":
             return opts.model_copy(update={"block_network": True})
         return opts
 
+    @staticmethod
+    def _network_args(profile: Profile, opts: ModalOptions) -> dict[str, Any]:
+        """``Sandbox.create``'s network arguments for the profile's policy (after :meth:`options`)."""
+        allow = profile.network.allow
+        if opts.block_network or not allow:
+            return {"block_network": opts.block_network}
+        return {"block_network": False, "outbound_cidr_allowlist": [e for e in allow if not is_domain(e)],
+                "outbound_domain_allowlist": [e for e in allow if is_domain(e)]}
+
     @classmethod
     def policy_conflicts(cls, profile: Profile, options: BaseModel) -> list[tuple[str, str]]:
+        # block_network: false beside an allow-list widens nothing: the allow-list still applies
         if "block_network" in options.model_fields_set and not getattr(options, "block_network", True) \
-                and profile.network.egress != "internet":
+                and profile.network.egress == "none":
             return [("block_network", "network.egress")]
         return []
 
@@ -467,6 +483,7 @@ class ModalExtension(SandboxExtension):
         if not isinstance(image_ref, str):
             raise InputError(f"{self.id}: input 'image' must be a string, got {image_ref!r}")
         idle = opts.idle_timeout if opts.idle_timeout is not None else self.config.idle_timeout
+        network = self._network_args(profile, opts)
 
         modal = self._sdk()
         probe = opts.readiness_probe
@@ -485,7 +502,7 @@ class ModalExtension(SandboxExtension):
                 app=app, image=image, timeout=int(math.ceil(ttl)),
                 idle_timeout=int(math.ceil(idle)) if idle else None,
                 cpu=cpu, memory=memory, tags=tags or None, env=env or None,
-                region=opts.region, block_network=opts.block_network, workdir=opts.workdir,
+                region=opts.region, workdir=opts.workdir, **network,
                 readiness_probe=readiness, client=client,
             )
             with self._lock:

@@ -15,7 +15,8 @@ A "sandbox" is a scratch directory: commands run as real local processes in
 it, and a snapshot is a copy of it, so a file written before a snapshot is
 there after a restore. A command's cwd is honoured as the SDK sends it: a path
 the box's own commands reported (a host path inside its directory) is that
-directory, any other absolute path is taken from the box's directory. Each API key is its own team: a key sees only the
+directory, any other absolute path is taken from the box's directory. The network a create asks for (``allow_internet_access``,
+``network.allowOut`` / ``denyOut``) is recorded on the box as sent. Each API key is its own team: a key sees only the
 sandboxes it created. Every process of a box carries ``E2B_STANDIN_BOX=<id>``
 in its environment (see tests/cloud/procs.py): killing the box kills them all,
 as a microVM going away would.
@@ -94,6 +95,10 @@ class Box:
     cpu: int = 2
     memory_mb: int = 512
     procs: dict[int, subprocess.Popen] = field(default_factory=dict)
+    #: the create body's ``allow_internet_access`` as sent (None: the SDK left it out)
+    allow_internet_access: bool | None = None
+    #: the create body's ``network`` as sent (``allowOut``, ``denyOut``...; {} when left out)
+    network: dict[str, Any] = field(default_factory=dict)
 
     def summary(self, client_id: str = "standin") -> dict[str, Any]:
         return {
@@ -398,6 +403,7 @@ class E2BStandIn:
             id=sid, team=key, template=template, metadata=dict(body.get("metadata") or {}),
             env=dict(body.get("envVars") or {}), workdir=workdir, token=secrets.token_hex(16),
             started_at=now, end_at=now + timeout, ready_at=now + self.boot_delay,
+            allow_internet_access=body.get("allow_internet_access"), network=dict(body.get("network") or {}),
         )
         self.boxes[sid] = box
         self._ids.add(sid)

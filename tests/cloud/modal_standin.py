@@ -21,7 +21,8 @@ only to it (what it forked lives on in the sandbox).
 Each token id is its own workspace (it sees only the apps and sandboxes it
 made) unless :attr:`ModalStandIn.workspaces` maps it to another token id's.
 
-Every call is recorded in :attr:`ModalStandIn.calls`. Any RPC the stand-in
+Every call is recorded in :attr:`ModalStandIn.calls`; a sandbox's :attr:`Sbx.network` is the
+outbound network its create sent. Any RPC the stand-in
 does not implement is recorded in :attr:`ModalStandIn.unimplemented` and
 answered UNIMPLEMENTED; the test fixture fails on it, so an SDK upgrade that
 changes the wire shows up at once. Faults are scripted per RPC with
@@ -105,6 +106,18 @@ class Sbx:
     status: int = 0  # GenericResult status; 0 = running
     finished_at: float | None = None
     execs: dict[str, Exec] = field(default_factory=dict)
+
+    @property
+    def network(self) -> dict[str, Any]:
+        """The outbound network the create asked for, as sent: the definition's ``network_access``
+        (``BLOCKED``, ``OPEN`` or ``ALLOWLIST`` with its CIDRs and domains) and the legacy
+        ``block_network`` field (which SDK 1.6 leaves False: it sends ``network_access``)."""
+        access = self.definition.network_access
+        return {
+            "type": api_pb2.NetworkAccess.NetworkAccessType.Name(access.network_access_type),
+            "cidrs": list(access.allowed_cidrs), "domains": list(access.allowed_domains),
+            "block_network": self.definition.block_network,
+        }
 
 
 class ModalStandIn:

@@ -95,7 +95,9 @@ def test_the_builtins_declare_only_what_they_keep():
     assert got == {
         "ext.compose-ssh": ["network:internet"], "ext.vm-packer": ["network:internet"],
         "ext.docker": ["network:internet", "network:none"], "ext.local": ["network:internet", "network:none"],
-        "ext.e2b": ["network:internet", "network:none"], "ext.modal": ["network:internet", "network:none"],
+        "ext.e2b": ["network:cidr-allowlist", "network:cidr-denylist", "network:domain-allowlist", "network:internet",
+                    "network:none"],
+        "ext.modal": ["network:cidr-allowlist", "network:domain-allowlist", "network:internet", "network:none"],
         "ext.saas-stub": ["network:none"],
     }
     assert cat.warnings == []  # every built-in profile has a backend that can keep its policy

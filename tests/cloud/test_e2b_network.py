@@ -1,0 +1,101 @@
+"""ext.e2b keeps the profile's network policy: what the unmodified SDK sends on create, per policy.
+
+The stand-in records the create body's ``allow_internet_access`` and ``network`` as they
+arrived on the wire; nothing in the SDK is mocked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+pytest.importorskip("e2b", reason="the e2b extra is not installed: pip install 'sand-boxer[e2b]'")
+
+from sandboxer.errors import ProvisionError  # noqa: E402
+from sandboxer.loader import load_catalog  # noqa: E402
+from sandboxer.testing import request  # noqa: E402
+
+from tests.cloud.conftest_e2b import config_dir, inputs, sentinel, standin  # noqa: E402,F401 - fixtures
+from tests.cloud.e2b_standin import E2BStandIn  # noqa: E402
+
+
+@pytest.fixture
+def create(config_dir, standin: E2BStandIn):
+    """Create a sandbox under a profile with this ``network`` (and ``options``); the box as E2B got it."""
+
+    def make(network: dict[str, Any] | None = None, **options: Any):
+        cfg = config_dir()
+        path = cfg / "profiles" / "profile.test-e2b.yaml"
+        profile = yaml.safe_load(path.read_text())
+        profile["options"].update(options)
+        if network is not None:
+            profile["network"] = network
+        path.write_text(yaml.safe_dump(profile))
+        catalog = load_catalog([cfg], builtins=False)
+        ext = catalog.extensions["ext.test-e2b"].instance()
+        handle = ext.provision(request(catalog.profiles["test-e2b"], inputs("sbx-net"), None))
+        return standin.boxes[handle.e2b_sandbox_id]
+
+    return make
+
+
+def test_the_default_policy_sends_no_internet_access(create):
+    box = create()
+    assert (box.allow_internet_access, box.network) == (False, {})
+
+
+def test_egress_internet_sends_internet_access(create):
+    box = create({"egress": "internet"})
+    assert (box.allow_internet_access, box.network) == (True, {})
+
+
+def test_an_option_that_narrows_internet_to_none_is_kept(create):
+    box = create({"egress": "internet"}, allow_internet_access=False)
+    assert (box.allow_internet_access, box.network) == (False, {})
+
+
+def test_a_cidr_allow_list_allows_only_it_and_denies_all_other_traffic(create):
+    box = create({"egress": ["10.1.0.0/16", "192.0.2.7"]})
+    assert box.allow_internet_access is None
+    assert box.network == {"allowOut": ["10.1.0.0/16", "192.0.2.7/32"], "denyOut": ["0.0.0.0/0"]}
+
+
+def test_a_domain_allow_list_is_sent_as_domains(create):
+    box = create({"egress": ["api.example.com", "*.pypi.org", "198.51.100.0/24"]})
+    assert box.allow_internet_access is None
+    assert box.network == {"allowOut": ["*.pypi.org", "198.51.100.0/24", "api.example.com"],
+                           "denyOut": ["0.0.0.0/0"]}
+
+
+def test_an_option_that_narrows_an_allow_list_to_none_sends_no_network(create):
+    box = create({"egress": ["api.example.com"]}, allow_internet_access=False)
+    assert (box.allow_internet_access, box.network) == (False, {})
+
+
+def test_a_deny_list_with_internet_is_sent_as_deny_out(create):
+    box = create({"egress": "internet", "deny": ["10.0.0.0/8", "169.254.169.254"]})
+    assert box.allow_internet_access is True
+    assert box.network == {"denyOut": ["10.0.0.0/8", "169.254.169.254/32"]}
+
+
+def test_a_deny_list_inside_a_cidr_allow_list_is_cut_out_of_it(create):
+    # E2B: "Allowed entries always take precedence over denied entries", so the denied part
+    # is taken out of what is allowed rather than sent as a deny_out E2B would not apply.
+    box = create({"egress": ["10.0.0.0/8", "192.0.2.0/24"], "deny": ["10.128.0.0/9", "192.0.2.0/24"]})
+    assert box.network == {"allowOut": ["10.0.0.0/9"], "denyOut": ["0.0.0.0/0"]}
+
+
+def test_a_deny_list_that_denies_all_that_is_allowed_sends_no_network(create):
+    box = create({"egress": ["10.1.0.0/16"], "deny": ["10.0.0.0/8"]})
+    assert (box.allow_internet_access, box.network) == (False, {})
+
+
+def test_a_deny_list_with_domains_allowed_is_refused_before_any_request(create, standin: E2BStandIn):
+    with pytest.raises(ProvisionError) as err:
+        create({"egress": ["api.example.com"], "deny": ["10.0.0.0/8"]})
+    assert not err.value.transient
+    assert ("network.deny cannot be kept with domain names in network.egress (api.example.com): E2B lets an allowed "
+            "domain through whatever deny_out says") in str(err.value)
+    assert [c for c in standin.calls if c["path"] == "/v2/sandboxes"] == []
