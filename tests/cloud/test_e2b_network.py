@@ -9,13 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import yaml
 
 pytest.importorskip("e2b", reason="the e2b extra is not installed: pip install 'sand-boxer[e2b]'")
 
 from sandboxer.errors import ProvisionError  # noqa: E402
 from sandboxer.loader import load_catalog  # noqa: E402
 from sandboxer.testing import request  # noqa: E402
+from tests.support.profiles import set_policy  # noqa: E402
 
 from tests.cloud.conftest_e2b import config_dir, inputs, sentinel, standin  # noqa: E402,F401 - fixtures
 from tests.cloud.e2b_standin import E2BStandIn  # noqa: E402
@@ -27,12 +27,7 @@ def create(config_dir, standin: E2BStandIn):
 
     def make(network: dict[str, Any] | None = None, **options: Any):
         cfg = config_dir()
-        path = cfg / "profiles" / "profile.test-e2b.yaml"
-        profile = yaml.safe_load(path.read_text())
-        profile["options"].update(options)
-        if network is not None:
-            profile["network"] = network
-        path.write_text(yaml.safe_dump(profile))
+        set_policy(cfg / "profiles" / "profile.test-e2b.yaml", network, **options)
         catalog = load_catalog([cfg], builtins=False)
         ext = catalog.extensions["ext.test-e2b"].instance()
         handle = ext.provision(request(catalog.profiles["test-e2b"], inputs("sbx-net"), None))

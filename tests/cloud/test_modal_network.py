@@ -11,13 +11,13 @@ import os
 from typing import Any
 
 import pytest
-import yaml
 
 os.environ.setdefault("MODAL_CONFIG_PATH", "/nonexistent/sandboxer-tests/modal.toml")
 pytest.importorskip("modal", reason="the modal extra is not installed (pip install 'sand-boxer[modal]')")
 
 from sandboxer.errors import ProfileError  # noqa: E402
 from sandboxer.testing import request  # noqa: E402
+from tests.support.profiles import set_policy  # noqa: E402
 from tests.cloud.test_modal import inputs, load, standin, tokens, write_config  # noqa: E402,F401 - fixtures
 
 
@@ -27,12 +27,7 @@ def create(tmp_path, standin, tokens):
 
     def make(network: dict[str, Any] | None = None, **options: Any) -> dict[str, Any]:
         cfg = write_config(tmp_path / "cfg", standin.url)
-        path = cfg / "profiles" / "profile.test-modal.yaml"
-        profile = yaml.safe_load(path.read_text())
-        profile["options"].update(options)
-        if network is not None:
-            profile["network"] = network
-        path.write_text(yaml.safe_dump(profile))
+        set_policy(cfg / "profiles" / "profile.test-modal.yaml", network, **options)
         ext, prof = load(cfg)
         handle = ext.provision(request(prof, inputs("sbx-net"), None))
         return standin.sandboxes[handle.object_id].network
