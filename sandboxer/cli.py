@@ -149,6 +149,7 @@ def extensions_list(c: Ctx, as_json: bool) -> None:
     rows = [{"id": e.manifest.id, "title": e.manifest.title, "version": e.manifest.version,
              "isolation": e.manifest.capabilities.isolation_levels, "pricing": e.manifest.capabilities.pricing_model,
              "features": e.manifest.capabilities.features, "enforces": sorted(e.enforces),
+             "unavailable_here": e.unavailable,
              "available": e.missing_extra is None,
              "source": str(e.source), "config_overrides": [str(p) for p in e.config_overrides]}
             for e in cat.extensions.values()]
@@ -164,6 +165,8 @@ def extensions_list(c: Ctx, as_json: bool) -> None:
     for r in rows:  # below the table: a path in a cell would wrap
         for path in r["config_overrides"]:
             click.echo(f"{r['id']}: config overridden by {path}")
+        for what, why in r["unavailable_here"].items():
+            click.echo(f"{r['id']}: does not enforce {what} on this host: {why}")
 
 
 @cli.group("profiles")
@@ -192,7 +195,7 @@ def profiles_list(c: Ctx, as_json: bool) -> None:
 @pass_ctx
 def profiles_explain(c: Ctx, slug: str, as_json: bool) -> None:
     """What PROFILE's policy needs, and for each backend what it will enforce and what it lacks."""
-    from sandboxer.policy import ENFORCEMENTS, lacking
+    from sandboxer.policy import ENFORCEMENTS, describe_lacking, lacking
 
     cat = c.catalog()
     prof = cat.profiles.get(slug)
@@ -204,14 +207,16 @@ def profiles_explain(c: Ctx, slug: str, as_json: bool) -> None:
         ext = cat.extensions[ch.extension]
         lacks = lacking(need, ext.enforces)
         rows.append({"backend": ch.extension, "qualifies": not lacks, "enforces": [e for e in need if e not in lacks],
-                     "lacks": lacks, "keeps_besides": sorted(ext.enforces - set(need))})
+                     "lacks": lacks, "keeps_besides": sorted(ext.enforces - set(need)),
+                     "unavailable_here": {e: why for e, why in ext.unavailable.items() if e in lacks}})
     if as_json:
         _emit_json({"profile": slug, "policy": prof.policy(), "needs": need, "backends": rows})
     else:
         click.echo(f"profile {slug}: {_describe_policy(prof.policy())}")
         click.echo("needs: " + "; ".join(f"{e} ({ENFORCEMENTS[e]})" for e in need))
         for r in rows:
-            verdict = "qualifies" if r["qualifies"] else "never chosen: it does not enforce " + ", ".join(r["lacks"])
+            verdict = ("qualifies" if r["qualifies"] else "never chosen: it does not enforce "
+                       + describe_lacking(r["lacks"], r["unavailable_here"]))
             click.echo(f"  {r['backend']}: {verdict}")
     if not any(r["qualifies"] for r in rows):
         raise CapabilityError(f"no backend of profile {slug!r} can keep its policy")

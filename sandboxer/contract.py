@@ -82,6 +82,8 @@ class Reachability(BaseModel):
     address: str | None = Field(default=None, description="host or IP to connect to")
     ssh: str | None = Field(default=None, description="an ssh command line that reaches it")
     url: str | None = None
+    urls: dict[str, str] = Field(default_factory=dict,
+                                 description="port -> the URL that reaches it, for each port of network.expose")
 
 
 class TeardownReport(BaseModel):

@@ -34,7 +34,7 @@ from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension, check_f
 from sandboxer.deadline import CallLimits
 from sandboxer.extensions.registry import builtin_modules, resolve_handler
 from sandboxer.models import ExtensionManifest, Profile, Settings
-from sandboxer.policy import ENFORCEMENTS, lacking
+from sandboxer.policy import ENFORCEMENTS, describe_lacking, lacking
 
 _PKG_DIR = Path(__file__).resolve().parent
 
@@ -190,6 +190,8 @@ class HandlerInfo:
     secret_envs: tuple[str, ...] = ()
     #: the parts of the sandbox policy it keeps: the manifest's ``capabilities.enforces``, else the class's
     enforces: frozenset[str] = frozenset()
+    #: the parts it would keep but this host cannot (taken out of ``enforces``), each with why
+    unavailable: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, handler: type[SandboxExtension], config: BaseModel,
@@ -197,24 +199,27 @@ class HandlerInfo:
         from sandboxer.secrets import secret_env_names
 
         declared = manifest.capabilities.enforces if manifest is not None else None
+        keeps = frozenset(handler.enforces if declared is None else declared)
+        missing = {k: v for k, v in handler.unavailable(config).items() if k in keeps}
         return cls(name=f"{handler.__module__}:{handler.__qualname__}", features=frozenset(handler.features),
                    exclusive_inputs=tuple(frozenset(g) for g in handler.exclusive_inputs),
                    names_resources=handler.resource_names is not SandboxExtension.resource_names,
                    secret_envs=tuple(secret_env_names(config)),
-                   enforces=frozenset(handler.enforces if declared is None else declared))
+                   enforces=keeps - missing.keys(), unavailable=missing)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "features": sorted(self.features),
                 "exclusive_inputs": [sorted(g) for g in self.exclusive_inputs],
                 "names_resources": self.names_resources, "secret_envs": list(self.secret_envs),
-                "enforces": sorted(self.enforces)}
+                "enforces": sorted(self.enforces), "unavailable": dict(self.unavailable)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "HandlerInfo":
         return cls(name=str(data["name"]), features=frozenset(data["features"]),
                    exclusive_inputs=tuple(frozenset(g) for g in data["exclusive_inputs"]),
                    names_resources=bool(data["names_resources"]), secret_envs=tuple(data["secret_envs"]),
-                   enforces=frozenset(data.get("enforces") or ()))
+                   enforces=frozenset(data.get("enforces") or ()),
+                   unavailable={str(k): str(v) for k, v in (data.get("unavailable") or {}).items()})
 
 
 @dataclass
@@ -242,6 +247,11 @@ class LoadedExtension:
     def enforces(self) -> frozenset[str]:
         """The parts of the sandbox policy this extension keeps (see :mod:`sandboxer.policy`)."""
         return self.info.enforces if self.info is not None else frozenset()
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        """What it would enforce but this host cannot, each with why (not in :attr:`enforces`)."""
+        return self.info.unavailable if self.info is not None else {}
 
     @property
     def runtime(self) -> str:
@@ -586,11 +596,12 @@ def _never_qualifies(path: Path, profile: Profile, extensions: dict[str, LoadedE
     need = profile.enforcements()
     out = []
     for i, choice in enumerate(profile.candidates):
-        missing = lacking(need, extensions[choice.extension].enforces)
+        ext = extensions[choice.extension]
+        missing = lacking(need, ext.enforces)
         if missing:
             field_name = "extension" if profile.backends is None else f"backends.{i}.extension"
             out.append(f"{path}: field {field_name!r} (value {choice.extension!r}): it can never run this profile's "
-                       f"sandboxes: it does not enforce {', '.join(missing)} (the profile's policy needs "
+                       f"sandboxes: it does not enforce {describe_lacking(missing, ext.unavailable)} (the profile's policy needs "
                        f"{', '.join(need)}); `sandboxer profiles explain {profile.slug}` says more")
     return out
 

@@ -329,6 +329,7 @@ class Manager(SnapshotsMixin, GcMixin):
             check_budget=(lambda q: self.metering.check_budget(req.consumer, q)) if budgeted else None,
             credential_key=lambda i: self._credential_key(profile.candidates[i].extension, req.consumer),
             enforces=lambda i: self.catalog.extensions[profile.candidates[i].extension].enforces,
+            why_not=lambda i: self.catalog.extensions[profile.candidates[i].extension].unavailable,
         )
         placements = plan.placements
         pos = 0

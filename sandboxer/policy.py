@@ -168,6 +168,12 @@ def required(network: NetworkPolicy, secrets: Iterable[str] = (), gpu: GpuReques
     return [e for e in ENFORCEMENTS if e in need]
 
 
+def describe_lacking(lacks: Iterable[str], why: dict[str, str] | None = None) -> str:
+    """``network:cidr-allowlist (on this host: needs root), expose``: what is lacking, and why where known."""
+    why = why or {}
+    return ", ".join(f"{e} (on this host: {why[e]})" if e in why else e for e in lacks)
+
+
 def lacking(need: Iterable[str], enforces: Iterable[str]) -> list[str]:
     """Which of ``need`` a backend that declares ``enforces`` cannot keep."""
     have = set(enforces)

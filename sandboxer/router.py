@@ -42,7 +42,7 @@ from sandboxer.errors import (
     TeardownError,
 )
 from sandboxer.models import MeterQuote, Profile
-from sandboxer.policy import lacking
+from sandboxer.policy import describe_lacking, lacking
 
 #: How long a credential is skipped after a backend refused it.
 AUTH_COOLDOWN_S = 300.0
@@ -153,6 +153,7 @@ class Router:
         check_budget: Callable[[MeterQuote], None] | None = None,
         credential_key: Callable[[int], str | None] = lambda i: None,
         enforces: Callable[[int], frozenset[str]] | None = None,
+        why_not: Callable[[int], dict[str, str]] = lambda i: {},
     ) -> Plan:
         """The placements to try for ``profile``, in policy order.
 
@@ -167,6 +168,8 @@ class Router:
             enforces: backend index -> the parts of the sandbox policy it keeps; a backend
                 that lacks one the profile needs is skipped, the reason in the attempts
                 (None: every backend qualifies).
+            why_not: backend index -> what it would enforce but its host cannot, each with why
+                (for the reason in the attempts).
 
         Raises:
             CapabilityError: a one-backend profile's backend cannot keep its policy.
@@ -183,7 +186,7 @@ class Router:
                 lacks = lacking(need, enforces(index))  # type: ignore[misc]
                 if lacks:
                     exc = CapabilityError(
-                        f"{ext_id} does not enforce {', '.join(lacks)}, which the policy of profile "
+                        f"{ext_id} does not enforce {describe_lacking(lacks, why_not(index))}, which the policy of profile "
                         f"{profile.slug!r} needs ({profile.network.describe()})")
                     if single:
                         raise exc

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from sandboxer.errors import CapabilityError, CapacityUnavailable, InputError, SnapshotError, SnapshotNotFound
 from sandboxer.models import SandboxStatus, SnapshotMeta
-from sandboxer.policy import lacking
+from sandboxer.policy import describe_lacking, lacking
 from sandboxer.records import short, snapshot_meta
 from sandboxer.state import OverCapacity
 
@@ -85,10 +85,11 @@ class SnapshotsMixin(_Base):
         ext = self.extension(meta.extension)
         if not ext.supports_snapshots():
             raise CapabilityError(f"{ext.id} does not support snapshots")
-        lacks = lacking(prof.enforcements(), self.catalog.extensions[meta.extension].enforces)
+        loaded = self.catalog.extensions[meta.extension]
+        lacks = lacking(prof.enforcements(), loaded.enforces)
         if lacks:  # a restore is placed on the snapshot's backend only: it must keep the policy too
             raise CapabilityError(f"cannot restore {snapshot_id} under profile {prof.slug!r}: {meta.extension} does not "
-                                  f"enforce {', '.join(lacks)}, which its policy needs ({prof.network.describe()})")
+                                  f"enforce {describe_lacking(lacks, loaded.unavailable)}, which its policy needs ({prof.network.describe()})")
         given = {**meta.inputs, **(inputs or {})}
         merged = self._check_inputs(prof, given)
         ttl_s = self._ttl(prof, ttl)

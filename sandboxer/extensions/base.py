@@ -192,6 +192,19 @@ class SandboxExtension(abc.ABC):
         return []
 
     @classmethod
+    def unavailable(cls, config: BaseModel) -> dict[str, str]:
+        """The parts of :attr:`enforces` this host cannot keep now, with ``config``, each with why.
+
+        Asked once per catalog load, so keep it cheap (look for a tool, check the euid; never
+        a network call). What it names is taken out of what the extension enforces, and the
+        router, ``profiles explain`` and ``validate`` give the reason.
+
+        Returns:
+            enforcement -> why, e.g. ``{"network:cidr-allowlist": "needs root (running as uid 1000)"}``.
+        """
+        return {}
+
+    @classmethod
     def policy_conflicts(cls, profile: Profile, options: BaseModel) -> list[tuple[str, str]]:
         """Where this backend's profile ``options`` would widen the profile's policy.
 
