@@ -203,20 +203,24 @@ def profiles_explain(c: Ctx, slug: str, as_json: bool) -> None:
         raise ProfileNotFound(f"unknown profile {slug!r}; known profiles: {', '.join(sorted(cat.profiles)) or 'none'}")
     need = prof.enforcements()
     rows = []
-    for ch in prof.candidates:
+    for i, ch in enumerate(prof.candidates):
         ext = cat.extensions[ch.extension]
         lacks = lacking(need, ext.enforces)
-        rows.append({"backend": ch.extension, "qualifies": not lacks, "enforces": [e for e in need if e not in lacks],
+        refused = ext.refusals.get((slug, i), [])
+        rows.append({"backend": ch.extension, "qualifies": not lacks and not refused,
+                     "enforces": [e for e in need if e not in lacks],
                      "lacks": lacks, "keeps_besides": sorted(ext.enforces - set(need)),
-                     "unavailable_here": {e: why for e, why in ext.unavailable.items() if e in lacks}})
+                     "unavailable_here": {e: why for e, why in ext.unavailable.items() if e in lacks},
+                     "refuses": refused})
     if as_json:
         _emit_json({"profile": slug, "policy": prof.policy(), "needs": need, "backends": rows})
     else:
         click.echo(f"profile {slug}: {_describe_policy(prof.policy())}")
         click.echo("needs: " + "; ".join(f"{e} ({ENFORCEMENTS[e]})" for e in need))
         for r in rows:
-            verdict = ("qualifies" if r["qualifies"] else "never chosen: it does not enforce "
-                       + describe_lacking(r["lacks"], r["unavailable_here"]))
+            verdict = ("qualifies" if r["qualifies"] else "never chosen: " + (
+                "it does not enforce " + describe_lacking(r["lacks"], r["unavailable_here"]) if r["lacks"]
+                else "; ".join(r["refuses"])))
             click.echo(f"  {r['backend']}: {verdict}")
     if not any(r["qualifies"] for r in rows):
         raise CapabilityError(f"no backend of profile {slug!r} can keep its policy")

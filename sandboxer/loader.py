@@ -237,6 +237,8 @@ class LoadedExtension:
     info: HandlerInfo | None = None
     #: a process extension's profile options, validated together by its describe worker
     pending_options: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    #: (profile slug, candidate index) -> what of that profile's policy it cannot keep in combination
+    refusals: dict[tuple[str, int], list[str]] = field(default_factory=dict)
     _instance: SandboxExtension | None = field(default=None, repr=False)
 
     @property
@@ -399,9 +401,13 @@ def check_handler(source: str, manifest: ExtensionManifest, handler: type[Sandbo
 
 
 def check_options(handler: type[SandboxExtension], where: str, field_name: str, options: dict[str, Any],
-                  profile: Profile | None = None) -> None:
+                  profile: Profile | None = None, config: Any = None) -> list[str]:
     """A profile's options for ``handler``, validated by its ``ProfileOptions``; with the ``profile``,
     also that they only narrow its sandbox policy (:meth:`~SandboxExtension.policy_conflicts`).
+
+    Returns:
+        what of the profile's policy the handler cannot keep in combination
+        (:meth:`~SandboxExtension.policy_refusals`; ``[]`` without a profile).
 
     Raises:
         ProfileError: naming the profile file (``where``) and ``field_name`` (and the policy field).
@@ -411,7 +417,7 @@ def check_options(handler: type[SandboxExtension], where: str, field_name: str, 
     except ValidationError as exc:
         raise ProfileError(describe_validation(where, exc, prefix=field_name)) from None
     if profile is None:
-        return
+        return []
     for option, policy_field in handler.policy_conflicts(profile, model):
         value: Any = profile
         for part in policy_field.split("."):
@@ -420,6 +426,7 @@ def check_options(handler: type[SandboxExtension], where: str, field_name: str, 
             f"{where}: field '{field_name}.{option}' (value {options.get(option)!r}) widens field {policy_field!r} "
             f"(value {value!r}): backend options may narrow the profile's policy, never widen it; change the "
             f"policy field, or drop the option")
+    return list(handler.policy_refusals(profile, model, config))
 
 
 def _check_id_matches_name(path: Path, ext_id: Any) -> None:
@@ -525,9 +532,11 @@ def load_profile(path: Path, extensions: dict[str, LoadedExtension]) -> Profile:
         opts_field = "options" if profile.backends is None else f"backends.{i}.options"
         if loaded.handler is None:
             loaded.pending_options.append({"where": str(path), "field": opts_field, "options": choice.options,
-                                           "profile": profile.model_dump(mode="json")})
+                                           "profile": profile.model_dump(mode="json"), "index": i})
         else:
-            check_options(loaded.handler, str(path), opts_field, choice.options, profile)
+            refused = check_options(loaded.handler, str(path), opts_field, choice.options, profile, loaded.config)
+            if refused:
+                loaded.refusals[(profile.slug, i)] = refused
     return profile
 
 
@@ -598,6 +607,11 @@ def _never_qualifies(path: Path, profile: Profile, extensions: dict[str, LoadedE
     for i, choice in enumerate(profile.candidates):
         ext = extensions[choice.extension]
         missing = lacking(need, ext.enforces)
+        refused = ext.refusals.get((profile.slug, i))
+        if refused and not missing:
+            field_name = "extension" if profile.backends is None else f"backends.{i}.extension"
+            out.append(f"{path}: field {field_name!r} (value {choice.extension!r}): it can never run this profile's "
+                       f"sandboxes: {'; '.join(refused)}")
         if missing:
             field_name = "extension" if profile.backends is None else f"backends.{i}.extension"
             out.append(f"{path}: field {field_name!r} (value {choice.extension!r}): it can never run this profile's "

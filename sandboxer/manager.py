@@ -330,6 +330,8 @@ class Manager(SnapshotsMixin, GcMixin):
             credential_key=lambda i: self._credential_key(profile.candidates[i].extension, req.consumer),
             enforces=lambda i: self.catalog.extensions[profile.candidates[i].extension].enforces,
             why_not=lambda i: self.catalog.extensions[profile.candidates[i].extension].unavailable,
+            refusals=lambda i: self.catalog.extensions[profile.candidates[i].extension].refusals.get(
+                (profile.slug, i), []),
         )
         placements = plan.placements
         pos = 0

@@ -154,6 +154,7 @@ class Router:
         credential_key: Callable[[int], str | None] = lambda i: None,
         enforces: Callable[[int], frozenset[str]] | None = None,
         why_not: Callable[[int], dict[str, str]] = lambda i: {},
+        refusals: Callable[[int], list[str]] = lambda i: [],
     ) -> Plan:
         """The placements to try for ``profile``, in policy order.
 
@@ -170,6 +171,8 @@ class Router:
                 (None: every backend qualifies).
             why_not: backend index -> what it would enforce but its host cannot, each with why
                 (for the reason in the attempts).
+            refusals: backend index -> what of the profile's policy it cannot keep in
+                combination (:meth:`SandboxExtension.policy_refusals`): skipped like a lack.
 
         Raises:
             CapabilityError: a one-backend profile's backend cannot keep its policy.
@@ -192,6 +195,14 @@ class Router:
                         raise exc
                     plan.skip(ext_id, None, exc, f"CapabilityError: {exc}")
                     continue
+            refused = refusals(index)
+            if refused:
+                exc = CapabilityError(f"{ext_id} cannot keep the policy of profile {profile.slug!r}: "
+                                      + "; ".join(refused))
+                if single:
+                    raise exc
+                plan.skip(ext_id, None, exc, f"CapabilityError: {exc}")
+                continue
             missing = missing_extra(index)
             if missing:
                 if single:

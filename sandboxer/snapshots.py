@@ -87,6 +87,10 @@ class SnapshotsMixin(_Base):
             raise CapabilityError(f"{ext.id} does not support snapshots")
         loaded = self.catalog.extensions[meta.extension]
         lacks = lacking(prof.enforcements(), loaded.enforces)
+        refused = loaded.refusals.get((prof.slug, index), [])
+        if refused and not lacks:
+            raise CapabilityError(f"cannot restore {snapshot_id} under profile {prof.slug!r}: {meta.extension} cannot "
+                                  f"keep its policy: {'; '.join(refused)}")
         if lacks:  # a restore is placed on the snapshot's backend only: it must keep the policy too
             raise CapabilityError(f"cannot restore {snapshot_id} under profile {prof.slug!r}: {meta.extension} does not "
                                   f"enforce {describe_lacking(lacks, loaded.unavailable)}, which its policy needs ({prof.network.describe()})")

@@ -205,6 +205,16 @@ class SandboxExtension(abc.ABC):
         return {}
 
     @classmethod
+    def policy_refusals(cls, profile: Profile, options: BaseModel, config: BaseModel) -> list[str]:
+        """Combinations of ``profile``'s sandbox policy this backend cannot keep, though it keeps
+        each part alone (an allow-list naming a domain beside a deny-list, say), each a sentence
+        naming the fields. Asked once per profile at catalog load, with the profile's ``options``
+        for this backend; the router then never places that profile's sandboxes here, giving
+        these reasons. Default: none.
+        """
+        return []
+
+    @classmethod
     def policy_conflicts(cls, profile: Profile, options: BaseModel) -> list[tuple[str, str]]:
         """Where this backend's profile ``options`` would widen the profile's policy.
 

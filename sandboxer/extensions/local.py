@@ -35,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import ipaddress
 import json
 import os
 import pwd
@@ -49,7 +50,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sandboxer.contract import Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
 from sandboxer.errors import (
@@ -60,7 +61,7 @@ from sandboxer.errors import (
     SnapshotError,
     TeardownError,
 )
-from sandboxer.extensions import local_cgroup
+from sandboxer.extensions import egress, local_cgroup
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.execution import OUTPUT_CAP as DEFAULT_OUTPUT_CAP
 from sandboxer.execution import OutputCollector, check_argv
@@ -187,6 +188,19 @@ class LocalConfig(BaseModel):
     tool: Literal["auto", "bwrap", "unshare"] = "auto"
     start_timeout_s: float = Field(default=10.0, gt=0)
     max_output_bytes: int = Field(default=OUTPUT_CAP, gt=0, description="kept (and streamed) per stream of one exec")
+    egress_pool: str = Field(default="10.213.0.0/16", description="IPv4 network whose /30s sandboxes with an "
+                             "allow-list or exposed ports take (one each; as root)")
+
+    @field_validator("egress_pool")
+    @classmethod
+    def _pool(cls, v: str) -> str:
+        try:
+            net = ipaddress.ip_network(v)
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IPv4 network like 10.213.0.0/16") from None
+        if net.version != 4 or net.prefixlen > 28:
+            raise ValueError(f"{v!r}: give an IPv4 network of /28 or wider (each sandbox takes a /30)")
+        return str(net)
 
 
 class LocalOptions(BaseModel):
@@ -231,6 +245,11 @@ class LocalHandle(Handle):
     pid: int | None = None
     starttime: str | None = None
     outer_pid: int | None = None
+    #: the network namespace of its own, joined to the host, of a sandbox with an allow-list or
+    #: exposed ports (its nftables rules keep the policy)
+    link: egress.Link | None = None
+    #: ports the sandbox serves (``network.expose``)
+    expose: list[int] = Field(default_factory=list)
 
 
 class LocalReachability(Reachability):
@@ -239,6 +258,8 @@ class LocalReachability(Reachability):
     workspace: str
     isolation: str = Field(description="bwrap, unshare or none")
     network: bool = False
+    address: str | None = Field(default=None, description="the sandbox's own address (with an allow-list or "
+                                "exposed ports), reachable from this machine only")
     limits: dict[str, str] = Field(default_factory=dict, description="per limit: how it is enforced, or why not")
 
 
@@ -296,8 +317,12 @@ class LocalExtension(SandboxExtension):
     ProfileOptions = LocalOptions
     Handle = LocalHandle
     features = frozenset({"exec", "snapshots", "list_owned"})
-    # no network is a network namespace of its own (loopback only); the internet is the host's network
-    enforces = frozenset({"network:none", "network:internet"})
+    # no network is a network namespace of its own (loopback only); the internet is the host's network;
+    # an allow-list, a deny-list or exposed ports: a namespace of its own joined to the host by a veth
+    # pair, kept by nftables rules on the host (sandboxer/extensions/egress.py)
+    enforces = frozenset({"network:none", "network:internet", "network:cidr-allowlist", "network:cidr-denylist",
+                          "expose"})
+    _NEEDS_LINK = ("network:cidr-allowlist", "network:cidr-denylist", "expose")
 
     def __init__(self, manifest, config):  # type: ignore[no-untyped-def]
         super().__init__(manifest, config)
@@ -378,6 +403,11 @@ class LocalExtension(SandboxExtension):
     def _alloc_uid(self) -> int | None:
         return alloc_uid(self.root / ".uids", self.id) if os.geteuid() == 0 else None
 
+    @property
+    def _link_registry(self) -> Path:
+        """Where the /30s of the egress pool taken by sandboxes are marked."""
+        return self.root / ".nets"
+
     def _free_uid(self, uid: int | None) -> None:
         free_uid(self.root / ".uids", uid)
 
@@ -409,6 +439,28 @@ class LocalExtension(SandboxExtension):
             return [("network", "network.egress")]
         return []
 
+    @classmethod
+    def unavailable(cls, config: BaseModel) -> dict[str, str]:
+        why = egress.unavailable()
+        return {e: why for e in cls._NEEDS_LINK} if why else {}
+
+    @classmethod
+    def policy_refusals(cls, profile: Profile, options: BaseModel, config: BaseModel) -> list[str]:
+        if profile.isolation == "none" and profile.network.egress != "internet":
+            return [f"'isolation: none' runs commands on the host, with its network, so it cannot keep "
+                    f"network.egress {profile.network.egress!r}; say `network: {{egress: internet}}` in the profile "
+                    f"or drop 'isolation: none'"]
+        return []
+
+    @staticmethod
+    def _wants_link(profile: Profile, opts: LocalOptions, narrowed: bool) -> bool:
+        """A namespace of its own joined to the host: for an allow-list, or exposed ports without
+        the host's network (``options.network: false`` narrowing an allow-list leaves none)."""
+        net = profile.network
+        if opts.network or narrowed:
+            return False
+        return isinstance(net.egress, list) or bool(net.expose)
+
     def provision(self, request: ProvisionRequest) -> LocalHandle:
         """Make the workspace, its cgroups and mounts, and start the init that holds its namespaces.
 
@@ -419,6 +471,8 @@ class LocalExtension(SandboxExtension):
         profile = request.profile
         sandbox_id = request.sandbox_id
         opts = self.options(profile)
+        given = super().options(profile)
+        narrowed = "network" in given.model_fields_set and not given.network
         tool = self._tool_for(profile.isolation)
         ws = self._workspace(sandbox_id)
         self._ensure_root()
@@ -429,8 +483,16 @@ class LocalExtension(SandboxExtension):
         handle = LocalHandle(
             workspace=str(ws), tool=tool, uid=uid, sandbox_id=sandbox_id, resources=profile.resources,
             options=opts, cgroup=local_cgroup.plan(hier, sandbox_id) if hier else None,
-            ws_mount=tool != "none" and os.geteuid() == 0,
+            ws_mount=tool != "none" and os.geteuid() == 0, expose=list(profile.network.expose),
         )
+        if tool != "none" and self._wants_link(profile, opts, narrowed):
+            why = egress.unavailable()
+            if why:
+                raise ProvisionError(f"{self.id}: sandbox {sandbox_id}: its policy "
+                                     f"({profile.network.describe()}) {why}", backend=self.id)
+            handle.link = egress.plan_link(sandbox_id, self.config.egress_pool, self._link_registry, backend=self.id)
+        if handle.link is None and tool != "none" and not opts.network:
+            handle.expose = []  # options narrowed the network away: nothing is served beyond the sandbox
         meta_path = meta_dir / f"{sandbox_id}.json"
 
         def record() -> None:
@@ -453,6 +515,9 @@ class LocalExtension(SandboxExtension):
             except OSError as exc:
                 raise ProvisionError(f"{self.id}: sandbox {sandbox_id}: cannot set up its limits: {exc}",
                                      backend=self.id) from exc
+            if handle.link is not None:  # the rules are in place before anything runs in the namespace
+                handle.link = egress.make_link(handle.link, profile.network.allow, profile.network.deny,
+                                               self._link_registry, backend=self.id)
             (ws / ".tmp").mkdir()
             if uid is not None:
                 os.chown(ws, uid, uid)
@@ -463,7 +528,7 @@ class LocalExtension(SandboxExtension):
                 # processes end on time even if no manager is left to run gc.
                 life = int(float(request.ttl)) + TTL_GRACE_S
                 handle.pid, handle.starttime, handle.outer_pid = self._start_init(
-                    tool, ws, uid, opts, sandbox_id, life, handle.cgroup)
+                    tool, ws, uid, opts, sandbox_id, life, handle.cgroup, handle.link)
             record()
             return handle
         except BaseException:
@@ -513,8 +578,13 @@ class LocalExtension(SandboxExtension):
         return out
 
     def _start_init(self, tool: str, ws: Path, uid: int | None, opts: LocalOptions, sandbox_id: str,
-                    life: int, cg: local_cgroup.CgroupPlan | None) -> tuple[int, str | None, int]:
-        """Start the init; (its pid on the host, its start time, bwrap's or unshare's pid)."""
+                    life: int, cg: local_cgroup.CgroupPlan | None,
+                    link: egress.Link | None = None) -> tuple[int, str | None, int]:
+        """Start the init (in ``link``'s network namespace when given); (its pid on the host, its
+        start time, bwrap's or unshare's pid)."""
+        # In a namespace of its own the init keeps the network it is started in (the link's);
+        # else it makes an empty one, unless it has the host's.
+        keep_net = opts.network or link is not None
         shm = f"{opts.shm_mb}m"
         # With the host's network, name resolution must keep working even when /etc/resolv.conf
         # points into /run (systemd-resolved): that one file is bound into the private /run.
@@ -528,7 +598,7 @@ class LocalExtension(SandboxExtension):
             var_run += ["--ro-bind", resolv, resolv] if resolv else []
             var_run += ["--bind", f"{ws}/.tmp", "/var/tmp"] if var_tmp else []
             cover = [a for h in hidden for a in ("--perms", "0555", "--size", "65536", "--tmpfs", h)]
-            argv = ["bwrap", "--unshare-all", *(["--share-net"] if opts.network else []), "--uid", "0", "--gid", "0",
+            argv = ["bwrap", "--unshare-all", *(["--share-net"] if keep_net else []), "--uid", "0", "--gid", "0",
                     "--ro-bind", "/", "/", *cover, "--bind", str(ws), str(ws), "--bind", f"{ws}/.tmp", "/tmp",
                     "--dev", "/dev", "--perms", "1777", "--size", str(opts.shm_mb << 20), "--tmpfs", "/dev/shm",
                     "--proc", "/proc", "--size", str(8 << 20), "--tmpfs", "/run", *var_run,
@@ -536,11 +606,12 @@ class LocalExtension(SandboxExtension):
                     "--chdir", str(ws), "--", "sh", "-c", _BWRAP_INIT, str(life)]
         else:
             argv = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount", "--ipc", "--uts",
-                    "--cgroup", "--propagation", "slave", *([] if opts.network else ["--net"]), "--mount-proc",
+                    "--cgroup", "--propagation", "slave", *([] if keep_net else ["--net"]), "--mount-proc",
                     "sh", "-c", _UNSHARE_INIT, "init", str(ws), str(life), shm, RUN_TMPFS,
                     "1" if own_var_run else "", resolv, "1" if var_tmp else "", "\n".join(hidden)]
         err_path = self.root / ".meta" / f"{sandbox_id}.err"
-        cmd = local_cgroup.join_argv(local_cgroup.procs_files(cg)) + self._as_user(uid) + argv
+        join_net = ["nsenter", f"--net={link.netns_path}", "--"] if link is not None else []
+        cmd = local_cgroup.join_argv(local_cgroup.procs_files(cg)) + join_net + self._as_user(uid) + argv
         with open(err_path, "wb") as err:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                                     start_new_session=True, close_fds=True, cwd="/", env=_base_env(str(ws), "/tmp"))
@@ -571,8 +642,13 @@ class LocalExtension(SandboxExtension):
             raise ReadinessTimeout(f"{self.id}: sandbox {handle.sandbox_id} init process is gone", backend=self.id)
         if not Path(handle.workspace).is_dir():
             raise ReadinessTimeout(f"{self.id}: workspace {handle.workspace} is missing", backend=self.id)
+        # An exposed port: at the sandbox's own address (reachable from this machine only), or on
+        # this machine's loopback when the sandbox has the host's network.
+        where = handle.link.sandbox_addr if handle.link is not None else "127.0.0.1"
         return LocalReachability(host="localhost", workspace=handle.workspace, isolation=handle.tool,
-                                 network=handle.options.network, limits=handle.limits)
+                                 network=handle.options.network, limits=handle.limits,
+                                 address=handle.link.sandbox_addr if handle.link is not None else None,
+                                 urls={str(p): f"http://{where}:{p}" for p in handle.expose})
 
     def probe(self, handle: LocalHandle) -> bool | None:
         """True while the sandbox's init (same pid, same start time) runs; False once it is gone.
@@ -686,10 +762,13 @@ class LocalExtension(SandboxExtension):
             shutil.rmtree(ws, ignore_errors=False) if existed else None
         except OSError as exc:
             raise TeardownError(f"{self.id}: cannot remove workspace {ws}: {exc.strerror}", backend=self.id) from exc
+        # The network goes once no process of the sandbox is left in it.
+        unlinked = egress.remove_link(handle.link, self._link_registry) if handle.link is not None else []
         for suffix in (".json", ".err"):
             (self.root / ".meta" / f"{sandbox_id}{suffix}").unlink(missing_ok=True)
         self._free_uid(handle.uid)
-        return TeardownReport(already_gone=not (killed or existed), removed=[*cgroups, *([str(ws)] if existed else [])],
+        return TeardownReport(already_gone=not (killed or existed),
+                              removed=[*cgroups, *([str(ws)] if existed else []), *unlinked],
                               detail={"killed": killed, "workspace_removed": existed})
 
     @staticmethod

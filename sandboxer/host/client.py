@@ -147,6 +147,8 @@ def describe_process(loaded: Any) -> None:
     ok = answer["ok"]
     loaded.info = HandlerInfo.from_json(ok)
     loaded.missing_extra = ok.get("missing_extra")
+    loaded.refusals = {(str(slug), int(index)): [str(r) for r in reasons]
+                       for slug, index, reasons in ok.get("refusals") or ()}
     loaded.pending_options = []
 
 

@@ -272,16 +272,19 @@ def describe(payload: dict[str, Any]) -> dict[str, Any]:
         source = payload["source"]
         cls = resolve_handler(manifest.handler, where=f"{source}: field 'handler'")
         config, missing = check_handler(source, manifest, cls, payload.get("config_source") or source)
+        refusals = []
         for item in payload.get("options") or ():
             prof = Profile.model_validate(item["profile"]) if item.get("profile") else None
-            check_options(cls, item["where"], item["field"], item["options"], prof)
+            refused = check_options(cls, item["where"], item["field"], item["options"], prof, config)
+            if refused and prof is not None:
+                refusals.append([prof.slug, int(item.get("index") or 0), refused])
         info = HandlerInfo.of(cls, config, manifest)
     except ConfigError as exc:
         return {"error": {"type": type(exc).__name__, "message": str(exc)}}
     except Exception as exc:  # noqa: BLE001 - the handler's import or class is broken: say so, by name
         return {"error": {"type": "ExtensionLoadError", "message": (
             f"{payload.get('source')}: field 'handler': the handler could not be loaded: {type(exc).__name__}: {exc}")}}
-    return {"ok": {**info.to_json(), "missing_extra": missing}}
+    return {"ok": {**info.to_json(), "missing_extra": missing, "refusals": refusals}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -333,7 +333,7 @@ def test_probe_tells_live_from_gone(make_manager, monkeypatch, tool):
 
 
 def test_probe_with_isolation_none(cfg, make_manager):
-    cfg.write("profile.insecure.yaml", "slug: insecure\nextension: ext.local\nisolation: none\n")
+    cfg.write("profile.insecure.yaml", "slug: insecure\nextension: ext.local\nisolation: none\nnetwork: {egress: internet}\n")
     mgr = make_manager()
     ext = mgr.extension("ext.local")
     sb = mgr.create(profile="insecure")

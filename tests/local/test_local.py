@@ -125,7 +125,7 @@ def test_processes_persist_between_execs(mgr, sb):
 
 
 def test_isolation_none_is_explicit_and_works(cfg, make_manager):
-    cfg.write("profile.insecure.yaml", "slug: insecure\nextension: ext.local\nisolation: none\n")
+    cfg.write("profile.insecure.yaml", "slug: insecure\nextension: ext.local\nisolation: none\nnetwork: {egress: internet}\n")
     mgr = make_manager()
     sb = mgr.create(profile="insecure")
     assert sb.reachability["isolation"] == "none"

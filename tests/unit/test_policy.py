@@ -168,7 +168,8 @@ def test_validate_warns_about_a_backend_that_can_never_qualify(cfg, home):
     body = json.loads(explained.stdout)
     assert body["needs"] == ["network:none"]
     assert body["backends"] == [{"backend": "ext.open", "qualifies": False, "enforces": [], "lacks": ["network:none"],
-                                 "keeps_besides": ["network:internet"], "unavailable_here": {}}]
+                                 "keeps_besides": ["network:internet"], "unavailable_here": {},
+                                 "refuses": []}]
 
 
 def test_status_shows_the_policy_the_sandbox_was_created_under(cfg, home):
