@@ -50,6 +50,7 @@ from sandboxer.errors import (
     TeardownError,
 )
 from sandboxer.execution import EXEC_MARKER, check_argv
+from sandboxer.extensions import docker_net
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.extensions.docker_exec import FrameReader, kill_exec
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
@@ -147,6 +148,10 @@ class DockerHandle(Handle):
     workdir: str | None = Field(default=None, description="where exec runs by default (None: the image's)")
     network: str | None = None
     ready_command: list[str] | None = None
+    #: the sandbox's own network and its rules (an allow-list, or exposed ports without the internet)
+    own_network: docker_net.OwnNetwork | None = None
+    #: ports it serves (``network.expose``), published on the engine host's 127.0.0.1
+    expose: list[int] = Field(default_factory=list)
 
 
 class DockerReachability(Reachability):
@@ -298,8 +303,11 @@ class DockerExtension(SandboxExtension):
     Handle = DockerHandle
     features = frozenset({"exec", "snapshots", "list_owned"})
     requires = ("docker", "docker")
-    # none is network_mode none (loopback only); the internet is a bridge (or the operator's named network)
-    enforces = frozenset({"network:none", "network:internet"})
+    # none is network_mode none (loopback only); the internet is a bridge (or the operator's named network);
+    # an allow-list, a deny-list or exposed ports: a network of its own, kept by nftables rules on the
+    # host (sandboxer/extensions/docker_net.py)
+    enforces = frozenset({"network:none", "network:internet", "network:cidr-allowlist", "network:cidr-denylist",
+                          "expose"})
 
     def __init__(self, manifest, config):
         super().__init__(manifest, config)
@@ -374,6 +382,11 @@ class DockerExtension(SandboxExtension):
             return [("network", "network.egress")]
         return []
 
+    @classmethod
+    def unavailable(cls, config: BaseModel) -> dict[str, str]:
+        why = docker_net.unavailable(getattr(config, "docker_host", None))
+        return {e: why for e in ("network:cidr-allowlist", "network:cidr-denylist", "expose")} if why else {}
+
     def provision(self, request: ProvisionRequest) -> DockerHandle:
         """Create and start the sandbox's container, named ``name_prefix`` + ``request.sandbox_id``.
 
@@ -404,8 +417,42 @@ class DockerExtension(SandboxExtension):
         res = request.profile.resources
         client = self.client()
         self._ensure_image(client, image, pull, sandbox_id)
-        network = {"network_mode": opts.network} if opts.network in ("none", "bridge") else {"network": opts.network}
-        container = self._engine("creating the container", ProvisionError, lambda: client.containers.create(
+        profile = request.profile
+        own = None
+        given = super().options(profile)  # options.network: none narrows any policy to no network
+        narrowed = "network" in given.model_fields_set and given.network == "none"
+        if not narrowed and docker_net.wants_own_network(profile, opts.network):
+            own = docker_net.create(client, self._engine_for(sandbox_id), name, sandbox_id, labels, profile,
+                                    backend=self.id)
+        network = ({"network": own.name} if own else {"network_mode": opts.network}
+                   if opts.network in ("none", "bridge") else {"network": opts.network})
+        expose = list(profile.network.expose) if own or opts.network != "none" else []
+        try:
+            container = self._created(client, image, opts, name, labels, env, res, network, expose, sandbox_id)
+        except BaseException:
+            if own is not None:
+                docker_net.remove(client, self._engine_for(sandbox_id), own)
+            raise
+        try:
+            self._engine("starting the container", ProvisionError, container.start, sandbox=sandbox_id)
+        except BaseException:
+            # No half-created sandbox stays behind.
+            with contextlib.suppress(derr.APIError):
+                container.remove(force=True, v=True)
+            if own is not None:
+                docker_net.remove(client, self._engine_for(sandbox_id), own)
+            raise
+        return DockerHandle(container_id=container.id, container=name, sandbox_id=sandbox_id, host=self.engine,
+                            image=image, workdir=opts.workdir, network=own.name if own else opts.network,
+                            ready_command=opts.ready_command, own_network=own, expose=expose)
+
+    def _engine_for(self, sandbox_id: str) -> Callable[[str, Callable[[], T]], T]:
+        return lambda action, call: self._engine(action, ProvisionError, call, sandbox=sandbox_id)
+
+    def _created(self, client, image: str, opts: DockerOptions, name: str, labels: dict[str, str], env: list[str],
+                 res, network: dict[str, Any], expose: list[int], sandbox_id: str):
+        """The container, created (not started)."""
+        return self._engine("creating the container", ProvisionError, lambda: client.containers.create(
             image,
             command=opts.command,
             name=name,
@@ -422,18 +469,10 @@ class DockerExtension(SandboxExtension):
             cap_drop=opts.cap_drop or None,
             cap_add=opts.cap_add or None,
             security_opt=["no-new-privileges"] if opts.no_new_privileges else None,
+            ports=docker_net.port_bindings(expose),
             detach=True,
             **network,
         ), sandbox=sandbox_id)
-        try:
-            self._engine("starting the container", ProvisionError, container.start, sandbox=sandbox_id)
-        except BaseException:
-            # No half-created sandbox stays behind.
-            with contextlib.suppress(derr.APIError):
-                container.remove(force=True, v=True)
-            raise
-        return DockerHandle(container_id=container.id, container=name, sandbox_id=sandbox_id, host=self.engine,
-                            image=image, workdir=opts.workdir, network=opts.network, ready_command=opts.ready_command)
 
     def _ensure_image(self, client, image: str, pull: str, sandbox_id: str) -> None:
         import docker.errors as derr
@@ -509,11 +548,13 @@ class DockerExtension(SandboxExtension):
                 return self.exec(handle, handle.ready_command, timeout=left).exit_code == 0
 
             poll(ready_command_passes, max(deadline - time.monotonic(), 0.0), 0.2, on_timeout=timed_out)
-        ip = container.attrs.get("NetworkSettings", {}).get("IPAddress") or None
+        settings = container.attrs.get("NetworkSettings", {})
+        ip = settings.get("IPAddress") or ((settings.get("Networks") or {}).get(handle.network) or {}).get(
+            "IPAddress") or None
         return DockerReachability(
             host=self.engine, address=ip, docker_host=self.engine, container=handle.container,
             container_id=handle.container_id, workdir=handle.workdir, network=handle.network, ip_address=ip,
-            exec_hint=f"docker exec -it {handle.container} sh",
+            exec_hint=f"docker exec -it {handle.container} sh", urls=docker_net.urls(container.attrs, handle.expose),
         )
 
     def teardown(self, handle: DockerHandle) -> TeardownReport:
@@ -557,7 +598,9 @@ class DockerExtension(SandboxExtension):
             return already_gone
 
         already_gone = self._engine("removing the container", TeardownError, remove, sandbox=sid)
-        return TeardownReport(already_gone=already_gone, removed=[] if already_gone else [ref],
+        unlinked = docker_net.remove(client, lambda action, call: self._engine(action, TeardownError, call, sandbox=sid),
+                                     handle.own_network) if handle.own_network else []
+        return TeardownReport(already_gone=already_gone, removed=([] if already_gone else [ref]) + unlinked,
                               detail={"container": handle.container})
 
     # ------------------------------------------------------------ liveness

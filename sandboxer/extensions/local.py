@@ -357,7 +357,8 @@ class LocalExtension(SandboxExtension):
         if self._tool is None:
             raise ProvisionError(
                 f"{self.id}: no namespace isolation is available here ({self._tool_error}). Install bubblewrap "
-                "or enable unprivileged user namespaces, or use a profile with 'isolation: none' (insecure, no isolation)",
+                "or enable unprivileged user namespaces, or use a profile with 'isolation: none' and "
+                "'network: {egress: internet}' (insecure: no isolation, the host's network)",
                 backend=self.id,
             )
         return self._tool

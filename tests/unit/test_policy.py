@@ -94,7 +94,8 @@ def test_the_builtins_declare_only_what_they_keep():
     got = {k: sorted(v.enforces) for k, v in cat.extensions.items()}
     assert got == {
         "ext.compose-ssh": ["network:internet"], "ext.vm-packer": ["network:internet"],
-        "ext.docker": ["network:internet", "network:none"], "ext.local": ["network:internet", "network:none"],
+        "ext.docker": ["network:internet", "network:none"], "ext.local": ["expose", "network:cidr-allowlist", "network:cidr-denylist", "network:internet",
+                      "network:none"],
         "ext.e2b": ["network:cidr-allowlist", "network:cidr-denylist", "network:domain-allowlist", "network:internet",
                     "network:none"],
         "ext.modal": ["network:cidr-allowlist", "network:domain-allowlist", "network:internet", "network:none"],
