@@ -782,10 +782,13 @@ class DockerExtension(SandboxExtension):
     # ------------------------------------------------------------ gc
 
     def list_owned(self, owner_labels: dict[str, str]) -> list[OwnedSandbox]:
-        """Every container of this extension carrying all of ``owner_labels``, running or not."""
+        """Every container of this extension carrying all of ``owner_labels``, running or not, with
+        its own network; and every such network whose container was never made."""
         filters = [f"{k}={v}" for k, v in owner_labels.items()] + [f"{LABEL_EXTENSION}={self.id}"]
         found = self._engine("listing containers", ProvisionError,
                              lambda: self.client().api.containers(all=True, filters={"label": filters}))
+        nets = docker_net.owned(self.client(), lambda action, call: self._engine(action, ProvisionError, call),
+                                filters, LABEL_SANDBOX)
         owned = []
         for c in found:
             labels = c.get("Labels") or {}
@@ -793,5 +796,9 @@ class DockerExtension(SandboxExtension):
             sid = labels.get(LABEL_SANDBOX)
             if sid and name:
                 owned.append(OwnedSandbox(sandbox_id=sid, handle=DockerHandle(
-                    container_id=c["Id"], container=name, sandbox_id=sid, host=self.engine, image=c.get("Image"))))
+                    container_id=c["Id"], container=name, sandbox_id=sid, host=self.engine, image=c.get("Image"),
+                    own_network=nets.pop(sid, None))))
+        for sid, own in nets.items():  # teardown finds no container and removes the network
+            owned.append(OwnedSandbox(sandbox_id=sid, handle=DockerHandle(
+                container_id=own.name, container=own.name, sandbox_id=sid, host=self.engine, own_network=own)))
         return owned

@@ -108,6 +108,19 @@ def remove(client: Any, engine: Callable, own: OwnNetwork) -> list[str]:
     return removed
 
 
+def owned(client: Any, engine: Callable, label_filters: list[str], sandbox_label: str) -> dict[str, OwnNetwork]:
+    """The sandboxes' own networks carrying all of ``label_filters``, by sandbox id (a network
+    whose container was never made, after a crash between the two, is found here too)."""
+    nets = engine("listing networks", lambda: client.api.networks(filters={"label": label_filters}))
+    out = {}
+    for n in nets:
+        sid = (n.get("Labels") or {}).get(sandbox_label)
+        bridge = (n.get("Options") or {}).get("com.docker.network.bridge.name")
+        if sid and bridge and n.get("Name"):
+            out[sid] = OwnNetwork(name=n["Name"], bridge=bridge, table=egress.table_name(sid))
+    return out
+
+
 def port_bindings(expose: list[int]) -> dict[str, tuple[str, None]] | None:
     """Each exposed port published on the engine host's loopback, at a port the engine picks."""
     return {f"{p}/tcp": ("127.0.0.1", None) for p in expose} or None

@@ -116,3 +116,22 @@ def test_a_failed_create_leaves_no_network_or_rules(ext, make, profile, dclient,
     assert not dclient.networks.list(names=["sandboxer-t-refused1"])
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     assert "sbdtrefused1" not in links
+
+
+def test_a_network_left_by_a_crash_before_its_container_is_found_and_removed(ext, profile, owner, dclient):
+    """A crash between the network and the container (the first step done, the process gone):
+    list_owned finds the network, and tearing it down removes it and its rules."""
+    from sandboxer.extensions import docker_net
+    from sandboxer.extensions.docker import LABEL_EXTENSION, LABEL_SANDBOX
+
+    sid = "t-crashed01"
+    labels = {**owner, LABEL_SANDBOX: sid, LABEL_EXTENSION: "ext.docker"}
+    docker_net.create(ext.client(), lambda action, call: call(), f"sandboxer-{sid}", sid, labels,
+                      with_network(profile, {"egress": ["10.250.0.0/16"]}), backend="ext.docker")
+    assert egress.table_name(sid) in egress.tables()
+    found = [o for o in ext.list_owned(owner) if o.sandbox_id == sid]
+    assert len(found) == 1 and found[0].handle.own_network.name == f"sandboxer-{sid}"
+    report = ext.teardown(found[0].handle)
+    assert report.already_gone and f"network sandboxer-{sid}" in report.removed
+    assert egress.table_name(sid) not in egress.tables()
+    assert not dclient.networks.list(names=[f"sandboxer-{sid}"])
