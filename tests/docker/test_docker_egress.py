@@ -61,7 +61,7 @@ def test_an_allow_list_reaches_the_allowed_host_only(ext, sandbox, hosts):
     assert probe(ext, handle, a.address) == "host-a"
     assert probe(ext, handle, b.address) == "unreachable"
     gateway = reach.address.rsplit(".", 1)[0] + ".1"  # the engine host, on the sandbox's bridge
-    with loopback_banner():
+    with loopback_banner(bind="0.0.0.0"):
         assert probe(ext, handle, gateway) == "unreachable"
 
 

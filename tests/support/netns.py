@@ -3,8 +3,8 @@
 :func:`make_test_hosts` makes two hosts, each a network namespace joined to this machine by a veth
 pair on a /24 of its own in 10.250.0.0/16, each serving a one-line TCP banner (its name) on
 :data:`PORT`. Sandboxes reach them through this machine, as they would any host of the network.
-:func:`loopback_banner` serves a banner on this machine's 127.0.0.1, which no sandbox with a
-network policy other than ``internet`` may reach.
+:func:`loopback_banner` serves a banner on this machine's 127.0.0.1 (or every address), which no
+sandbox with a network policy other than ``internet`` may reach.
 
 Everything is removed on exit, servers killed first; every wait is bounded.
 """
@@ -108,11 +108,12 @@ def make_test_hosts(count: int = 2) -> Iterator[list[TestHost]]:
 
 
 @contextlib.contextmanager
-def loopback_banner(banner: str = "host-loopback") -> Iterator[str]:
-    """A banner served on this machine's 127.0.0.1:PORT; yields the address."""
-    proc = _serve([], "127.0.0.1", banner)
+def loopback_banner(banner: str = "host-loopback", bind: str = "127.0.0.1") -> Iterator[str]:
+    """A banner served by this machine on ``bind``:PORT (``0.0.0.0``: on every address it has);
+    yields the address bound."""
+    proc = _serve([], bind, banner)
     try:
-        yield "127.0.0.1"
+        yield bind
     finally:
         proc.kill()
         proc.wait(10)
