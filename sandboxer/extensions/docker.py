@@ -52,6 +52,7 @@ from sandboxer.errors import (
 from sandboxer.execution import EXEC_MARKER, check_argv
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.extensions.docker_exec import FrameReader, kill_exec
+from sandboxer.extensions.docker_gpu import gpu_create_kwargs, gpu_unavailable
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
 from sandboxer.poll import poll
 
@@ -84,6 +85,9 @@ class DockerConfig(BaseModel):
     snapshot_repository: str = Field(default="sandboxer-snapshot", pattern=r"^[a-z0-9]+(?:[._/-][a-z0-9]+)*$")
     max_output_bytes: int = Field(default=10 * 1024 * 1024, gt=0,
                                   description="kept (and streamed) per stream of one exec")
+    gpus: bool = Field(default=False, description="the engine has NVIDIA GPUs and their runtime (it then keeps gpu)")
+    gpu_type: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                                 description="the type of the engine's GPUs, kept for a resources.gpu.type")
 
 
 class DockerOptions(BaseModel):
@@ -298,8 +302,9 @@ class DockerExtension(SandboxExtension):
     Handle = DockerHandle
     features = frozenset({"exec", "snapshots", "list_owned"})
     requires = ("docker", "docker")
-    # none is network_mode none (loopback only); the internet is a bridge (or the operator's named network)
-    enforces = frozenset({"network:none", "network:internet"})
+    # none is network_mode none (loopback only); the internet is a bridge (or the operator's named network);
+    # gpu is NVIDIA device requests (docker_gpu), where config.gpus says the engine has them
+    enforces = frozenset({"network:none", "network:internet", "gpu"})
 
     def __init__(self, manifest, config):
         super().__init__(manifest, config)
@@ -369,6 +374,11 @@ class DockerExtension(SandboxExtension):
         return opts if "network" in opts.model_fields_set else opts.model_copy(update={"network": "bridge"})
 
     @classmethod
+    def unavailable(cls, config: BaseModel) -> dict[str, str]:
+        """``gpu`` unless ``config.gpus`` says the engine has NVIDIA GPUs (no daemon is asked)."""
+        return gpu_unavailable(config)
+
+    @classmethod
     def policy_conflicts(cls, profile: Profile, options: BaseModel) -> list[tuple[str, str]]:
         if getattr(options, "network", "none") != "none" and profile.network.egress != "internet":
             return [("network", "network.egress")]
@@ -402,6 +412,7 @@ class DockerExtension(SandboxExtension):
             "sandboxer.profile": request.profile.slug,
         }
         res = request.profile.resources
+        gpus = gpu_create_kwargs(res.gpu, self.config, backend=self.id)  # refused before anything is made
         client = self.client()
         self._ensure_image(client, image, pull, sandbox_id)
         network = {"network_mode": opts.network} if opts.network in ("none", "bridge") else {"network": opts.network}
@@ -424,6 +435,7 @@ class DockerExtension(SandboxExtension):
             security_opt=["no-new-privileges"] if opts.no_new_privileges else None,
             detach=True,
             **network,
+            **gpus,
         ), sandbox=sandbox_id)
         try:
             self._engine("starting the container", ProvisionError, container.start, sandbox=sandbox_id)
