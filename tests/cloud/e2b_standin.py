@@ -15,9 +15,11 @@ A "sandbox" is a scratch directory: commands run as real local processes in
 it, and a snapshot is a copy of it, so a file written before a snapshot is
 there after a restore. A command's cwd is honoured as the SDK sends it: a path
 the box's own commands reported (a host path inside its directory) is that
-directory, any other absolute path is taken from the box's directory. The network a create asks for (``allow_internet_access``,
-``network.allowOut`` / ``denyOut`` / ``allowPublicTraffic``) is recorded on the box as sent; a box created with
-``allowPublicTraffic: false`` gets a traffic access token, handed out (as E2B does) only by create and connect. Each API key is its own team: a key sees only the
+directory, any other absolute path is taken from the box's directory. The network
+a create asks for (``allow_internet_access``, ``network.allowOut`` / ``denyOut`` /
+``allowPublicTraffic``) is recorded on the box as sent; a box created with
+``allowPublicTraffic: false`` gets a traffic access token, handed out (as E2B does)
+only by create and connect. Each API key is its own team: a key sees only the
 sandboxes it created. Every process of a box carries ``E2B_STANDIN_BOX=<id>``
 in its environment (see tests/cloud/procs.py): killing the box kills them all,
 as a microVM going away would.

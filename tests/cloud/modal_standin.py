@@ -164,6 +164,8 @@ class ModalStandIn:
         #: Each token id is its own workspace unless mapped here to another token id's.
         self.workspaces: dict[str, str] = {}
         self.jwts: set[str] = set()
+        #: Ports a create opens that SandboxGetTunnels[V2] nonetheless leaves out (a tunnel Modal did not set up).
+        self.no_tunnel: set[int] = set()
         self._faults: dict[str, list[tuple[GRPCError, bool]]] = {}
         self._lose_create = 0
         self._lock = threading.Lock()
@@ -310,6 +312,14 @@ class ModalStandIn:
         return api_pb2.GenericResult(status=sb.status) if sb.status else api_pb2.GenericResult()
 
 
+def _tunnel(sb: Sbx, port: int, how: str) -> api_pb2.TunnelData:
+    """A port's tunnel as Modal describes it: a TLS host on 443, or a plain TCP host and port."""
+    if how == "unencrypted":
+        return api_pb2.TunnelData(container_port=port, unencrypted_host=sb.tunnel_host(port),
+                                  unencrypted_port=40000 + port)
+    return api_pb2.TunnelData(container_port=port, host=sb.tunnel_host(port), port=443)
+
+
 def _in_sandbox(root: Path, path: str) -> Path:
     """Where a path the SDK sent (an exec's workdir) is, in a sandbox whose files live under ``root``.
 
@@ -429,10 +439,7 @@ class _ControlPlane(ModalClientBase):
         sb = self.standin.sandbox(request.sandbox_id, stream.metadata)
         await stream.send_message(api_pb2.SandboxGetTunnelsResponse(
             result=api_pb2.GenericResult(status=_GENERIC.GENERIC_STATUS_SUCCESS),
-            tunnels=[api_pb2.TunnelData(container_port=port, host=sb.tunnel_host(port), port=443)
-                     for port, how in sb.ports if how != "unencrypted"]
-            + [api_pb2.TunnelData(container_port=port, unencrypted_host=sb.tunnel_host(port), unencrypted_port=40000 + port)
-               for port, how in sb.ports if how == "unencrypted"],
+            tunnels=[_tunnel(sb, port, how) for port, how in sb.ports if port not in self.standin.no_tunnel],
         ))
 
     async def TaskGetCommandRouterAccess(self, stream, request) -> None:

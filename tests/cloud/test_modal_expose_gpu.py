@@ -135,3 +135,56 @@ def test_a_gpu_type_modal_does_not_know_is_refused_at_load_listing_what_it_accep
 
 def test_modal_declares_expose_and_gpu():
     assert {"expose", "gpu"} <= ModalExtension.enforces
+
+
+def test_a_port_modal_gives_no_tunnel_is_a_transient_provision_error(tmp_path, standin, tokens):
+    from sandboxer.errors import ProvisionError
+
+    cfg = write_config(tmp_path / "cfg", standin.url)
+    set_policy(cfg / "profiles" / "profile.test-modal.yaml", {"expose": [8080, 9090]})
+    ext, prof = load(cfg)
+    standin.no_tunnel = {9090}
+    handle = ext.provision(request(prof, inputs("sbx-nt"), None))
+    with pytest.raises(ProvisionError) as err:
+        ext.wait_ready(handle, timeout=10)
+    assert err.value.transient
+    assert f"ext.test-modal: wait_ready {handle.object_id}: Modal opened no tunnel for port(s) 9090 of " \
+           "network.expose" in str(err.value)
+    ext.teardown(handle)
+
+
+def _routed(tmp_path, standin, extra_profile: dict[str, Any], backends=("ext.docker", "ext.test-modal")):
+    """A Manager over this config, with profile ``job`` listing ``backends`` (by default ext.docker, which has
+    no GPUs on this machine, then ext.test-modal)."""
+    from sandboxer import Manager
+
+    cfg = write_config(tmp_path / "cfg", standin.url)
+    job = {"slug": "job", "backends": [{"extension": b} for b in backends],
+           "ttl": {"default": "10m", "max": "1h"}, **extra_profile}
+    (cfg / "profiles" / "profile.job.yaml").write_text(yaml.safe_dump(job))
+    return Manager(config_dirs=[cfg], home=tmp_path / "home")
+
+
+def test_a_gpu_profile_skips_docker_here_and_runs_on_modal_with_docker_s_reason_recorded(tmp_path, standin, tokens):
+    with _routed(tmp_path, standin, {"resources": {"gpu": {"count": 2, "type": "L4"}}}) as mgr:
+        sb = mgr.create(profile="job", consumer="bob")
+        assert sb.extension == "ext.test-modal"
+        assert standin.sandboxes[sb.reachability["sandbox_id"]].gpu == ("L4", 2)
+        intent = next(e for e in mgr.events(sb.id) if e["kind"] == "create_intent")
+        (skipped,) = intent["detail"]["route"]["tried_before"]
+        assert skipped["backend"] == "ext.docker" and skipped["error"] == (
+            "CapabilityError: ext.docker does not enforce gpu (on this host: set config.gpus: true when the engine "
+            "has NVIDIA GPUs and its runtime), which the policy of profile 'job' needs (no network)")
+        mgr.teardown(sb.id)
+
+
+def test_through_the_manager_the_tunnel_urls_are_the_sandboxs_reachability(tmp_path, standin, tokens):
+    with _routed(tmp_path, standin, {"network": {"egress": "none", "expose": [8080]}},
+                 backends=("ext.test-modal",)) as mgr:
+        sb = mgr.create(profile="job", consumer="bob")
+        modal_sb = standin.sandboxes[sb.reachability["sandbox_id"]]
+        assert sb.extension == "ext.test-modal"
+        assert sb.reachability["urls"] == {"8080": f"https://{modal_sb.tunnel_host(8080)}"}
+        assert mgr.get(sb.id).reachability["urls"] == sb.reachability["urls"]
+        assert modal_sb.network == NOTHING_ALLOWED
+        mgr.teardown(sb.id)
