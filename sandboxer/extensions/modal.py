@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import ipaddress
 import logging
 import math
 import os
@@ -69,7 +68,7 @@ from sandboxer.execution import (
     kill_marked_argv,
 )
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
-from sandboxer.extensions.modal_policy import check_gpu, gpu_arg, network_args, port_urls
+from sandboxer.extensions.modal_policy import check_gpu, cidrs, gpu_arg, network_args, port_urls
 from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration
 from sandboxer.secrets import SecretRef, redact
 
@@ -160,8 +159,8 @@ class ModalOptions(_Strict):
 
     @field_validator("inbound_cidr_allowlist")
     @classmethod
-    def _cidrs(cls, v: list[str] | None) -> list[str] | None:
-        return None if v is None else [str(ipaddress.ip_network(str(c).strip(), strict=False)) for c in v]
+    def _inbound(cls, v: list[str] | None) -> list[str] | None:
+        return cidrs(v)
 
 
 class ModalHandle(Handle):
@@ -214,12 +213,8 @@ class ModalExtension(SandboxExtension):
     Config: ClassVar[type[BaseModel]] = ModalConfig
     ProfileOptions: ClassVar[type[BaseModel]] = ModalOptions
     features: ClassVar[frozenset[str]] = frozenset({"exec", "snapshots", "metering", "list_owned"})
-    # What modal 1.6.4's Sandbox.create sends (as the definition's network_access) and documents:
-    # none: block_network=True, "Whether to block network access";
-    # allow-lists: outbound_cidr_allowlist, "List of CIDRs the sandbox is allowed to access", and
-    #   outbound_domain_allowlist, "List of domain names the sandbox is allowed to access. Supports
-    #   wildcard prefixes (``*.``)". Modal has no deny-list: network:cidr-denylist is not kept.
-    # expose: encrypted_ports and Sandbox.tunnels(); gpu: gpu= (see modal_policy for both).
+    # What modal 1.6.4's Sandbox.create sends and Modal documents, for each: see modal_policy.
+    # Modal has no deny-list: network:cidr-denylist is not kept.
     enforces: ClassVar[frozenset[str]] = frozenset({
         "network:none", "network:internet", "network:cidr-allowlist", "network:domain-allowlist", "expose", "gpu"})
     requires: ClassVar[tuple[str, str] | None] = ("modal", "modal")

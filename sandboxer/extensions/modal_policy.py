@@ -17,6 +17,7 @@ What it owns, and the rules it keeps (what modal 1.6.4 sends and Modal documents
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from sandboxer.errors import ProfileError, ProvisionError
@@ -50,6 +51,11 @@ def check_gpu(profile: Profile) -> None:
             f"profile {profile.slug!r}: field 'resources.gpu.type' (value {gpu.type!r}): Modal has no such GPU; "
             f"it accepts {', '.join(sorted(GPU_TYPES))} (any case); name one of them, or leave the type out for "
             "any GPU")
+
+
+def cidrs(values: list[str] | None) -> list[str] | None:
+    """``options.inbound_cidr_allowlist`` normalised (``203.0.113.7`` is ``203.0.113.7/32``); a bad one is refused."""
+    return None if values is None else [str(ipaddress.ip_network(str(v).strip(), strict=False)) for v in values]
 
 
 def network_args(profile: Profile, block_network: bool, inbound: list[str] | None) -> dict[str, Any]:

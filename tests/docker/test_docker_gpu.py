@@ -95,3 +95,25 @@ def test_the_engine_is_sent_the_device_request_and_a_container_it_cannot_give_gp
     finally:
         for c in containers_of(dclient, sid):
             c.remove(force=True, v=True)
+
+
+def test_profiles_explain_says_why_docker_cannot_keep_gpu_here(cfg, home):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg.write("profile.gpu-job.yaml", """
+        slug: gpu-job
+        backends: [{extension: ext.docker}]
+        resources: {gpu: {count: 1}}
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    p = subprocess.run([sys.executable, "-m", "sandboxer", "--config", str(cfg.root), "--home", str(home),
+                        "profiles", "explain", "gpu-job", "--json"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert p.returncode == 1, p.stderr
+    (docker_row,) = json.loads(p.stdout)["backends"]
+    assert docker_row["qualifies"] is False and docker_row["lacks"] == ["gpu"]
+    assert docker_row["unavailable_here"] == {"gpu": REASON}
