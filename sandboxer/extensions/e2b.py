@@ -489,7 +489,7 @@ class E2BExtension(SandboxExtension):
             return str(sbx.envd_api_url), port_urls(sbx, handle.expose)
 
         envd_url, urls = self._call("readiness check", ready, consumer=handle.consumer, fallback=ReadinessTimeout,
-                              sandbox=sid)
+                                    sandbox=sid)
         return E2BReachability(e2b_sandbox_id=sid, template=handle.template, envd_url=envd_url, urls=urls)
 
     def teardown(self, handle: E2BHandle) -> TeardownReport:

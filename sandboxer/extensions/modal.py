@@ -433,7 +433,7 @@ class ModalExtension(SandboxExtension):
 
     def options(self, profile: Profile) -> ModalOptions:
         """The profile's options, the network blocked for ``network.egress: none`` (for any egress if
-        ``block_network`` says so); an allow-list is :meth:`_network_args`'s."""
+        ``block_network`` says so); an allow-list is :func:`modal_policy.network_args`'s."""
         opts = super().options(profile)
         if profile.network.egress == "none":
             return opts.model_copy(update={"block_network": True})
@@ -548,13 +548,16 @@ class ModalExtension(SandboxExtension):
         """Block on Modal's readiness probe (the sandbox is scheduled and the probe passed); then
         the URL of each exposed port is its tunnel's."""
         object_id = handle.object_id
-        wait = max(1, int(math.ceil(timeout)))
+        deadline = time.monotonic() + timeout
 
         def ready(client: Any) -> dict[str, str]:
             sb = self._sandbox(client, object_id)
-            sb.wait_until_ready(timeout=wait)
-            return port_urls(sb.tunnels(timeout=wait), handle.expose, where=f"{self.id}: wait_ready {object_id}",
-                             backend=self.id) if handle.expose else {}
+            sb.wait_until_ready(timeout=max(1, int(math.ceil(timeout))))
+            if not handle.expose:
+                return {}
+            left = max(1, int(math.ceil(deadline - time.monotonic())))
+            return port_urls(sb.tunnels(timeout=left), handle.expose, where=f"{self.id}: wait_ready {object_id}",
+                             backend=self.id)
 
         urls = self._call("wait_ready", ready, consumer=handle.credentials, sandbox=object_id, error=ProvisionError,
                           timeout_error=ReadinessTimeout)
