@@ -418,7 +418,11 @@ def check_options(handler: type[SandboxExtension], where: str, field_name: str, 
         raise ProfileError(describe_validation(where, exc, prefix=field_name)) from None
     if profile is None:
         return []
-    for option, policy_field in handler.policy_conflicts(profile, model):
+    try:
+        conflicts = handler.policy_conflicts(profile, model)
+    except ProfileError as exc:  # the handler names the field; the file is ours to name
+        raise ProfileError(f"{where}: {exc}") from None
+    for option, policy_field in conflicts:
         value: Any = profile
         for part in policy_field.split("."):
             value = getattr(value, part)

@@ -53,6 +53,7 @@ from sandboxer.execution import EXEC_MARKER, check_argv
 from sandboxer.extensions import docker_net
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.extensions.docker_exec import FrameReader, kill_exec
+from sandboxer.extensions.docker_gpu import gpu_create_kwargs, gpu_unavailable
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
 from sandboxer.poll import poll
 
@@ -85,6 +86,9 @@ class DockerConfig(BaseModel):
     snapshot_repository: str = Field(default="sandboxer-snapshot", pattern=r"^[a-z0-9]+(?:[._/-][a-z0-9]+)*$")
     max_output_bytes: int = Field(default=10 * 1024 * 1024, gt=0,
                                   description="kept (and streamed) per stream of one exec")
+    gpus: bool = Field(default=False, description="the engine has NVIDIA GPUs and their runtime (it then keeps gpu)")
+    gpu_type: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                                 description="the type of the engine's GPUs, kept for a resources.gpu.type")
 
 
 class DockerOptions(BaseModel):
@@ -305,9 +309,10 @@ class DockerExtension(SandboxExtension):
     requires = ("docker", "docker")
     # none is network_mode none (loopback only); the internet is a bridge (or the operator's named network);
     # an allow-list, a deny-list or exposed ports: a network of its own, kept by nftables rules on the
-    # host (sandboxer/extensions/docker_net.py)
+    # host (sandboxer/extensions/docker_net.py); gpu is NVIDIA device requests (docker_gpu), where
+    # config.gpus says the engine has them
     enforces = frozenset({"network:none", "network:internet", "network:cidr-allowlist", "network:cidr-denylist",
-                          "expose"})
+                          "expose", "gpu"})
 
     def __init__(self, manifest, config):
         super().__init__(manifest, config)
@@ -377,6 +382,7 @@ class DockerExtension(SandboxExtension):
         return opts if "network" in opts.model_fields_set else opts.model_copy(update={"network": "bridge"})
 
     @classmethod
+    @classmethod
     def policy_conflicts(cls, profile: Profile, options: BaseModel) -> list[tuple[str, str]]:
         if getattr(options, "network", "none") != "none" and profile.network.egress != "internet":
             return [("network", "network.egress")]
@@ -384,8 +390,11 @@ class DockerExtension(SandboxExtension):
 
     @classmethod
     def unavailable(cls, config: BaseModel) -> dict[str, str]:
+        """Allow-lists and exposed ports without a local engine, root and nftables; ``gpu`` unless
+        ``config.gpus`` says the engine has NVIDIA GPUs (no daemon is asked)."""
         why = docker_net.unavailable(getattr(config, "docker_host", None))
-        return {e: why for e in ("network:cidr-allowlist", "network:cidr-denylist", "expose")} if why else {}
+        net = {e: why for e in ("network:cidr-allowlist", "network:cidr-denylist", "expose")} if why else {}
+        return {**net, **gpu_unavailable(config)}
 
     def provision(self, request: ProvisionRequest) -> DockerHandle:
         """Create and start the sandbox's container, named ``name_prefix`` + ``request.sandbox_id``.
@@ -415,6 +424,7 @@ class DockerExtension(SandboxExtension):
             "sandboxer.profile": request.profile.slug,
         }
         res = request.profile.resources
+        gpus = gpu_create_kwargs(res.gpu, self.config, backend=self.id)  # refused before anything is made
         client = self.client()
         self._ensure_image(client, image, pull, sandbox_id)
         profile = request.profile
@@ -428,7 +438,8 @@ class DockerExtension(SandboxExtension):
                    if opts.network in ("none", "bridge") else {"network": opts.network})
         expose = list(profile.network.expose) if own or opts.network != "none" else []
         try:
-            container = self._created(client, image, opts, name, labels, env, res, network, expose, sandbox_id)
+            container = self._created(client, image, opts, name, labels, env, res, {**network, **gpus}, expose,
+                                      sandbox_id)
         except BaseException:
             if own is not None:
                 docker_net.remove(client, self._engine_for(sandbox_id), own)
@@ -450,8 +461,8 @@ class DockerExtension(SandboxExtension):
         return lambda action, call: self._engine(action, ProvisionError, call, sandbox=sandbox_id)
 
     def _created(self, client, image: str, opts: DockerOptions, name: str, labels: dict[str, str], env: list[str],
-                 res, network: dict[str, Any], expose: list[int], sandbox_id: str):
-        """The container, created (not started)."""
+                 res, extra: dict[str, Any], expose: list[int], sandbox_id: str):
+        """The container, created (not started); ``extra``: its network and GPU arguments."""
         return self._engine("creating the container", ProvisionError, lambda: client.containers.create(
             image,
             command=opts.command,
@@ -471,7 +482,7 @@ class DockerExtension(SandboxExtension):
             security_opt=["no-new-privileges"] if opts.no_new_privileges else None,
             ports=docker_net.port_bindings(expose),
             detach=True,
-            **network,
+            **extra,
         ), sandbox=sandbox_id)
 
     def _ensure_image(self, client, image: str, pull: str, sandbox_id: str) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import importlib
-import ipaddress
 import logging
 import re
 import secrets
@@ -64,8 +63,8 @@ from sandboxer.execution import (
     kill_marked_argv,
 )
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
+from sandboxer.extensions.e2b_network import network_args, port_urls
 from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration
-from sandboxer.policy import NetworkPolicy, is_domain
 from sandboxer.poll import poll
 from sandboxer.secrets import SecretRef, redact
 
@@ -177,6 +176,7 @@ class E2BHandle(Handle):
     exec: E2BExecDefaults = Field(default_factory=E2BExecDefaults)
     ttl_clamped: bool = False
     restored_from: str | None = Field(default=None, description="the snapshot it was restored from")
+    expose: list[int] = Field(default_factory=list, description="the ports of network.expose, given URLs when ready")
 
 
 class E2BReachability(Reachability):
@@ -228,15 +228,11 @@ class E2BExtension(SandboxExtension):
     Config: ClassVar[type[BaseModel]] = E2BConfig
     ProfileOptions: ClassVar[type[BaseModel]] = E2BOptions
     features: ClassVar[frozenset[str]] = frozenset({"exec", "snapshots", "metering", "list_owned"})
-    # What e2b 2.63 sends and E2B documents (see _network_args for the mapping):
-    # none: allow_internet_access=False, "it works the same as setting network `deny_out` to `[0.0.0.0/0]`";
-    # allow-lists: network.allow_out, "a CIDR block (e.g. "8.8.8.8/32"), a bare IP address (e.g.
-    #   "8.8.8.8"), or a domain name (e.g. "example.com", "*.example.com")", with deny_out [0.0.0.0/0]
-    #   ("If allow_out is not specified, all outbound traffic is allowed");
-    # deny-list: network.deny_out, "List of denied CIDR blocks or IP addresses for egress traffic".
+    # What e2b 2.63 sends and E2B documents: see e2b_network (network:*, and expose: each port's URL
+    # is Sandbox.get_host's, reachable only with the sandbox's traffic access token). E2B has no GPUs.
     enforces: ClassVar[frozenset[str]] = frozenset({
         "network:none", "network:internet", "network:cidr-allowlist", "network:domain-allowlist",
-        "network:cidr-denylist"})
+        "network:cidr-denylist", "expose"})
     requires: ClassVar[tuple[str, str] | None] = ("e2b", "e2b")
     Handle = E2BHandle
 
@@ -432,36 +428,6 @@ class E2BExtension(SandboxExtension):
             access = True if egress == "internet" else None
         return opts.model_copy(update={"allow_internet_access": access})
 
-    def _network_args(self, profile: Profile, opts: E2BOptions) -> dict[str, Any]:
-        """``Sandbox.create``'s ``allow_internet_access`` and ``network`` for the profile's policy.
-
-        E2B: "Allowed entries always take precedence over denied entries", so a deny-list cannot
-        be sent beside an allow-list: the denied CIDRs are cut out of the allowed ones instead,
-        and a deny-list beside an allowed domain (which may resolve into it) is refused.
-
-        Raises:
-            ProvisionError: the policy allows domains and denies CIDRs (not transient).
-        """
-        policy: NetworkPolicy = profile.network
-        if opts.allow_internet_access is False:
-            return {"allow_internet_access": False}
-        if opts.allow_internet_access:
-            return {"allow_internet_access": True, **({"network": {"deny_out": list(policy.deny)}} if policy.deny
-                                                      else {})}
-        domains = [e for e in policy.allow if is_domain(e)]
-        if domains and policy.deny:
-            raise ProvisionError(
-                f"{self.id}: profile {profile.slug!r}: network.deny cannot be kept with domain names in "
-                f"network.egress ({', '.join(domains)}): E2B lets an allowed domain through whatever deny_out says "
-                "(allowed entries take precedence); allow addresses or CIDRs instead of those domains, or drop "
-                "network.deny", transient=False, backend=self.id)
-        cidrs = _without([e for e in policy.allow if not is_domain(e)], policy.deny)
-        if not cidrs and not domains:
-            return {"allow_internet_access": False}  # the deny-list takes away all that was allowed
-        all_traffic = importlib.import_module("e2b.sandbox.network").ALL_TRAFFIC
-        return {"allow_internet_access": None,
-                "network": {"allow_out": sorted(cidrs + domains), "deny_out": [all_traffic]}}
-
     @classmethod
     def policy_conflicts(cls, profile: Profile, options: BaseModel) -> list[tuple[str, str]]:
         if getattr(options, "allow_internet_access", None) and profile.network.egress != "internet":
@@ -482,7 +448,7 @@ class E2BExtension(SandboxExtension):
         tags["sandboxer.sandbox_id"] = sandbox_id
         consumer = tags.get("sandboxer.consumer")
         timeout, clamped = self._ttl(request)
-        network = self._network_args(request.profile, opts)
+        network = network_args(self.id, request.profile, opts.allow_internet_access)
         sdk = _sdk()
         started = time.time()
         e2b_id = self._call("create", lambda sdk_opts: sdk.Sandbox.create(
@@ -497,15 +463,20 @@ class E2BExtension(SandboxExtension):
         return E2BHandle(
             e2b_sandbox_id=e2b_id, template=template, consumer=consumer, timeout_s=timeout, started_at=started,
             exec=E2BExecDefaults(user=opts.user, cwd=opts.cwd), ttl_clamped=clamped, restored_from=restored_from,
+            expose=list(request.profile.network.expose),
         )
 
     def wait_ready(self, handle: E2BHandle, timeout: float = 60.0) -> E2BReachability:
-        """Wait until E2B reports the sandbox running and its envd answers its health check."""
+        """Wait until E2B reports the sandbox running and its envd answers its health check.
+
+        The reachability has a URL for each exposed port; a request to it needs the sandbox's
+        traffic access token, which is not in it (see :mod:`sandboxer.extensions.e2b_network`).
+        """
         sid = handle.e2b_sandbox_id
         sdk = _sdk()
         deadline = time.monotonic() + timeout
 
-        def ready(sdk_opts: dict[str, Any]) -> str:
+        def ready(sdk_opts: dict[str, Any]) -> tuple[str, dict[str, str]]:
             sbx = sdk.Sandbox.connect(sid, **{**sdk_opts, "request_timeout": min(self.config.request_timeout, timeout)})
             poll(
                 lambda: sbx.is_running(request_timeout=max(0.1, min(5.0, deadline - time.monotonic()))),
@@ -515,11 +486,11 @@ class E2BExtension(SandboxExtension):
                     f"E2B sandbox {sid}: envd did not answer its health check within {timeout:g}s", backend=self.id
                 ),
             )
-            return str(sbx.envd_api_url)
+            return str(sbx.envd_api_url), port_urls(sbx, handle.expose)
 
-        envd_url = self._call("readiness check", ready, consumer=handle.consumer, fallback=ReadinessTimeout,
-                              sandbox=sid)
-        return E2BReachability(e2b_sandbox_id=sid, template=handle.template, envd_url=envd_url)
+        envd_url, urls = self._call("readiness check", ready, consumer=handle.consumer, fallback=ReadinessTimeout,
+                                    sandbox=sid)
+        return E2BReachability(e2b_sandbox_id=sid, template=handle.template, envd_url=envd_url, urls=urls)
 
     def teardown(self, handle: E2BHandle) -> TeardownReport:
         """Kill the sandbox; one already gone (404: killed, or past its timeout) counts as torn down."""
@@ -767,21 +738,6 @@ class E2BExtension(SandboxExtension):
             "end_at": _iso(info.end_at),
             "state": str(getattr(info.state, "value", info.state)),
         }
-
-
-def _without(allowed: list[str], denied: list[str]) -> list[str]:
-    """The CIDRs ``allowed`` with every address of ``denied`` taken out (collapsed, as strings)."""
-    nets: list[Any] = [ipaddress.ip_network(a) for a in allowed]
-    for d in (ipaddress.ip_network(x) for x in denied):
-        out: list[Any] = []
-        for n in nets:
-            if n.version != d.version or not n.overlaps(d):
-                out.append(n)
-            elif not n.subnet_of(d):
-                out.extend(n.address_exclude(d))
-        nets = out
-    return [str(n) for version in (4, 6)
-            for n in ipaddress.collapse_addresses(n for n in nets if n.version == version)]
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -17,8 +17,9 @@ It owns the mapping of sand-boxer's verbs onto the official ``modal`` SDK
   holds a token.
 
 Verbs: provision = ``App.lookup`` + ``Sandbox.create`` (image, timeout = TTL,
-idle_timeout, cpu, memory, tags, readiness probe); wait_ready =
-``wait_until_ready``; exec = ``Sandbox.exec``; teardown = ``terminate`` (a
+idle_timeout, cpu, memory, tags, readiness probe; network, ports and GPU from the profile's
+policy: :mod:`sandboxer.extensions.modal_policy`); wait_ready = ``wait_until_ready`` (and
+``tunnels`` for exposed ports); exec = ``Sandbox.exec``; teardown = ``terminate`` (a
 sandbox Modal already ended, or no longer knows, is already gone); snapshot =
 ``snapshot_filesystem``; restore = ``Sandbox.create`` from the snapshot image;
 reattach = ``Sandbox.from_id``; list_owned = ``Sandbox.list`` by tags; probe =
@@ -67,8 +68,8 @@ from sandboxer.execution import (
     kill_marked_argv,
 )
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
+from sandboxer.extensions.modal_policy import check_gpu, cidrs, gpu_arg, network_args, port_urls
 from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration
-from sandboxer.policy import is_domain
 from sandboxer.secrets import SecretRef, redact
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,13 @@ class ModalOptions(_Strict):
     block_network: bool = False
     workdir: str | None = Field(default=None, pattern=r"^/")
     readiness_probe: ModalProbe = ModalProbe(exec=["true"])
+    inbound_cidr_allowlist: list[str] | None = Field(
+        default=None, description="who may connect to the tunnels of network.expose (default: anyone with the URL)")
+
+    @field_validator("inbound_cidr_allowlist")
+    @classmethod
+    def _inbound(cls, v: list[str] | None) -> list[str] | None:
+        return cidrs(v)
 
 
 class ModalHandle(Handle):
@@ -172,6 +180,7 @@ class ModalHandle(Handle):
     cpu: float | None = None
     memory_mb: int | None = None
     image: str | None = Field(default=None, description="the image id or registry tag it started from")
+    expose: list[int] = Field(default_factory=list, description="the ports of network.expose, given URLs when ready")
 
 
 class ModalReachability(Reachability):
@@ -204,13 +213,10 @@ class ModalExtension(SandboxExtension):
     Config: ClassVar[type[BaseModel]] = ModalConfig
     ProfileOptions: ClassVar[type[BaseModel]] = ModalOptions
     features: ClassVar[frozenset[str]] = frozenset({"exec", "snapshots", "metering", "list_owned"})
-    # What modal 1.6.4's Sandbox.create sends (as the definition's network_access) and documents:
-    # none: block_network=True, "Whether to block network access";
-    # allow-lists: outbound_cidr_allowlist, "List of CIDRs the sandbox is allowed to access", and
-    #   outbound_domain_allowlist, "List of domain names the sandbox is allowed to access. Supports
-    #   wildcard prefixes (``*.``)". Modal has no deny-list: network:cidr-denylist is not kept.
+    # What modal 1.6.4's Sandbox.create sends and Modal documents, for each: see modal_policy.
+    # Modal has no deny-list: network:cidr-denylist is not kept.
     enforces: ClassVar[frozenset[str]] = frozenset({
-        "network:none", "network:internet", "network:cidr-allowlist", "network:domain-allowlist"})
+        "network:none", "network:internet", "network:cidr-allowlist", "network:domain-allowlist", "expose", "gpu"})
     requires: ClassVar[tuple[str, str] | None] = ("modal", "modal")
     Handle = ModalHandle
 
@@ -427,23 +433,16 @@ class ModalExtension(SandboxExtension):
 
     def options(self, profile: Profile) -> ModalOptions:
         """The profile's options, the network blocked for ``network.egress: none`` (for any egress if
-        ``block_network`` says so); an allow-list is :meth:`_network_args`'s."""
+        ``block_network`` says so); an allow-list is :func:`modal_policy.network_args`'s."""
         opts = super().options(profile)
         if profile.network.egress == "none":
             return opts.model_copy(update={"block_network": True})
         return opts
 
-    @staticmethod
-    def _network_args(profile: Profile, opts: ModalOptions) -> dict[str, Any]:
-        """``Sandbox.create``'s network arguments for the profile's policy (after :meth:`options`)."""
-        allow = profile.network.allow
-        if opts.block_network or not allow:
-            return {"block_network": opts.block_network}
-        return {"block_network": False, "outbound_cidr_allowlist": [e for e in allow if not is_domain(e)],
-                "outbound_domain_allowlist": [e for e in allow if is_domain(e)]}
-
     @classmethod
     def policy_conflicts(cls, profile: Profile, options: BaseModel) -> list[tuple[str, str]]:
+        """Also refuses a ``resources.gpu.type`` Modal does not know (:func:`modal_policy.check_gpu`)."""
+        check_gpu(profile)
         # block_network: false beside an allow-list widens nothing: the allow-list still applies
         if "block_network" in options.model_fields_set and not getattr(options, "block_network", True) \
                 and profile.network.egress == "none":
@@ -483,7 +482,7 @@ class ModalExtension(SandboxExtension):
         if not isinstance(image_ref, str):
             raise InputError(f"{self.id}: input 'image' must be a string, got {image_ref!r}")
         idle = opts.idle_timeout if opts.idle_timeout is not None else self.config.idle_timeout
-        network = self._network_args(profile, opts)
+        network = network_args(profile, opts.block_network, opts.inbound_cidr_allowlist)
 
         modal = self._sdk()
         probe = opts.readiness_probe
@@ -501,7 +500,7 @@ class ModalExtension(SandboxExtension):
             sb = modal.Sandbox.create(
                 app=app, image=image, timeout=int(math.ceil(ttl)),
                 idle_timeout=int(math.ceil(idle)) if idle else None,
-                cpu=cpu, memory=memory, tags=tags or None, env=env or None,
+                cpu=cpu, memory=memory, gpu=gpu_arg(profile.resources.gpu), tags=tags or None, env=env or None,
                 region=opts.region, workdir=opts.workdir, **network,
                 readiness_probe=readiness, client=client,
             )
@@ -516,7 +515,7 @@ class ModalExtension(SandboxExtension):
             object_id=object_id, app_id=app_id,
             credentials=consumer if consumer in self.config.consumer_tokens else None,
             started_at=started, ttl_s=ttl, cpu=profile.resources.cpu, memory_mb=profile.resources.memory_mb,
-            image=image_id or image_ref,
+            image=image_id or image_ref, expose=list(profile.network.expose),
         )
 
     def _ttl(self, request: ProvisionRequest) -> float:
@@ -546,14 +545,23 @@ class ModalExtension(SandboxExtension):
         return max(res.cpu / VCPUS_PER_MODAL_CORE, MIN_MODAL_CORES), res.memory_mb
 
     def wait_ready(self, handle: ModalHandle, timeout: float = 60.0) -> ModalReachability:
-        """Block on Modal's readiness probe (the sandbox is scheduled and the probe passed)."""
+        """Block on Modal's readiness probe (the sandbox is scheduled and the probe passed); then
+        the URL of each exposed port is its tunnel's."""
         object_id = handle.object_id
-        self._call("wait_ready",
-                   lambda client: self._sandbox(client, object_id).wait_until_ready(
-                       timeout=max(1, int(math.ceil(timeout)))),
-                   consumer=handle.credentials, sandbox=object_id, error=ProvisionError,
-                   timeout_error=ReadinessTimeout)
-        return ModalReachability(sandbox_id=object_id, app_id=handle.app_id)
+        deadline = time.monotonic() + timeout
+
+        def ready(client: Any) -> dict[str, str]:
+            sb = self._sandbox(client, object_id)
+            sb.wait_until_ready(timeout=max(1, int(math.ceil(timeout))))
+            if not handle.expose:
+                return {}
+            left = max(1, int(math.ceil(deadline - time.monotonic())))
+            return port_urls(sb.tunnels(timeout=left), handle.expose, where=f"{self.id}: wait_ready {object_id}",
+                             backend=self.id)
+
+        urls = self._call("wait_ready", ready, consumer=handle.credentials, sandbox=object_id, error=ProvisionError,
+                          timeout_error=ReadinessTimeout)
+        return ModalReachability(sandbox_id=object_id, app_id=handle.app_id, urls=urls)
 
     def teardown(self, handle: ModalHandle) -> TeardownReport:
         """Terminate the sandbox. One Modal already ended (its timeout passed, it was terminated

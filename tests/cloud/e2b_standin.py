@@ -15,8 +15,11 @@ A "sandbox" is a scratch directory: commands run as real local processes in
 it, and a snapshot is a copy of it, so a file written before a snapshot is
 there after a restore. A command's cwd is honoured as the SDK sends it: a path
 the box's own commands reported (a host path inside its directory) is that
-directory, any other absolute path is taken from the box's directory. The network a create asks for (``allow_internet_access``,
-``network.allowOut`` / ``denyOut``) is recorded on the box as sent. Each API key is its own team: a key sees only the
+directory, any other absolute path is taken from the box's directory. The network
+a create asks for (``allow_internet_access``, ``network.allowOut`` / ``denyOut`` /
+``allowPublicTraffic``) is recorded on the box as sent; a box created with
+``allowPublicTraffic: false`` gets a traffic access token, handed out (as E2B does)
+only by create and connect. Each API key is its own team: a key sees only the
 sandboxes it created. Every process of a box carries ``E2B_STANDIN_BOX=<id>``
 in its environment (see tests/cloud/procs.py): killing the box kills them all,
 as a microVM going away would.
@@ -97,8 +100,12 @@ class Box:
     procs: dict[int, subprocess.Popen] = field(default_factory=dict)
     #: the create body's ``allow_internet_access`` as sent (None: the SDK left it out)
     allow_internet_access: bool | None = None
-    #: the create body's ``network`` as sent (``allowOut``, ``denyOut``...; {} when left out)
+    #: the create body's ``network`` as sent (``allowOut``, ``denyOut``, ``allowPublicTraffic``...; {} when left out)
     network: dict[str, Any] = field(default_factory=dict)
+    #: the domain its ports are served under (``<port>-<id>.<domain>``), as the API reports it
+    domain: str = "e2b-standin.test"
+    #: the token its public URLs ask for (E2B issues one when the create says ``allowPublicTraffic: false``)
+    traffic_token: str | None = None
 
     def summary(self, client_id: str = "standin") -> dict[str, Any]:
         return {
@@ -109,10 +116,14 @@ class Box:
         }
 
     def created(self) -> dict[str, Any]:
-        return {
+        """What a create or a connect answers: E2B hands out the traffic access token only here."""
+        out = {
             "templateID": self.template, "sandboxID": self.id, "clientID": "standin",
-            "envdVersion": ENVD_VERSION, "envdAccessToken": self.token,
+            "envdVersion": ENVD_VERSION, "envdAccessToken": self.token, "domain": self.domain,
         }
+        if self.traffic_token is not None:
+            out["trafficAccessToken"] = self.traffic_token
+        return out
 
 
 @dataclass
@@ -405,6 +416,8 @@ class E2BStandIn:
             started_at=now, end_at=now + timeout, ready_at=now + self.boot_delay,
             allow_internet_access=body.get("allow_internet_access"), network=dict(body.get("network") or {}),
         )
+        if box.network.get("allowPublicTraffic") is False:
+            box.traffic_token = "tat_" + secrets.token_hex(16)
         self.boxes[sid] = box
         self._ids.add(sid)
         if idempotency_key:

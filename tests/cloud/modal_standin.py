@@ -22,7 +22,11 @@ Each token id is its own workspace (it sees only the apps and sandboxes it
 made) unless :attr:`ModalStandIn.workspaces` maps it to another token id's.
 
 Every call is recorded in :attr:`ModalStandIn.calls`; a sandbox's :attr:`Sbx.network` is the
-outbound network its create sent. Any RPC the stand-in
+outbound network its create sent, :attr:`Sbx.ports` the ports it opened (each answered by
+``SandboxGetTunnels[V2]`` with a tunnel), :attr:`Sbx.inbound` who may connect to them, and
+:attr:`Sbx.gpu` the GPU it asked for. The SDK sends a GPU sandbox through Modal's V1 sandbox
+API (``SandboxCreate``, ``SandboxGetTaskId``, ``SandboxWait``, ``SandboxTerminate``, ...), so
+those are served too, for sandboxes with a V1-shaped id. Any RPC the stand-in
 does not implement is recorded in :attr:`ModalStandIn.unimplemented` and
 answered UNIMPLEMENTED; the test fixture fails on it, so an SDK upgrade that
 changes the wire shows up at once. Faults are scripted per RPC with
@@ -108,6 +112,27 @@ class Sbx:
     execs: dict[str, Exec] = field(default_factory=dict)
 
     @property
+    def ports(self) -> list[tuple[int, str]]:
+        """The ports the create opened, each with how: ``encrypted`` (TLS), ``unencrypted`` or ``h2``."""
+        how = {(False, api_pb2.TUNNEL_TYPE_H2): "h2"}
+        return [(p.port, "unencrypted" if p.unencrypted else how.get((False, p.tunnel_type), "encrypted"))
+                for p in self.definition.open_ports.ports]
+
+    @property
+    def inbound(self) -> list[str]:
+        """The create's ``inbound_cidr_allowlist`` as sent ([]: anyone may connect to its tunnels)."""
+        return list(self.definition.inbound_cidr_allowlist)
+
+    @property
+    def gpu(self) -> tuple[str, int] | None:
+        """The GPU the create asked for, as sent: (``gpu_type``, ``count``), or None."""
+        cfg = self.definition.resources.gpu_config
+        return (cfg.gpu_type, cfg.count) if cfg.gpu_type or cfg.count else None
+
+    def tunnel_host(self, port: int) -> str:
+        return f"{self.id.lower()}-{port}.modal-standin.test"
+
+    @property
     def network(self) -> dict[str, Any]:
         """The outbound network the create asked for, as sent: the definition's ``network_access``
         (``BLOCKED``, ``OPEN`` or ``ALLOWLIST`` with its CIDRs and domains) and the legacy
@@ -139,6 +164,8 @@ class ModalStandIn:
         #: Each token id is its own workspace unless mapped here to another token id's.
         self.workspaces: dict[str, str] = {}
         self.jwts: set[str] = set()
+        #: Ports a create opens that SandboxGetTunnels[V2] nonetheless leaves out (a tunnel Modal did not set up).
+        self.no_tunnel: set[int] = set()
         self._faults: dict[str, list[tuple[GRPCError, bool]]] = {}
         self._lose_create = 0
         self._lock = threading.Lock()
@@ -285,6 +312,14 @@ class ModalStandIn:
         return api_pb2.GenericResult(status=sb.status) if sb.status else api_pb2.GenericResult()
 
 
+def _tunnel(sb: Sbx, port: int, how: str) -> api_pb2.TunnelData:
+    """A port's tunnel as Modal describes it: a TLS host on 443, or a plain TCP host and port."""
+    if how == "unencrypted":
+        return api_pb2.TunnelData(container_port=port, unencrypted_host=sb.tunnel_host(port),
+                                  unencrypted_port=40000 + port)
+    return api_pb2.TunnelData(container_port=port, host=sb.tunnel_host(port), port=443)
+
+
 def _in_sandbox(root: Path, path: str) -> Path:
     """Where a path the SDK sent (an exec's workdir) is, in a sandbox whose files live under ``root``.
 
@@ -368,12 +403,13 @@ class _ControlPlane(ModalClientBase):
             raise GRPCError(Status.UNAVAILABLE, "upstream connect error or disconnect/reset before headers")
         await stream.send_message(response)
 
-    async def _create(self, stream, request) -> api_pb2.SandboxCreateV2Response:
+    async def _create(self, stream, request, *, v1: bool = False) -> api_pb2.SandboxCreateV2Response:
         st = self.standin
         definition = request.definition
         if definition.image_id not in st.images:
             raise GRPCError(Status.NOT_FOUND, f"Image {definition.image_id} not found")
-        sandbox_id = f"sb-{secrets.token_hex(12)}"
+        # V1 ids are "sb-" and 22 letters or digits; the SDK routes every other shape to V2
+        sandbox_id = f"sb-{secrets.token_hex(11)[:21]}V" if v1 else f"sb-{secrets.token_hex(12)}"
         root = st._tmp / sandbox_id
         source = st.images[definition.image_id]
         if source is not None:
@@ -392,6 +428,24 @@ class _ControlPlane(ModalClientBase):
             command_router_access=api_pb2.CommandRouterAccess(url=st.router_url, jwt=st.new_jwt()),
         )
         return response
+
+    async def SandboxCreate(self, stream, request) -> None:
+        """V1's create, which the SDK uses for a GPU sandbox."""
+        response = await self._create(stream, request, v1=True)
+        await stream.send_message(api_pb2.SandboxCreateResponse(sandbox_id=response.sandbox_id,
+                                                                 metadata=response.metadata))
+
+    async def SandboxGetTunnelsV2(self, stream, request) -> None:
+        sb = self.standin.sandbox(request.sandbox_id, stream.metadata)
+        await stream.send_message(api_pb2.SandboxGetTunnelsResponse(
+            result=api_pb2.GenericResult(status=_GENERIC.GENERIC_STATUS_SUCCESS),
+            tunnels=[_tunnel(sb, port, how) for port, how in sb.ports if port not in self.standin.no_tunnel],
+        ))
+
+    async def TaskGetCommandRouterAccess(self, stream, request) -> None:
+        st = self.standin
+        sb = st.by_task(request.task_id)
+        await stream.send_message(api_pb2.TaskGetCommandRouterAccessResponse(url=st.router_url, jwt=st.new_jwt()))
 
     async def SandboxGetTaskIdV2(self, stream, request) -> None:
         sb = self.standin.sandbox(request.sandbox_id, stream.metadata)
@@ -464,6 +518,13 @@ class _ControlPlane(ModalClientBase):
         resp.since.FromSeconds(int(sb.created_at))
         resp.until.FromSeconds(int(sb.finished_at or time.time()))
         await stream.send_message(resp)
+
+    # V1's RPCs take and answer the same messages as V2's (a GPU sandbox is a V1 one)
+    SandboxGetTunnels = SandboxGetTunnelsV2
+    SandboxGetTaskId = SandboxGetTaskIdV2
+    SandboxWait = SandboxWaitV2
+    SandboxTerminate = SandboxTerminateV2
+    SandboxTagsGet = SandboxTagsGetV2
 
 
 class _Router(TaskCommandRouterBase):

@@ -33,3 +33,34 @@ def test_live_create_exec_teardown(tmp_path: Path):
         finally:
             assert mgr.teardown(sb.id).state is SandboxState.TERMINATED
         assert mgr.gc().orphans == []
+
+
+def test_live_an_exposed_port_answers_only_with_the_traffic_token(tmp_path: Path):
+    """What the stand-in cannot show: E2B really refuses a request to an exposed port without the token."""
+    import time
+
+    import e2b
+    import httpx
+    import yaml
+
+    profile = yaml.safe_load((Path(__file__).parents[2] / "profiles" / "profile.e2b.yaml").read_text())
+    profile.update(slug="e2b-serve", network={"egress": "none", "expose": [8080]})
+    (tmp_path / "cfg" / "profiles").mkdir(parents=True)
+    (tmp_path / "cfg" / "profiles" / "profile.e2b-serve.yaml").write_text(yaml.safe_dump(profile))
+    with Manager(config_dirs=[tmp_path / "cfg"], home=tmp_path / "home") as mgr:
+        sb = mgr.create(SandboxCreateRequest(profile="e2b-serve", consumer="live-smoke", ttl="5m"))
+        try:
+            url = sb.reachability["urls"]["8080"]
+            mgr.exec(sb.id, ["sh", "-c", "nohup python3 -m http.server 8080 >/dev/null 2>&1 &"])
+            token = e2b.Sandbox.connect(sb.reachability["e2b_sandbox_id"]).traffic_access_token
+            assert token
+            status = None
+            for _ in range(30):  # the server needs a moment to listen
+                status = httpx.get(url, headers={"e2b-traffic-access-token": token}, timeout=10).status_code
+                if status == 200:
+                    break
+                time.sleep(1)
+            assert status == 200
+            assert httpx.get(url, timeout=10).status_code == 403
+        finally:
+            assert mgr.teardown(sb.id).state is SandboxState.TERMINATED

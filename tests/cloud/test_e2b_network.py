@@ -1,7 +1,8 @@
 """ext.e2b keeps the profile's network policy: what the unmodified SDK sends on create, per policy.
 
 The stand-in records the create body's ``allow_internet_access`` and ``network`` as they
-arrived on the wire; nothing in the SDK is mocked.
+arrived on the wire; nothing in the SDK is mocked. Every create also says
+``allowPublicTraffic: false`` (no port of the sandbox is public: tests/cloud/test_e2b_expose.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from tests.cloud.conftest_e2b import config_dir, inputs, sentinel, standin  # no
 from tests.cloud.e2b_standin import E2BStandIn  # noqa: E402
 
 
+#: what every create's network says besides its egress: no URL of the sandbox answers without its token
+PRIVATE = {"allowPublicTraffic": False}
+
+
 @pytest.fixture
 def create(config_dir, standin: E2BStandIn):
     """Create a sandbox under a profile with this ``network`` (and ``options``); the box as E2B got it."""
@@ -38,53 +43,53 @@ def create(config_dir, standin: E2BStandIn):
 
 def test_the_default_policy_sends_no_internet_access(create):
     box = create()
-    assert (box.allow_internet_access, box.network) == (False, {})
+    assert (box.allow_internet_access, box.network) == (False, PRIVATE)
 
 
 def test_egress_internet_sends_internet_access(create):
     box = create({"egress": "internet"})
-    assert (box.allow_internet_access, box.network) == (True, {})
+    assert (box.allow_internet_access, box.network) == (True, PRIVATE)
 
 
 def test_an_option_that_narrows_internet_to_none_is_kept(create):
     box = create({"egress": "internet"}, allow_internet_access=False)
-    assert (box.allow_internet_access, box.network) == (False, {})
+    assert (box.allow_internet_access, box.network) == (False, PRIVATE)
 
 
 def test_a_cidr_allow_list_allows_only_it_and_denies_all_other_traffic(create):
     box = create({"egress": ["10.1.0.0/16", "192.0.2.7"]})
     assert box.allow_internet_access is None
-    assert box.network == {"allowOut": ["10.1.0.0/16", "192.0.2.7/32"], "denyOut": ["0.0.0.0/0"]}
+    assert box.network == {"allowOut": ["10.1.0.0/16", "192.0.2.7/32"], "denyOut": ["0.0.0.0/0"], **PRIVATE}
 
 
 def test_a_domain_allow_list_is_sent_as_domains(create):
     box = create({"egress": ["api.example.com", "*.pypi.org", "198.51.100.0/24"]})
     assert box.allow_internet_access is None
     assert box.network == {"allowOut": ["*.pypi.org", "198.51.100.0/24", "api.example.com"],
-                           "denyOut": ["0.0.0.0/0"]}
+                           "denyOut": ["0.0.0.0/0"], **PRIVATE}
 
 
 def test_an_option_that_narrows_an_allow_list_to_none_sends_no_network(create):
     box = create({"egress": ["api.example.com"]}, allow_internet_access=False)
-    assert (box.allow_internet_access, box.network) == (False, {})
+    assert (box.allow_internet_access, box.network) == (False, PRIVATE)
 
 
 def test_a_deny_list_with_internet_is_sent_as_deny_out(create):
     box = create({"egress": "internet", "deny": ["10.0.0.0/8", "169.254.169.254"]})
     assert box.allow_internet_access is True
-    assert box.network == {"denyOut": ["10.0.0.0/8", "169.254.169.254/32"]}
+    assert box.network == {"denyOut": ["10.0.0.0/8", "169.254.169.254/32"], **PRIVATE}
 
 
 def test_a_deny_list_inside_a_cidr_allow_list_is_cut_out_of_it(create):
     # E2B: "Allowed entries always take precedence over denied entries", so the denied part
     # is taken out of what is allowed rather than sent as a deny_out E2B would not apply.
     box = create({"egress": ["10.0.0.0/8", "192.0.2.0/24"], "deny": ["10.128.0.0/9", "192.0.2.0/24"]})
-    assert box.network == {"allowOut": ["10.0.0.0/9"], "denyOut": ["0.0.0.0/0"]}
+    assert box.network == {"allowOut": ["10.0.0.0/9"], "denyOut": ["0.0.0.0/0"], **PRIVATE}
 
 
 def test_a_deny_list_that_denies_all_that_is_allowed_sends_no_network(create):
     box = create({"egress": ["10.1.0.0/16"], "deny": ["10.0.0.0/8"]})
-    assert (box.allow_internet_access, box.network) == (False, {})
+    assert (box.allow_internet_access, box.network) == (False, PRIVATE)
 
 
 def test_a_deny_list_with_domains_allowed_is_refused_before_any_request(create, standin: E2BStandIn):

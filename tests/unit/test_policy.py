@@ -94,13 +94,19 @@ def test_the_builtins_declare_only_what_they_keep():
     got = {k: sorted(v.enforces) for k, v in cat.extensions.items()}
     assert got == {
         "ext.compose-ssh": ["network:internet"], "ext.vm-packer": ["network:internet"],
-        "ext.docker": ["network:internet", "network:none"], "ext.local": ["expose", "network:cidr-allowlist", "network:cidr-denylist", "network:internet",
+        "ext.docker": ["expose", "network:cidr-allowlist", "network:cidr-denylist", "network:internet",
+                       "network:none"],
+        "ext.local": ["expose", "network:cidr-allowlist", "network:cidr-denylist", "network:internet",
                       "network:none"],
-        "ext.e2b": ["network:cidr-allowlist", "network:cidr-denylist", "network:domain-allowlist", "network:internet",
-                    "network:none"],
-        "ext.modal": ["network:cidr-allowlist", "network:domain-allowlist", "network:internet", "network:none"],
+        "ext.e2b": ["expose", "network:cidr-allowlist", "network:cidr-denylist", "network:domain-allowlist",
+                    "network:internet", "network:none"],
+        "ext.modal": ["expose", "gpu", "network:cidr-allowlist", "network:domain-allowlist", "network:internet",
+                      "network:none"],
         "ext.saas-stub": ["network:none"],
     }
+    # as root with nftables (as the suite runs) only docker's GPUs are not here, and it says why
+    assert {k: v.unavailable for k, v in cat.extensions.items() if v.unavailable} == {
+        "ext.docker": {"gpu": "set config.gpus: true when the engine has NVIDIA GPUs and its runtime"}}
     assert cat.warnings == []  # every built-in profile has a backend that can keep its policy
 
 
