@@ -63,6 +63,7 @@ from sandboxer.execution import (
     kill_marked_argv,
 )
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
+from sandboxer.extensions import e2b_network
 from sandboxer.extensions.e2b_network import network_args, port_urls
 from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration
 from sandboxer.poll import poll
@@ -427,6 +428,10 @@ class E2BExtension(SandboxExtension):
         else:
             access = True if egress == "internet" else None
         return opts.model_copy(update={"allow_internet_access": access})
+
+    @classmethod
+    def policy_refusals(cls, profile: Profile, options: BaseModel, config: BaseModel) -> list[str]:
+        return e2b_network.refusals(profile)
 
     @classmethod
     def policy_conflicts(cls, profile: Profile, options: BaseModel) -> list[tuple[str, str]]:

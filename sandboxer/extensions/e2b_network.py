@@ -46,6 +46,18 @@ def _with_private_ports(args: dict[str, Any]) -> dict[str, Any]:
     return {**args, "network": {**(args.get("network") or {}), "allow_public_traffic": False}}
 
 
+def refusals(profile: Profile) -> list[str]:
+    """What of the profile's network policy E2B cannot keep in combination (see
+    :meth:`SandboxExtension.policy_refusals`): allowed domains beside a deny-list."""
+    policy: NetworkPolicy = profile.network
+    domains = [e for e in policy.allow if is_domain(e)]
+    if domains and policy.deny:
+        return [f"network.deny cannot be kept with domain names in network.egress ({', '.join(domains)}): E2B lets "
+                "an allowed domain through whatever deny_out says (allowed entries take precedence); allow "
+                "addresses or CIDRs instead of those domains, or drop network.deny"]
+    return []
+
+
 def _egress_args(backend: str, profile: Profile, access: bool | None) -> dict[str, Any]:
     policy: NetworkPolicy = profile.network
     if access is False:
@@ -54,12 +66,9 @@ def _egress_args(backend: str, profile: Profile, access: bool | None) -> dict[st
         return {"allow_internet_access": True, **({"network": {"deny_out": list(policy.deny)}} if policy.deny
                                                   else {})}
     domains = [e for e in policy.allow if is_domain(e)]
-    if domains and policy.deny:
-        raise ProvisionError(
-            f"{backend}: profile {profile.slug!r}: network.deny cannot be kept with domain names in "
-            f"network.egress ({', '.join(domains)}): E2B lets an allowed domain through whatever deny_out says "
-            "(allowed entries take precedence); allow addresses or CIDRs instead of those domains, or drop "
-            "network.deny", transient=False, backend=backend)
+    refused = refusals(profile)
+    if refused:  # the router never places this here (policy_refusals); a direct call still refuses
+        raise ProvisionError(f"{backend}: profile {profile.slug!r}: {refused[0]}", transient=False, backend=backend)
     cidrs = _without([e for e in policy.allow if not is_domain(e)], policy.deny)
     if not cidrs and not domains:
         return {"allow_internet_access": False}  # the deny-list takes away all that was allowed

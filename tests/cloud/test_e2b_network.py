@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import re
 import pytest
 
 pytest.importorskip("e2b", reason="the e2b extra is not installed: pip install 'sand-boxer[e2b]'")
@@ -99,3 +100,23 @@ def test_a_deny_list_with_domains_allowed_is_refused_before_any_request(create, 
     assert ("network.deny cannot be kept with domain names in network.egress (api.example.com): E2B lets an allowed "
             "domain through whatever deny_out says") in str(err.value)
     assert [c for c in standin.calls if c["path"] == "/v2/sandboxes"] == []
+
+
+def test_the_router_never_places_a_policy_of_domains_and_a_deny_list_on_e2b(config_dir, standin: E2BStandIn, tmp_path):
+    """E2B keeps domain allow-lists and deny-lists, not the two together: the catalog says so at
+    load, `validate` warns, and the router refuses before anything is recorded or sent."""
+    from sandboxer import Manager
+    from sandboxer.errors import CapabilityError
+
+    cfg = config_dir()
+    set_policy(cfg / "profiles" / "profile.test-e2b.yaml", {"egress": ["api.example.com"], "deny": ["10.0.0.0/8"]})
+    catalog = load_catalog([cfg], builtins=False)
+    reason = ("network.deny cannot be kept with domain names in network.egress (api.example.com): E2B lets an "
+              "allowed domain through whatever deny_out says")
+    assert reason in catalog.extensions["ext.test-e2b"].refusals[("test-e2b", 0)][0]
+    assert any(reason in w for w in catalog.warnings)
+    mgr = Manager(catalog=catalog, home=tmp_path / "home")
+    with pytest.raises(CapabilityError, match=r"ext\.test-e2b cannot keep the policy of profile 'test-e2b': "
+                                              + re.escape(reason)):
+        mgr.create(profile="test-e2b", consumer="t")
+    assert mgr.list() == [] and [c for c in standin.calls if c["path"] == "/v2/sandboxes"] == []
