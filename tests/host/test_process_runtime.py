@@ -112,3 +112,32 @@ def test_an_unknown_runtime_is_refused_at_load_naming_the_file(cfg) -> None:
         load_catalog([cfg.root])
     assert str(err.value) == (f"{path}: field 'runtime' (value 'thread'): Input should be 'in-process' or "
                               "'process'")
+
+
+def test_what_a_process_extension_cannot_keep_is_known_without_importing_it(cfg, home) -> None:
+    """policy_refusals (and unavailable) of a ``runtime: process`` handler are asked in its describe
+    worker: the router refuses as it does for an in-process one."""
+    from sandboxer import Manager
+    from sandboxer.errors import CapabilityError
+
+    cfg.write("ext.localproc.yaml", """
+        id: ext.localproc
+        title: ext.local, out of process
+        version: 0.1.0
+        handler: sandboxer.extensions.local:LocalExtension
+        runtime: process
+        capabilities:
+          isolation_levels: [process, none]
+          pricing_model: self-hosted
+          features: [exec, snapshots, list_owned]
+    """)
+    cfg.write("profile.bareproc.yaml", "slug: bareproc\nextension: ext.localproc\nisolation: none\n")
+    mgr = Manager(config_dirs=[cfg.root], home=home)
+    loaded = mgr.catalog.extensions["ext.localproc"]
+    assert loaded.handler is None  # never imported here
+    assert loaded.refusals[("bareproc", 0)][0].startswith("'isolation: none' runs commands on the host")
+    assert "network:cidr-allowlist" in loaded.enforces and loaded.unavailable == {}
+    with pytest.raises(CapabilityError, match=r"ext\.localproc cannot keep the policy of profile 'bareproc'"):
+        mgr.create(profile="bareproc", consumer="t")
+    assert mgr.list() == []
+    mgr.close()
