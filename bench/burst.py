@@ -73,14 +73,18 @@ def policy_check_cost(mgr: Manager, slug: str, n: int = 5000) -> dict[str, float
     kw = dict(hosts=lambda i: mgr._hosts(prof, i),
               missing_extra=lambda i: mgr.catalog.extensions[prof.candidates[i].extension].missing_extra,
               quote=lambda i: mgr._quote(prof, i, 60.0))
-    enforces = lambda i: mgr.catalog.extensions[prof.candidates[i].extension].enforces  # noqa: E731
+    exts = mgr.catalog.extensions
+    # as the manager passes them: what each backend keeps, why not on this host, and combinations it refuses
+    check = dict(enforces=lambda i: exts[prof.candidates[i].extension].enforces,
+                 why_not=lambda i: exts[prof.candidates[i].extension].unavailable,
+                 refusals=lambda i: exts[prof.candidates[i].extension].refusals.get((prof.slug, i), []))
     with_check, without = [], []
     for _ in range(n):
         t = time.perf_counter()
         mgr.router.plan(prof, 60.0, **kw)
         without.append(time.perf_counter() - t)
         t = time.perf_counter()
-        mgr.router.plan(prof, 60.0, enforces=enforces, **kw)
+        mgr.router.plan(prof, 60.0, **check, **kw)
         with_check.append(time.perf_counter() - t)
     a, b = statistics.median(with_check) * 1e6, statistics.median(without) * 1e6
     return {"plan_p50_us": round(a, 1), "plan_without_check_p50_us": round(b, 1), "policy_check_added_p50_us": round(a - b, 1)}
