@@ -191,3 +191,31 @@ def test_without_root_an_allow_list_is_not_claimed_and_says_why(cfg, home, monke
                                                         f"host: {why}), which the policy of profile 'net' needs")):
         mgr.create(profile="net", consumer="t")
     assert mgr.list() == []
+
+
+def test_a_namespace_left_by_a_crash_is_found_by_list_owned_and_removed(policy, hosts, monkeypatch):
+    """A crash after the namespace and its rules were made, before the init started (the process
+    died: no cleanup ran): list_owned finds the sandbox, and its teardown removes all of it."""
+    from sandboxer.extensions.local import LocalExtension
+    from sandboxer.testing import request
+
+    mgr = policy({"egress": [hosts[0].address]})
+    ext = mgr.extension("ext.local")
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("the process died here")
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalExtension, "_start_init", crash)
+        m.setattr(LocalExtension, "teardown", lambda self, handle: None)  # a dead process cleans nothing
+        with pytest.raises(KeyboardInterrupt):
+            ext.provision(request(mgr.profile("net"), {"sandbox_id": "sb-crashed0001", "owner_labels": {"o": "crash"}},
+                                  None))
+    assert "sandboxer-sb-crashed0001" in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert egress.table_name("sb-crashed0001") in egress.tables()
+    [found] = [o for o in ext.list_owned({"o": "crash"}) if o.sandbox_id == "sb-crashed0001"]
+    report = ext.teardown(found.handle)
+    assert "netns sandboxer-sb-crashed0001" in report.removed
+    assert "sandboxer-sb-crashed0001" not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                            text=True).stdout
+    assert egress.table_name("sb-crashed0001") not in egress.tables()
