@@ -16,6 +16,7 @@ data reach remote scripts only as quoted positional parameters.
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets as _secrets
 import threading
@@ -35,6 +36,7 @@ from sandboxer.errors import (
     TeardownError,
 )
 from sandboxer.contract import OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
+from sandboxer import forward
 from sandboxer.execution import check_argv
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
@@ -116,6 +118,13 @@ class VMEntry(SSHHostConfig):
         return None if v is None else check_root(v)
 
 
+
+def _secret_env(cfg: SSHHostConfig) -> dict[str, str]:
+    """The variables the SSH config's secret references name (a key's passphrase), for a forwarder."""
+    from sandboxer.secrets import secret_env_names
+
+    return {n: os.environ[n] for n in secret_env_names(cfg) if n in os.environ}
+
 class VMPackerConfig(BaseModel):
     """``config:`` of ``ext.vm-packer``."""
 
@@ -196,6 +205,8 @@ class VmHandle(WorkspaceHandle):
     name: str = Field(min_length=1, description="the workspace's directory name under root")
     tunnel_port: int | None = Field(default=None, description="remote port forwarded while the sandbox lives")
     tunnel_local_port: int | None = Field(default=None, description="the local end, once the tunnel is open")
+    #: the process forwarding ``network.expose`` ports to 127.0.0.1 (it outlives the creating process)
+    forwarder: forward.Forwarder | None = None
     readiness: VMReadiness = Field(default_factory=VMReadiness)
 
 
@@ -221,8 +232,9 @@ class VMPacker(SandboxExtension):
     ProfileOptions = VMProfileOptions
     Handle = VmHandle
     features = frozenset({"exec", "snapshots", "list_owned"})
-    # the remote host's network is the sandbox's: nothing narrower can be promised
-    enforces = frozenset({"network:internet"})
+    # the remote host's network is the sandbox's: nothing narrower can be promised; exposed ports
+    # are forwarded to this machine's 127.0.0.1 by a process of their own (sandboxer/forward.py)
+    enforces = frozenset({"network:internet", "expose"})
     requires = ("paramiko", "ssh")
     #: a sandbox is on one VM of the inventory or on one ad-hoc target: an ssh_target given
     #: by the consumer replaces a profile's default vm (and vice versa)
@@ -346,9 +358,9 @@ class VMPacker(SandboxExtension):
 
     def provision(self, request: ProvisionRequest) -> VmHandle:
         want = self._check_inputs(request, self._placed(request.inputs, request.host))
-        return self._attach(request.profile, want, None)
+        return self._attach(request.profile, want, None, float(request.ttl))
 
-    def _attach(self, profile: Profile, want: dict[str, Any], archive: Path | None) -> VmHandle:
+    def _attach(self, profile: Profile, want: dict[str, Any], archive: Path | None, ttl: float) -> VmHandle:
         cfg, label, root = self._target(want["vm"], want["ssh_target"], want["ssh_port"], want["sandbox_id"])
         ws = remote_path_ok(root, want["name"])
         opts = self.options(profile)
@@ -376,7 +388,11 @@ class VMPacker(SandboxExtension):
                          check=True)
             if want["tunnel_port"]:
                 self._open_tunnel(handle, cfg, fail)
+            if profile.network.expose:
+                handle.forwarder = forward.start(cfg, profile.network.expose, ttl, backend=self.id, host=label,
+                                                 secrets=_secret_env(cfg))
         except BaseException:
+            forward.stop(handle.forwarder)
             self._detach(conn, handle, fail=fail, quiet=True)
             raise
         return handle
@@ -446,14 +462,15 @@ class VMPacker(SandboxExtension):
             tunnel = VmTunnel(local=f"127.0.0.1:{fwd.local_port}", local_port=fwd.local_port,
                               remote_port=handle.tunnel_port)
         return VmReachability(ssh=cfg.ssh_command(), host=label, address=cfg.address, remote_dir=handle.remote_dir,
-                              tunnel=tunnel)
+                              tunnel=tunnel, urls=handle.forwarder.urls() if handle.forwarder else {})
 
     def teardown(self, handle: VmHandle) -> TeardownReport:
         closed = self._close_tunnel(handle.sandbox_id)
+        forwarded = forward.stop(handle.forwarder)
         conn, _ = self._conn(handle, TeardownError)
         removed = self._detach(conn, handle, fail=TeardownError)
         return TeardownReport(already_gone=not removed, removed=[handle.remote_dir] if removed else [],
-                              detail={"host": handle.host, "tunnel_closed": closed})
+                              detail={"host": handle.host, "tunnel_closed": closed, "forwarder_stopped": forwarded})
 
     def _close_tunnel(self, sid: str) -> bool:
         with self._lock:
@@ -537,7 +554,7 @@ class VMPacker(SandboxExtension):
         if host and not inputs.get("vm") and not inputs.get("ssh_target"):
             source["vm"] = host
         want = self._check_inputs(request, {**source, **inputs})
-        return self._attach(request.profile, want, archive)
+        return self._attach(request.profile, want, archive, float(request.ttl))
 
     def delete_snapshot(self, snapshot: SnapshotMeta) -> None:
         delete_archive(snapshot, self.cfg.snapshot_dir)
