@@ -61,6 +61,7 @@ from sandboxer.errors import (
     TeardownError,
 )
 from sandboxer.extensions import local_cgroup
+from sandboxer.extensions.local_secrets import init_secrets
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.execution import OUTPUT_CAP as DEFAULT_OUTPUT_CAP
 from sandboxer.execution import OutputCollector, check_argv
@@ -231,6 +232,7 @@ class LocalHandle(Handle):
     pid: int | None = None
     starttime: str | None = None
     outer_pid: int | None = None
+    secrets: list[str] = Field(default_factory=list, description="names of the secrets its init holds (never values)")
 
 
 class LocalReachability(Reachability):
@@ -296,8 +298,9 @@ class LocalExtension(SandboxExtension):
     ProfileOptions = LocalOptions
     Handle = LocalHandle
     features = frozenset({"exec", "snapshots", "list_owned"})
-    # no network is a network namespace of its own (loopback only); the internet is the host's network
-    enforces = frozenset({"network:none", "network:internet"})
+    # no network is a network namespace of its own (loopback only); the internet is the host's network;
+    # secrets are the init's environment, read back by each exec (local_secrets)
+    enforces = frozenset({"network:none", "network:internet", "secrets"})
 
     def __init__(self, manifest, config):  # type: ignore[no-untyped-def]
         super().__init__(manifest, config)
@@ -420,6 +423,10 @@ class LocalExtension(SandboxExtension):
         sandbox_id = request.sandbox_id
         opts = self.options(profile)
         tool = self._tool_for(profile.isolation)
+        if request.secrets and tool == "none":
+            raise ProvisionError(f"{self.id}: isolation none has no init process to hold secrets apart from the host "
+                                 "(they would be visible to every process of this user); use isolation 'process' "
+                                 "for a profile with secrets", backend=self.id)
         ws = self._workspace(sandbox_id)
         self._ensure_root()
         meta_dir = self.root / ".meta"
@@ -429,7 +436,7 @@ class LocalExtension(SandboxExtension):
         handle = LocalHandle(
             workspace=str(ws), tool=tool, uid=uid, sandbox_id=sandbox_id, resources=profile.resources,
             options=opts, cgroup=local_cgroup.plan(hier, sandbox_id) if hier else None,
-            ws_mount=tool != "none" and os.geteuid() == 0,
+            ws_mount=tool != "none" and os.geteuid() == 0, secrets=sorted(request.secrets),
         )
         meta_path = meta_dir / f"{sandbox_id}.json"
 
@@ -463,7 +470,7 @@ class LocalExtension(SandboxExtension):
                 # processes end on time even if no manager is left to run gc.
                 life = int(float(request.ttl)) + TTL_GRACE_S
                 handle.pid, handle.starttime, handle.outer_pid = self._start_init(
-                    tool, ws, uid, opts, sandbox_id, life, handle.cgroup)
+                    tool, ws, uid, opts, sandbox_id, life, handle.cgroup, request.secret_env())
             record()
             return handle
         except BaseException:
@@ -513,8 +520,10 @@ class LocalExtension(SandboxExtension):
         return out
 
     def _start_init(self, tool: str, ws: Path, uid: int | None, opts: LocalOptions, sandbox_id: str,
-                    life: int, cg: local_cgroup.CgroupPlan | None) -> tuple[int, str | None, int]:
-        """Start the init; (its pid on the host, its start time, bwrap's or unshare's pid)."""
+                    life: int, cg: local_cgroup.CgroupPlan | None,
+                    secrets: dict[str, str] | None = None) -> tuple[int, str | None, int]:
+        """Start the init (its environment holding ``secrets``); (its pid on the host, its start time,
+        bwrap's or unshare's pid)."""
         shm = f"{opts.shm_mb}m"
         # With the host's network, name resolution must keep working even when /etc/resolv.conf
         # points into /run (systemd-resolved): that one file is bound into the private /run.
@@ -543,7 +552,8 @@ class LocalExtension(SandboxExtension):
         cmd = local_cgroup.join_argv(local_cgroup.procs_files(cg)) + self._as_user(uid) + argv
         with open(err_path, "wb") as err:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                    start_new_session=True, close_fds=True, cwd="/", env=_base_env(str(ws), "/tmp"))
+                                    start_new_session=True, close_fds=True, cwd="/",
+                                    env={**_base_env(str(ws), "/tmp"), **(secrets or {})})
         with self._lock:
             self._procs[sandbox_id] = proc
         sel = selectors.DefaultSelector()
@@ -604,6 +614,10 @@ class LocalExtension(SandboxExtension):
         else:
             if not _alive(handle.pid, handle.starttime):
                 raise ExecError(f"{self.id}: sandbox {handle.sandbox_id} is not running", backend=self.id)
+            held = init_secrets(self.id, handle.sandbox_id, handle.pid, handle.secrets)
+            if held and not _alive(handle.pid, handle.starttime):  # read from a reused pid: not ours
+                raise ExecError(f"{self.id}: sandbox {handle.sandbox_id} is not running", backend=self.id)
+            full_env = {**_base_env(ws, tmpdir), **opts.env, **held, **(env or {})}
             ns = ["--user", "--pid", "--mount", "--ipc", "--uts", "--cgroup", *([] if opts.network else ["--net"])]
             # Root enters the sandbox's user namespace and becomes its root (= the sandbox uid
             # outside); anyone else enters as the namespace's owner. Either way the command then
