@@ -147,6 +147,7 @@ class DockerHandle(Handle):
     workdir: str | None = Field(default=None, description="where exec runs by default (None: the image's)")
     network: str | None = None
     ready_command: list[str] | None = None
+    secrets: list[str] = Field(default_factory=list, description="names of the secrets in its environment (never values)")
 
 
 class DockerReachability(Reachability):
@@ -187,6 +188,16 @@ def _env_list(env: dict[str, str] | None, where: str) -> list[str]:
     except ValueError as exc:
         raise InputError(str(exc)) from None
     return [f"{k}={v}" for k, v in (env or {}).items()]
+
+
+def _holds_secrets(attrs: dict[str, Any], names: list[str]) -> bool:
+    """Whether an image's inspect data holds a non-empty value for one of ``names`` in an env list."""
+    for block in (attrs.get("Config"), attrs.get("ContainerConfig")):
+        for entry in (block or {}).get("Env") or ():
+            name, _, value = str(entry).partition("=")
+            if name in names and value:
+                return True
+    return False
 
 
 def _safe_url(url: str) -> str:
@@ -299,7 +310,8 @@ class DockerExtension(SandboxExtension):
     features = frozenset({"exec", "snapshots", "list_owned"})
     requires = ("docker", "docker")
     # none is network_mode none (loopback only); the internet is a bridge (or the operator's named network)
-    enforces = frozenset({"network:none", "network:internet"})
+    # secrets: the container's environment (each docker exec inherits it); a snapshot blanks them
+    enforces = frozenset({"network:none", "network:internet", "secrets"})
 
     def __init__(self, manifest, config):
         super().__init__(manifest, config)
@@ -392,7 +404,7 @@ class DockerExtension(SandboxExtension):
 
         sandbox_id = request.sandbox_id
         name = f"{self.config.name_prefix}{sandbox_id}"
-        env = _env_list({**opts.env, **inp.env}, "inputs.env")
+        env = _env_list({**opts.env, **inp.env, **request.secret_env()}, "inputs.env")
         labels = {
             **opts.labels,
             **{k: str(v) for k, v in request.tags.items()},
@@ -433,7 +445,8 @@ class DockerExtension(SandboxExtension):
                 container.remove(force=True, v=True)
             raise
         return DockerHandle(container_id=container.id, container=name, sandbox_id=sandbox_id, host=self.engine,
-                            image=image, workdir=opts.workdir, network=opts.network, ready_command=opts.ready_command)
+                            image=image, workdir=opts.workdir, network=opts.network, ready_command=opts.ready_command,
+                            secrets=sorted(request.secrets))
 
     def _ensure_image(self, client, image: str, pull: str, sandbox_id: str) -> None:
         import docker.errors as derr
@@ -674,11 +687,25 @@ class DockerExtension(SandboxExtension):
             return container.commit(
                 repository=self.config.snapshot_repository,
                 tag=tag,
-                changes=[f"LABEL {LABEL_SNAPSHOT_OF}={sid}"],
+                # the image takes the container's environment: its secrets are blanked (the engine
+                # merges the container's env back under any name not given, so each is given empty)
+                changes=[f"LABEL {LABEL_SNAPSHOT_OF}={sid}", *(f"ENV {name}=" for name in handle.secrets)],
                 pause=True,
             )
 
         image = self._engine("committing the container", SnapshotError, commit, sandbox=sid)
+        if handle.secrets and _holds_secrets(image.attrs, handle.secrets):
+            # Engines before 25 copy the container's whole config into a committed image (its
+            # ContainerConfig), whatever the changes say: such an image would hand the values to
+            # anyone who runs or pulls it. It is removed, and the snapshot refused.
+            with contextlib.suppress(Exception):
+                self._engine("removing the refused snapshot image", SnapshotError,
+                             lambda: self.client().images.remove(image.id, force=True), sandbox=sid)
+            raise SnapshotError(
+                f"{self.id}: cannot snapshot sandbox {sid}: the Docker engine at {self.engine} writes the "
+                f"container's environment, which holds its secrets ({', '.join(handle.secrets)}), into a committed "
+                f"image (its ContainerConfig; Docker 25 and later do not); the image was removed. Snapshot it on a "
+                f"newer engine, or use a profile without secrets", backend=self.id, host=self.engine)
         data = DockerSnapshot(image=f"{self.config.snapshot_repository}:{tag}", image_id=image.id,
                               docker_host=self.engine, source_image=handle.image)
         return SnapshotResult(data=data.model_dump(mode="json"), size_bytes=int(image.attrs.get("Size") or 0),
