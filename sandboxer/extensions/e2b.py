@@ -234,9 +234,11 @@ class E2BExtension(SandboxExtension):
     #   "8.8.8.8"), or a domain name (e.g. "example.com", "*.example.com")", with deny_out [0.0.0.0/0]
     #   ("If allow_out is not specified, all outbound traffic is allowed");
     # deny-list: network.deny_out, "List of denied CIDR blocks or IP addresses for egress traffic".
+    # secrets: Sandbox.create(envs=...) (the create body's envVars), "Custom environment variables for
+    #   the sandbox", which every command in it inherits.
     enforces: ClassVar[frozenset[str]] = frozenset({
         "network:none", "network:internet", "network:cidr-allowlist", "network:domain-allowlist",
-        "network:cidr-denylist"})
+        "network:cidr-denylist", "secrets"})
     requires: ClassVar[tuple[str, str] | None] = ("e2b", "e2b")
     Handle = E2BHandle
 
@@ -489,7 +491,7 @@ class E2BExtension(SandboxExtension):
             template=template,
             timeout=timeout,
             metadata=tags,
-            envs=dict(opts.envs) or None,
+            envs={**opts.envs, **request.secret_env()} or None,  # the values go to E2B alone
             **network,
             idempotency_key=_idempotency_key(sandbox_id),
             **sdk_opts,

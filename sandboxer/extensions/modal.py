@@ -209,8 +209,11 @@ class ModalExtension(SandboxExtension):
     # allow-lists: outbound_cidr_allowlist, "List of CIDRs the sandbox is allowed to access", and
     #   outbound_domain_allowlist, "List of domain names the sandbox is allowed to access. Supports
     #   wildcard prefixes (``*.``)". Modal has no deny-list: network:cidr-denylist is not kept.
+    # secrets: secrets=[Secret.from_dict(...)], "Secrets to inject into the Sandbox as environment
+    #   variables"; modal 1.6 sends a from_dict Secret inline (the create's secret_sources), naming no
+    #   stored Secret.
     enforces: ClassVar[frozenset[str]] = frozenset({
-        "network:none", "network:internet", "network:cidr-allowlist", "network:domain-allowlist"})
+        "network:none", "network:internet", "network:cidr-allowlist", "network:domain-allowlist", "secrets"})
     requires: ClassVar[tuple[str, str] | None] = ("modal", "modal")
     Handle = ModalHandle
 
@@ -502,6 +505,7 @@ class ModalExtension(SandboxExtension):
                 app=app, image=image, timeout=int(math.ceil(ttl)),
                 idle_timeout=int(math.ceil(idle)) if idle else None,
                 cpu=cpu, memory=memory, tags=tags or None, env=env or None,
+                secrets=[modal.Secret.from_dict(request.secret_env())] if request.secrets else None,
                 region=opts.region, workdir=opts.workdir, **network,
                 readiness_probe=readiness, client=client,
             )
