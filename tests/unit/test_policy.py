@@ -78,7 +78,7 @@ def test_a_manifest_may_declare_fewer_enforcements_than_its_class_never_more(cfg
     _backend(cfg, "a", ["network:none", "network:internet"], handler="sandboxer.extensions.saas_stub:SaasStubExtension")
     with pytest.raises(CapabilityError, match=r"ext\.a\.yaml: field 'capabilities\.enforces' \(value "
                                               r"'network:internet'\): handler SaasStubExtension does not enforce it "
-                                              r"\(it keeps: network:none\)"):
+                                              r"\(it keeps: network:none, secrets\)"):
         load_catalog([cfg.root])
 
 
@@ -94,11 +94,13 @@ def test_the_builtins_declare_only_what_they_keep():
     got = {k: sorted(v.enforces) for k, v in cat.extensions.items()}
     assert got == {
         "ext.compose-ssh": ["network:internet"], "ext.vm-packer": ["network:internet"],
-        "ext.docker": ["network:internet", "network:none"], "ext.local": ["network:internet", "network:none"],
+        "ext.docker": ["network:internet", "network:none", "secrets"],
+        "ext.local": ["network:internet", "network:none", "secrets"],
         "ext.e2b": ["network:cidr-allowlist", "network:cidr-denylist", "network:domain-allowlist", "network:internet",
-                    "network:none"],
-        "ext.modal": ["network:cidr-allowlist", "network:domain-allowlist", "network:internet", "network:none"],
-        "ext.saas-stub": ["network:none"],
+                    "network:none", "secrets"],
+        "ext.modal": ["network:cidr-allowlist", "network:domain-allowlist", "network:internet", "network:none",
+                      "secrets"],
+        "ext.saas-stub": ["network:none", "secrets"],
     }
     assert cat.warnings == []  # every built-in profile has a backend that can keep its policy
 
