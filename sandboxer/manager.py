@@ -287,17 +287,14 @@ class Manager(SnapshotsMixin, GcMixin):
 
         Args:
             request: the request, or its fields as keyword arguments.
-            secrets: the consumer's references for secrets the profile declares (name ->
-                :class:`~sandboxer.secrets.SecretRef` or ``{"env": NAME}`` / ``{"file": PATH}``);
-                each replaces the operator's reference. Resolved here, in this process, once
-                (a fallback reuses the values); the values go to the backend alone.
+            secrets: the consumer's references (``SecretRef`` or ``{"env": NAME}``/``{"file": PATH}``) for
+                secrets the profile declares, replacing the operator's; resolved here, once (docs/policy.md).
 
         Returns:
             The ready sandbox's status (with reachability).
 
         Raises:
-            ProfileNotFound, InputError, TTLError, BudgetExceeded: the request is wrong; nothing was created
-                (InputError too for a secret that is not declared or has no value).
+            ProfileNotFound, InputError, TTLError, BudgetExceeded: the request is wrong; nothing was created.
             CapacityUnavailable, RateLimited, AuthError, ProvisionError, ReadinessTimeout: the backend failed
                 (single-backend profile); nothing is left behind.
             RoutingError: every backend of a multi-backend profile failed; ``.attempts`` says how.
@@ -446,8 +443,7 @@ class Manager(SnapshotsMixin, GcMixin):
     def _request(self, profile: Profile, index: int, sandbox_id: str, inputs: dict[str, Any], ttl: float,
                  consumer: str, labels: dict[str, str], host: str | None,
                  secrets: dict[str, SecretStr] | None = None) -> ProvisionRequest:
-        """What backend ``index``'s provision gets: its own inputs and the request's, the reserved fields,
-        and the sandbox's resolved secrets."""
+        """What backend ``index``'s provision gets: its own inputs and the request's, the reserved fields, secrets."""
         return ProvisionRequest(
             profile=self.effective_profile(profile, index),
             inputs=self._merge_inputs(profile, profile.candidates[index].inputs, inputs), sandbox_id=sandbox_id,
@@ -526,10 +522,8 @@ class Manager(SnapshotsMixin, GcMixin):
         start: Callable[[SandboxExtension, ProvisionRequest], Handle] | None = None,
         secrets: dict[str, SecretStr] | None = None,
     ) -> SandboxStatus:
-        """Provision an admitted sandbox, record its handle, wait until ready; clean up on failure.
-
-        ``secrets`` (resolved values) go in the request alone; an error that echoes one is
-        scrubbed before it is recorded or raised.
+        """Provision an admitted sandbox (``secrets`` in its request alone: an error that echoes one is
+        scrubbed before it is recorded or raised), record its handle, wait until ready; clean up on failure.
 
         Raises:
             TeardownError: a failed attempt could not be cleaned up (the router must stop).
