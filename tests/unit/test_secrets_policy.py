@@ -163,3 +163,20 @@ def test_a_profile_without_secrets_gives_none(cfg, make_manager):
     assert _requests(mgr.extension("ext.fake"))[0].secrets == {}
     with pytest.raises(InputError, match="it declares: none"):
         mgr.create(profile="agent", secrets={"TOKEN": {"env": "X"}})
+
+
+def test_a_routing_error_never_carries_a_value_an_attempt_echoed(cfg, make_manager, sentinel):
+    cfg.write("ext.fake.yaml", FAKE_EXT)
+    cfg.write("ext.first.yaml", FAKE_EXT.replace("id: ext.fake", "id: ext.first"))
+    cfg.write("profile.agent.yaml", TWO)
+    mgr = make_manager()
+    mgr.extension("ext.first").script("provision", ProvisionError(f"rejected TOKEN={sentinel}", backend="ext.first",
+                                                                  transient=True))
+    mgr.extension("ext.fake").script("provision", CapacityUnavailable(f"full; env was {sentinel}", backend="ext.fake"))
+    from sandboxer.errors import RoutingError
+
+    with pytest.raises(RoutingError) as err:
+        mgr.create(profile="agent")
+    assert sentinel not in str(err.value) and sentinel not in json.dumps(err.value.attempts, default=str)
+    assert "rejected TOKEN=***" in str(err.value)
+    assert sentinel not in _store_rows(mgr) and sentinel.encode() not in _store_bytes(mgr)
