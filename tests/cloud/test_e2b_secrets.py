@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("e2b", reason="the e2b extra is not installed: pip install 'sand-boxer[e2b]'")
 
+from sandboxer.models import SnapshotMeta  # noqa: E402
 from sandboxer.testing import request  # noqa: E402
 
 from tests.cloud.conftest_e2b import config_dir, inputs, make_ext, sentinel, standin  # noqa: E402,F401 - fixtures
@@ -29,6 +30,14 @@ def test_secrets_go_as_envs_and_every_command_sees_them(make_ext, standin: E2BSt
         res = ext.exec(handle, ["sh", "-c", f'[ "$(printf %s "$TOKEN" | sha256sum | cut -d" " -f1)" = {digest} ]'])
         assert res.exit_code == 0, res.stderr
         assert value not in handle.model_dump_json() and value not in reach.model_dump_json()
+        snap = ext.snapshot(handle)
+        assert value not in json.dumps(snap.data)
+        meta = SnapshotMeta(id="snap-1", sandbox_id="sbx-sec", extension=ext.id, profile="test-e2b",
+                            created_at="2026-11-21T00:00:00Z", data=snap.data)
+        restored = ext.restore_from_snapshot(request(profile, inputs("sbx-sec2"), None,
+                                                     secrets={"TOKEN": "sbx_E2B_restored"}), meta)
+        assert standin.boxes[restored.e2b_sandbox_id].env == {"TOKEN": "sbx_E2B_restored"}  # the new request's
+        ext.teardown(restored)
     finally:
         ext.teardown(handle)
 

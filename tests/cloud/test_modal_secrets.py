@@ -12,6 +12,7 @@ import pytest
 os.environ.setdefault("MODAL_CONFIG_PATH", "/nonexistent/sandboxer-tests/modal.toml")
 pytest.importorskip("modal", reason="the modal extra is not installed (pip install 'sand-boxer[modal]')")
 
+from sandboxer.models import SnapshotMeta  # noqa: E402
 from sandboxer.testing import request  # noqa: E402
 from tests.cloud.test_modal import backend, inputs, standin, tokens  # noqa: E402,F401 - fixtures
 
@@ -30,6 +31,13 @@ def test_secrets_go_as_one_inline_secret_and_every_exec_sees_them(backend, stand
         digest = hashlib.sha256(value.encode()).hexdigest()
         res = ext.exec(handle, ["sh", "-c", f'[ "$(printf %s "$TOKEN" | sha256sum | cut -d" " -f1)" = {digest} ]'])
         assert res.exit_code == 0, res.stderr
+        snap = ext.snapshot(handle)
+        meta = SnapshotMeta(id="snap-1", sandbox_id="sbx-sec", extension=ext.id, profile=prof.slug,
+                            created_at="2026-11-21T00:00:00Z", data=snap.data)
+        restored = ext.restore_from_snapshot(request(prof, inputs("sbx-sec2"), None,
+                                                     secrets={"TOKEN": "sbx_MODAL_restored"}), meta)
+        assert standin.sandboxes[restored.object_id].secret_sources == [{"TOKEN": "sbx_MODAL_restored"}]
+        ext.teardown(restored)
     finally:
         ext.teardown(handle)
 
