@@ -173,6 +173,7 @@ class SaasStubExtension(SandboxExtension):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
                 os.chmod(path, 0o600)  # it holds the sandboxes' secrets (its WAL files take this mode)
+                conn.execute("PRAGMA secure_delete=ON")  # a torn-down sandbox's secrets do not linger in free pages
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("CREATE TABLE IF NOT EXISTS live (stub_id TEXT PRIMARY KEY, sandbox_id TEXT, record TEXT)")
@@ -327,6 +328,11 @@ class SaasStubExtension(SandboxExtension):
             raise TeardownError(f"{self.id}: cannot remove sandbox {handle.sandbox_id or handle.stub_id}'s "
                                 f"directory {box}: {exc.strerror}", backend=self.id) from None
         free_uid(UID_REGISTRY, (record or {}).get("uid"))  # only once nothing of it is left
+        if (record or {}).get("env"):
+            # the write-ahead log still holds the pages of its create: truncate it, so its
+            # secrets do not outlive it there (secure_delete clears the table's own pages)
+            with self._db(write=False) as db:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return existed
 
     # ------------------------------------------------------------ contract

@@ -47,3 +47,14 @@ def test_an_out_of_process_sandbox_sees_its_secret_and_the_worker_keeps_it_off_i
         assert value.encode() not in f.read()  # resolved by the manager, not given to the worker's environment
     assert value not in ext.stderr.tail()
     mgr.teardown(sb.id)
+
+
+def test_the_stubs_provider_side_table_forgets_the_values_at_teardown(mgr, monkeypatch, home):
+    value = "sbx_FORGOTTEN_" + _random.token_hex(10)
+    monkeypatch.setenv("SBX_HOST_TOKEN", value)
+    sb = mgr.create(profile="stubproc")
+    mgr.teardown(sb.id)
+    tables = [p for p in home.rglob("*") if p.is_file() and "saas-stub" in str(p)]
+    assert any(p.name.endswith(".db") for p in tables)
+    assert all(value.encode() not in p.read_bytes() for p in tables)  # the table, its WAL and shared memory
+    assert all(p.stat().st_mode & 0o077 == 0 for p in tables if p.name.endswith(".db"))
