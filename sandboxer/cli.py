@@ -37,6 +37,25 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
     return result
 
 
+def _secret_refs(values: tuple[str, ...]) -> dict[str, Any]:
+    """``--secret NAME=env:VAR`` / ``NAME=file:PATH`` as references (resolved by the manager, here).
+
+    A malformed one is refused without echoing what followed ``=``: it may be the value itself.
+    """
+    from sandboxer.secrets import SecretRef
+
+    refs: dict[str, Any] = {}
+    for v in values:
+        name, sep, ref = v.partition("=")
+        kind, colon, where = ref.partition(":")
+        if not (sep and name and colon and where and kind in ("env", "file")):
+            shown = f"secret {name!r}" if sep and name else "a secret"
+            raise click.BadParameter(f"expected NAME=env:VARIABLE or NAME=file:PATH for {shown} (what follows '=' "
+                                     "is not shown: give where the value is, never the value)", param_hint="--secret")
+        refs[name] = SecretRef(env=where) if kind == "env" else SecretRef(file=Path(where).expanduser())
+    return refs
+
+
 class Ctx:
     def __init__(self, config: tuple[str, ...], home: str | None, state_url: str | None):
         self.config = [Path(c) for c in config] if config else None
@@ -233,10 +252,12 @@ def profiles_explain(c: Ctx, slug: str, as_json: bool) -> None:
 @click.option("--ttl", default=None, help="Lifetime, e.g. 30m or 2h (capped by the profile's maximum).")
 @click.option("--label", "labels", multiple=True, metavar="K=V")
 @click.option("--name", default=None, help="Idempotency name: a second create with it returns the same sandbox.")
+@click.option("--secret", "secret_refs", multiple=True, metavar="NAME=env:VAR|NAME=file:PATH",
+              help="Where the value of a secret the profile declares is (repeatable); read here, never shown.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def create(c: Ctx, profile: str, inputs: tuple[str, ...], consumer: str, ttl: str | None, labels: tuple[str, ...],
-           name: str | None, as_json: bool) -> None:
+           name: str | None, secret_refs: tuple[str, ...], as_json: bool) -> None:
     """Create a sandbox of PROFILE and wait until it is ready."""
     try:
         ttl_s = parse_duration(ttl) if ttl is not None else None
@@ -251,12 +272,13 @@ def create(c: Ctx, profile: str, inputs: tuple[str, ...], consumer: str, ttl: st
         from sandboxer.loader import describe_validation
 
         raise click.BadParameter(describe_validation("request", exc)) from None
+    refs = _secret_refs(secret_refs)
     mgr = c.manager()
     if as_json or not err.is_terminal:
-        sb = mgr.create(req)
+        sb = mgr.create(req, secrets=refs)
     else:
         with err.status(f"provisioning a {profile} sandbox..."):
-            sb = mgr.create(req)
+            sb = mgr.create(req, secrets=refs)
     if as_json:
         return _emit_json(sb.model_dump(mode="json"))
     click.echo(sb.id)
@@ -432,17 +454,21 @@ def snapshot(c: Ctx, sandbox_id: str, as_json: bool) -> None:
 @click.option("--consumer", default=None, help="Who the sandbox is for (default: the snapshot's consumer).")
 @click.option("--ttl", default=None, help="Lifetime, e.g. 30m or 2h (capped by the profile's maximum).")
 @click.option("--label", "labels", multiple=True, metavar="K=V")
+@click.option("--secret", "secret_refs", multiple=True, metavar="NAME=env:VAR|NAME=file:PATH",
+              help="Where the value of a secret the profile declares is (repeatable); read here, never shown.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def restore(c: Ctx, snapshot_id: str, profile: str | None, inputs: tuple[str, ...], consumer: str | None,
-            ttl: str | None, labels: tuple[str, ...], as_json: bool) -> None:
+            ttl: str | None, labels: tuple[str, ...], secret_refs: tuple[str, ...], as_json: bool) -> None:
     """Start a new sandbox from a snapshot and wait until it is ready."""
     try:
         ttl_s = parse_duration(ttl) if ttl is not None else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--ttl") from None
     given, tags = _pairs(inputs, "--input"), _pairs(labels, "--label")  # usage errors before any state is opened
-    s = c.manager().restore(snapshot_id, profile, inputs=given, consumer=consumer, ttl=ttl_s, labels=tags)
+    refs = _secret_refs(secret_refs)
+    s = c.manager().restore(snapshot_id, profile, inputs=given, consumer=consumer, ttl=ttl_s, labels=tags,
+                            secrets=refs)
     _emit_json(s.model_dump(mode="json")) if as_json else click.echo(s.id)
 
 

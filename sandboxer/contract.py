@@ -8,7 +8,8 @@ is checked here, once, by :func:`checked`: a wrong type is an error naming the b
 method, never a surprise three calls later.
 
 Rule kept here: a handle is stored in the state store, so it never holds a secret; a
-:class:`ProvisionRequest`'s reserved fields are set by the manager alone.
+:class:`ProvisionRequest`'s reserved fields are set by the manager alone, and its secret values
+never appear in its ``repr`` or in any dump of it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import Any, Callable, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, SerializeAsAny, ValidationError
 
 from sandboxer.errors import BackendError, SandboxerError
 from sandboxer.models import ExecResult, Profile
@@ -44,6 +45,10 @@ class ProvisionRequest(BaseModel):
         ttl: the sandbox's lifetime in seconds (already checked against the profile's maximum),
             for a backend that can expire sandboxes itself.
         host: the host the router chose, or None to let the backend pick.
+        secrets: the values of the sandbox's secrets (the profile's ``secrets``, resolved by the
+            manager before anything is recorded), for the sandbox's environment alone. Masked in
+            ``repr`` and ``str`` and left out of every dump: a backend passes them to the sandbox
+            and never into its handle, reachability, labels, files or messages.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -55,6 +60,13 @@ class ProvisionRequest(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict)
     ttl: float = Field(default=3600.0, gt=0)
     host: str | None = None
+    # exclude: no dump of a request (state, events, the host ABI's generic path) can carry a value;
+    # the host ABI carries them deliberately (sandboxer.host.client._request).
+    secrets: dict[str, SecretStr] = Field(default_factory=dict, exclude=True, repr=False)
+
+    def secret_env(self) -> dict[str, str]:
+        """The secrets as environment variables, values in clear: only for the sandbox's environment."""
+        return {k: v.get_secret_value() for k, v in self.secrets.items()}
 
 
 class Handle(BaseModel):

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from pydantic import SecretStr
+
 from sandboxer.contract import Handle, OwnedSandbox, ProvisionRequest, TeardownReport, bound, checked, dump
 from sandboxer.deadline import Caller, CallLimits
 from sandboxer.errors import (
@@ -55,6 +57,7 @@ from sandboxer.models import (
 from sandboxer.gc import GcMixin
 from sandboxer.records import dt, short, status_of
 from sandboxer.router import Action, Plan, Router
+from sandboxer.secrets import SecretRef, sandbox_secrets, scrub
 from sandboxer.snapshots import SnapshotsMixin
 from sandboxer.state import LIVE_STATES, NameTaken, OverCapacity, StateStore, default_home
 
@@ -278,11 +281,14 @@ class Manager(SnapshotsMixin, GcMixin):
             )
         return ttl
 
-    def create(self, request: SandboxCreateRequest | None = None, /, **kwargs: Any) -> SandboxStatus:
+    def create(self, request: SandboxCreateRequest | None = None, /, *,
+               secrets: dict[str, SecretRef | dict[str, str]] | None = None, **kwargs: Any) -> SandboxStatus:
         """Create a sandbox and wait until it is ready.
 
         Args:
             request: the request, or its fields as keyword arguments.
+            secrets: the consumer's references (``SecretRef`` or ``{"env": NAME}``/``{"file": PATH}``) for
+                secrets the profile declares, replacing the operator's; resolved here, once (docs/policy.md).
 
         Returns:
             The ready sandbox's status (with reachability).
@@ -297,6 +303,7 @@ class Manager(SnapshotsMixin, GcMixin):
         profile = self.profile(req.profile)
         inputs = self._check_inputs(profile, req.inputs)
         ttl = self._ttl(profile, req.ttl)
+        values = sandbox_secrets(profile.slug, profile.secrets, secrets)  # before anything is recorded
         for _ in range(3):  # bounded: a named create may find its twin failed, then tries itself
             if req.name:
                 existing = self.state.get_by_name(req.name)
@@ -306,14 +313,15 @@ class Manager(SnapshotsMixin, GcMixin):
                         return status
                     continue
             try:
-                return self._route(req, profile, inputs, ttl)
+                return self._route(req, profile, inputs, ttl, values)
             except NameTaken as taken:
                 status = self._await_named(taken.existing_id, profile)
                 if status is not None:
                     return status
         raise SandboxStateError(f"sandbox name {req.name!r} kept failing to create; see `sandboxer list --all`")
 
-    def _route(self, req: SandboxCreateRequest, profile: Profile, inputs: dict[str, Any], ttl: float) -> SandboxStatus:
+    def _route(self, req: SandboxCreateRequest, profile: Profile, inputs: dict[str, Any], ttl: float,
+               secrets: dict[str, SecretStr]) -> SandboxStatus:
         """Create on the first placement of the router's plan that can take it.
 
         Raises:
@@ -361,7 +369,7 @@ class Manager(SnapshotsMixin, GcMixin):
             pos += chosen + 1
             try:
                 return self.launch(sandbox_id=sandbox_id, profile=profile, index=index, host=host, inputs=inputs,
-                                   ttl=ttl, consumer=req.consumer, labels=req.labels, row=row)
+                                   ttl=ttl, consumer=req.consumer, labels=req.labels, row=row, secrets=secrets)
             except BackendError as exc:
                 plan.failed(ext_id, host, exc, sandbox_id)
                 action = self.router.on_failure(exc, ext_id, self._credential_key(ext_id, req.consumer)
@@ -435,13 +443,14 @@ class Manager(SnapshotsMixin, GcMixin):
         }
 
     def _request(self, profile: Profile, index: int, sandbox_id: str, inputs: dict[str, Any], ttl: float,
-                 consumer: str, labels: dict[str, str], host: str | None) -> ProvisionRequest:
-        """What backend ``index``'s provision gets: its own inputs and the request's, and the reserved fields."""
+                 consumer: str, labels: dict[str, str], host: str | None,
+                 secrets: dict[str, SecretStr] | None = None) -> ProvisionRequest:
+        """What backend ``index``'s provision gets: its own inputs and the request's, the reserved fields, secrets."""
         return ProvisionRequest(
             profile=self.effective_profile(profile, index),
             inputs=self._merge_inputs(profile, profile.candidates[index].inputs, inputs), sandbox_id=sandbox_id,
             owner_labels=dict(self.owner_labels), tags=self._tags(sandbox_id, labels, consumer, profile), ttl=ttl,
-            host=host,
+            host=host, secrets=secrets or {},
         )
 
     def admit(
@@ -513,8 +522,10 @@ class Manager(SnapshotsMixin, GcMixin):
         labels: dict[str, str],
         row: dict[str, Any],
         start: Callable[[SandboxExtension, ProvisionRequest], Handle] | None = None,
+        secrets: dict[str, SecretStr] | None = None,
     ) -> SandboxStatus:
-        """Provision an admitted sandbox, record its handle, wait until ready; clean up on failure.
+        """Provision an admitted sandbox (``secrets`` in its request alone: an error that echoes one is
+        scrubbed before it is recorded or raised), record its handle, wait until ready; clean up on failure.
 
         Raises:
             TeardownError: a failed attempt could not be cleaned up (the router must stop).
@@ -522,7 +533,8 @@ class Manager(SnapshotsMixin, GcMixin):
         """
         eff = self.effective_profile(profile, index)
         ext = self.extension(eff.extension or "")
-        req = self._request(profile, index, sandbox_id, inputs, ttl, consumer, labels, host)
+        req = self._request(profile, index, sandbox_id, inputs, ttl, consumer, labels, host, secrets)
+        values = [v.get_secret_value() for v in (secrets or {}).values()]
         with self._lock:
             self._inflight.add(sandbox_id)
         try:
@@ -533,7 +545,7 @@ class Manager(SnapshotsMixin, GcMixin):
                     timeout=ext.deadline(eff), backend=ext.id, what=f"provision of sandbox {sandbox_id}",
                     late=lambda h: self._late_handle(ext, sandbox_id, h))
             except BaseException as exc:
-                self._after_failed_provision(ext, sandbox_id, exc)
+                self._after_failed_provision(ext, sandbox_id, scrub(exc, values))
                 raise
             row = self.state.transition(sandbox_id, "provisioned", expect=("provisioning",), known=row,
                                         handle=dump(handle), host=handle.host or host)
@@ -545,7 +557,7 @@ class Manager(SnapshotsMixin, GcMixin):
                                    timeout=eff.ready_timeout + self.limits.ready_grace,
                                    what=f"wait_ready of sandbox {sandbox_id}")
             except BaseException as exc:
-                self._teardown_after_failure(ext, sandbox_id, handle, exc)
+                self._teardown_after_failure(ext, sandbox_id, handle, scrub(exc, values))
                 raise
             row = self.state.transition(sandbox_id, "ready", expect=("provisioning",), known=row, state="ready",
                                         reachability=dump(reach), ready_at=time.time(), also=self.metering.started)
@@ -621,9 +633,10 @@ class Manager(SnapshotsMixin, GcMixin):
         self.state.transition(sandbox_id, "terminated", state="failed", terminated_at=time.time(), detail=dump(report))
 
     @contextmanager
-    def sandbox(self, profile: str, **kwargs: Any) -> Iterator[SandboxStatus]:
-        """Create a sandbox for a ``with`` block; it is torn down on any exit."""
-        sb = self.create(SandboxCreateRequest(profile=profile, **kwargs))
+    def sandbox(self, profile: str, *, secrets: dict[str, SecretRef | dict[str, str]] | None = None,
+                **kwargs: Any) -> Iterator[SandboxStatus]:
+        """Create a sandbox for a ``with`` block; it is torn down on any exit (``secrets`` as :meth:`create`)."""
+        sb = self.create(SandboxCreateRequest(profile=profile, **kwargs), secrets=secrets)
         try:
             yield sb
         finally:

@@ -4,6 +4,9 @@ A config never holds a secret, only where to find it: ``{env: NAME}`` or
 ``{file: /path}``. The value is resolved at call time and handed straight to
 the SDK; it never enters state, events, logs, exception text or ``repr``.
 :func:`redact` scrubs provider messages that echo a key back.
+
+A sandbox's own secrets (a profile's ``secrets``) are resolved here too, by
+:func:`sandbox_secrets`, once per create, before anything is recorded.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from sandboxer.errors import AuthError
 
@@ -55,6 +58,18 @@ class SecretRef(BaseModel):
             return f"{self.reference()}#unset"
         return f"{self.reference()}#{hashlib.sha256(value.encode()).hexdigest()[:16]}"
 
+    def read(self) -> str:
+        """The value now, ``""`` if unset or empty (the file's first line, stripped).
+
+        Raises:
+            OSError: the file cannot be read.
+        """
+        if self.env:
+            return os.environ.get(self.env, "")
+        assert self.file is not None
+        text = self.file.read_text(encoding="utf-8").strip()
+        return text.splitlines()[0] if text else ""
+
     def resolve(self, *, backend: str | None = None) -> str:
         """Read the secret now.
 
@@ -62,15 +77,11 @@ class SecretRef(BaseModel):
             AuthError: the variable is unset/empty or the file is unreadable.
                 The message names the reference, never a value.
         """
-        if self.env:
-            value = os.environ.get(self.env, "")
-        else:
-            try:
-                assert self.file is not None
-                value = self.file.read_text(encoding="utf-8").strip().splitlines()[0] if self.file.stat().st_size else ""
-            except OSError as exc:
-                raise AuthError(f"cannot read credential from {self.describe()}: {exc.strerror}", backend=backend,
-                                credential=self.reference()) from None
+        try:
+            value = self.read()
+        except OSError as exc:
+            raise AuthError(f"cannot read credential from {self.describe()}: {exc.strerror}", backend=backend,
+                            credential=self.reference()) from None
         if not value:
             raise AuthError(f"no credential found in {self.describe()}; set it and try again", backend=backend,
                             credential=self.reference())
@@ -126,3 +137,79 @@ def secret_env_names(config: Any) -> list[str]:
 
     walk(config)
     return list(found)
+
+
+# ------------------------------------------------------------ a sandbox's secrets
+
+def sandbox_secrets(profile: str, declared: dict[str, SecretRef], given: dict[str, Any] | None = None
+                    ) -> dict[str, SecretStr]:
+    """Resolve a sandbox's secrets now, once per create: values for the sandbox's environment.
+
+    The profile declares which secrets its sandboxes get, with the operator's references; a
+    consumer may give its own reference for a declared name (it replaces the operator's), never
+    a name the profile does not declare: what a sandbox holds is the profile's policy, and the
+    router chose a backend that keeps exactly that.
+
+    Args:
+        profile: the profile's slug (for messages).
+        declared: the profile's ``secrets``: name -> the operator's reference.
+        given: the consumer's references: name -> :class:`SecretRef` or ``{env: NAME}`` /
+            ``{file: PATH}``.
+
+    Returns:
+        name -> the value, masked (:class:`pydantic.SecretStr`).
+
+    Raises:
+        InputError: a name the profile does not declare, something that is not a reference, or a
+            reference with no value; the message names the secret and its reference, never a value.
+    """
+    from sandboxer.errors import InputError
+
+    refs: dict[str, tuple[SecretRef, str]] = {name: (ref, "the profile's") for name, ref in declared.items()}
+    for name, ref in (given or {}).items():
+        if name not in declared:
+            have = ", ".join(sorted(declared)) or "none"
+            raise InputError(f"secret {name!r} is not declared by profile {profile!r} (it declares: {have}); a "
+                             f"consumer may give references only for the secrets its profile declares. "
+                             f"Nothing was created.")
+        if not isinstance(ref, SecretRef):
+            try:
+                ref = SecretRef.model_validate(ref)
+            except ValueError:  # the value itself, maybe: never echo it
+                raise InputError(f"secret {name!r}: a reference is {{env: NAME}} or {{file: PATH}} (a "
+                                 f"SecretRef), not a {type(ref).__name__}; give where the value is, never the "
+                                 f"value. Nothing was created.") from None
+        refs[name] = (ref, "the consumer's")
+    out: dict[str, SecretStr] = {}
+    for name, (ref, whose) in refs.items():
+        try:
+            value = ref.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise InputError(f"secret {name!r} of profile {profile!r} ({whose} reference): cannot read "
+                             f"{ref.describe()}: {why}. Nothing was created.") from None
+        if not value:
+            raise InputError(f"secret {name!r} of profile {profile!r} ({whose} reference): no value in "
+                             f"{ref.describe()}; set it and try again. Nothing was created.")
+        if "\0" in value:
+            raise InputError(f"secret {name!r} of profile {profile!r} ({whose} reference): the value in "
+                             f"{ref.describe()} holds a NUL byte, which no environment variable can. "
+                             f"Nothing was created.")
+        out[name] = SecretStr(value)
+    return out
+
+
+def scrub(exc: BaseException, values: Iterable[str]) -> BaseException:
+    """Redact ``values`` from an exception's message and notes, in place (class and fields kept).
+
+    A backend's error may echo what it was given (a provider repeating the env it refused); this
+    runs before such an error is recorded or raised, so no secret value reaches state or a caller.
+    """
+    values = [v for v in values if v]
+    if not values:
+        return exc
+    exc.args = tuple(redact(a, values) if isinstance(a, str) else a for a in exc.args)
+    notes = getattr(exc, "__notes__", None)
+    if notes:
+        exc.__notes__ = [redact(n, values) if isinstance(n, str) else n for n in notes]
+    return exc

@@ -15,6 +15,7 @@ from sandboxer.errors import CapabilityError, CapacityUnavailable, InputError, S
 from sandboxer.models import SandboxStatus, SnapshotMeta
 from sandboxer.policy import describe_lacking, lacking
 from sandboxer.records import short, snapshot_meta
+from sandboxer.secrets import sandbox_secrets
 from sandboxer.state import OverCapacity
 
 if TYPE_CHECKING:
@@ -69,11 +70,13 @@ class SnapshotsMixin(_Base):
 
     def restore(self, snapshot_id: str, profile: str | None = None, *, inputs: dict[str, Any] | None = None,
                 consumer: str | None = None, ttl: float | None = None, labels: dict[str, str] | None = None,
-                host: str | None = None) -> SandboxStatus:
+                host: str | None = None, secrets: dict[str, Any] | None = None) -> SandboxStatus:
         """Start a new sandbox from a snapshot, on the backend that made it.
 
-        The snapshot's sandbox's inputs are used again; ``inputs`` override them. The other
-        arguments are those of :meth:`create`.
+        The snapshot's sandbox's inputs are used again; ``inputs`` override them. The secrets are
+        those of the profile it is restored under, resolved again now (a snapshot holds none);
+        ``secrets`` gives the consumer's references, as for :meth:`create`. The other arguments
+        are those of :meth:`create`.
         """
         meta = self.get_snapshot(snapshot_id)
         prof = self.profile(profile or meta.profile)
@@ -97,6 +100,7 @@ class SnapshotsMixin(_Base):
         given = {**meta.inputs, **(inputs or {})}
         merged = self._check_inputs(prof, given)
         ttl_s = self._ttl(prof, ttl)
+        values = sandbox_secrets(prof.slug, prof.secrets, secrets)  # before anything is recorded
         sandbox_id = "sb-" + uuid.uuid4().hex[:12]
         who = consumer or meta.consumer
         try:
@@ -106,7 +110,7 @@ class SnapshotsMixin(_Base):
         except OverCapacity as exc:
             raise CapacityUnavailable(f"cannot restore {snapshot_id}: {exc}", backend=meta.extension) from None
         return self.launch(sandbox_id=sandbox_id, profile=prof, index=index, host=host, inputs=merged, ttl=ttl_s,
-                           consumer=who, labels=labels or {}, row=row,
+                           consumer=who, labels=labels or {}, row=row, secrets=values,
                            start=lambda e, r: e.restore_from_snapshot(r, meta))
 
     def delete_snapshot(self, snapshot_id: str) -> None:

@@ -156,6 +156,7 @@ class DockerHandle(Handle):
     own_network: docker_net.OwnNetwork | None = None
     #: ports it serves (``network.expose``), published on the engine host's 127.0.0.1
     expose: list[int] = Field(default_factory=list)
+    secrets: list[str] = Field(default_factory=list, description="names of the secrets in its environment (never values)")
 
 
 class DockerReachability(Reachability):
@@ -196,6 +197,16 @@ def _env_list(env: dict[str, str] | None, where: str) -> list[str]:
     except ValueError as exc:
         raise InputError(str(exc)) from None
     return [f"{k}={v}" for k, v in (env or {}).items()]
+
+
+def _holds_secrets(attrs: dict[str, Any], names: list[str]) -> bool:
+    """Whether an image's inspect data holds a non-empty value for one of ``names`` in an env list."""
+    for block in (attrs.get("Config"), attrs.get("ContainerConfig")):
+        for entry in (block or {}).get("Env") or ():
+            name, _, value = str(entry).partition("=")
+            if name in names and value:
+                return True
+    return False
 
 
 def _safe_url(url: str) -> str:
@@ -310,9 +321,10 @@ class DockerExtension(SandboxExtension):
     # none is network_mode none (loopback only); the internet is a bridge (or the operator's named network);
     # an allow-list, a deny-list or exposed ports: a network of its own, kept by nftables rules on the
     # host (sandboxer/extensions/docker_net.py); gpu is NVIDIA device requests (docker_gpu), where
-    # config.gpus says the engine has them
+    # config.gpus says the engine has them; secrets: the container's environment (each docker exec
+    # inherits it); a snapshot blanks them
     enforces = frozenset({"network:none", "network:internet", "network:cidr-allowlist", "network:cidr-denylist",
-                          "expose", "gpu"})
+                          "expose", "gpu", "secrets"})
 
     def __init__(self, manifest, config):
         super().__init__(manifest, config)
@@ -414,7 +426,7 @@ class DockerExtension(SandboxExtension):
 
         sandbox_id = request.sandbox_id
         name = f"{self.config.name_prefix}{sandbox_id}"
-        env = _env_list({**opts.env, **inp.env}, "inputs.env")
+        env = _env_list({**opts.env, **inp.env, **request.secret_env()}, "inputs.env")
         labels = {
             **opts.labels,
             **{k: str(v) for k, v in request.tags.items()},
@@ -455,7 +467,8 @@ class DockerExtension(SandboxExtension):
             raise
         return DockerHandle(container_id=container.id, container=name, sandbox_id=sandbox_id, host=self.engine,
                             image=image, workdir=opts.workdir, network=own.name if own else opts.network,
-                            ready_command=opts.ready_command, own_network=own, expose=expose)
+                            ready_command=opts.ready_command, own_network=own, expose=expose,
+                            secrets=sorted(request.secrets))
 
     def _engine_for(self, sandbox_id: str) -> Callable[[str, Callable[[], T]], T]:
         return lambda action, call: self._engine(action, ProvisionError, call, sandbox=sandbox_id)
@@ -728,11 +741,25 @@ class DockerExtension(SandboxExtension):
             return container.commit(
                 repository=self.config.snapshot_repository,
                 tag=tag,
-                changes=[f"LABEL {LABEL_SNAPSHOT_OF}={sid}"],
+                # the image takes the container's environment: its secrets are blanked (the engine
+                # merges the container's env back under any name not given, so each is given empty)
+                changes=[f"LABEL {LABEL_SNAPSHOT_OF}={sid}", *(f"ENV {name}=" for name in handle.secrets)],
                 pause=True,
             )
 
         image = self._engine("committing the container", SnapshotError, commit, sandbox=sid)
+        if handle.secrets and _holds_secrets(image.attrs, handle.secrets):
+            # Engines before 25 copy the container's whole config into a committed image (its
+            # ContainerConfig), whatever the changes say: such an image would hand the values to
+            # anyone who runs or pulls it. It is removed, and the snapshot refused.
+            with contextlib.suppress(Exception):
+                self._engine("removing the refused snapshot image", SnapshotError,
+                             lambda: self.client().images.remove(image.id, force=True), sandbox=sid)
+            raise SnapshotError(
+                f"{self.id}: cannot snapshot sandbox {sid}: the Docker engine at {self.engine} writes the "
+                f"container's environment, which holds its secrets ({', '.join(handle.secrets)}), into a committed "
+                f"image (its ContainerConfig; Docker 25 and later do not); the image was removed. Snapshot it on a "
+                f"newer engine, or use a profile without secrets", backend=self.id, host=self.engine)
         data = DockerSnapshot(image=f"{self.config.snapshot_repository}:{tag}", image_id=image.id,
                               docker_host=self.engine, source_image=handle.image)
         return SnapshotResult(data=data.model_dump(mode="json"), size_bytes=int(image.attrs.get("Size") or 0),

@@ -231,9 +231,11 @@ class E2BExtension(SandboxExtension):
     features: ClassVar[frozenset[str]] = frozenset({"exec", "snapshots", "metering", "list_owned"})
     # What e2b 2.63 sends and E2B documents: see e2b_network (network:*, and expose: each port's URL
     # is Sandbox.get_host's, reachable only with the sandbox's traffic access token). E2B has no GPUs.
+    # secrets: Sandbox.create(envs=...) (the create body's envVars), "Custom environment variables for
+    #   the sandbox", which every command in it inherits.
     enforces: ClassVar[frozenset[str]] = frozenset({
         "network:none", "network:internet", "network:cidr-allowlist", "network:domain-allowlist",
-        "network:cidr-denylist", "expose"})
+        "network:cidr-denylist", "expose", "secrets"})
     requires: ClassVar[tuple[str, str] | None] = ("e2b", "e2b")
     Handle = E2BHandle
 
@@ -460,7 +462,7 @@ class E2BExtension(SandboxExtension):
             template=template,
             timeout=timeout,
             metadata=tags,
-            envs=dict(opts.envs) or None,
+            envs={**opts.envs, **request.secret_env()} or None,  # the values go to E2B alone
             **network,
             idempotency_key=_idempotency_key(sandbox_id),
             **sdk_opts,

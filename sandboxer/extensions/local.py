@@ -62,6 +62,7 @@ from sandboxer.errors import (
     TeardownError,
 )
 from sandboxer.extensions import egress, local_cgroup
+from sandboxer.extensions.local_secrets import init_secrets
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.execution import OUTPUT_CAP as DEFAULT_OUTPUT_CAP
 from sandboxer.execution import OutputCollector, check_argv
@@ -250,6 +251,7 @@ class LocalHandle(Handle):
     link: egress.Link | None = None
     #: ports the sandbox serves (``network.expose``)
     expose: list[int] = Field(default_factory=list)
+    secrets: list[str] = Field(default_factory=list, description="names of the secrets its init holds (never values)")
 
 
 class LocalReachability(Reachability):
@@ -319,9 +321,10 @@ class LocalExtension(SandboxExtension):
     features = frozenset({"exec", "snapshots", "list_owned"})
     # no network is a network namespace of its own (loopback only); the internet is the host's network;
     # an allow-list, a deny-list or exposed ports: a namespace of its own joined to the host by a veth
-    # pair, kept by nftables rules on the host (sandboxer/extensions/egress.py)
+    # pair, kept by nftables rules on the host (sandboxer/extensions/egress.py); secrets are the init's
+    # environment, read back by each exec (local_secrets)
     enforces = frozenset({"network:none", "network:internet", "network:cidr-allowlist", "network:cidr-denylist",
-                          "expose"})
+                          "expose", "secrets"})
     _NEEDS_LINK = ("network:cidr-allowlist", "network:cidr-denylist", "expose")
 
     def __init__(self, manifest, config):  # type: ignore[no-untyped-def]
@@ -447,11 +450,17 @@ class LocalExtension(SandboxExtension):
 
     @classmethod
     def policy_refusals(cls, profile: Profile, options: BaseModel, config: BaseModel) -> list[str]:
-        if profile.isolation == "none" and profile.network.egress != "internet":
-            return [f"'isolation: none' runs commands on the host, with its network, so it cannot keep "
-                    f"network.egress {profile.network.egress!r}; say `network: {{egress: internet}}` in the profile "
-                    f"or drop 'isolation: none'"]
-        return []
+        if profile.isolation != "none":
+            return []
+        out = []
+        if profile.network.egress != "internet":
+            out.append(f"'isolation: none' runs commands on the host, with its network, so it cannot keep "
+                       f"network.egress {profile.network.egress!r}; say `network: {{egress: internet}}` in the profile "
+                       f"or drop 'isolation: none'")
+        if profile.secrets:
+            out.append("'isolation: none' has no init process to hold secrets apart from the host (every process "
+                       "of this user would see them); drop 'isolation: none' for a profile with secrets")
+        return out
 
     @staticmethod
     def _wants_link(profile: Profile, opts: LocalOptions, narrowed: bool) -> bool:
@@ -475,6 +484,10 @@ class LocalExtension(SandboxExtension):
         given = super().options(profile)
         narrowed = "network" in given.model_fields_set and not given.network
         tool = self._tool_for(profile.isolation)
+        if request.secrets and tool == "none":
+            raise ProvisionError(f"{self.id}: isolation none has no init process to hold secrets apart from the host "
+                                 "(they would be visible to every process of this user); use isolation 'process' "
+                                 "for a profile with secrets", backend=self.id)
         ws = self._workspace(sandbox_id)
         self._ensure_root()
         meta_dir = self.root / ".meta"
@@ -485,6 +498,7 @@ class LocalExtension(SandboxExtension):
             workspace=str(ws), tool=tool, uid=uid, sandbox_id=sandbox_id, resources=profile.resources,
             options=opts, cgroup=local_cgroup.plan(hier, sandbox_id) if hier else None,
             ws_mount=tool != "none" and os.geteuid() == 0, expose=list(profile.network.expose),
+            secrets=sorted(request.secrets),
         )
         if tool != "none" and self._wants_link(profile, opts, narrowed):
             why = egress.unavailable()
@@ -529,7 +543,7 @@ class LocalExtension(SandboxExtension):
                 # processes end on time even if no manager is left to run gc.
                 life = int(float(request.ttl)) + TTL_GRACE_S
                 handle.pid, handle.starttime, handle.outer_pid = self._start_init(
-                    tool, ws, uid, opts, sandbox_id, life, handle.cgroup, handle.link)
+                    tool, ws, uid, opts, sandbox_id, life, handle.cgroup, handle.link, request.secret_env())
             record()
             return handle
         except BaseException:
@@ -580,9 +594,10 @@ class LocalExtension(SandboxExtension):
 
     def _start_init(self, tool: str, ws: Path, uid: int | None, opts: LocalOptions, sandbox_id: str,
                     life: int, cg: local_cgroup.CgroupPlan | None,
-                    link: egress.Link | None = None) -> tuple[int, str | None, int]:
-        """Start the init (in ``link``'s network namespace when given); (its pid on the host, its
-        start time, bwrap's or unshare's pid)."""
+                    link: egress.Link | None = None,
+                    secrets: dict[str, str] | None = None) -> tuple[int, str | None, int]:
+        """Start the init (in ``link``'s network namespace when given; its environment holding
+        ``secrets``); (its pid on the host, its start time, bwrap's or unshare's pid)."""
         # In a namespace of its own the init keeps the network it is started in (the link's);
         # else it makes an empty one, unless it has the host's.
         keep_net = opts.network or link is not None
@@ -615,7 +630,8 @@ class LocalExtension(SandboxExtension):
         cmd = local_cgroup.join_argv(local_cgroup.procs_files(cg)) + join_net + self._as_user(uid) + argv
         with open(err_path, "wb") as err:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                    start_new_session=True, close_fds=True, cwd="/", env=_base_env(str(ws), "/tmp"))
+                                    start_new_session=True, close_fds=True, cwd="/",
+                                    env={**_base_env(str(ws), "/tmp"), **(secrets or {})})
         with self._lock:
             self._procs[sandbox_id] = proc
         sel = selectors.DefaultSelector()
@@ -681,6 +697,10 @@ class LocalExtension(SandboxExtension):
         else:
             if not _alive(handle.pid, handle.starttime):
                 raise ExecError(f"{self.id}: sandbox {handle.sandbox_id} is not running", backend=self.id)
+            held = init_secrets(self.id, handle.sandbox_id, handle.pid, handle.secrets)
+            if held and not _alive(handle.pid, handle.starttime):  # read from a reused pid: not ours
+                raise ExecError(f"{self.id}: sandbox {handle.sandbox_id} is not running", backend=self.id)
+            full_env = {**_base_env(ws, tmpdir), **opts.env, **held, **(env or {})}
             ns = ["--user", "--pid", "--mount", "--ipc", "--uts", "--cgroup", *([] if opts.network else ["--net"])]
             # Root enters the sandbox's user namespace and becomes its root (= the sandbox uid
             # outside); anyone else enters as the namespace's owner. Either way the command then

@@ -214,9 +214,11 @@ class ModalExtension(SandboxExtension):
     ProfileOptions: ClassVar[type[BaseModel]] = ModalOptions
     features: ClassVar[frozenset[str]] = frozenset({"exec", "snapshots", "metering", "list_owned"})
     # What modal 1.6.4's Sandbox.create sends and Modal documents, for each: see modal_policy.
-    # Modal has no deny-list: network:cidr-denylist is not kept.
+    # Modal has no deny-list: network:cidr-denylist is not kept. secrets: secrets=[Secret.from_dict(...)],
+    # which modal 1.6 sends inline with the create (the create's secret_sources).
     enforces: ClassVar[frozenset[str]] = frozenset({
-        "network:none", "network:internet", "network:cidr-allowlist", "network:domain-allowlist", "expose", "gpu"})
+        "network:none", "network:internet", "network:cidr-allowlist", "network:domain-allowlist", "expose", "gpu",
+        "secrets"})
     requires: ClassVar[tuple[str, str] | None] = ("modal", "modal")
     Handle = ModalHandle
 
@@ -501,6 +503,7 @@ class ModalExtension(SandboxExtension):
                 app=app, image=image, timeout=int(math.ceil(ttl)),
                 idle_timeout=int(math.ceil(idle)) if idle else None,
                 cpu=cpu, memory=memory, gpu=gpu_arg(profile.resources.gpu), tags=tags or None, env=env or None,
+                secrets=[modal.Secret.from_dict(request.secret_env())] if request.secrets else None,
                 region=opts.region, workdir=opts.workdir, **network,
                 readiness_probe=readiness, client=client,
             )

@@ -14,7 +14,8 @@ namespace shared with the host (no network), the root filesystem read-only, the 
 directory its only writable place and its working directory, a private /tmp, /run, /proc
 and /dev, the manager's home (hence every other sandbox's directory and the stub's table)
 and the user's home covered by an empty tmpfs, no capability, and an environment of PATH,
-HOME and LANG only. Without bwrap, exec refuses (CapabilityError): it never runs unconfined.
+HOME and LANG and the sandbox's secrets only. The secrets' values are kept where a provider keeps
+them, on its side: in the stub's table (mode 0600), never in the handle or a snapshot. Without bwrap, exec refuses (CapabilityError): it never runs unconfined.
 
 When the manager runs as root, each sandbox has an unprivileged uid of its own (taken from
 ext.local's uid registry, so no two sandboxes of either extension share one) which owns its
@@ -119,8 +120,9 @@ class StubConfig(BaseModel):
 class SaasStubExtension(SandboxExtension):
     Config = StubConfig
     features = frozenset({"exec", "snapshots", "metering", "list_owned"})
-    # its "machine" has no network (a stand-in: nothing it runs reaches out)
-    enforces = frozenset({"network:none"})
+    # its "machine" has no network (a stand-in: nothing it runs reaches out); the secrets are its
+    # commands' environment, kept on the "provider side" (the table) like E2B's envs
+    enforces = frozenset({"network:none", "secrets"})
     Handle = StubHandle
 
     def __init__(self, manifest, config):  # type: ignore[no-untyped-def]
@@ -170,6 +172,8 @@ class SaasStubExtension(SandboxExtension):
                 path = self.table_path
                 path.parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+                os.chmod(path, 0o600)  # it holds the sandboxes' secrets (its WAL files take this mode)
+                conn.execute("PRAGMA secure_delete=ON")  # a torn-down sandbox's secrets do not linger in free pages
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("CREATE TABLE IF NOT EXISTS live (stub_id TEXT PRIMARY KEY, sandbox_id TEXT, record TEXT)")
@@ -250,7 +254,8 @@ class SaasStubExtension(SandboxExtension):
         stub_id = "stub-" + uuid.uuid4().hex[:12]
         uid = alloc_uid(UID_REGISTRY, self.id) if _real_root() else None
         record = {"sandbox_id": request.sandbox_id, "owner_labels": request.owner_labels, "uid": uid,
-                  "tags": request.tags, "created": time.time(), "profile": request.profile.slug, **(extra or {})}
+                  "tags": request.tags, "created": time.time(), "profile": request.profile.slug,
+                  "env": request.secret_env(), **(extra or {})}
         try:
             with self._db() as db:
                 n = db.execute("SELECT count(*) FROM live").fetchone()[0]
@@ -323,6 +328,11 @@ class SaasStubExtension(SandboxExtension):
             raise TeardownError(f"{self.id}: cannot remove sandbox {handle.sandbox_id or handle.stub_id}'s "
                                 f"directory {box}: {exc.strerror}", backend=self.id) from None
         free_uid(UID_REGISTRY, (record or {}).get("uid"))  # only once nothing of it is left
+        if (record or {}).get("env"):
+            # the write-ahead log still holds the pages of its create: truncate it, so its
+            # secrets do not outlive it there (secure_delete clears the table's own pages)
+            with self._db(write=False) as db:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return existed
 
     # ------------------------------------------------------------ contract
@@ -390,7 +400,7 @@ class SaasStubExtension(SandboxExtension):
                                   "unconfined")
         status_r, status_w = os.pipe()  # bwrap's --json-status-fd: did the command start at all?
         cmd = [*self._confinement(bwrap, box, wd, status_w, rec.get("uid")), *argv]
-        run_env = {"PATH": PATH, "HOME": box, "LANG": "C.UTF-8", **(env or {})}
+        run_env = {"PATH": PATH, "HOME": box, "LANG": "C.UTF-8", **rec.get("env", {}), **(env or {})}
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=run_env, cwd="/",

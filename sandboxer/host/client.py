@@ -488,7 +488,13 @@ class ProcessExtension(SandboxExtension):
         return profile.model_dump(mode="json", exclude_defaults=True)
 
     def _request(self, request: ProvisionRequest) -> dict[str, Any]:
-        return {"profile": self._profile(request.profile), **request.model_dump(mode="json", exclude={"profile"})}
+        # A request's dump leaves its secrets out (so nothing else can leak them): they cross to
+        # the worker deliberately, in clear on the protocol pipe only, as a field of their own (only
+        # when there are some: a worker too old to know the field then refuses, never drops them).
+        out = {"profile": self._profile(request.profile), **request.model_dump(mode="json", exclude={"profile"})}
+        if request.secrets:
+            out["secrets"] = request.secret_env()
+        return out
 
     @staticmethod
     def _h(handle: Handle) -> dict[str, Any]:

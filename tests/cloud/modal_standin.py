@@ -110,6 +110,17 @@ class Sbx:
     status: int = 0  # GenericResult status; 0 = running
     finished_at: float | None = None
     execs: dict[str, Exec] = field(default_factory=dict)
+    #: the create's inline secret sources as sent, in order: each ``env`` source's contents
+    #: (``Secret.from_dict``, and the ``env=`` dict last); every exec runs with them merged
+    secret_sources: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment the create gave the sandbox (every secret source, later ones winning)."""
+        out: dict[str, str] = {}
+        for source in self.secret_sources:
+            out.update(source)
+        return out
 
     @property
     def ports(self) -> list[tuple[int, str]]:
@@ -420,7 +431,10 @@ class _ControlPlane(ModalClientBase):
             id=sandbox_id, app_id=request.app_id, task_id=f"ta-{secrets.token_hex(11)}V", root=root,
             definition=definition, tags={t.tag_name: t.tag_value for t in request.tags}, created_at=time.time(),
             token_id=stream.metadata.get("x-modal-token-id", ""), workspace=st.workspace(stream.metadata),
+            secret_sources=[dict(source.env.contents) for source in request.secret_sources if source.HasField("env")],
         )
+        if any(not source.HasField("env") for source in request.secret_sources):
+            raise GRPCError(Status.UNIMPLEMENTED, "the stand-in keeps no named Secrets (secret_id sources)")
         st.sandboxes[sandbox_id] = sb
         response = api_pb2.SandboxCreateV2Response(
             sandbox_id=sandbox_id, task_id=sb.task_id,
@@ -539,7 +553,7 @@ class _Router(TaskCommandRouterBase):
 
     async def TaskExecStart(self, stream, request) -> None:
         sb = self.standin.by_task(request.task_id)
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(sb.root)}
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(sb.root), **sb.env}
         for source in request.secret_sources:
             env.update(source.env.contents)
         env[SANDBOX_MARKER] = sb.id

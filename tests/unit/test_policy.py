@@ -78,7 +78,7 @@ def test_a_manifest_may_declare_fewer_enforcements_than_its_class_never_more(cfg
     _backend(cfg, "a", ["network:none", "network:internet"], handler="sandboxer.extensions.saas_stub:SaasStubExtension")
     with pytest.raises(CapabilityError, match=r"ext\.a\.yaml: field 'capabilities\.enforces' \(value "
                                               r"'network:internet'\): handler SaasStubExtension does not enforce it "
-                                              r"\(it keeps: network:none\)"):
+                                              r"\(it keeps: network:none, secrets\)"):
         load_catalog([cfg.root])
 
 
@@ -95,14 +95,14 @@ def test_the_builtins_declare_only_what_they_keep():
     assert got == {
         "ext.compose-ssh": ["network:internet"], "ext.vm-packer": ["expose", "network:internet"],
         "ext.docker": ["expose", "network:cidr-allowlist", "network:cidr-denylist", "network:internet",
-                       "network:none"],
+                       "network:none", "secrets"],
         "ext.local": ["expose", "network:cidr-allowlist", "network:cidr-denylist", "network:internet",
-                      "network:none"],
+                      "network:none", "secrets"],
         "ext.e2b": ["expose", "network:cidr-allowlist", "network:cidr-denylist", "network:domain-allowlist",
-                    "network:internet", "network:none"],
+                    "network:internet", "network:none", "secrets"],
         "ext.modal": ["expose", "gpu", "network:cidr-allowlist", "network:domain-allowlist", "network:internet",
-                      "network:none"],
-        "ext.saas-stub": ["network:none"],
+                      "network:none", "secrets"],
+        "ext.saas-stub": ["network:none", "secrets"],
     }
     # as root with nftables (as the suite runs) only docker's GPUs are not here, and it says why
     assert {k: v.unavailable for k, v in cat.extensions.items() if v.unavailable} == {
