@@ -171,6 +171,8 @@ class ModalStandIn:
         self.unimplemented: list[str] = []
         self.sandboxes: dict[str, Sbx] = {}
         self.images: dict[str, Path | None] = {}
+        #: ephemeral Secrets made by SecretGetOrCreate (the V1 create's ``from_dict`` secrets), by id
+        self.secrets: dict[str, dict[str, str]] = {}
         self.apps: dict[tuple[str, str], str] = {}  # (workspace, app name) -> app id
         #: Each token id is its own workspace unless mapped here to another token id's.
         self.workspaces: dict[str, str] = {}
@@ -431,10 +433,8 @@ class _ControlPlane(ModalClientBase):
             id=sandbox_id, app_id=request.app_id, task_id=f"ta-{secrets.token_hex(11)}V", root=root,
             definition=definition, tags={t.tag_name: t.tag_value for t in request.tags}, created_at=time.time(),
             token_id=stream.metadata.get("x-modal-token-id", ""), workspace=st.workspace(stream.metadata),
-            secret_sources=[dict(source.env.contents) for source in request.secret_sources if source.HasField("env")],
+            secret_sources=self._secret_sources(request, definition),
         )
-        if any(not source.HasField("env") for source in request.secret_sources):
-            raise GRPCError(Status.UNIMPLEMENTED, "the stand-in keeps no named Secrets (secret_id sources)")
         st.sandboxes[sandbox_id] = sb
         response = api_pb2.SandboxCreateV2Response(
             sandbox_id=sandbox_id, task_id=sb.task_id,
@@ -442,6 +442,25 @@ class _ControlPlane(ModalClientBase):
             command_router_access=api_pb2.CommandRouterAccess(url=st.router_url, jwt=st.new_jwt()),
         )
         return response
+
+    def _secret_sources(self, request, definition) -> list[dict[str, str]]:
+        """V2 sends a from_dict Secret inline (``secret_sources``); V1 (a GPU sandbox) makes it an
+        ephemeral Secret first and names it in ``definition.secret_ids``."""
+        if any(not source.HasField("env") for source in getattr(request, "secret_sources", ())):
+            raise GRPCError(Status.UNIMPLEMENTED, "the stand-in keeps no named Secrets (secret_id sources)")
+        inline = [dict(source.env.contents) for source in getattr(request, "secret_sources", ())]
+        missing = [i for i in definition.secret_ids if i not in self.standin.secrets]
+        if missing:
+            raise GRPCError(Status.NOT_FOUND, f"Secret {missing[0]} not found")
+        return [dict(self.standin.secrets[i]) for i in definition.secret_ids] + inline
+
+    async def SecretGetOrCreate(self, stream, request) -> None:
+        """Only the ephemeral kind (``Secret.from_dict`` loaded for a V1 create): named Secrets are not kept."""
+        if request.deployment_name:
+            raise GRPCError(Status.UNIMPLEMENTED, "the stand-in keeps no named Secrets")
+        secret_id = f"st-{secrets.token_hex(11)}"
+        self.standin.secrets[secret_id] = dict(request.env_dict)
+        await stream.send_message(api_pb2.SecretGetOrCreateResponse(secret_id=secret_id))
 
     async def SandboxCreate(self, stream, request) -> None:
         """V1's create, which the SDK uses for a GPU sandbox."""

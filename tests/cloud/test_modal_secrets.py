@@ -49,3 +49,23 @@ def test_no_secrets_send_no_secret_source(backend, standin):
         assert standin.sandboxes[handle.object_id].secret_sources == []
     finally:
         ext.teardown(handle)
+
+
+def test_a_gpu_sandbox_gets_its_secrets_through_modals_v1_create(backend, standin):
+    """modal 1.6 sends a GPU sandbox through the V1 create, where a from_dict Secret is made first
+    (SecretGetOrCreate, ephemeral) and named in the definition: the sandbox still sees it."""
+    from sandboxer.models import Profile
+
+    ext, prof = backend
+    gpu = Profile.model_validate({**prof.model_dump(), "resources": {**prof.resources.model_dump(),
+                                                                     "gpu": {"count": 1, "type": "T4"}}})
+    value = "sbx_MODAL_gpu_secret"
+    handle = ext.provision(request(gpu, inputs("sbx-gpusec"), None, secrets={"TOKEN": value}))
+    try:
+        assert standin.called("SandboxCreate") and standin.called("SecretGetOrCreate")
+        assert standin.sandboxes[handle.object_id].secret_sources == [{"TOKEN": value}]
+        ext.wait_ready(handle, timeout=10)
+        res = ext.exec(handle, ["sh", "-c", f'[ "$TOKEN" = {value} ]'])
+        assert res.exit_code == 0, res.stderr
+    finally:
+        ext.teardown(handle)
