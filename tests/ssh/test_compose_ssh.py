@@ -186,7 +186,8 @@ def test_hostile_inputs_are_refused_and_run_nothing(backend, compose_repo, pool_
     values = {k: (v.replace("{marker}", str(marker)) if isinstance(v, str) else
                   [x.replace("{marker}", str(marker)) for x in v]) for k, v in bad.items()}
     with pytest.raises(InputError) as info:
-        backend.provision(request(profile(), {**inputs(compose_repo, "hostile1"), **values}, None))
+        handle = backend.provision(request(profile(), {**inputs(compose_repo, "hostile1"), **values}, None))
+        backend.teardown(handle)  # accepted after all: the test fails, leaving nothing behind
     assert list(bad)[0] in str(info.value) or "sandbox_id" in str(info.value) or "project" in str(info.value)
     for h in pool_cfg["hosts"]:
         assert not Path(h["workspace_root"]).exists() or not any(Path(h["workspace_root"]).iterdir())
