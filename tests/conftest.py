@@ -10,6 +10,7 @@ from typing import Callable
 import pytest
 
 from sandboxer import Manager
+from tests.support.leaks import ComposeWatch, describe_leaks
 
 
 def run_threads(target: Callable[[], None], n: int, *, timeout: float = 60) -> None:
@@ -20,6 +21,32 @@ def run_threads(target: Callable[[], None], n: int, *, timeout: float = 60) -> N
     for t in threads:
         t.join(timeout)
     assert not any(t.is_alive() for t in threads), f"threads still running after {timeout}s"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compose_watch(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Fails the run if a compose project of its own is left on the Docker engine (a network too)."""
+    watch = ComposeWatch(tmp_path_factory.getbasetemp())
+    watch.start()
+    yield watch
+    try:
+        leaked = watch.check()
+    finally:
+        watch.stop()
+    assert not leaked, f"compose projects left on the Docker engine by this run (now removed): {describe_leaks(leaked)}"
+
+
+@pytest.fixture(autouse=True)
+def _no_compose_leak(request: pytest.FixtureRequest, compose_watch: ComposeWatch):  # type: ignore[no-untyped-def]
+    """A compose stack under a test's own tmp_path must be gone, network and volumes too, when the test ends."""
+    tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    compose_watch.start()  # the engine may have come up since (tests/support/dockerd.py starts it on demand)
+    yield
+    if tmp is None:
+        return
+    compose_watch.start()
+    leaked = compose_watch.check(tmp)
+    assert not leaked, f"compose projects left on the Docker engine by this test (now removed): {describe_leaks(leaked)}"
 
 
 class ConfigDir:

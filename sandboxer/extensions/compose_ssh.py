@@ -130,20 +130,30 @@ if [ -z "$ids" ]; then echo '[]'; else docker inspect $ids; fi
 """
 
 # $1 dir, $2 project, $3 v, $4 compose file. Compose down, then sweep by label, then verify.
+# Networks count like containers and volumes: a stack that left only its network was not
+# "gone", and a network that survives the sweep fails the teardown (naming it) instead of leaking.
 _DOWN = _DC + r"""
 dir=$1; project=$2; v=$3; file=$4
 f="label=com.docker.compose.project=$project"
 state=gone
-if [ -e "$dir" ] || [ -n "$(docker ps -aq --filter "$f")$(docker volume ls -q --filter "$f")" ]; then state=removed; fi
+if [ -e "$dir" ] || [ -n "$(docker ps -aq --filter "$f")$(docker volume ls -q --filter "$f")$(docker network ls -q --filter "$f")" ]; then
+  state=removed
+fi
+why=""
 if [ -f "$dir/repo/${file:-docker-compose.yml}" ] || [ -f "$dir/repo/compose.yaml" ]; then
-  (cd "$dir/repo" && dc down -v --remove-orphans -t 5) >/dev/null 2>&1 || echo "compose down failed; sweeping by label" >&2
+  (cd "$dir/repo" && dc down -v --remove-orphans -t 5) >/dev/null 2>&1 || why="compose down failed"
 fi
 ids=$(docker ps -aq --filter "$f"); [ -z "$ids" ] || docker rm -f -v $ids >/dev/null
 vols=$(docker volume ls -q --filter "$f"); [ -z "$vols" ] || docker volume rm -f $vols >/dev/null
-nets=$(docker network ls -q --filter "$f"); [ -z "$nets" ] || docker network rm $nets >/dev/null
+nets=$(docker network ls -q --filter "$f")
+if [ -n "$nets" ]; then err=$(docker network rm $nets 2>&1 >/dev/null) || why="${why:+$why; }$(printf '%s' "$err" | tr '\n' ' ')"; fi
 rm -rf -- "$dir"
-left="$(docker ps -aq --filter "$f")$(docker volume ls -q --filter "$f")"
-if [ -n "$left" ] || [ -e "$dir" ]; then echo "left behind: $left $dir" >&2; exit 1; fi
+left=""
+for x in $(docker ps -aq --filter "$f"); do left="$left, container $x"; done
+for x in $(docker volume ls -q --filter "$f"); do left="$left, volume $x"; done
+for x in $(docker network ls --filter "$f" --format '{{.Name}}'); do left="$left, network $x"; done
+[ ! -e "$dir" ] || left="$left, workspace $dir"
+if [ -n "$left" ]; then echo "left behind: ${left#, }${why:+ ($why)}" >&2; exit 1; fi
 echo "$state"
 """
 

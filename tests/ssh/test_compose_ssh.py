@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from sandboxer.errors import CapacityUnavailable, HostKeyError, InputError, ProvisionError
+from sandboxer.errors import CapacityUnavailable, HostKeyError, InputError, ProvisionError, TeardownError
 from sandboxer.models import Profile, SnapshotMeta
 from sandboxer.testing import request
 from tests.ssh.conftest import load_backend, write_config
@@ -186,7 +186,8 @@ def test_hostile_inputs_are_refused_and_run_nothing(backend, compose_repo, pool_
     values = {k: (v.replace("{marker}", str(marker)) if isinstance(v, str) else
                   [x.replace("{marker}", str(marker)) for x in v]) for k, v in bad.items()}
     with pytest.raises(InputError) as info:
-        backend.provision(request(profile(), {**inputs(compose_repo, "hostile1"), **values}, None))
+        handle = backend.provision(request(profile(), {**inputs(compose_repo, "hostile1"), **values}, None))
+        backend.teardown(handle)  # accepted after all: the test fails, leaving nothing behind
     assert list(bad)[0] in str(info.value) or "sandbox_id" in str(info.value) or "project" in str(info.value)
     for h in pool_cfg["hosts"]:
         assert not Path(h["workspace_root"]).exists() or not any(Path(h["workspace_root"]).iterdir())
@@ -235,3 +236,35 @@ def test_builtin_manifest_and_profile_load(tmp_path):
     cat = load_catalog([])
     assert "compose-ssh" in cat.profiles and "ext.compose-ssh" in cat.extensions
     assert json.dumps(cat.extensions["ext.compose-ssh"].config.model_dump(mode="json"))
+
+
+def test_teardown_fails_naming_a_network_it_could_not_remove(backend, compose_repo, busybox_image):
+    handle = backend.provision(request(profile(), inputs(compose_repo, "net1", services=["web"]), None))
+    net = f"{handle.project}_default"
+    guest = None
+    try:
+        # a container that is not the project's, attached to its network: the network cannot be removed
+        guest = docker("run", "-d", "--rm", "--network", net, busybox_image, "sleep", "120").strip()
+        with pytest.raises(TeardownError, match=f"teardown incomplete: left behind: network {net} "
+                                                r"\(.*has active endpoints"):
+            backend.teardown(handle)
+        assert docker("network", "ls", "-q", "--filter", f"name=^{net}$").strip(), "the network is gone after all"
+    finally:
+        if guest:
+            docker("rm", "-f", guest)
+        # the retry (what gc does with a teardown_failed sandbox) finishes the job
+        report = backend.teardown(handle)
+    assert not report.already_gone and leftovers(handle.project) == ""
+
+
+def test_teardown_of_a_stack_that_left_only_its_network_removes_it(backend, compose_repo):
+    handle = backend.provision(request(profile(), inputs(compose_repo, "net2"), None))
+    f = f"label=com.docker.compose.project={handle.project}"
+    # the workspace, the containers and the volume went behind its back; the network stayed
+    subprocess.run(["rm", "-rf", handle.remote_dir], check=True, timeout=30)
+    docker("rm", "-f", *docker("ps", "-aq", "--filter", f).split())
+    docker("volume", "rm", *docker("volume", "ls", "-q", "--filter", f).split())
+    assert docker("network", "ls", "-q", "--filter", f).strip()
+    report = backend.teardown(handle)
+    assert not report.already_gone, "a network of the stack was removed: it was not already gone"
+    assert leftovers(handle.project) == ""

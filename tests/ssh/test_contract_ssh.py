@@ -251,6 +251,18 @@ def test_compose_probe_sees_a_stack_removed_behind_its_back(mgr):
     subprocess.run(["docker", "rm", "-f", *_containers(project)], capture_output=True, timeout=60, check=True)
     assert ext.probe(handle) is False
     assert mgr.get(sb.id, refresh=True).state.value == "lost"
+    # what the stack left (workspace, named volume, network) no live record holds: gc reaps it as an orphan
+    f = f"label=com.docker.compose.project={project}"
+    assert _docker("network", "ls", "-q", "--filter", f) and _docker("volume", "ls", "-q", "--filter", f)
+    report = mgr.gc()
+    assert sb.id in report.orphans, report
+    assert not Path(handle.remote_dir).exists()
+    for kind in (("ps", "-aq"), ("volume", "ls", "-q"), ("network", "ls", "-q")):
+        assert _docker(*kind, "--filter", f) == [], f"gc left the lost stack's {kind[0]}"
+
+
+def _docker(*args: str) -> list[str]:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60, check=True).stdout.split()
 
 
 def test_vm_probe_sees_a_workspace_removed_behind_its_back(mgr):

@@ -40,7 +40,14 @@ def cfg_dir(tmp_path, sshd_pool, known_hosts, docker_host, busybox_image, compos
 def mgr(cfg_dir, tmp_path):
     m = Manager(config_dirs=[cfg_dir], home=tmp_path / "home")
     yield m
-    m.close()
+    # a test that failed half way still removes what it made (the leak check in tests/conftest.py
+    # would otherwise report, and remove, its stacks)
+    try:
+        for sb in m.list():
+            m.teardown(sb.id)
+        m.gc()
+    finally:
+        m.close()
 
 
 def _left(project: str) -> str:
