@@ -225,11 +225,26 @@ class Manager(SnapshotsMixin, GcMixin):
             self.state.touch([row["id"]], now)
             return None
         seen = max(row["last_seen_at"] or 0.0, row["ready_at"] or row["created_at"])
-        return self.state.transition(
+        lost = self.state.transition(
             row["id"], "lost", expect=("ready",), state="lost", terminated_at=now,
             last_error=f"{ext.id} no longer has this sandbox (last seen alive {dt(seen):%Y-%m-%d %H:%M:%S}Z)",
             detail={"last_seen_at": seen},
             also=lambda conn, r: self.metering.stopped(conn, r["id"], min(seen, r["expires_at"])))
+        if lost is not None:
+            self._sweep_lost(ext, lost)
+        return lost
+
+    def _sweep_lost(self, ext: SandboxExtension, row: dict[str, Any]) -> None:
+        """What a lost sandbox left at its backend (a workspace, volumes, a network namespace) goes
+        too: its teardown, which takes a sandbox already gone as a success, sweeps it. A failure is
+        an event (``lost_sweep_failed``) and a warning; gc's list_owned still finds what is left."""
+        try:
+            report = self._teardown_call(ext, row["id"], row["handle"])
+        except Exception as exc:  # noqa: BLE001 - the sandbox stays lost; the leftovers are gc's
+            log.warning("sweeping lost sandbox %s failed: %s", row["id"], exc)
+            self.state.record_event(row["id"], "lost_sweep_failed", extension=ext.id, detail={"error": short(exc)})
+            return
+        self.state.record_event(row["id"], "lost_swept", extension=ext.id, detail={"removed": report.removed})
 
     def list(self, *, all: bool = False) -> list[SandboxStatus]:  # noqa: A002 - mirrors the CLI flag
         """Live sandboxes, or every one ever recorded with ``all=True``."""

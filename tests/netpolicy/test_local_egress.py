@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +220,23 @@ def test_a_namespace_left_by_a_crash_is_found_by_list_owned_and_removed(policy, 
     assert "sandboxer-sb-crashed0001" not in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                                             text=True).stdout
     assert egress.table_name("sb-crashed0001") not in egress.tables()
+
+
+def test_a_sandbox_found_lost_is_swept_of_what_it_left(policy, hosts):
+    """Its init killed behind the manager's back (the OOM killer, an operator): the probe finds it
+    gone, the sandbox becomes lost, and what it left (workspace, namespace, rules) is removed."""
+    import signal
+
+    mgr = policy({"egress": [hosts[0].address]})
+    sb = mgr.create(profile="net", consumer="t")
+    handle = mgr.state.get(sb.id)["handle"]
+    os.kill(handle["pid"], signal.SIGKILL)
+    for _ in range(100):  # bounded: the kernel reaps it at once
+        if not os.path.exists(f"/proc/{handle['pid']}"):
+            break
+        time.sleep(0.02)
+    assert mgr.get(sb.id, refresh=True).state.value == "lost"
+    assert not Path(handle["workspace"]).exists()
+    assert f"sandboxer-{sb.id}" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert egress.table_name(sb.id) not in egress.tables()
+    assert [e["kind"] for e in mgr.events(sb.id)][-1] == "lost_swept"
