@@ -187,7 +187,7 @@ def test_an_unknown_capability_is_refused(bundle, acme, operator_dir, tmp_path):
     text = MANIFEST.replace("    - fs:write:workspaces\n", "    - gpu:exclusive\n")
     manifest, artifact = bundle(text)
     newer = tmp_path / "capabilities.yaml"
-    newer.write_text(yaml.safe_dump({"grants": {"gpu:exclusive": "a whole GPU"}}))
+    newer.write_text(yaml.safe_dump({"grants": {**load_grants().templates, "gpu:exclusive": "a whole GPU"}}))
     sign_bundle(manifest, acme, artifact, grants=load_grants(newer))
     add_trusted_key(operator_dir, "acme", acme.public_key_b64())
     with pytest.raises(UnknownCapability) as ei:
