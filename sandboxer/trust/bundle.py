@@ -15,11 +15,11 @@ import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
-from pydantic import Field, ValidationError, field_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator
 
 from sandboxer.errors import BundleError
 from sandboxer.models import Capabilities, ExtensionManifest, Strict
@@ -30,6 +30,18 @@ PURPOSE = "sandboxer extension bundle/1"
 #: The fields a bundle manifest adds to an ``ext.<name>.yaml``.
 BUNDLE_FIELDS = ("publisher", "abi", "dependencies", "artifact")
 _EXT_ID = r"^ext\.[a-z0-9][a-z0-9-]*$"
+
+
+def _specifier(value: str) -> str:
+    try:
+        SpecifierSet(value)
+    except InvalidSpecifier:
+        raise ValueError(f"{value!r} is not a version specifier (like '>=1.2,<2')") from None
+    return value
+
+
+ExtensionId = Annotated[str, Field(pattern=_EXT_ID)]
+VersionSpecifier = Annotated[str, AfterValidator(_specifier)]
 
 
 class BundleCapabilities(Capabilities):
@@ -49,7 +61,7 @@ class BundleManifest(ExtensionManifest):
     capabilities: BundleCapabilities
     publisher: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     abi: int = Field(ge=1, description="the extension-host ABI it was built for (sandboxer.host.ABI_VERSION)")
-    dependencies: dict[str, str] = Field(default_factory=dict, description="extension id -> version specifier")
+    dependencies: dict[ExtensionId, VersionSpecifier] = Field(default_factory=dict, description="extension id -> version specifier")
     artifact: Artifact
 
     @field_validator("version")
@@ -59,20 +71,6 @@ class BundleManifest(ExtensionManifest):
             Version(v)
         except InvalidVersion:
             raise ValueError(f"{v!r} cannot be ordered (packaging.version); use MAJOR.MINOR.PATCH[-rcN]") from None
-        return v
-
-    @field_validator("dependencies")
-    @classmethod
-    def _specifiers(cls, v: dict[str, str]) -> dict[str, str]:
-        import re
-
-        for name, spec in v.items():
-            if not re.fullmatch(_EXT_ID[1:-1], name):
-                raise ValueError(f"{name!r} is not an extension id (ext.<name>)")
-            try:
-                SpecifierSet(spec)
-            except InvalidSpecifier:
-                raise ValueError(f"{name}: {spec!r} is not a version specifier (like '>=1.2,<2')") from None
         return v
 
     @property

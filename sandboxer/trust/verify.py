@@ -9,6 +9,8 @@ rollback below the highest version ever installed. Nothing of the bundle is impo
 
 from __future__ import annotations
 
+import base64
+import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -25,6 +27,7 @@ from sandboxer.errors import (
     RollbackRefused,
     SignatureExpired,
     SignatureMismatch,
+    UnknownCapability,
     UnknownKey,
     UnsignedBundle,
 )
@@ -101,10 +104,8 @@ def sign_bundle(manifest_path: Path, key: SigningKey, artifact_path: Path, *,
         manifest_path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
     manifest = parse_manifest(manifest_path, data)
     (grants or load_grants()).check(manifest.capabilities.grants, str(manifest_path))
+    _check_registry(manifest, str(manifest_path))
     expires = format_expiry((now or datetime.now(timezone.utc)) + expires_in)
-    import base64
-    import json
-
     signature = key.sign(signed_payload(data, key.key_id, expires))
     sig = {"key_id": key.key_id, "algorithm": ALGORITHM, "expires": expires,
            "signature": base64.b64encode(signature).decode("ascii")}
@@ -195,7 +196,6 @@ def verify(manifest_path: Path, artifact_path: Path | None, trust: TrustStore,
 
 def _check_registry(manifest: BundleManifest, where: str) -> None:
     """Isolation levels, pricing model and features against registry/capabilities.yaml, as the loader does."""
-    from sandboxer.errors import UnknownCapability
     from sandboxer.loader import Registry
 
     reg = Registry.load()

@@ -122,8 +122,8 @@ def test_errors_name_the_file_field_and_value(sbx, bundle, tmp_path):
     p = sbx("extensions", "keygen", "--publisher", "Acme Corp", "--out", "keys2", check=2)
     assert "--publisher" in p.stderr and "'Acme Corp'" in p.stderr
     p = sbx("extensions", "keygen", "--publisher", "acme", "--out", "keys", check=1)
-    assert p.stderr == f"error: keys/acme.key: already exists; a key file is never overwritten " \
-                       f"(choose another --out, or remove it first)\n"
+    assert p.stderr == "error: keys/acme.key: already exists; a key file is never overwritten " \
+                       "(choose another --out, or remove it first)\n"
     bad = manifest.read_text().replace("abi: 2", "abi: two")
     manifest.write_text(bad)
     p = sbx("extensions", "sign", manifest, "--key", "keys/acme.key", "--artifact", artifact, check=1)

@@ -6,10 +6,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
-
-import subprocess
 
 from sandboxer.trust import load_trust
 from sandboxer.trust.bundle import parse_manifest, read_manifest_data
@@ -50,7 +49,7 @@ def test_the_workflows_run_as_pasted(tmp_path, wheel):
     assert re.search(r"^verified: ext.workspace 0.1.0 from acme, key " + kid, run.stdout, re.MULTILINE)
     assert f"revoked key {kid}" in run.stdout
     assert run.stdout.endswith("refused: the key is revoked\n")
-    assert f"key of publisher 'acme' is revoked in operator/trust.yaml" in run.stderr
+    assert "key of publisher 'acme' is revoked in operator/trust.yaml" in run.stderr
 
 
 def test_the_trust_yaml_example_loads(tmp_path):

@@ -198,6 +198,27 @@ def test_an_unknown_capability_is_refused(bundle, acme, operator_dir, tmp_path):
         "docker:engine, state:own-tables")
 
 
+def test_an_unknown_feature_is_refused_as_the_loader_would(bundle, acme, operator_dir):
+    """sign refuses it; a bundle signed by other tooling anyway is refused by verify."""
+    import base64
+
+    from sandboxer.trust.bundle import format_expiry, read_manifest_data, signed_payload
+
+    manifest, artifact = bundle(MANIFEST.replace("features: [exec, list_owned]", "features: [exec, teleport]"))
+    with pytest.raises(UnknownCapability, match=r"field 'capabilities.features' \(value 'teleport'\): unknown"):
+        sign_bundle(manifest, acme, artifact)
+    data = read_manifest_data(manifest)  # sign_bundle filled the artifact before refusing
+    expires = format_expiry(datetime.now(timezone.utc) + timedelta(days=1))
+    Path(f"{manifest}.sig").write_text(json.dumps({
+        "key_id": acme.key_id, "algorithm": "ed25519", "expires": expires,
+        "signature": base64.b64encode(acme.sign(signed_payload(data, acme.key_id, expires))).decode()}))
+    add_trusted_key(operator_dir, "acme", acme.public_key_b64())
+    with pytest.raises(UnknownCapability) as ei:
+        verify(manifest, artifact, _trust(operator_dir), {})
+    assert str(ei.value) == (f"{manifest}: field 'capabilities.features' (value 'teleport'): unknown; allowed: "
+                             f"exec, snapshots, metering, list_owned")
+
+
 def test_an_abi_the_host_does_not_speak_is_refused(bundle, acme, operator_dir):
     manifest, artifact = bundle(MANIFEST.replace(f"abi: {ABI_VERSION}", f"abi: {ABI_VERSION + 1}"))
     sign_bundle(manifest, acme, artifact)
@@ -215,3 +236,20 @@ def test_every_refusal_is_a_trust_error_with_a_reason():
     reasons = {c.reason for c in vars(e).values() if isinstance(c, type) and issubclass(c, TrustError)}
     assert {"unsigned", "unknown-key", "revoked-key", "expired", "artifact-changed", "manifest-changed",
             "rollback", "unknown-capability", "abi-mismatch"} <= reasons
+
+
+@pytest.mark.parametrize("old, new, field, why", [
+    ("dependencies: {}", "dependencies: {ext.base: 'newest please'}", "dependencies.ext.base",
+     "'newest please' is not a version specifier (like '>=1.2,<2')"),
+    ("dependencies: {}", "dependencies: {base: '>=1'}", "dependencies.base.[key]", "String should match pattern"),
+    ("version: 0.1.0", "version: 0.1.0-alpha.beta", "version", "'0.1.0-alpha.beta' cannot be ordered"),
+    ("publisher: acme", "publisher: Acme Corp", "publisher", "String should match pattern"),
+])
+def test_a_malformed_manifest_is_refused_naming_the_field(bundle, acme, old, new, field, why):
+    from sandboxer.errors import BundleError
+
+    manifest, artifact = bundle(MANIFEST.replace(old, new))
+    with pytest.raises(BundleError) as ei:
+        sign_bundle(manifest, acme, artifact)
+    assert str(ei.value).startswith(f"{manifest}: field {field!r} (value ")
+    assert why in str(ei.value)
