@@ -253,3 +253,10 @@ def test_a_malformed_manifest_is_refused_naming_the_field(bundle, acme, old, new
         sign_bundle(manifest, acme, artifact)
     assert str(ei.value).startswith(f"{manifest}: field {field!r} (value ")
     assert why in str(ei.value)
+
+
+def test_a_publisher_removed_after_signing_is_a_changed_manifest(signed, operator_dir):
+    manifest, artifact = signed
+    manifest.write_text(manifest.read_text().replace("publisher: acme\n", ""))
+    with pytest.raises(SignatureMismatch):
+        verify(manifest, artifact, _trust(operator_dir), {})
