@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -84,7 +85,8 @@ def sign_bundle(manifest_path: Path, key: SigningKey, artifact_path: Path, *,
                 grants: Grants | None = None) -> Path:
     """Fill the manifest's ``artifact`` (file name, sha256), check it, and write ``<manifest>.sig``.
 
-    The manifest is rewritten only if its ``artifact`` changed (comments are then not kept).
+    The manifest is checked first, then rewritten only if its ``artifact`` changed (comments are
+    then not kept); nothing is written if it is refused.
 
     Args:
         grants: the vocabulary to check ``capabilities.grants`` against (default: this host's).
@@ -99,19 +101,27 @@ def sign_bundle(manifest_path: Path, key: SigningKey, artifact_path: Path, *,
     manifest_path, artifact_path = Path(manifest_path), Path(artifact_path)
     data = read_manifest_data(manifest_path)
     artifact = {"file": artifact_path.name, "sha256": sha256_file(artifact_path)}
-    if data.get("artifact") != artifact:
-        data["artifact"] = artifact
-        manifest_path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    manifest = parse_manifest(manifest_path, data)
+    changed = data.get("artifact") != artifact
+    data["artifact"] = artifact
+    manifest = parse_manifest(manifest_path, data)  # checked before anything is written
     (grants or load_grants()).check(manifest.capabilities.grants, str(manifest_path))
     _check_registry(manifest, str(manifest_path))
     expires = format_expiry((now or datetime.now(timezone.utc)) + expires_in)
     signature = key.sign(signed_payload(data, key.key_id, expires))
     sig = {"key_id": key.key_id, "algorithm": ALGORITHM, "expires": expires,
            "signature": base64.b64encode(signature).decode("ascii")}
+    if changed:
+        _replace(manifest_path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     path = signature_path(manifest_path)
-    path.write_text(json.dumps(sig, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _replace(path, json.dumps(sig, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a reader sees the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def verify(manifest_path: Path, artifact_path: Path | None, trust: TrustStore,

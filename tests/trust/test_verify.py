@@ -202,12 +202,16 @@ def test_an_unknown_feature_is_refused_as_the_loader_would(bundle, acme, operato
     """sign refuses it; a bundle signed by other tooling anyway is refused by verify."""
     import base64
 
-    from sandboxer.trust.bundle import format_expiry, read_manifest_data, signed_payload
+    from sandboxer.trust.bundle import format_expiry, read_manifest_data, sha256_file, signed_payload
 
     manifest, artifact = bundle(MANIFEST.replace("features: [exec, list_owned]", "features: [exec, teleport]"))
+    before = manifest.read_text()
     with pytest.raises(UnknownCapability, match=r"field 'capabilities.features' \(value 'teleport'\): unknown"):
         sign_bundle(manifest, acme, artifact)
-    data = read_manifest_data(manifest)  # sign_bundle filled the artifact before refusing
+    assert manifest.read_text() == before and not Path(f"{manifest}.sig").exists()  # nothing written
+    data = read_manifest_data(manifest)
+    data["artifact"] = {"file": artifact.name, "sha256": sha256_file(artifact)}
+    manifest.write_text(yaml.safe_dump(data))
     expires = format_expiry(datetime.now(timezone.utc) + timedelta(days=1))
     Path(f"{manifest}.sig").write_text(json.dumps({
         "key_id": acme.key_id, "algorithm": "ed25519", "expires": expires,
