@@ -16,6 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from sandboxer.cli_trust import register as register_trust_commands
 from sandboxer.errors import CapabilityError, ProfileNotFound, SandboxerError
 from sandboxer.models import ExtensionManifest, Profile, SandboxCreateRequest, parse_duration
 
@@ -157,6 +158,9 @@ def validate(c: Ctx) -> None:
 @cli.group("extensions")
 def extensions_group() -> None:
     """Backends."""
+
+
+register_trust_commands(extensions_group)  # keygen, sign, verify, trust: sandboxer/cli_trust.py
 
 
 @extensions_group.command("list")

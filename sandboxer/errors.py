@@ -34,6 +34,18 @@ context manager per backend); callers never need to match message text.
     │   ├── HostKeyError                 an SSH host key did not verify
     │   ├── ExtensionTimeout             an extension call passed its deadline and was abandoned
     │   └── ExtensionCrashed             an out-of-process extension's worker died or broke the protocol
+    ├── TrustError                       a signed bundle is refused (.reason, .path); fails closed
+    │   ├── BundleError                  a bundle manifest or its signature file is malformed
+    │   ├── SigningKeyError              a private key file cannot be written, read or decrypted
+    │   ├── UnsignedBundle               no signature file beside the manifest
+    │   ├── UnknownKey                   the key is not in trust.yaml, or is another publisher's
+    │   ├── RevokedKey                   trust.yaml revokes the key
+    │   ├── SignatureExpired             the signature's expiry (or the key's not_after) has passed
+    │   ├── SignatureMismatch            the signature does not verify: the manifest changed after signing
+    │   ├── ArtifactMismatch             the artifact's sha256 is not the manifest's
+    │   ├── RollbackRefused              a version lower than the highest ever installed from that publisher
+    │   ├── UnknownCapability            a grant outside registry/capabilities.yaml's vocabulary
+    │   └── AbiMismatch                  the bundle needs an extension-host ABI this host does not speak
     ├── MissingExtra                     an optional dependency (pip extra) is not installed
     └── RoutingError                     every backend failed; .attempts lists each one
 """
@@ -189,6 +201,86 @@ class ExtensionCrashed(BackendError):
     def __init__(self, message: str, *, log: str | None = None, **kw: Any):
         super().__init__(message, **kw)
         self.log = log
+
+
+class TrustError(SandboxerError):
+    """A bundle, a signature or a key was refused. Verification fails closed: any doubt is one of these.
+
+    ``reason`` is a short stable code (``"unsigned"``, ``"revoked-key"``, ...) for audit events and
+    ``--json``; ``path`` is the file refused. The message names the file and says why.
+    """
+
+    reason = "refused"
+
+    def __init__(self, message: str, *, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
+class BundleError(TrustError):
+    """A bundle manifest or its signature file is malformed (the message names file, field and value)."""
+
+    reason = "malformed"
+
+
+class SigningKeyError(TrustError):
+    """A private key file cannot be written, read or decrypted. Never carries key material."""
+
+    reason = "key-file"
+
+
+class UnsignedBundle(TrustError):
+    """The manifest has no signature file (``<manifest>.sig``)."""
+
+    reason = "unsigned"
+
+
+class UnknownKey(TrustError):
+    """The signing key is not trusted (not in trust.yaml), or is trusted for another publisher."""
+
+    reason = "unknown-key"
+
+
+class RevokedKey(TrustError):
+    """The signing key is revoked in trust.yaml."""
+
+    reason = "revoked-key"
+
+
+class SignatureExpired(TrustError):
+    """The signature's ``expires``, or the trusted key's ``not_after``, has passed."""
+
+    reason = "expired"
+
+
+class SignatureMismatch(TrustError):
+    """The signature does not verify: the manifest (or the signature file) changed after signing."""
+
+    reason = "manifest-changed"
+
+
+class ArtifactMismatch(TrustError):
+    """The artifact's sha256 is not the one the signed manifest holds: a changed byte."""
+
+    reason = "artifact-changed"
+
+
+class RollbackRefused(TrustError):
+    """The version is lower than the highest ever installed from that publisher for that extension."""
+
+    reason = "rollback"
+
+
+class UnknownCapability(TrustError):
+    """A ``capabilities.grants`` entry is outside the closed vocabulary of registry/capabilities.yaml."""
+
+    reason = "unknown-capability"
+
+
+class AbiMismatch(TrustError):
+    """The bundle's ``abi`` is not the extension-host ABI this host speaks."""
+
+    reason = "abi-mismatch"
 
 
 class MissingExtra(SandboxerError):
