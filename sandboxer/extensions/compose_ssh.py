@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
+import os
 import re
 import secrets as _secrets
 import shlex
@@ -41,6 +43,7 @@ from sandboxer.errors import (
     TeardownError,
 )
 from sandboxer.contract import OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
+from sandboxer import forward
 from sandboxer.execution import check_argv
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
@@ -63,6 +66,8 @@ from sandboxer.workspace import (
     sha256_file,
     workspace_cwd,
 )
+
+log = logging.getLogger(__name__)
 
 # Python patterns are used with fullmatch only (re.match(r"...$") accepts a trailing newline);
 # the same text as a pydantic ``pattern`` is anchored by ^...$ under Rust regex, where $ is the end.
@@ -239,6 +244,8 @@ class ComposeHandle(WorkspaceHandle):
     compose_file: str = Field(default="", description="relative to repo_dir; '' compose's default")
     services: list[str] = Field(default_factory=list, description="what readiness waits for")
     exec_service: str | None = Field(default=None, description="exec runs there; None: a shell in the workspace")
+    #: the process forwarding ``network.expose`` ports of the host to 127.0.0.1 here (sandboxer/forward.py)
+    forwarder: forward.Forwarder | None = None
 
 
 class ServicePort(BaseModel):
@@ -278,8 +285,9 @@ class ComposeSSH(SandboxExtension):
     ProfileOptions = ComposeProfileOptions
     Handle = ComposeHandle
     features = frozenset({"exec", "snapshots", "list_owned"})
-    # the remote host's network is the sandbox's: nothing narrower can be promised
-    enforces = frozenset({"network:internet"})
+    # the remote host's network is the sandbox's: nothing narrower can be promised; exposed ports
+    # (published by the stack on its host) are forwarded to 127.0.0.1 here by a process of their own
+    enforces = frozenset({"network:internet", "expose"})
     requires = ("paramiko", "ssh")
 
     def __init__(self, manifest: Any, config: ComposeSSHConfig):
@@ -462,7 +470,31 @@ class ComposeSSH(SandboxExtension):
         want = self._check_inputs(request)
         h, conn, v = self._claim(want, request.host)
         handle = self._handle(h, want, v)
-        return self._up(h, conn, handle, want, clone=True, fail=ProvisionError)
+        return self._forwarded(h, self._up(h, conn, handle, want, clone=True, fail=ProvisionError), request,
+                               ProvisionError)
+
+    def _forwarded(self, h: ComposeHost, handle: ComposeHandle, request: ProvisionRequest,
+                   fail: type[BackendError]) -> ComposeHandle:
+        """The stack's exposed ports forwarded here (``network.expose``: ports it publishes on its
+        host); if the forward cannot start, the stack is torn down before the error is raised."""
+        ports = request.profile.network.expose
+        if not ports:
+            return handle
+        try:
+            from sandboxer.secrets import secret_env_names
+
+            secrets = {n: os.environ[n] for n in secret_env_names(h) if n in os.environ}
+            handle.forwarder = forward.start(h, ports, float(request.ttl), backend=self.id, host=h.name,
+                                             secrets=secrets)
+        except BaseException as exc:
+            try:
+                self.teardown(handle)
+            except BackendError as cleanup:
+                log.warning("%s: tearing down %s after a failed forward: %s", self.id, handle.sandbox_id, cleanup)
+            if isinstance(exc, ProvisionError) and fail is not ProvisionError:
+                raise fail(str(exc), backend=self.id, host=h.name) from None
+            raise
+        return handle
 
     def _containers(self, h: ComposeHost, handle: ComposeHandle, fail: type[BackendError]) -> list[dict]:
         conn = self._conn(h, fail)
@@ -515,9 +547,11 @@ class ComposeSSH(SandboxExtension):
                             f"waiting for {', '.join(waiting) or 'the host to answer'}",
                             backend=self.id, host=h.name))
         return ComposeReachability(ssh=h.ssh_command(), host=h.name, address=h.address, remote_dir=handle.remote_dir,
-                                   compose_project=handle.project, services=services)
+                                   compose_project=handle.project, services=services,
+                                   urls=handle.forwarder.urls() if handle.forwarder else {})
 
     def teardown(self, handle: ComposeHandle) -> TeardownReport:
+        forward.stop(handle.forwarder)
         h = self._host(handle.host)
         ws = remote_path_ok(self._root(h), handle.sandbox_id)
         conn = self._conn(h, TeardownError)
@@ -647,7 +681,8 @@ class ComposeSSH(SandboxExtension):
             except BaseException:
                 self._cleanup(h, conn, handle.remote_dir, handle.project, v, handle.compose_file)
                 raise
-        return self._up(h, conn, handle, want, clone=False, fail=SnapshotError)
+        return self._forwarded(h, self._up(h, conn, handle, want, clone=False, fail=SnapshotError), request,
+                               SnapshotError)
 
     def _restore_parts(self, h: ComposeHost, conn: SSHConnection, tar: tarfile.TarFile, handle: ComposeHandle,
                        meta: dict[str, Any]) -> None:

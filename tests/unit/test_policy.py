@@ -93,7 +93,7 @@ def test_the_builtins_declare_only_what_they_keep():
     cat = load_catalog([])
     got = {k: sorted(v.enforces) for k, v in cat.extensions.items()}
     assert got == {
-        "ext.compose-ssh": ["network:internet"], "ext.vm-packer": ["expose", "network:internet"],
+        "ext.compose-ssh": ["expose", "network:internet"], "ext.vm-packer": ["expose", "network:internet"],
         "ext.docker": ["expose", "network:cidr-allowlist", "network:cidr-denylist", "network:internet",
                        "network:none", "secrets"],
         "ext.local": ["expose", "network:cidr-allowlist", "network:cidr-denylist", "network:internet",
