@@ -1,4 +1,5 @@
-"""The trust commands of ``sandboxer extensions``: keygen, sign, verify, and trust add-key/list/revoke.
+"""The trust commands of ``sandboxer extensions``: keygen, sign, verify, trust add-key/list/revoke, and the
+registry and installer: search, info, install, upgrade, remove, enable, disable, audit.
 
 A thin shell over :mod:`sandboxer.trust`. A passphrase is only ever named (``--passphrase-env
 NAME``), never given on the command line; no command prints private key material. trust.yaml is
@@ -202,7 +203,69 @@ def trust_list(as_json: bool) -> None:
                    f"{'  until ' + r['not_after'] if r['not_after'] else ''}  ({r['source']})")
 
 
+def _registries() -> Any:
+    from sandboxer.trust.registry import Registries, configured_registries
+
+    return Registries.load(configured_registries(_config_dirs()))
+
+
+def _state() -> Any:
+    from sandboxer.state import StateStore, default_home
+
+    obj = click.get_current_context().find_root().obj
+    return StateStore(obj.state_url, home=Path(obj.home) if obj.home else default_home())
+
+
+def _listing_line(x: Any) -> str:
+    flag = f"  DEPRECATED{f' ({x.reason})' if x.reason else ''}" if x.deprecated else ""
+    return f"{x.id}  {x.version}  {x.manifest.publisher}{flag}  {x.manifest.title}"
+
+
+@click.command("search")
+@click.argument("text", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def search_cmd(text: str | None, as_json: bool) -> None:
+    """List the bundles of every registry (the built-in one and trust.yaml's), or those matching TEXT."""
+    found = _registries().search(text)
+    if as_json:
+        _json({"bundles": [x.to_json() for x in found]})
+        return
+    if not found:
+        click.echo("no bundle matches")
+    for x in found:
+        click.echo(_listing_line(x))
+
+
+@click.command("info")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def info_cmd(name: str, as_json: bool) -> None:
+    """Every listed version of NAME, the one install would choose, and what is installed."""
+    regs = _registries()
+    versions = regs.versions(name)
+    latest = regs.choose(name)  # raises, naming the registries, if nothing is listed
+    state = _state()
+    try:
+        installed = state.installed_extension(latest.id)
+    finally:
+        state.close()
+    if as_json:
+        _json({"id": latest.id, "latest": latest.version, "versions": [x.to_json() for x in versions],
+               "installed": {"version": installed["version"], "state": installed["state"]} if installed else None})
+        return
+    m = latest.manifest
+    click.echo(f"{m.id}: {m.title}, publisher {m.publisher}")
+    click.echo(f"latest: {latest.version}")
+    click.echo(f"grants: {', '.join(m.capabilities.grants) or 'none'}")
+    deps = ", ".join(f"{k}{v}" for k, v in m.dependencies.items())
+    click.echo(f"dependencies: {deps or 'none'}")
+    click.echo(f"installed: {installed['version'] + ' (' + installed['state'] + ')' if installed else 'no'}")
+    click.echo("versions:")
+    for x in versions:
+        click.echo(f"  {_listing_line(x)}  ({x.location})")
+
+
 def register(group: click.Group) -> None:
-    """Add the trust commands to ``sandboxer extensions``."""
-    for command in (keygen, sign, verify_cmd, trust_group):
+    """Add the trust, registry and installer commands to ``sandboxer extensions``."""
+    for command in (keygen, sign, verify_cmd, trust_group, search_cmd, info_cmd):
         group.add_command(command)

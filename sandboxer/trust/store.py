@@ -72,6 +72,8 @@ class TrustFile(Strict):
     publishers: dict[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")], TrustedPublisher] = \
         Field(default_factory=dict)
     revoked: list[Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]] = Field(default_factory=list)
+    #: bundle registries beyond the built-in one: a directory (relative to this file) or an http(s) URL
+    registries: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class TrustStore:
     #: the config dirs searched, and the trust.yaml files found
     dirs: list[Path] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    #: (trust.yaml, its ``registries:``) per file that lists any (sandboxer.trust.registry)
+    registries: list[tuple[Path, list[str]]] = field(default_factory=list)
 
     def describe_sources(self) -> str:
         if not self.files:
@@ -136,11 +140,15 @@ def load_trust(config_dirs: list[Path] | None = None) -> TrustStore:
                 store.keys[key.id] = KeyEntry(name, key, path)
         for kid in tf.revoked:
             store.revoked.setdefault(kid, path)
+        if tf.registries:
+            store.registries.append((path, list(tf.registries)))
     return store
 
 
 def _write(path: Path, tf: TrustFile) -> None:
     data = tf.model_dump(mode="json", exclude_none=True)
+    if not data.get("registries"):
+        data.pop("registries", None)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("# Publisher keys this operator trusts (docs/extensions-trust.md).\n"
                    + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

@@ -77,3 +77,73 @@ def operator_dir(tmp_path) -> Path:
     d = tmp_path / "operator"
     d.mkdir()
     return d
+
+
+def manifest_text(version: str = "0.1.0", *, ext_id: str = "ext.workspace", grants: list[str] | None = None,
+                  dependencies: dict[str, str] | None = None, publisher: str = "acme") -> str:
+    """A bundle manifest of the example package at ``version`` (grants: just its home by default)."""
+    import yaml
+
+    data = yaml.safe_load(MANIFEST)
+    data.update(id=ext_id, version=version, publisher=publisher, dependencies=dependencies or {})
+    data["capabilities"]["grants"] = ["fs:write:workspaces"] if grants is None else grants
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+class Publisher:
+    """A registry directory being published into: ``add(version, ...)`` signs a bundle and lists it."""
+
+    def __init__(self, root: Path, wheel: Path, key: SigningKey):
+        self.root, self.wheel, self.key = root, wheel, key
+        self.entries: list[dict] = []
+        root.mkdir(parents=True, exist_ok=True)
+        self._write()
+
+    def _write(self) -> None:
+        import yaml
+
+        (self.root / "index.yaml").write_text(yaml.safe_dump({"bundles": self.entries}, sort_keys=False))
+
+    def add(self, version: str = "0.1.0", *, deprecated: bool = False, reason: str | None = None,
+            sign: bool = True, key: SigningKey | None = None, folder: str | None = None, **kw) -> Path:
+        from sandboxer.trust import sign_bundle
+
+        ext_id = kw.get("ext_id", "ext.workspace")
+        d = self.root / (folder or f"{ext_id.removeprefix('ext.')}/{version}")
+        d.mkdir(parents=True, exist_ok=True)
+        artifact = d / self.wheel.name
+        shutil.copyfile(self.wheel, artifact)
+        manifest = d / f"{ext_id}.yaml"
+        manifest.write_text(manifest_text(version, **kw), encoding="utf-8")
+        if sign:
+            sign_bundle(manifest, key or self.key, artifact)
+        entry = {"manifest": str(manifest.relative_to(self.root))}
+        if deprecated:
+            entry["deprecated"] = True
+        if reason:
+            entry["reason"] = reason
+        self.entries.append(entry)
+        self._write()
+        return manifest
+
+
+@pytest.fixture
+def trusted(operator_dir, acme) -> Path:
+    """The operator's config dir, trusting acme's key."""
+    from sandboxer.trust import add_trusted_key
+
+    add_trusted_key(operator_dir, "acme", acme.public_key_b64())
+    return operator_dir
+
+
+@pytest.fixture
+def publish(tmp_path, wheel, acme, trusted) -> Publisher:
+    """A registry directory the operator's trust.yaml lists (``registries: [<dir>]``)."""
+    import yaml
+
+    reg = Publisher(tmp_path / "acme-registry", wheel, acme)
+    tf = trusted / "trust.yaml"
+    data = yaml.safe_load(tf.read_text())
+    data["registries"] = [str(reg.root)]
+    tf.write_text(yaml.safe_dump(data))
+    return reg
