@@ -55,6 +55,7 @@ from sandboxer.state.schema import (  # noqa: F401 - the schema is part of this 
     snapshots,
     usage,
 )
+from sandboxer.state.extensions import EXTENSION_STATES, TRANSITIONS, ExtensionTables, LifecycleError  # noqa: F401
 from sandboxer.state.sqlite import RawSQLite
 
 # Hot-path statements are built once: SQLAlchemy memoises a statement object's
@@ -120,7 +121,7 @@ def default_home() -> Path:
     return Path(base) / "sandboxer"
 
 
-class StateStore:
+class StateStore(ExtensionTables):
     """Durable record of sandboxes, events, snapshots and usage."""
 
     #: Run SQLite transactions on plain sqlite3 connections (see RawSQLite); tests turn it off

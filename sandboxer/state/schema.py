@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import JSON, Column, Float, Index, Integer, MetaData, String, Table, Text, text
 from sqlalchemy.engine import Connection
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 LIVE_STATES = ("provisioning", "ready", "tearing_down", "teardown_failed")
 
 metadata = MetaData()
@@ -121,6 +121,49 @@ exports = Table(
     Column("updated_at", Float, nullable=False),
 )
 
+# Migration 5 (issue 10): installed extension bundles, their lifecycle, the highest version ever
+# installed per publisher (rollback protection outlives a remove), and the trust audit trail.
+installed_extensions = Table(
+    "installed_extensions",
+    metadata,
+    Column("id", String(128), primary_key=True),  # the extension id: one installed version at a time
+    Column("publisher", String(64), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("state", String(16), nullable=False),  # verified | installed | active | disabled
+    Column("path", Text),  # <home>/extensions/<id>/<version>
+    Column("sha256", String(64)),
+    Column("key_id", String(16)),
+    Column("grants", JSON),
+    Column("dependencies", JSON),
+    Column("source", Text),  # where it was installed from (registry manifest or file)
+    Column("installed_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+extension_versions = Table(
+    "extension_versions",
+    metadata,
+    Column("publisher", String(64), primary_key=True),
+    Column("extension", String(128), primary_key=True),
+    Column("highest", String(64), nullable=False),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("ts", Float, nullable=False),
+    Column("who", String(255), nullable=False),  # the OS user (and consumer) who asked
+    Column("what", String(64), nullable=False),  # transition | verify_failed | install | remove | ...
+    Column("extension", String(128)),
+    Column("version", String(64)),
+    Column("from_state", String(16)),
+    Column("to_state", String(16)),
+    Column("reason", Text),  # a TrustError's reason, or why
+    Column("detail", JSON),
+    Index("ix_audit_extension", "extension"),
+)
+
 
 def _migrate_1(conn: Connection) -> None:
     for t in (meta, sandboxes, events, snapshots):
@@ -152,4 +195,9 @@ def _migrate_4(conn: Connection) -> None:
         conn.execute(text(f"ALTER TABLE {sandboxes.name} ADD COLUMN policy {sandboxes.c.policy.type.compile(conn.dialect)}"))
 
 
-MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3, 4: _migrate_4}
+def _migrate_5(conn: Connection) -> None:
+    for t in (installed_extensions, extension_versions, audit):
+        t.create(conn, checkfirst=True)
+
+
+MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3, 4: _migrate_4, 5: _migrate_5}
