@@ -265,7 +265,102 @@ def info_cmd(name: str, as_json: bool) -> None:
         click.echo(f"  {_listing_line(x)}  ({x.location})")
 
 
+class _InstallerCtx:
+    """An Installer over the CLI's home, state store, trust.yaml and registries; closes the store."""
+
+    def __enter__(self) -> Any:
+        from sandboxer.state import default_home
+        from sandboxer.trust import load_trust
+        from sandboxer.trust.installer import Installer
+
+        obj = click.get_current_context().find_root().obj
+        self.state = _state()
+        home = Path(obj.home) if obj.home else default_home()
+        return Installer(home, self.state, load_trust(_config_dirs()), _registries)
+
+    def __exit__(self, *exc: object) -> None:
+        self.state.close()
+
+
+def _row_line(verb: str, row: dict[str, Any]) -> str:
+    return f"{verb} {row['id']} {row['version']} from {row['publisher']}: {row['state']}"
+
+
+@click.command("install")
+@click.argument("target", metavar="NAME[==VERSION]|FILE")
+@click.option("--allow-deprecated", is_flag=True, help="Install the latest version even if it is deprecated.")
+def install_cmd(target: str, allow_deprecated: bool) -> None:
+    """Verify, then install a bundle from the registries (NAME, NAME==VERSION) or its manifest FILE."""
+    with _InstallerCtx() as inst:
+        row = inst.install(target, allow_deprecated=allow_deprecated)
+    click.echo(_row_line("installed", row) + f" ({row['path']})")
+
+
+@click.command("upgrade")
+@click.argument("name")
+@click.option("--allow-deprecated", is_flag=True)
+def upgrade_cmd(name: str, allow_deprecated: bool) -> None:
+    """Install the latest listed version of NAME in place of the installed one."""
+    with _InstallerCtx() as inst:
+        old = inst._row(name)["version"]
+        row = inst.upgrade(name, allow_deprecated=allow_deprecated)
+    click.echo(f"upgraded {row['id']} {old} -> {row['version']} from {row['publisher']}: {row['state']}")
+
+
+@click.command("remove")
+@click.argument("name")
+def remove_cmd(name: str) -> None:
+    """Remove an installed extension (refused while it has live sandboxes)."""
+    with _InstallerCtx() as inst:
+        row = inst.remove(name)
+    click.echo(f"removed {row['id']} {row['version']}")
+
+
+@click.command("enable")
+@click.argument("name")
+def enable_cmd(name: str) -> None:
+    """disabled -> active: the extension takes new sandboxes again."""
+    with _InstallerCtx() as inst:
+        row = inst.enable(name)
+    click.echo(_row_line("enabled", row))
+
+
+@click.command("disable")
+@click.argument("name")
+@click.option("--reason", default=None, help="Why, for the audit trail.")
+def disable_cmd(name: str, reason: str | None) -> None:
+    """active -> disabled: no new sandboxes; live ones can still be torn down."""
+    with _InstallerCtx() as inst:
+        row = inst.disable(name, reason=reason)
+    click.echo(_row_line("disabled", row))
+
+
+@click.command("audit")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def audit_cmd(name: str | None, as_json: bool) -> None:
+    """The trust audit trail: transitions, verification failures, installs and removes (of NAME)."""
+    state = _state()
+    try:
+        ext_id = name if name is None or name.startswith("ext.") else f"ext.{name}"
+        rows = state.audit_events(ext_id)
+    finally:
+        state.close()
+    for r in rows:
+        r["when"] = datetime.fromtimestamp(r["ts"], timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if as_json:
+        _json({"events": rows})
+        return
+    if not rows:
+        click.echo("no audit events")
+    for r in rows:
+        what = r["what"] + (f" {r['from_state'] or '-'} -> {r['to_state']}" if r["what"] == "transition" else "")
+        why = f"  ({r['reason']})" if r["reason"] else ""
+        click.echo(f"{r['when']}  {r['who']}  {r['extension'] or '-'} {r['version'] or ''}  {what}{why}")
+
+
 def register(group: click.Group) -> None:
     """Add the trust, registry and installer commands to ``sandboxer extensions``."""
-    for command in (keygen, sign, verify_cmd, trust_group, search_cmd, info_cmd):
+    for command in (keygen, sign, verify_cmd, trust_group, search_cmd, info_cmd, install_cmd, upgrade_cmd,
+                    remove_cmd, enable_cmd, disable_cmd, audit_cmd):
         group.add_command(command)

@@ -239,6 +239,8 @@ class LoadedExtension:
     pending_options: list[dict[str, Any]] = field(default_factory=list, repr=False)
     #: (profile slug, candidate index) -> what of that profile's policy it cannot keep in combination
     refusals: dict[tuple[str, int], list[str]] = field(default_factory=dict)
+    #: an installed bundle's unpacked package (sandboxer.trust.installer): its worker's import path
+    import_path: Path | None = None
     _instance: SandboxExtension | None = field(default=None, repr=False)
 
     @property
@@ -277,8 +279,14 @@ class LoadedExtension:
                 assert self.info is not None, "described at load"
                 from sandboxer.state import default_home  # the state store's module is heavy: only here
 
-                self._instance = ProcessExtension(self.manifest, self.info,
-                                                  home=home if home is not None else default_home(), limits=limits)
+                where = home if home is not None else default_home()
+                if self.import_path is not None:
+                    from sandboxer.trust.installed import InstalledProcessExtension
+
+                    self._instance = InstalledProcessExtension(self.manifest, self.info, home=where, limits=limits,
+                                                               import_path=self.import_path)
+                else:
+                    self._instance = ProcessExtension(self.manifest, self.info, home=where, limits=limits)
             else:
                 assert self.handler is not None
                 inst = self.handler(self.manifest, self.config)
@@ -545,13 +553,15 @@ def load_profile(path: Path, extensions: dict[str, LoadedExtension]) -> Profile:
 
 
 def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True,
-                 packages: bool | None = None) -> Catalog:
+                 packages: bool | None = None, installed: Path | None = None) -> Catalog:
     """Load and validate the built-in config, installed packages' config, then ``config_dirs``.
 
     Args:
         config_dirs: the user's config dirs (default: ``SANDBOXER_CONFIG``).
         builtins: include the built-in manifests and profiles.
         packages: include what installed packages ship (:func:`package_config_dirs`); default: with the built-ins.
+        installed: a manager's home: include the signed bundles installed there (``<home>/extensions``,
+            :mod:`sandboxer.trust.installer`), each run out of process with its package on its worker's path.
 
     Raises:
         ConfigError: (a subclass naming file, field and value) on the first problem.
@@ -561,6 +571,12 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
     pkg_dirs = package_config_dirs() if (builtins if packages is None else packages) else []
     ext_files = (sorted(builtin_dir("extensions").glob("ext.*.yaml")) if builtins else [])
     ext_files += _files(pkg_dirs + user_dirs, "extensions", "ext.*.yaml")
+    bundles: dict[Path, Path] = {}
+    if installed is not None:
+        from sandboxer.trust.installer import installed_manifests
+
+        bundles = dict(installed_manifests(installed))
+        ext_files += list(bundles)
     prof_files = (sorted(builtin_dir("profiles").glob("profile.*.yaml")) if builtins else [])
     prof_files += _files(pkg_dirs + user_dirs, "profiles", "profile.*.yaml")
 
@@ -572,6 +588,7 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
             overrides.append((path, data))
             continue
         loaded = load_manifest(path, registry, data)
+        loaded.import_path = bundles.get(path)
         prior = extensions.get(loaded.manifest.id)
         if prior is not None:
             raise ManifestError(
@@ -599,7 +616,12 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
         from sandboxer.host.client import describe_process  # the host sits above the loader
 
         for loaded in pending:
-            describe_process(loaded)
+            if loaded.import_path is not None:
+                from sandboxer.trust.installed import describe_installed
+
+                describe_installed(loaded, loaded.import_path)
+            else:
+                describe_process(loaded)
     warnings = [w for slug, prof in profiles.items() for w in _never_qualifies(sources[slug], prof, extensions)]
     # settings (budgets, sinks) are the operator's: never from a package
     return Catalog(registry, extensions, profiles, sources, user_dirs, load_settings(user_dirs), pkg_dirs, warnings)

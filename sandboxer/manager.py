@@ -44,6 +44,7 @@ from sandboxer.errors import (
 from sandboxer.execution import check_argv
 from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension
 from sandboxer.loader import Catalog, load_catalog
+from sandboxer.state.extensions import LifecycleError
 from sandboxer.metering import Metering, price
 from sandboxer.models import (
     ExecResult,
@@ -105,8 +106,10 @@ class Manager(SnapshotsMixin, GcMixin):
         call_limits: CallLimits | None = None,
     ):
         self._owns_catalog = catalog is None
-        self.catalog = catalog or load_catalog([Path(d) for d in config_dirs] if config_dirs is not None else None)
         self.home = Path(home) if home else default_home()
+        # signed bundles installed in this home load too (sandboxer.trust.installer), out of process
+        self.catalog = catalog or load_catalog([Path(d) for d in config_dirs] if config_dirs is not None else None,
+                                               installed=self.home)
         self.state = StateStore(state_url or os.environ.get("SANDBOXER_STATE_URL") or None, home=self.home)
         self.owner_labels = {"sandboxer.owner": self.state.owner_id}
         self.metering = Metering(self.state, self.catalog.settings, self._pricing)
@@ -356,6 +359,7 @@ class Manager(SnapshotsMixin, GcMixin):
             refusals=lambda i: self.catalog.extensions[profile.candidates[i].extension].refusals.get(
                 (profile.slug, i), []),
         )
+        self._skip_disabled(profile, plan)
         placements = plan.placements
         pos = 0
         while pos < len(placements):
@@ -402,6 +406,28 @@ class Manager(SnapshotsMixin, GcMixin):
                     pos = plan.next_backend(pos)
         self._route_failed(profile, plan)
         raise self.router.final_error(profile, plan)
+
+    def _skip_disabled(self, profile: Profile, plan: Plan) -> None:
+        """Take installed bundles that are not active out of the plan, the reason in its attempts.
+
+        Raises:
+            LifecycleError: the one backend of a one-backend profile is disabled (named).
+        """
+        for index, choice in enumerate(profile.candidates):
+            loaded = self.catalog.extensions[choice.extension]
+            if loaded.import_path is None:  # not an installed bundle: no lifecycle
+                continue
+            row = self.state.installed_extension(choice.extension)
+            state = row["state"] if row else "not installed"
+            if state == "active":
+                continue
+            exc = LifecycleError(f"{choice.extension} is {state}: it takes no new sandboxes (`sandboxer extensions "
+                                 f"enable {choice.extension}` makes it active again)")
+            if len(profile.candidates) == 1:
+                raise exc
+            if any(i == index for i, _ in plan.placements):
+                plan.placements[:] = [p for p in plan.placements if p[0] != index]
+                plan.skip(choice.extension, None, exc, f"LifecycleError: {exc}")
 
     def _route_failed(self, profile: Profile, plan: Plan) -> None:
         self.state.record_event(None, "route_failed", detail={"profile": profile.slug, "attempts": plan.attempts})
