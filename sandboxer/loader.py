@@ -587,6 +587,9 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
         if "override" in data:
             overrides.append((path, data))
             continue
+        if path in bundles and data.get("runtime") != "process":  # checked before any handler is resolved
+            raise ManifestError(f"{path}: field 'runtime' (value {data.get('runtime')!r}): an installed bundle "
+                                f"always runs out of process; reinstall it (sandboxer extensions remove, install)")
         loaded = load_manifest(path, registry, data)
         loaded.import_path = bundles.get(path)
         prior = extensions.get(loaded.manifest.id)

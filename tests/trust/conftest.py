@@ -3,9 +3,12 @@ made here, a bundle directory (manifest + artifact) and an operator config dir f
 
 from __future__ import annotations
 
+import functools
+import http.server
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -147,3 +150,17 @@ def publish(tmp_path, wheel, acme, trusted) -> Publisher:
     data["registries"] = [str(reg.root)]
     tf.write_text(yaml.safe_dump(data))
     return reg
+
+
+@pytest.fixture
+def http_registry(publish):
+    """The same registry directory served over HTTP on 127.0.0.1; yields its URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(publish.root))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+    t.join(10)

@@ -203,3 +203,34 @@ def test_lifecycle_refusals_name_the_current_state(publish, trusted, tmp_path):
                                              r"it can only become disabled\)$"):
         inst.enable("workspace")
     state.close()
+
+
+def test_install_from_an_http_registry(publish, http_registry, trusted, tmp_path):
+    import yaml
+
+    publish.add("0.3.0")
+    tf = trusted / "trust.yaml"
+    data = yaml.safe_load(tf.read_text())
+    data["registries"] = [http_registry]  # only the HTTP index now
+    tf.write_text(yaml.safe_dump(data))
+    inst, state = _installer(tmp_path, trusted)
+    row = inst.install("workspace")
+    assert (row["version"], row["source"]) == ("0.3.0", f"{http_registry}workspace/0.3.0/ext.workspace.yaml")
+    assert (Path(row["path"]) / "lib" / "sandboxer_workspace").is_dir()
+    assert [p.name for p in (tmp_path / "home" / "extensions").iterdir()] == ["ext.workspace"]  # staging gone
+    state.close()
+
+
+def test_an_installed_manifest_edited_to_run_in_process_is_refused(publish, trusted, tmp_path):
+    from sandboxer.errors import ManifestError
+    from sandboxer.loader import load_catalog
+
+    publish.add("0.1.0")
+    inst, state = _installer(tmp_path, trusted)
+    path = Path(inst.install("workspace")["path"]) / "ext.workspace.yaml"
+    state.close()
+    path.write_text(path.read_text().replace("runtime: process", "runtime: in-process"))
+    with pytest.raises(ManifestError, match=rf"^{path}: field 'runtime' \(value 'in-process'\): an installed bundle "
+                                            rf"always runs out of process; reinstall it"):
+        load_catalog([trusted], installed=tmp_path / "home")
+    assert "sandboxer_workspace" not in sys.modules

@@ -3,13 +3,10 @@ versions, duplicates, and `sandboxer extensions search` / `info` as a user runs 
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -58,20 +55,6 @@ def test_a_manifest_outside_the_registry_is_refused(publish, trusted):
     with pytest.raises(RegistryError, match=r"field 'bundles.0.manifest' \(value '../elsewhere/ext.x.yaml'\): "
                                             r"must be a path inside the registry"):
         Registries.load(configured_registries([trusted]))
-
-
-@pytest.fixture
-def http_registry(publish):
-    """The same registry directory served over HTTP on 127.0.0.1; yields its URL."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(publish.root))
-    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
-    t.join(10)
 
 
 def test_an_http_index_lists_and_fetches_the_same_bundles(publish, http_registry, tmp_path, trusted):
