@@ -28,7 +28,9 @@ def _blocks() -> dict[str, str]:
 
 def test_the_workflows_run_as_pasted(tmp_path, wheel):
     blocks = _blocks()
-    assert set(blocks) == {"bundle/ext.workspace.yaml", "publisher", "operator", "operator/trust.yaml", "python"}
+    assert set(blocks) == {"bundle/ext.workspace.yaml", "publisher", "operator", "operator/trust.yaml", "python",
+                           "registry-dir/index.yaml", "publish to a registry", "operator: install", "home layout",
+                           "audit --json (one event)"}
     (tmp_path / "bundle").mkdir()
     (tmp_path / "bundle" / "ext.workspace.yaml").write_text(blocks["bundle/ext.workspace.yaml"])
     assert wheel.name in blocks["publisher"]
@@ -110,3 +112,62 @@ def test_the_python_example_runs(tmp_path, wheel, monkeypatch):
     bundle = scope["bundle"]
     assert bundle.manifest.capabilities.grants == ["fs:write:workspaces"]  # as the comment says
     assert "publisher" not in bundle.extension_data() and bundle.extension_data()["id"] == "ext.workspace"
+
+
+def _shell(tmp_path, wheel, script):
+    blocks = _blocks()
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "ext.workspace.yaml").write_text(blocks["bundle/ext.workspace.yaml"])
+    shutil.copyfile(wheel, tmp_path / "bundle" / wheel.name)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "sandboxer"
+    shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m sandboxer "$@"\n')
+    shim.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8",
+           "SANDBOXER_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
+    return subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=180)
+
+
+def test_the_install_workflow_runs_as_pasted(tmp_path, wheel):
+    import getpass
+    import json
+
+    blocks = _blocks()
+    assert wheel.name in blocks["publish to a registry"]
+    run = _shell(tmp_path, wheel, blocks["publisher"] + blocks["publish to a registry"] + blocks["operator: install"])
+    assert run.returncode == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+    out = run.stdout
+    assert "ext.workspace  0.1.0  acme  Local subprocess workspaces (example)\n" in out
+    assert "ext.workspace: Local subprocess workspaces (example), publisher acme\nlatest: 0.1.0\n" in out
+    version_dir = tmp_path / "home" / "extensions" / "ext.workspace" / "0.1.0"
+    assert f"installed ext.workspace 0.1.0 from acme: active ({version_dir})\n" in out
+    assert "disabled ext.workspace 0.1.0 from acme: disabled\n" in out
+    assert "enabled ext.workspace 0.1.0 from acme: active\n" in out
+    assert f"{getpass.getuser()}  ext.workspace 0.1.0  transition active -> disabled  (under review)" in out
+    assert out.endswith("removed ext.workspace 0.1.0\n")
+    sample = json.loads(blocks["audit --json (one event)"])
+    state = __import__("sandboxer.state", fromlist=["StateStore"]).StateStore(home=tmp_path / "home")
+    try:
+        real = [e for e in state.audit_events("ext.workspace") if e["to_state"] == "disabled"][0]
+    finally:
+        state.close()
+    assert set(sample) - {"when"} <= set(real) and real["reason"] == sample["reason"]
+
+
+def test_the_layout_and_index_examples_are_what_the_installer_makes(tmp_path, wheel):
+    import yaml
+
+    from sandboxer.trust.registry import IndexFile
+
+    index = IndexFile.model_validate(yaml.safe_load(_blocks()["registry-dir/index.yaml"]))
+    assert [e.manifest for e in index.bundles] == ["workspace/0.1.0/ext.workspace.yaml"]
+    script = _blocks()["publisher"] + _blocks()["publish to a registry"] + \
+        _blocks()["operator: install"].replace("sandboxer --config ops extensions remove workspace\n", "")
+    assert _shell(tmp_path, wheel, script).returncode == 0
+    base = tmp_path / "home" / "extensions" / "ext.workspace"
+    layout = _blocks()["home layout"]
+    assert "current -> 0.1.0" in layout and os.readlink(base / "current") == "0.1.0"
+    for name in ("ext.workspace.yaml", "bundle.yaml", "bundle.yaml.sig", "artifact", "lib"):
+        assert name in layout and (base / "0.1.0" / name).exists()
