@@ -87,7 +87,11 @@ def test_the_happy_path_end_to_end(publish, trusted, cli, tmp_path):
         with pytest.raises(LifecycleError, match=r"^ext.workspace is disabled: it takes no new sandboxes "
                                                  r"\(`sandboxer extensions enable ext.workspace` makes it active again\)$"):
             mgr.create(profile="ws", consumer="me")
-        assert mgr.teardown(live.id).state.value == "terminated"  # a live one still goes
+        busy = cli("extensions", "remove", "workspace", check=1)
+        assert busy.stderr == f"error: ext.workspace has live sandboxes ({live.id}); tear them down first " \
+                              f"(`sandboxer teardown ID`)\n"
+        assert mgr.exec(live.id, ["true"]).exit_code == 0  # a live one is still served
+        assert mgr.teardown(live.id).state.value == "terminated"  # and still goes
         refused = cli("extensions", "disable", "workspace", check=1)
         assert refused.stderr == "error: ext.workspace is disabled; it cannot become disabled (from disabled it " \
                                  "can only become active)\n"
