@@ -241,21 +241,29 @@ def search_cmd(text: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def info_cmd(name: str, as_json: bool) -> None:
     """Every listed version of NAME, the one install would choose, and what is installed."""
+    from sandboxer.trust.registry import RegistryError
+
     regs = _registries()
     versions = regs.versions(name)
-    latest = regs.choose(name)  # raises, naming the registries, if nothing is listed
+    try:
+        latest = regs.choose(name)
+        chosen: str | None = latest.version
+    except RegistryError:
+        if not versions:
+            raise  # names the registries searched
+        latest, chosen = versions[-1], None  # only deprecated versions: shown, none chosen
     state = _state()
     try:
         installed = state.installed_extension(latest.id)
     finally:
         state.close()
     if as_json:
-        _json({"id": latest.id, "latest": latest.version, "versions": [x.to_json() for x in versions],
+        _json({"id": latest.id, "latest": chosen, "versions": [x.to_json() for x in versions],
                "installed": {"version": installed["version"], "state": installed["state"]} if installed else None})
         return
     m = latest.manifest
     click.echo(f"{m.id}: {m.title}, publisher {m.publisher}")
-    click.echo(f"latest: {latest.version}")
+    click.echo(f"latest: {chosen or 'none (only deprecated versions are listed; install one with ==VERSION)'}")
     click.echo(f"grants: {', '.join(m.capabilities.grants) or 'none'}")
     deps = ", ".join(f"{k}{v}" for k, v in m.dependencies.items())
     click.echo(f"dependencies: {deps or 'none'}")

@@ -238,3 +238,39 @@ def test_an_installed_manifest_edited_to_run_in_process_is_refused(publish, trus
                                             rf"always runs out of process; reinstall it"):
         load_catalog([trusted], installed=tmp_path / "home")
     assert "sandboxer_workspace" not in sys.modules
+
+
+def test_a_disabled_extension_is_skipped_by_routing_with_the_reason(publish, trusted, tmp_path):
+    publish.add("0.1.0")
+    (trusted / "extensions").mkdir()
+    (trusted / "extensions" / "ext.fake.yaml").write_text(textwrap.dedent("""\
+        id: ext.fake
+        title: Fake
+        version: 1.0.0
+        handler: sandboxer.extensions.fake:FakeExtension
+        capabilities: {isolation_levels: [none], pricing_model: free, features: [exec]}
+        """))
+    (trusted / "profiles").mkdir()
+    (trusted / "profiles" / "profile.both.yaml").write_text(textwrap.dedent("""\
+        slug: both
+        backends: [{extension: ext.workspace}, {extension: ext.fake}]
+        ready_timeout: 20s
+        ttl: {default: 10m, max: 1h}
+        network: {egress: internet}
+        """))
+    inst, state = _installer(tmp_path, trusted)
+    inst.install("workspace")
+    inst.disable("workspace", reason="under review")
+    state.close()
+    mgr = Manager(config_dirs=[trusted], home=tmp_path / "home")
+    try:
+        sb = mgr.create(profile="both", consumer="me")
+        assert sb.extension == "ext.fake"
+        intent = [e for e in mgr.events(sb.id) if e["kind"] == "create_intent"][0]
+        assert intent["detail"]["route"]["tried_before"] == [{
+            "backend": "ext.workspace", "host": None, "sandbox_id": None,
+            "error": "LifecycleError: ext.workspace is disabled: it takes no new sandboxes (`sandboxer extensions "
+                     "enable ext.workspace` makes it active again)"}]
+        mgr.teardown(sb.id)
+    finally:
+        mgr.close()

@@ -99,3 +99,11 @@ def test_search_and_info_on_the_command_line(publish, trusted, tmp_path):
     assert "latest: 0.2.0" in text and "grants: fs:write:workspaces, network:egress:*.example.com" in text
     missing = _cli(tmp_path, trusted, "extensions", "info", "nope")
     assert missing.returncode == 1 and missing.stderr.startswith("error: ext.nope: not in any registry (")
+
+
+def test_info_of_a_bundle_with_only_deprecated_versions(publish, trusted, tmp_path):
+    publish.add("1.0.0", deprecated=True, reason="superseded")
+    data = json.loads(_cli(tmp_path, trusted, "extensions", "info", "workspace", "--json").stdout)
+    assert data["latest"] is None and [(v["version"], v["reason"]) for v in data["versions"]] == [("1.0.0", "superseded")]
+    text = _cli(tmp_path, trusted, "extensions", "info", "workspace").stdout
+    assert "latest: none (only deprecated versions are listed; install one with ==VERSION)" in text
