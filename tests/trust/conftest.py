@@ -83,13 +83,16 @@ def operator_dir(tmp_path) -> Path:
 
 
 def manifest_text(version: str = "0.1.0", *, ext_id: str = "ext.workspace", grants: list[str] | None = None,
-                  dependencies: dict[str, str] | None = None, publisher: str = "acme") -> str:
+                  dependencies: dict[str, str] | None = None, publisher: str = "acme",
+                  worker: dict | None = None) -> str:
     """A bundle manifest of the example package at ``version`` (grants: just its home by default)."""
     import yaml
 
     data = yaml.safe_load(MANIFEST)
     data.update(id=ext_id, version=version, publisher=publisher, dependencies=dependencies or {})
     data["capabilities"]["grants"] = ["fs:write:workspaces"] if grants is None else grants
+    if worker is not None:
+        data["worker"] = worker
     return yaml.safe_dump(data, sort_keys=False)
 
 

@@ -274,3 +274,25 @@ def test_a_disabled_extension_is_skipped_by_routing_with_the_reason(publish, tru
         mgr.teardown(sb.id)
     finally:
         mgr.close()
+
+
+def test_a_namespaced_worker_sees_the_bundle_but_not_the_rest_of_the_home(publish, trusted, tmp_path):
+    import shutil
+
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap (bwrap) is not installed")
+    publish.add("0.1.0", worker={"sandbox": "namespace"})
+    (trusted / "profiles").mkdir()
+    (trusted / "profiles" / "profile.ws.yaml").write_text(PROFILE)
+    inst, state = _installer(tmp_path, trusted)
+    lib = Path(inst.install("workspace")["path"]) / "lib"
+    state.close()
+    home = tmp_path / "home"
+    mgr = Manager(config_dirs=[trusted], home=home)
+    try:
+        sb = mgr.create(profile="ws", consumer="me")
+        seen = mgr.exec(sb.id, ["sh", "-c", f"ls {lib}; ls {home}; test -e {home}/state.db || echo no-state-db"])
+        assert "sandboxer_workspace" in seen.stdout and "no-state-db" in seen.stdout, seen
+        mgr.teardown(sb.id)
+    finally:
+        mgr.close()
