@@ -1,0 +1,138 @@
+"""ext.daytona against a stand-in Daytona API + toolbox, driven by the unmodified daytona SDK.
+
+The stand-in (tests/cloud/daytona_standin.py) is a real HTTP server on 127.0.0.1; nothing in
+the SDK is mocked. Every test fails if the SDK called a route the stand-in does not implement.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+pytest.importorskip("daytona", reason="the daytona extra is not installed: pip install 'sand-boxer[daytona]'")
+
+from sandboxer.errors import ReadinessTimeout  # noqa: E402 - after the importorskip
+from sandboxer.testing import request  # noqa: E402
+
+from tests.cloud.conftest_daytona import (  # noqa: E402,F401 - fixtures
+    ALICE_ENV,
+    OWNER,
+    PROFILE,
+    config_dir,
+    inputs,
+    make_ext,
+    sentinel,
+    standin,
+)
+from tests.cloud.daytona_standin import DaytonaStandIn  # noqa: E402
+
+
+def test_the_unmodified_sdk_creates_gets_and_deletes_against_the_standin(standin: DaytonaStandIn, sentinel: str):
+    from daytona import CreateSandboxFromSnapshotParams, Daytona, DaytonaConfig, SandboxState
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        client = Daytona(DaytonaConfig(api_key=sentinel, api_url=standin.api_url, target="us",
+                                       use_deprecated_polling=True))
+    sbx = client.create(CreateSandboxFromSnapshotParams(name="plain", labels={"k": "v"}), timeout=10)
+    assert sbx.state == SandboxState.STARTED
+    assert client.get("plain").id == sbx.id
+    client.delete(sbx)
+    assert client.get(sbx.id).state == SandboxState.DESTROYED
+    assert standin.live() == []
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+def test_create_ready_probe_teardown(make_ext, standin: DaytonaStandIn, sentinel: str):
+    ext, profile = make_ext()
+    handle = ext.provision(request(profile, inputs("sb-1"), None))
+    box = standin.boxes[handle.daytona_sandbox_id]
+    assert box.labels == {**OWNER, "sandboxer.sandbox_id": "sb-1", "sandboxer.consumer": "bob",
+                          "sandboxer.profile": PROFILE, "code-toolbox-language": "python"}
+    body = standin.creates()[0]
+    # the TTL (the profile's default, 10m) is Daytona's ttl_minutes; the sandbox stops at the
+    # same mark when idle, and a stopped sandbox is deleted at once
+    assert (body["ttlMinutes"], body["autoStopInterval"], body["autoDeleteInterval"]) == (10, 10, 0)
+    assert box.name == handle.name and handle.name.startswith("sandboxer-")
+    assert "buildInfo" not in body and "cpu" not in body  # Daytona's default snapshot, at its own size
+
+    reach = ext.wait_ready(handle, timeout=10)
+    assert reach.daytona_sandbox_id == handle.daytona_sandbox_id
+    assert ext.probe(handle) is True
+
+    stored = json.dumps(handle.model_dump(mode="json")) + repr(handle) + repr(ext) + reach.model_dump_json()
+    assert sentinel not in stored
+
+    first = ext.teardown(handle)
+    assert (first.already_gone, first.removed) == (False, [handle.daytona_sandbox_id])
+    assert ext.probe(handle) is False
+    assert ext.teardown(handle).already_gone is True
+    assert standin.live() == []
+
+
+def test_a_sandbox_from_an_image_gets_the_profiles_resources(make_ext, standin: DaytonaStandIn):
+    ext, profile = make_ext(image="python:3.12-slim")
+    ext.provision(request(profile, inputs("sb-img"), None))
+    body = standin.creates()[0]
+    assert (body["cpu"], body["memory"], body["disk"]) == (2, 2, 5)  # 2 vCPU, 2048 MiB, 5120 MiB
+    assert body["buildInfo"]["dockerfileContent"].startswith("FROM python:3.12-slim")
+    assert "snapshot" not in body
+
+
+def test_a_ttl_that_is_not_whole_minutes_is_rounded_up(make_ext, standin: DaytonaStandIn):
+    ext, profile = make_ext()
+    ext.provision(request(profile, inputs("sb-ttl", ttl=90.0), None))
+    body = standin.creates()[0]
+    assert (body["ttlMinutes"], body["autoStopInterval"], body["autoDeleteInterval"]) == (2, 2, 0)
+
+
+def test_a_sandbox_destroyed_behind_our_back_probes_gone_and_tears_down_as_already_gone(
+        make_ext, standin: DaytonaStandIn):
+    ext, profile = make_ext()
+    handle = ext.provision(request(profile, inputs("sb-gone"), None))
+    standin.destroy(handle.daytona_sandbox_id)
+    assert ext.probe(handle) is False
+    report = ext.teardown(handle)
+    assert (report.already_gone, report.removed) == (True, [])
+
+
+def test_wait_ready_times_out_on_a_sandbox_that_never_starts(make_ext, standin: DaytonaStandIn):
+    ext, profile = make_ext()
+    handle = ext.provision(request(profile, inputs("sb-slow"), None))
+    standin.boxes[handle.daytona_sandbox_id].ready_at += 3600
+    with pytest.raises(ReadinessTimeout) as err:
+        ext.wait_ready(handle, timeout=1)
+    assert f"Daytona sandbox {handle.daytona_sandbox_id}" in str(err.value)
+    assert "1s" in str(err.value)
+
+
+def test_a_consumer_with_a_key_of_their_own_gets_sandboxes_in_their_organization(
+        make_ext, standin: DaytonaStandIn, monkeypatch: pytest.MonkeyPatch):
+    alice_key = "dtn_alice_" + "a" * 16
+    standin.keys.add(alice_key)
+    monkeypatch.setenv(ALICE_ENV, alice_key)
+    ext, profile = make_ext(consumer_keys={"alice": {"env": ALICE_ENV}})
+    handle = ext.provision(request(profile, inputs("sb-alice", consumer="alice"), None))
+    assert standin.boxes[handle.daytona_sandbox_id].org == alice_key
+    assert handle.consumer == "alice"
+    assert ext.probe(handle) is True  # later calls use alice's key too
+    assert ext.teardown(handle).already_gone is False
+
+
+def test_list_owned_finds_ours_by_labels_across_pages(make_ext, standin: DaytonaStandIn):
+    ext, profile = make_ext()
+    ours = [ext.provision(request(profile, inputs(f"sb-own-{i}"), None)) for i in range(3)]
+    other = {"sandboxer.owner": "someone-else"}
+    ext.provision(request(profile, {**inputs("sb-foreign"), "owner_labels": other,
+                                    "tags": {**other, "sandboxer.sandbox_id": "sb-foreign"}}, None))
+    ext.teardown(ours[2])
+    standin.page_limit = 1
+    found = ext.list_owned(OWNER)
+    assert sorted(o.sandbox_id for o in found) == ["sb-own-0", "sb-own-1"]
+    assert {o.handle.daytona_sandbox_id for o in found} == {h.daytona_sandbox_id for h in ours[:2]}
+    assert [c["query"].get("labels") for c in standin.calls if c["path"] == "/api/sandbox" and
+            c["method"] == "GET"][0] == [json.dumps(OWNER)]
