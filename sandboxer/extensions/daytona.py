@@ -319,12 +319,19 @@ class DaytonaExtension(SandboxExtension):
         """Any other SDK error, by its HTTP status (the SDK's public ``status_code``)."""
         call = _CALL.get()
         status = getattr(exc, "status_code", None)
+        if status is None and isinstance(exc.__cause__, self._transport_errors()):
+            return self._unreachable(exc)  # the SDK wraps urllib3's MaxRetryError in a bare DaytonaError
         msg = f"{call.where} failed (HTTP {status or '-'}): {self._detail(exc)}"
         if status == 429:
             return RateLimited(msg, retry_after=self._retry_after(exc), backend=self.id)
         if status == 503:
             return CapacityUnavailable(msg, backend=self.id)
         return self._make(call.fallback, msg, transient=status is None or status >= 500)
+
+    @staticmethod
+    def _transport_errors() -> tuple[type[BaseException], ...]:
+        return (importlib.import_module("urllib3").exceptions.HTTPError,
+                importlib.import_module("httpx").TransportError, OSError)
 
     def _make(self, cls: type[BackendError], message: str, *, transient: bool = False) -> BackendError:
         if cls is ProvisionError:
@@ -449,8 +456,11 @@ class DaytonaExtension(SandboxExtension):
         started = time.time()
         try:
             daytona_id = self._call("create", create, consumer=consumer, fallback=ProvisionError)
-        except BackendError:
-            self._remove_named(name, consumer)  # a create that failed after Daytona made the sandbox
+        except BackendError as exc:
+            refused = isinstance(exc, (AuthError, RateLimited, QuotaExceeded)) or (
+                isinstance(exc, ProvisionError) and not exc.transient)
+            if not refused:  # a create that may have failed after Daytona made the sandbox
+                self._remove_named(name, consumer)
             raise
         return DaytonaHandle(daytona_sandbox_id=daytona_id, name=name, consumer=consumer,
                              ttl_minutes=params.ttl_minutes, started_at=started, cwd=opts.cwd,

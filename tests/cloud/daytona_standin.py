@@ -94,6 +94,7 @@ class Box:
     ready_at: float
     body: dict[str, Any]
     state: str = "started"
+    queue_timed_out_at: float | None = None
     sessions: dict[str, dict[str, Command]] = field(default_factory=dict)
     procs: dict[int, subprocess.Popen] = field(default_factory=dict)
 
@@ -117,6 +118,8 @@ class Box:
             "autoDestroyAt": _iso(self.created_at + 60 * b["ttlMinutes"]) if b.get("ttlMinutes") else None,
             "createdAt": _iso(self.created_at), "updatedAt": _iso(self.created_at),
             "toolboxProxyUrl": toolbox_url, "daemonVersion": "standin",
+            "queueTimedOutAt": _iso(self.queue_timed_out_at) if self.queue_timed_out_at else None,
+            "queueTimeout": b.get("queueTimeout"),
         }
 
     def list_item(self, toolbox_url: str) -> dict[str, Any]:
@@ -158,6 +161,9 @@ class DaytonaStandIn:
         self.boot_delay = 0.0
         #: Most items one list page returns (a server may return fewer than asked, with a cursor).
         self.page_limit: int | None = None
+        #: No runner takes new sandboxes: each is destroyed at once with ``queueTimedOutAt`` set.
+        self.no_runner = False
+        self._lose_create = 0
         self.lock = threading.RLock()
         self.root = Path(tempfile.mkdtemp(prefix="daytona-standin-"))
         self._server: ThreadingHTTPServer | None = None
@@ -219,6 +225,11 @@ class DaytonaStandIn:
             self.faults.append(Fault(method.upper(), re.compile(path), status, message, headers or {}, times,
                                      echo_key))
 
+    def lose_next_create_response(self) -> None:
+        """The next create makes its sandbox but answers 502, as if a proxy lost the response."""
+        with self.lock:
+            self._lose_create += 1
+
     def creates(self) -> list[dict[str, Any]]:
         """The body of every create request, as it arrived."""
         return [json.loads(c["body"]) for c in self.calls if c["method"] == "POST" and c["path"] == "/api/sandbox"]
@@ -256,7 +267,8 @@ class DaytonaStandIn:
     @staticmethod
     def error(status: int, message: str) -> tuple[int, Any, dict[str, str]]:
         names = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 409: "Conflict",
-                 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+                 429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway",
+                 503: "Service Unavailable"}
         return status, {"statusCode": status, "message": message, "error": names.get(status, "Error")}, {}
 
     def handle_api(self, method: str, path: str, query: dict[str, list[str]], key: str,
@@ -310,6 +322,12 @@ class DaytonaStandIn:
                   labels=dict(body.get("labels") or {}), env=dict(body.get("env") or {}), workdir=workdir,
                   created_at=now, ready_at=now + self.boot_delay, body=body)
         self.boxes[sid] = box
+        if self.no_runner:
+            box.state = "destroyed"
+            box.queue_timed_out_at = now
+        if self._lose_create:
+            self._lose_create -= 1
+            return self.error(502, "upstream connect error or disconnect/reset before headers")
         return 200, box.dto(self.toolbox_url), {}
 
     def _get(self, key: str, query: Any, body: Any, what: str) -> tuple[int, Any, dict[str, str]]:
