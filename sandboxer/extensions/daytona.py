@@ -152,6 +152,7 @@ class DaytonaHandle(Handle):
     ttl_minutes: int | None = None
     started_at: float | None = None
     cwd: str | None = Field(default=None, description="commands' working directory when exec gives none")
+    expose: list[int] = Field(default_factory=list, description="the ports of network.expose")
     restored_from: str | None = Field(default=None, description="the snapshot it was restored from")
 
 
@@ -206,9 +207,11 @@ class DaytonaExtension(SandboxExtension):
     # CIDR allow-lists: network_allow_list ("Comma-separated list of allowed CIDR network addresses");
     # domain allow-lists: domain_allow_list ("Comma-separated list of allowed domains", the
     #   "unbypassable network-layer enforcement" the SDK names). Daytona has no deny-list.
+    # expose: each port's preview URL (get_preview_link); every sandbox is created with
+    #   public=False, so a preview answers only a request with the sandbox's preview token;
     # gpu: Resources(gpu=, gpu_type=) on a create from an image.
     enforces: ClassVar[frozenset[str]] = frozenset({
-        "network:none", "network:internet", "network:cidr-allowlist", "network:domain-allowlist", "gpu"})
+        "network:none", "network:internet", "network:cidr-allowlist", "network:domain-allowlist", "expose", "gpu"})
     requires: ClassVar[tuple[str, str] | None] = ("daytona", "daytona")
     Handle = DaytonaHandle
 
@@ -464,7 +467,7 @@ class DaytonaExtension(SandboxExtension):
             raise
         return DaytonaHandle(daytona_sandbox_id=daytona_id, name=name, consumer=consumer,
                              ttl_minutes=params.ttl_minutes, started_at=started, cwd=opts.cwd,
-                             restored_from=restored_from)
+                             expose=list(request.profile.network.expose), restored_from=restored_from)
 
     def _remove_named(self, name: str, consumer: str | None) -> None:
         """Delete the sandbox called ``name`` if Daytona has one: the leftover of a failed create."""
@@ -486,23 +489,25 @@ class DaytonaExtension(SandboxExtension):
         sid = handle.daytona_sandbox_id
         deadline = time.monotonic() + timeout
 
-        def ready(client: Any) -> str:
-            def check() -> str | None:
+        def ready(client: Any) -> tuple[str, dict[str, str]]:
+            def check() -> tuple[str, Any] | None:
                 sbx = client.get(sid)
                 state = _state(sbx)
                 if state in GONE_STATES or state in ("error", "build_failed"):
                     raise ProvisionError(f"Daytona sandbox {sid} is {state}"
                                          + (f": {sbx.error_reason}" if sbx.error_reason else ""),
                                          transient=True, backend=self.id)
-                return sbx.get_work_dir() if state == "started" else None
+                return (sbx.get_work_dir(), sbx) if state == "started" else None
 
-            return poll(check, timeout=max(0.0, deadline - time.monotonic()), interval=0.1,
-                        on_timeout=lambda: ReadinessTimeout(
-                            f"Daytona sandbox {sid} did not start within {timeout:g}s", backend=self.id))
+            work_dir, sbx = poll(check, timeout=max(0.0, deadline - time.monotonic()), interval=0.1,
+                                 on_timeout=lambda: ReadinessTimeout(
+                                     f"Daytona sandbox {sid} did not start within {timeout:g}s", backend=self.id))
+            # the URL only: its token is the consumer's to fetch with the key, never recorded
+            return work_dir, {str(port): str(sbx.get_preview_link(port).url) for port in handle.expose}
 
-        work_dir = self._call("readiness check", ready, consumer=handle.consumer, fallback=ReadinessTimeout,
-                              sandbox=sid)
-        return DaytonaReachability(daytona_sandbox_id=sid, name=handle.name, work_dir=work_dir)
+        work_dir, urls = self._call("readiness check", ready, consumer=handle.consumer, fallback=ReadinessTimeout,
+                                    sandbox=sid)
+        return DaytonaReachability(daytona_sandbox_id=sid, name=handle.name, work_dir=work_dir, urls=urls)
 
     def teardown(self, handle: DaytonaHandle) -> TeardownReport:
         """Delete the sandbox; one already gone (deleted, or past its TTL) counts as torn down."""

@@ -4,8 +4,8 @@ One real HTTP/1.1 server that the unmodified ``daytona`` SDK talks to (point ``a
 :attr:`DaytonaStandIn.api_url`):
 
 * the REST API under ``/api`` (``Authorization: Bearer <key>``): create, get (by id or name),
-  delete, list (label filter, ``nextCursor`` paging), the toolbox proxy URL, sandbox snapshots,
-  snapshot get and delete. Error bodies are ``{statusCode, message, error}`` as Daytona's API
+  delete, list (label filter, ``nextCursor`` paging), the toolbox proxy URL, a port's preview
+  URL, sandbox snapshots, snapshot get and delete. Error bodies are ``{statusCode, message, error}`` as Daytona's API
   sends them;
 * the toolbox under ``/toolbox/<sandbox id>`` (the ``toolboxProxyUrl`` every sandbox carries):
   work and home directory, sessions (create, exec, command status, the command's logs as a
@@ -287,6 +287,7 @@ class DaytonaStandIn:
             (("GET", r"/api/sandbox"), self._list),
             (("GET", r"/api/sandbox/([^/]+)/toolbox-proxy-url"), self._toolbox_proxy_url),
             (("POST", r"/api/sandbox/([^/]+)/snapshot"), self._snapshot),
+            (("GET", r"/api/sandbox/([^/]+)/ports/([0-9]+)/preview-url"), self._preview_url),
             (("GET", r"/api/sandbox/([^/]+)"), self._get),
             (("DELETE", r"/api/sandbox/([^/]+)"), self._delete),
             (("GET", r"/api/snapshots/([^/]+)"), self._get_snapshot),
@@ -360,6 +361,14 @@ class DaytonaStandIn:
         if self._find(key, what) is None:
             return self._not_found(what)
         return 200, {"url": self.toolbox_url}, {}
+
+    def _preview_url(self, key: str, query: Any, body: Any, what: str, port: str) -> tuple[int, Any, dict[str, str]]:
+        box = self._find(key, what)
+        if box is None:
+            return self._not_found(what)
+        # Daytona's preview host is <port>-<id>.<proxy domain>; a private one needs this token
+        token = hashlib.sha256(f"{box.id}:{port}".encode()).hexdigest()[:32]
+        return 200, {"sandboxId": box.id, "url": f"https://{port}-{box.id}.proxy.standin.test", "token": token}, {}
 
     def _snapshot_named(self, key: str, name: str) -> dict[str, Any] | None:
         for snap in self.snapshots.values():
