@@ -494,9 +494,8 @@ class DaytonaExtension(SandboxExtension):
                 sbx = client.get(sid)
                 state = _state(sbx)
                 if state in GONE_STATES or state in ("error", "build_failed"):
-                    raise ProvisionError(f"Daytona sandbox {sid} is {state}"
-                                         + (f": {sbx.error_reason}" if sbx.error_reason else ""),
-                                         transient=True, backend=self.id)
+                    raise ReadinessTimeout(f"Daytona sandbox {sid} will not get ready: it is {state}"
+                                           + (f" ({sbx.error_reason})" if sbx.error_reason else ""), backend=self.id)
                 return (sbx.get_work_dir(), sbx) if state == "started" else None
 
             work_dir, sbx = poll(check, timeout=max(0.0, deadline - time.monotonic()), interval=0.1,

@@ -7,7 +7,10 @@ the SDK is mocked. Every test fails if the SDK called a route the stand-in does 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +139,50 @@ def test_list_owned_finds_ours_by_labels_across_pages(make_ext, standin: Daytona
     assert {o.handle.daytona_sandbox_id for o in found} == {h.daytona_sandbox_id for h in ours[:2]}
     assert [c["query"].get("labels") for c in standin.calls if c["path"] == "/api/sandbox" and
             c["method"] == "GET"][0] == [json.dumps(OWNER)]
+
+
+def test_wait_ready_on_a_destroyed_sandbox_says_so_at_once(make_ext, standin: DaytonaStandIn):
+    ext, profile = make_ext()
+    handle = ext.provision(request(profile, inputs("sb-dead"), None))
+    standin.destroy(handle.daytona_sandbox_id)
+    with pytest.raises(ReadinessTimeout, match=rf"Daytona sandbox {handle.daytona_sandbox_id} will not get ready: "
+                                               r"it is destroyed"):
+        ext.wait_ready(handle, timeout=30)
+
+
+def test_module_imports_without_the_sdk_and_using_it_names_the_extra():
+    """Built-in manifests load on a core-only install: the handler module must not import the SDK."""
+    code = (
+        "import sys\n"
+        "sys.modules['daytona'] = None  # as if the extra were not installed\n"
+        "from sandboxer.loader import load_catalog\n"
+        "from sandboxer.errors import MissingExtra\n"
+        "c = load_catalog([])\n"
+        "assert 'ext.daytona' in c.extensions\n"
+        "try:\n"
+        "    c.extensions['ext.daytona'].instance()\n"
+        "except MissingExtra as exc:\n"
+        "    assert \"pip install 'sand-boxer[daytona]'\" in str(exc), exc\n"
+        "else:\n"
+        "    raise AssertionError('no MissingExtra')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2], timeout=60)
+
+
+@pytest.mark.parametrize("config", [{"api_key": "dtn_LITERAL0123456789"},
+                                    {"consumer_keys": {"alice": "dtn_LITERAL0123456789"}}])
+def test_a_literal_key_in_the_manifest_is_refused_without_echoing_it(config_dir, config):
+    from sandboxer.errors import ManifestError
+    from sandboxer.loader import load_catalog
+
+    with pytest.raises(ManifestError, match=r"ext\.test-daytona\.yaml: field 'config'.*must be a reference") as info:
+        load_catalog([config_dir(None, **config)], builtins=False)
+    assert "dtn_LITERAL" not in str(info.value)
+
+
+def test_cost_estimates_come_from_the_manifests_pricing(make_ext):
+    ext, profile = make_ext()
+    p = ext.manifest.pricing
+    q = ext.estimate_cost(profile, 3600)  # 2 vCPU, 2 GiB
+    assert q.amount == pytest.approx(3600 * (2 * p.per_vcpu_second + 2 * p.per_gib_second), rel=1e-3)
+    assert q.pricing_model == "metered" and "daytona.io" in q.source
