@@ -28,6 +28,7 @@ import importlib
 import logging
 import math
 import secrets
+import threading
 import time
 import warnings
 from contextvars import ContextVar
@@ -192,6 +193,24 @@ def _state(sbx: Any) -> str:
     return str(getattr(sbx.state, "value", sbx.state) or "unknown")
 
 
+def _off_main_thread(fn: Callable[[], T], name: str) -> T:
+    """``fn()`` on a thread of its own, its result or exception handed back (the SDK bounds its time)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, name=name, daemon=True)
+    worker.start()
+    worker.join()
+    if "error" in box:
+        raise box.pop("error")
+    return box["value"]
+
+
 def _gib(mb: int) -> int:
     return max(1, math.ceil(mb / 1024))
 
@@ -261,8 +280,15 @@ class DaytonaExtension(SandboxExtension):
             fallback: the class for anything not more specific.
             sandbox: the Daytona sandbox id, named in messages when known.
         """
-        return translated_with(_CALL, _Call(op, consumer, fallback, sandbox),
-                               lambda: fn(self._client(consumer)), self.errors)
+        def work() -> T:
+            return translated_with(_CALL, _Call(op, consumer, fallback, sandbox),
+                                   lambda: fn(self._client(consumer)), self.errors)
+
+        if threading.current_thread() is threading.main_thread():
+            # On the main thread the SDK times its waits with SIGALRM, which replaces the
+            # application's own alarm handler and cancels its alarm: run the call elsewhere.
+            return _off_main_thread(work, f"daytona-{op}")
+        return work()
 
     @property
     def errors(self) -> ErrorTable:

@@ -186,3 +186,22 @@ def test_cost_estimates_come_from_the_manifests_pricing(make_ext):
     q = ext.estimate_cost(profile, 3600)  # 2 vCPU, 2 GiB
     assert q.amount == pytest.approx(3600 * (2 * p.per_vcpu_second + 2 * p.per_gib_second), rel=1e-3)
     assert q.pricing_model == "metered" and "daytona.io" in q.source
+
+
+def test_calls_from_the_main_thread_leave_its_alarm_alone(make_ext, standin: DaytonaStandIn):
+    """The SDK times its waits with SIGALRM on the main thread; an application's own alarm must survive."""
+    import signal
+    import threading
+
+    assert threading.current_thread() is threading.main_thread()
+    fired: list[int] = []
+    old = signal.signal(signal.SIGALRM, lambda signum, frame: fired.append(signum))
+    try:
+        signal.alarm(300)
+        ext, profile = make_ext()
+        handle = ext.provision(request(profile, inputs("sb-alarm"), None))
+        ext.teardown(handle)
+        assert signal.getsignal(signal.SIGALRM) is not old and signal.alarm(0) > 250  # ours, still armed
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
