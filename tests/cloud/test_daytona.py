@@ -205,3 +205,20 @@ def test_calls_from_the_main_thread_leave_its_alarm_alone(make_ext, standin: Day
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_list_owned_asks_with_every_key_and_skips_one_that_is_refused(make_ext, standin: DaytonaStandIn,
+                                                                      monkeypatch: pytest.MonkeyPatch, caplog):
+    alice_key = "dtn_alice_" + "b" * 16
+    standin.keys.add(alice_key)
+    monkeypatch.setenv(ALICE_ENV, alice_key)
+    monkeypatch.setenv("SBX_TEST_DAYTONA_REVOKED", "dtn_revoked_" + "c" * 16)  # Daytona does not know it
+    ext, profile = make_ext(consumer_keys={"alice": {"env": ALICE_ENV}, "zed": {"env": "SBX_TEST_DAYTONA_REVOKED"}})
+    mine = ext.provision(request(profile, inputs("sb-op"), None))
+    hers = ext.provision(request(profile, inputs("sb-alice", consumer="alice"), None))
+    found = {o.sandbox_id: o.handle for o in ext.list_owned(OWNER)}
+    assert {k: v.daytona_sandbox_id for k, v in found.items()} == {"sb-op": mine.daytona_sandbox_id,
+                                                                   "sb-alice": hers.daytona_sandbox_id}
+    assert found["sb-alice"].consumer == "alice"  # so gc tears it down with alice's key
+    assert "list_owned: skipping the key in env SBX_TEST_DAYTONA_REVOKED (consumer zed)" in caplog.text
+    assert ext.teardown(found["sb-alice"]).already_gone is False
