@@ -43,7 +43,6 @@ from sandboxer.errors import (
     AuthError,
     BackendError,
     CapacityUnavailable,
-    ExecError,
     MissingExtra,
     ProvisionError,
     QuotaExceeded,
