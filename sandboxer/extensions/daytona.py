@@ -227,9 +227,12 @@ class DaytonaExtension(SandboxExtension):
     #   "unbypassable network-layer enforcement" the SDK names). Daytona has no deny-list.
     # expose: each port's preview URL (get_preview_link); every sandbox is created with
     #   public=False, so a preview answers only a request with the sandbox's preview token;
-    # gpu: Resources(gpu=, gpu_type=) on a create from an image.
+    # gpu: Resources(gpu=, gpu_type=) on a create from an image;
+    # secrets: the create's env_vars ("Environment variables to set in the Sandbox"), which every
+    #   command of the sandbox inherits.
     enforces: ClassVar[frozenset[str]] = frozenset({
-        "network:none", "network:internet", "network:cidr-allowlist", "network:domain-allowlist", "expose", "gpu"})
+        "network:none", "network:internet", "network:cidr-allowlist", "network:domain-allowlist", "expose", "gpu",
+        "secrets"})
     requires: ClassVar[tuple[str, str] | None] = ("daytona", "daytona")
     Handle = DaytonaHandle
 
@@ -444,7 +447,9 @@ class DaytonaExtension(SandboxExtension):
         labels["sandboxer.sandbox_id"] = request.sandbox_id
         minutes = max(1, math.ceil(request.ttl / 60))
         common: dict[str, Any] = dict(
-            name=sandbox_name(request.sandbox_id), labels=labels, env_vars=dict(opts.env) or None,
+            # the secrets' values go to Daytona alone (the create's env), never into the handle
+            name=sandbox_name(request.sandbox_id), labels=labels,
+            env_vars={**opts.env, **request.secret_env()} or None,
             os_user=opts.user, public=False,
             # The TTL is Daytona's own wall-clock limit; idle, it stops at the same mark, and a
             # stopped sandbox is deleted at once, so nothing of it outlives its TTL.
