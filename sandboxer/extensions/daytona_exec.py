@@ -11,7 +11,8 @@ a *session* command run with ``run_async`` has its two streams followed over a W
 4. follows its logs on a thread of its own into an :class:`~sandboxer.execution.OutputCollector`
    (the SDK decodes each stream incrementally), until they end or the deadline passes;
 5. at the deadline, kills everything carrying the marker (``setsid`` children too) and reports
-   exit 124; else reads the command's exit code;
+   exit 124; else reads the command's exit code (a log stream still open :data:`LINGER`
+   seconds after Daytona reported the command exited is left: its output has arrived);
 6. deletes the session, whatever happened.
 """
 
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
 
 #: Seconds the log stream may take to end once the command's processes are killed.
 DRAIN_TIMEOUT = 10.0
+#: Seconds between asking Daytona whether a command whose log stream is still open has exited.
+CHECK_INTERVAL = 1.0
+#: Seconds a log stream may stay open after Daytona reported its command's exit code.
+LINGER = 2.0
 
 
 def command_line(argv: list[str], env: dict[str, str], cwd: str | None, stdin_path: str | None) -> str:
@@ -121,7 +126,8 @@ def run_in_session(ext: "DaytonaExtension", handle: "DaytonaHandle", argv: list[
             cmd_id = sbx.process.execute_session_command(
                 session, sdk.SessionExecuteRequest(command=line, run_async=True)).cmd_id
             follow = _Follow(sbx, session, cmd_id, out)
-            if not follow.done.wait(max(0.0, limit - (time.monotonic() - started))):
+            ended = _wait(follow, sbx, session, cmd_id, started + limit)
+            if ended is None:
                 _kill_marked(ext, sbx, marker)
                 follow.done.wait(DRAIN_TIMEOUT)
                 follow.stop()
@@ -129,12 +135,14 @@ def run_in_session(ext: "DaytonaExtension", handle: "DaytonaHandle", argv: list[
             follow.stop()
             if follow.error is not None:
                 raise follow.error
+            if ended[0] is not None:
+                return out.result(ended[0])
             # the logs end with the command; its exit code may be recorded a moment later
             (code,) = poll(lambda: _exit_code(sbx, session, cmd_id),
-                        timeout=max(1.0, ext.config.request_timeout), interval=0.05,
-                        on_timeout=lambda: ExecError(
-                            f"Daytona exec of sandbox {sid}: the command's output ended but Daytona reported "
-                            "no exit code", backend=ext.id))
+                           timeout=max(1.0, ext.config.request_timeout), interval=0.05,
+                           on_timeout=lambda: ExecError(
+                               f"Daytona exec of sandbox {sid}: the command's output ended but Daytona reported "
+                               "no exit code", backend=ext.id))
             return out.result(code)
         finally:
             try:
@@ -143,6 +151,29 @@ def run_in_session(ext: "DaytonaExtension", handle: "DaytonaHandle", argv: list[
                 log.info("Daytona sandbox %s: session %s not deleted: %s", sid, session, type(exc).__name__)
 
     return ext._call("exec", run, consumer=handle.consumer, fallback=ExecError, sandbox=sid)
+
+
+def _wait(follow: _Follow, sbx: Any, session: str, cmd_id: str, deadline: float) -> tuple[int | None] | None:
+    """Wait for the command's end, at most until ``deadline``: None if it is still running then.
+
+    The end is its log stream ending (``(None,)``: read the exit code next), or, should the
+    stream stay open, Daytona reporting its exit code for :data:`LINGER` seconds (``(code,)``):
+    asked every :data:`CHECK_INTERVAL` seconds while the stream runs.
+    """
+    exited_at: float | None = None
+    code: int | None = None
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        if follow.done.wait(min(CHECK_INTERVAL, remaining)):
+            return (None,)
+        if exited_at is None:
+            found = _exit_code(sbx, session, cmd_id)
+            if found is not None:
+                exited_at, code = time.monotonic(), found[0]
+        elif time.monotonic() - exited_at >= LINGER:
+            return (code,)  # the output it wrote has long arrived: the stream is just not closing
 
 
 def _exit_code(sbx: Any, session: str, cmd_id: str) -> tuple[int] | None:

@@ -163,6 +163,8 @@ class DaytonaStandIn:
         self.page_limit: int | None = None
         #: No runner takes new sandboxes: each is destroyed at once with ``queueTimedOutAt`` set.
         self.no_runner = False
+        #: The log WebSocket stays open after its command ended (until the client leaves, or 30 s).
+        self.logs_stay_open = False
         self._lose_create = 0
         self.lock = threading.RLock()
         self.root = Path(tempfile.mkdtemp(prefix="daytona-standin-"))
@@ -542,6 +544,12 @@ class DaytonaStandIn:
             sent += len(new)
             if done and sent == len(cmd.chunks):
                 break
+        if self.logs_stay_open:
+            handler.connection.settimeout(30)
+            try:
+                handler.rfile.read(1)  # the client's close frame, or its leaving
+            except OSError:
+                pass
         handler.wfile.write(_ws_frame(0x8, struct.pack("!H", 1000)))
         handler.wfile.flush()
 

@@ -114,3 +114,12 @@ def test_exec_in_a_torn_down_sandbox_is_an_exec_error(ready):
     ext.teardown(handle)
     with pytest.raises(ExecError, match=rf"Daytona exec of sandbox {handle.daytona_sandbox_id}"):
         ext.exec(handle, ["true"])
+
+
+def test_a_log_stream_that_stays_open_after_its_command_ended_does_not_hold_the_exec(ready, standin: DaytonaStandIn):
+    ext, handle, _ = ready()
+    standin.logs_stay_open = True
+    started = time.monotonic()
+    res = ext.exec(handle, ["sh", "-c", "echo done; exit 5"], timeout=20)
+    assert (res.exit_code, res.stdout, res.timed_out) == (5, "done\n", False)
+    assert time.monotonic() - started < 8
