@@ -48,6 +48,7 @@ from sandboxer.errors import (
     QuotaExceeded,
     RateLimited,
     ReadinessTimeout,
+    SandboxerError,
     SnapshotError,
     TeardownError,
 )
@@ -210,6 +211,11 @@ def _off_main_thread(fn: Callable[[], T], name: str) -> T:
     return box["value"]
 
 
+def _ttl_minutes(ttl: float) -> int:
+    """A TTL in seconds as Daytona's whole minutes, rounded up (never shorter than asked)."""
+    return max(1, math.ceil(ttl / 60))
+
+
 def _gib(mb: int) -> int:
     return max(1, math.ceil(mb / 1024))
 
@@ -286,11 +292,17 @@ class DaytonaExtension(SandboxExtension):
             return translated_with(_CALL, _Call(op, consumer, fallback, sandbox),
                                    lambda: fn(self._client(consumer)), self.errors)
 
-        if threading.current_thread() is threading.main_thread():
-            # On the main thread the SDK times its waits with SIGALRM, which replaces the
-            # application's own alarm handler and cancels its alarm: run the call elsewhere.
-            return _off_main_thread(work, f"daytona-{op}")
-        return work()
+        try:
+            if threading.current_thread() is threading.main_thread():
+                # On the main thread the SDK times its waits with SIGALRM, which replaces the
+                # application's own alarm handler and cancels its alarm: run the call elsewhere.
+                return _off_main_thread(work, f"daytona-{op}")
+            return work()
+        except SandboxerError as exc:
+            # One of ours raised inside ``fn`` (a sandbox found destroyed, say) has ``fn``'s frames
+            # in its traceback, and their locals hold the client (with the key) and the SDK's
+            # sandbox (with its env, the secrets): a traceback rendered with locals would show them.
+            raise exc.with_traceback(None) from None
 
     @property
     def errors(self) -> ErrorTable:
@@ -445,7 +457,7 @@ class DaytonaExtension(SandboxExtension):
         for k, v in request.owner_labels.items():
             labels.setdefault(str(k), str(v))
         labels["sandboxer.sandbox_id"] = request.sandbox_id
-        minutes = max(1, math.ceil(request.ttl / 60))
+        minutes = _ttl_minutes(request.ttl)
         common: dict[str, Any] = dict(
             # the secrets' values go to Daytona alone (the create's env), never into the handle
             name=sandbox_name(request.sandbox_id), labels=labels,
@@ -471,11 +483,13 @@ class DaytonaExtension(SandboxExtension):
         sandbox_id = request.sandbox_id
         name = sandbox_name(sandbox_id)
         consumer = request.tags.get("sandboxer.consumer")
-        params = self._params(request, opts, snapshot)
         wait = max(1.0, float(request.profile.ready_timeout))
         sdk = _sdk()
 
         def create(client: Any) -> str:
+            # built here, so the parameters (the secrets among them) live in this frame only,
+            # which no error of ours carries (see _call)
+            params = self._params(request, opts, snapshot)
             try:
                 return client.create(params, timeout=wait).id
             except sdk.DaytonaConflictError:
@@ -496,7 +510,7 @@ class DaytonaExtension(SandboxExtension):
                 self._remove_named(name, consumer)
             raise
         return DaytonaHandle(daytona_sandbox_id=daytona_id, name=name, consumer=consumer,
-                             ttl_minutes=params.ttl_minutes, started_at=started, cwd=opts.cwd,
+                             ttl_minutes=_ttl_minutes(request.ttl), started_at=started, cwd=opts.cwd,
                              expose=list(request.profile.network.expose), restored_from=restored_from)
 
     def _remove_named(self, name: str, consumer: str | None) -> None:

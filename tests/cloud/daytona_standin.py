@@ -106,7 +106,8 @@ class Box:
     def dto(self, toolbox_url: str) -> dict[str, Any]:
         b = self.body
         return {
-            "id": self.id, "organizationId": self.org, "name": self.name, "snapshot": self.snapshot,
+            "id": self.id, "organizationId": "org-" + hashlib.sha256(self.org.encode()).hexdigest()[:12],
+            "name": self.name, "snapshot": self.snapshot,
             "user": "daytona", "env": dict(self.env), "labels": dict(self.labels), "public": bool(b.get("public")),
             "networkBlockAll": bool(b.get("networkBlockAll")), "kvm": False,
             "networkAllowList": b.get("networkAllowList"), "domainAllowList": b.get("domainAllowList"),
@@ -399,7 +400,8 @@ class DaytonaStandIn:
         if snap is None:
             return self.error(404, f"Snapshot {what} not found")
         when = _iso(snap["created_at"])
-        return 200, {"id": snap["id"], "organizationId": key, "general": False, "name": snap["name"],
+        return 200, {"id": snap["id"], "organizationId": "org-" + hashlib.sha256(key.encode()).hexdigest()[:12],
+                     "general": False, "name": snap["name"],
                      "state": "active", "size": 1, "entrypoint": None, "cpu": 1, "gpu": 0, "mem": 1, "disk": 3,
                      "errorReason": None, "createdAt": when, "updatedAt": when, "lastUsedAt": None,
                      "sourceSandboxId": snap["source"]}, {}

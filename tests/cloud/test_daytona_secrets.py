@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,45 @@ def test_a_profiles_secret_reaches_the_sandbox_through_the_manager_and_nothing_e
     for p in (tmp_path / "home").rglob("*"):
         if p.is_file():
             assert value.encode() not in p.read_bytes(), f"secret found in {p}"
+
+
+def test_no_error_carries_the_key_or_a_secret_in_a_traceback_rendered_with_locals(make_ext, standin: DaytonaStandIn,
+                                                                                  sentinel: str):
+    import threading
+    import traceback
+
+    from sandboxer.errors import SandboxerError
+
+    ext, profile = make_ext()
+    value = "sbx_DAYTONA_secret_in_locals"
+    handle = ext.provision(request(profile, inputs("sb-locals"), None, secrets={"TOKEN": value}))
+    standin.destroy(handle.daytona_sandbox_id)
+    standin.fail("POST", "/api/sandbox", 500, "internal error", echo_key=True)
+    calls = [lambda: ext.exec(handle, ["true"]), lambda: ext.wait_ready(handle, timeout=5),
+             lambda: ext.provision(request(profile, inputs("sb-locals-2"), None, secrets={"TOKEN": value}))]
+    errors: list[BaseException] = []
+    for call in calls:
+        for where in ("main", "worker"):
+            def run() -> None:
+                try:
+                    call()
+                except SandboxerError as exc:
+                    errors.append(exc)
+            if where == "main":
+                run()
+            else:
+                t = threading.Thread(target=run)
+                t.start()
+                t.join(60)
+            if call is calls[2]:
+                break  # one scripted create failure
+    assert len(errors) == 5
+    tests = str(Path(__file__).parent)
+    for exc in errors:
+        tbe = traceback.TracebackException.from_exception(exc, capture_locals=True)
+        assert tbe.__cause__ is None and tbe.__context__ is None
+        # every frame but this test's own (whose locals hold the values, of course)
+        frames = [f for f in tbe.stack if not f.filename.startswith(tests)]
+        assert frames, "expected frames of sand-boxer's own in the traceback"
+        rendered = str(exc) + "".join(f"{f.filename}:{f.lineno} {f.locals}" for f in frames)
+        assert sentinel not in rendered and value not in rendered, rendered
