@@ -103,6 +103,8 @@ def test_the_builtins_declare_only_what_they_keep():
         "ext.modal": ["expose", "gpu", "network:cidr-allowlist", "network:domain-allowlist", "network:internet",
                       "network:none", "secrets"],
         "ext.saas-stub": ["network:none", "secrets"],
+        "ext.daytona": ["expose", "gpu", "network:cidr-allowlist", "network:domain-allowlist", "network:internet",
+                        "network:none", "secrets"],
     }
     # as root with nftables (as the suite runs) only docker's GPUs are not here, and it says why
     assert {k: v.unavailable for k, v in cat.extensions.items() if v.unavailable} == {
