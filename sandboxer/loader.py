@@ -121,6 +121,8 @@ def read_yaml(path: Path, error: type[ConfigError], *, empty_ok: bool = False) -
 
 
 _SECRET_WORDS = ("key", "token", "secret", "password", "credential")
+#: fields named like secrets that are not: shown in messages like any other value
+_NOT_SECRET = frozenset({"public_key", "key_id", "keys", "known_hosts", "key_file"})
 
 
 def describe_validation(source: str, exc: ValidationError, prefix: str = "") -> str:
@@ -129,7 +131,8 @@ def describe_validation(source: str, exc: ValidationError, prefix: str = "") -> 
     for err in exc.errors():
         loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
         value = err.get("input")
-        secretish = any(w in str(p).lower() for p in err["loc"] for w in _SECRET_WORDS)
+        secretish = any(w in str(p).lower() for p in err["loc"] if str(p).lower() not in _NOT_SECRET
+                        for w in _SECRET_WORDS)
         shown = "" if isinstance(value, dict) else " (value redacted)" if secretish else f" (value {value!r})"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":

@@ -10,7 +10,7 @@ from typing import Callable
 import pytest
 
 from sandboxer import Manager
-from tests.support.leaks import ComposeWatch, describe_leaks
+from tests.support.leaks import ComposeWatch, describe_leaks, host_network_leftovers
 
 
 def run_threads(target: Callable[[], None], n: int, *, timeout: float = 60) -> None:
@@ -34,6 +34,15 @@ def compose_watch(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
     finally:
         watch.stop()
     assert not leaked, f"compose projects left on the Docker engine by this run (now removed): {describe_leaks(leaked)}"
+
+
+@pytest.fixture(autouse=True)
+def _no_host_network_leak():  # type: ignore[no-untyped-def]
+    """A test leaves no sandbox network namespace, nftables table, interface or port forwarder."""
+    before = host_network_leftovers()
+    yield
+    left = host_network_leftovers() - before
+    assert not left, f"left on this host by this test: {sorted(left)}"
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,8 @@ ENTRY_POINT_GROUP = "sandboxer.extensions"
 _NOT_BACKENDS = {"base", "registry"}
 
 #: pip extra to install for a built-in module whose import fails on a missing dependency.
-EXTRAS = {"docker": "docker", "compose_ssh": "ssh", "vm_packer": "ssh", "e2b": "e2b", "modal": "modal"}
+EXTRAS = {"docker": "docker", "compose_ssh": "ssh", "vm_packer": "ssh", "e2b": "e2b", "modal": "modal",
+          "daytona": "daytona"}
 
 
 @lru_cache(maxsize=1)

@@ -27,7 +27,8 @@ from tests.ssh.conftest import compose_repo, known_hosts, ssh_home, sshd_pool  #
 CAP = 1 << 20
 
 #: Every built-in backend, in the order they run.
-BACKENDS = ["ext.local", "ext.saas-stub", "ext.docker", "ext.compose-ssh", "ext.vm-packer", "ext.e2b", "ext.modal"]
+BACKENDS = ["ext.local", "ext.saas-stub", "ext.docker", "ext.compose-ssh", "ext.vm-packer", "ext.e2b", "ext.modal",
+            "ext.daytona"]
 
 #: (backend, step) -> why it fails today. Strict, so a fix shows up as XPASS and its entry must go.
 XFAIL: dict[tuple[str, str], str] = {}
@@ -121,6 +122,20 @@ def _modal(req: pytest.FixtureRequest, cfg: Path) -> dict[str, Any]:
     return {"output_cap": CAP}
 
 
+def _daytona(req: pytest.FixtureRequest, cfg: Path) -> dict[str, Any]:
+    pytest.importorskip("daytona", reason="the daytona extra is not installed")
+    from tests.cloud.conftest_daytona import KEY_ENV
+    from tests.cloud.daytona_standin import DaytonaStandIn
+
+    key = "dtn_conformance_" + os.urandom(8).hex()
+    server = DaytonaStandIn([key]).start()
+    req.addfinalizer(server.stop)
+    _env(req, {KEY_ENV: key})
+    override(cfg, "ext.daytona", {"api_key": {"env": KEY_ENV}, "api_url": server.api_url, "request_timeout": 10,
+                                  "max_output_bytes": CAP})
+    return {"output_cap": CAP}
+
+
 def _env(req: pytest.FixtureRequest, values: dict[str, str]) -> None:
     mp = pytest.MonkeyPatch()
     req.addfinalizer(mp.undo)
@@ -131,6 +146,7 @@ def _env(req: pytest.FixtureRequest, values: dict[str, str]) -> None:
 SETUP: dict[str, Callable[[pytest.FixtureRequest, Path], dict[str, Any]]] = {
     "ext.local": _local, "ext.saas-stub": _stub, "ext.docker": _docker, "ext.compose-ssh": _compose,
     "ext.vm-packer": _vm, "ext.e2b": _e2b, "ext.modal": _modal,
+    "ext.daytona": _daytona,
 }
 
 

@@ -240,3 +240,17 @@ def test_a_sandbox_found_lost_is_swept_of_what_it_left(policy, hosts):
     assert f"sandboxer-{sb.id}" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert egress.table_name(sb.id) not in egress.tables()
     assert [e["kind"] for e in mgr.events(sb.id)][-1] == "lost_swept"
+
+
+def test_the_suites_leak_check_sees_what_a_policy_leaves():
+    """tests/conftest.py fails a test that leaves any of these: the check must see each kind."""
+    from tests.support.leaks import host_network_leftovers
+
+    subprocess.run(["ip", "netns", "add", "sandboxer-sb-leakcheck"], check=True, timeout=30)
+    subprocess.run(["nft", "add", "table", "inet", "sandboxer_sb_leakcheck"], check=True, timeout=30)
+    try:
+        assert {"netns sandboxer-sb-leakcheck", "nft table sandboxer_sb_leakcheck"} <= host_network_leftovers()
+    finally:
+        subprocess.run(["ip", "netns", "del", "sandboxer-sb-leakcheck"], timeout=30)
+        subprocess.run(["nft", "delete", "table", "inet", "sandboxer_sb_leakcheck"], timeout=30)
+    assert not {"netns sandboxer-sb-leakcheck", "nft table sandboxer_sb_leakcheck"} & host_network_leftovers()

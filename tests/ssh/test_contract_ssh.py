@@ -303,7 +303,8 @@ def test_handles_recorded_by_the_dict_version_load_as_models():
                "repo": "/srv/git/r", "ref": "", "dropped_key": 1}
     h = ComposeHandle.model_validate(compose)
     assert (h.project, h.services, h.repo_dir) == ("sbx-abc", ["app"], "/srv/compose/abc/repo")
-    assert h.model_dump(mode="json") == {k: v for k, v in compose.items() if k != "dropped_key"}
+    # a field added since (the exposed ports' forwarder) comes with its default
+    assert h.model_dump(mode="json") == {**{k: v for k, v in compose.items() if k != "dropped_key"}, "forwarder": None}
     vm = {"host": "vm0", "vm": "vm0", "ssh_target": None, "ssh_port": None, "sandbox_id": "s1", "root": "/srv/ws",
           "name": "s1", "remote_dir": "/srv/ws/s1", "repo": "", "ref": "", "tunnel_port": 8080,
           "readiness": {"require_commands": ["sh"], "readiness_command": None}, "tunnel_local_port": 40001}

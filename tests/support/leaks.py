@@ -10,6 +10,7 @@ A project that never got a container cannot be told apart and is not covered.
 
 from __future__ import annotations
 
+import os
 import json
 import shutil
 import subprocess
@@ -138,3 +139,31 @@ class ComposeWatch:
 
 def describe_leaks(leaked: dict[str, list[str]]) -> str:
     return "; ".join(f"{p}: {', '.join(left)}" for p, left in sorted(leaked.items()))
+
+
+def host_network_leftovers() -> set[str]:
+    """What sandboxes make on this host for a network policy or exposed ports, now present: their
+    network namespaces, nftables tables, interfaces, and port forwarder processes."""
+    import shutil
+    import subprocess
+
+    found: set[str] = set()
+    if shutil.which("ip"):
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
+        found |= {f"netns {w.split()[0]}" for w in out.splitlines() if w.startswith("sandboxer-")}
+        out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, timeout=30).stdout
+        found |= {f"link {ln.split(':')[1].strip().split('@')[0]}" for ln in out.splitlines()
+                  if ln.split(":")[1].strip().startswith(("sbx", "sbd")) and not ln.split(":")[1].strip().startswith("sbxt")}
+    if shutil.which("nft"):
+        out = subprocess.run(["nft", "list", "tables", "inet"], capture_output=True, text=True, timeout=30).stdout
+        found |= {f"nft table {ln.split()[2]}" for ln in out.splitlines() if len(ln.split()) > 2
+                  and ln.split()[2].startswith("sandboxer_")}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if b"sandboxer.forward" in cmd and b"-m" in cmd:
+                found.add(f"forwarder pid {pid}")
+    return found

@@ -70,3 +70,20 @@ def test_dirs_merge_keys_and_revocations(tmp_path, acme):
 def test_a_signing_key_is_never_pickled(acme):
     with pytest.raises(TypeError, match="not pickled"):
         pickle.dumps(acme)
+
+
+def test_a_bad_public_key_is_shown_in_the_error_it_is_no_secret(tmp_path):
+    """describe_validation hides values of fields named like secrets; a public key is not one."""
+    from pydantic import BaseModel, ValidationError
+
+    from sandboxer.loader import describe_validation
+
+    class Key(BaseModel):
+        public_key: int
+        api_key: int
+
+    try:
+        Key.model_validate({"public_key": "not-base64!", "api_key": "s3cr3t"})
+    except ValidationError as exc:
+        text = describe_validation("trust.yaml", exc)
+    assert "(value 'not-base64!')" in text and "s3cr3t" not in text and "(value redacted)" in text

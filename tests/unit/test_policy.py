@@ -13,7 +13,7 @@ import pytest
 from sandboxer import Manager
 from sandboxer.errors import CapabilityError, ProfileError, RoutingError
 from sandboxer.loader import load_catalog
-from sandboxer.policy import NetworkPolicy, required
+from sandboxer.policy import NetworkPolicy, lacking, required
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -103,6 +103,8 @@ def test_the_builtins_declare_only_what_they_keep():
         "ext.modal": ["expose", "gpu", "network:cidr-allowlist", "network:domain-allowlist", "network:internet",
                       "network:none", "secrets"],
         "ext.saas-stub": ["network:none", "secrets"],
+        "ext.daytona": ["expose", "gpu", "network:cidr-allowlist", "network:domain-allowlist", "network:internet",
+                        "network:none", "secrets"],
     }
     # as root with nftables (as the suite runs) only docker's GPUs are not here, and it says why
     assert {k: v.unavailable for k, v in cat.extensions.items() if v.unavailable} == {
@@ -225,3 +227,17 @@ def test_the_stubs_no_network_reaches_not_even_the_hosts_loopback(cfg, home):
                 mgr.teardown(sb.id)
     finally:
         listener.close()
+
+
+def test_the_vocabulary_example_of_the_policy_docs_works_as_pasted(tmp_path):
+    """docs/policy.md's first example, pasted as it is into a config dir, loads with every backend
+    it lists qualifying (no warning)."""
+    text = (REPO / "docs" / "policy.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "profile.agent.yaml").write_text(block)
+    cat = load_catalog([tmp_path])
+    prof = cat.profiles["agent"]
+    assert prof.enforcements() == ["network:none", "secrets"]
+    assert [w for w in cat.warnings if "profile.agent.yaml" in w] == []
+    assert all(not lacking(prof.enforcements(), cat.extensions[c.extension].enforces) for c in prof.candidates)

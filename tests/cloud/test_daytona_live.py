@@ -1,0 +1,34 @@
+"""A smoke test against the real Daytona service, with the operator's own key.
+
+Skipped unless ``DAYTONA_API_KEY`` is set (and then it needs internet access and spends a few
+cents of Daytona time): create from the built-in ``daytona`` profile, run one command, tear down.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("daytona", reason="the daytona extra is not installed: pip install 'sand-boxer[daytona]'")
+
+from sandboxer import Manager, SandboxCreateRequest  # noqa: E402
+from sandboxer.models import SandboxState  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not os.environ.get("DAYTONA_API_KEY"),
+    reason="live Daytona smoke test: no credentials (set DAYTONA_API_KEY to run it against the real service)",
+)
+
+
+def test_live_create_exec_teardown(tmp_path: Path):
+    with Manager(config_dirs=[], home=tmp_path / "home") as mgr:
+        sb = mgr.create(SandboxCreateRequest(profile="daytona", consumer="live-smoke", ttl="5m"))
+        try:
+            assert sb.state is SandboxState.READY
+            res = mgr.exec(sb.id, ["sh", "-c", "echo ok; echo err >&2"])
+            assert (res.exit_code, res.stdout, res.stderr) == (0, "ok\n", "err\n")
+        finally:
+            assert mgr.teardown(sb.id).state is SandboxState.TERMINATED
+        assert mgr.gc().orphans == []
