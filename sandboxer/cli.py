@@ -74,7 +74,12 @@ class Ctx:
     def catalog(self):  # type: ignore[no-untyped-def]
         from sandboxer.loader import load_catalog
 
-        return self._mgr.catalog if self._mgr else load_catalog(self.config)
+        if self._mgr:
+            return self._mgr.catalog
+        from sandboxer.state import default_home
+
+        # what the manager loads: signed bundles installed in its home too
+        return load_catalog(self.config, installed=Path(self.home) if self.home else default_home())
 
 
 pass_ctx = click.make_pass_decorator(Ctx)

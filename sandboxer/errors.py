@@ -79,6 +79,10 @@ class CapabilityError(ConfigError):
     """A capability or feature is unknown, or the backend does not support it."""
 
 
+class RegistryError(ConfigError):
+    """A registry cannot be read, is malformed, lists one name and version twice, or lacks what was asked."""
+
+
 class StateStoreError(ConfigError):
     """The state store cannot be opened, is damaged, or was written by a newer sand-boxer."""
 
@@ -105,6 +109,10 @@ class SandboxNotFound(RequestError):
 
 class SandboxStateError(RequestError):
     """The sandbox exists but its state does not allow the operation (e.g. exec after teardown)."""
+
+
+class LifecycleError(RequestError):
+    """An installed extension is not in a state for that (the message names its current state)."""
 
 
 class SnapshotNotFound(RequestError):
@@ -215,6 +223,12 @@ class TrustError(SandboxerError):
     def __init__(self, message: str, *, path: str | None = None):
         super().__init__(message)
         self.path = path
+
+
+class DependencyError(TrustError):
+    """A bundle's dependency is neither installed in a matching version nor installable from a registry."""
+
+    reason = "dependency"
 
 
 class BundleError(TrustError):

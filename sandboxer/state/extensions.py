@@ -14,7 +14,7 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 from sqlalchemy import bindparam, delete, insert, select, update
 
-from sandboxer.errors import RequestError
+from sandboxer.errors import LifecycleError
 from sandboxer.state.schema import audit, extension_versions, installed_extensions
 
 #: The lifecycle: state -> the states it may go to (None: not installed at all).
@@ -29,10 +29,6 @@ EXTENSION_STATES = ("verified", "installed", "active", "disabled")
 
 _INSERT_AUDIT = insert(audit)
 _SELECT_ONE = select(installed_extensions).where(installed_extensions.c.id == bindparam("_id"))
-
-
-class LifecycleError(RequestError):
-    """An extension is not in a state for that (the message names its current state)."""
 
 
 class ExtensionTables:

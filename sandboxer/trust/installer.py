@@ -30,7 +30,7 @@ import yaml
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from sandboxer.errors import ArtifactMismatch, BundleError, SandboxStateError, TrustError
+from sandboxer.errors import ArtifactMismatch, BundleError, DependencyError, SandboxStateError, TrustError
 from sandboxer.state.extensions import LifecycleError
 from sandboxer.trust.bundle import read_manifest_data, sha256_file, signature_path
 from sandboxer.trust.grants import Grants
@@ -41,12 +41,6 @@ from sandboxer.trust.verify import VerifiedBundle, verify
 #: The directory of the manager's home that holds installed extensions.
 EXTENSIONS_DIR = "extensions"
 CURRENT = "current"
-
-
-class DependencyError(TrustError):
-    """A bundle's dependency is neither installed in a matching version nor installable from a registry."""
-
-    reason = "dependency"
 
 
 def default_who(consumer: str | None = None) -> str:

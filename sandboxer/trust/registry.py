@@ -31,7 +31,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from pydantic import Field, ValidationError
 
-from sandboxer.errors import ConfigError
+from sandboxer.errors import ConfigError, RegistryError
 from sandboxer.models import Strict
 from sandboxer.trust.bundle import BundleManifest, parse_manifest, signature_path
 
@@ -40,10 +40,6 @@ INDEX = "index.yaml"
 HTTP_TIMEOUT = 30.0
 #: The largest file fetched from an HTTP registry (an artifact included).
 HTTP_MAX_BYTES = 256 * 1024 * 1024
-
-
-class RegistryError(ConfigError):
-    """A registry cannot be read, is malformed, lists one name and version twice, or lacks what was asked."""
 
 
 class IndexEntry(Strict):

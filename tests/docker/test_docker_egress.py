@@ -17,6 +17,8 @@ from sandboxer.extensions import egress
 from sandboxer.models import Profile
 from tests.support.netns import PORT, SH_PROBE, loopback_banner, make_test_hosts, require_netns
 
+pytestmark = pytest.mark.usefixtures("no_host_network_leak")
+
 
 @pytest.fixture(scope="module")
 def hosts():

@@ -23,7 +23,7 @@ from sandboxer.errors import CapabilityError
 from sandboxer.extensions import egress
 from tests.support.netns import PORT, PY_PROBE, banner_from, loopback_banner, make_test_hosts, require_netns
 
-pytestmark = pytest.mark.usefixtures("netns_ok")
+pytestmark = pytest.mark.usefixtures("netns_ok", "no_host_network_leak")
 
 REPO = Path(__file__).resolve().parents[2]
 

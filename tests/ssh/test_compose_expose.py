@@ -10,12 +10,16 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from sandboxer import forward
 from sandboxer.models import Profile
 from sandboxer.ssh import local_ports_free
 from sandboxer.testing import request
 from tests.ssh.test_compose_ssh import EXT, OWNER, backend, pool_cfg, sid  # noqa: F401 - fixtures
 from tests.ssh.conftest import IMAGE
+
+pytestmark = pytest.mark.usefixtures("no_host_network_leak")
 
 
 def _free_port() -> int:

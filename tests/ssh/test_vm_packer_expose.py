@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from sandboxer import forward
 from sandboxer.ssh import local_ports_free
 from tests.ssh.conftest import write_config
 from tests.ssh.test_vm_packer import EXT, HANDLER, echo_port, through, vm_cfg  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.usefixtures("no_host_network_leak")
 
 REPO = Path(__file__).resolve().parents[2]
 

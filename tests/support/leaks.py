@@ -141,9 +141,10 @@ def describe_leaks(leaked: dict[str, list[str]]) -> str:
     return "; ".join(f"{p}: {', '.join(left)}" for p, left in sorted(leaked.items()))
 
 
-def host_network_leftovers() -> set[str]:
+def host_network_leftovers(checkout: str | None = None) -> set[str]:
     """What sandboxes make on this host for a network policy or exposed ports, now present: their
-    network namespaces, nftables tables, interfaces, and port forwarder processes."""
+    network namespaces, nftables tables, interfaces, and port forwarder processes (with
+    ``checkout``, only forwarders started from that source tree: another run's are not ours)."""
     import shutil
     import subprocess
 
@@ -165,5 +166,12 @@ def host_network_leftovers() -> set[str]:
             except OSError:
                 continue
             if b"sandboxer.forward" in cmd and b"-m" in cmd:
+                if checkout is not None:
+                    try:
+                        env = open(f"/proc/{pid}/environ", "rb").read()
+                    except OSError:
+                        continue
+                    if checkout.encode() not in env:
+                        continue
                 found.add(f"forwarder pid {pid}")
     return found
