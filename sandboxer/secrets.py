@@ -106,6 +106,27 @@ class HeaderSecret(SecretRef):
         return self.prefix + self.resolve(backend=backend)
 
 
+def refuse_literal_keys(data: Any, key: str = "api_key", per_consumer: str = "consumer_keys") -> Any:
+    """A config's ``key`` and each of ``per_consumer``'s values must be references, not literal keys.
+
+    For a ``mode="before"`` model validator: it runs before field validation, so the error cannot
+    quote the value (it may be a real key).
+
+    Raises:
+        ValueError: naming the field (``api_key``, ``consumer_keys.alice``), never the value.
+    """
+    if isinstance(data, dict):
+        refs = {key: data.get(key)}
+        consumer_keys = data.get(per_consumer)
+        if isinstance(consumer_keys, dict):
+            refs.update({f"{per_consumer}.{k}": v for k, v in consumer_keys.items()})
+        for name, value in refs.items():
+            if value is not None and not isinstance(value, (dict, SecretRef)):
+                raise ValueError(f"'{name}' must be a reference, {{env: NAME}} or {{file: PATH}}, not a literal "
+                                 "value (see docs/byok.md)")
+    return data
+
+
 def redact(text: str, secrets: Iterable[str | None]) -> str:
     """Replace every occurrence of each secret (and of its long prefixes) with ``***``."""
     for s in secrets:

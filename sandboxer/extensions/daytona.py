@@ -58,7 +58,7 @@ from sandboxer.extensions.e2b import parse_retry_after
 from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta
 from sandboxer.policy import is_domain
 from sandboxer.poll import poll
-from sandboxer.secrets import SecretRef, redact
+from sandboxer.secrets import SecretRef, redact, refuse_literal_keys
 
 log = logging.getLogger("sandboxer.daytona")
 
@@ -109,19 +109,7 @@ class DaytonaBackendConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_literal_keys(cls, data: Any) -> Any:
-        # Checked before field validation so the error cannot quote the value: it may be a real key.
-        if isinstance(data, dict):
-            refs = {"api_key": data.get("api_key")}
-            consumer_keys = data.get("consumer_keys")
-            if isinstance(consumer_keys, dict):
-                refs.update({f"consumer_keys.{k}": v for k, v in consumer_keys.items()})
-            for name, value in refs.items():
-                if value is not None and not isinstance(value, (dict, SecretRef)):
-                    raise ValueError(
-                        f"'{name}' must be a reference, {{env: NAME}} or {{file: PATH}}, not a literal "
-                        "value (see docs/byok.md)"
-                    )
-        return data
+        return refuse_literal_keys(data)
 
 
 class DaytonaOptions(BaseModel):

@@ -67,7 +67,7 @@ from sandboxer.extensions import e2b_network
 from sandboxer.extensions.e2b_network import network_args, port_urls
 from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration
 from sandboxer.poll import poll
-from sandboxer.secrets import SecretRef, redact
+from sandboxer.secrets import SecretRef, redact, refuse_literal_keys
 
 #: Tries of an E2B kill before teardown is reported failed (gc retries later).
 KILL_ATTEMPTS = 3
@@ -124,19 +124,7 @@ class E2BConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_literal_keys(cls, data: Any) -> Any:
-        # Checked before field validation so the error cannot quote the value: it may be a real key.
-        if isinstance(data, dict):
-            refs = {"api_key": data.get("api_key")}
-            consumer_keys = data.get("consumer_keys")
-            if isinstance(consumer_keys, dict):
-                refs.update({f"consumer_keys.{k}": v for k, v in consumer_keys.items()})
-            for name, value in refs.items():
-                if value is not None and not isinstance(value, (dict, SecretRef)):
-                    raise ValueError(
-                        f"'{name}' must be a reference, {{env: NAME}} or {{file: PATH}}, not a literal "
-                        "value (see docs/byok.md)"
-                    )
-        return data
+        return refuse_literal_keys(data)
 
 
 class E2BOptions(BaseModel):

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from pydantic import BaseModel
 
@@ -97,7 +97,8 @@ def confine(manifest: ExtensionManifest, hidden: Path, private: Path, argv: list
             "--dev", "/dev", "--proc", "/proc", "--chdir", str(private), "--", *argv]
 
 
-def describe_process(loaded: Any) -> None:
+def describe_process(loaded: Any, *, confine_with: Callable[..., list[str]] | None = None,
+                     extra_env: dict[str, str] | None = None) -> None:
     """Check a ``runtime: process`` extension's handler in a short-lived worker, never importing it here.
 
     The worker (``python -m sandboxer.host --describe``, started like any worker: minimal
@@ -122,11 +123,13 @@ def describe_process(loaded: Any) -> None:
                "options": loaded.pending_options}
     with tempfile.TemporaryDirectory(prefix="sandboxer-describe-") as tmp:
         private = Path(tmp)
-        argv = confine(manifest, Path(os.environ.get("SANDBOXER_HOME") or private), private,
-                       [sys.executable, "-m", "sandboxer.host", "--describe", "--extension", manifest.id])
+        argv = (confine_with or confine)(manifest, Path(os.environ.get("SANDBOXER_HOME") or private), private,
+                                         [sys.executable, "-m", "sandboxer.host", "--describe", "--extension",
+                                          manifest.id])
         try:
-            done = subprocess.run(argv, input=json.dumps(payload).encode(), capture_output=True, env=worker_env(
-                private, {}), cwd=private, timeout=HANDSHAKE_TIMEOUT, close_fds=True, start_new_session=True)
+            done = subprocess.run(argv, input=json.dumps(payload).encode(), capture_output=True,
+                                  env={**worker_env(private, {}), **(extra_env or {})}, cwd=private,
+                                  timeout=HANDSHAKE_TIMEOUT, close_fds=True, start_new_session=True)
         except subprocess.TimeoutExpired as exc:
             raise errors.ExtensionLoadError(
                 f"{source}: field 'handler' (value {manifest.handler!r}): loading the handler in a worker did not "

@@ -9,16 +9,12 @@ into the manager, and its entry points are seen by its worker alone.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from sandboxer.host.client import HANDSHAKE_TIMEOUT, ProcessExtension, _tail, confine, worker_env
+from sandboxer.host.client import ProcessExtension, confine, describe_process
 from sandboxer.models import ExtensionManifest
 
 
@@ -59,43 +55,5 @@ def describe_installed(loaded: Any, import_path: Path) -> None:
         ConfigError (the subclass the worker named): the handler or its config is refused.
         ExtensionLoadError: the worker crashed, hung, or answered garbage.
     """
-    from sandboxer import errors
-    from sandboxer.loader import HandlerInfo
-
-    manifest = loaded.manifest
-    source = str(loaded.source)
-    payload = {"manifest": manifest.model_dump(mode="json"), "source": source,
-               "config_source": str(loaded.config_overrides[-1]) if loaded.config_overrides else source,
-               "options": loaded.pending_options}
-    with tempfile.TemporaryDirectory(prefix="sandboxer-describe-") as tmp:
-        private = Path(tmp)
-        argv = confine_installed(manifest, Path(os.environ.get("SANDBOXER_HOME") or private), private,
-                                 [sys.executable, "-m", "sandboxer.host", "--describe", "--extension", manifest.id],
-                                 import_path)
-        try:
-            done = subprocess.run(argv, input=json.dumps(payload).encode(), capture_output=True,
-                                  env={**worker_env(private, {}), **import_env(import_path)}, cwd=private,
-                                  timeout=HANDSHAKE_TIMEOUT, close_fds=True, start_new_session=True)
-        except subprocess.TimeoutExpired as exc:
-            raise errors.ExtensionLoadError(
-                f"{source}: field 'handler' (value {manifest.handler!r}): loading the handler in a worker did not "
-                f"finish within {HANDSHAKE_TIMEOUT:g}s; last stderr: {_tail(exc.stderr)!r}") from None
-    try:
-        answer = json.loads(done.stdout.decode("utf-8", "replace").strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        why = f"exited with status {done.returncode}" if done.returncode >= 0 else \
-            f"died of signal {signal.Signals(-done.returncode).name}"
-        raise errors.ExtensionLoadError(
-            f"{source}: field 'handler' (value {manifest.handler!r}): the worker loading the handler {why} without "
-            f"an answer; last stderr: {_tail(done.stderr)!r}") from None
-    if "error" in answer:
-        cls = getattr(errors, str(answer["error"].get("type")), None)
-        if not (isinstance(cls, type) and issubclass(cls, errors.ConfigError)):
-            cls = errors.ExtensionLoadError
-        raise cls(str(answer["error"].get("message")))
-    ok = answer["ok"]
-    loaded.info = HandlerInfo.from_json(ok)
-    loaded.missing_extra = ok.get("missing_extra")
-    loaded.refusals = {(str(slug), int(index)): [str(r) for r in reasons]
-                       for slug, index, reasons in ok.get("refusals") or ()}
-    loaded.pending_options = []
+    describe_process(loaded, confine_with=lambda m, hidden, private, argv: confine_installed(
+        m, hidden, private, argv, import_path), extra_env=import_env(import_path))
