@@ -167,3 +167,17 @@ def http_registry(publish):
     server.shutdown()
     server.server_close()
     t.join(10)
+
+
+@pytest.fixture(autouse=True)
+def _example_package_set_aside():
+    """The example bundle's package is installed in the test environment, and tests elsewhere import
+    it. Set it aside for each trust test, so "not in sys.modules" means "not imported by this test";
+    put back afterwards."""
+    import sys
+
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == "sandboxer_workspace"}
+    yield
+    for k in [k for k in sys.modules if k.split(".")[0] == "sandboxer_workspace"]:
+        del sys.modules[k]
+    sys.modules.update(saved)
