@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -76,12 +77,14 @@ def make_test_hosts(count: int = 2) -> Iterator[list[TestHost]]:
     hosts: list[TestHost] = []
     servers: list[subprocess.Popen] = []
     links: list[str] = []
+    # a /24 of 10.250.0.0/16 each, distinct, and none this machine already has an address in
+    taken = set(re.findall(r"inet 10\.250\.(\d+)\.", subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True,
+                                                                    text=True, timeout=30).stdout))
+    thirds = random.sample([n for n in range(1, 251) if str(n) not in taken], count)
     try:
-        for i in range(count):
+        for i, third in enumerate(thirds):
             name = f"host-{chr(ord('a') + i)}"
             ns, link = f"sbxtest-{tag}-{i}", f"sbxt{tag}{i}"
-            net = random.randrange(1, 250)
-            third = (net + i * 3) % 250 + 1
             outer, inner = f"10.250.{third}.1", f"10.250.{third}.2"
             _run("ip", "netns", "add", ns)
             hosts.append(TestHost(name, inner, ns))
@@ -95,7 +98,11 @@ def make_test_hosts(count: int = 2) -> Iterator[list[TestHost]]:
             _run("ip", "-n", ns, "route", "add", "default", "via", outer)
             servers.append(_serve(["ip", "netns", "exec", ns], inner, name))
         for h in hosts:  # this machine reaches each of them: the test's own premise
-            assert banner_from(h.address) == h.name
+            got = banner_from(h.address)
+            if got != h.name:
+                routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, timeout=30).stdout
+                raise AssertionError(f"test host {h.name} at {h.address} answered {got!r} from this machine; "
+                                     f"routes:\n{routes}")
         yield hosts
     finally:
         for s in servers:
