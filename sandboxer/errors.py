@@ -45,7 +45,9 @@ context manager per backend); callers never need to match message text.
     │   ├── ArtifactMismatch             the artifact's sha256 is not the manifest's
     │   ├── RollbackRefused              a version lower than the highest ever installed from that publisher
     │   ├── UnknownCapability            a grant outside registry/capabilities.yaml's vocabulary
-    │   └── AbiMismatch                  the bundle needs an extension-host ABI this host does not speak
+    │   ├── AbiMismatch                  the bundle needs an extension-host ABI this host does not speak
+    │   ├── UndeclaredSecret             the bundle's config references a secret its grants do not name
+    │   └── GrantDenied                  the capability broker refused a call its grants do not allow
     ├── MissingExtra                     an optional dependency (pip extra) is not installed
     └── RoutingError                     every backend failed; .attempts lists each one
 """
@@ -295,6 +297,18 @@ class AbiMismatch(TrustError):
     """The bundle's ``abi`` is not the extension-host ABI this host speaks."""
 
     reason = "abi-mismatch"
+
+
+class UndeclaredSecret(TrustError):
+    """A bundle's config references a secret that no ``secrets:read:<ref>`` grant names."""
+
+    reason = "undeclared-secret"
+
+
+class GrantDenied(TrustError):
+    """The capability broker refused a worker's call: no grant allows it (the message names the call and the grants)."""
+
+    reason = "not-granted"
 
 
 class MissingExtra(SandboxerError):

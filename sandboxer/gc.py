@@ -119,7 +119,7 @@ class GcMixin(_Base):
             loaded = self.catalog.extensions.get(ext_id)
             if loaded is None or loaded.missing_extra or "list_owned" not in loaded.manifest.capabilities.features:
                 continue
-            ext = loaded.instance(self.home, limits=self.limits)
+            ext = loaded.instance(self.home, limits=self.limits, state=self.state)
             asked.append((ext, self._caller.start(bound(ext, "list_owned", "list_owned"), self.owner_labels,
                                                   what="list_owned", backend=ext.id)))
         for ext, call in asked:

@@ -244,6 +244,8 @@ class LoadedExtension:
     refusals: dict[tuple[str, int], list[str]] = field(default_factory=dict)
     #: an installed bundle's unpacked package (sandboxer.trust.installer): its worker's import path
     import_path: Path | None = None
+    #: an installed bundle's grants in effect (sandboxer.trust.grants.GrantSet), as the operator narrowed them
+    grants: Any = None
     _instance: SandboxExtension | None = field(default=None, repr=False)
 
     @property
@@ -266,12 +268,14 @@ class LoadedExtension:
         published by an installed package (an entry point) and ``in-process`` for a built-in."""
         return "process" if _is_process(self.manifest) else "in-process"
 
-    def instance(self, home: Path | None = None, limits: CallLimits | None = None) -> SandboxExtension:
+    def instance(self, home: Path | None = None, limits: CallLimits | None = None,
+                 state: Any = None) -> SandboxExtension:
         """The shared handler instance (created on first use, bound to the manager's home).
 
         For a ``runtime: process`` extension it is a :class:`~sandboxer.host.client.ProcessExtension`
         proxy, whose worker process starts on the first call; ``limits`` are the manager's call
-        deadlines, past which (plus a grace) it kills a worker that has not answered.
+        deadlines, past which (plus a grace) it kills a worker that has not answered. An installed
+        bundle's broker records its decisions in ``state`` (the manager's state store).
         """
         if self.missing_extra:
             raise MissingExtra(self.missing_extra)
@@ -287,7 +291,8 @@ class LoadedExtension:
                     from sandboxer.trust.installed import InstalledProcessExtension
 
                     self._instance = InstalledProcessExtension(self.manifest, self.info, home=where, limits=limits,
-                                                               import_path=self.import_path)
+                                                               import_path=self.import_path, grants=self.grants,
+                                                               state=state)
                 else:
                     self._instance = ProcessExtension(self.manifest, self.info, home=where, limits=limits)
             else:
@@ -594,7 +599,11 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
             raise ManifestError(f"{path}: field 'runtime' (value {data.get('runtime')!r}): an installed bundle "
                                 f"always runs out of process; reinstall it (sandboxer extensions remove, install)")
         loaded = load_manifest(path, registry, data)
-        loaded.import_path = bundles.get(path)
+        if path in bundles:
+            from sandboxer.trust.installed import bundle_grants
+
+            loaded.import_path = bundles[path]
+            loaded.grants = bundle_grants(path, loaded.manifest.id, user_dirs)
         prior = extensions.get(loaded.manifest.id)
         if prior is not None:
             raise ManifestError(
@@ -623,9 +632,10 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
 
         for loaded in pending:
             if loaded.import_path is not None:
-                from sandboxer.trust.installed import describe_installed
+                from sandboxer.trust.installed import check_secrets_granted, describe_installed
 
                 describe_installed(loaded, loaded.import_path)
+                check_secrets_granted(loaded)
             else:
                 describe_process(loaded)
     warnings = [w for slug, prof in profiles.items() for w in _never_qualifies(sources[slug], prof, extensions)]

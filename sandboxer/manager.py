@@ -181,7 +181,7 @@ class Manager(SnapshotsMixin, GcMixin):
                 f"{whose} is not defined in this configuration (config dirs: {dirs}); run with the "
                 f"--config (or SANDBOXER_CONFIG) that defines it. Nothing was changed."
             ) from None
-        return loaded.instance(self.home, limits=self.limits)
+        return loaded.instance(self.home, limits=self.limits, state=self.state)
 
     def effective_profile(self, profile: Profile, index: int) -> Profile:
         """The profile as backend ``index`` sees it: that entry's options."""

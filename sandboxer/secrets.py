@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from sandboxer.errors import AuthError
+
+
+#: Set in an installed bundle's worker (sandboxer.host.brokered): secrets are read through the broker.
+BROKER_READ: "Callable[[SecretRef], str] | None" = None
 
 
 class SecretRef(BaseModel):
@@ -63,7 +67,10 @@ class SecretRef(BaseModel):
 
         Raises:
             OSError: the file cannot be read.
+            GrantDenied: in an installed bundle's worker, no grant names this reference.
         """
+        if BROKER_READ is not None:  # an installed bundle's worker: only the broker holds secrets
+            return BROKER_READ(self)
         if self.env:
             return os.environ.get(self.env, "")
         assert self.file is not None

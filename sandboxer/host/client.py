@@ -98,7 +98,7 @@ def confine(manifest: ExtensionManifest, hidden: Path, private: Path, argv: list
 
 
 def describe_process(loaded: Any, *, confine_with: Callable[..., list[str]] | None = None,
-                     extra_env: dict[str, str] | None = None) -> None:
+                     extra_env: dict[str, str] | None = None, brokered: bool = False) -> None:
     """Check a ``runtime: process`` extension's handler in a short-lived worker, never importing it here.
 
     The worker (``python -m sandboxer.host --describe``, started like any worker: minimal
@@ -120,7 +120,7 @@ def describe_process(loaded: Any, *, confine_with: Callable[..., list[str]] | No
     source = str(loaded.source)
     payload = {"manifest": manifest.model_dump(mode="json"), "source": source,
                "config_source": str(loaded.config_overrides[-1]) if loaded.config_overrides else source,
-               "options": loaded.pending_options}
+               "options": loaded.pending_options, "brokered": brokered}
     with tempfile.TemporaryDirectory(prefix="sandboxer-describe-") as tmp:
         private = Path(tmp)
         argv = (confine_with or confine)(manifest, Path(os.environ.get("SANDBOXER_HOME") or private), private,
@@ -352,7 +352,7 @@ class WorkerProcess:
 
     def handshake(self) -> dict[str, Any]:
         params = {"abi_version": self.ext.abi_version, "manifest": self.ext.manifest.model_dump(mode="json"),
-                  "home": str(self.ext.private_dir)}
+                  "home": str(self.ext.private_dir), **self.ext.handshake_extra()}
         out = self.call("handshake", params, HANDSHAKE_TIMEOUT)
         self.ready = True
         return out
@@ -418,6 +418,10 @@ class ProcessExtension(SandboxExtension):
     def secrets(self) -> dict[str, str]:
         """What the worker's environment gets beyond the minimum: its config's secret references."""
         return secret_env(self.info.secret_envs)
+
+    def handshake_extra(self) -> dict[str, Any]:
+        """What the handshake tells the worker beyond its manifest and home (an installed bundle: its broker token)."""
+        return {}
 
     def where_log(self) -> str:
         return f"its stderr is in {self.stderr.path}"

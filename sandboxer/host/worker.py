@@ -137,6 +137,10 @@ class Worker:
         try:
             from sandboxer.extensions.registry import resolve_handler
 
+            if params.get("broker_token"):  # an installed bundle: before any of its code runs
+                from sandboxer.host import brokered
+
+                brokered.configure(str(params["broker_token"]))
             manifest = ExtensionManifest.model_validate(params["manifest"])
             self.name = manifest.id
             cls = resolve_handler(manifest.handler, where=f"{manifest.id}: field 'handler'")
@@ -268,6 +272,10 @@ def describe(payload: dict[str, Any]) -> dict[str, Any]:
     try:
         from sandboxer.extensions.registry import resolve_handler
 
+        if payload.get("brokered"):  # an installed bundle's describe worker: confined, no broker to ask
+            from sandboxer.host import brokered
+
+            brokered.configure(None)
         manifest = ExtensionManifest.model_validate(payload["manifest"])
         source = payload["source"]
         cls = resolve_handler(manifest.handler, where=f"{source}: field 'handler'")

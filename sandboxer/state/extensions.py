@@ -15,7 +15,7 @@ from packaging.version import InvalidVersion, Version
 from sqlalchemy import bindparam, delete, insert, select, update
 
 from sandboxer.errors import LifecycleError
-from sandboxer.state.schema import audit, extension_versions, installed_extensions
+from sandboxer.state.schema import audit, extension_data, extension_versions, installed_extensions
 
 #: The lifecycle: state -> the states it may go to (None: not installed at all).
 TRANSITIONS: dict[str | None, tuple[str, ...]] = {
@@ -56,6 +56,44 @@ class ExtensionTables:
             q = q.where(audit.c.extension == extension)
         with self._tx(write=False) as conn:
             return [dict(r) for r in conn.execute(q).mappings()]
+
+    #: Most rows one extension keeps, and the longest key (``state:own-tables``).
+    DATA_ROWS = 10_000
+    DATA_KEY = 255
+
+    def extension_data(self, ext_id: str, action: str, key: Any = None, value: Any = None) -> Any:
+        """An installed extension's own rows (``state:own-tables``): ``get``, ``put``, ``delete`` a key, or ``keys``.
+
+        Raises:
+            ValueError: an unknown action, a key that is not a string of 1-255 characters, or a
+                ``put`` past :attr:`DATA_ROWS` rows.
+        """
+        t = extension_data
+        if action == "keys":
+            with self._tx(write=False) as conn:
+                return [r[0] for r in conn.execute(select(t.c.key).where(t.c.extension == ext_id).order_by(t.c.key))]
+        if not isinstance(key, str) or not 0 < len(key) <= self.DATA_KEY:
+            raise ValueError(f"{ext_id}: a state key is a string of 1-{self.DATA_KEY} characters, not {key!r:.80}")
+        mine = (t.c.extension == ext_id) & (t.c.key == key)
+        if action == "get":
+            with self._tx(write=False) as conn:
+                return conn.execute(select(t.c.value).where(mine)).scalar()
+        if action == "delete":
+            with self._tx() as conn:
+                conn.execute(delete(t).where(mine))
+            return None
+        if action != "put":
+            raise ValueError(f"{ext_id}: no state action {action!r} (get, put, delete, keys)")
+        from sqlalchemy import func
+
+        with self._tx() as conn:
+            if conn.execute(update(t).where(mine).values(value=value, updated_at=time.time())).rowcount:
+                return None
+            count = conn.execute(select(func.count()).select_from(t).where(t.c.extension == ext_id)).scalar_one()
+            if count >= self.DATA_ROWS:
+                raise ValueError(f"{ext_id}: it keeps {count} rows already, the most an extension may")
+            conn.execute(insert(t).values(extension=ext_id, key=key, value=value, updated_at=time.time()))
+        return None
 
     def installed_extension(self, ext_id: str) -> dict[str, Any] | None:
         with self._tx(write=False) as conn:

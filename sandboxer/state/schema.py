@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import JSON, Column, Float, Index, Integer, MetaData, String, Table, Text, text
 from sqlalchemy.engine import Connection
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 LIVE_STATES = ("provisioning", "ready", "tearing_down", "teardown_failed")
 
 metadata = MetaData()
@@ -164,6 +164,16 @@ audit = Table(
     Index("ix_audit_extension", "extension"),
 )
 
+#: An installed bundle's own rows (``state:own-tables``, through the capability broker): key -> JSON value.
+extension_data = Table(
+    "extension_data",
+    metadata,
+    Column("extension", String(128), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("value", JSON),
+    Column("updated_at", Float, nullable=False),
+)
+
 
 def _migrate_1(conn: Connection) -> None:
     for t in (meta, sandboxes, events, snapshots):
@@ -200,4 +210,8 @@ def _migrate_5(conn: Connection) -> None:
         t.create(conn, checkfirst=True)
 
 
-MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3, 4: _migrate_4, 5: _migrate_5}
+def _migrate_6(conn: Connection) -> None:
+    extension_data.create(conn, checkfirst=True)
+
+
+MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3, 4: _migrate_4, 5: _migrate_5, 6: _migrate_6}

@@ -74,6 +74,8 @@ class TrustFile(Strict):
     revoked: list[Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]] = Field(default_factory=list)
     #: bundle registries beyond the built-in one: a directory (relative to this file) or an http(s) URL
     registries: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    #: extension id -> the grants it keeps of those its bundle declares (the operator narrowing them)
+    narrow: dict[Annotated[str, Field(pattern=r"^ext\.[a-z0-9][a-z0-9-]*$")], list[str]] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,23 @@ class TrustStore:
     files: list[Path] = field(default_factory=list)
     #: (trust.yaml, its ``registries:``) per file that lists any (sandboxer.trust.registry)
     registries: list[tuple[Path, list[str]]] = field(default_factory=list)
+    #: (trust.yaml, its ``narrow:``) per file that narrows any extension's grants, in config-dir order
+    narrowing: list[tuple[Path, dict[str, list[str]]]] = field(default_factory=list)
+
+    def grants_for(self, ext_id: str, declared: list[str]) -> "GrantSet":
+        """The grants ``ext_id`` gets: ``declared``, narrowed by each trust.yaml in turn (each keeps less).
+
+        Raises:
+            ConfigError: a trust.yaml keeps a grant the extension does not declare (narrowing never widens).
+        """
+        from sandboxer.trust.grants import GrantSet
+
+        out = GrantSet.of(declared)
+        for path, narrow in self.narrowing:
+            if ext_id in narrow:
+                out = GrantSet.of(out.grants, narrow[ext_id], source=str(path), field=f"narrow.{ext_id}")
+                out = GrantSet(out.grants, tuple(declared))
+        return out
 
     def describe_sources(self) -> str:
         if not self.files:
@@ -142,13 +161,16 @@ def load_trust(config_dirs: list[Path] | None = None) -> TrustStore:
             store.revoked.setdefault(kid, path)
         if tf.registries:
             store.registries.append((path, list(tf.registries)))
+        if tf.narrow:
+            store.narrowing.append((path, {k: list(v) for k, v in tf.narrow.items()}))
     return store
 
 
 def _write(path: Path, tf: TrustFile) -> None:
     data = tf.model_dump(mode="json", exclude_none=True)
-    if not data.get("registries"):
-        data.pop("registries", None)
+    for key in ("registries", "narrow"):
+        if not data.get(key):
+            data.pop(key, None)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("# Publisher keys this operator trusts (docs/extensions-trust.md).\n"
                    + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

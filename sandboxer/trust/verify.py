@@ -43,7 +43,7 @@ from sandboxer.trust.bundle import (
     signature_path,
     signed_payload,
 )
-from sandboxer.trust.grants import Grants, load_grants
+from sandboxer.trust.grants import Grants, check_config_secrets, load_grants
 from sandboxer.trust.keys import ALGORITHM, SigningKey, verify_signature
 from sandboxer.trust.store import TrustStore
 
@@ -178,6 +178,7 @@ def verify(manifest_path: Path, artifact_path: Path | None, trust: TrustStore,
     # From here on the manifest is the publisher's own words: check what they say.
     manifest = parse_manifest(manifest_path, data)
     (grants or load_grants()).check(manifest.capabilities.grants, where)
+    check_config_secrets(manifest.config, manifest.capabilities.grants, where)
     _check_registry(manifest, where)
     abi = _host_abi()
     if manifest.abi != abi:

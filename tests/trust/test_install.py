@@ -27,7 +27,7 @@ slug: ws
 extension: ext.workspace
 ready_timeout: 20s
 ttl: {default: 10m, max: 1h}
-network: {egress: internet}
+network: {egress: none}
 """
 
 
@@ -256,7 +256,7 @@ def test_a_disabled_extension_is_skipped_by_routing_with_the_reason(publish, tru
         backends: [{extension: ext.workspace}, {extension: ext.fake}]
         ready_timeout: 20s
         ttl: {default: 10m, max: 1h}
-        network: {egress: internet}
+        network: {egress: none}
         """))
     inst, state = _installer(tmp_path, trusted)
     inst.install("workspace")

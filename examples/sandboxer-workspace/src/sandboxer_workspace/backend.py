@@ -69,8 +69,19 @@ class WorkspaceExtension(SandboxExtension):
     ProfileOptions = WorkspaceOptions
     features = frozenset({"exec", "list_owned"})
     Handle = WorkspaceHandle
-    # subprocesses on the host, with its network: the only network promise it can keep is "internet"
-    enforces = frozenset({"network:internet"})
+    # Its commands are subprocesses of the handler and share its network: the host's (then the only
+    # promise it keeps is "internet"), or none at all when it runs as an installed bundle, whose
+    # worker has no network of its own (then it keeps "none"). unavailable() says which.
+    enforces = frozenset({"network:internet", "network:none"})
+
+    @classmethod
+    def unavailable(cls, config: BaseModel) -> dict[str, str]:
+        from sandboxer.host import brokered
+
+        if brokered.active():
+            return {"network:internet": "it runs as an installed bundle, in a worker with no network, and its "
+                                        "commands share the worker's"}
+        return {"network:none": "its commands run on this host, with the host's network"}
 
     def __init__(self, manifest, config):  # type: ignore[no-untyped-def]
         super().__init__(manifest, config)
