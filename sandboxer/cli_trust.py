@@ -364,6 +364,10 @@ def audit_cmd(name: str | None, as_json: bool) -> None:
     for r in rows:
         what = r["what"] + (f" {r['from_state'] or '-'} -> {r['to_state']}" if r["what"] == "transition" else "")
         why = f"  ({r['reason']})" if r["reason"] else ""
+        if r["what"] == "capability":  # a broker decision: what was asked, and under which grant
+            d = r.get("detail") or {}
+            why = f"  ({r['reason']}: {d.get('op')} {d.get('target')}" + (
+                f" under {d['grant']}" if d.get("grant") else "") + (f"; {d['why']}" if d.get("why") else "") + ")"
         click.echo(f"{r['when']}  {r['who']}  {r['extension'] or '-'} {r['version'] or ''}  {what}{why}")
 
 

@@ -77,7 +77,8 @@ class ExtensionTables:
         mine = (t.c.extension == ext_id) & (t.c.key == key)
         if action == "get":
             with self._tx(write=False) as conn:
-                return conn.execute(select(t.c.value).where(mine)).scalar()
+                rows = list(conn.execute(select(t.c.value).where(mine)).mappings())  # mappings: JSON decoded
+            return rows[0]["value"] if rows else None
         if action == "delete":
             with self._tx() as conn:
                 conn.execute(delete(t).where(mine))

@@ -173,12 +173,14 @@ def check_secrets_granted(loaded: Any) -> None:
         UndeclaredSecret: naming the config's file, the reference and the grant it would need.
     """
     from sandboxer.errors import UndeclaredSecret
+    from sandboxer.trust.grants import config_secret_refs
 
     granted = set(loaded.grants.secret_refs)
     source = str(loaded.config_overrides[-1]) if loaded.config_overrides else str(loaded.source)
-    for name in loaded.info.secret_envs:
-        if f"env:{name}" not in granted:
-            raise UndeclaredSecret(f"{source}: field 'config' (value 'env:{name}'): {loaded.manifest.id} asks for a "
+    asked = [(f"config.{name}", f"env:{name}") for name in loaded.info.secret_envs]
+    for where, ref in config_secret_refs(loaded.config) + asked:
+        if ref not in granted:
+            raise UndeclaredSecret(f"{source}: field '{where}' (value {ref!r}): {loaded.manifest.id} asks for a "
                                    f"secret its bundle does not declare (it would need the grant "
-                                   f"'secrets:read:env:{name}'); an installed bundle gets only the secrets it "
+                                   f"'secrets:read:{ref}'); an installed bundle gets only the secrets it "
                                    f"declares", path=source)

@@ -57,11 +57,19 @@ def _rollback(manifest, artifact, acme, trusted, tmp_path):
     sign_bundle(manifest, acme, artifact)  # 0.1.0, after 0.2.0 was once installed (seeded below)
 
 
+def _undeclared_secret(manifest, artifact, acme, trusted, tmp_path):
+    data = yaml.safe_load(manifest_text(grants=["fs:write:workspaces", "secrets:read:env:WORKSPACE_TOKEN"]))
+    data["config"]["token"] = {"env": "DEPLOY_KEY"}  # a secret it never declared
+    manifest.write_text(yaml.safe_dump(data, sort_keys=False))
+    sign_bundle(manifest, acme, artifact)
+
+
 CASES = {"unsigned": (_unsigned, "unsigned"), "wrong key": (_wrong_key, "unknown-key"),
          "revoked key": (_revoked, "revoked-key"), "expired": (_expired, "expired"),
          "byte flipped in the artifact": (_artifact_byte, "artifact-changed"),
          "byte flipped in the manifest": (_manifest_byte, "manifest-changed"),
-         "rollback": (_rollback, "rollback"), "unknown capability": (_unknown_capability, "unknown-capability")}
+         "rollback": (_rollback, "rollback"), "unknown capability": (_unknown_capability, "unknown-capability"),
+         "undeclared secret asked for": (_undeclared_secret, "undeclared-secret")}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -89,6 +97,11 @@ def test_a_tampered_bundle_is_refused_with_nothing_installed(case, bundle, acme,
         assert (last["what"], last["reason"], last["who"], last["version"]) == ("verify_failed", reason, "tester",
                                                                                 "0.1.0")
         assert last["detail"]["error"] == str(err.value)
+        if case == "undeclared secret asked for":
+            assert str(err.value) == (
+                f"{manifest}: field 'config.token' (value 'env:DEPLOY_KEY'): the config asks for a secret its grants "
+                f"do not declare (capabilities.grants would need 'secrets:read:env:DEPLOY_KEY'); an installed bundle "
+                f"gets only the secrets it declares")
     finally:
         state.close()
 
