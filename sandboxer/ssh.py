@@ -241,6 +241,13 @@ class _KeyUnusable(Exception):
     AuthError by :func:`ssh_error_table`."""
 
 
+def _brokered() -> Any:
+    """:mod:`sandboxer.host.brokered` in an installed bundle's worker (no network, no files of the manager's), else None."""
+    from sandboxer.host import brokered
+
+    return brokered if brokered.active() else None
+
+
 def _load_key(cfg: SSHHostConfig, backend: str | None) -> Any:
     """The private key of ``cfg.key_file`` (None: use the agent).
 
@@ -385,6 +392,12 @@ class SSHConnection:
         cfg = self.cfg
         client = paramiko.SSHClient()
         known = cfg.known_hosts or Path("~/.ssh/known_hosts").expanduser()
+        brokered = _brokered()
+        if brokered is not None:  # an installed bundle's worker: files and connection through the broker
+            known = brokered.materialize(known)
+            if cfg.key_file is not None:
+                cfg = cfg.model_copy(update={"key_file": brokered.materialize(cfg.key_file)})
+
         def connect() -> None:
             if known.exists():
                 client.load_host_keys(str(known))
@@ -395,8 +408,10 @@ class SSHConnection:
             client.set_missing_host_key_policy(_policy(cfg))
             pkey = _load_key(cfg, self.backend)
             STATS.add(connections=1)
+            sock = None if brokered is None else brokered.open_connection(cfg.address, cfg.port, kind="ssh",
+                                                                          timeout=cfg.connect_timeout)
             client.connect(
-                cfg.address, port=cfg.port, username=cfg.user, pkey=pkey,
+                cfg.address, port=cfg.port, username=cfg.user, pkey=pkey, sock=sock,
                 allow_agent=cfg.use_agent and pkey is None, look_for_keys=False,
                 timeout=cfg.connect_timeout, banner_timeout=cfg.banner_timeout,
                 auth_timeout=cfg.auth_timeout, channel_timeout=cfg.connect_timeout,

@@ -8,7 +8,8 @@ at :data:`WORKER_SOCKET`. Each connection to it carries one request, a JSON line
 the worker was given on its handshake (its children are never given it, so a sandbox the worker
 runs as a subprocess cannot use the worker's grants), and gets one JSON line back:
 
-* ``{"op": "secret", "ref": "env:NAME"}`` -> the value, if a ``secrets:read:<ref>`` grant names it;
+* ``{"op": "secret", "ref": "env:NAME"}`` -> the value, if a ``secrets:read:<ref>`` grant names it
+  (``"whole": true`` with a ``file:`` reference: the whole file, for key and known_hosts files);
 * ``{"op": "connect", "host": H, "port": P, "kind": "egress"|"ssh"}`` -> the socket becomes a relay to
   ``H:P``, if a ``network:egress`` (or ``ssh:connect``) grant matches ``H``; an ``ssh`` relay is
   closed unless the far end speaks SSH, and a host *name* never reaches a loopback, link-local or
@@ -158,7 +159,7 @@ class Broker:
                 return
             op = req.get("op")
             if op == "secret":
-                self._secret(conn, str(req.get("ref", "")))
+                self._secret(conn, str(req.get("ref", "")), whole=bool(req.get("whole")))
             elif op == "connect":
                 keep = self._connect(conn, str(req.get("host", "")), req.get("port"), str(req.get("kind", "egress")))
             elif op == "state":
@@ -213,14 +214,17 @@ class Broker:
                       f"{self.grants.describe()}); an operator allows it only by installing a bundle that declares "
                       f"{grant!r} (and not narrowing it away in trust.yaml)")
 
-    def _secret(self, conn: socket.socket, ref: str) -> None:
+    def _secret(self, conn: socket.socket, ref: str, whole: bool = False) -> None:
         grant = f"secrets:read:{ref}"
         if ref not in self.grants.secret_refs:
             raise self._deny("secret", ref, f"reading the secret {ref}", grant)
         from sandboxer.secrets import SecretRef
 
         kind, _, where = ref.partition(":")
-        value = SecretRef.model_validate({kind: where}).read() if kind in ("env", "file") else ""
+        if kind == "file" and whole:  # a key file or known_hosts, whole (a SecretRef reads the first line)
+            value = Path(where).read_text(encoding="utf-8")
+        else:
+            value = SecretRef.model_validate({kind: where}).read() if kind in ("env", "file") else ""
         self._record("allowed", "secret", ref, grant)
         self._reply(conn, {"value": value})
 

@@ -106,6 +106,35 @@ def read_secret(ref: Any) -> str:
     return str(request("secret", ref=text)["value"])
 
 
+_files: dict[str, Any] = {}
+
+
+def materialize(path: Any) -> Any:
+    """A private copy (in the worker's own /tmp, mode 0600) of the file at ``path``, read through the broker.
+
+    For libraries that want a path (paramiko's key and known_hosts files). The grant is
+    ``secrets:read:file:<path>``. Returns a :class:`~pathlib.Path`.
+
+    Raises:
+        GrantDenied: no grant names the file.
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    key = str(path)
+    with _lock:
+        if key in _files:
+            return _files[key]
+    text = str(request("secret", ref=f"file:{key}", whole=True)["value"])
+    fd, tmp = tempfile.mkstemp(prefix="broker-", suffix="-" + Path(key).name)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    with _lock:
+        _files[key] = Path(tmp)
+    return Path(tmp)
+
+
 class _OwnTables:
     """Key-value rows of this extension's own in the state store (``state:own-tables``); values are JSON."""
 

@@ -316,3 +316,37 @@ def test_the_audit_command_shows_capability_decisions(install, banner, trusted, 
     assert out.returncode == 0, out.stderr
     assert f"broker  ext.probe 0.1.0  capability  (denied: egress 127.0.0.2:{port}; no grant allows a connection " \
            f"to 127.0.0.2:{port})\n" in out.stdout, out.stdout
+
+
+def test_sandboxer_ssh_reaches_a_granted_host_through_the_broker(install, tmp_path):
+    from tests.support.sshd import sshd_or_skip
+
+    server = sshd_or_skip(tmp_path / "sshd")
+    try:
+        known = tmp_path / "known_hosts"
+        known.write_text(server.known_hosts_line())
+        cfg = json.dumps(server.host_config(known))
+        mgr = install(["ssh:connect:127.0.0.1", f"secrets:read:file:{server.user_key}", f"secrets:read:file:{known}"])
+        sb = mgr.create(profile="probe", consumer="me")
+        assert probe(mgr, sb.id, "ssh", cfg) == "over ssh\n"  # host key verified, key read through the broker
+        assert [d[:2] for d in decisions(mgr)] == [("allowed", "secret"), ("allowed", "secret"), ("allowed", "ssh")]
+        mgr.teardown(sb.id)
+        mgr.close()
+    finally:
+        server.stop()
+
+
+def test_ssh_to_a_host_not_granted_is_refused(install, tmp_path):
+    from tests.support.sshd import sshd_or_skip
+
+    server = sshd_or_skip(tmp_path / "sshd")
+    try:
+        known = tmp_path / "known_hosts"
+        known.write_text(server.known_hosts_line())
+        mgr = install([f"secrets:read:file:{server.user_key}", f"secrets:read:file:{known}"])
+        sb = mgr.create(profile="probe", consumer="me")
+        assert probe(mgr, sb.id, "ssh", json.dumps(server.host_config(known))).startswith(
+            "GrantDenied: ext.probe: the broker refused an SSH connection to 127.0.0.1:")
+        mgr.teardown(sb.id)
+    finally:
+        server.stop()

@@ -6,7 +6,7 @@ the broker; what the far end sends first), ``direct HOST PORT`` (a plain socket)
 (a SecretRef's value: through the broker), ``http URL`` (httpx through the broker's proxy),
 ``noproxy URL`` (the same without the proxy's credential), ``token-less`` (a request to the broker
 without the token, as a child process would make), ``state ACTION [KEY [VALUE]]``, ``write PATH``,
-``exists PATH``, ``environ``.
+``exists PATH``, ``environ``, ``ssh CONFIG_JSON`` (sandboxer.ssh, then ``echo``).
 """
 
 from __future__ import annotations
@@ -113,3 +113,9 @@ class ProbeExtension(SandboxExtension):
 
     def _p_environ(self) -> dict[str, str]:
         return dict(os.environ)
+
+    def _p_ssh(self, config: str) -> str:
+        from sandboxer.ssh import SSHConnection, SSHHostConfig
+
+        with SSHConnection(SSHHostConfig.model_validate(json.loads(config)), backend=self.id) as conn:
+            return conn.run(["echo", "over", "ssh"]).stdout
