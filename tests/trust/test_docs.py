@@ -30,7 +30,8 @@ def test_the_workflows_run_as_pasted(tmp_path, wheel):
     blocks = _blocks()
     assert set(blocks) == {"bundle/ext.workspace.yaml", "publisher", "operator", "operator/trust.yaml", "python",
                            "registry-dir/index.yaml", "publish to a registry", "operator: install", "home layout",
-                           "audit --json (one event)"}
+                           "audit --json (one event)", "a handler in an installed bundle",
+                           "operator/trust.yaml (narrowing)"}
     (tmp_path / "bundle").mkdir()
     (tmp_path / "bundle" / "ext.workspace.yaml").write_text(blocks["bundle/ext.workspace.yaml"])
     assert wheel.name in blocks["publisher"]
@@ -110,7 +111,7 @@ def test_the_python_example_runs(tmp_path, wheel, monkeypatch):
     scope: dict = {}
     exec(blocks["python"], scope)
     bundle = scope["bundle"]
-    assert bundle.manifest.capabilities.grants == ["fs:write:workspaces"]  # as the comment says
+    assert bundle.manifest.capabilities.grants == ["fs:write:workspaces", "network:egress:*.example.com"]  # as the comment says
     assert "publisher" not in bundle.extension_data() and bundle.extension_data()["id"] == "ext.workspace"
 
 
@@ -171,3 +172,24 @@ def test_the_layout_and_index_examples_are_what_the_installer_makes(tmp_path, wh
     assert "current -> 0.1.0" in layout and os.readlink(base / "current") == "0.1.0"
     for name in ("ext.workspace.yaml", "bundle.yaml", "bundle.yaml.sig", "artifact", "lib"):
         assert name in layout and (base / "0.1.0" / name).exists()
+
+
+def test_the_narrowing_example_narrows_the_example_bundle(tmp_path):
+    import yaml
+
+    d = tmp_path / "operator"
+    d.mkdir()
+    (d / "trust.yaml").write_text(_blocks()["operator/trust.yaml (narrowing)"])
+    declared = yaml.safe_load(_blocks()["bundle/ext.workspace.yaml"])["capabilities"]["grants"]
+    got = load_trust([d]).grants_for("ext.workspace", declared)
+    assert got.grants == ("fs:write:workspaces", "network:egress:api.example.com")
+    assert got.egress("api.example.com") and not got.egress("www.example.com") and not got.secret_refs
+
+
+def test_the_handler_example_names_only_what_exists():
+    from sandboxer.host import brokered
+
+    text = _blocks()["a handler in an installed bundle"]
+    for name in re.findall(r"brokered\.(\w+)", text):
+        assert hasattr(brokered, name), name
+    compile(text, "example", "exec")
