@@ -292,14 +292,7 @@ class Broker:
         return True
 
     def _pump(self, src: socket.socket, dst: socket.socket, left: list[int]) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
+        if not pipe(src, dst):
             for s in (src, dst):  # one side broke: end the other direction too
                 try:
                     s.shutdown(socket.SHUT_RDWR)
@@ -310,6 +303,20 @@ class Broker:
             last = left[0] == 0
         if last:
             self._untrack(src, dst)
+
+
+def pipe(src: socket.socket, dst: socket.socket) -> bool:
+    """Copy ``src`` to ``dst`` until ``src`` ends, then end ``dst``'s writing; False if either side broke."""
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            dst.sendall(data)
+        dst.shutdown(socket.SHUT_WR)
+        return True
+    except OSError:
+        return False
 
 
 def _literal(host: str) -> bool:

@@ -25,6 +25,7 @@ import threading
 from typing import Any
 
 from sandboxer.errors import BackendError, ConfigError, GrantDenied
+from sandboxer.host.broker import pipe
 
 _lock = threading.Lock()
 _token: str | None = None
@@ -228,9 +229,9 @@ def _proxy_serve(conn: socket.socket, cred: str) -> None:
         conn.settimeout(None)
         if first:
             up.sendall(first)
-        t = threading.Thread(target=_pipe, args=(up, conn), daemon=True)
+        t = threading.Thread(target=pipe, args=(up, conn), daemon=True)
         t.start()
-        _pipe(conn, up)
+        pipe(conn, up)
         t.join(timeout=600)
         up.close()
     except (OSError, ValueError):
@@ -252,14 +253,3 @@ def _upstream(conn: socket.socket, host: str, port: int) -> socket.socket | None
                      + f"Content-Length: {len(msg)}\r\n\r\n".encode() + msg)
     return None
 
-
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while True:
-            data = src.recv(65536)
-            if not data:
-                break
-            dst.sendall(data)
-        dst.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass

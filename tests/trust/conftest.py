@@ -42,14 +42,18 @@ config:
 """
 
 
+def build_wheel(source: Path, out: Path) -> Path:
+    """A real wheel of the package at ``source`` (pip wheel with hatchling, no network), in ``out``."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                    "-w", str(out), str(source)], check=True, timeout=240, capture_output=True)
+    (whl,) = out.glob("*.whl")
+    return whl
+
+
 @pytest.fixture(scope="session")
 def wheel(tmp_path_factory) -> Path:
-    """A real wheel of the example package, built once (pip wheel with hatchling, no network)."""
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-                    "-w", str(out), str(EXAMPLE)], check=True, timeout=240, capture_output=True)
-    (whl,) = out.glob("sandboxer_workspace-*.whl")
-    return whl
+    """A real wheel of the example package, built once."""
+    return build_wheel(EXAMPLE, tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from sandboxer.errors import ConfigError, UndeclaredSecret, UnknownCapability
 from sandboxer.state import StateStore
 from sandboxer.trust import load_trust, sign_bundle
 from sandboxer.trust.installer import Installer
+from tests.trust.conftest import build_wheel
 
 PROBE = Path(__file__).resolve().parent / "probe"
 
@@ -30,11 +31,7 @@ pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewra
 
 @pytest.fixture(scope="session")
 def probe_wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("probe-wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-                    "-w", str(out), str(PROBE)], check=True, timeout=240, capture_output=True)
-    (whl,) = out.glob("sandboxer_probe-*.whl")
-    return whl
+    return build_wheel(PROBE, tmp_path_factory.mktemp("probe-wheel"))
 
 
 @pytest.fixture
