@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from sandboxer.cli import main
+from sandboxer.cli import cli as main
 from sandboxer.errors import ProfileError, ProvisionError, SandboxerError
 from sandboxer.state import StateStore
 from tests.conftest import run_threads
@@ -102,7 +102,8 @@ def test_a_broken_template_is_refused_with_packers_error(make_mgr, template, vm_
     msg = str(err.value)
     assert f"field 'options.packer.template' (value '{template}')" in msg and "packer inspect" in msg, msg
     assert "Argument or block definition required" in msg or "Invalid" in msg, msg
-    assert builds(tmp_path) == 0 and mgr.state.list_images() == [] and mgr.list(all=True) == []
+    assert builds(tmp_path) == 0 and mgr.state.list_images() == []
+    assert [s.state for s in mgr.list(all=True)] == ["failed"]  # the create's own record says why
 
 
 def test_a_build_past_its_deadline_is_killed_and_leaves_nothing(make_mgr, template, vm_bin, tmp_path):
@@ -234,7 +235,7 @@ def test_cli_images_build_of_a_profile_without_packer(make_mgr, tmp_path):
     ({"template": "{tpl}", "variables": {"bin_dir": {"nested": 1}}},
      "field 'options.packer.variables': variable 'bin_dir' (value {'nested': 1}): must be a string, number or "
      "boolean"),
-    ({"template": "{tpl}", "timeout": 0}, "field 'options.packer.timeout' (value 0): Input should be greater than 0"),
+    ({"template": "{tpl}", "timeout": 0}, "field 'options.packer.timeout' (value 0.0): Input should be greater than 0"),
 ])
 def test_bad_packer_options_fail_loading_naming_file_field_value(make_mgr, template, packer, message, tmp_path):
     packer = {k: (str(template) if v == "{tpl}" else v) for k, v in packer.items()}
@@ -252,7 +253,8 @@ def test_a_variable_the_template_does_not_declare_is_refused(make_mgr, template,
         f"profile 'tool': field 'options.packer.variables.colour': template {template} declares no variable "
         "'colour' (it declares: bin_dir, pause, sandboxer_ssh_host, sandboxer_ssh_port, "
         "sandboxer_ssh_private_key_file, sandboxer_ssh_username, tool_version)")
-    assert builds(tmp_path) == 0 and mgr.state.list_images() == [] and mgr.list(all=True) == []
+    assert builds(tmp_path) == 0 and mgr.state.list_images() == []
+    assert [s.state for s in mgr.list(all=True)] == ["failed"]  # the create's own record says why
 
 
 def test_a_docker_builder_is_refused_because_nothing_could_be_attached(make_mgr, tmp_path, vm_bin):
@@ -267,4 +269,4 @@ def test_a_docker_builder_is_refused_because_nothing_could_be_attached(make_mgr,
         f"profile 'img': field 'options.packer.template' (value '{tpl}'): builder 'docker' makes an artifact "
         "vm-packer cannot attach to over SSH (it never starts machines); vm-packer builds with the null "
         "builder, which provisions the VM it then attaches to (docs/backends/vm-packer.md#build-mode)")
-    assert builds(tmp_path) == 0 and mgr.list(all=True) == []
+    assert builds(tmp_path) == 0 and mgr.state.list_images() == []
