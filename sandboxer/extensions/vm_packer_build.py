@@ -22,6 +22,7 @@ a machine, which it never does (docs/backends/vm-packer.md#build-mode).
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -63,6 +64,26 @@ _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,127}")
 _HCL_VAR = re.compile(r"var\.([A-Za-z_][A-Za-z0-9_-]*): .*")
 _HCL_SOURCE = re.compile(r"\s+([A-Za-z0-9_-]+)\.[A-Za-z0-9_.-]+")
 ProgressCallback = Callable[[str], None]
+
+# Builds running in this process: record id -> (the packer process, its clean-up). A create runs on
+# a daemon worker thread (sandboxer/deadline.py), so a Ctrl-C ends the process without unwinding
+# it; at exit each build's process group (its own session: no signal of ours reaches it) is killed
+# and its record and private directory removed here instead.
+_RUNNING: dict[str, tuple[subprocess.Popen, Callable[[], None]]] = {}
+_RUNNING_LOCK = threading.Lock()
+
+
+@atexit.register
+def _end_running_builds() -> None:
+    with _RUNNING_LOCK:
+        running = list(_RUNNING.values())
+        _RUNNING.clear()
+    for proc, cleanup in running:
+        _kill_group(proc)
+        try:
+            cleanup()
+        except Exception:  # noqa: BLE001 - best effort at exit; gc reaps what is left
+            log.warning("could not clean up an interrupted packer build", exc_info=True)
 
 
 class PackerBuild(BaseModel):
@@ -289,7 +310,11 @@ class PackerBuilder:
             with os.fdopen(fd, "w") as fh:
                 json.dump(passed, fh)
             argv = [packer, "build", "-machine-readable", "-color=false", f"-var-file={var_file}", str(build.template)]
-            out = self._run(argv, env, build.template.parent, build.timeout, on_progress, build.template)
+            def forget() -> None:
+                self.state.drop_image_build(row["id"])
+                _remove_private(private)
+
+            out = self._run(argv, env, build.template.parent, build.timeout, on_progress, build.template, forget)
             artifact = next(iter(out.artifacts.values()), None)
             if artifact is None or "id" not in artifact:
                 raise ProvisionError(f"{self.backend}: packer build of {build.template} named no artifact; its last "
@@ -340,11 +365,15 @@ class PackerBuilder:
         return parse_inspect(res.stdout)
 
     def _run(self, argv: list[str], env: dict[str, str], cwd: Path, timeout: float,
-             on_progress: ProgressCallback | None, template: Path) -> BuildOutput:
-        """Run the build, streaming its lines; kill its whole process group at the deadline or on any error."""
+             on_progress: ProgressCallback | None, template: Path, cleanup: Callable[[], None]) -> BuildOutput:
+        """Run the build, streaming its lines; kill its whole process group at the deadline or on any error
+        (or at exit: ``cleanup`` then forgets the build)."""
         out = BuildOutput()
-        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+        record_id = env["SANDBOXER_PACKER_BUILD"]
+        with _RUNNING_LOCK:
+            proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+            _RUNNING[record_id] = (proc, cleanup)
         lines: queue.Queue[str | None] = queue.Queue()
 
         def read() -> None:
@@ -375,6 +404,8 @@ class PackerBuilder:
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
+            with _RUNNING_LOCK:
+                _RUNNING.pop(record_id, None)
             _kill_group(proc)
             reader.join(5)
             if proc.stdout is not None:

@@ -270,3 +270,43 @@ def test_a_docker_builder_is_refused_because_nothing_could_be_attached(make_mgr,
         "vm-packer cannot attach to over SSH (it never starts machines); vm-packer builds with the null "
         "builder, which provisions the VM it then attaches to (docs/backends/vm-packer.md#build-mode)")
     assert builds(tmp_path) == 0 and mgr.state.list_images() == []
+
+
+CTRL_C_SCRIPT = """
+import sys
+from sandboxer import Manager
+mgr = Manager(config_dirs=[sys.argv[1]], home=sys.argv[2])
+print("creating", flush=True)
+mgr.create(profile="slow")
+"""
+
+
+def test_ctrl_c_during_create_kills_the_build_and_forgets_it(make_mgr, template, vm_bin, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    make_mgr({"slow": build_profile(template, vm_bin, pause=60)}).close()
+    home = tmp_path / "home"
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, str(tmp_path / "cfg0"), str(home)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not packer_processes(home) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert packer_processes(home), "the build never started"
+        time.sleep(1)  # well into the build (the shell-local provisioner's sleep)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert "KeyboardInterrupt" in stderr
+    assert packer_processes(home) == [], "the build outlived the process that started it"
+    store = StateStore(home=home)
+    try:
+        assert store.list_images() == []
+    finally:
+        store.close()
+    assert left_in(home) == []
