@@ -65,8 +65,8 @@ class ImageTables:
         now = time.time()
         with self._tx() as conn:
             n = conn.execute(update(images).where(and_(images.c.id == image_id, images.c.state == "building")),
-                             {"state": "ready", "artifact_id": artifact_id, "builder": builder, "detail": detail, "updated_at": now,
-                              "deadline_at": None}).rowcount
+                             {"state": "ready", "artifact_id": artifact_id, "builder": builder, "detail": detail,
+                              "updated_at": now, "deadline_at": None}).rowcount
             if n == 0:
                 return None
             row = conn.execute(select(images).where(images.c.id == image_id)).mappings().first()
