@@ -166,6 +166,7 @@ def extensions_group() -> None:
 
 
 register_trust_commands(extensions_group)  # keygen, sign, verify, trust: sandboxer/cli_trust.py
+__import__("sandboxer.cli_images").cli_images.register(cli)  # images build/list/gc: sandboxer/cli_images.py
 
 
 @extensions_group.command("list")

@@ -39,6 +39,15 @@ from sandboxer.contract import OwnedSandbox, ProvisionRequest, Reachability, Sna
 from sandboxer import forward
 from sandboxer.execution import check_argv
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
+from sandboxer.extensions.vm_packer_build import (
+    KILL_GRACE_S,
+    STALE_GRACE_S,
+    PackerBuild,
+    PackerBuilder,
+    ProgressCallback,
+    check_packer_command,
+    ssh_variables,
+)
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
 from sandboxer.poll import poll
 from sandboxer.ssh import (
@@ -137,6 +146,12 @@ class VMPackerConfig(BaseModel):
         default_factory=dict, description="SSH settings (key, known_hosts, timeouts) for ssh_target inputs")
     snapshot_dir: Path = Path("~/.local/share/sandboxer/snapshots/vm-packer")
     poll_interval: float = Field(default=0.25, gt=0)
+    packer: str = Field(default="packer", description="the packer executable of build mode (name or absolute path)")
+
+    @field_validator("packer")
+    @classmethod
+    def _packer(cls, v: str) -> str:
+        return check_packer_command(v)
 
     @field_validator("workspace_root")
     @classmethod
@@ -189,6 +204,7 @@ class VMProfileOptions(VMReadiness):
     model_config = ConfigDict(extra="forbid")
 
     command_timeout: float = Field(default=600.0, gt=0, description="deadline of the clone")
+    packer: PackerBuild | None = Field(default=None, description="build mode: the Packer template to build first")
 
 
 class VmHandle(WorkspaceHandle):
@@ -208,6 +224,7 @@ class VmHandle(WorkspaceHandle):
     #: the process forwarding ``network.expose`` ports to 127.0.0.1 (it outlives the creating process)
     forwarder: forward.Forwarder | None = None
     readiness: VMReadiness = Field(default_factory=VMReadiness)
+    image: str | None = Field(default=None, description="build mode: the image record the VM was provisioned by")
 
 
 class VmTunnel(BaseModel):
@@ -246,6 +263,9 @@ class VMPacker(SandboxExtension):
         self._cache = ConnectionCache(backend=manifest.id)
         self._tunnels: dict[str, LocalForward] = {}
         self._lock = threading.Lock()
+        #: build mode's state store: the manager's, once it hands it over; until then one opened on
+        #: ``SANDBOXER_STATE_URL`` or the home's SQLite file (what a Manager uses by default)
+        self.state_store: Any = None
 
     def hosts(self) -> dict[str, int | None]:
         return {name: None for name in self.cfg.vms}
@@ -337,7 +357,10 @@ class VMPacker(SandboxExtension):
         """Connecting, the clone (``command_timeout``), then ready."""
         hosts = [*self.cfg.vms.values(), SSHHostConfig(address="x", user="x", **self.cfg.target_defaults)]
         connect = max(h.connect_timeout + h.banner_timeout + h.auth_timeout for h in hosts)
-        return connect + self.options(profile).command_timeout + float(profile.ready_timeout)
+        opts = self.options(profile)
+        # build mode: waiting for another process's build of the template, then our own
+        build = 2 * (opts.packer.timeout + KILL_GRACE_S) + STALE_GRACE_S if opts.packer else 0.0
+        return connect + opts.command_timeout + float(profile.ready_timeout) + build
 
     def probe(self, handle: VmHandle) -> bool | None:
         """Whether the workspace and its meta file are still on the VM (one SSH command).
@@ -358,9 +381,66 @@ class VMPacker(SandboxExtension):
 
     def provision(self, request: ProvisionRequest) -> VmHandle:
         want = self._check_inputs(request, self._placed(request.inputs, request.host))
-        return self._attach(request.profile, want, None, float(request.ttl))
+        image = (self._ensure_image(request.profile, want, sandbox_id=request.sandbox_id)
+                 if self.options(request.profile).packer else None)
+        return self._attach(request.profile, want, None, float(request.ttl), image=image)
 
-    def _attach(self, profile: Profile, want: dict[str, Any], archive: Path | None, ttl: float) -> VmHandle:
+    # ------------------------------------------------------------ build mode
+
+    def _state(self, state: Any = None) -> Any:
+        if state is not None:
+            return state
+        with self._lock:
+            if self.state_store is None:
+                from sandboxer.state import StateStore  # heavy: only in build mode
+
+                self.state_store = StateStore(os.environ.get("SANDBOXER_STATE_URL") or None, home=self.home)
+            return self.state_store
+
+    def _ensure_image(self, profile: Profile, want: dict[str, Any], *, sandbox_id: str | None = None,
+                      state: Any = None, on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """The profile's image record for the VM ``want`` names: reused, or built there now."""
+        cfg, label, _ = self._target(want["vm"], want["ssh_target"], want["ssh_port"], want["sandbox_id"])
+        # the VM's host key is verified here, before Packer (whose SSH communicator checks none) connects
+        self._cache.get(cfg, host=label, fail=ProvisionError)
+        builder = PackerBuilder(self._state(state), self.home, self.cfg.packer, self.id)
+        return builder.ensure(profile=profile.slug, build=self.options(profile).packer, ssh=ssh_variables(cfg),
+                              sandbox_id=sandbox_id, on_progress=on_progress)
+
+    def build_image(self, profile: Profile, inputs: dict[str, Any], *, state: Any = None,
+                    on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """``sandboxer images build``: build (or reuse) ``profile``'s image for the VM its inputs name.
+
+        Args:
+            profile: a profile of this backend with ``options.packer``.
+            inputs: ``vm``/``ssh_target``/``ssh_port`` over the profile's defaults.
+            state: the state store to record in (default: see :attr:`state_store`).
+            on_progress: called with each line Packer prints.
+
+        Returns:
+            The image record, with ``reused``.
+
+        Raises:
+            InputError: the profile has no ``options.packer``, or an input is refused.
+        """
+        if self.options(profile).packer is None:
+            raise InputError(f"profile {profile.slug!r} names no Packer template (options.packer.template); "
+                             "nothing to build")
+        given = {k: v for k, v in inputs.items() if k in ("vm", "ssh_target", "ssh_port")}
+        merged = {k: v for k, v in profile.inputs.defaults.items() if k in ("vm", "ssh_target", "ssh_port")}
+        if given.get("vm") or given.get("ssh_target"):
+            merged.pop("vm", None), merged.pop("ssh_target", None)
+        req = ProvisionRequest(profile=profile, inputs={**merged, **given}, sandbox_id="image-build",
+                               owner_labels={}, ttl=1)
+        want = self._check_inputs(req, req.inputs)
+        return self._ensure_image(profile, want, state=state, on_progress=on_progress)
+
+    def reap_images(self, *, state: Any = None) -> list[dict[str, Any]]:
+        """gc of build mode: stale ``building`` records and private directories no build holds."""
+        return PackerBuilder(self._state(state), self.home, self.cfg.packer, self.id).reap()
+
+    def _attach(self, profile: Profile, want: dict[str, Any], archive: Path | None, ttl: float,
+                image: dict[str, Any] | None = None) -> VmHandle:
         cfg, label, root = self._target(want["vm"], want["ssh_target"], want["ssh_port"], want["sandbox_id"])
         ws = remote_path_ok(root, want["name"])
         opts = self.options(profile)
@@ -368,7 +448,8 @@ class VMPacker(SandboxExtension):
                           sandbox_id=want["sandbox_id"], root=root, name=want["name"], remote_dir=ws,
                           repo=want["repo"], ref=want["ref"], tunnel_port=want["tunnel_port"],
                           readiness=VMReadiness(require_commands=opts.require_commands,
-                                                readiness_command=opts.readiness_command))
+                                                readiness_command=opts.readiness_command),
+                          image=image["id"] if image else None)
         fail = SnapshotError if archive else ProvisionError
         conn = self._cache.get(cfg, host=label, fail=fail)
         meta = json.dumps({"handle": handle.model_dump(mode="json"), "owner_labels": want["owner_labels"]},

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import JSON, Column, Float, Index, Integer, MetaData, String, Table, Text, text
 from sqlalchemy.engine import Connection
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 LIVE_STATES = ("provisioning", "ready", "tearing_down", "teardown_failed")
 
 metadata = MetaData()
@@ -175,6 +175,33 @@ extension_data = Table(
 )
 
 
+# Migration 6 (issue 13): machine images built with Packer (ext.vm-packer's build mode). A row is
+# written 'building' before ``packer build`` starts and becomes 'ready' once its artifact is known;
+# one row per (template, variables) digest pair, and at most one 'building' row per template digest
+# (the lock that serialises builds of one template across processes). A 'building' row past its
+# deadline was left by a crashed build and is reaped.
+images = Table(
+    "images",
+    metadata,
+    Column("id", String(64), primary_key=True),  # sandboxer's record id (names the build's private dir)
+    Column("profile", String(128), nullable=False),
+    Column("extension", String(128), nullable=False),
+    Column("builder", String(64), nullable=False),  # the template's builder type: null, docker, ...
+    Column("template", Text, nullable=False),  # the template file's path
+    Column("template_sha256", String(64), nullable=False),
+    Column("variables_sha256", String(64), nullable=False),
+    Column("artifact_id", Text),  # Packer's artifact id, once ready
+    Column("state", String(16), nullable=False),  # building | ready
+    Column("owner", String(255)),  # host:pid of the process building it
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("deadline_at", Float),  # a 'building' row past it is stale
+    Column("detail", JSON),  # Packer's builder id and artifact string
+    Index("ux_images_digests", "template_sha256", "variables_sha256", unique=True),
+    Index("ix_images_template_state", "template_sha256", "state"),
+)
+
+
 def _migrate_1(conn: Connection) -> None:
     for t in (meta, sandboxes, events, snapshots):
         t.create(conn, checkfirst=True)
@@ -214,4 +241,8 @@ def _migrate_6(conn: Connection) -> None:
     extension_data.create(conn, checkfirst=True)
 
 
-MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3, 4: _migrate_4, 5: _migrate_5, 6: _migrate_6}
+def _migrate_7(conn: Connection) -> None:
+    images.create(conn, checkfirst=True)
+
+
+MIGRATIONS = {1: _migrate_1, 2: _migrate_2, 3: _migrate_3, 4: _migrate_4, 5: _migrate_5, 6: _migrate_6, 7: _migrate_7}

@@ -96,7 +96,7 @@ def test_migration_from_version_2_adds_claims_and_columns(cfg, home):
     stub(cfg, "m3", capacity=5)
     mgr = Manager(config_dirs=[cfg.root], home=home)
     try:
-        assert mgr.state.schema_version() == SCHEMA_VERSION == 6
+        assert mgr.state.schema_version() == SCHEMA_VERSION == 7
         sb = mgr.create(profile="m3", inputs={"x": "1"})
         assert sb.policy["network"]["egress"] == "none"  # migration 4: the policy it was created under
         assert mgr.snapshot(sb.id).inputs == {"x": "1"} and mgr.teardown(sb.id).state.value == "terminated"
