@@ -300,6 +300,8 @@ class LoadedExtension:
                 inst = self.handler(self.manifest, self.config)
                 if home is not None:
                     inst.home = home
+                if state is not None and hasattr(inst, "state_store"):  # records of its own (vm-packer's images)
+                    inst.state_store = state
                 self._instance = inst
         return self._instance
 

@@ -145,10 +145,10 @@ def make_mgr(tmp_path: Path, vm: SSHD, known_hosts: Path, counting_packer: Path)
     sandboxes torn down, at the end)."""
     made: list[Manager] = []
 
-    def make(profiles: dict[str, dict[str, Any]], home: Path | None = None) -> Manager:
+    def make(profiles: dict[str, dict[str, Any]], home: Path | None = None, **kw: Any) -> Manager:
         cfg = write_config(tmp_path / f"cfg{len(made)}", vm, known_hosts, counting_packer, profiles,
                            tmp_path / "ws")
-        m = Manager(config_dirs=[cfg], home=home or tmp_path / "home")
+        m = Manager(config_dirs=[cfg], home=home or tmp_path / "home", **kw)
         made.append(m)
         return m
 

@@ -68,6 +68,15 @@ def test_first_create_builds_and_records_second_reuses(make_mgr, template, vm_bi
     assert left_in(tmp_path / "home") == []
 
 
+def test_images_are_recorded_in_the_managers_own_store(make_mgr, template, vm_bin, tmp_path):
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"  # given as an argument only, not SANDBOXER_STATE_URL
+    mgr = make_mgr({"tool": build_profile(template, vm_bin)}, state_url=url)
+    sb = mgr.create(profile="tool")
+    assert [i["state"] for i in mgr.state.list_images()] == ["ready"]
+    assert not (tmp_path / "home" / "state.db").exists()  # nothing went to the home's default store
+    mgr.teardown(sb.id)
+
+
 def test_a_changed_variable_rebuilds(make_mgr, template, vm_bin, tmp_path):
     mgr = make_mgr({"v1": build_profile(template, vm_bin), "v2": build_profile(template, vm_bin, tool_version="2")})
     first = mgr.create(profile="v1")
