@@ -310,4 +310,4 @@ def test_handles_recorded_by_the_dict_version_load_as_models():
           "readiness": {"require_commands": ["sh"], "readiness_command": None}, "tunnel_local_port": 40001}
     v = VmHandle.model_validate(vm)
     assert (v.readiness.require_commands, v.tunnel_port, v.tunnel_local_port) == (["sh"], 8080, 40001)
-    assert v.model_dump(mode="json") == {**vm, "forwarder": None}  # a field added since: its default
+    assert v.model_dump(mode="json") == {**vm, "forwarder": None, "image": None}  # fields added since: their defaults
