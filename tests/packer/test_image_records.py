@@ -3,7 +3,6 @@ stale takeover and reaping, one claim among racing threads, and the migration fr
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 import time
@@ -16,19 +15,9 @@ from sandboxer.state import SCHEMA_VERSION, StateStore
 
 @pytest.fixture(scope="module")
 def pg_url():
-    from tests.support.postgres import PostgresUnavailable, postgres_server
+    from tests.support.postgres import pg_url_or_skip
 
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        pytest.skip("psycopg not installed (pip install 'sand-boxer[test]')")
-    try:
-        with postgres_server() as url:
-            yield url
-    except PostgresUnavailable as exc:
-        if os.geteuid() == 0:
-            pytest.fail(f"PostgreSQL could not start; `make test` installs it as root: {exc}")
-        pytest.skip(str(exc))
+    yield from pg_url_or_skip()
 
 
 @pytest.fixture(params=["sqlite", "sqlite-engine", "postgresql"])

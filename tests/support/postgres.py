@@ -63,3 +63,23 @@ def postgres_server() -> Iterator[str]:
         subprocess.run(as_pg + [_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
                        capture_output=True, timeout=60)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def pg_url_or_skip() -> Iterator[str]:
+    """Body of a module-scoped ``pg_url`` fixture: a server's URL; skipped without psycopg, or without
+    PostgreSQL when not root (as root, `make test` installed it, so a failure to start fails)."""
+    import os
+
+    import pytest
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg not installed (pip install 'sand-boxer[test]')")
+    try:
+        with postgres_server() as url:
+            yield url
+    except PostgresUnavailable as exc:
+        if os.geteuid() == 0:
+            pytest.fail(f"PostgreSQL could not start; `make test` installs it as root: {exc}")
+        pytest.skip(str(exc))

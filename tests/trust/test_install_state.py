@@ -4,7 +4,6 @@ the audit trail in order, and the schema step from version 4."""
 
 from __future__ import annotations
 
-import os
 import sqlite3
 
 import pytest
@@ -15,19 +14,9 @@ from sandboxer.state.extensions import LifecycleError
 
 @pytest.fixture(scope="module")
 def pg_url():
-    from tests.support.postgres import PostgresUnavailable, postgres_server
+    from tests.support.postgres import pg_url_or_skip
 
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        pytest.skip("psycopg not installed (pip install 'sand-boxer[test]')")
-    try:
-        with postgres_server() as url:
-            yield url
-    except PostgresUnavailable as exc:
-        if os.geteuid() == 0:
-            pytest.fail(f"PostgreSQL could not start; `make test` installs it as root: {exc}")
-        pytest.skip(str(exc))
+    yield from pg_url_or_skip()
 
 
 @pytest.fixture(params=["raw-sqlite", "engine", "postgresql"])

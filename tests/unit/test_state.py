@@ -132,19 +132,9 @@ def test_write_rolls_back_on_error(path, home):
 
 @pytest.fixture(scope="module")
 def pg_url():
-    from tests.support.postgres import PostgresUnavailable, postgres_server
+    from tests.support.postgres import pg_url_or_skip
 
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        pytest.skip("psycopg not installed (pip install 'sand-boxer[test]')")
-    try:
-        with postgres_server() as url:
-            yield url
-    except PostgresUnavailable as exc:
-        if os.geteuid() == 0:
-            pytest.fail(f"PostgreSQL could not start; `make test` installs it as root: {exc}")
-        pytest.skip(str(exc))
+    yield from pg_url_or_skip()
 
 
 def test_postgresql_state_store(pg_url, cfg, home, tmp_path):
