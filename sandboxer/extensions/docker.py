@@ -569,7 +569,13 @@ class DockerExtension(SandboxExtension):
 
             def ready_command_passes():
                 left = max(deadline - time.monotonic(), 0.5)
-                return self.exec(handle, handle.ready_command, timeout=left).exit_code == 0
+                try:
+                    return self.exec(handle, handle.ready_command, timeout=left).exit_code == 0
+                except ExecError:
+                    # Stopped between two probes: say how it ended (inspect raises) rather than
+                    # "exec failed"; an engine fault while it still runs stays an ExecError.
+                    self._engine("inspecting the container", ReadinessTimeout, inspect, sandbox=sid)
+                    raise
 
             poll(ready_command_passes, max(deadline - time.monotonic(), 0.0), 0.2, on_timeout=timed_out)
         settings = container.attrs.get("NetworkSettings", {})

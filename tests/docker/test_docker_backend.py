@@ -275,8 +275,29 @@ def test_failed_start_removes_the_container(ext, profile, make, owner):
     assert ext.list_owned(owner) == []
 
 
-def test_container_that_exits_is_not_ready_and_says_why(ext, profile, make):
+def _exited(dclient, handle) -> None:
+    """Wait (bounded) until the engine reports the container stopped."""
+    for _ in range(200):
+        if dclient.containers.get(handle.container_id).attrs["State"]["Status"] == "exited":
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{handle.container} still runs after 10s")
+
+
+def test_container_that_exited_is_not_ready_and_says_why(ext, profile, make, dclient):
     handle = make(variant(profile, command=["sh", "-c", "echo bye; exit 3"]))
+    _exited(dclient, handle)  # it has gone before anyone asks: no race with the first inspect
+    start = time.monotonic()
+    with pytest.raises(ReadinessTimeout, match=r"exited with code 3.*bye"):
+        ext.wait_ready(handle, timeout=30)
+    assert time.monotonic() - start < 10
+
+
+def test_container_that_exits_while_its_ready_command_is_polled_says_why(ext, profile, make):
+    # Running at the first inspect, gone while the ready command still fails: the message is
+    # the exit and its output, not "not ready within 30s", and it comes at once.
+    handle = make(variant(profile, command=["sh", "-c", "echo bye; sleep 1; exit 3"],
+                          ready_command=["test", "-e", "/tmp/never"]))
     start = time.monotonic()
     with pytest.raises(ReadinessTimeout, match=r"exited with code 3.*bye"):
         ext.wait_ready(handle, timeout=30)
