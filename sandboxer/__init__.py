@@ -30,6 +30,7 @@ from sandboxer.errors import (
     RequestError,
     RoutingError,
     SandboxerError,
+    SandboxFileNotFound,
     SandboxNotFound,
     SandboxStateError,
     SnapshotError,
@@ -75,7 +76,7 @@ __all__ = [
     "ExtensionCrashed", "ExtensionTimeout", "StateStoreError",
     "InputError", "Manager", "ManifestError", "MeterQuote", "MissingExtra", "Profile", "ProfileError",
     "ProfileNotFound", "ProvisionError", "QuotaExceeded", "RateLimited", "ReadinessTimeout", "RequestError",
-    "RoutingError", "SandboxCreateRequest", "SandboxExtension", "SandboxNotFound", "SandboxState",
+    "RoutingError", "SandboxCreateRequest", "SandboxExtension", "SandboxFileNotFound", "SandboxNotFound", "SandboxState",
     "SandboxStateError", "SandboxStatus", "SandboxerError", "SnapshotError", "SnapshotMeta", "SnapshotNotFound",
     "TTLError", "TeardownError", "load_catalog", "__version__",
 ]

@@ -15,7 +15,8 @@ never appear in its ``repr`` or in any dump of it.
 from __future__ import annotations
 
 from contextvars import ContextVar
-from typing import Any, Callable, TypeVar
+from datetime import datetime
+from typing import Any, Callable, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, SerializeAsAny, ValidationError
 
@@ -134,8 +135,22 @@ class OwnedSandbox(BaseModel):
     handle: SerializeAsAny[Handle]
 
 
+class FileInfo(BaseModel):
+    """One entry ``list_files`` found (feature ``files``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="its absolute path inside the sandbox")
+    name: str = Field(description="the last component of path")
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int = Field(ge=0, description="bytes (0 for a directory)")
+    mode: int | None = Field(default=None, ge=0, description="permission bits (0o7777 mask), when the backend knows them")
+    modified_at: datetime | None = Field(default=None, description="last modification, UTC, when the backend knows it")
+
+
 #: Methods whose first argument is a handle.
-HANDLE_METHODS = frozenset({"wait_ready", "teardown", "exec", "snapshot", "meter_actual", "probe", "handle_id"})
+HANDLE_METHODS = frozenset({"wait_ready", "teardown", "exec", "snapshot", "meter_actual", "probe", "handle_id",
+                            "write_file", "read_file", "list_files", "remove_file"})
 
 
 def load_handle(cls: type[Handle], stored: Handle | dict[str, Any], *, what: str, backend: str) -> Handle:

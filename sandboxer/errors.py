@@ -113,6 +113,10 @@ class SandboxStateError(RequestError):
     """The sandbox exists but its state does not allow the operation (e.g. exec after teardown)."""
 
 
+class SandboxFileNotFound(RequestError):
+    """No file or directory at the path asked for inside the sandbox (the message names both)."""
+
+
 class LifecycleError(RequestError):
     """An installed extension is not in a state for that (the message names its current state)."""
 

@@ -22,11 +22,11 @@ import abc
 import inspect
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, BinaryIO, Callable, ClassVar, Iterable
 
 from pydantic import BaseModel, ConfigDict
 
-from sandboxer.contract import (RESERVED_INPUTS, Handle, OwnedSandbox, ProvisionRequest, Reachability,
+from sandboxer.contract import (RESERVED_INPUTS, FileInfo, Handle, OwnedSandbox, ProvisionRequest, Reachability,
                                 SnapshotResult, TeardownReport, translated)
 from sandboxer.models import ExecResult, ExtensionManifest, MeterQuote, Profile, SnapshotMeta
 
@@ -34,7 +34,7 @@ __all__ = ["RESERVED_INPUTS", "OPTIONAL_FEATURES", "FEATURE_METHODS", "SandboxEx
            "check_features", "translated", "OutputCallback"]
 
 #: Optional features a handler may implement (names also listed in registry/).
-OPTIONAL_FEATURES = frozenset({"exec", "snapshots", "metering", "list_owned"})
+OPTIONAL_FEATURES = frozenset({"exec", "snapshots", "metering", "list_owned", "files"})
 
 #: The methods a class must override to have each optional feature.
 FEATURE_METHODS: dict[str, tuple[str, ...]] = {
@@ -42,6 +42,7 @@ FEATURE_METHODS: dict[str, tuple[str, ...]] = {
     "snapshots": ("snapshot", "restore_from_snapshot"),
     "metering": ("meter_actual",),
     "list_owned": ("list_owned",),
+    "files": ("write_file", "read_file", "list_files", "remove_file"),
 }
 
 
@@ -336,6 +337,32 @@ class SandboxExtension(abc.ABC):
         incremental UTF-8 decoding).
         """
         raise NotImplementedError  # pragma: no cover - guarded by supports()
+
+    # Feature ``files``. A path is absolute, or relative to the sandbox's working directory;
+    # the backend resolves it inside the sandbox's own filesystem, never the host's (a symlink the
+    # sandbox planted must not lead a host-side write or read out of it). Data is streamed:
+    # never hold a whole file in memory. Errors: InputError for a bad path (empty, NUL byte),
+    # SandboxFileNotFound for a missing path, ExecError for anything else the backend refused.
+
+    def write_file(self, handle: Handle, path: str, source: BinaryIO, *, mode: int | None = None) -> int:
+        """Write everything read from ``source`` (to EOF) to ``path``, replacing a file there and
+        creating missing parent directories; ``mode`` sets its permission bits (default 0o644).
+        Returns the bytes written."""
+        raise NotImplementedError  # pragma: no cover - guarded by supports()
+
+    def read_file(self, handle: Handle, path: str, sink: BinaryIO) -> int:
+        """Write the file at ``path`` into ``sink`` as it is read; returns the bytes read."""
+        raise NotImplementedError  # pragma: no cover
+
+    def list_files(self, handle: Handle, path: str) -> list[FileInfo]:
+        """The entries of the directory at ``path`` (not recursive), sorted by name; a file's own entry
+        when ``path`` is a file."""
+        raise NotImplementedError  # pragma: no cover
+
+    def remove_file(self, handle: Handle, path: str, *, recursive: bool = False) -> None:
+        """Remove the file (or, with ``recursive``, the directory tree) at ``path``. A missing path
+        raises SandboxFileNotFound; a non-empty directory without ``recursive`` raises InputError."""
+        raise NotImplementedError  # pragma: no cover
 
     def snapshot(self, handle: Handle) -> SnapshotResult:
         """Capture the sandbox (feature ``snapshots``)."""
