@@ -68,7 +68,7 @@ class Ctx:
         if self._mgr is None:
             from sandboxer.manager import Manager
 
-            self._mgr = Manager(config_dirs=self.config, home=self.home, state_url=self.state_url)
+            self._mgr = Manager(config_dirs=self.config, home=self.home, state_url=self.state_url, lazy=True)
         return self._mgr
 
     def catalog(self):  # type: ignore[no-untyped-def]

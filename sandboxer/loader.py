@@ -563,7 +563,8 @@ def load_profile(path: Path, extensions: dict[str, LoadedExtension]) -> Profile:
 
 
 def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True,
-                 packages: bool | None = None, installed: Path | None = None) -> Catalog:
+                 packages: bool | None = None, installed: Path | None = None,
+                 only: frozenset[str] | None = None) -> Catalog:
     """Load and validate the built-in config, installed packages' config, then ``config_dirs``.
 
     Args:
@@ -572,6 +573,9 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
         packages: include what installed packages ship (:func:`package_config_dirs`); default: with the built-ins.
         installed: a manager's home: include the signed bundles installed there (``<home>/extensions``,
             :mod:`sandboxer.trust.installer`), each run out of process with its package on its worker's path.
+        only: load just these extension ids (their manifests and overrides, checked as always) and no
+            profiles: what a command about one existing sandbox needs. Every file is still read, so a
+            duplicate id or a broken file of another extension is not noticed.
 
     Raises:
         ConfigError: (a subclass naming file, field and value) on the first problem.
@@ -583,17 +587,21 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
     ext_files += _files(pkg_dirs + user_dirs, "extensions", "ext.*.yaml")
     bundles: dict[Path, Path] = {}
     if installed is not None:
-        from sandboxer.trust.installer import installed_manifests
+        from sandboxer.trust.layout import installed_manifests
 
         bundles = dict(installed_manifests(installed))
         ext_files += list(bundles)
     prof_files = (sorted(builtin_dir("profiles").glob("profile.*.yaml")) if builtins else [])
     prof_files += _files(pkg_dirs + user_dirs, "profiles", "profile.*.yaml")
+    if only is not None:
+        prof_files = []
 
     extensions: dict[str, LoadedExtension] = {}
     overrides: list[tuple[Path, dict[str, Any]]] = []
     for path in ext_files:
         data = read_yaml(path, ManifestError)
+        if only is not None and data.get("id") not in only:
+            continue
         if "override" in data:
             overrides.append((path, data))
             continue

@@ -92,6 +92,10 @@ class Manager(SnapshotsMixin, GcMixin):
             ``tearing_down`` record as abandoned by a crashed process.
         call_limits: deadlines of the extension calls a profile does not bound (teardown,
             snapshot, list_owned, probe, exec...); a call past its deadline is abandoned.
+        lazy: load the catalog on first use instead of here, and for a call about one existing
+            sandbox (exec, teardown, status with refresh) only that sandbox's extension: what a
+            short-lived process such as the CLI wants. A config error then surfaces at that first
+            use. By default everything is loaded and checked here.
     """
 
     def __init__(
@@ -104,15 +108,19 @@ class Manager(SnapshotsMixin, GcMixin):
         stale_grace: float = STALE_GRACE_S,
         teardown_grace: float = TEARDOWN_GRACE_S,
         call_limits: CallLimits | None = None,
+        lazy: bool = False,
     ):
         self._owns_catalog = catalog is None
         self.home = Path(home) if home else default_home()
-        # signed bundles installed in this home load too (sandboxer.trust.installer), out of process
-        self.catalog = catalog or load_catalog([Path(d) for d in config_dirs] if config_dirs is not None else None,
-                                               installed=self.home)
+        self._config_dirs = [Path(d) for d in config_dirs] if config_dirs is not None else None
+        self._catalog = catalog
+        self._partial: dict[str, Catalog] = {}  # lazy: one extension's catalog, by extension id
+        self._catalog_lock = threading.Lock()
+        if catalog is None and not lazy:
+            self._catalog = self._load()
         self.state = StateStore(state_url or os.environ.get("SANDBOXER_STATE_URL") or None, home=self.home)
         self.owner_labels = {"sandboxer.owner": self.state.owner_id}
-        self.metering = Metering(self.state, self.catalog.settings, self._pricing)
+        self.metering = Metering(self.state, lambda: self.catalog.settings, self._pricing)
         self.router = Router()
         self.stale_grace = stale_grace
         self.teardown_grace = teardown_grace
@@ -133,8 +141,37 @@ class Manager(SnapshotsMixin, GcMixin):
         return self._caller.call(bound(ext, method, what), *args, timeout=timeout, what=what,
                                  backend=ext.id, late=late, **kwargs)
 
+    def _load(self, only: frozenset[str] | None = None) -> Catalog:
+        # signed bundles installed in this home load too (sandboxer.trust.installer), out of process
+        return load_catalog(self._config_dirs, installed=self.home, only=only)
+
+    @property
+    def catalog(self) -> Catalog:
+        """Every extension and profile of this manager's configuration, validated."""
+        if self._catalog is None:
+            with self._catalog_lock:
+                if self._catalog is None:
+                    full = self._load()
+                    for ext_id, part in self._partial.items():  # keep the instances (workers) already made
+                        if ext_id in full.extensions:
+                            full.extensions[ext_id] = part.extensions[ext_id]
+                    self._catalog = full
+        return self._catalog
+
+    def _extensions(self, ext_id: str) -> Catalog:
+        """The catalog that holds ``ext_id``: the whole one, or (lazy, not loaded yet) that extension's own."""
+        if self._catalog is not None or not self._owns_catalog:
+            return self.catalog
+        with self._catalog_lock:
+            if self._catalog is not None:
+                return self._catalog
+            part = self._partial.get(ext_id)
+            if part is None:
+                part = self._partial[ext_id] = self._load(frozenset({ext_id}))
+            return part
+
     def _pricing(self, ext_id: str) -> Pricing | None:
-        loaded = self.catalog.extensions.get(ext_id)
+        loaded = self._extensions(ext_id).extensions.get(ext_id)
         return loaded.manifest.pricing if loaded else None
 
     def __repr__(self) -> str:
@@ -144,7 +181,9 @@ class Manager(SnapshotsMixin, GcMixin):
         """Close the state store and, for a catalog this manager loaded itself, stop its
         out-of-process extensions' workers (a catalog passed in may serve other managers)."""
         if self._owns_catalog:
-            for loaded in self.catalog.extensions.values():
+            loaded_ones = [*(self._catalog.extensions.values() if self._catalog else ()),
+                           *(x for part in self._partial.values() for x in part.extensions.values())]
+            for loaded in {id(x): x for x in loaded_ones}.values():
                 inst = loaded._instance
                 if inst is not None and loaded.runtime == "process":
                     inst.close()  # type: ignore[attr-defined]
@@ -172,11 +211,12 @@ class Manager(SnapshotsMixin, GcMixin):
             ConfigError: no loaded config defines it (the message names the sandbox, if given).
             MissingExtra: its optional SDK is not installed.
         """
+        cat = self._extensions(ext_id)
         try:
-            loaded = self.catalog.extensions[ext_id]
+            loaded = cat.extensions[ext_id]
         except KeyError:
             whose = f"sandbox {sandbox_id} runs on extension {ext_id!r}, which" if sandbox_id else f"extension {ext_id!r}"
-            dirs = ", ".join(str(d) for d in [*self.catalog.package_dirs, *self.catalog.dirs]) or "the built-ins only"
+            dirs = ", ".join(str(d) for d in [*cat.package_dirs, *cat.dirs]) or "the built-ins only"
             raise ConfigError(
                 f"{whose} is not defined in this configuration (config dirs: {dirs}); run with the "
                 f"--config (or SANDBOXER_CONFIG) that defines it. Nothing was changed."

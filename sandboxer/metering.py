@@ -73,14 +73,22 @@ class Metering:
 
     Args:
         state: the state store (all SQL is there).
-        settings: budgets and sinks.
+        settings: budgets and sinks, or a callable that returns them when first needed (a lazy
+            manager's catalog loads only then).
         pricing: extension id -> its manifest's pricing (None: free).
     """
 
-    def __init__(self, state: StateStore, settings: Settings, pricing: Callable[[str], Pricing | None]):
+    def __init__(self, state: StateStore, settings: "Settings | Callable[[], Settings]",
+                 pricing: Callable[[str], Pricing | None]):
         self._state = state
-        self.settings = settings
+        self._settings = settings
         self._pricing = pricing
+
+    @property
+    def settings(self) -> Settings:
+        if callable(self._settings):
+            self._settings = self._settings()
+        return self._settings
 
     # --------------------------------------------------------------- actuals
 
