@@ -56,7 +56,7 @@ from sandboxer.models import (
     format_duration,
 )
 from sandboxer.gc import GcMixin
-from sandboxer.records import dt, short, status_of
+from sandboxer.records import STATUS_FIELDS, dt, short, status_of
 from sandboxer.router import Action, Plan, Router
 from sandboxer.secrets import SecretRef, sandbox_secrets, scrub
 from sandboxer.snapshots import SnapshotsMixin
@@ -291,7 +291,7 @@ class Manager(SnapshotsMixin, GcMixin):
 
     def list(self, *, all: bool = False) -> list[SandboxStatus]:  # noqa: A002 - mirrors the CLI flag
         """Live sandboxes, or every one ever recorded with ``all=True``."""
-        return [status_of(r) for r in self.state.list(states=None if all else LIVE_STATES)]
+        return [status_of(r) for r in self.state.list(states=None if all else LIVE_STATES, fields=STATUS_FIELDS)]
 
     def events(self, sandbox_id: str | None = None) -> list[dict[str, Any]]:
         return self.state.events(sandbox_id)

@@ -511,8 +511,10 @@ class StateStore(ExtensionTables, ImageTables):
                 sandboxes.c.name == name, sandboxes.c.state.in_(LIVE_STATES)))).mappings().first()
             return dict(row) if row else None
 
-    def list(self, *, states: tuple[str, ...] | None = LIVE_STATES, where: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        q = select(sandboxes).order_by(sandboxes.c.created_at)
+    def list(self, *, states: tuple[str, ...] | None = LIVE_STATES, where: dict[str, Any] | None = None,
+             fields: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        """Sandbox rows by creation time; ``fields``: only these columns (default: all)."""
+        q = select(*(sandboxes.c[f] for f in fields) if fields else (sandboxes,)).order_by(sandboxes.c.created_at)
         if states is not None:
             q = q.where(sandboxes.c.state.in_(states))
         for k, v in (where or {}).items():
