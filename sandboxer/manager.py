@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pydantic import SecretStr
 
@@ -34,6 +35,7 @@ from sandboxer.errors import (
     CapacityUnavailable,
     ConfigError,
     InputError,
+    LifecycleError,
     ProfileNotFound,
     SandboxerError,
     SandboxNotFound,
@@ -44,7 +46,6 @@ from sandboxer.errors import (
 from sandboxer.execution import check_argv
 from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension
 from sandboxer.loader import Catalog, load_catalog
-from sandboxer.state.extensions import LifecycleError
 from sandboxer.metering import Metering, price
 from sandboxer.models import (
     ExecResult,
@@ -60,7 +61,11 @@ from sandboxer.records import STATUS_FIELDS, dt, short, status_of
 from sandboxer.router import Action, Plan, Router
 from sandboxer.secrets import SecretRef, sandbox_secrets, scrub
 from sandboxer.snapshots import SnapshotsMixin
-from sandboxer.state import LIVE_STATES, NameTaken, OverCapacity, StateStore, default_home
+from sandboxer.state import LIVE_STATES, NameTaken, OverCapacity, default_home
+
+if TYPE_CHECKING:
+    from sandboxer.state.reader import Reader
+    from sandboxer.state.store import StateStore
 
 log = logging.getLogger("sandboxer")
 
@@ -70,6 +75,16 @@ STALE_GRACE_S = 30.0
 TEARDOWN_GRACE_S = 300.0
 #: How often a teardown waiting for an in-flight create looks again.
 _WAIT_STEP_S = 0.02
+
+
+class _OpenedOnUse:
+    """A lazy manager's state store as an extension instance holds it: opened on first use."""
+
+    def __init__(self, mgr: "Manager"):
+        self._mgr = mgr
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._mgr.state, name)
 
 
 def _clash(ext_id: str, name: str, holder: str) -> str:
@@ -118,9 +133,14 @@ class Manager(SnapshotsMixin, GcMixin):
         self._catalog_lock = threading.Lock()
         if catalog is None and not lazy:
             self._catalog = self._load()
-        self.state = StateStore(state_url or os.environ.get("SANDBOXER_STATE_URL") or None, home=self.home)
-        self.owner_labels = {"sandboxer.owner": self.state.owner_id}
-        self.metering = Metering(self.state, lambda: self.catalog.settings, self._pricing)
+        self._state_url = state_url or os.environ.get("SANDBOXER_STATE_URL") or None
+        self._state: StateStore | None = None
+        self._reader: Reader | None = None
+        self._lazy = lazy
+        self._state_lock = threading.Lock()
+        if not lazy:
+            self._open_state()
+        self._metering: Metering | None = None
         self.router = Router()
         self.stale_grace = stale_grace
         self.teardown_grace = teardown_grace
@@ -140,6 +160,49 @@ class Manager(SnapshotsMixin, GcMixin):
         """
         return self._caller.call(bound(ext, method, what), *args, timeout=timeout, what=what,
                                  backend=ext.id, late=late, **kwargs)
+
+    def _open_state(self) -> StateStore:
+        with self._state_lock:
+            if self._state is None:
+                from sandboxer.state.store import StateStore  # SQLAlchemy: only where a store is opened
+
+                self._state = StateStore(self._state_url, home=self.home)
+                if self._reader is not None:
+                    self._reader.close()
+                    self._reader = None
+        return self._state
+
+    @property
+    def state(self) -> StateStore:
+        """The state store (opened on first use by a lazy manager)."""
+        return self._state if self._state is not None else self._open_state()
+
+    @property
+    def metering(self) -> Metering:
+        """Usage, budgets and export, over this manager's state store."""
+        if self._metering is None:
+            self._metering = Metering(self.state, lambda: self.catalog.settings, self._pricing)
+        return self._metering
+
+    @property
+    def owner_labels(self) -> dict[str, str]:
+        """The labels every sandbox of this state store carries at its backend (gc finds orphans by them)."""
+        return {"sandboxer.owner": self.state.owner_id}
+
+    def _read(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A read of the state store: a lazy manager whose store is not open yet answers it with
+        ``sqlite3`` alone (:mod:`sandboxer.state.reader`); anything it cannot read opens the store."""
+        if self._state is None and self._lazy and self._state_url is None:
+            if self._reader is None:
+                from sandboxer.state.reader import open_reader
+
+                self._reader = open_reader(self.home / "state.db")
+            if self._reader is not None:
+                try:
+                    return getattr(self._reader, method)(*args, **kwargs)
+                except sqlite3.Error:  # damaged, or changed under us: the store says what is wrong
+                    pass
+        return getattr(self.state, method)(*args, **kwargs)
 
     def _load(self, only: frozenset[str] | None = None) -> Catalog:
         # signed bundles installed in this home load too (sandboxer.trust.installer), out of process
@@ -175,7 +238,9 @@ class Manager(SnapshotsMixin, GcMixin):
         return loaded.manifest.pricing if loaded else None
 
     def __repr__(self) -> str:
-        return f"<Manager state={self.state.url!r} owner={self.state.owner_id}>"
+        if self._state is None:
+            return f"<Manager home={str(self.home)!r} (state store not opened yet)>"
+        return f"<Manager state={self._state.url!r} owner={self._state.owner_id}>"
 
     def close(self) -> None:
         """Close the state store and, for a catalog this manager loaded itself, stop its
@@ -187,7 +252,11 @@ class Manager(SnapshotsMixin, GcMixin):
                 inst = loaded._instance
                 if inst is not None and loaded.runtime == "process":
                     inst.close()  # type: ignore[attr-defined]
-        self.state.close()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self._state is not None:
+            self._state.close()
 
     def __enter__(self) -> "Manager":
         return self
@@ -221,7 +290,7 @@ class Manager(SnapshotsMixin, GcMixin):
                 f"{whose} is not defined in this configuration (config dirs: {dirs}); run with the "
                 f"--config (or SANDBOXER_CONFIG) that defines it. Nothing was changed."
             ) from None
-        return loaded.instance(self.home, limits=self.limits, state=self.state)
+        return loaded.instance(self.home, limits=self.limits, state=self.state if self._state else _OpenedOnUse(self))
 
     def effective_profile(self, profile: Profile, index: int) -> Profile:
         """The profile as backend ``index`` sees it: that entry's options."""
@@ -234,7 +303,7 @@ class Manager(SnapshotsMixin, GcMixin):
         return eff
 
     def _row(self, sandbox_id: str) -> dict[str, Any]:
-        row = self.state.get(sandbox_id)
+        row = self._read("get", sandbox_id)
         if row is None:
             raise SandboxNotFound(f"no sandbox with id {sandbox_id!r}")
         return row
@@ -291,7 +360,7 @@ class Manager(SnapshotsMixin, GcMixin):
 
     def list(self, *, all: bool = False) -> list[SandboxStatus]:  # noqa: A002 - mirrors the CLI flag
         """Live sandboxes, or every one ever recorded with ``all=True``."""
-        return [status_of(r) for r in self.state.list(states=None if all else LIVE_STATES, fields=STATUS_FIELDS)]
+        return [status_of(r) for r in self._read("list", states=None if all else LIVE_STATES, fields=STATUS_FIELDS)]
 
     def events(self, sandbox_id: str | None = None) -> list[dict[str, Any]]:
         return self.state.events(sandbox_id)

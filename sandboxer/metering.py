@@ -24,11 +24,12 @@ import urllib.error
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from sandboxer.errors import AuthError, BudgetExceeded, ConfigError
 from sandboxer.models import ExtensionManifest, MeterQuote, Pricing, Profile, Settings, SinkConfig
-from sandboxer.state import StateStore
+if TYPE_CHECKING:  # the store (SQLAlchemy) loads only where a manager opens one
+    from sandboxer.state import StateStore
 
 log = logging.getLogger("sandboxer.metering")
 
