@@ -24,6 +24,7 @@ one envd resolves it against the user's home, where its commands start too.
 
 from __future__ import annotations
 
+import posixpath
 import shlex
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -83,9 +84,9 @@ class E2BFiles:
     def _chmod(self, sbx: Any, handle: "E2BHandle", path: str, mode: int) -> None:
         sdk = _sdk()
         try:
-            # from /, by the path relative to it: the same file, and a cwd is all a stand-in maps
-            sbx.commands.run(shlex.join(["chmod", format(mode, "o"), "--", path.lstrip("/")]), cwd="/",
-                             user=handle.exec.user, timeout=60)
+            # in the file's directory, by its name: the same file, and a cwd is all a stand-in maps
+            sbx.commands.run(shlex.join(["chmod", format(mode, "o"), "--", posixpath.basename(path)]),
+                             cwd=posixpath.dirname(path) or "/", user=handle.exec.user, timeout=60)
         except sdk.CommandExitException as exc:
             raise ExecError(f"E2B write of sandbox {handle.e2b_sandbox_id}: the file {path!r} was written, but "
                             f"chmod {mode:o} failed (exit {exc.exit_code}): {exc.stderr.strip()[-300:]}",

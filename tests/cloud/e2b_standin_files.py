@@ -35,42 +35,11 @@ from protobuf.wkt import Timestamp
 
 from e2b.envd.filesystem import filesystem_pb as fs_pb
 
+from tests.cloud.box_paths import Escape, followed, locate
+
 PIECE = 64 * 1024
 #: The bits a new file gets: 0o666 under envd's umask 022.
 NEW_FILE_MODE = 0o644
-
-
-class Escape(Exception):
-    """The path (or a symlink on it) leads out of the box's directory."""
-
-
-def locate(root: Path, path: str) -> tuple[Path, str]:
-    """(host path, the box's own absolute path) of ``path``; the last component is not followed.
-
-    Raises:
-        Escape: a symlink among its parent directories leads out of the box.
-    """
-    base = root.resolve()
-    norm = posixpath.normpath(path) if path else "."
-    if posixpath.isabs(norm) and (norm == str(base) or norm.startswith(str(base) + "/")):
-        rel = posixpath.relpath(norm, str(base))
-    else:
-        rel = posixpath.normpath("/" + norm).lstrip("/")  # relative: from home, the box's root here
-    if rel in ("", "."):
-        return base, "/"
-    parent = Path(os.path.realpath(base / posixpath.dirname(rel)))
-    if parent != base and not parent.is_relative_to(base):
-        raise Escape(f"{path!r} leads out of the sandbox")
-    host = parent / posixpath.basename(rel)
-    return host, "/" + str(host.relative_to(base))
-
-
-def _followed(root: Path, host: Path) -> Path:
-    """``host`` with its last component followed, which must stay in the box."""
-    real = Path(os.path.realpath(host))
-    if real != root.resolve() and not real.is_relative_to(root.resolve()):
-        raise Escape(f"{host.name!r} is a symlink out of the sandbox")
-    return real
 
 
 def entry_info(host: Path, box_path: str) -> fs_pb.EntryInfo:
@@ -127,7 +96,7 @@ class Filesystem:
         if not os.path.lexists(host):
             raise ConnectError(Code.NOT_FOUND, f"path not found: lstat {box_path}: no such file or directory")
         try:
-            real = _followed(root, host)
+            real = followed(root, host)
         except Escape as exc:
             raise ConnectError(Code.PERMISSION_DENIED, str(exc)) from None
         if not real.is_dir():
@@ -233,7 +202,7 @@ def serve_files(h: Any, root: Path, query: dict[str, list[str]], unimplemented: 
     try:
         host, box_path = locate(root, path or ".")
         if h.command == "GET" or os.path.lexists(host):
-            target = _followed(root, host) if os.path.lexists(host) else host
+            target = followed(root, host) if os.path.lexists(host) else host
         else:
             target = host
     except Escape as exc:
@@ -278,7 +247,7 @@ def _upload(h: Any, root: Path, target: Path, box_path: str) -> None:
         _json_error(h, 400, f"path is a directory: {box_path}")
         return
     try:
-        parent = _followed(root, target.parent) if target.parent.exists() else target.parent
+        parent = followed(root, target.parent) if target.parent.exists() else target.parent
         parent.mkdir(parents=True, exist_ok=True)
     except (Escape, OSError) as exc:
         _drain(h)
