@@ -11,7 +11,7 @@ from sandboxer.errors import AuthError, ExecError, RateLimited, SandboxFileNotFo
 from sandboxer.extensions.base import check_features  # noqa: E402
 from sandboxer.testing import request  # noqa: E402
 
-from tests.cloud import files_cases as cases  # noqa: E402
+from tests.support import files_cases as cases  # noqa: E402
 from tests.cloud.conftest_e2b import config_dir, inputs, make_ext, sentinel, standin  # noqa: E402,F401
 from tests.cloud.e2b_standin import E2BStandIn  # noqa: E402
 

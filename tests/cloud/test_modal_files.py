@@ -26,7 +26,7 @@ from sandboxer.extensions.base import check_features  # noqa: E402
 from sandboxer.loader import load_catalog  # noqa: E402
 from sandboxer.testing import request  # noqa: E402
 
-from tests.cloud import files_cases as cases  # noqa: E402
+from tests.support import files_cases as cases  # noqa: E402
 from tests.cloud.modal_standin import FS_TOOLS  # noqa: E402
 from tests.support.leaks import caught, reachable_text  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Feature ``files`` checked the same way on each cloud-ish backend (ext.e2b, ext.modal, ext.saas-stub),
+"""Feature ``files`` checked the same way on each backend built here (ext.e2b, ext.modal, ext.saas-stub),
 calling the extension's methods directly on a ready sandbox of it.
 
 Each function takes the extension and a handle; what it checks is what base.py's docstrings promise,
