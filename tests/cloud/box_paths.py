@@ -8,8 +8,10 @@ directory is refused: the stand-in's box is a host directory, not a machine of i
 
 from __future__ import annotations
 
+import grp
 import os
 import posixpath
+import pwd
 from pathlib import Path
 
 
@@ -44,3 +46,17 @@ def followed(root: Path, host: Path) -> Path:
     if real != root.resolve() and not real.is_relative_to(root.resolve()):
         raise Escape(f"{host.name!r} is a symlink out of the sandbox")
     return real
+
+
+def owner_group(st: os.stat_result) -> tuple[str, str]:
+    """The names of a file's owner and group (their numbers when the names are unknown), as envd and
+    Modal's file tool report them."""
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return owner, group

@@ -19,11 +19,9 @@ file.
 
 from __future__ import annotations
 
-import grp
 import json
 import os
 import posixpath
-import pwd
 import shutil
 import stat
 from pathlib import Path
@@ -35,7 +33,7 @@ from protobuf.wkt import Timestamp
 
 from e2b.envd.filesystem import filesystem_pb as fs_pb
 
-from tests.cloud.box_paths import Escape, followed, locate
+from tests.cloud.box_paths import Escape, followed, locate, owner_group
 
 PIECE = 64 * 1024
 #: The bits a new file gets: 0o666 under envd's umask 022.
@@ -54,14 +52,7 @@ def entry_info(host: Path, box_path: str) -> fs_pb.EntryInfo:
         kind = fs_pb.FileType.FILE
     else:
         kind = fs_pb.FileType.UNSPECIFIED
-    try:
-        owner = pwd.getpwuid(st.st_uid).pw_name
-    except KeyError:
-        owner = str(st.st_uid)
-    try:
-        group = grp.getgrgid(st.st_gid).gr_name
-    except KeyError:
-        group = str(st.st_gid)
+    owner, group = owner_group(st)
     return fs_pb.EntryInfo(
         name=posixpath.basename(box_path) or "/", type=kind, path=box_path, size=st.st_size,
         mode=stat.S_IMODE(st.st_mode) & 0o777, permissions=stat.filemode(st.st_mode), owner=owner, group=group,
@@ -156,28 +147,26 @@ def _json_error(h: Any, status: int, message: str) -> None:
 
 def body_pieces(h: Any):
     """The request body, as it arrives (de-chunked), in pieces of at most :data:`PIECE` bytes."""
-    if h.headers.get("transfer-encoding", "").lower() == "chunked":
-        while True:
-            size = int(h.rfile.readline().split(b";")[0].strip(), 16)
-            if size == 0:
-                while h.rfile.readline() not in (b"\r\n", b"\n", b""):
-                    pass
-                return
-            while size:
-                piece = h.rfile.read(min(size, PIECE))
-                if not piece:
-                    raise ConnectionError("the upload ended inside a chunk")
-                size -= len(piece)
-                yield piece
-            h.rfile.readline()
-    else:
-        left = int(h.headers.get("content-length") or 0)
-        while left:
-            piece = h.rfile.read(min(left, PIECE))
-            if not piece:
-                raise ConnectionError("the upload ended early")
-            left -= len(piece)
-            yield piece
+    if h.headers.get("transfer-encoding", "").lower() != "chunked":
+        yield from _exactly(h.rfile, int(h.headers.get("content-length") or 0))
+        return
+    while True:
+        size = int(h.rfile.readline().split(b";")[0].strip(), 16)
+        if size == 0:
+            while h.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            return
+        yield from _exactly(h.rfile, size)
+        h.rfile.readline()
+
+
+def _exactly(rfile: Any, left: int):
+    while left:
+        piece = rfile.read(min(left, PIECE))
+        if not piece:
+            raise ConnectionError("the upload ended early")
+        left -= len(piece)
+        yield piece
 
 
 def _drain(h: Any) -> None:

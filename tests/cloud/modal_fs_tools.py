@@ -15,10 +15,8 @@ owner, group, modified_time, symlink_target``); a failure as exit 1 with ``{"err
 
 from __future__ import annotations
 
-import grp
 import json
 import os
-import pwd
 import shutil
 import stat
 import sys
@@ -27,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.cloud.box_paths import Escape, followed, locate  # noqa: E402
+from tests.cloud.box_paths import Escape, followed, locate, owner_group  # noqa: E402
 
 PIECE = 64 * 1024
 
@@ -42,14 +40,7 @@ def _entry(host: Path, box_path: str) -> dict[str, Any]:
     st = host.lstat()
     kind = ("symlink" if stat.S_ISLNK(st.st_mode) else "directory" if stat.S_ISDIR(st.st_mode)
             else "file")
-    try:
-        owner = pwd.getpwuid(st.st_uid).pw_name
-    except KeyError:
-        owner = str(st.st_uid)
-    try:
-        group = grp.getgrgid(st.st_gid).gr_name
-    except KeyError:
-        group = str(st.st_gid)
+    owner, group = owner_group(st)
     return {"name": host.name or "/", "path": box_path, "type": kind, "size": st.st_size, "mode": st.st_mode,
             "permissions": stat.filemode(st.st_mode), "owner": owner, "group": group,
             "modified_time": st.st_mtime, "symlink_target": os.readlink(host) if kind == "symlink" else None}

@@ -19,12 +19,8 @@ from tests.cloud.e2b_standin import E2BStandIn  # noqa: E402
 @pytest.fixture
 def box(make_ext):
     ext, profile = make_ext()
-    handle = ext.provision(request(profile, inputs("sbx-files"), None))
-    ext.wait_ready(handle, timeout=10)
-    try:
-        yield ext, handle
-    finally:
-        ext.teardown(handle)
+    with cases.ready(ext, request(profile, inputs("sbx-files"), None)) as made:
+        yield made
 
 
 def test_declared_and_implemented(box):
@@ -35,12 +31,7 @@ def test_declared_and_implemented(box):
 
 def test_bytes_listing_modes_relative_and_bad_paths(box, standin: E2BStandIn):
     ext, handle = box
-    cases.bytes_round_trip(ext, handle)
-    cases.listing(ext, handle)
-    cases.modes(ext, handle)
-    cases.relative_to_workdir(ext, handle)
-    cases.bad_paths(ext, handle)
-    cases.from_real_file(ext, handle)
+    cases.everyday(ext, handle)
     # the bytes are really in the box's filesystem, where its commands see them
     assert (standin.boxes[handle.e2b_sandbox_id].workdir / "bin" / "data.bin").read_bytes() == b"short"
     routes = {c["path"] for c in standin.calls if c["plane"] == "envd"}
@@ -107,12 +98,4 @@ def test_rate_limit_and_refused_key_map_as_the_other_verbs_do(box, standin: E2BS
 
 def test_a_symlink_out_of_the_box_is_not_followed_by_the_stand_in(box, standin: E2BStandIn, tmp_path):
     ext, handle = box
-    outside = tmp_path / "host-secret"
-    outside.write_text("host")
-    (standin.boxes[handle.e2b_sandbox_id].workdir / "link").symlink_to(outside)
-    with pytest.raises(ExecError):
-        cases.read(ext, handle, "link")
-    [entry] = ext.list_files(handle, "link")
-    assert entry.type == "symlink"
-    ext.remove_file(handle, "link")  # the link goes, not what it points at
-    assert outside.read_text() == "host"
+    cases.symlink_out_of_the_box(ext, handle, standin.boxes[handle.e2b_sandbox_id].workdir, tmp_path / "host")

@@ -8,17 +8,19 @@ types listed, the file really gone, the exact error.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import tempfile
 import threading
 import tracemalloc
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
-from sandboxer.errors import InputError, SandboxFileNotFound
+from sandboxer.errors import ExecError, InputError, SandboxFileNotFound
 
 MIB = 1024 * 1024
 #: Bytes that are no text: every byte value, invalid UTF-8 sequences, a NUL, CR/LF.
@@ -217,3 +219,40 @@ def from_real_file(ext: Any, handle: Any) -> None:
         down.seek(0)
         assert down.read() == BINARY * 100
 
+
+
+def symlink_out_of_the_box(ext: Any, handle: Any, root: Path, outside: Path, prefix: str = "") -> None:
+    """A stand-in whose sandbox is a host directory ``root``: a symlink planted there that leads out
+    (to ``outside``, a host directory) is not followed by a read; it is listed and removed as itself."""
+    outside.mkdir(exist_ok=True)
+    (outside / "host-secret").write_text("host")
+    (root / "link").symlink_to(outside / "host-secret")
+    with pytest.raises(ExecError):
+        read(ext, handle, prefix + "link")
+    [entry] = ext.list_files(handle, prefix + "link")
+    assert entry.type == "symlink"
+    ext.remove_file(handle, prefix + "link")  # the link goes, not what it points at
+    assert (outside / "host-secret").read_text() == "host"
+
+
+def everyday(ext: Any, handle: Any, *, relative: bool = True) -> None:
+    """The everyday cases in one go: bytes, listing, modes, bad paths, a real file (and, with
+    ``relative``, a relative path against where commands start, which needs exec)."""
+    bytes_round_trip(ext, handle)
+    listing(ext, handle)
+    modes(ext, handle)
+    if relative:
+        relative_to_workdir(ext, handle)
+    bad_paths(ext, handle)
+    from_real_file(ext, handle)
+
+
+@contextlib.contextmanager
+def ready(ext: Any, req: Any) -> Iterator[tuple[Any, Any]]:
+    """A sandbox of ``ext`` provisioned from ``req`` and ready, torn down after: ``(ext, handle)``."""
+    handle = ext.provision(req)
+    try:
+        ext.wait_ready(handle, timeout=10)
+        yield ext, handle
+    finally:
+        ext.teardown(handle)

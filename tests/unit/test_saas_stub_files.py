@@ -52,11 +52,7 @@ def test_declared_and_implemented(ext):
 
 
 def test_bytes_listing_modes_and_bad_paths(ext, handle):
-    cases.bytes_round_trip(ext, handle)
-    cases.listing(ext, handle)
-    cases.modes(ext, handle)
-    cases.bad_paths(ext, handle)
-    cases.from_real_file(ext, handle)
+    cases.everyday(ext, handle, relative=False)  # relative paths: below, with bwrap
     box = Path(ext.sandbox_dir(handle))
     assert (box / "bin" / "data.bin").read_bytes() == b"short"
     assert not [p for p in box.rglob(".sandboxer-write-*")]  # no upload left half-made
