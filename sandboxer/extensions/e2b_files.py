@@ -115,7 +115,7 @@ class E2BFiles:
             return [info]
 
         entries = self._files_call("list", handle, target, look)
-        return sorted((_info(e) for e in entries), key=lambda f: f.name)
+        return sorted((_info(e, target) for e in entries), key=lambda f: f.name)
 
     def remove_file(self, handle: "E2BHandle", path: str, *, recursive: bool = False) -> None:
         """Remove the file, or the directory (a non-empty one only with ``recursive``)."""
@@ -136,11 +136,14 @@ class E2BFiles:
                              "remove it with recursive=True")
 
 
-def _info(entry: Any) -> FileInfo:
+def _info(entry: Any, asked: str) -> FileInfo:
+    """Ours of envd's ``EntryInfo`` (an older envd answers ``Stat`` with name and type only: the path
+    asked for stands in for its path)."""
     kind = getattr(entry.type, "value", None)
     modified = entry.modified_time
+    path = entry.path or asked
     return FileInfo(
-        path=entry.path, name=entry.name or entry.path.rsplit("/", 1)[-1], type=_TYPES.get(kind, "other"),
+        path=path, name=entry.name or posixpath.basename(path), type=_TYPES.get(kind, "other"),
         size=0 if kind == "dir" else max(0, int(entry.size)), mode=int(entry.mode) & 0o7777,
         modified_at=modified if modified is not None and modified.timestamp() > 0 else None,
     )
