@@ -30,13 +30,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from sandboxer.contract import FileInfo
 from sandboxer.errors import ExecError, InputError
-from sandboxer.extensions.filepaths import check_path, chunks, copy_into, resolve
+from sandboxer.extensions.filepaths import check_mode, check_path, chunks, copy_into, resolve
 
 if TYPE_CHECKING:
     from sandboxer.extensions.e2b import E2BHandle
 
-#: The mode a written file gets when write_file names none (the contract's default).
-DEFAULT_MODE = 0o644
 _TYPES = {"file": "file", "dir": "dir", "symlink": "symlink"}
 
 
@@ -67,7 +65,7 @@ class E2BFiles:
     def write_file(self, handle: "E2BHandle", path: str, source: BinaryIO, *, mode: int | None = None) -> int:
         """Stream ``source`` to ``path`` with ``files.write`` (see the module docstring)."""
         target = self._file_target(handle, path)
-        want = DEFAULT_MODE if mode is None else int(mode) & 0o7777
+        want = check_mode(mode, backend=self.id, sandbox=handle.e2b_sandbox_id, path=path)
         user = handle.exec.user
         counted = [0]
 

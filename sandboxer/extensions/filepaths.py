@@ -14,10 +14,12 @@ from typing import BinaryIO, Callable, Iterator
 
 from sandboxer.errors import InputError
 
-__all__ = ["CHUNK", "check_path", "chunks", "copy_into", "resolve"]
+__all__ = ["CHUNK", "DEFAULT_MODE", "check_mode", "check_path", "chunks", "copy_into", "resolve"]
 
 #: Bytes moved per read or write of a streamed file.
 CHUNK = 1024 * 1024
+#: The permission bits of a file write_file makes when it is given no mode (the contract's default).
+DEFAULT_MODE = 0o644
 
 
 def check_path(path: object, *, backend: str, sandbox: str) -> str:
@@ -32,6 +34,17 @@ def check_path(path: object, *, backend: str, sandbox: str) -> str:
         raise InputError(f"{backend}: sandbox {sandbox}: the file path {path!r} holds a NUL byte, which no "
                          "filesystem accepts")
     return path
+
+
+def check_mode(mode: object, *, backend: str, sandbox: str, path: str) -> int:
+    """The permission bits write_file sets: ``mode``, or :data:`DEFAULT_MODE` for None; anything but
+    an int from 0 to 0o7777 is InputError naming the sandbox, the path and the value."""
+    if mode is None:
+        return DEFAULT_MODE
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+        raise InputError(f"{backend}: sandbox {sandbox}: the mode for {path!r} must be permission bits, an int "
+                         f"from 0 to 0o7777 (e.g. 0o644), got {mode!r}")
+    return mode
 
 
 def resolve(path: str, workdir: str | None) -> str:

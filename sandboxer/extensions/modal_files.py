@@ -35,13 +35,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from sandboxer.contract import FileInfo
 from sandboxer.errors import ExecError
-from sandboxer.extensions.filepaths import CHUNK, check_path, chunks, copy_into, resolve
+from sandboxer.extensions.filepaths import CHUNK, check_mode, check_path, chunks, copy_into, resolve
 
 if TYPE_CHECKING:
     from sandboxer.extensions.modal import ModalHandle
 
-#: The mode a written file gets when write_file names none (the contract's default).
-DEFAULT_MODE = 0o644
 _TYPES = {"file": "file", "directory": "dir", "symlink": "symlink"}
 
 
@@ -90,7 +88,7 @@ class ModalFiles:
     def write_file(self, handle: "ModalHandle", path: str, source: BinaryIO, *, mode: int | None = None) -> int:
         """Stream ``source`` to ``path`` with ``filesystem.copy_from_local`` (see the module docstring)."""
         target = self._target(handle, path)
-        want = DEFAULT_MODE if mode is None else int(mode) & 0o7777
+        want = check_mode(mode, backend=self.id, sandbox=handle.object_id, path=path)
         counted = [0]
         with tempfile.TemporaryDirectory(prefix="sandboxer-modal-") as tmp:
             spool = os.path.join(tmp, "upload")

@@ -35,10 +35,8 @@ from typing import Any, BinaryIO, Iterator
 
 from sandboxer.contract import FileInfo
 from sandboxer.errors import ExecError, InputError, SandboxFileNotFound
-from sandboxer.extensions.filepaths import CHUNK, check_path, chunks, copy_into
+from sandboxer.extensions.filepaths import CHUNK, check_mode, check_path, chunks, copy_into
 
-#: The mode a written file gets when write_file names none (the contract's default).
-DEFAULT_MODE = 0o644
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -126,7 +124,7 @@ class StubFiles:
         if not parts:
             raise ExecError(f"{self.id}: sandbox {who}: {path!r} is its directory, not a file", backend=self.id)
         uid = rec.get("uid")
-        want = DEFAULT_MODE if mode is None else int(mode) & 0o7777
+        want = check_mode(mode, backend=self.id, sandbox=who, path=path)
         name, counted = parts[-1], [0]
         with self._walk(who, box, parts[:-1], path, create=True, uid=uid) as dfd:
             with contextlib.suppress(FileNotFoundError):

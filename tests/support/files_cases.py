@@ -181,11 +181,21 @@ def relative_to_workdir(ext: Any, handle: Any) -> None:
 
 
 def bad_paths(ext: Any, handle: Any) -> None:
+    """An empty path, a NUL byte and a mode that is no permission bits are InputError, and nothing is written."""
     for bad in ("", "nul\x00byte"):
         with pytest.raises(InputError):
             write(ext, handle, bad, b"x")
         with pytest.raises(InputError):
             read(ext, handle, bad)
+        with pytest.raises(InputError):
+            ext.list_files(handle, bad)
+        with pytest.raises(InputError):
+            ext.remove_file(handle, bad)
+    for mode in (-1, 0o10000, "644", 6.44):
+        with pytest.raises(InputError, match="mode"):
+            write(ext, handle, "bad-mode", b"x", mode=mode)
+    with pytest.raises(SandboxFileNotFound):
+        ext.list_files(handle, "bad-mode")
 
 
 def concurrent(ext: Any, handle: Any, n: int = 4) -> None:
