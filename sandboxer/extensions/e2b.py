@@ -1,7 +1,7 @@
 """The E2B backend: cloud microVM sandboxes through the official ``e2b`` SDK.
 
 What it owns: mapping the sand-boxer verbs onto E2B (create / info / kill /
-commands.run / snapshots / list), bring-your-own-key resolution, and the
+commands.run / snapshots / list; files in e2b_files), bring-your-own-key resolution, and the
 translation of the SDK's exceptions into the sand-boxer error tree.
 
 Rules kept here:

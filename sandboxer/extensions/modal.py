@@ -23,7 +23,8 @@ policy: :mod:`sandboxer.extensions.modal_policy`); wait_ready = ``wait_until_rea
 sandbox Modal already ended, or no longer knows, is already gone); snapshot =
 ``snapshot_filesystem``; restore = ``Sandbox.create`` from the snapshot image;
 reattach = ``Sandbox.from_id``; list_owned = ``Sandbox.list`` by tags; probe =
-``poll``; meter_actual = the SDK's sandbox stats. A timed-out exec is exit 124 and leaves nothing it started running.
+``poll``; meter_actual = the SDK's sandbox stats; files = ``Sandbox.filesystem`` (:mod:`.modal_files`). A timed-out
+exec is exit 124 and leaves nothing it started running.
 """
 
 from __future__ import annotations
