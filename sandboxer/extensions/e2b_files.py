@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from sandboxer.contract import FileInfo
 from sandboxer.errors import ExecError, InputError
-from sandboxer.extensions.filepaths import check_mode, check_path, chunks, copy_into, resolve
+from sandboxer.extensions.filepaths import check_mode, check_path, chunks, copy_into, not_root, resolve
 
 if TYPE_CHECKING:
     from sandboxer.extensions.e2b import E2BHandle
@@ -123,6 +123,8 @@ class E2BFiles:
 
         def rm(sbx: Any) -> str | None:
             info = sbx.files.get_info(target, user=user)
+            # envd's Remove is os.RemoveAll: where a relative path landed is known only now
+            not_root(info.path or target, backend=self.id, sandbox=handle.e2b_sandbox_id, path=path)
             if info.type == sdk.FileType.DIR and not recursive and sbx.files.list(target, depth=1, user=user):
                 return info.path or target
             sbx.files.remove(target, user=user)

@@ -14,7 +14,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from sandboxer.errors import InputError
 
-__all__ = ["CHUNK", "DEFAULT_MODE", "check_mode", "check_path", "chunks", "copy_into", "resolve"]
+__all__ = ["CHUNK", "DEFAULT_MODE", "check_mode", "check_path", "chunks", "copy_into", "not_root", "resolve"]
 
 #: Bytes moved per read or write of a streamed file.
 CHUNK = 1024 * 1024
@@ -45,6 +45,13 @@ def check_mode(mode: object, *, backend: str, sandbox: str, path: str) -> int:
         raise InputError(f"{backend}: sandbox {sandbox}: the mode for {path!r} must be permission bits, an int "
                          f"from 0 to 0o7777 (e.g. 0o644), got {mode!r}")
     return mode
+
+
+def not_root(target: str, *, backend: str, sandbox: str, path: str) -> None:
+    """InputError when ``target`` (absolute) is the sandbox's root directory, which remove_file never removes."""
+    if posixpath.normpath(target) == "/":
+        raise InputError(f"{backend}: sandbox {sandbox}: {path!r} is the root of its filesystem, which remove_file "
+                         "does not remove; tear the sandbox down instead")
 
 
 def resolve(path: str, workdir: str | None) -> str:

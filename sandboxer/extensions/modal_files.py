@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from sandboxer.contract import FileInfo
 from sandboxer.errors import ExecError
-from sandboxer.extensions.filepaths import CHUNK, check_mode, check_path, chunks, copy_into, resolve
+from sandboxer.extensions.filepaths import CHUNK, check_mode, check_path, chunks, copy_into, not_root, resolve
 
 if TYPE_CHECKING:
     from sandboxer.extensions.modal import ModalHandle
@@ -138,6 +138,7 @@ class ModalFiles:
     def remove_file(self, handle: "ModalHandle", path: str, *, recursive: bool = False) -> None:
         """``filesystem.remove``: a file, an empty directory, or (``recursive``) a tree."""
         target = self._target(handle, path)
+        not_root(target, backend=self.id, sandbox=handle.object_id, path=path)
         self._files_call("remove", handle, target, lambda sb: sb.filesystem.remove(target, recursive=recursive))
 
 

@@ -165,6 +165,9 @@ def removal(ext: Any, handle: Any, sandbox: str) -> None:
     with pytest.raises(SandboxFileNotFound) as err:
         read(ext, handle, "rm/never-was")
     assert sandbox in str(err.value) and "rm/never-was" in str(err.value)
+    for root in ("/", "/.."):  # the sandbox's whole filesystem is never removed by a path
+        with pytest.raises(InputError):
+            ext.remove_file(handle, root, recursive=True)
 
 
 def relative_to_workdir(ext: Any, handle: Any) -> None:
