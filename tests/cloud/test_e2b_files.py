@@ -58,7 +58,7 @@ def test_concurrent_transfers(box):
     cases.concurrent(ext, handle)
 
 
-def test_relative_path_is_taken_from_the_profile_cwd(make_ext, standin: E2BStandIn, tmp_path):
+def test_relative_path_is_taken_from_the_profile_cwd(make_ext, standin: E2BStandIn):
     ext, profile = make_ext()
     profile = profile.model_copy(update={"options": {**profile.options, "cwd": "/work/dir"}})
     handle = ext.provision(request(profile, inputs("sbx-cwd"), None))
