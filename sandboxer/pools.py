@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sandboxer.contract import bound
 from sandboxer.errors import BackendError, SandboxerError
 from sandboxer.models import POOL_CONSUMER, Profile, SandboxCreateRequest, SandboxStatus
 from sandboxer.records import short, status_of
@@ -154,13 +155,20 @@ class Pools:
         mgr = self.mgr
         ext = mgr.extension(row["extension"], sandbox_id=row["id"])
         what = f"hand-out of pooled sandbox {row['id']}"
-        try:
-            alive = mgr._call(ext, "probe", row["handle"], timeout=mgr.limits.probe, what=what)
-            if alive is False:
-                mgr._refresh(row, ext)  # marks it lost (and sweeps what it left)
+        probe, settable = bound(ext, "probe", what), ext.own_ttl == "settable"
+        set_ttl = bound(ext, "set_ttl", what)
+
+        def check_and_move() -> bool:  # one call into the backend (one deadline, one thread hop)
+            if probe(row["handle"]) is False:
                 return False
-            if ext.own_ttl == "settable":
-                mgr._call(ext, "set_ttl", row["handle"], ttl, timeout=mgr.limits.probe, what=what)
+            if settable:
+                set_ttl(row["handle"], ttl)
+            return True
+
+        try:
+            if not mgr._caller.call(check_and_move, timeout=mgr.limits.probe, what=what, backend=ext.id):
+                mgr._refresh(row, ext)  # it is gone: marked lost (and what it left swept)
+                return False
         except (BackendError, OSError) as exc:
             log.warning("%s failed: %s; tearing it down", what, exc)
             mgr.state.record_event(row["id"], "pool_handout_failed", extension=ext.id, detail={"error": short(exc)})
