@@ -127,31 +127,15 @@ def run(mgr: Manager, profile: str, n: int, do_exec: bool = True) -> dict:
     return out
 
 
-LOCAL_POOLED = """
-slug: {slug}
-extension: ext.local
-isolation: process
-ttl: {{default: 1h, max: 24h}}
-ready_timeout: 10s
-resources: {{cpu: 1, memory_mb: 1024, disk_mb: 1024, pids: 256}}
-options: {{network: false, cpu_time_s: 600}}
-"""
-DOCKER_POOLED = """
-slug: {slug}
-extension: ext.docker
-isolation: container
-ttl: {{default: 1h, max: 8h}}
-ready_timeout: 60s
-resources: {{cpu: 1, memory_mb: 256, pids: 128}}
-options: {{image: sandboxer-busybox:test, pull: never, workdir: /work}}
-"""
-POOL = "pool: {size: 2, max_age: 10m}\n"
+def pool_profiles(shipped: str, name: str) -> dict[str, str]:
+    """The shipped profile ``shipped`` twice: ``<name>-cold`` as it is, ``<name>-warm`` with a pool."""
+    import yaml
 
+    from sandboxer.loader import builtin_dir
 
-def pool_profiles(template: str, name: str) -> dict[str, str]:
-    """The same profile twice: ``<name>-cold`` without a pool, ``<name>-warm`` with one."""
-    return {f"profile.{name}-cold.yaml": template.format(slug=f"{name}-cold"),
-            f"profile.{name}-warm.yaml": template.format(slug=f"{name}-warm") + POOL}
+    base = yaml.safe_load((builtin_dir("profiles") / f"profile.{shipped}.yaml").read_text())
+    return {f"profile.{name}-{kind}.yaml": yaml.safe_dump({**base, "slug": f"{name}-{kind}", **extra})
+            for kind, extra in (("cold", {}), ("warm", {"pool": {"size": 2, "max_age": "10m"}}))}
 
 
 def first_output(mgr: Manager, profile: str) -> tuple[float, float, str]:
@@ -204,13 +188,13 @@ def main() -> None:
     if args.quick:
         args.n_local, args.n_stub, args.n_pool = 15, 100, 15
     files = {"ext.bench-stub.yaml": STUB, "profile.bench-stub.yaml": "slug: bench-stub\nextension: ext.bench-stub\n",
-             **pool_profiles(LOCAL_POOLED, "local")}
+             **pool_profiles("local", "local")}
     if args.docker:
         from tests.support.dockerd import ensure_busybox_image, ensure_dockerd
 
         ensure_dockerd()
         ensure_busybox_image("sandboxer-busybox:test")
-        files.update(pool_profiles(DOCKER_POOLED, "docker"))
+        files.update(pool_profiles("docker", "docker"))
     pools: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = write_config(Path(tmp), files)
