@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sandboxer.contract import bound
-from sandboxer.errors import BackendError, SandboxerError
+from sandboxer.errors import BackendError, BudgetExceeded, SandboxerError
 from sandboxer.models import POOL_CONSUMER, Profile, SandboxCreateRequest, SandboxStatus
 from sandboxer.records import short, status_of
 from sandboxer.secrets import sandbox_secrets
@@ -102,9 +102,9 @@ class Pools:
         """Why this request cannot be served from ``profile``'s pool, or None if it can.
 
         A pooled sandbox serves a request that sets no name, no labels and no secrets of its
-        own, whose inputs (if any) equal the profile's defaults, whose consumer has no budget
-        (a budget is checked against a quote on the cold path), and, on a backend that cannot
-        move a sandbox's end, whose TTL is at most the profile's default.
+        own, whose inputs (if any) equal the profile's defaults, whose consumer's budget (if any)
+        covers the quote of every backend of the profile for the TTL plus ``max_age``, and, on a
+        backend that cannot move a sandbox's end, whose TTL is at most the profile's default.
         """
         if profile.pool is None or profile.pool.size == 0:
             return "the profile has no pool"
@@ -117,7 +117,14 @@ class Pools:
         if inputs != self.mgr._check_inputs(profile, {}):
             return "inputs other than the profile's defaults are given"
         if self.mgr.metering.has_budget(req.consumer):
-            return "the consumer has a budget"
+            # what the cold path would check, on every backend the sandbox may be on, and for the
+            # time it may have waited in the pool too (that is billed to the consumer)
+            try:
+                for i in range(len(profile.candidates)):
+                    self.mgr.metering.check_budget(req.consumer,
+                                                   self.mgr._quote(profile, i, ttl + profile.pool.max_age))
+            except BudgetExceeded:
+                return "the consumer's budget may not cover it (the cold path decides)"
         if ttl > profile.ttl.default and self._ttl_fixed(profile):
             return "a TTL over the profile's default, on a backend that cannot move a sandbox's end"
         return None

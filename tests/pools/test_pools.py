@@ -219,3 +219,25 @@ def test_threads_never_share_a_pooled_sandbox(cfg, pool_manager):  # type: ignor
     run_threads(one, 8)
     assert len(got) == len(set(got)) == 8
     assert len(set(got) & pooled) == 6  # every pooled one handed out once; two went cold
+
+
+def test_a_budget_is_kept_on_the_pool_path(cfg, pool_manager):  # type: ignore[no-untyped-def]
+    from sandboxer.errors import BudgetExceeded
+
+    cfg.write("profile.metered.yaml", """
+        slug: metered
+        extension: ext.saas-stub
+        ttl: {default: 30m, max: 4h}
+        pool: {size: 1, max_age: 5m}
+    """)
+    (cfg.root / "settings.yaml").write_text("budgets:\n  rich: {limit: 100}\n  poor: {limit: 0.0001}\n")
+    mgr = pool_manager(refill=False)
+    [pooled] = mgr.fill_pools().made["metered"]
+    with pytest.raises(BudgetExceeded):  # the pool never lets a create past a budget the cold path refuses
+        mgr.create(profile="metered", consumer="poor")
+    assert pooled_ready(mgr, "metered") == [pooled]
+    assert mgr.create(profile="metered", consumer="rich").id == pooled
+    stub = mgr.extension("ext.saas-stub")
+    assert {o.sandbox_id for o in stub.list_owned(mgr.owner_labels)} == {pooled}
+    mgr.teardown(pooled)
+    assert stub.list_owned(mgr.owner_labels) == []
