@@ -68,7 +68,10 @@ class Ctx:
         if self._mgr is None:
             from sandboxer.manager import Manager
 
-            self._mgr = Manager(config_dirs=self.config, home=self.home, state_url=self.state_url, lazy=True)
+            # lazy: only what the command needs loads; no refill thread: a command is over in a
+            # moment (`sandboxer pool fill` fills)
+            self._mgr = Manager(config_dirs=self.config, home=self.home, state_url=self.state_url, lazy=True,
+                                refill=False)
         return self._mgr
 
     def catalog(self):  # type: ignore[no-untyped-def]
@@ -167,6 +170,7 @@ def extensions_group() -> None:
 
 register_trust_commands(extensions_group)  # keygen, sign, verify, trust: sandboxer/cli_trust.py
 __import__("sandboxer.cli_images").cli_images.register(cli)  # images build/list/gc: sandboxer/cli_images.py
+__import__("sandboxer.cli_pools").cli_pools.register(cli)  # pool fill/status/drain: sandboxer/cli_pools.py
 
 
 @extensions_group.command("list")
@@ -340,11 +344,12 @@ def status(c: Ctx, sandbox_id: str, as_json: bool, no_refresh: bool) -> None:
 
 @cli.command("list")
 @click.option("--all", "show_all", is_flag=True, help="Include terminated and failed sandboxes.")
+@click.option("--pooled", is_flag=True, help="Include the idle sandboxes of warm pools (consumer sandboxer.pool).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def list_cmd(c: Ctx, show_all: bool, as_json: bool) -> None:
-    """List sandboxes (live ones unless --all)."""
-    items = c.manager().list(all=show_all)
+def list_cmd(c: Ctx, show_all: bool, pooled: bool, as_json: bool) -> None:
+    """List sandboxes (live ones unless --all; warm pools' idle ones only with --pooled)."""
+    items = c.manager().list(all=show_all, pooled=pooled)
     if as_json:
         return _emit_json([s.model_dump(mode="json") for s in items])
     out.print(_status_table(items)) if items else click.echo("no sandboxes")

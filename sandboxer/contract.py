@@ -150,7 +150,7 @@ class FileInfo(BaseModel):
 
 #: Methods whose first argument is a handle.
 HANDLE_METHODS = frozenset({"wait_ready", "teardown", "exec", "snapshot", "meter_actual", "probe", "handle_id",
-                            "write_file", "read_file", "list_files", "remove_file"})
+                            "write_file", "read_file", "list_files", "remove_file", "set_ttl"})
 
 
 def load_handle(cls: type[Handle], stored: Handle | dict[str, Any], *, what: str, backend: str) -> Handle:

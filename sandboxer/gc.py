@@ -70,6 +70,7 @@ class GcMixin(_Base):
                 bucket.append(row["id"])
             except SandboxerError as exc:
                 report.errors[row["id"]] = str(exc)
+        self.pools.reap(report)  # pooled sandboxes past their pool's max_age, or of a profile without a pool
         seen = self._reconcile(report)
         self._find_lost(ready, seen, report)
         self.metering.close_abandoned()

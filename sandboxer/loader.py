@@ -537,6 +537,13 @@ def load_profile(path: Path, extensions: dict[str, LoadedExtension]) -> Profile:
     bad = RESERVED_INPUTS & (set(profile.inputs.defaults) | set(profile.inputs.required))
     if bad:
         raise ProfileError(f"{path}: field 'inputs': {sorted(bad)} are reserved for the manager")
+    if profile.pool is not None and profile.pool.size:
+        unset = [k for k in profile.inputs.required if profile.inputs.defaults.get(k) in (None, "")]
+        if unset:  # a pooled sandbox is made before any request: from the defaults alone
+            raise ProfileError(
+                f"{path}: field 'pool' (value size {profile.pool.size}): input {unset[0]!r} is required and has no "
+                f"default, and a pooled sandbox is created before any request, from the defaults alone; give "
+                f"'inputs.defaults.{unset[0]}', or drop the pool (docs/pools.md)")
     for i, choice in enumerate(profile.candidates):
         field_name = "extension" if profile.backends is None else f"backends.{i}.extension"
         loaded = extensions.get(choice.extension)

@@ -48,6 +48,7 @@ from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension
 from sandboxer.loader import Catalog, load_catalog
 from sandboxer.metering import Metering, price
 from sandboxer.models import (
+    POOL_CONSUMER,
     ExecResult,
     MeterQuote,
     Pricing,
@@ -57,6 +58,7 @@ from sandboxer.models import (
     format_duration,
 )
 from sandboxer.gc import GcMixin
+from sandboxer.pools import PoolReport, Pools
 from sandboxer.records import STATUS_FIELDS, dt, short, status_of
 from sandboxer.router import Action, Plan, Router
 from sandboxer.secrets import SecretRef, sandbox_secrets, scrub
@@ -111,6 +113,8 @@ class Manager(SnapshotsMixin, GcMixin):
             sandbox (exec, teardown, status with refresh) only that sandbox's extension: what a
             short-lived process such as the CLI wants. A config error then surfaces at that first
             use. By default everything is loaded and checked here.
+        refill: keep the warm pools of pooled profiles filled from a background thread
+            (docs/pools.md; stopped by :meth:`close`). Off, pools are filled only by :meth:`fill_pools`.
     """
 
     def __init__(
@@ -124,6 +128,7 @@ class Manager(SnapshotsMixin, GcMixin):
         teardown_grace: float = TEARDOWN_GRACE_S,
         call_limits: CallLimits | None = None,
         lazy: bool = False,
+        refill: bool = True,
     ):
         self._owns_catalog = catalog is None
         self.home = Path(home) if home else default_home()
@@ -150,6 +155,9 @@ class Manager(SnapshotsMixin, GcMixin):
         self._tearing: set[str] = set()  # teardowns running in this process
         self._lock = threading.Lock()
         self._effective: dict[tuple[str, int], Profile] = {}
+        self.pools = Pools(self)
+        if refill:
+            self.pools.start()
 
     def _call(self, ext: SandboxExtension, method: str, *args: Any, timeout: float | None, what: str,
               late: Callable[[Any], None] | None = None, **kwargs: Any) -> Any:
@@ -245,6 +253,7 @@ class Manager(SnapshotsMixin, GcMixin):
     def close(self) -> None:
         """Close the state store and, for a catalog this manager loaded itself, stop its
         out-of-process extensions' workers (a catalog passed in may serve other managers)."""
+        self.pools.stop()
         if self._owns_catalog:
             loaded_ones = [*(self._catalog.extensions.values() if self._catalog else ()),
                            *(x for part in self._partial.values() for x in part.extensions.values())]
@@ -358,9 +367,15 @@ class Manager(SnapshotsMixin, GcMixin):
             return
         self.state.record_event(row["id"], "lost_swept", extension=ext.id, detail={"removed": report.removed})
 
-    def list(self, *, all: bool = False) -> list[SandboxStatus]:  # noqa: A002 - mirrors the CLI flag
-        """Live sandboxes, or every one ever recorded with ``all=True``."""
-        return [status_of(r) for r in self._read("list", states=None if all else LIVE_STATES, fields=STATUS_FIELDS)]
+    def list(self, *, all: bool = False, pooled: bool = False) -> list[SandboxStatus]:  # noqa: A002 - the CLI flag
+        """Live sandboxes, or every one ever recorded with ``all=True``; the idle ones of warm pools
+        (not yet handed out) only with ``pooled=True``."""
+        return [status_of(r) for r in self._read("list", states=None if all else LIVE_STATES, fields=STATUS_FIELDS)
+                if pooled or r["consumer"] != POOL_CONSUMER]
+
+    def fill_pools(self, profile: str | None = None) -> PoolReport:
+        """Fill every warm pool (or ``profile``'s) up to its size once, now (docs/pools.md)."""
+        return self.pools.fill(profile)
 
     def events(self, sandbox_id: str | None = None) -> list[dict[str, Any]]:
         return self.state.events(sandbox_id)
@@ -431,6 +446,9 @@ class Manager(SnapshotsMixin, GcMixin):
         inputs = self._check_inputs(profile, req.inputs)
         ttl = self._ttl(profile, req.ttl)
         values = sandbox_secrets(profile.slug, profile.secrets, secrets)  # before anything is recorded
+        pooled = self.pools.take(req, profile, inputs, ttl, secrets) if profile.pool else None
+        if pooled is not None:  # a warm pool's sandbox, now this consumer's (docs/pools.md)
+            return pooled
         for _ in range(3):  # bounded: a named create may find its twin failed, then tries itself
             if req.name:
                 existing = self.state.get_by_name(req.name)

@@ -317,6 +317,7 @@ class DockerExtension(SandboxExtension):
     ProfileOptions = DockerOptions
     Handle = DockerHandle
     features = frozenset({"exec", "snapshots", "list_owned"})
+    own_ttl = "none"  # nothing here ends a sandbox on its own: the manager's gc does
     requires = ("docker", "docker")
     # none is network_mode none (loopback only); the internet is a bridge (or the operator's named network);
     # an allow-list, a deny-list or exposed ports: a network of its own, kept by nftables rules on the

@@ -28,6 +28,7 @@ class FakeHandle(Handle):
 
 class FakeExtension(SandboxExtension):
     features = frozenset({"exec", "snapshots", "metering", "list_owned"})
+    own_ttl = "none"  # nothing here ends a sandbox on its own: the manager's gc does
     # it runs nothing: every promise is vacuously kept (a test's manifest narrows it to what it needs)
     enforces = frozenset(ENFORCEMENTS)
     Handle = FakeHandle

@@ -122,6 +122,7 @@ class StubConfig(BaseModel):
 class SaasStubExtension(StubFiles, SandboxExtension):
     Config = StubConfig
     features = frozenset({"exec", "snapshots", "metering", "list_owned", "files"})
+    own_ttl = "none"  # nothing here ends a sandbox on its own: the manager's gc does
     # its "machine" has no network (a stand-in: nothing it runs reaches out); the secrets are its
     # commands' environment, kept on the "provider side" (the table) like E2B's envs
     enforces = frozenset({"network:none", "secrets"})

@@ -48,6 +48,7 @@ from sandboxer.state.schema import (  # noqa: F401 - the schema is part of this 
 )
 from sandboxer.state.extensions import EXTENSION_STATES, TRANSITIONS, ExtensionTables, LifecycleError  # noqa: F401
 from sandboxer.state.images import IMAGE_STATES, ImageTables  # noqa: F401
+from sandboxer.state.pools import PoolTables
 from sandboxer.state.sqlite import RawSQLite
 
 # Hot-path statements are built once: SQLAlchemy memoises a statement object's
@@ -81,7 +82,7 @@ def _count_live_stmt(columns: frozenset[str]) -> Any:
     return stmt
 
 
-class StateStore(ExtensionTables, ImageTables):
+class StateStore(ExtensionTables, ImageTables, PoolTables):
     """Durable record of sandboxes, events, snapshots and usage."""
 
     #: Run SQLite transactions on plain sqlite3 connections (see RawSQLite); tests turn it off
