@@ -114,7 +114,8 @@ class Manager(SnapshotsMixin, GcMixin):
             short-lived process such as the CLI wants. A config error then surfaces at that first
             use. By default everything is loaded and checked here.
         refill: keep the warm pools of pooled profiles filled from a background thread
-            (docs/pools.md; stopped by :meth:`close`). Off, pools are filled only by :meth:`fill_pools`.
+            (docs/pools.md; stopped by :meth:`close`; a lazy manager starts it when its catalog
+            loads). Off, pools are filled only by :meth:`fill_pools`.
     """
 
     def __init__(
@@ -156,7 +157,8 @@ class Manager(SnapshotsMixin, GcMixin):
         self._lock = threading.Lock()
         self._effective: dict[tuple[str, int], Profile] = {}
         self.pools = Pools(self)
-        if refill:
+        self._refill = refill
+        if refill and self._catalog is not None:  # a lazy manager starts it when its catalog loads
             self.pools.start()
 
     def _call(self, ext: SandboxExtension, method: str, *args: Any, timeout: float | None, what: str,
@@ -227,6 +229,8 @@ class Manager(SnapshotsMixin, GcMixin):
                         if ext_id in full.extensions:
                             full.extensions[ext_id] = part.extensions[ext_id]
                     self._catalog = full
+            if self._refill:
+                self.pools.start()
         return self._catalog
 
     def _extensions(self, ext_id: str) -> Catalog:
