@@ -7,57 +7,37 @@
     mgr.teardown(sb.id)
 """
 
-from sandboxer.errors import (
-    AuthError,
-    BackendError,
-    BudgetExceeded,
-    CapabilityError,
-    CapacityUnavailable,
-    ConfigError,
-    ExecError,
-    ExtensionCrashed,
-    ExtensionLoadError,
-    ExtensionTimeout,
-    InputError,
-    ManifestError,
-    MissingExtra,
-    ProfileError,
-    ProfileNotFound,
-    ProvisionError,
-    QuotaExceeded,
-    RateLimited,
-    ReadinessTimeout,
-    RequestError,
-    RoutingError,
-    SandboxerError,
-    SandboxFileNotFound,
-    SandboxNotFound,
-    SandboxStateError,
-    SnapshotError,
-    SnapshotNotFound,
-    StateStoreError,
-    TeardownError,
-    TTLError,
-)
-from sandboxer.deadline import CallLimits
-from sandboxer.extensions.base import SandboxExtension
-from sandboxer.models import (
-    CleanupReport,
-    ExecResult,
-    ExtensionManifest,
-    MeterQuote,
-    Profile,
-    SandboxCreateRequest,
-    SandboxState,
-    SandboxStatus,
-    SnapshotMeta,
-)
-
 __version__ = "0.1.0"
 
-# The manager and the loader (SQLAlchemy, YAML) load on first use: ``import sandboxer.testing``
-# (the pytest plugin every test run of an author's gets) and a worker process stay light.
-_LAZY = {"Manager": "sandboxer.manager", "Catalog": "sandboxer.loader", "load_catalog": "sandboxer.loader"}
+# Every name loads on first use (PEP 562): ``import sandboxer.cli`` (a CLI start), the pytest
+# plugin every author's test run gets, and a worker process import only what they touch.
+_MODULES = {
+    "sandboxer.errors": (
+        "AuthError", "BackendError", "BudgetExceeded", "CapabilityError", "CapacityUnavailable",
+        "ConfigError", "ExecError", "ExtensionCrashed", "ExtensionLoadError", "ExtensionTimeout",
+        "InputError", "ManifestError", "MissingExtra", "ProfileError", "ProfileNotFound", "ProvisionError",
+        "QuotaExceeded", "RateLimited", "ReadinessTimeout", "RequestError", "RoutingError",
+        "SandboxFileNotFound", "SandboxNotFound", "SandboxStateError", "SandboxerError", "SnapshotError",
+        "SnapshotNotFound", "StateStoreError", "TTLError", "TeardownError",
+    ),
+    "sandboxer.models": (
+        "CleanupReport", "ExecResult", "ExtensionManifest", "MeterQuote", "Profile", "SandboxCreateRequest",
+        "SandboxState", "SandboxStatus", "SnapshotMeta",
+    ),
+    "sandboxer.deadline": (
+        "CallLimits",
+    ),
+    "sandboxer.extensions.base": (
+        "SandboxExtension",
+    ),
+    "sandboxer.manager": (
+        "Manager",
+    ),
+    "sandboxer.loader": (
+        "Catalog", "load_catalog",
+    ),
+}
+_LAZY = {name: module for module, names in _MODULES.items() for name in names}
 
 
 def __getattr__(name: str):  # noqa: ANN202 - PEP 562
@@ -69,6 +49,11 @@ def __getattr__(name: str):  # noqa: ANN202 - PEP 562
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "AuthError", "BackendError", "BudgetExceeded", "CallLimits", "CapabilityError", "CapacityUnavailable", "Catalog",
