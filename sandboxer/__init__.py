@@ -57,7 +57,9 @@ __version__ = "0.1.0"
 
 # The manager and the loader (SQLAlchemy, YAML) load on first use: ``import sandboxer.testing``
 # (the pytest plugin every test run of an author's gets) and a worker process stay light.
-_LAZY = {"Manager": "sandboxer.manager", "Catalog": "sandboxer.loader", "load_catalog": "sandboxer.loader"}
+_LAZY = {"Manager": "sandboxer.manager", "Catalog": "sandboxer.loader", "load_catalog": "sandboxer.loader",
+         "Sandbox": "sandboxer.sandbox", "AsyncManager": "sandboxer.aio", "AsyncSandbox": "sandboxer.aio",
+         "FileInfo": "sandboxer.contract"}
 
 
 def __getattr__(name: str):  # noqa: ANN202 - PEP 562
@@ -76,7 +78,7 @@ __all__ = [
     "ExtensionCrashed", "ExtensionTimeout", "StateStoreError",
     "InputError", "Manager", "ManifestError", "MeterQuote", "MissingExtra", "Profile", "ProfileError",
     "ProfileNotFound", "ProvisionError", "QuotaExceeded", "RateLimited", "ReadinessTimeout", "RequestError",
-    "RoutingError", "SandboxCreateRequest", "SandboxExtension", "SandboxFileNotFound", "SandboxNotFound", "SandboxState",
+    "RoutingError", "Sandbox", "AsyncManager", "AsyncSandbox", "FileInfo", "SandboxCreateRequest", "SandboxExtension", "SandboxFileNotFound", "SandboxNotFound", "SandboxState",
     "SandboxStateError", "SandboxStatus", "SandboxerError", "SnapshotError", "SnapshotMeta", "SnapshotNotFound",
     "TTLError", "TeardownError", "load_catalog", "__version__",
 ]

@@ -64,7 +64,7 @@ def check_features(cls: type["SandboxExtension"], features: Iterable[str]) -> st
 
 #: Contract methods a handler may override besides the feature methods; each is checked too.
 CONTRACT_METHODS = ("provision", "wait_ready", "teardown", "resource_names", "deadline", "probe", "handle_id",
-                    "credential_key", "hosts", "delete_snapshot", "options")
+                    "credential_key", "hosts", "delete_snapshot", "options", "extend_ttl")
 
 
 def check_signatures(cls: type["SandboxExtension"]) -> str | None:
@@ -343,6 +343,8 @@ class SandboxExtension(abc.ABC):
     # sandbox planted must not lead a host-side write or read out of it). Data is streamed:
     # never hold a whole file in memory. Errors: InputError for a bad path (empty, NUL byte),
     # SandboxFileNotFound for a missing path, ExecError for anything else the backend refused.
+    # The manager hands ``source``/``sink`` over as file-like objects with ``read``/``write`` only (no
+    # fileno, not seekable); a ``source`` may say ``length`` (bytes left) when the manager knows it.
 
     def write_file(self, handle: Handle, path: str, source: BinaryIO, *, mode: int | None = None) -> int:
         """Write everything read from ``source`` (to EOF) to ``path``, replacing a file there and
@@ -363,6 +365,14 @@ class SandboxExtension(abc.ABC):
         """Remove the file (or, with ``recursive``, the directory tree) at ``path``. A missing path
         raises SandboxFileNotFound; a non-empty directory without ``recursive`` raises InputError."""
         raise NotImplementedError  # pragma: no cover
+
+    def extend_ttl(self, handle: Handle, ttl: float) -> None:
+        """The manager moved the sandbox's expiry to ``ttl`` seconds from now (``Manager.extend_ttl``).
+
+        A backend that enforces a TTL of its own (a provider-side timeout, an init that exits at
+        it) moves it too, or raises TTLError when it cannot; the default does nothing (the
+        manager's gc enforces the TTL). Called before the new expiry is recorded.
+        """
 
     def snapshot(self, handle: Handle) -> SnapshotResult:
         """Capture the sandbox (feature ``snapshots``)."""

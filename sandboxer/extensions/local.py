@@ -47,11 +47,11 @@ import tarfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sandboxer.contract import Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
+from sandboxer.contract import FileInfo, Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
 from sandboxer.errors import (
     ExecError,
     InputError,
@@ -59,6 +59,7 @@ from sandboxer.errors import (
     ReadinessTimeout,
     SnapshotError,
     TeardownError,
+    TTLError,
 )
 from sandboxer.extensions import egress, local_cgroup
 from sandboxer.extensions.local_proc import (  # noqa: F401 - alloc_uid, free_uid, chown_tree are ext.local's API
@@ -72,6 +73,7 @@ from sandboxer.extensions.local_proc import (  # noqa: F401 - alloc_uid, free_ui
     chown_tree,
     free_uid,
 )
+from sandboxer.extensions.local_files import files_of
 from sandboxer.extensions.local_secrets import init_secrets
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.execution import OUTPUT_CAP as DEFAULT_OUTPUT_CAP
@@ -161,6 +163,8 @@ class LocalHandle(Handle):
     #: ports the sandbox serves (``network.expose``)
     expose: list[int] = Field(default_factory=list)
     secrets: list[str] = Field(default_factory=list, description="names of the secrets its init holds (never values)")
+    #: when its init exits (the TTL plus a grace, as the epoch); None without an init
+    life_until: float | None = None
 
 
 class LocalReachability(Reachability):
@@ -227,7 +231,7 @@ class LocalExtension(SandboxExtension):
     Config = LocalConfig
     ProfileOptions = LocalOptions
     Handle = LocalHandle
-    features = frozenset({"exec", "snapshots", "list_owned"})
+    features = frozenset({"exec", "snapshots", "list_owned", "files"})
     # no network is a network namespace of its own (loopback only); the internet is the host's network;
     # an allow-list, a deny-list or exposed ports: a namespace of its own joined to the host by a veth
     # pair, kept by nftables rules on the host (sandboxer/extensions/egress.py); secrets are the init's
@@ -451,6 +455,7 @@ class LocalExtension(SandboxExtension):
                 # The init exits at the TTL (plus a grace for gc to tear down first), so a sandbox's
                 # processes end on time even if no manager is left to run gc.
                 life = int(float(request.ttl)) + TTL_GRACE_S
+                handle.life_until = time.time() + life
                 handle.pid, handle.starttime, handle.outer_pid = self._start_init(
                     tool, ws, uid, opts, sandbox_id, life, handle.cgroup, handle.link, request.secret_env())
             record()
@@ -636,6 +641,28 @@ class LocalExtension(SandboxExtension):
             return _collect(proc, stdin, timeout, on_output, kill, self.config.max_output_bytes)
         finally:
             local_cgroup.drop_group(group)
+
+    # --------------------------------------------------- files and lifetime
+
+    def write_file(self, handle: LocalHandle, path: str, source: BinaryIO, *, mode: int | None = None) -> int:
+        return files_of(self.id, handle).write(path, source, mode)
+
+    def read_file(self, handle: LocalHandle, path: str, sink: BinaryIO) -> int:
+        return files_of(self.id, handle).read(path, sink)
+
+    def list_files(self, handle: LocalHandle, path: str) -> list[FileInfo]:
+        return files_of(self.id, handle).list(path)
+
+    def remove_file(self, handle: LocalHandle, path: str, *, recursive: bool = False) -> None:
+        files_of(self.id, handle).remove(path, recursive)
+
+    def extend_ttl(self, handle: LocalHandle, ttl: float) -> None:
+        """The init holding the namespaces exits at the TTL it was started with (plus a grace): a
+        sandbox cannot be kept past it."""
+        if handle.life_until is not None and time.time() + ttl > handle.life_until - TTL_GRACE_S:
+            until = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(handle.life_until - TTL_GRACE_S))
+            raise TTLError(f"{self.id}: sandbox {handle.sandbox_id}'s init holds its namespaces until {until}Z "
+                           "(its TTL at creation) and cannot be kept longer; create it with a longer --ttl")
 
     # ------------------------------------------------------------ teardown
 
