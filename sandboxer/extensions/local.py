@@ -47,11 +47,11 @@ import tarfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sandboxer.contract import FileInfo, Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
+from sandboxer.contract import Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
 from sandboxer.errors import (
     ExecError,
     InputError,
@@ -73,7 +73,7 @@ from sandboxer.extensions.local_proc import (  # noqa: F401 - alloc_uid, free_ui
     chown_tree,
     free_uid,
 )
-from sandboxer.extensions.local_files import files_of
+from sandboxer.extensions.local_files import LocalFilesMixin
 from sandboxer.extensions.local_secrets import init_secrets
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.execution import OUTPUT_CAP as DEFAULT_OUTPUT_CAP
@@ -227,7 +227,7 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-class LocalExtension(SandboxExtension):
+class LocalExtension(LocalFilesMixin, SandboxExtension):
     Config = LocalConfig
     ProfileOptions = LocalOptions
     Handle = LocalHandle
@@ -642,19 +642,7 @@ class LocalExtension(SandboxExtension):
         finally:
             local_cgroup.drop_group(group)
 
-    # --------------------------------------------------- files and lifetime
-
-    def write_file(self, handle: LocalHandle, path: str, source: BinaryIO, *, mode: int | None = None) -> int:
-        return files_of(self.id, handle).write(path, source, mode)
-
-    def read_file(self, handle: LocalHandle, path: str, sink: BinaryIO) -> int:
-        return files_of(self.id, handle).read(path, sink)
-
-    def list_files(self, handle: LocalHandle, path: str) -> list[FileInfo]:
-        return files_of(self.id, handle).list(path)
-
-    def remove_file(self, handle: LocalHandle, path: str, *, recursive: bool = False) -> None:
-        files_of(self.id, handle).remove(path, recursive)
+    # ------------------------------------------- lifetime (files: LocalFilesMixin)
 
     def extend_ttl(self, handle: LocalHandle, ttl: float) -> None:
         """The init holding the namespaces exits at the TTL it was started with (plus a grace): a

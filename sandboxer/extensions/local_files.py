@@ -259,3 +259,21 @@ class LocalFiles:
 def files_of(ext_id: str, handle: Any) -> LocalFiles:
     """The files of the sandbox ``handle`` (a LocalHandle)."""
     return LocalFiles(ext_id, handle.sandbox_id, handle.workspace, namespaced=handle.tool != "none", uid=handle.uid)
+
+
+class LocalFilesMixin:
+    """The files verbs of :class:`~sandboxer.extensions.local.LocalExtension`."""
+
+    id: str
+
+    def write_file(self, handle: Any, path: str, source: BinaryIO, *, mode: int | None = None) -> int:
+        return files_of(self.id, handle).write(path, source, mode)
+
+    def read_file(self, handle: Any, path: str, sink: BinaryIO) -> int:
+        return files_of(self.id, handle).read(path, sink)
+
+    def list_files(self, handle: Any, path: str) -> list[FileInfo]:
+        return files_of(self.id, handle).list(path)
+
+    def remove_file(self, handle: Any, path: str, *, recursive: bool = False) -> None:
+        files_of(self.id, handle).remove(path, recursive)
