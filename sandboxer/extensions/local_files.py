@@ -22,9 +22,10 @@ import os
 import secrets
 import shutil
 import stat
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 from sandboxer.contract import FileInfo
 from sandboxer.errors import ExecError, InputError, SandboxFileNotFound
@@ -135,6 +136,17 @@ class LocalFiles:
             walk.close()
             raise
 
+    @contextmanager
+    def _at(self, path: str, *, create: bool = False, follow_last: bool = True) -> Iterator[tuple[_Walk, str | None]]:
+        """:meth:`_walk` for a ``with`` block: an OSError inside becomes ours, the directories are closed."""
+        walk, name = self._walk(path, create=create, follow_last=follow_last)
+        try:
+            yield walk, name
+        except OSError as exc:
+            raise self._os_error(path, exc) from None
+        finally:
+            walk.close()
+
     def _shown(self, walk: _Walk, name: str | None = None) -> str:
         return "/".join([self.ws if self.ws != "/" else "", *walk.names, *([name] if name else [])]) or "/"
 
@@ -149,8 +161,7 @@ class LocalFiles:
     # ------------------------------------------------------------ verbs
 
     def write(self, path: str, source: BinaryIO, mode: int | None) -> int:
-        walk, name = self._walk(path, create=True, follow_last=True)
-        try:
+        with self._at(path, create=True) as (walk, name):
             if name is None:
                 raise ExecError(f"{self._where(path)} is the workspace directory, not a file", backend=self.ext_id)
             try:
@@ -178,14 +189,9 @@ class LocalFiles:
                     pass
                 raise
             return written
-        except OSError as exc:
-            raise self._os_error(path, exc) from None
-        finally:
-            walk.close()
 
     def read(self, path: str, sink: BinaryIO) -> int:
-        walk, name = self._walk(path, create=False, follow_last=True)
-        try:
+        with self._at(path) as (walk, name):
             if name is None:
                 raise ExecError(f"{self._where(path)} is a directory, not a file", backend=self.ext_id)
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=walk.fd)
@@ -198,14 +204,9 @@ class LocalFiles:
                     sink.write(chunk)
                     n += len(chunk)
                 return n
-        except OSError as exc:
-            raise self._os_error(path, exc) from None
-        finally:
-            walk.close()
 
     def list(self, path: str) -> list[FileInfo]:
-        walk, name = self._walk(path, create=False, follow_last=True)
-        try:
+        with self._at(path) as (walk, name):
             if name is not None:
                 st = os.stat(name, dir_fd=walk.fd, follow_symlinks=False)
                 if not stat.S_ISDIR(st.st_mode):
@@ -219,14 +220,9 @@ class LocalFiles:
                     st = entry.stat(follow_symlinks=False)
                     out.append(self._info(f"{here.rstrip('/')}/{entry.name}", entry.name, st))
             return sorted(out, key=lambda i: i.name)
-        except OSError as exc:
-            raise self._os_error(path, exc) from None
-        finally:
-            walk.close()
 
     def remove(self, path: str, recursive: bool) -> None:
-        walk, name = self._walk(path, create=False, follow_last=False)
-        try:
+        with self._at(path, follow_last=False) as (walk, name):
             if name is None:
                 raise InputError(f"{self._where(path)} is the sandbox's workspace itself; it goes with the sandbox")
             st = os.stat(name, dir_fd=walk.fd, follow_symlinks=False)
@@ -242,10 +238,6 @@ class LocalFiles:
                         raise InputError(f"{self._where(path)} is a directory that is not empty; remove it "
                                          "with recursive=True") from None
                     raise
-        except OSError as exc:
-            raise self._os_error(path, exc) from None
-        finally:
-            walk.close()
 
     @staticmethod
     def _info(path: str, name: str, st: os.stat_result) -> FileInfo:

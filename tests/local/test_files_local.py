@@ -14,18 +14,7 @@ import pytest
 
 from sandboxer import Sandbox
 from sandboxer.errors import ExecError, InputError, SandboxFileNotFound, SandboxNotFound, SandboxStateError, TTLError
-
-
-@pytest.fixture
-def mgr(make_manager):
-    return make_manager()
-
-
-@pytest.fixture
-def sb(mgr):
-    s = mgr.create(profile="local", consumer="tester")
-    yield s
-    mgr.teardown(s.id)
+from tests.local.test_local import mgr, sb  # noqa: F401 - fixtures
 
 
 def _host_state(paths: list[str]) -> dict[str, tuple[bool, bytes | None, float | None]]:
