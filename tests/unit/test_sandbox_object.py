@@ -10,7 +10,7 @@ import time
 import pytest
 
 from sandboxer import AsyncManager, AsyncSandbox, Sandbox, SandboxStatus
-from sandboxer.errors import CapabilityError, InputError, SandboxNotFound, SandboxStateError, TTLError
+from sandboxer.errors import CapabilityError, InputError, SandboxFileNotFound, SandboxNotFound, SandboxStateError, TTLError
 from tests.conftest import FAKE_EXT, FAKE_PROFILE
 
 
@@ -111,3 +111,47 @@ def test_async_manager_has_the_same_semantics(mgr):
         assert mgr.list() == []
 
     asyncio.run(main())
+
+
+FAKE_FILES = FAKE_EXT.replace("features: [exec, snapshots, list_owned]", "features: [exec, list_owned, files]")
+
+
+def test_a_files_call_past_its_deadline_is_abandoned_and_cut_off_from_the_stream(cfg, make_manager):
+    import io
+    import threading
+
+    from sandboxer.deadline import CallLimits
+    from sandboxer.errors import ExtensionTimeout, SandboxStateError
+
+    cfg.write("ext.fake.yaml", FAKE_FILES)
+    cfg.write("profile.fake.yaml", FAKE_PROFILE)
+    mgr = make_manager(call_limits=CallLimits(files=0.2, files_rate=1e12))
+    sb = mgr.create(profile="fake", consumer="me")
+    fake = mgr.extension("ext.fake")
+    late: list[BaseException] = []
+    resumed = threading.Event()
+
+    def slow_write(handle, path, source):  # type: ignore[no-untyped-def]
+        resumed.wait(5)
+        try:
+            source.read(10)
+        except BaseException as exc:  # noqa: BLE001 - what the late thread met
+            late.append(exc)
+        return 0
+
+    fake.script("write_file", slow_write)
+    stream = io.BytesIO(b"the caller's data")
+    with pytest.raises(ExtensionTimeout, match=rf"write_file of 'f.txt' in sandbox {sb.id} did not return within 0.2s"):
+        sb.files.write("f.txt", stream)
+    resumed.set()
+    deadline = time.monotonic() + 5
+    while not late and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert isinstance(late[0], SandboxStateError) and stream.tell() == 0  # the caller's stream was not touched
+    # without a fault the fake keeps files too
+    assert sb.files.write("f.txt", b"abc") == 3 and sb.files.read("f.txt") == b"abc"
+    assert [(i.name, i.size) for i in sb.files.list("f.txt")] == [("f.txt", 3)]
+    sb.files.remove("f.txt")
+    with pytest.raises(SandboxFileNotFound):
+        sb.files.read("f.txt")
+    sb.teardown()
