@@ -36,6 +36,15 @@ _MODULES = {
     "sandboxer.loader": (
         "Catalog", "load_catalog",
     ),
+    "sandboxer.sandbox": (
+        "Sandbox",
+    ),
+    "sandboxer.aio": (
+        "AsyncManager", "AsyncSandbox",
+    ),
+    "sandboxer.contract": (
+        "FileInfo",
+    ),
 }
 _LAZY = {name: module for module, names in _MODULES.items() for name in names}
 
@@ -56,12 +65,12 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "AuthError", "BackendError", "BudgetExceeded", "CallLimits", "CapabilityError", "CapacityUnavailable", "Catalog",
-    "CleanupReport", "ConfigError", "ExecError", "ExecResult", "ExtensionLoadError", "ExtensionManifest",
-    "ExtensionCrashed", "ExtensionTimeout", "StateStoreError",
-    "InputError", "Manager", "ManifestError", "MeterQuote", "MissingExtra", "Profile", "ProfileError",
-    "ProfileNotFound", "ProvisionError", "QuotaExceeded", "RateLimited", "ReadinessTimeout", "RequestError",
-    "RoutingError", "SandboxCreateRequest", "SandboxExtension", "SandboxFileNotFound", "SandboxNotFound", "SandboxState",
-    "SandboxStateError", "SandboxStatus", "SandboxerError", "SnapshotError", "SnapshotMeta", "SnapshotNotFound",
-    "TTLError", "TeardownError", "load_catalog", "__version__",
+    "AsyncManager", "AsyncSandbox", "AuthError", "BackendError", "BudgetExceeded", "CallLimits", "CapabilityError",
+    "CapacityUnavailable", "Catalog", "CleanupReport", "ConfigError", "ExecError", "ExecResult", "ExtensionCrashed",
+    "ExtensionLoadError", "ExtensionManifest", "ExtensionTimeout", "FileInfo", "InputError", "load_catalog",
+    "Manager", "ManifestError", "MeterQuote", "MissingExtra", "Profile", "ProfileError", "ProfileNotFound",
+    "ProvisionError", "QuotaExceeded", "RateLimited", "ReadinessTimeout", "RequestError", "RoutingError", "Sandbox",
+    "SandboxCreateRequest", "SandboxerError", "SandboxExtension", "SandboxFileNotFound", "SandboxNotFound",
+    "SandboxState", "SandboxStateError", "SandboxStatus", "SnapshotError", "SnapshotMeta", "SnapshotNotFound",
+    "StateStoreError", "TeardownError", "TTLError", "__version__"
 ]

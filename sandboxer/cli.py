@@ -171,6 +171,7 @@ def extensions_group() -> None:
 register_trust_commands(extensions_group)  # keygen, sign, verify, trust: sandboxer/cli_trust.py
 __import__("sandboxer.cli_images").cli_images.register(cli)  # images build/list/gc: sandboxer/cli_images.py
 __import__("sandboxer.cli_pools").cli_pools.register(cli)  # pool fill/status/drain: sandboxer/cli_pools.py
+__import__("sandboxer.cli_files").cli_files.register(cli)  # cp LOCAL ID:PATH and back: sandboxer/cli_files.py
 
 
 @extensions_group.command("list")

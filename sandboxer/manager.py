@@ -57,10 +57,13 @@ from sandboxer.models import (
     SandboxStatus,
     format_duration,
 )
+from sandboxer.files import FilesMixin
 from sandboxer.gc import GcMixin
+from sandboxer.lifetime import LifetimeMixin
 from sandboxer.pools import PoolReport, Pools
 from sandboxer.records import STATUS_FIELDS, dt, short, status_of
 from sandboxer.router import Action, Plan, Router
+from sandboxer.sandbox import Sandbox
 from sandboxer.secrets import SecretRef, sandbox_secrets, scrub
 from sandboxer.snapshots import SnapshotsMixin
 from sandboxer.state import LIVE_STATES, NameTaken, OverCapacity, default_home
@@ -93,7 +96,7 @@ def _clash(ext_id: str, name: str, holder: str) -> str:
     return f"{name!r} on {ext_id} is already used by live sandbox {holder}; choose another (or tear {holder} down first)"
 
 
-class Manager(SnapshotsMixin, GcMixin):
+class Manager(SnapshotsMixin, GcMixin, FilesMixin, LifetimeMixin):
     """The Python API: one object per state store, safe to share between threads.
 
     Args:
@@ -428,7 +431,7 @@ class Manager(SnapshotsMixin, GcMixin):
         return ttl
 
     def create(self, request: SandboxCreateRequest | None = None, /, *,
-               secrets: dict[str, SecretRef | dict[str, str]] | None = None, **kwargs: Any) -> SandboxStatus:
+               secrets: dict[str, SecretRef | dict[str, str]] | None = None, **kwargs: Any) -> Sandbox:
         """Create a sandbox and wait until it is ready.
 
         Args:
@@ -437,7 +440,7 @@ class Manager(SnapshotsMixin, GcMixin):
                 secrets the profile declares, replacing the operator's; resolved here, once (docs/policy.md).
 
         Returns:
-            The ready sandbox's status (with reachability).
+            The ready sandbox: a :class:`~sandboxer.sandbox.Sandbox` (its status, with reachability, and its verbs).
 
         Raises:
             ProfileNotFound, InputError, TTLError, BudgetExceeded: the request is wrong; nothing was created.
@@ -452,7 +455,11 @@ class Manager(SnapshotsMixin, GcMixin):
         values = sandbox_secrets(profile.slug, profile.secrets, secrets)  # before anything is recorded
         pooled = self.pools.take(req, profile, inputs, ttl, secrets) if profile.pool else None
         if pooled is not None:  # a warm pool's sandbox, now this consumer's (docs/pools.md)
-            return pooled
+            return Sandbox.attach(self, pooled)
+        return Sandbox.attach(self, self._create(req, profile, inputs, ttl, values))
+
+    def _create(self, req: SandboxCreateRequest, profile: Profile, inputs: dict[str, Any], ttl: float,
+                values: dict[str, SecretStr]) -> SandboxStatus:
         for _ in range(3):  # bounded: a named create may find its twin failed, then tries itself
             if req.name:
                 existing = self.state.get_by_name(req.name)
@@ -806,7 +813,7 @@ class Manager(SnapshotsMixin, GcMixin):
 
     @contextmanager
     def sandbox(self, profile: str, *, secrets: dict[str, SecretRef | dict[str, str]] | None = None,
-                **kwargs: Any) -> Iterator[SandboxStatus]:
+                **kwargs: Any) -> Iterator[Sandbox]:
         """Create a sandbox for a ``with`` block; it is torn down on any exit (``secrets`` as :meth:`create`)."""
         sb = self.create(SandboxCreateRequest(profile=profile, **kwargs), secrets=secrets)
         try:

@@ -359,6 +359,8 @@ class SandboxExtension(abc.ABC):
     # sandbox planted must not lead a host-side write or read out of it). Data is streamed:
     # never hold a whole file in memory. Errors: InputError for a bad path (empty, NUL byte),
     # SandboxFileNotFound for a missing path, ExecError for anything else the backend refused.
+    # The manager hands ``source``/``sink`` over as file-like objects with ``read``/``write`` only (no
+    # fileno, not seekable); a ``source`` may say ``length`` (bytes left) when the manager knows it.
 
     def write_file(self, handle: Handle, path: str, source: BinaryIO, *, mode: int | None = None) -> int:
         """Write everything read from ``source`` (to EOF) to ``path``, replacing a file there and

@@ -72,6 +72,7 @@ from sandboxer.extensions.local_proc import (  # noqa: F401 - alloc_uid, free_ui
     chown_tree,
     free_uid,
 )
+from sandboxer.extensions.local_files import LocalFilesMixin
 from sandboxer.extensions.local_secrets import init_secrets
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.execution import OUTPUT_CAP as DEFAULT_OUTPUT_CAP
@@ -161,6 +162,8 @@ class LocalHandle(Handle):
     #: ports the sandbox serves (``network.expose``)
     expose: list[int] = Field(default_factory=list)
     secrets: list[str] = Field(default_factory=list, description="names of the secrets its init holds (never values)")
+    #: when its init exits (the TTL plus a grace, as the epoch); None without an init
+    life_until: float | None = None
 
 
 class LocalReachability(Reachability):
@@ -234,11 +237,11 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-class LocalExtension(SandboxExtension):
+class LocalExtension(LocalFilesMixin, SandboxExtension):
     Config = LocalConfig
     ProfileOptions = LocalOptions
     Handle = LocalHandle
-    features = frozenset({"exec", "snapshots", "list_owned"})
+    features = frozenset({"exec", "snapshots", "list_owned", "files"})
     own_ttl = "settable"  # the init ends the sandbox at its end; set_ttl moves it
     # no network is a network namespace of its own (loopback only); the internet is the host's network;
     # an allow-list, a deny-list or exposed ports: a namespace of its own joined to the host by a veth
@@ -463,6 +466,7 @@ class LocalExtension(SandboxExtension):
                 # The init exits at the TTL (plus a grace for gc to tear down first), so a sandbox's
                 # processes end on time even if no manager is left to run gc.
                 life = int(float(request.ttl)) + TTL_GRACE_S
+                handle.life_until = time.time() + life
                 handle.pid, handle.starttime, handle.outer_pid = self._start_init(
                     tool, ws, uid, opts, sandbox_id, life, handle.cgroup, handle.link, request.secret_env())
             record()
