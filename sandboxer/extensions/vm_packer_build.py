@@ -329,6 +329,10 @@ class PackerBuilder:
                         f"profile {profile!r}: field 'options.packer.variables.{name}': template {build.template} "
                         f"declares no variable {name!r} (it declares: {', '.join(sorted(info.variables)) or 'none'})")
             passed = {k: v for k, v in variables.items() if k in info.variables}
+            if build.template.is_file() and build.template.name.endswith(".json") and \
+                    not build.template.name.endswith(".pkr.json"):
+                # a legacy JSON template's user variables are strings (its var-file refuses a number)
+                passed = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in passed.items()}
             var_file = private / "variables.pkrvars.json"
             fd = os.open(var_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
