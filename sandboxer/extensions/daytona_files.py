@@ -7,7 +7,9 @@ that, not a missing file; one not started is refused), then uses the SDK's ``san
 * ``write_file``: ``upload_file_stream`` (multipart, chunked: the source is read as it is sent,
   never held whole), then ``set_file_permissions`` (``mode``, default 0o644). Daytona creates
   missing parent directories;
-* ``read_file``: ``download_file_stream``, each chunk written to the sink as it arrives;
+* ``read_file``: ``get_file_info`` (a directory is refused; an empty file is read as such without a
+  download, which the SDK would refuse for carrying no data), then ``download_file_stream``, each
+  chunk written to the sink as it arrives;
 * ``list_files``: ``get_file_info`` of the path, then ``list_files`` of a directory;
 * ``remove_file``: ``get_file_info``, then ``delete_file`` (``recursive`` only when asked, or for
   a directory found empty).
@@ -119,9 +121,12 @@ def write_file(ext: "DaytonaExtension", handle: "DaytonaHandle", path: str, sour
 
 def read_file(ext: "DaytonaExtension", handle: "DaytonaHandle", path: str, sink: BinaryIO) -> int:
     def read(sbx: Any, where: str) -> int:
-        if sbx.fs.get_file_info(where).is_dir:
+        own = sbx.fs.get_file_info(where)
+        if own.is_dir:
             raise InputError(f"{ext.id}: {path!r} in Daytona sandbox {handle.daytona_sandbox_id} is a directory, "
                              "not a file")
+        if not own.size:
+            return 0  # the SDK's stream refuses a download that carried no data ("No file data received")
         total = 0
         for chunk in sbx.fs.download_file_stream(where, timeout=int(ext.config.exec_timeout) or 0):
             sink.write(chunk)
