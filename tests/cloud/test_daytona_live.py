@@ -39,7 +39,8 @@ def test_live_create_exec_teardown(tmp_path: Path):
             assert ext.write_file(handle, "live/blob.bin", io.BytesIO(data)) == len(data)
             out = io.BytesIO()
             assert ext.read_file(handle, "live/blob.bin", out) == len(data) and out.getvalue() == data
-            assert [(f.name, f.type, f.size) for f in ext.list_files(handle, "live")] == [("blob.bin", "file", len(data))]
+            listed = [(f.name, f.type, f.size) for f in ext.list_files(handle, "live")]
+            assert listed == [("blob.bin", "file", len(data))]
             ext.remove_file(handle, "live", recursive=True)
             with pytest.raises(SandboxFileNotFound):
                 ext.list_files(handle, "live")

@@ -120,3 +120,21 @@ def test_changing_a_provisioner_script_rebuilds_on_the_next_create(make_mgr, vm_
     images = mgr.state.list_images()
     assert len(images) == 2 and images[0]["template_sha256"] != images[1]["template_sha256"]
     assert images[0]["variables_sha256"] == images[1]["variables_sha256"]
+
+
+def test_a_directory_template_builds_and_a_change_to_one_of_its_files_rebuilds(make_mgr, vm_bin, tmp_path):
+    d = tmp_path / "dir-tpl"
+    d.mkdir()
+    split = TEMPLATE.index('source "null"')
+    (d / "variables.pkr.hcl").write_text(TEMPLATE[:split])
+    (d / "build.pkr.hcl").write_text(TEMPLATE[split:])
+    profile = {"ready_timeout": 30, "options": {"require_commands": ["mytool"], "packer": {
+        "template": str(d), "timeout": 60, "variables": {"bin_dir": str(vm_bin)}}}}
+    mgr = make_mgr({"tool": profile})
+    first = mgr.create(profile="tool")
+    assert mgr.exec(first.id, ["mytool"]).stdout == "tool 1\n" and builds(tmp_path) == 1
+    mgr.teardown(first.id)
+    (d / "variables.pkr.hcl").write_text(TEMPLATE[:split].replace('default = "1"', 'default = "3"'))
+    second = mgr.create(profile="tool")
+    assert builds(tmp_path) == 2 and mgr.exec(second.id, ["mytool"]).stdout == "tool 3\n"
+    assert [i["template"] for i in mgr.state.list_images()] == [str(d), str(d)]
