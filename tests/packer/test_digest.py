@@ -96,6 +96,17 @@ def test_a_directory_without_packer_files_is_refused_at_load(make_mgr, tmp_path)
             "(or .pkr.json) files; this one has none") in str(err.value)
 
 
+def built_once(make_mgr, template: Path, vm_bin: Path, tmp_path: Path):
+    """A Manager whose profile ``tool`` builds ``template``, after one create (built, torn down)."""
+    profile = {"ready_timeout": 30, "options": {"require_commands": ["mytool"], "packer": {
+        "template": str(template), "timeout": 60, "variables": {"bin_dir": str(vm_bin)}}}}
+    mgr = make_mgr({"tool": profile})
+    first = mgr.create(profile="tool")
+    assert mgr.exec(first.id, ["mytool"]).stdout == "tool 1\n" and builds(tmp_path) == 1
+    mgr.teardown(first.id)
+    return mgr
+
+
 def test_changing_a_provisioner_script_rebuilds_on_the_next_create(make_mgr, vm_bin, tmp_path):
     d = tmp_path / "json-tpl"
     d.mkdir()
@@ -103,12 +114,7 @@ def test_changing_a_provisioner_script_rebuilds_on_the_next_create(make_mgr, vm_
     tpl.write_text(json.dumps(JSON_TEMPLATE))
     script = d / "install-tool.sh"
     script.write_text(SCRIPT.replace("{v}", "1"))
-    profile = {"ready_timeout": 30, "options": {"require_commands": ["mytool"], "packer": {
-        "template": str(tpl), "timeout": 60, "variables": {"bin_dir": str(vm_bin)}}}}
-    mgr = make_mgr({"tool": profile})
-    first = mgr.create(profile="tool")
-    assert mgr.exec(first.id, ["mytool"]).stdout == "tool 1\n" and builds(tmp_path) == 1
-    mgr.teardown(first.id)
+    mgr = built_once(make_mgr, tpl, vm_bin, tmp_path)
     again = mgr.create(profile="tool")
     assert builds(tmp_path) == 1, "an unchanged template and script were built again"
     mgr.teardown(again.id)
@@ -128,12 +134,7 @@ def test_a_directory_template_builds_and_a_change_to_one_of_its_files_rebuilds(m
     split = TEMPLATE.index('source "null"')
     (d / "variables.pkr.hcl").write_text(TEMPLATE[:split])
     (d / "build.pkr.hcl").write_text(TEMPLATE[split:])
-    profile = {"ready_timeout": 30, "options": {"require_commands": ["mytool"], "packer": {
-        "template": str(d), "timeout": 60, "variables": {"bin_dir": str(vm_bin)}}}}
-    mgr = make_mgr({"tool": profile})
-    first = mgr.create(profile="tool")
-    assert mgr.exec(first.id, ["mytool"]).stdout == "tool 1\n" and builds(tmp_path) == 1
-    mgr.teardown(first.id)
+    mgr = built_once(make_mgr, d, vm_bin, tmp_path)
     (d / "variables.pkr.hcl").write_text(TEMPLATE[:split].replace('default = "1"', 'default = "3"'))
     second = mgr.create(profile="tool")
     assert builds(tmp_path) == 2 and mgr.exec(second.id, ["mytool"]).stdout == "tool 3\n"

@@ -22,13 +22,19 @@ def _blocks() -> dict[str, str]:
     return {title: body for _lang, title, body in FENCE.findall(DOC.read_text(encoding="utf-8"))}
 
 
+def _paste_template(blocks: dict[str, str], home: Path, monkeypatch) -> Path:
+    """The doc's template written where its title says, under ``home`` (made $HOME)."""
+    monkeypatch.setenv("HOME", str(home))
+    title = "~/.config/sandboxer/packer/haskell-vm.pkr.hcl"
+    tpl = Path(title).expanduser()
+    tpl.parent.mkdir(parents=True)
+    tpl.write_text(blocks[title])
+    return tpl
+
+
 def test_the_build_mode_examples_work_as_pasted(tmp_path, monkeypatch, packer_bin):
     blocks = _blocks()
-    monkeypatch.setenv("HOME", str(tmp_path))
-    tpl_title = "~/.config/sandboxer/packer/haskell-vm.pkr.hcl"
-    tpl = Path(tpl_title).expanduser()
-    tpl.parent.mkdir(parents=True)
-    tpl.write_text(blocks[tpl_title])
+    tpl = _paste_template(blocks, tmp_path, monkeypatch)
     profile = Profile.model_validate(yaml.safe_load(blocks["profiles/profile.vm-haskell-packer.yaml"]))
     opts = VMProfileOptions.model_validate(profile.options)
     assert opts.packer.template == tpl and opts.packer.timeout == 1800
@@ -52,11 +58,7 @@ def test_the_build_mode_console_example_builds_as_pasted(tmp_path, monkeypatch, 
     from sandboxer.cli import cli
 
     blocks = _blocks()
-    monkeypatch.setenv("HOME", str(tmp_path))
-    tpl_title = "~/.config/sandboxer/packer/haskell-vm.pkr.hcl"
-    tpl = Path(tpl_title).expanduser()
-    tpl.parent.mkdir(parents=True)
-    tpl.write_text(blocks[tpl_title])
+    tpl = _paste_template(blocks, tmp_path, monkeypatch)
     cfg = tmp_path / "cfg"
     (cfg / "profiles").mkdir(parents=True)
     (cfg / "extensions").mkdir()
