@@ -385,7 +385,8 @@ def gc(c: Ctx, as_json: bool) -> None:
     if as_json:
         return _emit_json(r.model_dump(mode="json"))
     click.echo(f"expired: {len(r.expired)}  retried: {len(r.retried)}  orphans: {len(r.orphans)}  "
-               f"stale: {len(r.stale_provisioning)}  lost: {len(r.lost)}  errors: {len(r.errors)}")
+               f"stale: {len(r.stale_provisioning)}  lost: {len(r.lost)}  images: {len(r.images)}  "
+               f"errors: {len(r.errors)}")
     for key, msg in r.errors.items():
         click.echo(f"  {key}: {msg}", err=True)
     if r.errors:

@@ -346,6 +346,8 @@ class CleanupReport(Strict):
     orphans: list[str] = Field(default_factory=list)
     stale_provisioning: list[str] = Field(default_factory=list)
     lost: list[str] = Field(default_factory=list, description="ready sandboxes their backend no longer has")
+    images: list[str] = Field(default_factory=list,
+                              description="image build records removed: builds whose process is gone (vm-packer)")
     errors: dict[str, str] = Field(default_factory=dict)
 
 
