@@ -31,17 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import pct, write_config  # noqa: E402
+from lifecycle import STUB  # noqa: E402 - the same zero-latency stub
 from sandboxer import Manager, SandboxCreateRequest  # noqa: E402
 
-STUB = """
-id: ext.scale-stub
-title: zero-latency stub
-version: 1.0.0
-handler: sandboxer.extensions.saas_stub:SaasStubExtension
-capabilities: {isolation_levels: [microvm], pricing_model: metered, features: [exec, list_owned]}
-config: {latency_s: 0, capacity: 1000000}
-"""
-PROFILE = "slug: scale-stub\nextension: ext.scale-stub\nttl: {default: 2h, max: 2h}\n"
+PROFILE = "slug: scale-stub\nextension: ext.bench-stub\nttl: {default: 2h, max: 2h}\n"
 
 
 def fill(mgr: Manager, n: int) -> list[str]:
@@ -74,7 +67,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = write_config(Path(tmp), {"ext.scale-stub.yaml": STUB, "profile.scale-stub.yaml": PROFILE})
+        cfg = write_config(Path(tmp), {"ext.bench-stub.yaml": STUB, "profile.scale-stub.yaml": PROFILE})
         home = Path(tmp) / "home"
         mgr = Manager(config_dirs=[cfg], home=home)
         t0 = time.perf_counter()

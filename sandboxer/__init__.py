@@ -7,6 +7,8 @@
     mgr.teardown(sb.id)
 """
 
+from sandboxer.lazy import lazy_names
+
 __version__ = "0.1.0"
 
 # Every name loads on first use (PEP 562): ``import sandboxer.cli`` (a CLI start), the pytest
@@ -49,15 +51,7 @@ _MODULES = {
 _LAZY = {name: module for module, names in _MODULES.items() for name in names}
 
 
-def __getattr__(name: str):  # noqa: ANN202 - PEP 562
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sandboxer' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _LAZY)
 
 
 def __dir__() -> list[str]:

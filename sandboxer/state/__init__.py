@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
+from sandboxer.lazy import lazy_names
 from sandboxer.state.version import LIVE_STATES, SCHEMA_VERSION
 
 
@@ -64,17 +64,6 @@ _LAZY = {
     "EXTENSION_STATES": "extensions", "TRANSITIONS": "extensions", "ExtensionTables": "extensions",
     "IMAGE_STATES": "images", "ImageTables": "images", "RawSQLite": "sqlite",
 }
-
-
-def __getattr__(name: str) -> Any:  # PEP 562
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sandboxer.state' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"sandboxer.state.{module}"), name)
-    globals()[name] = value
-    return value
-
+__getattr__ = lazy_names(__name__, {name: f"sandboxer.state.{module}" for name, module in _LAZY.items()})
 
 __all__ = ["LIVE_STATES", "SCHEMA_VERSION", "NameTaken", "OverCapacity", "default_home", *sorted(_LAZY)]

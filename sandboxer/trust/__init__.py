@@ -6,6 +6,8 @@ vocabulary, ``store`` the operator's trust.yaml, and ``verify`` signing and veri
 The installer, the registry and the broker (later) call :func:`verify` and nothing lower.
 """
 
+from sandboxer.lazy import lazy_names
+
 # The names load on first use (PEP 562): the catalog imports ``sandboxer.trust.layout`` on every
 # start, which must not pull in the signing stack (cryptography) with it.
 _LAZY = {
@@ -15,17 +17,6 @@ _LAZY = {
     "DEFAULT_EXPIRY": "verify", "InstalledVersions": "verify", "VerifiedBundle": "verify", "sign_bundle": "verify",
     "verify": "verify",
 }
-
-
-def __getattr__(name: str):  # noqa: ANN202 - PEP 562
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sandboxer.trust' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"sandboxer.trust.{module}"), name)
-    globals()[name] = value
-    return value
-
+__getattr__ = lazy_names(__name__, {name: f"sandboxer.trust.{module}" for name, module in _LAZY.items()})
 
 __all__ = sorted(_LAZY)
