@@ -594,7 +594,7 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
     ext_files += _files(pkg_dirs + user_dirs, "extensions", "ext.*.yaml")
     bundles: dict[Path, Path] = {}
     if installed is not None:
-        from sandboxer.trust.layout import installed_manifests
+        from sandboxer.bundle_dirs import installed_manifests
 
         bundles = dict(installed_manifests(installed))
         ext_files += list(bundles)

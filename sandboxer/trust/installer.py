@@ -34,7 +34,7 @@ from sandboxer.errors import ArtifactMismatch, BundleError, DependencyError, San
 from sandboxer.state.extensions import LifecycleError
 from sandboxer.trust.bundle import read_manifest_data, sha256_file, signature_path
 from sandboxer.trust.grants import Grants
-from sandboxer.trust.layout import CURRENT, EXTENSIONS_DIR, installed_manifests  # noqa: F401 - installed_manifests re-exported
+from sandboxer.bundle_dirs import CURRENT, EXTENSIONS_DIR, installed_manifests  # noqa: F401 - installed_manifests re-exported
 from sandboxer.trust.registry import Listing, Registries, RegistryError, remove_tree, staging_dir
 from sandboxer.trust.store import TrustStore
 from sandboxer.trust.verify import VerifiedBundle, verify

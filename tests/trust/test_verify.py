@@ -227,7 +227,7 @@ def test_an_unknown_feature_is_refused_as_the_loader_would(bundle, acme, operato
     with pytest.raises(UnknownCapability) as ei:
         verify(manifest, artifact, _trust(operator_dir), {})
     assert str(ei.value) == (f"{manifest}: field 'capabilities.features' (value 'teleport'): unknown; allowed: "
-                             f"exec, snapshots, metering, list_owned")
+                             f"exec, snapshots, metering, list_owned, files")
 
 
 def test_an_abi_the_host_does_not_speak_is_refused(bundle, acme, operator_dir):

@@ -1,4 +1,5 @@
-"""Where installed bundles live under a manager's home; read by the catalog on every start, so light.
+"""Where installed bundles live under a manager's home; read by the catalog on every start, so light
+(outside the trust package, whose front loads the signing stack).
 
 ``<home>/extensions/<name>/<version>/`` holds one unpacked, verified bundle (its ``ext.*.yaml`` and
 ``lib/``); ``<home>/extensions/<name>/current`` links the version in use (sandboxer.trust.installer).
