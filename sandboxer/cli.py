@@ -41,6 +41,12 @@ class Group(click.Group):
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:  # past Click's own handler, which would print a blank line first
+            raise cli_errors.Interrupted() from exc
+
 
 EXIT_CODES = "\b\nExit codes:\n" + "\n".join(f"  {code:>3}  {what}" for code, what in cli_errors.TABLE)
 

@@ -29,6 +29,10 @@ TRUST = 77
 CONFIG = 78
 INTERRUPTED = 130
 
+class Interrupted(Exception):
+    """Ctrl-C, carried past Click's own handler to :func:`report`."""
+
+
 #: Most specific first: the first class an error is an instance of gives its code.
 CODES: tuple[tuple[type[BaseException], int], ...] = (
     (errors.SandboxNotFound, NOT_FOUND),
@@ -67,7 +71,7 @@ def code_for(exc: BaseException) -> int:
     """The exit code of a failure (see :data:`TABLE`)."""
     if isinstance(exc, click.UsageError):
         return USAGE
-    if isinstance(exc, KeyboardInterrupt):
+    if isinstance(exc, (KeyboardInterrupt, Interrupted)):
         return INTERRUPTED
     if isinstance(exc, click.Abort):
         return INTERRUPTED if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt) else FAILED
@@ -79,7 +83,7 @@ def code_for(exc: BaseException) -> int:
 
 def message(exc: BaseException) -> str:
     """What follows ``error:`` for a failure."""
-    if isinstance(exc, click.BadParameter):
+    if isinstance(exc, click.BadParameter) and not isinstance(exc, click.MissingParameter):
         name = exc.param_hint
         if name is None and exc.param is not None:
             opts = getattr(exc.param, "opts", None)
@@ -93,7 +97,7 @@ def message(exc: BaseException) -> str:
         return f"{exc.format_message()} (see `{cmd} --help`)"
     if isinstance(exc, click.ClickException):
         return exc.format_message()
-    if isinstance(exc, (KeyboardInterrupt, click.Abort)):
+    if isinstance(exc, (KeyboardInterrupt, Interrupted, click.Abort)):
         return "interrupted" if code_for(exc) == INTERRUPTED else "aborted"
     if isinstance(exc, errors.SandboxerError):
         return str(exc)
