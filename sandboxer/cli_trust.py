@@ -40,10 +40,10 @@ def _publisher(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 
 def _expires(ctx: click.Context, param: click.Parameter, value: str) -> timedelta:
-    from sandboxer.models import parse_duration
+    from sandboxer.durations import parse_flag
 
     try:
-        seconds = parse_duration(value)
+        seconds = parse_flag(value, "--expires")
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     if seconds <= 0:
@@ -52,7 +52,9 @@ def _expires(ctx: click.Context, param: click.Parameter, value: str) -> timedelt
 
 
 def _json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    from sandboxer.cli_output import emit_json
+
+    emit_json(data)
 
 
 @click.command("keygen")
@@ -114,10 +116,12 @@ def verify_cmd(manifest: str, artifact: str | None, as_json: bool) -> None:
         if not as_json:
             raise
         _json({"verified": False, "reason": exc.reason, "file": exc.path, "error": str(exc)})
-        raise SystemExit(1) from None
+        from sandboxer.cli_errors import TRUST
+
+        raise SystemExit(TRUST) from None  # --json never changes the exit code
     if as_json:
         _json({"verified": True, "id": vb.manifest.id, "version": vb.manifest.version, "publisher": vb.publisher,
-               "key_id": vb.key_id, "expires": vb.expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+               "key_id": vb.key_id, "expires": vb.expires,
                "artifact": str(vb.artifact_path), "sha256": vb.sha256, "abi": vb.manifest.abi,
                "grants": vb.manifest.capabilities.grants, "dependencies": vb.manifest.dependencies})
         return

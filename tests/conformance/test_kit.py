@@ -93,9 +93,9 @@ def test_cli_unknown_extension_is_one_error_line(tmp_path):
 def test_cli_profile_must_use_the_extension(tmp_path):
     res = sbx("conformance", "ext.local", "--profile", "docker", home=tmp_path / "home")
     assert (res.returncode, res.stdout, res.stderr) == (
-        1, "", "error: profile 'docker' does not use ext.local (it uses ext.docker)\n")
+        66, "", "error: profile 'docker' does not use ext.local (it uses ext.docker)\n")
     res = sbx("conformance", "ext.local", "--profile", "nope", home=tmp_path / "home")
-    assert res.returncode == 1 and res.stderr.startswith("error: unknown profile 'nope'; known profiles: ")
+    assert res.returncode == 66 and res.stderr.startswith("error: unknown profile 'nope'; known profiles: ")
     assert res.stderr.count("\n") == 1
 
 

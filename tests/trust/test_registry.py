@@ -98,7 +98,7 @@ def test_search_and_info_on_the_command_line(publish, trusted, tmp_path):
     assert "ext.workspace: Local subprocess workspaces (example), publisher acme" in text
     assert "latest: 0.2.0" in text and "grants: fs:write:workspaces, network:egress:*.example.com" in text
     missing = _cli(tmp_path, trusted, "extensions", "info", "nope")
-    assert missing.returncode == 1 and missing.stderr.startswith("error: ext.nope: not in any registry (")
+    assert missing.returncode == 78 and missing.stderr.startswith("error: ext.nope: not in any registry (")
 
 
 def test_info_of_a_bundle_with_only_deprecated_versions(publish, trusted, tmp_path):
