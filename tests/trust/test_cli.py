@@ -70,8 +70,8 @@ def test_keygen_sign_trust_verify_revoke_round_trip(sbx, bundle, tmp_path):
     assert got["grants"] == ["fs:write:workspaces", "secrets:read:env:WORKSPACE_TOKEN", "network:egress:*.example.com"]
 
     listed = json.loads(sbx("--config", operator, "extensions", "trust", "list", "--json", check=0).stdout)
-    assert listed == {"keys": [{"id": kid, "publisher": "acme", "not_after": None, "revoked": False,
-                                "source": str(operator / "trust.yaml")}]}
+    assert listed == [{"id": kid, "publisher": "acme", "not_after": None, "revoked": False,
+                       "source": str(operator / "trust.yaml")}]
 
     flipped = bytearray(artifact.read_bytes())
     flipped[100] ^= 0xFF

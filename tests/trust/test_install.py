@@ -120,7 +120,7 @@ def test_the_happy_path_end_to_end(publish, trusted, cli, tmp_path):
     refused = cli("extensions", "install", "workspace==0.1.0", check=77)  # removed, but never below 0.2.0
     assert "a rollback is refused (install 0.2.0 or later)" in refused.stderr
 
-    events = json.loads(cli("extensions", "audit", "workspace", "--json").stdout)["events"]
+    events = json.loads(cli("extensions", "audit", "workspace", "--json").stdout)
     steps = [(e["what"], e["from_state"], e["to_state"], e["version"]) for e in events]
     assert steps == [
         ("transition", None, "verified", "0.1.0"), ("transition", "verified", "installed", "0.1.0"),
