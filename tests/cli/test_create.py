@@ -81,3 +81,26 @@ def test_ctrl_c_during_create_cleans_up_and_exits_130(sbx, cfg, home):
     assert [(s["id"], s["state"]) for s in listed] == [(sid, "terminated")]
     with Manager(config_dirs=[cfg.root], home=home) as mgr:
         assert mgr.extension("ext.slow").live()["live"] == {}  # nothing left at the backend either
+
+
+def test_on_progress_from_python(cfg, home):
+    """The API under the CLI's progress: the stages in order; a callback that raises never breaks the create."""
+    stub(cfg, "first", faults="[{stage: provision, error: capacity, rate: 1.0}]")
+    stub(cfg, "second")
+    profile(cfg, "burst", "ext.first", "ext.second")
+    seen = []
+    with Manager(config_dirs=[cfg.root], home=home) as mgr:
+        sb = mgr.create(profile="burst", on_progress=lambda stage, detail: seen.append((stage, detail)))
+        assert [s for s, _ in seen] == ["routing", "provisioning", "fallback", "provisioning", "waiting-ready", "ready"]
+        fallback = seen[2][1]
+        assert (fallback["backend"], fallback["next"]) == ("ext.first", "ext.second")
+        assert "injected capacity at provision" in fallback["reason"]
+        assert seen[-1][1] == {"sandbox_id": sb.id, "backend": "ext.second", "host": "stub"}
+
+        def broken(stage, detail):
+            raise RuntimeError("display failed")
+
+        again = mgr.create(profile="saas-stub", on_progress=broken)
+        assert again.state.value == "ready"
+        for s in (sb, again):
+            mgr.teardown(s.id)
