@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from tests.unit.test_router import profile as router_profile, stub  # noqa: F401 - re-exported
+
 ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -39,19 +41,6 @@ def sbx(home: Path, cfg: Any) -> Sbx:
     return Sbx(home, cfg.root)
 
 
-def stub(cfg: Any, name: str, *, latency: float = 0.0, faults: str = "[]") -> None:
-    """A saas-stub backend ``ext.<name>`` (faults as YAML flow text)."""
-    cfg.write(f"ext.{name}.yaml", f"""
-        id: ext.{name}
-        title: stub {name}
-        version: 1.0.0
-        handler: sandboxer.extensions.saas_stub:SaasStubExtension
-        capabilities: {{isolation_levels: [microvm], pricing_model: metered, features: [exec, snapshots, metering, list_owned]}}
-        pricing: {{per_vcpu_second: 0.00001, source: test, as_of: "2026-11-01"}}
-        config: {{latency_s: {latency}, faults: {faults}}}
-    """)
-
-
-def profile(cfg: Any, slug: str, *backends: str, ttl: str = "{default: 10m, max: 1h}") -> None:
-    lines = "\n".join(f"  - {{extension: {b}}}" for b in backends)
-    cfg.write(f"profile.{slug}.yaml", f"slug: {slug}\nttl: {ttl}\nresources: {{cpu: 1}}\nbackends:\n{lines}\n")
+def profile(cfg: Any, slug: str, *backends: str) -> None:
+    """A profile ``slug`` over ``backends`` (extension ids), in that order."""
+    router_profile(cfg, slug, [f"{{extension: {b}}}" for b in backends])

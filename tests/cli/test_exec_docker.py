@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 
 import pytest
 
 from tests.cli.conftest import Sbx
-from tests.cli.test_exec import _pids
+from tests.cli.test_exec import _pids, interrupt_exec
 from tests.support.docker_fixtures import busybox_image, docker_host  # noqa: F401 - fixtures
 
 pytest.importorskip("docker", reason="the docker extra is not installed")
@@ -22,13 +20,7 @@ def test_ctrl_c_during_exec_on_docker_kills_the_command_in_the_container(home, c
     sb = json.loads(sbx("create", "docker", "--quiet", "--json", check=0).stdout)
     try:
         tag = str(time.monotonic_ns())[-9:]
-        p = sbx.spawn("exec", sb["id"], "--", "sh", "-c", f"sleep 3{tag} & setsid sleep 4{tag} & echo started; wait")
-        assert p.stdout.readline() == "started\n"
-        deadline = time.monotonic() + 20
-        while len(_pids(f"^sleep [34]{tag}$")) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(_pids(f"^sleep [34]{tag}$")) == 2
-        p.send_signal(signal.SIGINT)
+        p = interrupt_exec(sbx, sb["id"], tag)
         out, err = p.communicate(timeout=60)
         assert p.returncode == 130 and err == "error: interrupted\n", (p.returncode, out, err)
         deadline = time.monotonic() + 10
@@ -38,4 +30,3 @@ def test_ctrl_c_during_exec_on_docker_kills_the_command_in_the_container(home, c
         assert sbx("exec", sb["id"], "--", "echo", "ok", check=0).stdout == "ok\n"
     finally:
         sbx("teardown", sb["id"], check=0)
-    assert os.environ.get("SANDBOXER_EXEC_ID") is None
