@@ -349,8 +349,8 @@ def teardown(c: Any, sandboxes: tuple[str, ...], all_live: bool, force: bool, fo
         done.append(s)
         if not as_json:
             click.echo(f"{s.id} {s.state.value}")
-    if as_json:
-        emit_json(done[0] if len(sandboxes) == 1 and done else done)
+    if as_json and (done or len(sandboxes) != 1):  # one sandbox: its object (nothing if it failed)
+        emit_json(done[0] if len(sandboxes) == 1 else done)
     if first_failure is not None:
         sys.exit(first_failure)
 
