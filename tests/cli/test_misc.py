@@ -46,3 +46,15 @@ def test_shell_completion_script_is_produced(sbx):
     assert "_sandboxer_completion()" in p.stdout and "complete -o nosort -F _sandboxer_completion sandboxer" in p.stdout
     p = sbx(env={"_SANDBOXER_COMPLETE": "bash_complete", "COMP_WORDS": "sandboxer tea", "COMP_CWORD": "1"}, check=0)
     assert "teardown" in p.stdout
+
+
+def test_docs_table_of_exit_codes_is_the_clis():
+    from pathlib import Path
+
+    from sandboxer.cli_errors import TABLE
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    section = doc.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ") and
+            line.split("|")[1].strip().isdigit()]
+    assert [int(r) for r in rows] == [code for code, _ in TABLE]
