@@ -14,10 +14,20 @@ managed and raw p50 and their difference are reported separately, as is the whol
 lifecycle with the exec. ``--no-exec`` skips the exec altogether (then there is no
 first-output figure).
 
-    python bench/lifecycle.py [--n-local 40] [--n-stub 300] [--no-exec] [--quick]
+Warm pools (issue 11, docs/pools.md) side by side with the cold path: create -> first output
+of a sandbox handed out from a filled pool, interleaved with cold creates of the same profile
+without a pool. The pool is filled between samples, untimed (no refill thread runs while a
+sample is timed); the hand-out alone (``create`` from the pool) is reported apart from the exec.
+On ext.local always; on ext.docker with ``--docker`` (starts dockerd and builds the busybox
+image as the tests do; root). ``--no-pool`` skips them.
+
+    python bench/lifecycle.py [--n-local 40] [--n-stub 300] [--n-pool 40] [--docker] [--n-docker 15]
+                              [--no-exec] [--no-pool] [--quick]
 
 Targets (issue 2): the manager adds <= 1 ms at p50 per lifecycle (judged on create +
 teardown, the exec apart); on ext.local, create -> first output <= 20 ms at p50.
+Targets (issue 11): create -> first output from a warm pool p50 <= 5 ms on ext.local,
+<= 50 ms on ext.docker.
 """
 
 from __future__ import annotations
@@ -117,25 +127,88 @@ def run(mgr: Manager, profile: str, n: int, do_exec: bool = True) -> dict:
     return out
 
 
+def pool_profiles(shipped: str, name: str) -> dict[str, str]:
+    """The shipped profile ``shipped`` twice: ``<name>-cold`` as it is, ``<name>-warm`` with a pool."""
+    import yaml
+
+    from sandboxer.loader import builtin_dir
+
+    base = yaml.safe_load((builtin_dir("profiles") / f"profile.{shipped}.yaml").read_text())
+    return {f"profile.{name}-{kind}.yaml": yaml.safe_dump({**base, "slug": f"{name}-{kind}", **extra})
+            for kind, extra in (("cold", {}), ("warm", {"pool": {"size": 2, "max_age": "10m"}}))}
+
+
+def first_output(mgr: Manager, profile: str) -> tuple[float, float, str]:
+    """(create -> first output, create alone, sandbox id); the teardown after is not timed."""
+    t0 = time.perf_counter()
+    sb = mgr.create(SandboxCreateRequest(profile=profile, consumer="bench"))
+    t1 = time.perf_counter()
+    first: list[float] = []
+    out = mgr.exec(sb.id, ["echo", "hi"], on_output=lambda stream, text: first or first.append(time.perf_counter()))
+    t2 = first[0] if first else time.perf_counter()
+    assert out.stdout == "hi\n", out
+    mgr.teardown(sb.id)
+    return t2 - t0, t1 - t0, sb.id
+
+
+def pool_run(mgr: Manager, name: str, n: int) -> dict:
+    """Cold vs warm create -> first output, interleaved; the pool refilled untimed before each warm sample."""
+    cold, warm, handout, misses = [], [], [], 0
+    for i in range(n + 2):  # two warm-up rounds
+        pooled = set(mgr.pools.fill(f"{name}-warm").made.get(f"{name}-warm", []))
+        pooled |= {s.id for s in mgr.list(pooled=True) if s.consumer == "sandboxer.pool"}
+        c, _, _ = first_output(mgr, f"{name}-cold")
+        w, h, sid = first_output(mgr, f"{name}-warm")
+        if sid not in pooled:
+            misses += 1
+        if i >= 2:
+            cold.append(c), warm.append(w), handout.append(h)
+    mgr.pools.drain()
+    ms = lambda x: round(x * 1000, 3)  # noqa: E731
+    med = statistics.median
+    return {"backend": name, "n": n, "cold_first_output_p50_ms": ms(med(cold)),
+            "cold_first_output_min_max_ms": [ms(min(cold)), ms(max(cold))],
+            "warm_first_output_p50_ms": ms(med(warm)), "warm_first_output_min_max_ms": [ms(min(warm)), ms(max(warm))],
+            "warm_first_output_p99_ms": ms(pct(warm, 99)), "warm_handout_p50_ms": ms(med(handout)),
+            "pool_misses": misses}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-local", type=int, default=40)
     ap.add_argument("--n-stub", type=int, default=300)
     ap.add_argument("--no-exec", action="store_true", help="create and teardown only: no exec at all")
-    ap.add_argument("--quick", action="store_true", help="--n-local 15 --n-stub 100")
+    ap.add_argument("--quick", action="store_true", help="--n-local 15 --n-stub 100 --n-pool 15")
+    ap.add_argument("--n-pool", type=int, default=40, help="warm vs cold samples on ext.local")
+    ap.add_argument("--no-pool", action="store_true", help="skip the warm-pool comparison")
+    ap.add_argument("--docker", action="store_true", help="warm vs cold on ext.docker too (starts dockerd; root)")
+    ap.add_argument("--n-docker", type=int, default=15)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.quick:
-        args.n_local, args.n_stub = 15, 100
+        args.n_local, args.n_stub, args.n_pool = 15, 100, 15
+    files = {"ext.bench-stub.yaml": STUB, "profile.bench-stub.yaml": "slug: bench-stub\nextension: ext.bench-stub\n",
+             **pool_profiles("local", "local")}
+    if args.docker:
+        from tests.support.dockerd import ensure_busybox_image, ensure_dockerd
+
+        ensure_dockerd()
+        ensure_busybox_image("sandboxer-busybox:test")
+        files.update(pool_profiles("docker", "docker"))
+    pools: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = write_config(Path(tmp), {"ext.bench-stub.yaml": STUB,
-                                       "profile.bench-stub.yaml": "slug: bench-stub\nextension: ext.bench-stub\n"})
-        mgr = Manager(config_dirs=[cfg], home=Path(tmp) / "home")
+        cfg = write_config(Path(tmp), files)
+        # no refill thread: the bench fills the pools itself, between samples, untimed
+        mgr = Manager(config_dirs=[cfg], home=Path(tmp) / "home", refill=False)
         results = [run(mgr, "bench-stub", args.n_stub, not args.no_exec),
                    run(mgr, "local", args.n_local, not args.no_exec)]
+        if not args.no_pool and not args.no_exec:
+            pools.append(pool_run(mgr, "local", args.n_pool))
+            if args.docker:
+                pools.append(pool_run(mgr, "docker", args.n_docker))
         mgr.close()
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(results + pools, indent=2))
         return
     for r in results:
         print(f"{r['profile']:<11} n={r['n']:<4} create+teardown{' (exec timed apart)' if r['exec'] else ''}: "
@@ -149,6 +222,12 @@ def main() -> None:
                   f"(overhead {r['with_exec_overhead_p50_ms']:.3f} ms)")
             print(f"{'':<11} create -> first output p50: managed {r['create_to_first_output_p50_ms']:.2f} ms, "
                   f"raw {r['raw_to_first_output_p50_ms']:.2f} ms")
+    for p in pools:
+        print(f"{p['backend']:<11} n={p['n']:<4} create -> first output p50: warm pool {p['warm_first_output_p50_ms']:.2f} ms "
+              f"(min {p['warm_first_output_min_max_ms'][0]:.2f}, max {p['warm_first_output_min_max_ms'][1]:.2f}, "
+              f"hand-out alone {p['warm_handout_p50_ms']:.2f} ms) | cold {p['cold_first_output_p50_ms']:.2f} ms "
+              f"(min {p['cold_first_output_min_max_ms'][0]:.2f}, max {p['cold_first_output_min_max_ms'][1]:.2f})"
+              + (f" | {p['pool_misses']} creates missed the pool" if p["pool_misses"] else ""))
     print("overhead target (<= 1 ms p50) is judged on create+teardown; the exec figures are reported apart")
 
 

@@ -7,77 +7,64 @@
     mgr.teardown(sb.id)
 """
 
-from sandboxer.errors import (
-    AuthError,
-    BackendError,
-    BudgetExceeded,
-    CapabilityError,
-    CapacityUnavailable,
-    ConfigError,
-    ExecError,
-    ExtensionCrashed,
-    ExtensionLoadError,
-    ExtensionTimeout,
-    InputError,
-    ManifestError,
-    MissingExtra,
-    NameConflict,
-    ProfileError,
-    ProfileNotFound,
-    ProvisionError,
-    QuotaExceeded,
-    RateLimited,
-    ReadinessTimeout,
-    RequestError,
-    RoutingError,
-    SandboxerError,
-    SandboxFileNotFound,
-    SandboxNotFound,
-    SandboxStateError,
-    SnapshotError,
-    SnapshotNotFound,
-    StateStoreError,
-    TeardownError,
-    TTLError,
-)
-from sandboxer.deadline import CallLimits
-from sandboxer.extensions.base import SandboxExtension
-from sandboxer.models import (
-    CleanupReport,
-    ExecResult,
-    ExtensionManifest,
-    MeterQuote,
-    Profile,
-    SandboxCreateRequest,
-    SandboxState,
-    SandboxStatus,
-    SnapshotMeta,
-)
+from sandboxer.lazy import lazy_names
 
 __version__ = "0.1.0"
 
-# The manager and the loader (SQLAlchemy, YAML) load on first use: ``import sandboxer.testing``
-# (the pytest plugin every test run of an author's gets) and a worker process stay light.
-_LAZY = {"Manager": "sandboxer.manager", "Catalog": "sandboxer.loader", "load_catalog": "sandboxer.loader"}
+# Every name loads on first use (PEP 562): ``import sandboxer.cli`` (a CLI start), the pytest
+# plugin every author's test run gets, and a worker process import only what they touch.
+_MODULES = {
+    "sandboxer.errors": (
+        "AuthError", "BackendError", "BudgetExceeded", "CapabilityError", "CapacityUnavailable",
+        "ConfigError", "ExecError", "ExtensionCrashed", "ExtensionLoadError", "ExtensionTimeout",
+        "InputError", "ManifestError", "MissingExtra", "NameConflict", "ProfileError", "ProfileNotFound", "ProvisionError",
+        "QuotaExceeded", "RateLimited", "ReadinessTimeout", "RequestError", "RoutingError",
+        "SandboxFileNotFound", "SandboxNotFound", "SandboxStateError", "SandboxerError", "SnapshotError",
+        "SnapshotNotFound", "StateStoreError", "TTLError", "TeardownError",
+    ),
+    "sandboxer.models": (
+        "CleanupReport", "ExecResult", "ExtensionManifest", "MeterQuote", "Profile", "SandboxCreateRequest",
+        "SandboxState", "SandboxStatus", "SnapshotMeta",
+    ),
+    "sandboxer.deadline": (
+        "CallLimits",
+    ),
+    "sandboxer.extensions.base": (
+        "SandboxExtension",
+    ),
+    "sandboxer.manager": (
+        "Manager",
+    ),
+    "sandboxer.loader": (
+        "Catalog", "load_catalog",
+    ),
+    "sandboxer.sandbox": (
+        "Sandbox",
+    ),
+    "sandboxer.aio": (
+        "AsyncManager", "AsyncSandbox",
+    ),
+    "sandboxer.contract": (
+        "FileInfo",
+    ),
+}
+_LAZY = {name: module for module, names in _MODULES.items() for name in names}
 
 
-def __getattr__(name: str):  # noqa: ANN202 - PEP 562
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sandboxer' has no attribute {name!r}")
-    import importlib
+__getattr__ = lazy_names(__name__, _LAZY)
 
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
-    "AuthError", "BackendError", "BudgetExceeded", "CallLimits", "CapabilityError", "CapacityUnavailable", "Catalog",
-    "CleanupReport", "ConfigError", "ExecError", "ExecResult", "ExtensionLoadError", "ExtensionManifest",
-    "ExtensionCrashed", "ExtensionTimeout", "StateStoreError",
-    "InputError", "Manager", "ManifestError", "MeterQuote", "MissingExtra", "NameConflict", "Profile", "ProfileError",
-    "ProfileNotFound", "ProvisionError", "QuotaExceeded", "RateLimited", "ReadinessTimeout", "RequestError",
-    "RoutingError", "SandboxCreateRequest", "SandboxExtension", "SandboxFileNotFound", "SandboxNotFound", "SandboxState",
-    "SandboxStateError", "SandboxStatus", "SandboxerError", "SnapshotError", "SnapshotMeta", "SnapshotNotFound",
-    "TTLError", "TeardownError", "load_catalog", "__version__",
+    "AsyncManager", "AsyncSandbox", "AuthError", "BackendError", "BudgetExceeded", "CallLimits", "CapabilityError",
+    "CapacityUnavailable", "Catalog", "CleanupReport", "ConfigError", "ExecError", "ExecResult", "ExtensionCrashed",
+    "ExtensionLoadError", "ExtensionManifest", "ExtensionTimeout", "FileInfo", "InputError", "load_catalog",
+    "Manager", "ManifestError", "MeterQuote", "MissingExtra", "NameConflict", "Profile", "ProfileError", "ProfileNotFound",
+    "ProvisionError", "QuotaExceeded", "RateLimited", "ReadinessTimeout", "RequestError", "RoutingError", "Sandbox",
+    "SandboxCreateRequest", "SandboxerError", "SandboxExtension", "SandboxFileNotFound", "SandboxNotFound",
+    "SandboxState", "SandboxStateError", "SandboxStatus", "SnapshotError", "SnapshotMeta", "SnapshotNotFound",
+    "StateStoreError", "TeardownError", "TTLError", "__version__"
 ]

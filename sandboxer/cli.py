@@ -78,6 +78,8 @@ register_trust_commands(extensions_group)  # keygen, sign, verify, trust: sandbo
 __import__("sandboxer.cli_images").cli_images.register(cli)  # images build/list/gc: sandboxer/cli_images.py
 __import__("sandboxer.cli_sandboxes").cli_sandboxes.register(cli)  # create/list/status/exec/teardown/events
 cli.add_command(__import__("sandboxer.cli_validate").cli_validate.validate)  # validate
+__import__("sandboxer.cli_pools").cli_pools.register(cli)  # pool fill/status/drain: sandboxer/cli_pools.py
+__import__("sandboxer.cli_files").cli_files.register(cli)  # cp LOCAL ID:PATH and back: sandboxer/cli_files.py
 
 
 @extensions_group.command("list")
@@ -175,7 +177,8 @@ def gc(c: Ctx, as_json: bool) -> None:
     if as_json:
         return emit_json(r)
     click.echo(f"expired: {len(r.expired)}  retried: {len(r.retried)}  orphans: {len(r.orphans)}  "
-               f"stale: {len(r.stale_provisioning)}  lost: {len(r.lost)}  errors: {len(r.errors)}")
+               f"stale: {len(r.stale_provisioning)}  lost: {len(r.lost)}  images: {len(r.images)}  "
+               f"errors: {len(r.errors)}")
     for key, msg in r.errors.items():
         click.echo(f"  {key}: {msg}", err=True)
     if r.errors:

@@ -31,7 +31,10 @@ class Ctx:
         if self._mgr is None:
             from sandboxer.manager import Manager
 
-            self._mgr = Manager(config_dirs=self.config, home=self.home, state_url=self.state_url)
+            # lazy: only what the command needs loads; no refill thread: a command is over in a
+            # moment (`sandboxer pool fill` fills)
+            self._mgr = Manager(config_dirs=self.config, home=self.home, state_url=self.state_url, lazy=True,
+                                refill=False)
         return self._mgr
 
     def catalog(self):  # type: ignore[no-untyped-def]
@@ -102,12 +105,13 @@ def resolve(mgr: Any, ref: str) -> str:
     Raises:
         SandboxNotFound: neither.
     """
-    if mgr.state.get(ref) is not None:
+    read = mgr._read  # the lazy manager's read path: no state store opened for a lookup
+    if read("get", ref) is not None:
         return ref
-    live = mgr.state.get_by_name(ref)
+    live = read("get_by_name", ref)
     if live is not None:
         return str(live["id"])
-    named = mgr.state.list(states=None, where={"name": ref})
+    named = read("list", states=None, where={"name": ref})
     if named:
         return str(named[-1]["id"])
     raise SandboxNotFound(f"no sandbox with id or name {ref!r}")

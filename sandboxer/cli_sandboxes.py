@@ -271,21 +271,23 @@ def status(c: Any, sandbox: str, as_json: bool, no_refresh: bool) -> None:
 
 @click.command("list")
 @click.option("--all", "show_all", is_flag=True, help="Include terminated and failed sandboxes.")
+@click.option("--pooled", is_flag=True, help="Include the idle sandboxes of warm pools (consumer sandboxer.pool).")
 @filter_options
 @click.option("--watch", is_flag=True, help="Refresh until Ctrl-C (or --count refreshes).")
 @click.option("--interval", type=DURATION, default="2s", show_default=True, help="With --watch: between refreshes.")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="With --watch: stop after N refreshes.")
 @click.option("--json", "as_json", is_flag=True, help="A JSON array (with --watch: one compact array a line).")
 @pass_ctx
-def list_cmd(c: Any, show_all: bool, watch: bool, interval: float, count: int | None, as_json: bool,
+def list_cmd(c: Any, show_all: bool, pooled: bool, watch: bool, interval: float, count: int | None, as_json: bool,
              **filters: Any) -> None:
-    """List sandboxes (live ones unless --all), filtered by profile, consumer, label, state, backend."""
+    """List sandboxes (live ones unless --all; warm pools' idle ones only with --pooled), filtered by profile,
+    consumer, label, state, backend."""
     pairs(filters["f_labels"], "--label")  # a bad one is a usage error before anything is opened
     mgr = c.manager()
     every = show_all or filters["f_state"] is not None
     rounds = 0
     while True:
-        items = matching(mgr.list(all=every), **filters)
+        items = matching(mgr.list(all=every, pooled=pooled), **filters)
         if watch and not as_json and sys.stdout.isatty():
             click.clear()
         if as_json:

@@ -150,7 +150,7 @@ class FileInfo(BaseModel):
 
 #: Methods whose first argument is a handle.
 HANDLE_METHODS = frozenset({"wait_ready", "teardown", "exec", "snapshot", "meter_actual", "probe", "handle_id",
-                            "write_file", "read_file", "list_files", "remove_file"})
+                            "write_file", "read_file", "list_files", "remove_file", "set_ttl"})
 
 
 def load_handle(cls: type[Handle], stored: Handle | dict[str, Any], *, what: str, backend: str) -> Handle:
@@ -224,6 +224,15 @@ def checked(method: str, value: Any, *, backend: str, handle_cls: type[Handle] =
     if method == "probe":
         if value is not None and not isinstance(value, bool):
             raise BackendError(f"{backend}.probe returned {value!r}, not True, False or None", backend=backend)
+        return value
+    if method == "list_files":
+        if not isinstance(value, (list, tuple)):
+            raise BackendError(f"{backend}.list_files returned {type(value).__name__}, not a list of FileInfo",
+                               backend=backend)
+        return [_as(FileInfo, item, backend, method) for item in value]
+    if method in ("write_file", "read_file"):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise BackendError(f"{backend}.{method} returned {value!r}, not a byte count", backend=backend)
         return value
     if method == "resource_names":
         if not isinstance(value, (list, tuple)) or not all(isinstance(n, str) for n in value):

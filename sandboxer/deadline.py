@@ -47,6 +47,17 @@ class CallLimits:
     exec: float = 3600.0
     exec_grace: float = 30.0
     ready_grace: float = 5.0
+    #: files calls (feature ``files``): ``files`` seconds plus one second per ``files_rate`` bytes
+    #: of a transfer whose size is known; ``files_stream`` for one whose size is not (a read, a pipe)
+    files: float = 120.0
+    files_rate: float = float(1 << 20)
+    files_stream: float = 3600.0
+
+    def files_deadline(self, size: int | None) -> float:
+        """The deadline of a files call moving ``size`` bytes (None: not known beforehand)."""
+        if size is None:
+            return self.files_stream
+        return self.files + size / self.files_rate
 
 
 class _Call:

@@ -70,11 +70,26 @@ class GcMixin(_Base):
                 bucket.append(row["id"])
             except SandboxerError as exc:
                 report.errors[row["id"]] = str(exc)
+        self.pools.reap(report)  # pooled sandboxes past their pool's max_age, or of a profile without a pool
         seen = self._reconcile(report)
         self._find_lost(ready, seen, report)
+        self._reap_images(report)
         self.metering.close_abandoned()
         self.state.purge_claims()
         return report
+
+    def _reap_images(self, report: CleanupReport) -> None:
+        """What ``sandboxer images gc`` does, for each loaded backend with a build mode (vm-packer):
+        build records left by builds whose process is gone, and their private directories."""
+        for ext_id, loaded in self.catalog.extensions.items():
+            if loaded.missing_extra or not hasattr(loaded.handler, "reap_images"):
+                continue
+            try:
+                removed = self.extension(ext_id).reap_images(state=self.state)
+            except (SandboxerError, OSError) as exc:
+                report.errors[f"{ext_id} images"] = f"image gc failed: {exc}"
+                continue
+            report.images.extend(row["id"] for row in removed)
 
     def _missing(self, row: dict[str, Any]) -> ConfigError:
         try:

@@ -537,6 +537,13 @@ def load_profile(path: Path, extensions: dict[str, LoadedExtension]) -> Profile:
     bad = RESERVED_INPUTS & (set(profile.inputs.defaults) | set(profile.inputs.required))
     if bad:
         raise ProfileError(f"{path}: field 'inputs': {sorted(bad)} are reserved for the manager")
+    if profile.pool is not None and profile.pool.size:
+        unset = [k for k in profile.inputs.required if profile.inputs.defaults.get(k) in (None, "")]
+        if unset:  # a pooled sandbox is made before any request: from the defaults alone
+            raise ProfileError(
+                f"{path}: field 'pool' (value size {profile.pool.size}): input {unset[0]!r} is required and has no "
+                f"default, and a pooled sandbox is created before any request, from the defaults alone; give "
+                f"'inputs.defaults.{unset[0]}', or drop the pool (docs/pools.md)")
     for i, choice in enumerate(profile.candidates):
         field_name = "extension" if profile.backends is None else f"backends.{i}.extension"
         loaded = extensions.get(choice.extension)
@@ -564,7 +571,7 @@ def load_profile(path: Path, extensions: dict[str, LoadedExtension]) -> Profile:
 
 def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True,
                  packages: bool | None = None, installed: Path | None = None,
-                 problems: list[ConfigError] | None = None) -> Catalog:
+                 only: frozenset[str] | None = None, problems: list[ConfigError] | None = None) -> Catalog:
     """Load and validate the built-in config, installed packages' config, then ``config_dirs``.
 
     Args:
@@ -573,6 +580,9 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
         packages: include what installed packages ship (:func:`package_config_dirs`); default: with the built-ins.
         installed: a manager's home: include the signed bundles installed there (``<home>/extensions``,
             :mod:`sandboxer.trust.installer`), each run out of process with its package on its worker's path.
+        only: load just these extension ids (their manifests and overrides, checked as always) and no
+            profiles: what a command about one existing sandbox needs. Every file is still read, so a
+            duplicate id or a broken file of another extension is not noticed.
         problems: collect every problem here instead of raising the first (``sandboxer validate``):
             a file with one is left out, and what needs it may add problems of its own.
 
@@ -595,17 +605,21 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
     ext_files += _files(pkg_dirs + user_dirs, "extensions", "ext.*.yaml")
     bundles: dict[Path, Path] = {}
     if installed is not None:
-        from sandboxer.trust.installer import installed_manifests
+        from sandboxer.trust.layout import installed_manifests
 
         bundles = dict(installed_manifests(installed))
         ext_files += list(bundles)
     prof_files = (sorted(builtin_dir("profiles").glob("profile.*.yaml")) if builtins else [])
     prof_files += _files(pkg_dirs + user_dirs, "profiles", "profile.*.yaml")
+    if only is not None:
+        prof_files = []
 
     extensions: dict[str, LoadedExtension] = {}
     overrides: list[tuple[Path, dict[str, Any]]] = []
     def one_manifest(path: Path) -> None:
         data = read_yaml(path, ManifestError)
+        if only is not None and data.get("id") not in only:
+            return
         if "override" in data:
             overrides.append((path, data))
             return

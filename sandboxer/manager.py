@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pydantic import SecretStr
 
@@ -34,6 +35,7 @@ from sandboxer.errors import (
     CapacityUnavailable,
     ConfigError,
     InputError,
+    LifecycleError,
     ProfileNotFound,
     SandboxerError,
     SandboxNotFound,
@@ -44,9 +46,9 @@ from sandboxer.errors import (
 from sandboxer.execution import KILL_MARKED_TIMEOUT, check_argv, kill_marked_argv
 from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension
 from sandboxer.loader import Catalog, load_catalog
-from sandboxer.state.extensions import LifecycleError
 from sandboxer.metering import Metering, price
 from sandboxer.models import (
+    POOL_CONSUMER,
     ExecResult,
     MeterQuote,
     Pricing,
@@ -55,12 +57,20 @@ from sandboxer.models import (
     SandboxStatus,
     format_duration,
 )
+from sandboxer.files import FilesMixin
 from sandboxer.gc import GcMixin
-from sandboxer.records import Progress, dt, reporter, same_request, short, status_of
+from sandboxer.lifetime import LifetimeMixin
+from sandboxer.pools import PoolReport, Pools
+from sandboxer.records import STATUS_FIELDS, Progress, dt, reporter, same_request, short, status_of
 from sandboxer.router import Action, Plan, Router
+from sandboxer.sandbox import Sandbox
 from sandboxer.secrets import SecretRef, sandbox_secrets, scrub
 from sandboxer.snapshots import SnapshotsMixin
-from sandboxer.state import LIVE_STATES, NameTaken, OverCapacity, StateStore, default_home
+from sandboxer.state import LIVE_STATES, NameTaken, OverCapacity, default_home
+
+if TYPE_CHECKING:
+    from sandboxer.state.reader import Reader
+    from sandboxer.state.store import StateStore
 
 log = logging.getLogger("sandboxer")
 
@@ -72,11 +82,21 @@ TEARDOWN_GRACE_S = 300.0
 _WAIT_STEP_S = 0.02
 
 
+class _OpenedOnUse:
+    """A lazy manager's state store as an extension instance holds it: opened on first use."""
+
+    def __init__(self, mgr: "Manager"):
+        self._mgr = mgr
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._mgr.state, name)
+
+
 def _clash(ext_id: str, name: str, holder: str) -> str:
     return f"{name!r} on {ext_id} is already used by live sandbox {holder}; choose another (or tear {holder} down first)"
 
 
-class Manager(SnapshotsMixin, GcMixin):
+class Manager(SnapshotsMixin, GcMixin, FilesMixin, LifetimeMixin):
     """The Python API: one object per state store, safe to share between threads.
 
     Args:
@@ -92,6 +112,13 @@ class Manager(SnapshotsMixin, GcMixin):
             ``tearing_down`` record as abandoned by a crashed process.
         call_limits: deadlines of the extension calls a profile does not bound (teardown,
             snapshot, list_owned, probe, exec...); a call past its deadline is abandoned.
+        lazy: load the catalog on first use instead of here, and for a call about one existing
+            sandbox (exec, teardown, status with refresh) only that sandbox's extension: what a
+            short-lived process such as the CLI wants. A config error then surfaces at that first
+            use. By default everything is loaded and checked here.
+        refill: keep the warm pools of pooled profiles filled from a background thread
+            (docs/pools.md; stopped by :meth:`close`; a lazy manager starts it when its catalog
+            loads). Off, pools are filled only by :meth:`fill_pools`.
     """
 
     def __init__(
@@ -104,15 +131,25 @@ class Manager(SnapshotsMixin, GcMixin):
         stale_grace: float = STALE_GRACE_S,
         teardown_grace: float = TEARDOWN_GRACE_S,
         call_limits: CallLimits | None = None,
+        lazy: bool = False,
+        refill: bool = True,
     ):
         self._owns_catalog = catalog is None
         self.home = Path(home) if home else default_home()
-        # signed bundles installed in this home load too (sandboxer.trust.installer), out of process
-        self.catalog = catalog or load_catalog([Path(d) for d in config_dirs] if config_dirs is not None else None,
-                                               installed=self.home)
-        self.state = StateStore(state_url or os.environ.get("SANDBOXER_STATE_URL") or None, home=self.home)
-        self.owner_labels = {"sandboxer.owner": self.state.owner_id}
-        self.metering = Metering(self.state, self.catalog.settings, self._pricing)
+        self._config_dirs = [Path(d) for d in config_dirs] if config_dirs is not None else None
+        self._catalog = catalog
+        self._partial: dict[str, Catalog] = {}  # lazy: one extension's catalog, by extension id
+        self._catalog_lock = threading.Lock()
+        if catalog is None and not lazy:
+            self._catalog = self._load()
+        self._state_url = state_url or os.environ.get("SANDBOXER_STATE_URL") or None
+        self._state: StateStore | None = None
+        self._reader: Reader | None = None
+        self._lazy = lazy
+        self._state_lock = threading.Lock()
+        if not lazy:
+            self._open_state()
+        self._metering: Metering | None = None
         self.router = Router()
         self.stale_grace = stale_grace
         self.teardown_grace = teardown_grace
@@ -122,6 +159,10 @@ class Manager(SnapshotsMixin, GcMixin):
         self._tearing: set[str] = set()  # teardowns running in this process
         self._lock = threading.Lock()
         self._effective: dict[tuple[str, int], Profile] = {}
+        self.pools = Pools(self)
+        self._refill = refill
+        if refill and self._catalog is not None:  # a lazy manager starts it when its catalog loads
+            self.pools.start()
 
     def _call(self, ext: SandboxExtension, method: str, *args: Any, timeout: float | None, what: str,
               late: Callable[[Any], None] | None = None, **kwargs: Any) -> Any:
@@ -133,22 +174,105 @@ class Manager(SnapshotsMixin, GcMixin):
         return self._caller.call(bound(ext, method, what), *args, timeout=timeout, what=what,
                                  backend=ext.id, late=late, **kwargs)
 
+    def _open_state(self) -> StateStore:
+        with self._state_lock:
+            if self._state is None:
+                from sandboxer.state.store import StateStore  # SQLAlchemy: only where a store is opened
+
+                self._state = StateStore(self._state_url, home=self.home)
+                if self._reader is not None:
+                    self._reader.close()
+                    self._reader = None
+        return self._state
+
+    @property
+    def state(self) -> StateStore:
+        """The state store (opened on first use by a lazy manager)."""
+        return self._state if self._state is not None else self._open_state()
+
+    @property
+    def metering(self) -> Metering:
+        """Usage, budgets and export, over this manager's state store."""
+        if self._metering is None:
+            self._metering = Metering(self.state, lambda: self.catalog.settings, self._pricing)
+        return self._metering
+
+    @property
+    def owner_labels(self) -> dict[str, str]:
+        """The labels every sandbox of this state store carries at its backend (gc finds orphans by them)."""
+        return {"sandboxer.owner": self.state.owner_id}
+
+    def _read(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A read of the state store: a lazy manager whose store is not open yet answers it with
+        ``sqlite3`` alone (:mod:`sandboxer.state.reader`); anything it cannot read opens the store."""
+        if self._state is None and self._lazy and self._state_url is None:
+            if self._reader is None:
+                from sandboxer.state.reader import open_reader
+
+                self._reader = open_reader(self.home / "state.db")
+            if self._reader is not None:
+                try:
+                    return getattr(self._reader, method)(*args, **kwargs)
+                except sqlite3.Error:  # damaged, or changed under us: the store says what is wrong
+                    pass
+        return getattr(self.state, method)(*args, **kwargs)
+
+    def _load(self, only: frozenset[str] | None = None) -> Catalog:
+        # signed bundles installed in this home load too (sandboxer.trust.installer), out of process
+        return load_catalog(self._config_dirs, installed=self.home, only=only)
+
+    @property
+    def catalog(self) -> Catalog:
+        """Every extension and profile of this manager's configuration, validated."""
+        if self._catalog is None:
+            with self._catalog_lock:
+                if self._catalog is None:
+                    full = self._load()
+                    for ext_id, part in self._partial.items():  # keep the instances (workers) already made
+                        if ext_id in full.extensions:
+                            full.extensions[ext_id] = part.extensions[ext_id]
+                    self._catalog = full
+            if self._refill:
+                self.pools.start()
+        return self._catalog
+
+    def _extensions(self, ext_id: str) -> Catalog:
+        """The catalog that holds ``ext_id``: the whole one, or (lazy, not loaded yet) that extension's own."""
+        if self._catalog is not None or not self._owns_catalog:
+            return self.catalog
+        with self._catalog_lock:
+            if self._catalog is not None:
+                return self._catalog
+            part = self._partial.get(ext_id)
+            if part is None:
+                part = self._partial[ext_id] = self._load(frozenset({ext_id}))
+            return part
+
     def _pricing(self, ext_id: str) -> Pricing | None:
-        loaded = self.catalog.extensions.get(ext_id)
+        loaded = self._extensions(ext_id).extensions.get(ext_id)
         return loaded.manifest.pricing if loaded else None
 
     def __repr__(self) -> str:
-        return f"<Manager state={self.state.url!r} owner={self.state.owner_id}>"
+        if self._state is None:
+            return f"<Manager home={str(self.home)!r} (state store not opened yet)>"
+        return f"<Manager state={self._state.url!r} owner={self._state.owner_id}>"
 
     def close(self) -> None:
         """Close the state store and, for a catalog this manager loaded itself, stop its
         out-of-process extensions' workers (a catalog passed in may serve other managers)."""
+        self.pools.stop()
         if self._owns_catalog:
-            for loaded in self.catalog.extensions.values():
+            loaded_ones = [*(self._catalog.extensions.values() if self._catalog else ()),
+                           *(x for part in self._partial.values() for x in part.extensions.values())]
+            for loaded in {id(x): x for x in loaded_ones}.values():
                 inst = loaded._instance
                 if inst is not None and loaded.runtime == "process":
                     inst.close()  # type: ignore[attr-defined]
-        self.state.close()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self._state is not None:
+            self._state.close()
 
     def __enter__(self) -> "Manager":
         return self
@@ -172,16 +296,17 @@ class Manager(SnapshotsMixin, GcMixin):
             ConfigError: no loaded config defines it (the message names the sandbox, if given).
             MissingExtra: its optional SDK is not installed.
         """
+        cat = self._extensions(ext_id)
         try:
-            loaded = self.catalog.extensions[ext_id]
+            loaded = cat.extensions[ext_id]
         except KeyError:
             whose = f"sandbox {sandbox_id} runs on extension {ext_id!r}, which" if sandbox_id else f"extension {ext_id!r}"
-            dirs = ", ".join(str(d) for d in [*self.catalog.package_dirs, *self.catalog.dirs]) or "the built-ins only"
+            dirs = ", ".join(str(d) for d in [*cat.package_dirs, *cat.dirs]) or "the built-ins only"
             raise ConfigError(
                 f"{whose} is not defined in this configuration (config dirs: {dirs}); run with the "
                 f"--config (or SANDBOXER_CONFIG) that defines it. Nothing was changed."
             ) from None
-        return loaded.instance(self.home, limits=self.limits, state=self.state)
+        return loaded.instance(self.home, limits=self.limits, state=self.state if self._state else _OpenedOnUse(self))
 
     def effective_profile(self, profile: Profile, index: int) -> Profile:
         """The profile as backend ``index`` sees it: that entry's options."""
@@ -194,7 +319,7 @@ class Manager(SnapshotsMixin, GcMixin):
         return eff
 
     def _row(self, sandbox_id: str) -> dict[str, Any]:
-        row = self.state.get(sandbox_id)
+        row = self._read("get", sandbox_id)
         if row is None:
             raise SandboxNotFound(f"no sandbox with id {sandbox_id!r}")
         return row
@@ -249,9 +374,15 @@ class Manager(SnapshotsMixin, GcMixin):
             return
         self.state.record_event(row["id"], "lost_swept", extension=ext.id, detail={"removed": report.removed})
 
-    def list(self, *, all: bool = False) -> list[SandboxStatus]:  # noqa: A002 - mirrors the CLI flag
-        """Live sandboxes, or every one ever recorded with ``all=True``."""
-        return [status_of(r) for r in self.state.list(states=None if all else LIVE_STATES)]
+    def list(self, *, all: bool = False, pooled: bool = False) -> list[SandboxStatus]:  # noqa: A002 - the CLI flag
+        """Live sandboxes, or every one ever recorded with ``all=True``; the idle ones of warm pools
+        (not yet handed out) only with ``pooled=True``."""
+        return [status_of(r) for r in self._read("list", states=None if all else LIVE_STATES, fields=STATUS_FIELDS)
+                if pooled or r["consumer"] != POOL_CONSUMER]
+
+    def fill_pools(self, profile: str | None = None) -> PoolReport:
+        """Fill every warm pool (or ``profile``'s) up to its size once, now (docs/pools.md)."""
+        return self.pools.fill(profile)
 
     def events(self, sandbox_id: str | None = None) -> list[dict[str, Any]]:
         return self.state.events(sandbox_id)
@@ -301,7 +432,7 @@ class Manager(SnapshotsMixin, GcMixin):
 
     def create(self, request: SandboxCreateRequest | None = None, /, *,
                secrets: dict[str, SecretRef | dict[str, str]] | None = None,
-               on_progress: Progress | None = None, **kwargs: Any) -> SandboxStatus:
+               on_progress: Progress | None = None, **kwargs: Any) -> Sandbox:
         """Create a sandbox and wait until it is ready.
 
         Args:
@@ -313,7 +444,7 @@ class Manager(SnapshotsMixin, GcMixin):
                 (backend, host, reason, next) and ``ready``. An exception it raises is logged, not raised.
 
         Returns:
-            The ready sandbox's status (with reachability).
+            The ready sandbox: a :class:`~sandboxer.sandbox.Sandbox` (its status, with reachability, and its verbs).
 
         Raises:
             ProfileNotFound, InputError, TTLError, BudgetExceeded: the request is wrong; nothing was created.
@@ -328,6 +459,14 @@ class Manager(SnapshotsMixin, GcMixin):
         inputs = self._check_inputs(profile, req.inputs)
         ttl = self._ttl(profile, req.ttl)
         values = sandbox_secrets(profile.slug, profile.secrets, secrets)  # before anything is recorded
+        pooled = self.pools.take(req, profile, inputs, ttl, secrets) if profile.pool else None
+        if pooled is not None:  # a warm pool's sandbox, now this consumer's (docs/pools.md)
+            report("ready", {"sandbox_id": pooled.id, "backend": pooled.extension, "host": pooled.host, "pooled": True})
+            return Sandbox.attach(self, pooled)
+        return Sandbox.attach(self, self._create(req, profile, inputs, ttl, values, report))
+
+    def _create(self, req: SandboxCreateRequest, profile: Profile, inputs: dict[str, Any], ttl: float,
+                values: dict[str, SecretStr], report: Progress) -> SandboxStatus:
         for _ in range(3):  # bounded: a named create may find its twin failed, then tries itself
             if req.name:
                 existing = self.state.get_by_name(req.name)
@@ -695,7 +834,7 @@ class Manager(SnapshotsMixin, GcMixin):
 
     @contextmanager
     def sandbox(self, profile: str, *, secrets: dict[str, SecretRef | dict[str, str]] | None = None,
-                **kwargs: Any) -> Iterator[SandboxStatus]:
+                **kwargs: Any) -> Iterator[Sandbox]:
         """Create a sandbox for a ``with`` block; it is torn down on any exit (``secrets`` as :meth:`create`)."""
         sb = self.create(SandboxCreateRequest(profile=profile, **kwargs), secrets=secrets)
         try:
@@ -743,7 +882,7 @@ class Manager(SnapshotsMixin, GcMixin):
         """Kill, inside the sandbox, every process of an exec started with ``env={EXEC_MARKER: marker}``
         (what it forked and ``setsid`` children included). Best effort, bounded; never raises
         for a sandbox that is gone."""
-        row = self.state.get(sandbox_id)
+        row = self._read("get", sandbox_id)
         if row is None or row["state"] != "ready":
             return
         ext = self.extension(row["extension"], sandbox_id=sandbox_id)

@@ -24,11 +24,12 @@ import urllib.error
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from sandboxer.errors import AuthError, BudgetExceeded, ConfigError
 from sandboxer.models import ExtensionManifest, MeterQuote, Pricing, Profile, Settings, SinkConfig
-from sandboxer.state import StateStore
+if TYPE_CHECKING:  # the store (SQLAlchemy) loads only where a manager opens one
+    from sandboxer.state import StateStore
 
 log = logging.getLogger("sandboxer.metering")
 
@@ -73,14 +74,22 @@ class Metering:
 
     Args:
         state: the state store (all SQL is there).
-        settings: budgets and sinks.
+        settings: budgets and sinks, or a callable that returns them when first needed (a lazy
+            manager's catalog loads only then).
         pricing: extension id -> its manifest's pricing (None: free).
     """
 
-    def __init__(self, state: StateStore, settings: Settings, pricing: Callable[[str], Pricing | None]):
+    def __init__(self, state: StateStore, settings: "Settings | Callable[[], Settings]",
+                 pricing: Callable[[str], Pricing | None]):
         self._state = state
-        self.settings = settings
+        self._settings = settings
         self._pricing = pricing
+
+    @property
+    def settings(self) -> Settings:
+        if callable(self._settings):
+            self._settings = self._settings()
+        return self._settings
 
     # --------------------------------------------------------------- actuals
 

@@ -132,6 +132,27 @@ class TTLPolicy(Strict):
         return self
 
 
+#: The most sandboxes one profile's pool may keep ready.
+POOL_MAX_SIZE = 100
+#: The consumer a pooled sandbox is recorded under until it is handed out (reserved: a request may not use it).
+POOL_CONSUMER = "sandboxer.pool"
+
+
+class PoolPolicy(Strict):
+    """A profile's warm pool: ``size`` sandboxes kept provisioned and ready, each for at most ``max_age``
+    (docs/pools.md)."""
+
+    size: int = Field(ge=0, le=POOL_MAX_SIZE, description="how many ready sandboxes to keep (0: none)")
+    max_age: Duration = Field(default=600.0, description="a pooled sandbox older than this is reaped, not handed out")
+
+    @field_validator("max_age")
+    @classmethod
+    def _age(cls, v: float) -> float:
+        if not 10.0 <= v <= 86400.0:
+            raise ValueError(f"max_age must be between 10s and 1d, got {format_duration(v)}")
+        return v
+
+
 class BackendChoice(Strict):
     """One entry of a profile's ordered ``backends`` list."""
 
@@ -167,6 +188,7 @@ class Profile(Strict):
                                    description="what the sandbox may reach and serve; default: no network")
     secrets: dict[str, SecretRef] = Field(
         default_factory=dict, description="environment variables for the sandbox, from secret references")
+    pool: PoolPolicy | None = Field(default=None, description="keep sandboxes of this profile ready (docs/pools.md)")
 
     @field_validator("secrets")
     @classmethod
@@ -209,6 +231,13 @@ class SandboxCreateRequest(Strict):
     labels: dict[str, str] = Field(default_factory=dict)
     consumer: str = "anonymous"
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+    @field_validator("consumer")
+    @classmethod
+    def _not_the_pool(cls, v: str) -> str:
+        if v == POOL_CONSUMER:
+            raise ValueError(f"consumer {POOL_CONSUMER!r} is reserved for the sandboxes of warm pools")
+        return v
 
     @field_validator("ttl", mode="before")
     @classmethod
@@ -302,6 +331,8 @@ class CleanupReport(Strict):
     orphans: list[str] = Field(default_factory=list)
     stale_provisioning: list[str] = Field(default_factory=list)
     lost: list[str] = Field(default_factory=list, description="ready sandboxes their backend no longer has")
+    images: list[str] = Field(default_factory=list,
+                              description="image build records removed: builds whose process is gone (vm-packer)")
     errors: dict[str, str] = Field(default_factory=dict)
 
 

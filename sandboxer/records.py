@@ -20,6 +20,12 @@ def dt(ts: float | None) -> datetime | None:
     return datetime.fromtimestamp(ts, tz=timezone.utc) if ts is not None else None
 
 
+#: The columns :func:`status_of` reads: what a listing asks the state store for (not the handle,
+#: inputs or resources, whose JSON it would only decode to drop).
+STATUS_FIELDS = ("id", "name", "profile", "extension", "host", "state", "reachability", "consumer", "labels",
+                 "created_at", "ready_at", "expires_at", "terminated_at", "last_error", "policy")
+
+
 def status_of(row: dict[str, Any]) -> SandboxStatus:
     return SandboxStatus(
         id=row["id"], name=row["name"], profile=row["profile"], extension=row["extension"], host=row["host"],

@@ -15,6 +15,7 @@ from sandboxer.errors import CapabilityError, CapacityUnavailable, InputError, S
 from sandboxer.models import SandboxStatus, SnapshotMeta
 from sandboxer.policy import describe_lacking, lacking
 from sandboxer.records import short, snapshot_meta
+from sandboxer.sandbox import Sandbox
 from sandboxer.secrets import sandbox_secrets
 from sandboxer.state import OverCapacity
 
@@ -109,9 +110,10 @@ class SnapshotsMixin(_Base):
                                    inputs=merged, given=given)
         except OverCapacity as exc:
             raise CapacityUnavailable(f"cannot restore {snapshot_id}: {exc}", backend=meta.extension) from None
-        return self.launch(sandbox_id=sandbox_id, profile=prof, index=index, host=host, inputs=merged, ttl=ttl_s,
-                           consumer=who, labels=labels or {}, row=row, secrets=values,
-                           start=lambda e, r: e.restore_from_snapshot(r, meta))
+        return Sandbox.attach(self, self.launch(  # type: ignore[attr-defined]
+            sandbox_id=sandbox_id, profile=prof, index=index, host=host, inputs=merged, ttl=ttl_s,
+            consumer=who, labels=labels or {}, row=row, secrets=values,
+            start=lambda e, r: e.restore_from_snapshot(r, meta)))
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         row = self.state.get_snapshot(snapshot_id)

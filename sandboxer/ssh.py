@@ -539,6 +539,18 @@ class SSHConnection:
             if feeder is not None:
                 feeder.join(timeout=1.0)
 
+    def sftp(self, fail: type[BackendError] = ProvisionError) -> Any:
+        """An SFTP session (paramiko ``SFTPClient``) over this verified connection; close it after use.
+
+        Raises:
+            ``fail`` when the server has no SFTP subsystem or the connection is lost.
+        """
+        if not self.alive:
+            self.open(fail)
+        paramiko = _paramiko()
+        STATS.add(round_trips=1)
+        return translated(lambda: paramiko.SFTPClient.from_transport(self.transport), self.errors(fail))
+
     def put_file(self, path: str, data: bytes, *, mode: int = 0o600, fail: type[BackendError] = ProvisionError) -> None:
         """Write ``data`` to a remote file created with ``mode`` (default 0600), via stdin."""
         script = 'umask 077 && cat > "$1" && chmod "$2" "$1"'

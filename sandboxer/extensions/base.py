@@ -64,7 +64,7 @@ def check_features(cls: type["SandboxExtension"], features: Iterable[str]) -> st
 
 #: Contract methods a handler may override besides the feature methods; each is checked too.
 CONTRACT_METHODS = ("provision", "wait_ready", "teardown", "resource_names", "deadline", "probe", "handle_id",
-                    "credential_key", "hosts", "delete_snapshot", "options")
+                    "credential_key", "hosts", "delete_snapshot", "options", "set_ttl")
 
 
 def check_signatures(cls: type["SandboxExtension"]) -> str | None:
@@ -141,6 +141,13 @@ class SandboxExtension(abc.ABC):
     #: replaces the profile's default for any other input of its group (e.g. an
     #: ``ssh_target`` given on the command line replaces a profile's default ``vm``).
     exclusive_inputs: ClassVar[tuple[frozenset[str], ...]] = ()
+
+    #: Whether the backend ends a sandbox on its own at the ``ttl`` its provision was given:
+    #: ``"none"`` (it does not: the manager's gc alone does), ``"settable"`` (it does, and
+    #: :meth:`set_ttl` moves that end) or ``"fixed"`` (it does, and nothing can move it; the
+    #: default, the safe assumption). A warm pool (docs/pools.md) provisions for a short life and
+    #: moves the end at hand-out where it can; on a ``fixed`` backend it provisions for longer.
+    own_ttl: ClassVar[str] = "fixed"
 
     _home: Path | None = None
 
@@ -249,6 +256,15 @@ class SandboxExtension(abc.ABC):
         """
         return None
 
+    def set_ttl(self, handle: Handle, ttl: float) -> None:
+        """Make the sandbox end ``ttl`` seconds from now, where the backend ends it on its own
+        (:attr:`own_ttl` ``"settable"``); called when a warm pool hands a sandbox out. Cheap: it is
+        on the hand-out's path. Never called on other backends.
+
+        Raises:
+            BackendError: the end could not be moved (the manager then tears the sandbox down).
+        """
+
     def handle_id(self, handle: Handle) -> str | None:
         """The backend's own identity of the resource a handle names (a container id, a VM id).
 
@@ -343,6 +359,8 @@ class SandboxExtension(abc.ABC):
     # sandbox planted must not lead a host-side write or read out of it). Data is streamed:
     # never hold a whole file in memory. Errors: InputError for a bad path (empty, NUL byte),
     # SandboxFileNotFound for a missing path, ExecError for anything else the backend refused.
+    # The manager hands ``source``/``sink`` over as file-like objects with ``read``/``write`` only (no
+    # fileno, not seekable); a ``source`` may say ``length`` (bytes left) when the manager knows it.
 
     def write_file(self, handle: Handle, path: str, source: BinaryIO, *, mode: int | None = None) -> int:
         """Write everything read from ``source`` (to EOF) to ``path``, replacing a file there and

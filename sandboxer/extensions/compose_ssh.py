@@ -45,6 +45,7 @@ from sandboxer.errors import (
 from sandboxer.contract import OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
 from sandboxer import forward
 from sandboxer.execution import check_argv
+from sandboxer.extensions.sftp_files import SFTPFiles, SFTPFilesMixin
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
 from sandboxer.poll import poll
@@ -278,13 +279,13 @@ def _input_error(sandbox: str, msg: str) -> InputError:
     return InputError(f"sandbox {sandbox}: {msg}")
 
 
-class ComposeSSH(SandboxExtension):
+class ComposeSSH(SFTPFilesMixin, SandboxExtension):
     """Docker compose stacks over SSH (see the module docstring)."""
 
     Config = ComposeSSHConfig
     ProfileOptions = ComposeProfileOptions
     Handle = ComposeHandle
-    features = frozenset({"exec", "snapshots", "list_owned"})
+    features = frozenset({"exec", "snapshots", "list_owned", "files"})
     # the remote host's network is the sandbox's: nothing narrower can be promised; exposed ports
     # (published by the stack on its host) are forwarded to 127.0.0.1 here by a process of their own
     enforces = frozenset({"network:internet", "expose"})
@@ -608,6 +609,11 @@ class ComposeSSH(SandboxExtension):
                   'shift 2\nexec docker exec ' + " ".join(shlex.quote(o) for o in opts) + ' "$cid" "$@"')
         return self._conn(h, ExecError).run(self._argv(h, script, handle.project, service, *argv), env=env,
                                             stdin=stdin, timeout=timeout, on_output=on_output, fail=ExecError)
+
+    def _sftp_files(self, handle) -> SFTPFiles:  # type: ignore[no-untyped-def]
+        """Its files over SFTP (sandboxer/extensions/sftp_files.py): the workspace, from where exec runs."""
+        return SFTPFiles(self._conn(self._host(handle.host), ExecError), ext_id=self.id, sandbox_id=handle.sandbox_id,
+                         root=handle.remote_dir, base=handle.repo_dir)
 
     # ------------------------------------------------------------ list_owned
 

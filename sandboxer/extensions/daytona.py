@@ -33,12 +33,12 @@ import time
 import warnings
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal, TypeVar
+from typing import Any, BinaryIO, Callable, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sandboxer.contract import (ErrorTable, Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult,
-                                TeardownReport, translated_with)
+from sandboxer.contract import (ErrorTable, FileInfo, Handle, OwnedSandbox, ProvisionRequest, Reachability,
+                                SnapshotResult, TeardownReport, translated_with)
 from sandboxer.errors import (
     AuthError,
     BackendError,
@@ -213,7 +213,7 @@ class DaytonaExtension(SandboxExtension):
 
     Config: ClassVar[type[BaseModel]] = DaytonaBackendConfig
     ProfileOptions: ClassVar[type[BaseModel]] = DaytonaOptions
-    features: ClassVar[frozenset[str]] = frozenset({"exec", "snapshots", "list_owned"})
+    features: ClassVar[frozenset[str]] = frozenset({"exec", "snapshots", "list_owned", "files"})
     # What daytona 0.226 sends and Daytona documents (see _network_args for the mapping):
     # none: network_block_all ("Whether to block all network access for the Sandbox");
     # CIDR allow-lists: network_allow_list ("Comma-separated list of allowed CIDR network addresses");
@@ -597,6 +597,28 @@ class DaytonaExtension(SandboxExtension):
 
         return run_in_session(self, handle, argv, env=env, cwd=cwd, timeout=timeout, stdin=stdin,
                               on_output=on_output)
+
+    # ------------------------------------------------------------ files (sandboxer/extensions/daytona_files.py)
+
+    def write_file(self, handle: DaytonaHandle, path: str, source: BinaryIO, *, mode: int | None = None) -> int:
+        from sandboxer.extensions import daytona_files
+
+        return daytona_files.write_file(self, handle, path, source, mode=mode)
+
+    def read_file(self, handle: DaytonaHandle, path: str, sink: BinaryIO) -> int:
+        from sandboxer.extensions import daytona_files
+
+        return daytona_files.read_file(self, handle, path, sink)
+
+    def list_files(self, handle: DaytonaHandle, path: str) -> list[FileInfo]:
+        from sandboxer.extensions import daytona_files
+
+        return daytona_files.list_files(self, handle, path)
+
+    def remove_file(self, handle: DaytonaHandle, path: str, *, recursive: bool = False) -> None:
+        from sandboxer.extensions import daytona_files
+
+        daytona_files.remove_file(self, handle, path, recursive=recursive)
 
     # ------------------------------------------------------------ snapshots
 

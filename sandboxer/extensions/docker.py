@@ -53,6 +53,7 @@ from sandboxer.execution import EXEC_MARKER, check_argv
 from sandboxer.extensions import docker_net
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.extensions.docker_exec import FrameReader, kill_exec
+from sandboxer.extensions.docker_files import DockerFilesMixin
 from sandboxer.extensions.docker_gpu import gpu_create_kwargs, gpu_unavailable
 from sandboxer.models import ExecResult, Profile, SnapshotMeta
 from sandboxer.poll import poll
@@ -310,13 +311,14 @@ def engine_errors() -> ErrorTable:
     return ErrorTable(rows)
 
 
-class DockerExtension(SandboxExtension):
+class DockerExtension(DockerFilesMixin, SandboxExtension):
     """Sandboxes as containers on one Docker engine."""
 
     Config = DockerConfig
     ProfileOptions = DockerOptions
     Handle = DockerHandle
-    features = frozenset({"exec", "snapshots", "list_owned"})
+    features = frozenset({"exec", "snapshots", "list_owned", "files"})
+    own_ttl = "none"  # nothing here ends a sandbox on its own: the manager's gc does
     requires = ("docker", "docker")
     # none is network_mode none (loopback only); the internet is a bridge (or the operator's named network);
     # an allow-list, a deny-list or exposed ports: a network of its own, kept by nftables rules on the

@@ -1,7 +1,7 @@
 """The E2B backend: cloud microVM sandboxes through the official ``e2b`` SDK.
 
 What it owns: mapping the sand-boxer verbs onto E2B (create / info / kill /
-commands.run / snapshots / list), bring-your-own-key resolution, and the
+commands.run / snapshots / list; files in e2b_files), bring-your-own-key resolution, and the
 translation of the SDK's exceptions into the sand-boxer error tree.
 
 Rules kept here:
@@ -50,6 +50,7 @@ from sandboxer.errors import (
     QuotaExceeded,
     RateLimited,
     ReadinessTimeout,
+    SandboxFileNotFound,
     SnapshotError,
     TeardownError,
     TTLError,
@@ -64,6 +65,7 @@ from sandboxer.execution import (
 )
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.extensions import e2b_network
+from sandboxer.extensions.e2b_files import E2BFiles
 from sandboxer.extensions.e2b_network import network_args, port_urls
 from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration
 from sandboxer.poll import poll
@@ -186,6 +188,7 @@ class _Call:
     fallback: type[BackendError]
     sandbox: str | None
     gone: type[BackendError] | None
+    path: str | None = None  # the file a files call names (feature files)
 
     @property
     def where(self) -> str:
@@ -207,7 +210,7 @@ def _idempotency_key(sandbox_id: str) -> str:
     return "sbx-" + hashlib.sha256(sandbox_id.encode()).hexdigest()[:40]
 
 
-class E2BExtension(SandboxExtension):
+class E2BExtension(E2BFiles, SandboxExtension):
     """Sandboxes on E2B, with the operator's (or a consumer's) own API key.
 
     Handles carry the E2B sandbox id, the template, the consumer the key was
@@ -216,7 +219,7 @@ class E2BExtension(SandboxExtension):
 
     Config: ClassVar[type[BaseModel]] = E2BConfig
     ProfileOptions: ClassVar[type[BaseModel]] = E2BOptions
-    features: ClassVar[frozenset[str]] = frozenset({"exec", "snapshots", "metering", "list_owned"})
+    features: ClassVar[frozenset[str]] = frozenset({"exec", "snapshots", "metering", "list_owned", "files"})
     # What e2b 2.63 sends and E2B documents: see e2b_network (network:*, and expose: each port's URL
     # is Sandbox.get_host's, reachable only with the sandbox's traffic access token). E2B has no GPUs.
     # secrets: Sandbox.create(envs=...) (the create body's envVars), "Custom environment variables for
@@ -271,6 +274,7 @@ class E2BExtension(SandboxExtension):
         fallback: type[BackendError],
         sandbox: str | None = None,
         gone: type[BackendError] | None = None,
+        path: str | None = None,
     ) -> T:
         """Run ``fn(sdk_opts)`` with ``consumer``'s key; SDK exceptions become ours through :attr:`errors`.
 
@@ -286,8 +290,9 @@ class E2BExtension(SandboxExtension):
             fallback: the class for anything not more specific.
             sandbox: the E2B sandbox id, named in messages when known.
             gone: the class a "sandbox not found" becomes (default: ``fallback``).
+            path: the file inside the sandbox a files call names (a missing one is SandboxFileNotFound).
         """
-        return translated_with(_CALL, _Call(op, consumer, fallback, sandbox, gone),
+        return translated_with(_CALL, _Call(op, consumer, fallback, sandbox, gone, path),
                                lambda: fn(self._opts(consumer)), self.errors)
 
     @property
@@ -310,6 +315,7 @@ class E2BExtension(SandboxExtension):
                     backend=self.id),
                 sdk.SandboxNotFoundException: self._gone,
                 sdk.SandboxNotRunningException: self._gone,
+                sdk.FileNotFoundException: self._file_missing,
                 sdk.TimeoutException: self._timed_out,
                 sdk.SandboxException: self._by_status,
                 httpx.TimeoutException: self._timed_out,
@@ -330,6 +336,13 @@ class E2BExtension(SandboxExtension):
     def _gone(self, exc: BaseException) -> BackendError:
         call = _CALL.get()
         return self._make(call.gone or call.fallback, f"{call.where}: the sandbox is gone at E2B: {self._detail(exc)}")
+
+    def _file_missing(self, exc: BaseException) -> SandboxFileNotFound | None:
+        """envd's 404 / NOT_FOUND for a path (None for a call that names no file: its base class's row)."""
+        call = _CALL.get()
+        if call.path is None:
+            return None
+        return SandboxFileNotFound(f"{call.where}: no file or directory at {call.path!r} in the sandbox")
 
     def _timed_out(self, exc: BaseException) -> BackendError:
         call = _CALL.get()

@@ -11,11 +11,11 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import defaultdict, deque
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
-from sandboxer.errors import ExecError
+from sandboxer.errors import ExecError, SandboxFileNotFound
 from sandboxer.execution import OutputCollector, check_argv
-from sandboxer.contract import Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
+from sandboxer.contract import FileInfo, Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.models import ExecResult, SnapshotMeta
 from sandboxer.policy import ENFORCEMENTS
@@ -27,7 +27,8 @@ class FakeHandle(Handle):
 
 
 class FakeExtension(SandboxExtension):
-    features = frozenset({"exec", "snapshots", "metering", "list_owned"})
+    features = frozenset({"exec", "snapshots", "metering", "list_owned", "files"})
+    own_ttl = "none"  # nothing here ends a sandbox on its own: the manager's gc does
     # it runs nothing: every promise is vacuously kept (a test's manifest narrows it to what it needs)
     enforces = frozenset(ENFORCEMENTS)
     Handle = FakeHandle
@@ -38,6 +39,7 @@ class FakeExtension(SandboxExtension):
         self._script: dict[str, deque[Any]] = defaultdict(deque)
         self.calls: list[tuple[str, Any]] = []
         self.live: dict[str, dict[str, Any]] = {}
+        self.files: dict[tuple[str, str], bytes] = {}  # (fake id, path) -> content (a fake: held in memory)
 
     def script(self, verb: str, *steps: BaseException | Callable[..., Any] | None) -> None:
         """Queue what the next calls of ``verb`` do."""
@@ -104,6 +106,43 @@ class FakeExtension(SandboxExtension):
             return [OwnedSandbox(sandbox_id=v["sandbox_id"], handle=FakeHandle(fake_id=k, sandbox_id=v["sandbox_id"]))
                     for k, v in self.live.items()
                     if all(v["owner_labels"].get(a) == b for a, b in owner_labels.items())]
+
+    def write_file(self, handle: FakeHandle, path: str, source: BinaryIO, *, mode: int | None = None) -> int:
+        done, out = self._step("write_file", handle, path, source)
+        if done:
+            return out
+        data = b"".join(iter(lambda: source.read(1 << 16), b""))
+        with self._lock:
+            self.files[(handle.fake_id, path)] = data
+        return len(data)
+
+    def read_file(self, handle: FakeHandle, path: str, sink: BinaryIO) -> int:
+        done, out = self._step("read_file", handle, path, sink)
+        if done:
+            return out
+        data = self._file(handle, path)
+        sink.write(data)
+        return len(data)
+
+    def _file(self, handle: FakeHandle, path: str) -> bytes:
+        with self._lock:
+            data = self.files.get((handle.fake_id, path))
+        if data is None:
+            raise SandboxFileNotFound(f"{self.id}: no file {path!r} in {handle.fake_id}")
+        return data
+
+    def list_files(self, handle: FakeHandle, path: str) -> list[FileInfo]:
+        done, out = self._step("list_files", handle, path)
+        if done:
+            return out
+        return [FileInfo(path=path, name=path.rsplit("/", 1)[-1], type="file", size=len(self._file(handle, path)))]
+
+    def remove_file(self, handle: FakeHandle, path: str, *, recursive: bool = False) -> None:
+        done, _ = self._step("remove_file", handle, path)
+        if not done:
+            self._file(handle, path)
+            with self._lock:
+                self.files.pop((handle.fake_id, path), None)
 
     def snapshot(self, handle: FakeHandle) -> SnapshotResult:
         done, out = self._step("snapshot", handle)

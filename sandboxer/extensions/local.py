@@ -72,6 +72,7 @@ from sandboxer.extensions.local_proc import (  # noqa: F401 - alloc_uid, free_ui
     chown_tree,
     free_uid,
 )
+from sandboxer.extensions.local_files import LocalFilesMixin
 from sandboxer.extensions.local_secrets import init_secrets
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.execution import OUTPUT_CAP as DEFAULT_OUTPUT_CAP
@@ -161,6 +162,8 @@ class LocalHandle(Handle):
     #: ports the sandbox serves (``network.expose``)
     expose: list[int] = Field(default_factory=list)
     secrets: list[str] = Field(default_factory=list, description="names of the secrets its init holds (never values)")
+    #: when its init exits (the TTL plus a grace, as the epoch); None without an init
+    life_until: float | None = None
 
 
 class LocalReachability(Reachability):
@@ -185,6 +188,17 @@ def _starttime(pid: int) -> str | None:
 
 def _alive(pid: int | None, start: str | None) -> bool:
     return bool(pid) and start is not None and _starttime(pid) == start  # type: ignore[arg-type]
+
+
+def _write_end(path: Path, end: float, *, create: bool = True) -> None:
+    """Write a sandbox's end (epoch seconds: ten digits until 2286) over the file in place, in one
+    write: the init reads the same inode through its descriptor, and never sees it empty."""
+    flags = os.O_WRONLY | (os.O_CREAT if create else 0)
+    fd = os.open(path, flags, 0o644)  # readable by the sandbox's uid (its init reads it), writable by us only
+    try:
+        os.pwrite(fd, f"{int(end)}\n".encode(), 0)
+    finally:
+        os.close(fd)
 
 
 def _base_env(home: str, tmpdir: str | None = None) -> dict[str, str]:
@@ -223,11 +237,12 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-class LocalExtension(SandboxExtension):
+class LocalExtension(LocalFilesMixin, SandboxExtension):
     Config = LocalConfig
     ProfileOptions = LocalOptions
     Handle = LocalHandle
-    features = frozenset({"exec", "snapshots", "list_owned"})
+    features = frozenset({"exec", "snapshots", "list_owned", "files"})
+    own_ttl = "settable"  # the init ends the sandbox at its end; set_ttl moves it
     # no network is a network namespace of its own (loopback only); the internet is the host's network;
     # an allow-list, a deny-list or exposed ports: a namespace of its own joined to the host by a veth
     # pair, kept by nftables rules on the host (sandboxer/extensions/egress.py); secrets are the init's
@@ -451,6 +466,7 @@ class LocalExtension(SandboxExtension):
                 # The init exits at the TTL (plus a grace for gc to tear down first), so a sandbox's
                 # processes end on time even if no manager is left to run gc.
                 life = int(float(request.ttl)) + TTL_GRACE_S
+                handle.life_until = time.time() + life
                 handle.pid, handle.starttime, handle.outer_pid = self._start_init(
                     tool, ws, uid, opts, sandbox_id, life, handle.cgroup, handle.link, request.secret_env())
             record()
@@ -518,6 +534,11 @@ class LocalExtension(SandboxExtension):
         own_var_run = os.path.isdir("/var/run") and not os.path.islink("/var/run")
         var_tmp = os.path.isdir("/var/tmp") and not os.path.islink("/var/tmp")
         hidden = self._hidden_dirs()
+        # the sandbox's end, movable by set_ttl: the init reads it through an inherited descriptor
+        end_path = self._end_path(sandbox_id)
+        _write_end(end_path, time.time() + life)
+        end_fd = os.open(end_path, os.O_RDONLY | os.O_CLOEXEC)
+        hold = f"/proc/self/fd/{end_fd}"
         if tool == "bwrap":
             var_run = ["--size", str(8 << 20), "--tmpfs", "/var/run"] if own_var_run else []
             var_run += ["--ro-bind", resolv, resolv] if resolv else []
@@ -528,19 +549,22 @@ class LocalExtension(SandboxExtension):
                     "--dev", "/dev", "--perms", "1777", "--size", str(opts.shm_mb << 20), "--tmpfs", "/dev/shm",
                     "--proc", "/proc", "--size", str(8 << 20), "--tmpfs", "/run", *var_run,
                     *[a for h in hidden for a in ("--remount-ro", h)],
-                    "--chdir", str(ws), "--", "sh", "-c", _BWRAP_INIT, str(life)]
+                    "--chdir", str(ws), "--", "sh", "-c", _BWRAP_INIT, str(life), hold]
         else:
             argv = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount", "--ipc", "--uts",
                     "--cgroup", "--propagation", "slave", *([] if keep_net else ["--net"]), "--mount-proc",
                     "sh", "-c", _UNSHARE_INIT, "init", str(ws), str(life), shm, RUN_TMPFS,
-                    "1" if own_var_run else "", resolv, "1" if var_tmp else "", "\n".join(hidden)]
+                    "1" if own_var_run else "", resolv, "1" if var_tmp else "", "\n".join(hidden), hold]
         err_path = self.root / ".meta" / f"{sandbox_id}.err"
         join_net = ["nsenter", f"--net={link.netns_path}", "--"] if link is not None else []
         cmd = local_cgroup.join_argv(local_cgroup.procs_files(cg)) + join_net + self._as_user(uid) + argv
-        with open(err_path, "wb") as err:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                    start_new_session=True, close_fds=True, cwd="/",
-                                    env={**_base_env(str(ws), "/tmp"), **(secrets or {})})
+        try:
+            with open(err_path, "wb") as err:
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                        start_new_session=True, close_fds=True, pass_fds=(end_fd,), cwd="/",
+                                        env={**_base_env(str(ws), "/tmp"), **(secrets or {})})
+        finally:
+            os.close(end_fd)
         with self._lock:
             self._procs[sandbox_id] = proc
         sel = selectors.DefaultSelector()
@@ -575,6 +599,19 @@ class LocalExtension(SandboxExtension):
                                  network=handle.options.network, limits=handle.limits,
                                  address=handle.link.sandbox_addr if handle.link is not None else None,
                                  urls={str(p): f"http://{where}:{p}" for p in handle.expose})
+
+    def _end_path(self, sandbox_id: str) -> Path:
+        return self.root / ".meta" / f"{sandbox_id}.end"
+
+    def set_ttl(self, handle: LocalHandle, ttl: float) -> None:
+        """Move the end the init keeps (the TTL plus the usual grace) to ``ttl`` seconds from now."""
+        if handle.tool == "none":  # no init: nothing of the backend's own ends it
+            return
+        try:
+            _write_end(self._end_path(handle.sandbox_id), time.time() + int(float(ttl)) + TTL_GRACE_S, create=False)
+        except OSError as exc:
+            raise ProvisionError(f"{self.id}: sandbox {handle.sandbox_id}: cannot move its end: {exc.strerror}",
+                                 backend=self.id) from exc
 
     def probe(self, handle: LocalHandle) -> bool | None:
         """True while the sandbox's init (same pid, same start time) runs; False once it is gone.
@@ -694,7 +731,7 @@ class LocalExtension(SandboxExtension):
             raise TeardownError(f"{self.id}: cannot remove workspace {ws}: {exc.strerror}", backend=self.id) from exc
         # The network goes once no process of the sandbox is left in it.
         unlinked = egress.remove_link(handle.link, self._link_registry) if handle.link is not None else []
-        for suffix in (".json", ".err"):
+        for suffix in (".json", ".err", ".end"):
             (self.root / ".meta" / f"{sandbox_id}{suffix}").unlink(missing_ok=True)
         self._free_uid(handle.uid)
         return TeardownReport(already_gone=not (killed or existed),

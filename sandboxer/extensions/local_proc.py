@@ -24,9 +24,23 @@ from sandboxer.models import ExecResult
 UID_BASE = 2_000_000
 UID_SPAN = 1_000_000
 
+# Holds the namespaces until the sandbox's end: ``life`` seconds from now, or the epoch second
+# written since in the file open as ``$hold`` (a /proc/self/fd link: the file itself is out of the
+# sandbox's sight). The file is rewritten in place when the end moves (set_ttl); it is read every
+# 10 s at most, and a value that is not a number is ignored.
+_HOLD = r"""
+end=$(( $(date +%s) + life ))
+while now=$(date +%s); [ "$now" -lt "$end" ]; do
+  left=$((end - now)); [ "$left" -le 10 ] || left=10
+  sleep "$left"
+  e=$(cat "$hold" 2>/dev/null) || e=
+  case "$e" in ''|*[!0-9]*) ;; *) end=$e ;; esac
+done
+"""
+
 # Under bwrap, pid 1 is bwrap's own init, which waits for every process in the namespace;
 # so at the TTL the holder kills them all (kill -1 spares only itself and pid 1).
-_BWRAP_INIT = 'echo ready; sleep "$0"; kill -KILL -1'
+_BWRAP_INIT = 'life="$0"; hold="$1"; echo ready' + _HOLD + 'kill -KILL -1'
 
 
 
@@ -118,9 +132,9 @@ awk '{print $2}' /proc/self/mounts | sort -r | while read -r m; do
   case "$m" in "$ws"|/tmp|/var/tmp|/run|/var/run|/dev/shm|/dev/pts) continue ;; esac
   mount -o remount,bind,ro "$m" 2>/dev/null || true
 done
+hold="$9"
 echo ready
-exec sleep "$life"
-"""
+""" + _HOLD
 
 
 def _collect(proc: subprocess.Popen, stdin: bytes | None, timeout: float | None,

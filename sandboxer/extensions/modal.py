@@ -23,7 +23,8 @@ policy: :mod:`sandboxer.extensions.modal_policy`); wait_ready = ``wait_until_rea
 sandbox Modal already ended, or no longer knows, is already gone); snapshot =
 ``snapshot_filesystem``; restore = ``Sandbox.create`` from the snapshot image;
 reattach = ``Sandbox.from_id``; list_owned = ``Sandbox.list`` by tags; probe =
-``poll``; meter_actual = the SDK's sandbox stats. A timed-out exec is exit 124 and leaves nothing it started running.
+``poll``; meter_actual = the SDK's sandbox stats; files = ``Sandbox.filesystem`` (:mod:`.modal_files`). A timed-out
+exec is exit 124 and leaves nothing it started running.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from sandboxer.errors import (
     ProvisionError,
     RateLimited,
     ReadinessTimeout,
+    SandboxFileNotFound,
     SnapshotError,
     TeardownError,
     TTLError,
@@ -68,6 +70,7 @@ from sandboxer.execution import (
     kill_marked_argv,
 )
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
+from sandboxer.extensions.modal_files import ModalFiles
 from sandboxer.extensions.modal_policy import check_gpu, cidrs, gpu_arg, network_args, port_urls
 from sandboxer.models import Duration, ExecResult, Profile, SnapshotMeta, format_duration
 from sandboxer.secrets import SecretRef, redact
@@ -181,6 +184,7 @@ class ModalHandle(Handle):
     memory_mb: int | None = None
     image: str | None = Field(default=None, description="the image id or registry tag it started from")
     expose: list[int] = Field(default_factory=list, description="the ports of network.expose, given URLs when ready")
+    workdir: str | None = Field(default=None, description="the profile's workdir (None: the image's)")
 
 
 class ModalReachability(Reachability):
@@ -199,6 +203,7 @@ class _Call:
     consumer: str | None
     error: type[BackendError]
     timeout_error: type[BackendError] | None
+    path: str | None = None  # the file a files call names (feature files)
 
 
 #: The call :meth:`ModalExtension._call` is making in this thread (read by the error table's makers).
@@ -207,12 +212,12 @@ _CALL: ContextVar[_Call] = ContextVar("sandboxer_modal_call")
 
 # ------------------------------------------------------------------ backend
 
-class ModalExtension(SandboxExtension):
+class ModalExtension(ModalFiles, SandboxExtension):
     """Sandboxes on Modal through the official SDK, with the operator's own token."""
 
     Config: ClassVar[type[BaseModel]] = ModalConfig
     ProfileOptions: ClassVar[type[BaseModel]] = ModalOptions
-    features: ClassVar[frozenset[str]] = frozenset({"exec", "snapshots", "metering", "list_owned"})
+    features: ClassVar[frozenset[str]] = frozenset({"exec", "snapshots", "metering", "list_owned", "files"})
     # What modal 1.6.4's Sandbox.create sends and Modal documents, for each: see modal_policy.
     # Modal has no deny-list: network:cidr-denylist is not kept. secrets: secrets=[Secret.from_dict(...)],
     # which modal 1.6 sends inline with the create (the create's secret_sources).
@@ -312,6 +317,7 @@ class ModalExtension(SandboxExtension):
         sandbox: str | None,
         error: type[BackendError],
         timeout_error: type[BackendError] | None = None,
+        path: str | None = None,
     ) -> T:
         """Run ``fn(client)`` with ``consumer``'s token pair; SDK exceptions become ours through :attr:`errors`.
 
@@ -327,9 +333,10 @@ class ModalExtension(SandboxExtension):
             sandbox: the Modal sandbox id, when there is one.
             error: the error for failures with no more specific meaning.
             timeout_error: the error for deadlines (default: ``error``).
+            path: the file inside the sandbox a files call names (a missing one is SandboxFileNotFound).
         """
         where = f"{self.id}: {op}" + (f" {sandbox}" if sandbox else "")
-        return translated_with(_CALL, _Call(where, consumer, error, timeout_error),
+        return translated_with(_CALL, _Call(where, consumer, error, timeout_error, path),
                                lambda: fn(self._client(consumer)), self.errors)
 
     @property
@@ -355,6 +362,11 @@ class ModalExtension(SandboxExtension):
                 modal_exc.InvalidError: lambda e: InputError(f"{_CALL.get().where}: Modal refused the request: "
                                                              f"{self._text(e)}"),
                 modal_exc.ConflictError: lambda e: self._failed(e, transient=False),  # not a bad request
+                modal_exc.SandboxFilesystemNotFoundError: lambda e: SandboxFileNotFound(
+                    f"{_CALL.get().where}: no file or directory at {_CALL.get().path!r} in the sandbox"),
+                modal_exc.SandboxFilesystemDirectoryNotEmptyError: lambda e: InputError(
+                    f"{_CALL.get().where}: the directory {_CALL.get().path!r} is not empty; remove it with "
+                    "recursive=True"),
                 OSError: self._unreachable,  # the builtin ConnectionError among them
             })
         return self._table
@@ -518,7 +530,7 @@ class ModalExtension(SandboxExtension):
             object_id=object_id, app_id=app_id,
             credentials=consumer if consumer in self.config.consumer_tokens else None,
             started_at=started, ttl_s=ttl, cpu=profile.resources.cpu, memory_mb=profile.resources.memory_mb,
-            image=image_id or image_ref, expose=list(profile.network.expose),
+            image=image_id or image_ref, expose=list(profile.network.expose), workdir=opts.workdir,
         )
 
     def _ttl(self, request: ProvisionRequest) -> float:

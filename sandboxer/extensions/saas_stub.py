@@ -9,7 +9,8 @@ number of live sandboxes, so a drill can check that nothing over-admitted.
 
 Standing in for the provider's machine, each sandbox is a directory of its own under the
 extension's home (made at provision, removed at teardown; a snapshot copies it, a restore
-brings it back), and ``exec`` really runs the command there, confined by bubblewrap: no
+brings it back; its files, feature ``files``, are the files there: saas_stub_files), and ``exec`` really
+runs the command there, confined by bubblewrap: no
 namespace shared with the host (no network), the root filesystem read-only, the sandbox
 directory its only writable place and its working directory, a private /tmp, /run, /proc
 and /dev, the manager's home (hence every other sandbox's directory and the stub's table)
@@ -63,6 +64,7 @@ from sandboxer.contract import Handle, OwnedSandbox, ProvisionRequest, Reachabil
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.extensions.local import UID_REGISTRY, alloc_uid, chown_tree, free_uid
 from sandboxer.extensions.local_cgroup import kill_tree
+from sandboxer.extensions.saas_stub_files import StubFiles
 from sandboxer.models import ExecResult, SnapshotMeta
 from sandboxer.secrets import SecretRef
 
@@ -83,7 +85,7 @@ class Fault(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage: Literal["provision", "ready", "teardown", "snapshot"]
+    stage: Literal["provision", "ready", "teardown", "snapshot", "files"]
     error: Literal["capacity", "quota", "rate_limited", "auth", "transient", "fatal", "timeout"] = "transient"
     rate: float = Field(default=0.0, ge=0, le=1)
     when_input: str | None = None
@@ -117,9 +119,10 @@ class StubConfig(BaseModel):
     output_cap: int = Field(default=OUTPUT_CAP, gt=0, description="bytes kept (and streamed) per stream of one exec")
 
 
-class SaasStubExtension(SandboxExtension):
+class SaasStubExtension(StubFiles, SandboxExtension):
     Config = StubConfig
-    features = frozenset({"exec", "snapshots", "metering", "list_owned"})
+    features = frozenset({"exec", "snapshots", "metering", "list_owned", "files"})
+    own_ttl = "none"  # nothing here ends a sandbox on its own: the manager's gc does
     # its "machine" has no network (a stand-in: nothing it runs reaches out); the secrets are its
     # commands' environment, kept on the "provider side" (the table) like E2B's envs
     enforces = frozenset({"network:none", "secrets"})
@@ -242,6 +245,8 @@ class SaasStubExtension(SandboxExtension):
             raise RateLimited(msg, retry_after=f.retry_after, **kw)
         if f.error == "auth":
             raise AuthError(msg, **kw)
+        if what.startswith("files"):
+            raise ExecError(msg, **kw)
         if f.error == "timeout":
             raise ReadinessTimeout(msg, **kw)
         if what == "teardown":

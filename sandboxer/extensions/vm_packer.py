@@ -38,6 +38,7 @@ from sandboxer.errors import (
 from sandboxer.contract import OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
 from sandboxer import forward
 from sandboxer.execution import check_argv
+from sandboxer.extensions.sftp_files import SFTPFiles, SFTPFilesMixin
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
 from sandboxer.extensions.vm_packer_build import (
     KILL_GRACE_S,
@@ -242,13 +243,13 @@ class VmReachability(Reachability):
     tunnel: VmTunnel | None = None
 
 
-class VMPacker(SandboxExtension):
+class VMPacker(SFTPFilesMixin, SandboxExtension):
     """Workspaces attached to pre-built VMs (see the module docstring)."""
 
     Config = VMPackerConfig
     ProfileOptions = VMProfileOptions
     Handle = VmHandle
-    features = frozenset({"exec", "snapshots", "list_owned"})
+    features = frozenset({"exec", "snapshots", "list_owned", "files"})
     # the remote host's network is the sandbox's: nothing narrower can be promised; exposed ports
     # are forwarded to this machine's 127.0.0.1 by a process of their own (sandboxer/forward.py)
     enforces = frozenset({"network:internet", "expose"})
@@ -589,6 +590,11 @@ class VMPacker(SandboxExtension):
         conn, _ = self._conn(handle, ExecError)
         return conn.run(list(argv), cwd=where, env=env, stdin=stdin, timeout=timeout, on_output=on_output,
                         fail=ExecError)
+
+    def _sftp_files(self, handle) -> SFTPFiles:  # type: ignore[no-untyped-def]
+        """Its files over SFTP (sandboxer/extensions/sftp_files.py): the workspace, from where exec runs."""
+        return SFTPFiles(self._conn(handle, ExecError)[0], ext_id=self.id, sandbox_id=handle.sandbox_id,
+                         root=handle.remote_dir, base=handle.remote_dir)
 
     # ------------------------------------------------------------ list_owned
 

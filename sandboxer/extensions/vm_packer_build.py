@@ -1,17 +1,22 @@
 """``ext.vm-packer``'s build mode: run ``packer build`` for a profile, record the artifact, reuse it.
 
-A profile's ``options.packer`` names a Packer template (HCL2 ``.pkr.hcl`` or JSON ``.json``) and its
-variables (:class:`PackerBuild`). Before vm-packer attaches, :meth:`PackerBuilder.ensure` finds an
-artifact recorded for the template's sha256 and the variables' sha256, or builds one:
+A profile's ``options.packer`` names a Packer template (HCL2 ``.pkr.hcl``, JSON ``.json``, or a
+directory of ``.pkr.hcl`` files) and its variables (:class:`PackerBuild`). Before vm-packer attaches,
+:meth:`PackerBuilder.ensure` finds an artifact recorded for the template digest (the template and
+the files its provisioners name: :mod:`sandboxer.extensions.vm_packer_digest`) and the variables'
+sha256, or builds one:
 
 * the build is recorded ``building`` in the state store first (the row is also the lock: one build
   per template digest at a time, across processes on one store), and ``ready`` once Packer named
-  its artifact; a failed, timed-out or interrupted build deletes its row, and one that crashed
-  leaves a ``building`` row that is never reused and is reaped past its deadline;
-* ``packer build -machine-readable`` runs in its own process group with a minimal environment
-  (PATH, a private HOME, PACKER_CACHE_DIR, PACKER_CONFIG_DIR and TMPDIR, CHECKPOINT_DISABLE=1; the
-  variables go in a var-file, never the environment or argv), is killed (the whole group) at its
-  deadline, and its progress is streamed line by line;
+  its artifact; a failed, timed-out or interrupted build deletes its row. One whose process died
+  (SIGKILL) leaves a ``building`` row that is never reused: the next build or gc in the same home
+  removes it at once (its ``flock`` is free: :meth:`PackerBuilder.reap_dead`), any other past its
+  deadline;
+* ``packer build -machine-readable`` runs under a watchdog (:mod:`sandboxer.extensions.packer_watchdog`:
+  Packer dies with this process) in its own process group with a minimal environment (PATH, a
+  private HOME, PACKER_CACHE_DIR, PACKER_CONFIG_DIR and TMPDIR, CHECKPOINT_DISABLE=1; the variables
+  go in a var-file, never the environment or argv), is killed (the whole group) at its deadline,
+  and its progress is streamed line by line;
 * its private directory (``<home>/packer/<record id>``) is removed whatever the outcome.
 
 Only the ``null`` builder is accepted: it provisions the VM vm-packer then attaches to, over SSH
@@ -23,6 +28,7 @@ a machine, which it never does (docs/backends/vm-packer.md#build-mode).
 from __future__ import annotations
 
 import atexit
+import fcntl
 import hashlib
 import json
 import logging
@@ -33,6 +39,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -45,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sandboxer.errors import ProfileError, ProvisionError
+from sandboxer.extensions.vm_packer_digest import DigestError, template_digest
 from sandboxer.models import Duration
 
 if TYPE_CHECKING:
@@ -64,6 +72,8 @@ _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,127}")
 _HCL_VAR = re.compile(r"var\.([A-Za-z_][A-Za-z0-9_-]*): .*")
 _HCL_SOURCE = re.compile(r"\s+([A-Za-z0-9_-]+)\.[A-Za-z0-9_.-]+")
 ProgressCallback = Callable[[str], None]
+#: the parent of every packer build: Packer dies with this process (see that module)
+WATCHDOG = Path(__file__).with_name("packer_watchdog.py")
 
 # Builds running in this process: record id -> (the packer process, its clean-up). A create runs on
 # a daemon worker thread (sandboxer/deadline.py), so a Ctrl-C ends the process without unwinding
@@ -91,7 +101,8 @@ class PackerBuild(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    template: Path = Field(description="an absolute path (or ~/...) to a .pkr.hcl or .json template file")
+    template: Path = Field(description="an absolute path (or ~/...) to a .pkr.hcl or .json template file, or to a "
+                                       "directory of .pkr.hcl files")
     variables: dict[str, Any] = Field(default_factory=dict,
                                       description="the template's variables: strings, numbers or booleans")
     timeout: Duration = Field(default=1800.0, gt=0, description="deadline of one packer build")
@@ -103,8 +114,12 @@ class PackerBuild(BaseModel):
         if not (text.startswith("/") or text.startswith("~/")):
             raise ValueError("must be an absolute path (or start with ~/)")
         path = Path(text).expanduser()
+        if path.is_dir():
+            if not any(p.name.endswith((".pkr.hcl", ".pkr.json")) for p in path.iterdir()):
+                raise ValueError("a directory template must hold .pkr.hcl (or .pkr.json) files; this one has none")
+            return path
         if not (path.name.endswith(".pkr.hcl") or path.name.endswith(".json")):
-            raise ValueError("must end in .pkr.hcl (HCL2) or .json (JSON)")
+            raise ValueError("must end in .pkr.hcl (HCL2) or .json (JSON), or be a directory of .pkr.hcl files")
         if not path.is_file():
             raise ValueError("no such file")
         return path
@@ -247,11 +262,19 @@ class PackerBuilder:
         """
         where = f"profile {profile!r}: field 'options.packer.template' (value '{build.template}')"
         try:
-            template_sha = hashlib.sha256(build.template.read_bytes()).hexdigest()
-        except OSError as exc:
-            raise ProfileError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+            template_sha = template_digest(build.template)
+        except DigestError as exc:
+            raise ProfileError(f"{where}: {exc}") from None
         variables = {**build.variables, **ssh}
         record_id = uuid.uuid4().hex[:16]
+        self.reap_dead()
+        with _BuildLock(self.root, record_id):
+            return self._claim_and_build(where, profile, build, variables, template_sha, record_id, sandbox_id,
+                                         on_progress)
+
+    def _claim_and_build(self, where: str, profile: str, build: PackerBuild, variables: dict[str, Any],
+                         template_sha: str, record_id: str, sandbox_id: str | None,
+                         on_progress: ProgressCallback | None) -> dict[str, Any]:
         row = {"id": record_id, "profile": profile, "extension": self.backend, "builder": "pending",
                "template": str(build.template), "template_sha256": template_sha,
                "variables_sha256": digest_variables(variables), "owner": f"{socket.gethostname()}:{os.getpid()}",
@@ -269,6 +292,7 @@ class PackerBuilder:
                     f"{self.backend}: another build of {build.template} (record {found['id']}, by {found['owner']}) "
                     f"did not finish in time; try again later, or run `sandboxer images gc` if that process is gone",
                     backend=self.backend)
+            self.reap_dead()  # a build of this home whose process died is given up at once
             time.sleep(0.25)
         self._event(sandbox_id, "image_build_started", row)
         try:
@@ -305,6 +329,10 @@ class PackerBuilder:
                         f"profile {profile!r}: field 'options.packer.variables.{name}': template {build.template} "
                         f"declares no variable {name!r} (it declares: {', '.join(sorted(info.variables)) or 'none'})")
             passed = {k: v for k, v in variables.items() if k in info.variables}
+            if build.template.is_file() and build.template.name.endswith(".json") and \
+                    not build.template.name.endswith(".pkr.json"):
+                # a legacy JSON template's user variables are strings (its var-file refuses a number)
+                passed = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in passed.items()}
             var_file = private / "variables.pkrvars.json"
             fd = os.open(var_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
@@ -313,8 +341,10 @@ class PackerBuilder:
             def forget() -> None:
                 self.state.drop_image_build(row["id"])
                 _remove_private(private)
+                _BuildLock(self.root, row["id"]).path.unlink(missing_ok=True)
 
-            out = self._run(argv, env, build.template.parent, build.timeout, on_progress, build.template, forget)
+            cwd = build.template if build.template.is_dir() else build.template.parent
+            out = self._run(argv, env, cwd, build.timeout, on_progress, build.template, forget)
             artifact = next(iter(out.artifacts.values()), None)
             if artifact is None or "id" not in artifact:
                 raise ProvisionError(f"{self.backend}: packer build of {build.template} named no artifact; its last "
@@ -370,10 +400,21 @@ class PackerBuilder:
         (or at exit: ``cleanup`` then forgets the build)."""
         out = BuildOutput()
         record_id = env["SANDBOXER_PACKER_BUILD"]
-        with _RUNNING_LOCK:
-            proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
-            _RUNNING[record_id] = (proc, cleanup)
+        # the watchdog's pipe: its write end only this process holds (not inheritable), so it reads EOF
+        # when this process is gone, however it ended, and then ends the build's process group
+        alive_r, alive_w = os.pipe()
+        try:
+            with _RUNNING_LOCK:
+                proc = subprocess.Popen([sys.executable, "-I", str(WATCHDOG), str(alive_r), str(KILL_GRACE_S), *argv],
+                                        env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, errors="replace",
+                                        start_new_session=True, pass_fds=(alive_r,))
+                _RUNNING[record_id] = (proc, cleanup)
+        except BaseException:
+            os.close(alive_w)
+            raise
+        finally:
+            os.close(alive_r)
         lines: queue.Queue[str | None] = queue.Queue()
 
         def read() -> None:
@@ -407,6 +448,7 @@ class PackerBuilder:
             with _RUNNING_LOCK:
                 _RUNNING.pop(record_id, None)
             _kill_group(proc)
+            os.close(alive_w)
             reader.join(5)
             if proc.stdout is not None:
                 proc.stdout.close()
@@ -429,14 +471,117 @@ class PackerBuilder:
     # ------------------------------------------------------------ gc
 
     def reap(self) -> list[dict[str, Any]]:
-        """Remove stale ``building`` rows (crashed builds) and private directories no build holds."""
+        """Remove stale ``building`` rows (crashed builds) and private directories no build holds.
+
+        Returns:
+            The ``building`` rows removed: those of this home's builds whose process is gone
+            (:meth:`reap_dead`), and any past its deadline (a build on another host, or one
+            recorded before build locks).
+        """
+        dead = self.reap_dead()
         stale = self.state.reap_stale_images()
         building = {r["id"] for r in self.state.list_images(states=("building",))}
         if self.root.is_dir():
             for d in self.root.iterdir():
-                if d.name not in building:
+                if d.is_dir() and d.name not in building and not _BuildLock.held(self.root, d.name):
                     _remove_private(d)
-        return stale
+        return dead + stale
+
+    def reap_dead(self) -> list[dict[str, Any]]:
+        """Forget the builds of this home whose process is gone (SIGKILLed, or its machine rebooted).
+
+        Each build holds an exclusive ``flock`` on ``<home>/packer/<record id>.lock`` from before its
+        record is claimed until it is forgotten, and the kernel releases it however the process
+        ends; a lock this process can take is a dead build's: its ``building`` row, private
+        directories and lock file are removed at once, not at its deadline. (Its packer was ended
+        by the watchdog when that process died: :mod:`sandboxer.extensions.packer_watchdog`.)
+
+        Returns:
+            The ``building`` rows removed.
+        """
+        removed: list[dict[str, Any]] = []
+        for record_id in _BuildLock.dead(self.root):
+            row = self.state.image_build(record_id)
+            if row is not None and row["state"] == "building" and self.state.drop_image_build(record_id):
+                removed.append(row)
+                log.info("forgot build %s of %s: the process that ran it (%s) is gone", record_id,
+                         row["template"], row["owner"])
+        return removed
+
+
+class _BuildLock:
+    """``<root>/<record id>.lock``, held (``flock``) by the process running that build; see
+    :meth:`PackerBuilder.reap_dead`. It is locked under a temporary name and then renamed, so a
+    ``.lock`` file that can be locked is never one whose owner has not locked it yet."""
+
+    SUFFIX = ".lock"
+
+    def __init__(self, root: Path, record_id: str):
+        self.root, self.record_id = root, record_id
+        self.path = root / f"{record_id}{self.SUFFIX}"
+        self.fd: int | None = None
+
+    def __enter__(self) -> "_BuildLock":
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fresh = self.root / f".{self.record_id}{self.SUFFIX}.new"
+        self.fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        os.rename(fresh, self.path)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+
+    @classmethod
+    def held(cls, root: Path, record_id: str) -> bool:
+        """Whether a live process holds that build's lock."""
+        try:
+            fd = os.open(root / f"{record_id}{cls.SUFFIX}", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    @classmethod
+    def dead(cls, root: Path) -> list[str]:
+        """Take the lock of every build under ``root`` whose process is gone: remove its private
+        directories and lock file, and return the record ids."""
+        if not root.is_dir():
+            return []
+        found = []
+        for path in sorted(root.glob(f"*{cls.SUFFIX}")):
+            record_id = path.name[:-len(cls.SUFFIX)]
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # its build just ended
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # running
+                _remove_private(root / record_id)
+                path.unlink(missing_ok=True)
+                found.append(record_id)
+            finally:
+                os.close(fd)
+        for fresh in root.glob(f".*{cls.SUFFIX}.new"):  # a crash between creating and renaming a lock
+            try:
+                if time.time() - fresh.stat().st_mtime > STALE_GRACE_S:
+                    fresh.unlink()
+            except FileNotFoundError:
+                pass
+        return found
 
 
 def _remove_private(private: Path) -> None:

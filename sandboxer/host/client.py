@@ -16,6 +16,7 @@ starts a fresh worker. The worker's stderr is kept: the last :data:`STDERR_RING`
 
 from __future__ import annotations
 
+import base64
 import collections
 import itertools
 import os
@@ -23,14 +24,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 from pydantic import BaseModel
 
-from sandboxer.contract import Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
+from sandboxer.contract import FileInfo, Handle, OwnedSandbox, ProvisionRequest, Reachability, SnapshotResult, TeardownReport
 from sandboxer.deadline import CallLimits
 from sandboxer.errors import CapabilityError, ExtensionCrashed, ExtensionTimeout, SandboxerError
 from sandboxer.extensions.base import OutputCallback, SandboxExtension
@@ -160,14 +162,16 @@ def _tail(data: bytes | None, limit: int = 800) -> str:
 
 
 class _Pending:
-    __slots__ = ("done", "result", "error", "on_output", "method")
+    __slots__ = ("done", "result", "error", "on_output", "method", "on_data", "data_error")
 
-    def __init__(self, method: str, on_output: OutputCallback | None):
+    def __init__(self, method: str, on_output: OutputCallback | None, on_data: Callable[[bytes], None] | None = None):
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
         self.on_output = on_output
         self.method = method
+        self.on_data = on_data
+        self.data_error: BaseException | None = None  # the sink refused: the rest is dropped, the call fails
 
 
 class StderrLog:
@@ -254,7 +258,12 @@ class WorkerProcess:
             if pend is None:
                 continue  # the answer to a call already given up on
             if "event" in msg:
-                if msg.get("event") == "output" and pend.on_output is not None:
+                if msg.get("event") == "data" and pend.on_data is not None and pend.data_error is None:
+                    try:
+                        pend.on_data(base64.b64decode(str(msg.get("data", ""))))
+                    except Exception as exc:  # noqa: BLE001 - the call fails with it; the reader goes on
+                        pend.data_error = exc
+                elif msg.get("event") == "output" and pend.on_output is not None:
                     try:
                         pend.on_output(str(msg.get("stream")), str(msg.get("text", "")))
                     except Exception:  # noqa: BLE001 - a consumer's callback must not kill the reader
@@ -265,6 +274,8 @@ class WorkerProcess:
                 self.answered += 1
             if "error" in msg:
                 pend.error = protocol.error_from_wire(msg["error"], worker=self.ext.id)
+            elif pend.data_error is not None:
+                pend.error = pend.data_error
             else:
                 pend.result = msg.get("result")
             pend.done.set()
@@ -317,8 +328,8 @@ class WorkerProcess:
     # ---------------------------------------------------------- calls
 
     def call(self, method: str, params: dict[str, Any], timeout: float,
-             on_output: OutputCallback | None = None) -> Any:
-        pend = _Pending(method, on_output)
+             on_output: OutputCallback | None = None, on_data: Callable[[bytes], None] | None = None) -> Any:
+        pend = _Pending(method, on_output, on_data)
         with self._lock:
             if self.dead is not None:
                 raise self.ext.crashed(f"before {method}", self.dead, self.proc.pid)
@@ -485,8 +496,9 @@ class ProcessExtension(SandboxExtension):
         if w is not None:
             w.close()
 
-    def _call(self, method: str, limit: float, on_output: OutputCallback | None = None, /, **params: Any) -> Any:
-        return self.worker().call(method, params, limit + KILL_GRACE, on_output)
+    def _call(self, method: str, limit: float, on_output: OutputCallback | None = None, /,
+              on_data: Callable[[bytes], None] | None = None, **params: Any) -> Any:
+        return self.worker().call(method, params, limit + KILL_GRACE, on_output, on_data)
 
     # ---------------------------------------------------------- contract
 
@@ -526,6 +538,37 @@ class ProcessExtension(SandboxExtension):
         out = self._call("exec", limit, on_output, handle=self._h(handle), argv=list(argv), env=env, cwd=cwd,
                          timeout=timeout, stdin=protocol.pack_bytes(stdin), stream=on_output is not None)
         return ExecResult.model_validate(out)
+
+    # Files: a write's content is staged in a file of the worker's private directory (which every
+    # worker can read, a confined or brokered one too) and the worker streams it from there; a
+    # read's content comes back as ``data`` events of at most protocol.DATA_CHUNK bytes. Neither
+    # side holds a whole file in memory.
+
+    def write_file(self, handle: Handle, path: str, source: BinaryIO, *, mode: int | None = None) -> int:
+        staging = self.private_dir / ".files"
+        staging.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, staged = tempfile.mkstemp(prefix="write-", dir=staging)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                shutil.copyfileobj(source, f, protocol.DATA_CHUNK)
+                size = f.tell()
+            return self._call("write_file", self.limits.files_deadline(size), handle=self._h(handle), path=path,
+                              staged=staged, mode=mode)
+        finally:
+            Path(staged).unlink(missing_ok=True)
+
+    def read_file(self, handle: Handle, path: str, sink: BinaryIO) -> int:
+        return self._call("read_file", self.limits.files_deadline(None), on_data=sink.write, handle=self._h(handle),
+                          path=path)
+
+    def list_files(self, handle: Handle, path: str) -> list[FileInfo]:
+        return self._call("list_files", self.limits.files, handle=self._h(handle), path=path)
+
+    def remove_file(self, handle: Handle, path: str, *, recursive: bool = False) -> None:
+        self._call("remove_file", self.limits.files, handle=self._h(handle), path=path, recursive=recursive)
+
+    def set_ttl(self, handle: Handle, ttl: float) -> None:
+        self._call("set_ttl", self.limits.probe, handle=self._h(handle), ttl=ttl)
 
     def snapshot(self, handle: Handle) -> SnapshotResult:
         return self._call("snapshot", self.limits.snapshot, handle=self._h(handle))

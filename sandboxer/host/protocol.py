@@ -3,7 +3,8 @@
 One JSON object per line, UTF-8, ``\\n``-terminated (docs/extension-host.md is the reference).
 
 * request (manager -> worker): ``{"id": 7, "method": "teardown", "params": {...}}``
-* event (worker -> manager, before the response): ``{"id": 7, "event": "output", "stream": "stdout", "text": "..."}``
+* event (worker -> manager, before the response): ``{"id": 7, "event": "output", "stream": "stdout", "text": "..."}``,
+  or for ``read_file`` ``{"id": 7, "event": "data", "data": "<base64, at most DATA_CHUNK bytes>"}``
 * response (worker -> manager): ``{"id": 7, "result": ...}`` or
   ``{"id": 7, "error": {"type": "TeardownError", "message": "...", ...}}``
 
@@ -32,8 +33,12 @@ MAX_LINE = 64 * 1024 * 1024
 METHODS = frozenset({
     "provision", "wait_ready", "teardown", "exec", "snapshot", "restore_from_snapshot", "delete_snapshot",
     "list_owned", "meter_actual", "probe", "handle_id", "resource_names", "deadline", "credential_key",
-    "hosts", "ping",
+    "hosts", "ping", "write_file", "read_file", "list_files", "remove_file", "set_ttl",
 })
+
+#: Most bytes of file content one ``data`` event carries (``read_file``); a ``write_file``'s
+#: content is staged in a file of the worker's private directory instead (docs/extension-host.md).
+DATA_CHUNK = 1 << 20
 
 #: Attributes of an error that cross with it (keyword arguments of its constructor).
 _ERROR_FIELDS = ("backend", "host", "transient", "retry_after", "credential", "timeout", "log")
@@ -75,6 +80,10 @@ def response(msg_id: int, result: Any) -> bytes:
 
 def output_event(msg_id: int, stream: str, text: str) -> bytes:
     return encode({"id": msg_id, "event": "output", "stream": stream, "text": text})
+
+
+def data_event(msg_id: int, data: bytes) -> bytes:
+    return encode({"id": msg_id, "event": "data", "data": base64.b64encode(data).decode("ascii")})
 
 
 def error_response(msg_id: int, exc: BaseException, *, worker: str) -> bytes:

@@ -224,6 +224,47 @@ class Worker:
                              timeout=p.get("timeout"), stdin=protocol.unpack_bytes(p.get("stdin")),
                              on_output=on_output)
 
+    def _m_write_file(self, _id: int, p: dict[str, Any]) -> Any:
+        from sandboxer.files import Gate
+
+        staged = Path(str(p["staged"]))
+        if staged.parent != Path(self.ext.home) / ".files":
+            raise BackendError(f"{self.name}: write_file's staged content must be in the worker's own directory, "
+                               f"not {staged}", backend=self.name)
+        with open(staged, "rb") as f:
+            gate = Gate(f, f"write_file of {p['path']!r}", os.fstat(f.fileno()).st_size)
+            try:
+                return self.ext.write_file(self._handle(p), str(p["path"]), gate, mode=p.get("mode"))
+            finally:
+                gate.close()
+
+    def _m_read_file(self, msg_id: int, p: dict[str, Any]) -> Any:
+        from sandboxer.files import Gate
+
+        worker = self
+
+        class Sink:
+            def write(self, data: bytes) -> int:
+                view = memoryview(data)
+                for at in range(0, len(view), protocol.DATA_CHUNK):
+                    worker.send(protocol.data_event(msg_id, bytes(view[at:at + protocol.DATA_CHUNK])))
+                return len(view)
+
+        gate = Gate(Sink(), f"read_file of {p['path']!r}")
+        try:
+            return self.ext.read_file(self._handle(p), str(p["path"]), gate)
+        finally:
+            gate.close()
+
+    def _m_list_files(self, _id: int, p: dict[str, Any]) -> Any:
+        return self.ext.list_files(self._handle(p), str(p["path"]))
+
+    def _m_remove_file(self, _id: int, p: dict[str, Any]) -> Any:
+        return self.ext.remove_file(self._handle(p), str(p["path"]), recursive=bool(p.get("recursive")))
+
+    def _m_set_ttl(self, _id: int, p: dict[str, Any]) -> Any:
+        return self.ext.set_ttl(self._handle(p), float(p["ttl"]))
+
     def _m_snapshot(self, _id: int, p: dict[str, Any]) -> Any:
         return self.ext.snapshot(self._handle(p))
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from sqlalchemy import JSON, Column, Float, Index, Integer, MetaData, String, Table, Text, text
 from sqlalchemy.engine import Connection
 
-SCHEMA_VERSION = 7
-LIVE_STATES = ("provisioning", "ready", "tearing_down", "teardown_failed")
+from sandboxer.state.version import LIVE_STATES, SCHEMA_VERSION  # noqa: F401 - the schema's own constants
 
 metadata = MetaData()
 

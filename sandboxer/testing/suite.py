@@ -26,6 +26,7 @@ from sandboxer.contract import Handle, ProvisionRequest, Reachability, SnapshotR
 from sandboxer.deadline import Caller
 from sandboxer.errors import BackendError, ConfigError, ProfileNotFound, SandboxerError
 from sandboxer.models import ExecResult, Profile, SandboxCreateRequest, SnapshotMeta
+from sandboxer.testing.files_steps import FILES_STEPS, FilesSteps
 
 #: Every step, in the order it runs, with what it checks.
 STEPS: dict[str, str] = {
@@ -41,6 +42,7 @@ STEPS: dict[str, str] = {
     "exec_timeout": "a command past its timeout ends with exit 124 and timed_out=True",
     "exec_utf8_chunks": "UTF-8 split across chunks is never corrupted (result and stream)",
     "exec_output_cap": "output past the cap is cut on a character boundary and flagged truncated; the rest is kept",
+    **FILES_STEPS,
     "snapshot": "snapshot returns a SnapshotResult (a data reference)",
     "restore": "a restored sandbox is ready and holds the snapshot's files",
     "teardown": "teardown returns a report",
@@ -153,7 +155,7 @@ def _expect(got: Any, want: Any, what: str) -> None:
         raise StepFailed(f"expected {what} {_show(want)}, got {_show(got)}")
 
 
-class Conformance:
+class Conformance(FilesSteps):
     """The contract suite for one extension and profile of a Manager's catalog.
 
     Args:

@@ -6,15 +6,17 @@ vocabulary, ``store`` the operator's trust.yaml, and ``verify`` signing and veri
 The installer, the registry and the broker (later) call :func:`verify` and nothing lower.
 """
 
-from sandboxer.trust.bundle import BundleManifest, SignatureFile
-from sandboxer.trust.canonical import canonical_json
-from sandboxer.trust.grants import Grants, load_grants
-from sandboxer.trust.keys import SigningKey, key_id, load_signing_key
-from sandboxer.trust.store import TrustStore, add_trusted_key, load_trust, revoke_key
-from sandboxer.trust.verify import DEFAULT_EXPIRY, InstalledVersions, VerifiedBundle, sign_bundle, verify
+from sandboxer.lazy import lazy_names
 
-__all__ = [
-    "BundleManifest", "DEFAULT_EXPIRY", "Grants", "InstalledVersions", "SignatureFile", "SigningKey", "TrustStore",
-    "VerifiedBundle", "add_trusted_key", "canonical_json", "key_id", "load_grants", "load_signing_key",
-    "load_trust", "revoke_key", "sign_bundle", "verify",
-]
+# The names load on first use (PEP 562): the catalog imports ``sandboxer.trust.layout`` on every
+# start, which must not pull in the signing stack (cryptography) with it.
+_LAZY = {
+    "BundleManifest": "bundle", "SignatureFile": "bundle", "canonical_json": "canonical", "Grants": "grants",
+    "load_grants": "grants", "SigningKey": "keys", "key_id": "keys", "load_signing_key": "keys",
+    "TrustStore": "store", "add_trusted_key": "store", "load_trust": "store", "revoke_key": "store",
+    "DEFAULT_EXPIRY": "verify", "InstalledVersions": "verify", "VerifiedBundle": "verify", "sign_bundle": "verify",
+    "verify": "verify",
+}
+__getattr__ = lazy_names(__name__, {name: f"sandboxer.trust.{module}" for name, module in _LAZY.items()})
+
+__all__ = sorted(_LAZY)

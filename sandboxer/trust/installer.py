@@ -34,13 +34,11 @@ from sandboxer.errors import ArtifactMismatch, BundleError, DependencyError, San
 from sandboxer.state.extensions import LifecycleError
 from sandboxer.trust.bundle import read_manifest_data, sha256_file, signature_path
 from sandboxer.trust.grants import Grants
+from sandboxer.trust.layout import CURRENT, EXTENSIONS_DIR, installed_manifests  # noqa: F401 - installed_manifests re-exported
 from sandboxer.trust.registry import Listing, Registries, RegistryError, remove_tree, staging_dir
 from sandboxer.trust.store import TrustStore
 from sandboxer.trust.verify import VerifiedBundle, verify
 
-#: The directory of the manager's home that holds installed extensions.
-EXTENSIONS_DIR = "extensions"
-CURRENT = "current"
 
 
 def default_who(consumer: str | None = None) -> str:
@@ -352,18 +350,3 @@ class Installer:
         return self.state.extension_transition(self._row(name)["id"], "disabled", who=self.who,
                                                reason=reason or "disabled")
 
-
-def installed_manifests(home: Path) -> list[tuple[Path, Path]]:
-    """(manifest, import path) of each installed extension's ``current`` version under ``home``."""
-    root = Path(home) / EXTENSIONS_DIR
-    out = []
-    if not root.is_dir():
-        return out
-    for base in sorted(root.iterdir()):
-        link = base / CURRENT
-        if base.name.startswith(".") or not link.is_symlink():
-            continue
-        version = link.resolve()
-        for manifest in sorted(version.glob("ext.*.yaml")):
-            out.append((manifest, version / "lib"))
-    return out

@@ -52,15 +52,15 @@ def test_backend_failure_is_69_and_state_conflict_67(sbx, cfg):
 
 def test_a_corrupt_yaml_config_is_78_and_one_line(sbx, cfg):
     path = cfg.write("profile.bad.yaml", "slug: [unclosed\n")
-    for args in (["list"], ["create", "local"], ["profiles", "list", "--json"]):
+    for args in (["create", "local"], ["profiles", "list", "--json"], ["cost", "estimate", "local"]):
         one_error_line(sbx(*args, check=78), f"error: {path}: invalid YAML (line 2, column 1)")
 
 
 def test_debug_adds_the_traceback(sbx, cfg):
     cfg.write("profile.bad.yaml", "slug: [unclosed\n")
-    p = sbx("--debug", "list", check=78)
+    p = sbx("--debug", "profiles", "list", check=78)
     assert "Traceback (most recent call last)" in p.stderr and p.stderr.splitlines()[-1].startswith("error: ")
-    assert "Traceback" in sbx("list", check=78, env={"SANDBOXER_DEBUG": "1"}).stderr
+    assert "Traceback" in sbx("profiles", "list", check=78, env={"SANDBOXER_DEBUG": "1"}).stderr
 
 
 def test_an_extensions_unexpected_exception_is_70_and_one_line(home, cfg, monkeypatch):

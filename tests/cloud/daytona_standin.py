@@ -9,8 +9,8 @@ One real HTTP/1.1 server that the unmodified ``daytona`` SDK talks to (point ``a
   sends them;
 * the toolbox under ``/toolbox/<sandbox id>`` (the ``toolboxProxyUrl`` every sandbox carries):
   work and home directory, sessions (create, exec, command status, the command's logs as a
-  WebSocket with Daytona's stdout/stderr markers, delete), ``/process/execute`` and
-  ``/files/bulk-upload``.
+  WebSocket with Daytona's stdout/stderr markers, delete), ``/process/execute``, and the file
+  system (``/files...``: :mod:`tests.cloud.daytona_standin_files`).
 
 A "sandbox" is a scratch directory: its commands run as real local processes in it, under a
 minimal environment, and a snapshot is a copy of it, so a file written before a snapshot is
@@ -30,8 +30,6 @@ changes the wire shows up at once. Faults are scripted with :meth:`DaytonaStandI
 from __future__ import annotations
 
 import base64
-import email.parser
-import email.policy
 import hashlib
 import json
 import os
@@ -52,6 +50,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests.cloud import daytona_standin_files
 from tests.cloud.procs import kill_marked
 
 #: The environment variable marking every process of a stand-in box.
@@ -456,8 +455,6 @@ class DaytonaStandIn:
             return 204, None, {}
         if method == "POST" and path == "/process/execute":
             return self._execute(box, body)
-        if method == "POST" and path == "/files/bulk-upload":
-            return self._upload(box, headers, raw)
         self.unimplemented.append((method, "/toolbox/{id}" + path))
         return self.error(404, f"stand-in toolbox has no route {method} {path}")
 
@@ -498,27 +495,6 @@ class DaytonaStandIn:
         finally:
             box.procs.pop(proc.pid, None)
         return 200, {"exitCode": proc.returncode, "result": out.decode(errors="replace")}, {}
-
-    def _upload(self, box: Box, headers: dict[str, str], raw: bytes) -> tuple[int, Any, dict[str, str]]:
-        msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            b"Content-Type: " + headers["content-type"].encode() + b"\r\n\r\n" + raw)
-        paths: dict[str, str] = {}
-        files: dict[str, bytes] = {}
-        for part in msg.iter_parts():
-            name = part.get_param("name", header="content-disposition")
-            data = part.get_payload(decode=True) or b""
-            m = re.fullmatch(r"files\[(\d+)\]\.(path|file)", name or "")
-            if not m:
-                return self.error(400, f"unexpected form field {name!r}")
-            if m.group(2) == "path":
-                paths[m.group(1)] = data.decode()
-            else:
-                files[m.group(1)] = data
-        for i, path in paths.items():
-            target = _in_sandbox(box.workdir, path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(files[i])
-        return 200, None, {}
 
     def stream_logs(self, handler: "_Handler", box: Box, session: str, cmd_id: str) -> None:
         """Serve a command's logs as Daytona's daemon does: a WebSocket of marked chunks, closed at its end."""
@@ -670,6 +646,8 @@ class _Handler(BaseHTTPRequestHandler):
         logs = re.fullmatch(r"/process/session/([^/]+)/command/([^/]+)/logs", m.group(2))
         if logs and headers.get("upgrade", "").lower() == "websocket":
             self.owner.stream_logs(self, box, logs.group(1), logs.group(2))
+            return
+        if daytona_standin_files.serve(self, box, self.command, m.group(2), call["query"], headers, raw):
             return
         self.reply(*self.owner.handle_toolbox(box, self.command, m.group(2), headers, raw))
 

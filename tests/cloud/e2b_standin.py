@@ -8,8 +8,11 @@ One real HTTP/1.1 server that the unmodified ``e2b`` SDK talks to (point
   error bodies are ``{code, message}`` as E2B sends them;
 * envd: ``GET /health`` and the Connect RPC ``process.Process`` service, served
   by the SDK's own server-side ``ProcessWSGIApplication`` (JSON codec; the
-  streaming requests arrive chunked and are de-chunked here). Requests must
-  carry ``E2b-Sandbox-Id`` and the sandbox's ``X-Access-Token``.
+  streaming requests arrive chunked and are de-chunked here); the file API,
+  ``GET``/``POST /files`` and the ``filesystem.Filesystem`` service (its own
+  ``FilesystemWSGIApplication``) over the box's directory, streamed
+  (tests/cloud/e2b_standin_files.py). Requests must carry ``E2b-Sandbox-Id``
+  and the sandbox's ``X-Access-Token``.
 
 A "sandbox" is a scratch directory: commands run as real local processes in
 it, and a snapshot is a copy of it, so a file written before a snapshot is
@@ -68,7 +71,10 @@ from protobuf import Oneof
 
 from e2b.envd.client_shared import ENVD_JSON_CODEC
 from e2b.envd.process import process_pb
+from e2b.envd.filesystem.filesystem_connect import FilesystemWSGIApplication
 from e2b.envd.process.process_connect import ProcessWSGIApplication
+
+from tests.cloud.e2b_standin_files import Filesystem, body_pieces, serve_files
 
 ENVD_VERSION = "0.6.4"
 #: The environment variable marking every process of a stand-in box.
@@ -264,6 +270,9 @@ class E2BStandIn:
         self.lock = threading.RLock()
         self.root = Path(tempfile.mkdtemp(prefix="e2b-standin-"))
         self._envd = ProcessWSGIApplication(_Process(self), codecs=[ENVD_JSON_CODEC])
+        self._envd_fs = FilesystemWSGIApplication(
+            Filesystem(lambda ctx: self.boxes[ctx.request_headers.get("e2b-sandbox-id")].workdir, self.unimplemented),
+            codecs=[ENVD_JSON_CODEC])
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._conns: set[socket.socket] = set()
@@ -575,9 +584,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _handle(self) -> None:
-        raw = self._body()
         url = urllib.parse.urlsplit(self.path)
         headers = {k.lower(): v for k, v in self.headers.items()}
+        if url.path == "/files":
+            self._files(url, headers)
+            return
+        raw = self._body()
         envd = url.path == "/health" or url.path.startswith("/process.Process/") or url.path.startswith(
             "/filesystem.Filesystem/")
         call = {"method": self.command, "path": url.path, "query": urllib.parse.parse_qs(url.query),
@@ -604,6 +616,23 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._wsgi(url, raw)
 
+    def _files(self, url: urllib.parse.SplitResult, headers: dict[str, str]) -> None:
+        """envd's ``/files``: the body is streamed to (or from) the box, never read whole."""
+        query = urllib.parse.parse_qs(url.query)
+        self.owner.calls.append({"method": self.command, "path": url.path, "query": query, "headers": headers,
+                                 "plane": "envd", "body": b""})
+        fault = self.owner.take_fault(self.command, url.path)
+        refusal = self.owner.envd_refusal(url.path, headers)
+        if fault is not None or refusal is not None:
+            for _ in body_pieces(self):
+                pass
+            if fault is not None:
+                self._reply(fault.status, {"code": fault.status, "message": fault.message}, fault.headers)
+            else:
+                self._reply(*refusal)
+            return
+        serve_files(self, self.owner.boxes[headers["e2b-sandbox-id"]].workdir, query, self.owner.unimplemented)
+
     def _wsgi(self, url: urllib.parse.SplitResult, raw: bytes) -> None:
         environ = {
             "REQUEST_METHOD": self.command, "PATH_INFO": url.path, "QUERY_STRING": url.query,
@@ -625,7 +654,8 @@ class _Handler(BaseHTTPRequestHandler):
             started["status"], started["headers"] = status, headers
             return lambda data: None
 
-        body = self.owner._envd(environ, start_response)
+        app = self.owner._envd_fs if url.path.startswith("/filesystem.Filesystem/") else self.owner._envd
+        body = app(environ, start_response)
         try:
             it = iter(body)
             first = next(it, None)

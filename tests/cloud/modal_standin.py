@@ -9,7 +9,11 @@ which the unmodified ``modal`` SDK talks to over plaintext HTTP/2:
   create response hands out: exec, stdio, readiness and filesystem snapshots.
 
 A "sandbox" here is a scratch directory; exec runs the argv as a real local
-process in it, and a filesystem snapshot is a copy of it, so a file written
+process in it (the file tool modal 1.6's ``Sandbox.filesystem`` execs,
+``/__modal/.bin/modal-sandbox-fs-tools``, is tests/cloud/modal_fs_tools.py, over
+that directory; stdin also takes the SDK's resumable ``TaskExecStdinWriteStream``;
+output is kept until it is read, at most :data:`PIPE_HIGH` bytes unread, as a pipe
+holds it, and is sent in pieces of at most :data:`READ_PIECE`), and a filesystem snapshot is a copy of it, so a file written
 before a snapshot is really there after a restore. An exec's workdir is
 honoured as the SDK sends it: a path the sandbox's own commands reported (a
 host path inside its directory) is that directory, any other absolute path is
@@ -47,6 +51,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -68,6 +73,13 @@ from tests.cloud.procs import kill_marked
 _GENERIC = api_pb2.GenericResult
 #: The environment variable marking every process of a stand-in sandbox.
 SANDBOX_MARKER = "MODAL_STANDIN_SANDBOX"
+#: Where modal 1.6's Sandbox.filesystem expects its file tool, and the stand-in's own.
+FS_TOOLS = "/__modal/.bin/modal-sandbox-fs-tools"
+FS_TOOLS_STANDIN = str(Path(__file__).with_name("modal_fs_tools.py"))
+#: Unread output an exec may have before its process waits (as on a full pipe).
+PIPE_HIGH = 4 * 1024 * 1024
+#: The most bytes one TaskExecStdioRead message carries.
+READ_PIECE = 1024 * 1024
 
 
 def _free_port() -> int:
@@ -86,10 +98,24 @@ def make_jwt(ttl: float = 3600.0) -> str:
 
 
 @dataclass
+class Output:
+    """One stream's output not yet read: ``buf`` starts at byte ``start`` of the stream."""
+
+    buf: bytearray = field(default_factory=bytearray)
+    start: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.buf)
+
+
+@dataclass
 class Exec:
     proc: asyncio.subprocess.Process
-    out: bytearray = field(default_factory=bytearray)
-    err: bytearray = field(default_factory=bytearray)
+    out: Output = field(default_factory=Output)
+    err: Output = field(default_factory=Output)
+    stdin_written: int = 0
+    stdin_closed: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     code: int | None = None
@@ -576,12 +602,16 @@ class _Router(TaskCommandRouterBase):
         for source in request.secret_sources:
             env.update(source.env.contents)
         env[SANDBOX_MARKER] = sb.id
+        argv = list(request.command_args)
+        if argv[:1] == [FS_TOOLS]:
+            argv = [sys.executable, FS_TOOLS_STANDIN, *argv[1:]]
+            env["MODAL_STANDIN_ROOT"] = str(sb.root)
         cwd = sb.root
         if request.workdir:
             cwd = _in_sandbox(sb.root, request.workdir)
             cwd.mkdir(parents=True, exist_ok=True)
         proc = await asyncio.create_subprocess_exec(
-            *request.command_args, cwd=cwd, env=env, start_new_session=True,
+            *argv, cwd=cwd, env=env, start_new_session=True,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         ex = Exec(proc=proc)
@@ -590,9 +620,14 @@ class _Router(TaskCommandRouterBase):
         await stream.send_message(sr_pb2.TaskExecStartResponse())
 
     async def _pump(self, ex: Exec, timeout: int) -> None:
-        async def copy(reader: asyncio.StreamReader, buf: bytearray) -> None:
-            while chunk := await reader.read(65536):
-                buf.extend(chunk)
+        async def copy(reader: asyncio.StreamReader, out: Output) -> None:
+            while True:
+                async with ex.changed:  # unread output past the high-water mark: the process waits
+                    await ex.changed.wait_for(lambda: len(out.buf) < PIPE_HIGH)
+                chunk = await reader.read(65536)
+                if not chunk:
+                    return
+                out.buf.extend(chunk)
                 async with ex.changed:
                     ex.changed.notify_all()
 
@@ -624,15 +659,22 @@ class _Router(TaskCommandRouterBase):
 
     async def TaskExecStdioRead(self, stream, request) -> None:
         ex = self._exec(request)
-        buf = ex.out if request.file_descriptor == sr_pb2.TASK_EXEC_STDIO_FILE_DESCRIPTOR_STDOUT else ex.err
+        out = ex.out if request.file_descriptor == sr_pb2.TASK_EXEC_STDIO_FILE_DESCRIPTOR_STDOUT else ex.err
         offset = request.offset
+        if offset < out.start:
+            raise GRPCError(Status.OUT_OF_RANGE, f"output before offset {out.start} was already read")
         while True:
             async with ex.changed:
-                await ex.changed.wait_for(lambda: len(buf) > offset or ex.done.is_set())
-            if len(buf) > offset:
-                data = bytes(buf[offset:])
+                await ex.changed.wait_for(lambda: out.end > offset or ex.done.is_set())
+            if out.end > offset:
+                at = offset - out.start
+                data = bytes(out.buf[at:at + READ_PIECE])
                 offset += len(data)
                 await stream.send_message(sr_pb2.TaskExecStdioReadResponse(data=data))
+                del out.buf[:offset - out.start]  # delivered: a pipe does not keep it either
+                out.start = offset
+                async with ex.changed:
+                    ex.changed.notify_all()
             elif ex.done.is_set():
                 return
 
@@ -642,9 +684,36 @@ class _Router(TaskCommandRouterBase):
         if request.data:
             ex.proc.stdin.write(request.data)
             await ex.proc.stdin.drain()
+            ex.stdin_written += len(request.data)
         if request.eof:
             ex.proc.stdin.close()
+            ex.stdin_closed = True
         await stream.send_message(sr_pb2.TaskExecStdinWriteResponse())
+
+    async def TaskExecStdinWriteStream(self, stream, request) -> None:
+        """Client streaming: a start (task, exec, offset), data, then an end that closes stdin."""
+        start = request.start
+        ex = self._exec(start)
+        assert ex.proc.stdin
+        if ex.stdin_closed or start.offset != ex.stdin_written:
+            raise GRPCError(Status.FAILED_PRECONDITION,
+                            f"stdin is at offset {ex.stdin_written}{' and closed' if ex.stdin_closed else ''}, "
+                            f"not {start.offset}")
+        while (msg := await stream.recv_message()) is not None:
+            which = msg.WhichOneof("payload")
+            if which == "data" and msg.data:
+                ex.proc.stdin.write(msg.data)
+                await ex.proc.stdin.drain()
+                ex.stdin_written += len(msg.data)
+            elif which == "end":
+                ex.proc.stdin.close()
+                ex.stdin_closed = True
+        await stream.send_message(sr_pb2.TaskExecStdinWriteStreamResponse())
+
+    async def TaskExecStdinStatus(self, stream, request) -> None:
+        ex = self._exec(request)
+        await stream.send_message(sr_pb2.TaskExecStdinStatusResponse(num_bytes_written=ex.stdin_written,
+                                                                     closed=ex.stdin_closed))
 
     async def TaskExecWait(self, stream, request) -> None:
         ex = self._exec(request)

@@ -99,7 +99,12 @@ def test_a_failing_build_quotes_packer_and_records_nothing(make_mgr, template, v
     assert f"packer build of {template} failed" in msg
     assert "Script exited with non-zero exit status: 7" in msg, msg
     assert mgr.state.list_images() == []
-    assert [s.state for s in mgr.list(all=True)] == ["failed"]
+    [failed] = mgr.list(all=True)  # the create's record, as any backend's failed create: failed, with why
+    assert failed.state.value == "failed" and failed.ready_at is None
+    assert f"packer build of {template} failed" in failed.last_error
+    assert "Script exited with non-zero exit status: 7" in failed.last_error
+    assert [e["kind"] for e in mgr.events(failed.id) if e["kind"].startswith("image_")] == [
+        "image_build_started", "image_build_failed"]
     assert left_in(tmp_path / "home") == [] and packer_processes(tmp_path / "home") == []
 
 
@@ -112,7 +117,9 @@ def test_a_broken_template_is_refused_with_packers_error(make_mgr, template, vm_
     assert f"field 'options.packer.template' (value '{template}')" in msg and "packer inspect" in msg, msg
     assert "Argument or block definition required" in msg or "Invalid" in msg, msg
     assert builds(tmp_path) == 0 and mgr.state.list_images() == []
-    assert [s.state for s in mgr.list(all=True)] == ["failed"]  # the create's own record says why
+    [failed] = mgr.list(all=True)  # the create's own record says why
+    assert failed.state.value == "failed" and str(template) in failed.last_error
+    assert "packer inspect refused it" in failed.last_error
 
 
 def test_a_build_past_its_deadline_is_killed_and_leaves_nothing(make_mgr, template, vm_bin, tmp_path):

@@ -69,7 +69,8 @@ def install(tmp_path, probe_wheel, acme, trusted, monkeypatch):
     """``install(grants, config=None) -> Manager`` with ext.probe installed from a bundle signed by acme."""
     mgrs = []
 
-    def make(grants: list[str], config: dict | None = None, *, narrow: list[str] | None = None) -> Manager:
+    def make(grants: list[str], config: dict | None = None, *, narrow: list[str] | None = None,
+             features: tuple[str, ...] = ("exec",)) -> Manager:
         d = tmp_path / "probe-bundle"
         d.mkdir()
         artifact = d / probe_wheel.name
@@ -78,7 +79,7 @@ def install(tmp_path, probe_wheel, acme, trusted, monkeypatch):
         manifest.write_text(yaml.safe_dump({
             "id": "ext.probe", "title": "Probe", "version": "0.1.0", "handler": "probe", "runtime": "process",
             "publisher": "acme", "abi": 2,
-            "capabilities": {"isolation_levels": ["none"], "pricing_model": "free", "features": ["exec"],
+            "capabilities": {"isolation_levels": ["none"], "pricing_model": "free", "features": list(features),
                              "grants": grants},
             "dependencies": {}, "config": config or {}}, sort_keys=False))
         sign_bundle(manifest, acme, artifact)

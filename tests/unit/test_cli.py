@@ -74,8 +74,10 @@ def test_broken_config_fails_validate_naming_the_file(sbx, cfg):
     path = cfg.write("ext.broken.yaml", "id: ext.broken\n")
     p = sbx("validate", check=78)
     assert str(path) in p.stderr and "field 'title'" in p.stderr
-    p = sbx("list", check=78)
+    p = sbx("create", "local", "--consumer", "ci", check=78)
     assert str(path) in p.stderr
+    # list reads the state store only: a broken file elsewhere does not hide the sandboxes there
+    assert sbx("list", "--json", check=0).stdout.strip() == "[]"
 
 
 def test_validate_and_listings(sbx):

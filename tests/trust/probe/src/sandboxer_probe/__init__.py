@@ -7,18 +7,24 @@ the broker; what the far end sends first), ``direct HOST PORT`` (a plain socket)
 ``noproxy URL`` (the same without the proxy's credential), ``token-less`` (a request to the broker
 without the token, as a child process would make), ``state ACTION [KEY [VALUE]]``, ``write PATH``,
 ``exists PATH``, ``environ``, ``ssh CONFIG_JSON`` (sandboxer.ssh, then ``echo``).
+
+Its files (feature ``files``, declared by a test's manifest) live in the worker's own /tmp, one
+file per path: they show that file content crosses a brokered worker's confinement streamed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
-from typing import Any
+from datetime import datetime, timezone
+from typing import Any, BinaryIO
 
 from pydantic import BaseModel, ConfigDict
 
-from sandboxer.contract import Handle, ProvisionRequest, Reachability, TeardownReport
+from sandboxer.contract import FileInfo, Handle, ProvisionRequest, Reachability, TeardownReport
+from sandboxer.errors import SandboxFileNotFound
 from sandboxer.extensions.base import SandboxExtension
 from sandboxer.models import ExecResult
 
@@ -31,7 +37,7 @@ class ProbeConfig(BaseModel):
 
 class ProbeExtension(SandboxExtension):
     Config = ProbeConfig
-    features = frozenset({"exec"})
+    features = frozenset({"exec", "files"})
     enforces = frozenset({"network:none"})
 
     def provision(self, request: ProvisionRequest) -> Handle:
@@ -50,6 +56,42 @@ class ProbeExtension(SandboxExtension):
         except Exception as exc:  # noqa: BLE001 - the probe's answer is what went wrong
             out, code = json.dumps({"error": f"{type(exc).__name__}: {exc}"}), 1
         return ExecResult(exit_code=code, stdout=out, stderr="")
+
+    # ------------------------------------------------------------ files
+
+    @staticmethod
+    def _store(handle: Handle, path: str) -> str:
+        d = f"/tmp/probe-files/{handle.sandbox_id}"
+        os.makedirs(d, exist_ok=True)
+        return f"{d}/{path.encode().hex()}"
+
+    def write_file(self, handle: Handle, path: str, source: BinaryIO, *, mode: int | None = None) -> int:
+        with open(self._store(handle, path), "wb") as f:
+            shutil.copyfileobj(source, f, 1 << 16)
+            return f.tell()
+
+    def read_file(self, handle: Handle, path: str, sink: BinaryIO) -> int:
+        try:
+            f = open(self._store(handle, path), "rb")
+        except FileNotFoundError:
+            raise SandboxFileNotFound(f"{self.id}: no file {path!r}") from None
+        with f:
+            n = 0
+            while chunk := f.read(1 << 16):
+                sink.write(chunk)
+                n += len(chunk)
+            return n
+
+    def list_files(self, handle: Handle, path: str) -> list[FileInfo]:
+        st = os.stat(self._store(handle, path))
+        return [FileInfo(path=path, name=path.rsplit("/", 1)[-1], type="file", size=st.st_size,
+                         modified_at=datetime.fromtimestamp(st.st_mtime, timezone.utc))]
+
+    def remove_file(self, handle: Handle, path: str, *, recursive: bool = False) -> None:
+        try:
+            os.unlink(self._store(handle, path))
+        except FileNotFoundError:
+            raise SandboxFileNotFound(f"{self.id}: no file {path!r}") from None
 
     # ------------------------------------------------------------ probes
 
