@@ -62,7 +62,7 @@ def test_cp_both_ways_and_through_pipes(sbx, sandbox_id, tmp_path):
                                         "directory"),
 ])
 def test_cp_mistakes_are_one_error_line(sbx, tmp_path, args, message):
-    p = sbx("cp", *args, check=66 if "no sandbox" in message else 65)  # not found / refused (docs/cli.md)
+    p = sbx("cp", *args, check=66 if "no sandbox with id" in message else 65)  # not found / refused (docs/cli.md)
     assert p.stderr.decode().strip() == message and p.stdout == b""
 
 
