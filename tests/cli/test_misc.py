@@ -58,3 +58,15 @@ def test_docs_table_of_exit_codes_is_the_clis():
     rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ") and
             line.split("|")[1].strip().isdigit()]
     assert [int(r) for r in rows] == [code for code, _ in TABLE]
+
+
+def test_a_lazy_name_that_is_also_a_submodule_is_the_name():
+    """`from sandboxer.trust import verify` is the function even when another lazy name of the
+    submodule `sandboxer.trust.verify` loaded it first (importing a submodule sets the package's attribute)."""
+    import subprocess
+    import sys
+
+    code = ("from sandboxer.trust import sign_bundle\nfrom sandboxer.trust import verify\n"
+            "import inspect; print(inspect.isfunction(verify))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr
