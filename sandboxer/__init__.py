@@ -17,7 +17,7 @@ _MODULES = {
     "sandboxer.errors": (
         "AuthError", "BackendError", "BudgetExceeded", "CapabilityError", "CapacityUnavailable",
         "ConfigError", "ExecError", "ExtensionCrashed", "ExtensionLoadError", "ExtensionTimeout",
-        "InputError", "ManifestError", "MissingExtra", "ProfileError", "ProfileNotFound", "ProvisionError",
+        "InputError", "ManifestError", "MissingExtra", "NameConflict", "ProfileError", "ProfileNotFound", "ProvisionError",
         "QuotaExceeded", "RateLimited", "ReadinessTimeout", "RequestError", "RoutingError",
         "SandboxFileNotFound", "SandboxNotFound", "SandboxStateError", "SandboxerError", "SnapshotError",
         "SnapshotNotFound", "StateStoreError", "TTLError", "TeardownError",
@@ -62,7 +62,7 @@ __all__ = [
     "AsyncManager", "AsyncSandbox", "AuthError", "BackendError", "BudgetExceeded", "CallLimits", "CapabilityError",
     "CapacityUnavailable", "Catalog", "CleanupReport", "ConfigError", "ExecError", "ExecResult", "ExtensionCrashed",
     "ExtensionLoadError", "ExtensionManifest", "ExtensionTimeout", "FileInfo", "InputError", "load_catalog",
-    "Manager", "ManifestError", "MeterQuote", "MissingExtra", "Profile", "ProfileError", "ProfileNotFound",
+    "Manager", "ManifestError", "MeterQuote", "MissingExtra", "NameConflict", "Profile", "ProfileError", "ProfileNotFound",
     "ProvisionError", "QuotaExceeded", "RateLimited", "ReadinessTimeout", "RequestError", "RoutingError", "Sandbox",
     "SandboxCreateRequest", "SandboxerError", "SandboxExtension", "SandboxFileNotFound", "SandboxNotFound",
     "SandboxState", "SandboxStateError", "SandboxStatus", "SnapshotError", "SnapshotMeta", "SnapshotNotFound",

@@ -6,8 +6,6 @@ image records (:mod:`sandboxer.state.images`); docs/backends/vm-packer.md#build-
 
 from __future__ import annotations
 
-import json
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,9 @@ def _root() -> Any:
 
 
 def _when(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    from sandboxer.cli_output import timestamp
+
+    return None if ts is None else timestamp(ts)
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:
@@ -52,9 +52,9 @@ def images_group() -> None:
               help="vm, ssh_target or ssh_port: the VM to build on (default: the profile's).")
 def build_cmd(profile: str, inputs: tuple[str, ...]) -> None:
     """Build PROFILE's Packer template now (or reuse the image recorded for it), streaming Packer's output."""
-    from sandboxer.cli import _pairs
+    from sandboxer.cli_common import pairs
 
-    given: dict[str, Any] = dict(_pairs(inputs, "--input"))
+    given: dict[str, Any] = dict(pairs(inputs, "--input"))
     if "ssh_port" in given:
         try:
             given["ssh_port"] = int(given["ssh_port"])
@@ -90,20 +90,20 @@ def list_cmd(as_json: bool) -> None:
     finally:
         state.close()
     if as_json:
-        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        from sandboxer.cli_output import emit_json
+
+        emit_json(rows)
         return
     if not rows:
         click.echo("no images")
         return
-    from rich.table import Table
+    from sandboxer.cli_output import print_table, table
 
-    from sandboxer.cli import out
-
-    t = Table("ID", "PROFILE", "BUILDER", "STATE", "ARTIFACT", "TEMPLATE SHA256", "CREATED")
+    t = table("ID", "PROFILE", "BUILDER", "STATE", "ARTIFACT", "TEMPLATE SHA256", "CREATED")
     for r in rows:
         t.add_row(r["id"], r["profile"], r["builder"], r["state"], str(r["artifact_id"] or "-"),
                   r["template_sha256"][:12], r["created_at"])
-    out.print(t)
+    print_table(t)
 
 
 @images_group.command("gc")

@@ -6,11 +6,11 @@ background (a command is over in a moment): ``pool fill`` fills once, on a sched
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
 
+from sandboxer.cli_output import emit_json
 from sandboxer.models import POOL_CONSUMER, format_duration
 
 
@@ -21,7 +21,7 @@ def _mgr() -> Any:
 def _emit(report: Any, as_json: bool, verb: str) -> None:
     data = report.to_json()
     if as_json:
-        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        emit_json(data)
     else:
         for slug, ids in sorted(data["made"].items()):
             click.echo(f"{slug}: {verb} {len(ids)}: {' '.join(ids)}")
@@ -72,7 +72,7 @@ def status_cmd(as_json: bool) -> None:
                     "ready": sum(r["state"] == "ready" for r in mine),
                     "provisioning": sum(r["state"] == "provisioning" for r in mine)})
     if as_json:
-        click.echo(json.dumps(out, indent=2, sort_keys=True))
+        emit_json(out)
         return
     if not out:
         click.echo("no profile has a pool")

@@ -8,7 +8,6 @@ read from, and written to, the operator's config dirs (``--config`` / ``SANDBOXE
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -40,10 +39,10 @@ def _publisher(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 
 def _expires(ctx: click.Context, param: click.Parameter, value: str) -> timedelta:
-    from sandboxer.models import parse_duration
+    from sandboxer.durations import parse_flag
 
     try:
-        seconds = parse_duration(value)
+        seconds = parse_flag(value, "--expires")
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     if seconds <= 0:
@@ -52,7 +51,9 @@ def _expires(ctx: click.Context, param: click.Parameter, value: str) -> timedelt
 
 
 def _json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    from sandboxer.cli_output import emit_json
+
+    emit_json(data)
 
 
 @click.command("keygen")
@@ -114,10 +115,12 @@ def verify_cmd(manifest: str, artifact: str | None, as_json: bool) -> None:
         if not as_json:
             raise
         _json({"verified": False, "reason": exc.reason, "file": exc.path, "error": str(exc)})
-        raise SystemExit(1) from None
+        from sandboxer.cli_errors import TRUST
+
+        raise SystemExit(TRUST) from None  # --json never changes the exit code
     if as_json:
         _json({"verified": True, "id": vb.manifest.id, "version": vb.manifest.version, "publisher": vb.publisher,
-               "key_id": vb.key_id, "expires": vb.expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+               "key_id": vb.key_id, "expires": vb.expires,
                "artifact": str(vb.artifact_path), "sha256": vb.sha256, "abi": vb.manifest.abi,
                "grants": vb.manifest.capabilities.grants, "dependencies": vb.manifest.dependencies})
         return
@@ -191,10 +194,10 @@ def trust_list(as_json: bool) -> None:
 
     store = load_trust(_config_dirs())
     rows = [{"id": kid, "publisher": e.publisher, "revoked": kid in store.revoked, "source": str(e.source),
-             "not_after": e.key.not_after.strftime("%Y-%m-%dT%H:%M:%SZ") if e.key.not_after else None}
+             "not_after": e.key.not_after}
             for kid, e in sorted(store.keys.items(), key=lambda kv: (kv[1].publisher, kv[0]))]
     if as_json:
-        _json({"keys": rows})
+        _json(rows)
         return
     if not rows:
         click.echo(store.describe_sources())
@@ -228,7 +231,7 @@ def search_cmd(text: str | None, as_json: bool) -> None:
     """List the bundles of every registry (the built-in one and trust.yaml's), or those matching TEXT."""
     found = _registries().search(text)
     if as_json:
-        _json({"bundles": [x.to_json() for x in found]})
+        _json([x.to_json() for x in found])
         return
     if not found:
         click.echo("no bundle matches")
@@ -348,6 +351,8 @@ def disable_cmd(name: str, reason: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def audit_cmd(name: str | None, as_json: bool) -> None:
     """The trust audit trail: transitions, verification failures, installs and removes (of NAME)."""
+    from sandboxer.cli_output import timestamp
+
     state = _state()
     try:
         ext_id = name if name is None or name.startswith("ext.") else f"ext.{name}"
@@ -355,9 +360,9 @@ def audit_cmd(name: str | None, as_json: bool) -> None:
     finally:
         state.close()
     for r in rows:
-        r["when"] = datetime.fromtimestamp(r["ts"], timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        r["when"] = timestamp(r["ts"])
     if as_json:
-        _json({"events": rows})
+        _json(rows)
         return
     if not rows:
         click.echo("no audit events")

@@ -20,6 +20,7 @@ context manager per backend); callers never need to match message text.
     │   ├── SandboxNotFound
     │   ├── SandboxStateError            the sandbox exists but is not in a state for that
     │   ├── SnapshotNotFound
+    │   ├── NameConflict                 a live sandbox has that name but was asked for differently
     │   └── BudgetExceeded               the consumer's budget would be exceeded
     ├── BackendError                     the backend failed; may be worth trying another
     │   ├── ProvisionError               (.transient says whether a retry elsewhere may help)
@@ -119,6 +120,11 @@ class SandboxFileNotFound(RequestError):
 
 class LifecycleError(RequestError):
     """An installed extension is not in a state for that (the message names its current state)."""
+
+
+class NameConflict(RequestError):
+    """A create named a live sandbox that was created with other parameters (profile, inputs, labels,
+    TTL, consumer): the message names the sandbox and what differs. Nothing was created."""
 
 
 class SnapshotNotFound(RequestError):

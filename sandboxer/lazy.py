@@ -15,8 +15,12 @@ def lazy_names(package: str, names: dict[str, str]) -> Callable[[str], Any]:
         module = names.get(name)
         if module is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(module), name)
-        setattr(sys.modules[package], name, value)
-        return value
+        loaded = importlib.import_module(module)
+        # every name that module serves, at once: importing a submodule sets the package's attribute
+        # of its name (``sandboxer.trust.verify``), which would then hide the function of that name
+        for other, where in names.items():
+            if where == module:
+                setattr(sys.modules[package], other, getattr(loaded, other))
+        return getattr(loaded, name)
 
     return __getattr__

@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -571,7 +571,7 @@ def load_profile(path: Path, extensions: dict[str, LoadedExtension]) -> Profile:
 
 def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True,
                  packages: bool | None = None, installed: Path | None = None,
-                 only: frozenset[str] | None = None) -> Catalog:
+                 only: frozenset[str] | None = None, problems: list[ConfigError] | None = None) -> Catalog:
     """Load and validate the built-in config, installed packages' config, then ``config_dirs``.
 
     Args:
@@ -583,10 +583,21 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
         only: load just these extension ids (their manifests and overrides, checked as always) and no
             profiles: what a command about one existing sandbox needs. Every file is still read, so a
             duplicate id or a broken file of another extension is not noticed.
+        problems: collect every problem here instead of raising the first (``sandboxer validate``):
+            a file with one is left out, and what needs it may add problems of its own.
 
     Raises:
-        ConfigError: (a subclass naming file, field and value) on the first problem.
+        ConfigError: (a subclass naming file, field and value) on the first problem, unless ``problems``.
     """
+    def guard(step: Callable[[], Any]) -> Any:
+        if problems is None:
+            return step()
+        try:
+            return step()
+        except ConfigError as exc:
+            problems.append(exc)
+            return None
+
     registry = Registry.load()
     user_dirs = list(config_dirs) if config_dirs is not None else config_dirs_from_env()
     pkg_dirs = package_config_dirs() if (builtins if packages is None else packages) else []
@@ -605,13 +616,13 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
 
     extensions: dict[str, LoadedExtension] = {}
     overrides: list[tuple[Path, dict[str, Any]]] = []
-    for path in ext_files:
+    def one_manifest(path: Path) -> None:
         data = read_yaml(path, ManifestError)
         if only is not None and data.get("id") not in only:
-            continue
+            return
         if "override" in data:
             overrides.append((path, data))
-            continue
+            return
         if path in bundles and data.get("runtime") != "process":  # checked before any handler is resolved
             raise ManifestError(f"{path}: field 'runtime' (value {data.get('runtime')!r}): an installed bundle "
                                 f"always runs out of process; reinstall it (sandboxer extensions remove, install)")
@@ -629,13 +640,17 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
                 f"'override: config' and the 'config:' keys to change, or give your extension a new id"
             )
         extensions[loaded.manifest.id] = loaded
+
+    for path in ext_files:
+        guard(lambda: one_manifest(path))
     # Overrides apply once every manifest is known, in file order (a later config dir's wins).
     for path, data in overrides:
-        apply_override(path, data, extensions)
+        guard(lambda: apply_override(path, data, extensions))
 
     profiles: dict[str, Profile] = {}
     sources: dict[str, Path] = {}
-    for path in prof_files:
+
+    def one_profile(path: Path) -> None:
         profile = load_profile(path, extensions)
         if profile.slug in profiles:
             raise ProfileError(
@@ -643,11 +658,14 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
             )
         profiles[profile.slug] = profile
         sources[profile.slug] = path
+
+    for path in prof_files:
+        guard(lambda: one_profile(path))
     pending = [x for x in extensions.values() if x.handler is None]
     if pending:
         from sandboxer.host.client import describe_process  # the host sits above the loader
 
-        for loaded in pending:
+        def describe(loaded: LoadedExtension) -> None:
             if loaded.import_path is not None:
                 from sandboxer.trust.installed import check_secrets_granted, describe_installed
 
@@ -655,9 +673,13 @@ def load_catalog(config_dirs: list[Path] | None = None, *, builtins: bool = True
                 check_secrets_granted(loaded)
             else:
                 describe_process(loaded)
+
+        for loaded in pending:
+            guard(lambda: describe(loaded))
     warnings = [w for slug, prof in profiles.items() for w in _never_qualifies(sources[slug], prof, extensions)]
     # settings (budgets, sinks) are the operator's: never from a package
-    return Catalog(registry, extensions, profiles, sources, user_dirs, load_settings(user_dirs), pkg_dirs, warnings)
+    settings = guard(lambda: load_settings(user_dirs)) or Settings()
+    return Catalog(registry, extensions, profiles, sources, user_dirs, settings, pkg_dirs, warnings)
 
 
 def _never_qualifies(path: Path, profile: Profile, extensions: dict[str, LoadedExtension]) -> list[str]:

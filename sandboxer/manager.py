@@ -43,7 +43,7 @@ from sandboxer.errors import (
     TeardownError,
     TTLError,
 )
-from sandboxer.execution import check_argv
+from sandboxer.execution import KILL_MARKED_TIMEOUT, check_argv, kill_marked_argv
 from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension
 from sandboxer.loader import Catalog, load_catalog
 from sandboxer.metering import Metering, price
@@ -61,7 +61,7 @@ from sandboxer.files import FilesMixin
 from sandboxer.gc import GcMixin
 from sandboxer.lifetime import LifetimeMixin
 from sandboxer.pools import PoolReport, Pools
-from sandboxer.records import STATUS_FIELDS, dt, short, status_of
+from sandboxer.records import STATUS_FIELDS, Progress, dt, reporter, same_request, short, status_of
 from sandboxer.router import Action, Plan, Router
 from sandboxer.sandbox import Sandbox
 from sandboxer.secrets import SecretRef, sandbox_secrets, scrub
@@ -431,13 +431,17 @@ class Manager(SnapshotsMixin, GcMixin, FilesMixin, LifetimeMixin):
         return ttl
 
     def create(self, request: SandboxCreateRequest | None = None, /, *,
-               secrets: dict[str, SecretRef | dict[str, str]] | None = None, **kwargs: Any) -> Sandbox:
+               secrets: dict[str, SecretRef | dict[str, str]] | None = None,
+               on_progress: Progress | None = None, **kwargs: Any) -> Sandbox:
         """Create a sandbox and wait until it is ready.
 
         Args:
             request: the request, or its fields as keyword arguments.
             secrets: the consumer's references (``SecretRef`` or ``{"env": NAME}``/``{"file": PATH}``) for
                 secrets the profile declares, replacing the operator's; resolved here, once (docs/policy.md).
+            on_progress: called as ``on_progress(stage, detail)`` at each stage: ``routing`` (profile),
+                ``provisioning`` (sandbox_id, backend, host), ``waiting-ready`` (likewise), ``fallback``
+                (backend, host, reason, next) and ``ready``. An exception it raises is logged, not raised.
 
         Returns:
             The ready sandbox: a :class:`~sandboxer.sandbox.Sandbox` (its status, with reachability, and its verbs).
@@ -447,7 +451,9 @@ class Manager(SnapshotsMixin, GcMixin, FilesMixin, LifetimeMixin):
             CapacityUnavailable, RateLimited, AuthError, ProvisionError, ReadinessTimeout: the backend failed
                 (single-backend profile); nothing is left behind.
             RoutingError: every backend of a multi-backend profile failed; ``.attempts`` says how.
+            NameConflict: a live sandbox has ``name`` but other parameters (the message says which).
         """
+        report = reporter(on_progress)
         req = request if request is not None else SandboxCreateRequest(**kwargs)
         profile = self.profile(req.profile)
         inputs = self._check_inputs(profile, req.inputs)
@@ -455,29 +461,32 @@ class Manager(SnapshotsMixin, GcMixin, FilesMixin, LifetimeMixin):
         values = sandbox_secrets(profile.slug, profile.secrets, secrets)  # before anything is recorded
         pooled = self.pools.take(req, profile, inputs, ttl, secrets) if profile.pool else None
         if pooled is not None:  # a warm pool's sandbox, now this consumer's (docs/pools.md)
+            report("ready", {"sandbox_id": pooled.id, "backend": pooled.extension, "host": pooled.host, "pooled": True})
             return Sandbox.attach(self, pooled)
-        return Sandbox.attach(self, self._create(req, profile, inputs, ttl, values))
+        return Sandbox.attach(self, self._create(req, profile, inputs, ttl, values, report))
 
     def _create(self, req: SandboxCreateRequest, profile: Profile, inputs: dict[str, Any], ttl: float,
-                values: dict[str, SecretStr]) -> SandboxStatus:
+                values: dict[str, SecretStr], report: Progress) -> SandboxStatus:
         for _ in range(3):  # bounded: a named create may find its twin failed, then tries itself
             if req.name:
                 existing = self.state.get_by_name(req.name)
                 if existing is not None:
+                    same_request(existing, req, profile.slug, ttl)
                     status = self._await_named(existing["id"], profile)
                     if status is not None:
                         return status
                     continue
             try:
-                return self._route(req, profile, inputs, ttl, values)
+                return self._route(req, profile, inputs, ttl, values, report)
             except NameTaken as taken:
+                same_request(self._row(taken.existing_id), req, profile.slug, ttl)
                 status = self._await_named(taken.existing_id, profile)
                 if status is not None:
                     return status
         raise SandboxStateError(f"sandbox name {req.name!r} kept failing to create; see `sandboxer list --all`")
 
     def _route(self, req: SandboxCreateRequest, profile: Profile, inputs: dict[str, Any], ttl: float,
-               secrets: dict[str, SecretStr]) -> SandboxStatus:
+               secrets: dict[str, SecretStr], report: Progress = lambda stage, detail: None) -> SandboxStatus:
         """Create on the first placement of the router's plan that can take it.
 
         Raises:
@@ -485,6 +494,7 @@ class Manager(SnapshotsMixin, GcMixin, FilesMixin, LifetimeMixin):
             one-backend profile; RoutingError listing every attempt otherwise.
         """
         started = time.perf_counter()
+        report("routing", {"profile": profile.slug})
         budgeted = self.metering.has_budget(req.consumer)
         plan = self.router.plan(
             profile, ttl, hosts=lambda i: self._hosts(profile, i),
@@ -524,9 +534,11 @@ class Manager(SnapshotsMixin, GcMixin, FilesMixin, LifetimeMixin):
             index, host = placements[pos + chosen]
             ext_id = profile.candidates[index].extension
             pos += chosen + 1
+            report("provisioning", {"sandbox_id": sandbox_id, "backend": ext_id, "host": host})
             try:
                 return self.launch(sandbox_id=sandbox_id, profile=profile, index=index, host=host, inputs=inputs,
-                                   ttl=ttl, consumer=req.consumer, labels=req.labels, row=row, secrets=secrets)
+                                   ttl=ttl, consumer=req.consumer, labels=req.labels, row=row, secrets=secrets,
+                                   on_progress=report)
             except BackendError as exc:
                 plan.failed(ext_id, host, exc, sandbox_id)
                 action = self.router.on_failure(exc, ext_id, self._credential_key(ext_id, req.consumer)
@@ -542,6 +554,9 @@ class Manager(SnapshotsMixin, GcMixin, FilesMixin, LifetimeMixin):
                     raise self.router.final_error(profile, plan, exc)
                 if action is not Action.NEXT_HOST:
                     pos = plan.next_backend(pos)
+                if pos < len(placements):
+                    report("fallback", {"sandbox_id": sandbox_id, "backend": ext_id, "host": host, "reason": str(exc),
+                                        "next": profile.candidates[placements[pos][0]].extension})
         self._route_failed(profile, plan)
         raise self.router.final_error(profile, plan)
 
@@ -702,6 +717,7 @@ class Manager(SnapshotsMixin, GcMixin, FilesMixin, LifetimeMixin):
         row: dict[str, Any],
         start: Callable[[SandboxExtension, ProvisionRequest], Handle] | None = None,
         secrets: dict[str, SecretStr] | None = None,
+        on_progress: Progress | None = None,
     ) -> SandboxStatus:
         """Provision an admitted sandbox (``secrets`` in its request alone: an error that echoes one is
         scrubbed before it is recorded or raised), record its handle, wait until ready; clean up on failure.
@@ -730,6 +746,9 @@ class Manager(SnapshotsMixin, GcMixin, FilesMixin, LifetimeMixin):
                                         handle=dump(handle), host=handle.host or host)
             if row is None:
                 self._abandon(ext, sandbox_id, handle)
+            where = {"sandbox_id": sandbox_id, "backend": ext.id, "host": handle.host or host}
+            if on_progress is not None:
+                on_progress("waiting-ready", where)
             try:
                 # the handler's own timeout is positional: ``timeout=`` is the deadline here
                 reach = self._call(ext, "wait_ready", handle, eff.ready_timeout,
@@ -742,6 +761,8 @@ class Manager(SnapshotsMixin, GcMixin, FilesMixin, LifetimeMixin):
                                         reachability=dump(reach), ready_at=time.time(), also=self.metering.started)
             if row is None:
                 self._abandon(ext, sandbox_id, handle)
+            if on_progress is not None:
+                on_progress("ready", where)
             return status_of(row)
         finally:
             with self._lock:
@@ -856,6 +877,19 @@ class Manager(SnapshotsMixin, GcMixin, FilesMixin, LifetimeMixin):
         run = bound(ext, "exec", what)
         return self._caller.call(lambda: run(row["handle"], list(argv), **kwargs), timeout=deadline,
                                  what=what, backend=ext.id)
+
+    def kill_exec(self, sandbox_id: str, marker: str) -> None:
+        """Kill, inside the sandbox, every process of an exec started with ``env={EXEC_MARKER: marker}``
+        (what it forked and ``setsid`` children included). Best effort, bounded; never raises
+        for a sandbox that is gone."""
+        row = self._read("get", sandbox_id)
+        if row is None or row["state"] != "ready":
+            return
+        ext = self.extension(row["extension"], sandbox_id=sandbox_id)
+        try:
+            self.exec(sandbox_id, kill_marked_argv(marker), timeout=KILL_MARKED_TIMEOUT)
+        except SandboxerError as exc:
+            log.warning("could not stop exec %s in sandbox %s on %s: %s", marker, sandbox_id, ext.id, exc)
 
     # ----------------------------------------------------------- teardown
 

@@ -6,7 +6,6 @@ error that names the field instead of a setting that silently does nothing.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal
@@ -20,32 +19,18 @@ from pydantic import (
     model_validator,
 )
 
+from sandboxer import durations
 from sandboxer.policy import GpuRequest, NetworkPolicy, check_secret_names, required
 from sandboxer.secrets import HeaderSecret, SecretRef
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
 
 def parse_duration(value: Any) -> float:
-    """Parse ``90``, ``"90s"``, ``"30m"``, ``"2h"`` or ``"1d"`` into seconds.
+    """Parse ``90`` (seconds), ``"90s"``, ``"30m"``, ``"1h30m"``, ``"2h"`` or ``"1d"`` into seconds.
 
     Raises:
         ValueError: the value is not a duration (negative values included).
     """
-    if isinstance(value, bool):
-        raise ValueError(f"not a duration: {value!r}")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"duration must not be negative: {value!r}")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.fullmatch(value)
-        if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
-        if value.strip().startswith("-"):
-            raise ValueError(f"duration must not be negative: {value!r}")
-    raise ValueError(f"not a duration (use e.g. 90, '90s', '30m', '2h', '1d'): {value!r}")
+    return durations.seconds(value)
 
 
 def format_duration(seconds: float) -> str:

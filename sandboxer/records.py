@@ -1,11 +1,19 @@
-"""State-store rows as the typed models the API returns, and the one way errors are summarised in them."""
+"""State-store rows as the typed models the API returns, and the one way errors are summarised in them;
+what a create reports as it goes (``on_progress``), and whether a named create asks for the sandbox it names."""
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
-from sandboxer.models import SandboxState, SandboxStatus, SnapshotMeta
+from sandboxer.errors import NameConflict
+from sandboxer.models import SandboxCreateRequest, SandboxState, SandboxStatus, SnapshotMeta, format_duration
+
+#: ``on_progress(stage, detail)`` of :meth:`Manager.create <sandboxer.manager.Manager.create>`.
+Progress = Callable[[str, dict[str, Any]], None]
+
+log = logging.getLogger("sandboxer")
 
 
 def dt(ts: float | None) -> datetime | None:
@@ -38,3 +46,32 @@ def snapshot_meta(row: dict[str, Any]) -> SnapshotMeta:
         consumer=row["consumer"], created_at=dt(row["created_at"]), size_bytes=row["size_bytes"],
         checksum=row["checksum"], data=row["data"] or {}, inputs=row["inputs"] or {},
     )
+
+
+def reporter(on_progress: Progress | None) -> Progress:
+    """``on_progress`` guarded: a callback that raises is logged, never breaks the create."""
+    def report(stage: str, detail: dict[str, Any]) -> None:
+        if on_progress is None:
+            return
+        try:
+            on_progress(stage, detail)
+        except Exception as exc:  # noqa: BLE001 - progress is for display only
+            log.warning("on_progress(%r) raised: %s", stage, exc)
+    return report
+
+
+def same_request(row: dict[str, Any], req: SandboxCreateRequest, profile: str, ttl: float) -> None:
+    """A create named like a live sandbox must ask for it as it was made.
+
+    Raises:
+        NameConflict: naming the sandbox and each parameter that differs (was -> asked).
+    """
+    had_ttl = row["expires_at"] - row["created_at"]
+    diffs = [f"{what} {was!r} -> {asked!r}" for what, was, asked in (
+        ("profile", row["profile"], profile), ("consumer", row["consumer"], req.consumer),
+        ("inputs", row["inputs"] or {}, req.inputs), ("labels", row["labels"] or {}, req.labels)) if was != asked]
+    if abs(had_ttl - ttl) > 1.0:
+        diffs.append(f"ttl {format_duration(round(had_ttl))} -> {format_duration(ttl)}")
+    if diffs:
+        raise NameConflict(f"sandbox name {req.name!r} is taken by live sandbox {row['id']}, created with other "
+                           f"parameters ({'; '.join(diffs)}); use another name, or tear {row['id']} down first")

@@ -692,12 +692,15 @@ class DockerExtension(DockerFilesMixin, SandboxExtension):
              timeout: float | None, stdin: bytes | None, on_output: OutputCallback | None) -> ExecResult:
         """:meth:`exec`'s engine calls (inside :meth:`_engine`)."""
         api = self.client().api
-        mark = uuid.uuid4().hex  # inherited by everything the command starts, setsid children too
+        # inherited by everything the command starts, setsid children too; the caller's own marker
+        # (Manager.kill_exec) is kept, so a Ctrl-C can find the exec's processes by it
+        given = [e for e in environment if e.startswith(f"{EXEC_MARKER}=")]
+        mark = given[-1].partition("=")[2] if given else uuid.uuid4().hex
         exec_id = api.exec_create(
             handle.container_id,
             argv,
             stdin=stdin is not None,
-            environment=[*environment, f"{EXEC_MARKER}={mark}"],
+            environment=[*(e for e in environment if not e.startswith(f"{EXEC_MARKER}=")), f"{EXEC_MARKER}={mark}"],
             workdir=cwd or handle.workdir,
         )["Id"]
         sock = api.exec_start(exec_id, socket=True)

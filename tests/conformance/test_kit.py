@@ -84,7 +84,7 @@ def test_cli_an_injected_fault_fails_its_step_names_it_and_exits_1(tmp_path):
 
 def test_cli_unknown_extension_is_one_error_line(tmp_path):
     res = sbx("conformance", "ext.nope", home=tmp_path / "home")
-    assert (res.returncode, res.stdout) == (1, "")
+    assert (res.returncode, res.stdout) == (78, "")
     assert res.stderr == ("error: extension 'ext.nope' is not defined in this configuration (config dirs: the "
                           "built-ins only); run with the --config (or SANDBOXER_CONFIG) that defines it. "
                           "Nothing was changed.\n")
@@ -93,9 +93,9 @@ def test_cli_unknown_extension_is_one_error_line(tmp_path):
 def test_cli_profile_must_use_the_extension(tmp_path):
     res = sbx("conformance", "ext.local", "--profile", "docker", home=tmp_path / "home")
     assert (res.returncode, res.stdout, res.stderr) == (
-        1, "", "error: profile 'docker' does not use ext.local (it uses ext.docker)\n")
+        66, "", "error: profile 'docker' does not use ext.local (it uses ext.docker)\n")
     res = sbx("conformance", "ext.local", "--profile", "nope", home=tmp_path / "home")
-    assert res.returncode == 1 and res.stderr.startswith("error: unknown profile 'nope'; known profiles: ")
+    assert res.returncode == 66 and res.stderr.startswith("error: unknown profile 'nope'; known profiles: ")
     assert res.stderr.count("\n") == 1
 
 
@@ -104,7 +104,7 @@ def test_cli_extension_without_a_profile(tmp_path):
     stub = yaml.safe_load((ROOT / "extensions" / "ext.saas-stub.yaml").read_text())
     write(cfg, "ext.lonely", {**stub, "id": "ext.lonely"})
     res = sbx("conformance", "ext.lonely", home=tmp_path / "home", config=cfg)
-    assert (res.returncode, res.stderr) == (1, "error: no profile uses extension 'ext.lonely'; write one "
+    assert (res.returncode, res.stderr) == (78, "error: no profile uses extension 'ext.lonely'; write one "
                                                "(profiles/profile.<slug>.yaml) or pass --profile\n")
 
 

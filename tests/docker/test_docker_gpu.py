@@ -113,7 +113,7 @@ def test_profiles_explain_says_why_docker_cannot_keep_gpu_here(cfg, home):
     p = subprocess.run([sys.executable, "-m", "sandboxer", "--config", str(cfg.root), "--home", str(home),
                         "profiles", "explain", "gpu-job", "--json"], capture_output=True, text=True, env=env,
                        timeout=60)
-    assert p.returncode == 1, p.stderr
+    assert p.returncode == 78, p.stderr  # config: no backend can keep the policy
     (docker_row,) = json.loads(p.stdout)["backends"]
     assert docker_row["qualifies"] is False and docker_row["lacks"] == ["gpu"]
     assert docker_row["unavailable_here"] == {"gpu": REASON}

@@ -75,7 +75,7 @@ def test_the_packages_own_manifest_and_profile_are_found_without_config(installe
     # and it can be switched off
     env["SANDBOXER_PACKAGE_CONFIG"] = "0"
     off = run("create", "workspace")
-    assert off.returncode == 1 and off.stderr.startswith("error: unknown profile 'workspace'")
+    assert off.returncode == 66 and off.stderr.startswith("error: unknown profile 'workspace'")
 
 
 def test_a_third_partys_optional_sdk_hint_names_its_own_distribution(installed_examples, cfg, home) -> None:

@@ -79,13 +79,13 @@ def test_a_secret_sentinel_is_nowhere_after_a_full_lifecycle_fallback_included(c
     # error paths first: an unset operator reference, a consumer name the profile does not declare,
     # a literal where a reference belongs: each names the secret (and reference), never a value
     unset = {k: v for k, v in env.items() if k != "SBX_SENTINEL_OPS"}
-    p = sbx("create", "agent", "--secret", f"USER_TOKEN=file:{user_file}", check=1, environ=unset)
+    p = sbx("create", "agent", "--secret", f"USER_TOKEN=file:{user_file}", check=65, environ=unset)
     assert p.stderr == ("error: secret 'OPS_TOKEN' of profile 'agent' (the profile's reference): no value in "
                         "environment variable SBX_SENTINEL_OPS; set it and try again. Nothing was created.\n")
-    p = sbx("create", "agent", "--secret", f"NOPE=file:{user_file}", check=1)
+    p = sbx("create", "agent", "--secret", f"NOPE=file:{user_file}", check=65)
     assert p.stderr.startswith("error: secret 'NOPE' is not declared by profile 'agent' (it declares: OPS_TOKEN, "
                                "USER_TOKEN)")
-    p = sbx("create", "agent", "--secret", f"USER_TOKEN={user}", check=2)
+    p = sbx("create", "agent", "--secret", f"USER_TOKEN={user}", check=64)
     assert "expected NAME=env:VARIABLE or NAME=file:PATH for secret 'USER_TOKEN'" in p.stderr
     assert json.loads(sbx("list", "--all", "--json").stdout) == []
 

@@ -231,7 +231,7 @@ def test_cli_images_build_of_a_profile_without_packer(make_mgr, tmp_path):
     make_mgr({"plain": {"options": {"require_commands": ["sh"]}}}).close()
     res = CliRunner().invoke(main, ["--home", str(tmp_path / "home"), "--config", str(tmp_path / "cfg0"),
                                     "images", "build", "plain"])
-    assert res.exit_code == 1
+    assert res.exit_code == 65
     assert res.output.strip().splitlines()[-1] == (
         "error: profile 'plain' names no Packer template (options.packer.template); nothing to build")
 

@@ -56,7 +56,7 @@ def test_keygen_sign_trust_verify_revoke_round_trip(sbx, bundle, tmp_path):
 
     operator = tmp_path / "operator"
     operator.mkdir()
-    p = sbx("--config", operator, "extensions", "verify", manifest, check=1)
+    p = sbx("--config", operator, "extensions", "verify", manifest, check=77)
     assert p.stderr.startswith(f"error: {manifest}.sig: field 'key_id' (value {kid!r}): unknown key: not in "
                                f"no trust.yaml in the config dirs ({operator})")
 
@@ -70,13 +70,13 @@ def test_keygen_sign_trust_verify_revoke_round_trip(sbx, bundle, tmp_path):
     assert got["grants"] == ["fs:write:workspaces", "secrets:read:env:WORKSPACE_TOKEN", "network:egress:*.example.com"]
 
     listed = json.loads(sbx("--config", operator, "extensions", "trust", "list", "--json", check=0).stdout)
-    assert listed == {"keys": [{"id": kid, "publisher": "acme", "not_after": None, "revoked": False,
-                                "source": str(operator / "trust.yaml")}]}
+    assert listed == [{"id": kid, "publisher": "acme", "not_after": None, "revoked": False,
+                       "source": str(operator / "trust.yaml")}]
 
     flipped = bytearray(artifact.read_bytes())
     flipped[100] ^= 0xFF
     artifact.write_bytes(bytes(flipped))
-    p = sbx("--config", operator, "extensions", "verify", manifest, "--json", check=1)
+    p = sbx("--config", operator, "extensions", "verify", manifest, "--json", check=77)
     got = json.loads(p.stdout)
     assert got["verified"] is False and got["reason"] == "artifact-changed" and got["file"] == str(artifact)
     assert got["error"].startswith(f"{artifact}: sha256 ")
@@ -85,7 +85,7 @@ def test_keygen_sign_trust_verify_revoke_round_trip(sbx, bundle, tmp_path):
 
     p = sbx("--config", operator, "extensions", "trust", "revoke", kid, check=0)
     assert p.stdout == f"revoked key {kid} in {operator / 'trust.yaml'}\n"
-    p = sbx("--config", operator, "extensions", "verify", manifest, check=1)
+    p = sbx("--config", operator, "extensions", "verify", manifest, check=77)
     assert p.stderr == (f"error: {manifest}.sig: field 'key_id' (value {kid!r}): key of publisher 'acme' is revoked "
                         f"in {operator / 'trust.yaml'}; ask the publisher for a bundle signed with a new key\n")
 
@@ -100,7 +100,7 @@ def test_an_encrypted_key_needs_its_passphrase_env_and_never_shows_it(sbx, bundl
         check=0)
     key = tmp_path / "keys" / "acme.key"
     assert key.read_text().startswith("-----BEGIN ENCRYPTED PRIVATE KEY-----")
-    p = sbx("extensions", "sign", manifest, "--key", key, "--artifact", artifact, check=1)
+    p = sbx("extensions", "sign", manifest, "--key", key, "--artifact", artifact, check=77)
     assert p.stderr == (f"error: {key}: the key is encrypted; pass the environment variable holding its "
                         f"passphrase (--passphrase-env NAME)\n")
     sbx("extensions", "sign", manifest, "--key", key, "--artifact", artifact, "--passphrase-env", "ACME_PASS",
@@ -113,20 +113,20 @@ def test_an_encrypted_key_needs_its_passphrase_env_and_never_shows_it(sbx, bundl
 def test_errors_name_the_file_field_and_value(sbx, bundle, tmp_path):
     manifest, artifact = bundle()
     missing = tmp_path / "nope.key"
-    p = sbx("extensions", "sign", manifest, "--key", missing, "--artifact", artifact, check=1)
+    p = sbx("extensions", "sign", manifest, "--key", missing, "--artifact", artifact, check=77)
     assert p.stderr == f"error: {missing}: cannot read the key: No such file or directory\n"
     sbx("extensions", "keygen", "--publisher", "acme", "--out", "keys", check=0)
     p = sbx("extensions", "sign", manifest, "--key", "keys/acme.key", "--artifact", artifact, "--expires", "soon",
-            check=2)
+            check=64)
     assert "--expires" in p.stderr and "'soon'" in p.stderr
-    p = sbx("extensions", "keygen", "--publisher", "Acme Corp", "--out", "keys2", check=2)
+    p = sbx("extensions", "keygen", "--publisher", "Acme Corp", "--out", "keys2", check=64)
     assert "--publisher" in p.stderr and "'Acme Corp'" in p.stderr
-    p = sbx("extensions", "keygen", "--publisher", "acme", "--out", "keys", check=1)
+    p = sbx("extensions", "keygen", "--publisher", "acme", "--out", "keys", check=77)
     assert p.stderr == "error: keys/acme.key: already exists; a key file is never overwritten " \
                        "(choose another --out, or remove it first)\n"
     bad = manifest.read_text().replace("abi: 2", "abi: two")
     manifest.write_text(bad)
-    p = sbx("extensions", "sign", manifest, "--key", "keys/acme.key", "--artifact", artifact, check=1)
+    p = sbx("extensions", "sign", manifest, "--key", "keys/acme.key", "--artifact", artifact, check=77)
     assert p.stderr.startswith(f"error: {manifest}: field 'abi' (value 'two'): ")
-    p = sbx("extensions", "trust", "revoke", "abc", check=1)
+    p = sbx("extensions", "trust", "revoke", "abc", check=78)
     assert "key id 'abc': expected 16 lowercase hex digits" in p.stderr

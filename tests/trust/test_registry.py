@@ -81,7 +81,7 @@ def test_search_and_info_on_the_command_line(publish, trusted, tmp_path):
     publish.add("0.2.0", grants=["fs:write:workspaces", "network:egress:*.example.com"])
     found = _cli(tmp_path, trusted, "extensions", "search", "workspace", "--json")
     assert found.returncode == 0, found.stderr
-    rows = json.loads(found.stdout)["bundles"]
+    rows = json.loads(found.stdout)  # a list: a JSON array of objects
     assert [(r["id"], r["version"], r["deprecated"]) for r in rows] == [
         ("ext.workspace", "0.1.0", True), ("ext.workspace", "0.2.0", False)]
     assert rows[1]["publisher"] == "acme" and rows[1]["grants"] == ["fs:write:workspaces",
@@ -98,7 +98,7 @@ def test_search_and_info_on_the_command_line(publish, trusted, tmp_path):
     assert "ext.workspace: Local subprocess workspaces (example), publisher acme" in text
     assert "latest: 0.2.0" in text and "grants: fs:write:workspaces, network:egress:*.example.com" in text
     missing = _cli(tmp_path, trusted, "extensions", "info", "nope")
-    assert missing.returncode == 1 and missing.stderr.startswith("error: ext.nope: not in any registry (")
+    assert missing.returncode == 78 and missing.stderr.startswith("error: ext.nope: not in any registry (")
 
 
 def test_info_of_a_bundle_with_only_deprecated_versions(publish, trusted, tmp_path):

@@ -18,7 +18,7 @@ def sbx(home, cfg):
 
     def run(*args, check=None, stdin=None):
         p = subprocess.run([sys.executable, "-m", "sandboxer", *args], capture_output=True, input=stdin, env=env,
-                           timeout=120)
+                           timeout=120, stdin=None if stdin is not None else subprocess.DEVNULL)
         if check is not None:
             assert p.returncode == check, (p.returncode, p.stdout, p.stderr)
         return p
@@ -62,15 +62,15 @@ def test_cp_both_ways_and_through_pipes(sbx, sandbox_id, tmp_path):
                                         "directory"),
 ])
 def test_cp_mistakes_are_one_error_line(sbx, tmp_path, args, message):
-    p = sbx("cp", *args, check=1)
+    p = sbx("cp", *args, check=66 if "no sandbox with id" in message else 65)  # not found / refused (docs/cli.md)
     assert p.stderr.decode().strip() == message and p.stdout == b""
 
 
 def test_cp_a_missing_file_either_side(sbx, sandbox_id, tmp_path):
-    p = sbx("cp", str(tmp_path / "nope"), f"{sandbox_id}:x", check=1)
+    p = sbx("cp", str(tmp_path / "nope"), f"{sandbox_id}:x", check=65)
     assert p.stderr.decode().strip() == f"error: cannot read the local file '{tmp_path / 'nope'}': No such file or directory"
-    p = sbx("cp", f"{sandbox_id}:nope.txt", str(tmp_path / "got"), check=1)
+    p = sbx("cp", f"{sandbox_id}:nope.txt", str(tmp_path / "got"), check=66)
     assert p.stderr.decode().startswith("error: ") and "nope.txt" in p.stderr.decode() and sandbox_id in p.stderr.decode()
     assert len(p.stderr.decode().strip().splitlines()) == 1 and not (tmp_path / "got").exists()
-    p = sbx("cp", str(tmp_path), f"{sandbox_id}:x", "--mode", "9x", check=1)
+    p = sbx("cp", str(tmp_path), f"{sandbox_id}:x", "--mode", "9x", check=65)
     assert p.stderr.decode().strip() == "error: --mode '9x': give octal permission bits, e.g. 644 or 0755"

@@ -364,9 +364,9 @@ def test_cli_status_shows_lost_and_teardown_force_forget(cfg, home):
 
     a = json.loads(sbx("create", "p", "--json", code=0).stdout)["id"]
     b = json.loads(sbx("create", "p", "--json", code=0).stdout)["id"]
-    p = sbx("teardown", a, code=1)
+    p = sbx("teardown", a, code=69)
     assert p.stderr.startswith("error: ") and "injected fatal at teardown" in p.stderr
-    assert "--forget needs --force" in sbx("teardown", "--forget", a, code=2).stderr
+    assert "--forget needs --force" in sbx("teardown", "--forget", a, code=64).stderr
     p = sbx("teardown", "--force", "--forget", "--yes", a, "--json", code=0)
     assert json.loads(p.stdout)["state"] == "terminated"
     # the "provider" drops b behind our back: status (which asks the backend) says lost

@@ -173,7 +173,7 @@ def test_validate_warns_about_a_backend_that_can_never_qualify(cfg, home):
     explained = subprocess.run([sys.executable, "-m", "sandboxer", "--config", str(cfg.root), "--home", str(home),
                                 "profiles", "explain", "agent", "--json"], capture_output=True, text=True, env=env,
                                timeout=60)
-    assert explained.returncode == 1 and explained.stderr == "error: no backend of profile 'agent' can keep its policy\n"
+    assert explained.returncode == 78 and explained.stderr == "error: no backend of profile 'agent' can keep its policy\n"
     body = json.loads(explained.stdout)
     assert body["needs"] == ["network:none"]
     assert body["backends"] == [{"backend": "ext.open", "qualifies": False, "enforces": [], "lacks": ["network:none"],

@@ -41,7 +41,7 @@ def test_same_behaviour_on_both_paths(path, cfg, make_manager, tmp_path):
     mgr = make_manager()
     assert (mgr.state._raw_path is not None) is path
     a = mgr.create(profile="st", name="one", labels={"k": "v"})
-    assert mgr.create(profile="st", name="one").id == a.id
+    assert mgr.create(profile="st", name="one", labels={"k": "v"}).id == a.id
     b = mgr.create(profile="st")
     with pytest.raises(Exception, match="full"):
         mgr.create(profile="st")
@@ -145,7 +145,7 @@ def test_postgresql_state_store(pg_url, cfg, home, tmp_path):
     try:
         assert mgr.state.engine.dialect.name == "postgresql" and mgr.state.schema_version() == SCHEMA_VERSION
         a = mgr.create(profile="pgs", name="one", labels={"k": "v"})
-        assert mgr.create(profile="pgs", name="one").id == a.id
+        assert mgr.create(profile="pgs", name="one", labels={"k": "v"}).id == a.id
         b = mgr.create(profile="pgs")
         with pytest.raises(Exception, match="full"):
             mgr.create(profile="pgs")
