@@ -26,12 +26,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pydantic import SecretStr
 
-from sandboxer.contract import Handle, OwnedSandbox, ProvisionRequest, TeardownReport, bound, checked, dump
+from sandboxer.contract import Handle, ProvisionRequest, bound, checked, dump
 from sandboxer.deadline import Caller, CallLimits
 from sandboxer.errors import (
     AuthError,
     BackendError,
-    CapabilityError,
     CapacityUnavailable,
     ConfigError,
     InputError,
@@ -40,16 +39,13 @@ from sandboxer.errors import (
     SandboxerError,
     SandboxNotFound,
     SandboxStateError,
-    TeardownError,
     TTLError,
 )
-from sandboxer.execution import KILL_MARKED_TIMEOUT, check_argv, kill_marked_argv
 from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension
 from sandboxer.loader import Catalog, load_catalog
 from sandboxer.metering import Metering, price
 from sandboxer.models import (
     POOL_CONSUMER,
-    ExecResult,
     MeterQuote,
     Pricing,
     Profile,
@@ -57,6 +53,7 @@ from sandboxer.models import (
     SandboxStatus,
     format_duration,
 )
+from sandboxer.commands import CommandsMixin
 from sandboxer.files import FilesMixin
 from sandboxer.gc import GcMixin
 from sandboxer.lifetime import LifetimeMixin
@@ -66,6 +63,7 @@ from sandboxer.router import Action, Plan, Router
 from sandboxer.sandbox import Sandbox
 from sandboxer.secrets import SecretRef, sandbox_secrets, scrub
 from sandboxer.snapshots import SnapshotsMixin
+from sandboxer.teardown import TeardownMixin
 from sandboxer.state import LIVE_STATES, NameTaken, OverCapacity, default_home
 
 if TYPE_CHECKING:
@@ -78,8 +76,6 @@ log = logging.getLogger("sandboxer")
 STALE_GRACE_S = 30.0
 #: How long after its teardown started a ``tearing_down`` record may sit before gc takes it over.
 TEARDOWN_GRACE_S = 300.0
-#: How often a teardown waiting for an in-flight create looks again.
-_WAIT_STEP_S = 0.02
 
 
 class _OpenedOnUse:
@@ -96,7 +92,7 @@ def _clash(ext_id: str, name: str, holder: str) -> str:
     return f"{name!r} on {ext_id} is already used by live sandbox {holder}; choose another (or tear {holder} down first)"
 
 
-class Manager(SnapshotsMixin, GcMixin, FilesMixin, LifetimeMixin):
+class Manager(SnapshotsMixin, GcMixin, FilesMixin, LifetimeMixin, TeardownMixin, CommandsMixin):
     """The Python API: one object per state store, safe to share between threads.
 
     Args:
@@ -768,70 +764,6 @@ class Manager(SnapshotsMixin, GcMixin, FilesMixin, LifetimeMixin):
             with self._lock:
                 self._inflight.discard(sandbox_id)
 
-    def _teardown_call(self, ext: SandboxExtension, sandbox_id: str, handle: Handle | dict[str, Any]) -> TeardownReport:
-        return self._call(ext, "teardown", handle, timeout=self.limits.teardown, what=f"teardown of sandbox {sandbox_id}")
-
-    def _late_handle(self, ext: SandboxExtension, sandbox_id: str, handle: Handle) -> None:
-        """A provision abandoned at its deadline returned after all: undo what it made."""
-        try:
-            bound(ext, "teardown", f"teardown of sandbox {sandbox_id}")(handle)
-        except Exception as exc:  # noqa: BLE001 - gc's list_owned finds it
-            log.warning("could not tear down what the abandoned provision of %s made late: %s", sandbox_id, exc)
-            return
-        self.state.record_event(sandbox_id, "late_provision_undone", extension=ext.id, detail={"handle": dump(handle)})
-
-    def _abandon(self, ext: SandboxExtension, sandbox_id: str, handle: Handle) -> None:
-        """The record left ``provisioning`` under us (a teardown was asked for while we were
-        creating, or gc judged the create abandoned): undo it, close the record, and stop."""
-        try:
-            report = self._teardown_call(ext, sandbox_id, handle)
-        except Exception as exc:  # noqa: BLE001 - recorded; gc retries (list_owned finds it too)
-            log.warning("could not tear down %s after its record was closed: %s", sandbox_id, exc)
-            self.state.transition(sandbox_id, "teardown_failed", expect=("tearing_down",), state="teardown_failed",
-                                  handle=dump(handle), last_error=short(exc))
-        else:
-            self.state.transition(sandbox_id, "terminated", expect=("tearing_down",), state="terminated",
-                                  handle=dump(handle), terminated_at=time.time(), detail=dump(report))
-        raise SandboxStateError(f"sandbox {sandbox_id} was torn down while it was still provisioning")
-
-    def _after_failed_provision(self, ext: SandboxExtension, sandbox_id: str, exc: BaseException) -> None:
-        """Provision raised: make sure nothing of it is left, then mark the record failed."""
-        leftovers: list[OwnedSandbox] = []
-        # A backend raises InputError only before it creates anything (the contract): no leftovers to look for.
-        if ext.supports("list_owned") and not isinstance(exc, InputError):
-            try:
-                owned = self._call(ext, "list_owned", self.owner_labels, timeout=self.limits.list_owned,
-                                   what=f"list_owned (leftovers of sandbox {sandbox_id})")
-                leftovers = [o for o in owned if o.sandbox_id == sandbox_id]
-            except Exception as lexc:  # noqa: BLE001 - gc will retry; the original error matters more
-                log.warning("could not check %s for leftovers of %s: %s", ext.id, sandbox_id, lexc)
-        for item in leftovers:
-            try:
-                self._teardown_call(ext, sandbox_id, item.handle)
-            except Exception as texc:
-                self.state.transition(sandbox_id, "provision_failed", state="teardown_failed", handle=dump(item.handle),
-                                      last_error=f"{short(exc)}; cleanup failed: {short(texc)}")
-                raise TeardownError(
-                    f"sandbox {sandbox_id}: provision on {ext.id} failed ({exc}) and cleaning up what it left "
-                    f"failed too ({texc}); gc will retry", backend=ext.id,
-                ) from texc
-        self.state.transition(sandbox_id, "provision_failed", state="failed", last_error=short(exc),
-                              terminated_at=time.time(), detail={"error": short(exc), "cleaned": len(leftovers)})
-
-    def _teardown_after_failure(self, ext: SandboxExtension, sandbox_id: str, handle: Handle,
-                                exc: BaseException) -> None:
-        self.state.transition(sandbox_id, "ready_failed", state="tearing_down", last_error=short(exc))
-        try:
-            report = self._teardown_call(ext, sandbox_id, handle)
-        except Exception as texc:
-            self.state.transition(sandbox_id, "teardown_failed", state="teardown_failed",
-                                  last_error=f"{short(exc)}; teardown failed: {short(texc)}")
-            raise TeardownError(
-                f"sandbox {sandbox_id}: not ready ({exc}) and teardown failed ({texc}); gc will retry",
-                backend=ext.id,
-            ) from texc
-        self.state.transition(sandbox_id, "terminated", state="failed", terminated_at=time.time(), detail=dump(report))
-
     @contextmanager
     def sandbox(self, profile: str, *, secrets: dict[str, SecretRef | dict[str, str]] | None = None,
                 **kwargs: Any) -> Iterator[Sandbox]:
@@ -844,168 +776,6 @@ class Manager(SnapshotsMixin, GcMixin, FilesMixin, LifetimeMixin):
                 self.teardown(sb.id)
             except SandboxerError as exc:
                 log.error("teardown of %s failed on exit: %s (gc will retry)", sb.id, exc)
-
-    # --------------------------------------------------------------- exec
-
-    def _ready_row(self, sandbox_id: str, what: str) -> dict[str, Any]:
-        row = self._row(sandbox_id)
-        if row["state"] != "ready":
-            why = f" ({row['last_error']})" if row["state"] == "lost" and row["last_error"] else ""
-            raise SandboxStateError(f"cannot {what} sandbox {sandbox_id}: it is {row['state']}, not ready{why}")
-        if row["expires_at"] < time.time():
-            raise SandboxStateError(
-                f"cannot {what} sandbox {sandbox_id}: it expired at {dt(row['expires_at']):%Y-%m-%d %H:%M:%S}Z"
-                " and will be reaped by gc"
-            )
-        return row
-
-    def exec(self, sandbox_id: str, argv: list[str], **kwargs: Any) -> ExecResult:
-        """Run ``argv`` in the sandbox; keyword arguments as :meth:`SandboxExtension.exec`.
-
-        Raises:
-            SandboxNotFound, SandboxStateError, CapabilityError, ExecError.
-        """
-        argv = check_argv(argv)  # before anything is looked up or run
-        row = self._ready_row(sandbox_id, "exec in")
-        ext = self.extension(row["extension"])
-        if not ext.supports("exec"):
-            raise CapabilityError(f"{ext.id} does not support exec (sandbox {sandbox_id})")
-        limit = kwargs.get("timeout")
-        deadline = limit + self.limits.exec_grace if limit else self.limits.exec
-        # the command's own timeout is a keyword of exec: hand the call over as a closure
-        what = f"exec in sandbox {sandbox_id}"
-        run = bound(ext, "exec", what)
-        return self._caller.call(lambda: run(row["handle"], list(argv), **kwargs), timeout=deadline,
-                                 what=what, backend=ext.id)
-
-    def kill_exec(self, sandbox_id: str, marker: str) -> None:
-        """Kill, inside the sandbox, every process of an exec started with ``env={EXEC_MARKER: marker}``
-        (what it forked and ``setsid`` children included). Best effort, bounded; never raises
-        for a sandbox that is gone."""
-        row = self._read("get", sandbox_id)
-        if row is None or row["state"] != "ready":
-            return
-        ext = self.extension(row["extension"], sandbox_id=sandbox_id)
-        try:
-            self.exec(sandbox_id, kill_marked_argv(marker), timeout=KILL_MARKED_TIMEOUT)
-        except SandboxerError as exc:
-            log.warning("could not stop exec %s in sandbox %s on %s: %s", marker, sandbox_id, ext.id, exc)
-
-    # ----------------------------------------------------------- teardown
-
-    def teardown(self, sandbox_id: str, *, force: bool = False, forget: bool = False) -> SandboxStatus:
-        """Tear a sandbox down. Idempotent: a sandbox that already ended is returned as is.
-
-        A sandbox still being created is not refused: the teardown is recorded, the create
-        undoes its work at its next step, and this call waits for that (bounded by the
-        create's deadline), so the sandbox ends absent. A teardown another thread or process
-        is running is waited for likewise.
-
-        Args:
-            force: take over at once whatever state the sandbox is in (a teardown or create
-                that another process seems to hold), and retry the backend's teardown.
-            forget: with ``force``, when the backend still cannot confirm, record the sandbox
-                terminated anyway: the operator has confirmed that its resources are gone.
-                An event ``forgotten`` records the error that was overridden.
-
-        Raises:
-            SandboxNotFound; ConfigError if its extension is not configured (nothing changes);
-            TeardownError if the backend could not confirm (state ``teardown_failed``).
-        """
-        if forget and not force:
-            raise InputError("forget needs force: `sandboxer teardown --force --forget ID`")
-        return self._teardown(sandbox_id, reason="forced" if force else "requested", force=force, forget=forget)
-
-    def _teardown(self, sandbox_id: str, *, reason: str, abandoned: bool = False, force: bool = False,
-                  forget: bool = False) -> SandboxStatus:
-        """Tear down; a ``provisioning`` record at once only when gc judged it ``abandoned`` (or ``force``)."""
-        row = self._row(sandbox_id)
-        if row["state"] in ("terminated", "failed", "lost"):
-            return status_of(row)
-        ext = self.extension(row["extension"], sandbox_id=sandbox_id)  # before any change: a missing one changes nothing
-        if not (abandoned or force):
-            row = self._await_other(row, reason)
-            if row["state"] in ("terminated", "failed", "lost"):
-                return status_of(row)
-        allowed = ("ready", "tearing_down", "teardown_failed") + (("provisioning",) if abandoned or force else ())
-        if row["state"] not in allowed:
-            return status_of(row)
-        # conditional on the state just read, so the row is not read again
-        cur = self.state.transition(sandbox_id, "teardown_started", state="tearing_down", expect=(row["state"],),
-                                    known=row, teardown_started_at=time.time(), detail={"reason": reason})
-        if cur is None:  # it ended (or moved) meanwhile
-            return status_of(self._row(sandbox_id))
-        if not cur["handle"]:  # never got a handle: nothing the backend knows by it; gc's list_owned covers it
-            done = self.state.transition(sandbox_id, "terminated", state="failed", terminated_at=time.time(),
-                                         detail={"reason": "no handle was recorded"})
-            return status_of(done or self._row(sandbox_id))
-        with self._lock:
-            self._tearing.add(sandbox_id)
-        try:
-            return self._run_teardown(ext, cur, forget)
-        finally:
-            with self._lock:
-                self._tearing.discard(sandbox_id)
-
-    def _await_other(self, row: dict[str, Any], reason: str) -> dict[str, Any]:
-        """Let a create or teardown that another thread or process is running finish first.
-
-        A create is asked to stop (its record moves to ``tearing_down``; the creator undoes its
-        work at its next step). Waits at most until the create's deadline, or the teardown's
-        grace, plus :attr:`stale_grace`; returns the row as it then is (still held: take it over).
-        """
-        sandbox_id = row["id"]
-        if row["state"] == "provisioning":
-            moved = self.state.transition(sandbox_id, "teardown_requested", expect=("provisioning",),
-                                          state="tearing_down", teardown_started_at=time.time(),
-                                          detail={"reason": reason, "during": "create"})
-            if moved is None:
-                return self._row(sandbox_id)
-            until = (row["deadline_at"] or row["created_at"]) + self.stale_grace
-        elif row["state"] == "tearing_down":
-            until = (row["teardown_started_at"] or 0.0) + self.teardown_grace
-            if row["ready_at"] is None:  # a create asked to stop: it may take until its deadline
-                until = max(until, (row["deadline_at"] or 0.0) + self.stale_grace)
-        else:
-            return row
-        while time.time() < until:
-            cur = self._row(sandbox_id)
-            if cur["state"] != "tearing_down":
-                return cur
-            time.sleep(_WAIT_STEP_S)
-        return self._row(sandbox_id)
-
-    def _run_teardown(self, ext: SandboxExtension, cur: dict[str, Any], forget: bool) -> SandboxStatus:
-        sandbox_id = cur["id"]
-        reported = None
-        if ext.supports("metering"):
-            try:
-                reported = self._call(ext, "meter_actual", cur["handle"], timeout=self.limits.meter,
-                                      what=f"meter_actual of sandbox {sandbox_id}")
-            except SandboxerError as exc:  # the recorded interval still prices it
-                log.warning("meter_actual for %s failed: %s", sandbox_id, exc)
-        try:
-            report = self._teardown_call(ext, sandbox_id, cur["handle"])
-        except Exception as exc:
-            if forget:
-                now = time.time()
-                done = self.state.transition(
-                    sandbox_id, "forgotten", expect=("tearing_down",), state="terminated", terminated_at=now,
-                    last_error=f"forgotten by the operator after: {short(exc)}",
-                    detail={"error": short(exc), "confirmed_gone_by": "operator"},
-                    also=lambda conn, row: self.metering.stopped(conn, sandbox_id, now, reported))
-                return status_of(done or self._row(sandbox_id))
-            self.state.transition(sandbox_id, "teardown_failed", state="teardown_failed", last_error=short(exc))
-            if isinstance(exc, TeardownError):
-                raise
-            raise TeardownError(f"teardown of sandbox {sandbox_id} on {ext.id} failed: {exc}", backend=ext.id) from exc
-        now = time.time()
-        # A sandbox the backend had already lost was last alive when we last saw it (or at its expiry).
-        stop = (cur["last_seen_at"] or min(now, cur["expires_at"])) if report.already_gone else now
-        done = self.state.transition(sandbox_id, "terminated", expect=("tearing_down",), known=cur,
-                                     state="terminated", terminated_at=now, detail=dump(report),
-                                     also=lambda conn, row: self.metering.stopped(conn, sandbox_id, stop, reported))
-        return status_of(done or self._row(sandbox_id))
 
     # ---------------------------------------------------------------- cost
 

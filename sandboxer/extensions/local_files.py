@@ -105,9 +105,14 @@ class LocalFiles:
                     if not create:
                         raise SandboxFileNotFound(f"{self._where(path)}: no directory {comp!r} "
                                                   f"in {self._shown(walk)}") from None
-                    os.mkdir(comp, 0o755, dir_fd=walk.fd)
-                    st = os.stat(comp, dir_fd=walk.fd, follow_symlinks=False)
-                    if self.uid is not None:
+                    try:
+                        os.mkdir(comp, 0o755, dir_fd=walk.fd)
+                    except FileExistsError:  # made meanwhile (a concurrent transfer, or the sandbox)
+                        made = False
+                    else:
+                        made = True
+                    st = os.stat(comp, dir_fd=walk.fd, follow_symlinks=False)  # what is there now, as is
+                    if made and self.uid is not None:
                         os.chown(comp, self.uid, self.uid, dir_fd=walk.fd, follow_symlinks=False)
                 if stat.S_ISLNK(st.st_mode) and (follow_last or not last):
                     links += 1

@@ -90,9 +90,13 @@ class StubFiles:
                     if not create:
                         raise SandboxFileNotFound(f"{self.id}: sandbox {who}: no file or directory at {path!r} "
                                                   f"(no directory {part!r} on the way)") from None
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                    if uid is not None:
-                        os.chown(part, uid, uid, dir_fd=fd, follow_symlinks=False)
+                    try:
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    except FileExistsError:  # made by a concurrent transfer: opened below, never followed
+                        pass
+                    else:
+                        if uid is not None:
+                            os.chown(part, uid, uid, dir_fd=fd, follow_symlinks=False)
                     nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except OSError as exc:
                     raise self._refused(who, path, part, exc, fd) from None

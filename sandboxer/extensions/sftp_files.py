@@ -127,7 +127,15 @@ class SFTPFiles:
             break
         self._confine(sftp, path, here)
         for d in reversed(missing):
-            sftp.mkdir(d, 0o755)
+            try:
+                sftp.mkdir(d, 0o755)
+            except OSError:  # SFTP says only "Failure": made meanwhile by a concurrent transfer is fine
+                try:
+                    made = stat.S_ISDIR(sftp.lstat(d).st_mode)
+                except OSError:
+                    made = False
+                if not made:
+                    raise
 
     def read(self, path: str, sink: BinaryIO) -> int:
         where = self.absolute(path)

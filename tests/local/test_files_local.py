@@ -135,3 +135,26 @@ def test_the_sandbox_object(mgr, tmp_path):
         sb.files.read("bin/tool.sh")
     with pytest.raises(SandboxNotFound):
         Sandbox.from_id(mgr, "sb-nosuchthing")
+
+
+def test_concurrent_writes_make_one_parent_directory_between_them(mgr, sb):
+    # Threads of one manager writing under a directory none of them finds: each makes it or finds it
+    # made, never FileExistsError (a race the saas-stub's files had too).
+    import threading
+
+    for round_ in range(5):
+        errors: list[BaseException] = []
+
+        def one(i: int) -> None:
+            try:
+                mgr.write_file(sb.id, f"race{round_}/deep/{i}.bin", bytes([i]) * 1000)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert [f.name for f in mgr.list_files(sb.id, f"race{round_}/deep")] == [f"{i}.bin" for i in range(6)]
