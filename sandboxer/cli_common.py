@@ -135,6 +135,13 @@ def matching(items: list[Any], *, f_profile: str | None, f_consumer: str | None,
              f_state: str | None, f_backend: str | None) -> list[Any]:
     """The statuses the filters keep (``--backend local`` means ``ext.local`` too)."""
     labels = pairs(f_labels, "--label")
+    if f_state is not None:
+        from sandboxer.models import SandboxState
+
+        states = [s.value for s in SandboxState]
+        if f_state not in states:
+            raise click.BadParameter(f"{f_state!r} is not a sandbox state; one of: {', '.join(states)}",
+                                     param_hint="--state")
     backend = f_backend if f_backend is None or f_backend.startswith("ext.") else f"ext.{f_backend}"
     return [s for s in items
             if (f_profile is None or s.profile == f_profile) and (f_consumer is None or s.consumer == f_consumer)

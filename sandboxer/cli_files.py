@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from sandboxer.cli_common import resolve
 from sandboxer.errors import InputError
 
 
@@ -23,15 +24,15 @@ def split_remote(arg: str) -> tuple[str, str] | None:
     """``(sandbox id, path)`` of ``ID:PATH``, or None for a local path.
 
     Raises:
-        InputError: a colon with nothing before or after it.
+        click.UsageError: a colon with nothing before or after it.
     """
     if arg == "-" or ":" not in arg or arg.startswith(("./", "../", "/")):
         return None
     sandbox_id, _, path = arg.partition(":")
     if not sandbox_id:
-        raise InputError(f"{arg!r}: no sandbox id before the colon; write ID:PATH, e.g. sb-0123abcd:/work/out.txt")
+        raise click.UsageError(f"{arg!r}: no sandbox id before the colon; write ID:PATH, e.g. sb-0123abcd:/work/out.txt")
     if not path:
-        raise InputError(f"{arg!r}: no path after the colon; write ID:PATH, e.g. {sandbox_id}:/work/out.txt")
+        raise click.UsageError(f"{arg!r}: no path after the colon; write ID:PATH, e.g. {sandbox_id}:/work/out.txt")
     return sandbox_id, path
 
 
@@ -43,7 +44,7 @@ def _mode(text: str | None) -> int | None:
     except ValueError:
         value = -1
     if not 0 <= value <= 0o7777:
-        raise InputError(f"--mode {text!r}: give octal permission bits, e.g. 644 or 0755")
+        raise click.BadParameter(f"{text!r}: give octal permission bits, e.g. 644 or 0755", param_hint="--mode")
     return value
 
 
@@ -61,18 +62,18 @@ def cp_cmd(ctx: click.Context, src: str, dst: str, mode: str | None) -> None:
     """
     source, target = split_remote(src), split_remote(dst)
     if source is None and target is None:
-        raise InputError(f"cp needs one side in a sandbox, written ID:PATH (e.g. sb-0123abcd:/work/out.txt); "
-                         f"neither {src!r} nor {dst!r} has a colon")
+        raise click.UsageError(f"cp needs one side in a sandbox, written ID:PATH (e.g. sb-0123abcd:/work/out.txt); "
+                               f"neither {src!r} nor {dst!r} has a colon")
     if source is not None and target is not None:
-        raise InputError("cp copies between this machine and one sandbox; to copy between two sandboxes, "
-                         "copy to a local file first")
+        raise click.UsageError("cp copies between this machine and one sandbox; to copy between two sandboxes, "
+                               "copy to a local file first")
     bits = _mode(mode)
     from sandboxer.sandbox import SandboxFiles
 
     mgr: Any = ctx.find_root().obj.manager()
     if target is not None:
         sandbox_id, path = target
-        files = SandboxFiles(mgr, sandbox_id)
+        files = SandboxFiles(mgr, resolve(mgr, sandbox_id))
         if src == "-":
             files.write(path, sys.stdin.buffer, mode=bits)
             return
@@ -85,7 +86,7 @@ def cp_cmd(ctx: click.Context, src: str, dst: str, mode: str | None) -> None:
         return
     assert source is not None
     sandbox_id, path = source
-    files = SandboxFiles(mgr, sandbox_id)
+    files = SandboxFiles(mgr, resolve(mgr, sandbox_id))
     if dst == "-":
         out = sys.stdout.buffer
         files.read(path, into=out)

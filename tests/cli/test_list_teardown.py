@@ -102,3 +102,11 @@ def test_list_watch_ends_on_ctrl_c_with_130(sbx):
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=30)
     assert p.returncode == 130 and err == "error: interrupted\n"
+
+
+def test_a_state_that_is_not_one_is_a_usage_error(sbx):
+    for cmd in (["list"], ["teardown"]):
+        p = sbx(*cmd, "--state", "bogus", check=64)
+        assert p.stderr.strip().splitlines() == [
+            "error: --state: 'bogus' is not a sandbox state; one of: provisioning, ready, "
+            "tearing_down, terminated, teardown_failed, failed, lost"], p.stderr

@@ -57,13 +57,12 @@ def test_cp_both_ways_and_through_pipes(sbx, sandbox_id, tmp_path):
     (["sb-1:", "b.txt"], "error: 'sb-1:': no path after the colon; write ID:PATH, e.g. sb-1:/work/out.txt"),
     (["sb-1:a", "sb-2:b"], "error: cp copies between this machine and one sandbox; to copy between two "
                            "sandboxes, copy to a local file first"),
-    (["sb-nosuch:a", "b.txt"], "error: no sandbox with id 'sb-nosuch'"),
-    (["./no/such/file", "sb-nosuch:a"], "error: cannot read the local file './no/such/file': No such file or "
-                                        "directory"),
+    (["sb-nosuch:a", "b.txt"], "error: no sandbox with id or name 'sb-nosuch'"),
 ])
 def test_cp_mistakes_are_one_error_line(sbx, tmp_path, args, message):
-    p = sbx("cp", *args, check=66 if "no sandbox with id" in message else 65)  # not found / refused (docs/cli.md)
-    assert p.stderr.decode().strip() == message and p.stdout == b""
+    p = sbx("cp", *args, check=66 if "no sandbox with id" in message else 64)  # not found / usage (docs/cli.md)
+    assert p.stderr.decode().strip().startswith(message) and p.stdout == b""
+    assert len(p.stderr.decode().strip().splitlines()) == 1
 
 
 def test_cp_a_missing_file_either_side(sbx, sandbox_id, tmp_path):
@@ -72,5 +71,6 @@ def test_cp_a_missing_file_either_side(sbx, sandbox_id, tmp_path):
     p = sbx("cp", f"{sandbox_id}:nope.txt", str(tmp_path / "got"), check=66)
     assert p.stderr.decode().startswith("error: ") and "nope.txt" in p.stderr.decode() and sandbox_id in p.stderr.decode()
     assert len(p.stderr.decode().strip().splitlines()) == 1 and not (tmp_path / "got").exists()
-    p = sbx("cp", str(tmp_path), f"{sandbox_id}:x", "--mode", "9x", check=65)
-    assert p.stderr.decode().strip() == "error: --mode '9x': give octal permission bits, e.g. 644 or 0755"
+    p = sbx("cp", str(tmp_path), f"{sandbox_id}:x", "--mode", "9x", check=64)
+    assert p.stderr.decode().strip().startswith("error: ") and "--mode" in p.stderr.decode() \
+        and "'9x': give octal permission bits, e.g. 644 or 0755" in p.stderr.decode()
