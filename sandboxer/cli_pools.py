@@ -11,7 +11,6 @@ from typing import Any
 import click
 
 from sandboxer.cli_output import emit_json
-from sandboxer.models import POOL_CONSUMER, format_duration
 
 
 def _mgr() -> Any:
@@ -63,6 +62,8 @@ def drain_cmd(profile: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def status_cmd(as_json: bool) -> None:
     """Each pooled profile's size and max_age, and how many of its sandboxes are ready or being made."""
+    from sandboxer.models import POOL_CONSUMER, format_duration  # here: registering the group stays light
+
     mgr = _mgr()
     rows = mgr.state.list(where={"consumer": POOL_CONSUMER})
     out = []

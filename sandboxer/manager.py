@@ -42,7 +42,6 @@ from sandboxer.errors import (
     TTLError,
 )
 from sandboxer.extensions.base import RESERVED_INPUTS, SandboxExtension
-from sandboxer.loader import Catalog, load_catalog
 from sandboxer.metering import Metering, price
 from sandboxer.models import (
     POOL_CONSUMER,
@@ -67,6 +66,7 @@ from sandboxer.teardown import TeardownMixin
 from sandboxer.state import LIVE_STATES, NameTaken, OverCapacity, default_home
 
 if TYPE_CHECKING:
+    from sandboxer.loader import Catalog
     from sandboxer.state.reader import Reader
     from sandboxer.state.store import StateStore
 
@@ -214,6 +214,8 @@ class Manager(SnapshotsMixin, GcMixin, FilesMixin, LifetimeMixin, TeardownMixin,
         return getattr(self.state, method)(*args, **kwargs)
 
     def _load(self, only: frozenset[str] | None = None) -> Catalog:
+        from sandboxer.loader import load_catalog  # YAML and the manifests' models: only when loading
+
         # signed bundles installed in this home load too (sandboxer.trust.installer), out of process
         return load_catalog(self._config_dirs, installed=self.home, only=only)
 

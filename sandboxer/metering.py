@@ -20,8 +20,6 @@ import json
 import logging
 import math
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -265,6 +263,15 @@ def push(cfg: SinkConfig, records: list[dict[str, Any]]) -> None:
         headers = {"Content-Type": "application/x-ndjson", **cfg.resolved_headers()}
     except AuthError as exc:
         raise OSError(f"webhook {cfg.url}: a header's secret is missing: {exc}") from None
+    import urllib.error  # here, not at import: a webhook is rare, and urllib.request is slow to load
+    import urllib.request
+
+    class _NoRedirect(urllib.request.HTTPRedirectHandler):
+        """Refuse redirects: urllib would forward the Authorization header to the new host."""
+
+        def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+            return None
+
     opener = urllib.request.build_opener(_NoRedirect)
     delay = cfg.backoff_s
     last: Exception | None = None
@@ -285,9 +292,3 @@ def push(cfg: SinkConfig, records: list[dict[str, Any]]) -> None:
             delay = min(delay * 2, 30.0)
     raise last or OSError("webhook push failed")
 
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Refuse redirects: urllib would forward the Authorization header to the new host."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
-        return None

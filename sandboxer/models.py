@@ -47,7 +47,7 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 class Strict(BaseModel):
     """Base for every model: unknown fields are an error."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 # ---------------------------------------------------------------- manifests

@@ -27,6 +27,7 @@ import email.utils
 import hashlib
 import importlib
 import logging
+import math
 import re
 import secrets
 import shlex
@@ -229,6 +230,8 @@ class E2BExtension(E2BFiles, SandboxExtension):
         "network:cidr-denylist", "expose", "secrets"})
     requires: ClassVar[tuple[str, str] | None] = ("e2b", "e2b")
     Handle = E2BHandle
+    #: E2B ends a sandbox at its own timeout, which Sandbox.set_timeout moves (set_ttl).
+    own_ttl: ClassVar[str] = "settable"
 
     config: E2BConfig
 
@@ -526,6 +529,21 @@ class E2BExtension(E2BFiles, SandboxExtension):
             raise TeardownError(failure, backend=self.id)
         return TeardownReport(already_gone=not killed, removed=[sid] if killed else [],
                               detail={"e2b_sandbox_id": sid, "killed": killed})
+
+    def set_ttl(self, handle: E2BHandle, ttl: float) -> None:
+        """Move E2B's own timeout to ``ttl`` seconds from now (``Sandbox.set_timeout``).
+
+        Raises:
+            TTLError: over the plan's maximum (never clamped here: the manager would record an end
+                E2B does not keep).
+        """
+        sid, limit = handle.e2b_sandbox_id, self.config.plan_max_ttl
+        if ttl > limit:
+            raise TTLError(f"E2B sandbox {sid}: a TTL of {format_duration(ttl)} from now is over the E2B "
+                           f"plan maximum of {format_duration(limit)} ({self.id} config 'plan_max_ttl')")
+        seconds = max(1, math.ceil(ttl))
+        self._call("set_timeout", lambda sdk_opts: _sdk().Sandbox.set_timeout(sid, seconds, **sdk_opts),
+                   consumer=handle.consumer, fallback=BackendError, sandbox=sid)
 
     def probe(self, handle: E2BHandle) -> bool | None:
         """Whether E2B still has the sandbox (running or paused): one ``get_info``."""

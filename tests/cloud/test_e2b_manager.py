@@ -146,3 +146,32 @@ def test_sentinel_secret_absent_from_state_logs_and_errors(manager, standin: E2B
         assert sentinel.encode() not in p.read_bytes(), f"secret found in {p}"
     # and the key really was used
     assert any(c["headers"].get("x-api-key") == sentinel for c in standin.calls)
+
+
+def test_extend_ttl_moves_e2bs_own_timeout(manager, standin: E2BStandIn):  # noqa: F811
+    # E2B ends a sandbox at its own timeout: extending our TTL must move that too (Sandbox.set_timeout),
+    # or the sandbox would die at the old time while the manager says it lives on.
+    mgr = manager()
+    sb = mgr.create(SandboxCreateRequest(profile="test-e2b", consumer="alice", ttl=300))
+    box = standin.boxes[sb.reachability["e2b_sandbox_id"]]
+    before = box.end_at
+    try:
+        sb.extend_ttl(600)
+        assert box.end_at == pytest.approx(sb.expires_at.timestamp(), abs=2)
+        assert box.end_at - before == pytest.approx(600, abs=2)
+        assert "POST /sandboxes/{id}/timeout" in standin.routes()
+    finally:
+        mgr.teardown(sb.id)
+
+
+def test_extend_ttl_past_the_plan_maximum_is_refused_and_changes_nothing(manager, standin: E2BStandIn):  # noqa: F811
+    mgr = manager(plan_max_ttl="10m")
+    sb = mgr.create(SandboxCreateRequest(profile="test-e2b", consumer="alice", ttl=300))
+    box = standin.boxes[sb.reachability["e2b_sandbox_id"]]
+    before = box.end_at
+    try:
+        with pytest.raises(TTLError, match=r"over the E2B plan maximum of 10m"):
+            sb.extend_ttl(600)
+        assert box.end_at == before and mgr.get(sb.id).expires_at == sb.expires_at
+    finally:
+        mgr.teardown(sb.id)
