@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sandboxer.contract import bound
-from sandboxer.errors import BackendError, BudgetExceeded, SandboxerError
+from sandboxer.errors import BudgetExceeded, SandboxerError
 from sandboxer.models import POOL_CONSUMER, Profile, SandboxCreateRequest, SandboxStatus
 from sandboxer.records import short, status_of
 from sandboxer.secrets import sandbox_secrets
@@ -176,7 +176,7 @@ class Pools:
             if not mgr._caller.call(check_and_move, timeout=mgr.limits.probe, what=what, backend=ext.id):
                 mgr._refresh(row, ext)  # it is gone: marked lost (and what it left swept)
                 return False
-        except (BackendError, OSError) as exc:
+        except (SandboxerError, OSError) as exc:  # a backend error, or a TTL it refuses (E2B's plan maximum)
             log.warning("%s failed: %s; tearing it down", what, exc)
             mgr.state.record_event(row["id"], "pool_handout_failed", extension=ext.id, detail={"error": short(exc)})
             try:

@@ -241,3 +241,23 @@ def test_a_budget_is_kept_on_the_pool_path(cfg, pool_manager):  # type: ignore[n
     assert {o.sandbox_id for o in stub.list_owned(mgr.owner_labels)} == {pooled}
     mgr.teardown(pooled)
     assert stub.list_owned(mgr.owner_labels) == []
+
+
+def test_a_ttl_the_backend_refuses_at_hand_out_takes_the_cold_path(cfg, pool_manager, monkeypatch):  # type: ignore[no-untyped-def]
+    # A settable backend may refuse the consumer's TTL at hand-out (E2B: over the plan's maximum).
+    # The claimed sandbox must not stay with the consumer unknown to them: it is torn down, and the
+    # create goes the cold way (where the backend says the same at provision, or serves it).
+    from sandboxer.errors import TTLError
+
+    write_pooled(cfg, size=1)
+    mgr = pool_manager(refill=False)
+    (pooled,) = mgr.fill_pools().made["warm"]
+    ext = mgr.extension("ext.local")
+
+    def refuse(handle, ttl):  # type: ignore[no-untyped-def]
+        raise TTLError("over the plan maximum")
+
+    monkeypatch.setattr(ext, "set_ttl", refuse)  # the seam: the backend's answer at hand-out
+    sb = mgr.create(profile="warm", consumer="alice")
+    assert sb.id != pooled and sb.consumer == "alice"
+    assert mgr.get(pooled).state.value == "terminated"
