@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from sandboxer.contract import Handle, ProvisionRequest, bound, checked, dump
 from sandboxer.deadline import Caller, CallLimits
@@ -76,6 +76,17 @@ log = logging.getLogger("sandboxer")
 STALE_GRACE_S = 30.0
 #: How long after its teardown started a ``tearing_down`` record may sit before gc takes it over.
 TEARDOWN_GRACE_S = 300.0
+
+
+def _create_request(fields: dict[str, Any]) -> SandboxCreateRequest:
+    """A request from keyword arguments; a bad one is an InputError of the one tree (naming the field and
+    value, a secret-looking one redacted), never pydantic's own ValidationError."""
+    try:
+        return SandboxCreateRequest(**fields)
+    except ValidationError as exc:
+        from sandboxer.loader import describe_validation  # only on this error path
+
+        raise InputError(describe_validation("create request", exc)) from None
 
 
 class _OpenedOnUse:
@@ -452,7 +463,7 @@ class Manager(SnapshotsMixin, GcMixin, FilesMixin, LifetimeMixin, TeardownMixin,
             NameConflict: a live sandbox has ``name`` but other parameters (the message says which).
         """
         report = reporter(on_progress)
-        req = request if request is not None else SandboxCreateRequest(**kwargs)
+        req = request if request is not None else _create_request(kwargs)
         profile = self.profile(req.profile)
         inputs = self._check_inputs(profile, req.inputs)
         ttl = self._ttl(profile, req.ttl)
@@ -770,7 +781,7 @@ class Manager(SnapshotsMixin, GcMixin, FilesMixin, LifetimeMixin, TeardownMixin,
     def sandbox(self, profile: str, *, secrets: dict[str, SecretRef | dict[str, str]] | None = None,
                 **kwargs: Any) -> Iterator[Sandbox]:
         """Create a sandbox for a ``with`` block; it is torn down on any exit (``secrets`` as :meth:`create`)."""
-        sb = self.create(SandboxCreateRequest(profile=profile, **kwargs), secrets=secrets)
+        sb = self.create(_create_request({"profile": profile, **kwargs}), secrets=secrets)
         try:
             yield sb
         finally:

@@ -168,3 +168,20 @@ def test_extend_ttl_is_refused_where_the_backend_fixed_the_end_at_create(mgr):
     finally:
         del ext.own_ttl
 
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"ttl": "1x"}, r"^create request: field 'ttl' \(value '1x'\): '1x' is not a duration"),
+    ({"labels": "team=red"}, r"^create request: field 'labels' \(value 'team=red'\): "),
+    ({"colour": "red"}, r"^create request: field 'colour' \(value 'red'\): unknown field"),
+])
+def test_a_bad_create_request_is_an_input_error_of_the_one_tree(mgr, kwargs, message):
+    # keyword arguments a careless caller types: one InputError (a SandboxerError), never pydantic's own
+    # ValidationError, and nothing recorded
+    args = {"profile": "fake", "consumer": "me", **kwargs}
+    with pytest.raises(InputError, match=message):
+        mgr.create(**args)
+    with pytest.raises(InputError, match=message):
+        with mgr.sandbox(**args):
+            pass
+    assert mgr.list(all=True) == []
